@@ -1,0 +1,82 @@
+# kwatch — every entry point installs what it needs first (Debian packages, .venv, the BPF object).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+BUILD := build
+BPF_OBJ := kwatch/capture/kwatch.bpf.o
+BPF_SRC := $(wildcard bpf/*.bpf.c) $(wildcard bpf/*.h)
+ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+
+# Debian packages: the BPF toolchain, and the real peers the tests start themselves.
+DEB_PKGS := clang llvm libbpf-dev bpftool rsync openssh-server openssh-client inotify-tools imagemagick
+
+.PHONY: all deps venv bpf mounts test run check lint typecheck bench bench-quick bench-capture bench-replicate clean
+
+all: bpf venv
+
+$(BUILD)/.deps-stamp: Makefile
+	@mkdir -p $(BUILD)
+	@missing=$$(for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+deps: $(BUILD)/.deps-stamp
+
+$(VENV)/.stamp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+$(BUILD)/vmlinux.h: | deps
+	@mkdir -p $(BUILD)
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+$(BPF_OBJ): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
+	clang -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf -c bpf/kwatch.bpf.c -o $(BUILD)/kwatch.bpf.o.tmp
+	llvm-strip -g $(BUILD)/kwatch.bpf.o.tmp -o $(BUILD)/kwatch.bpf.o.stripped 2>/dev/null || cp $(BUILD)/kwatch.bpf.o.tmp $(BUILD)/kwatch.bpf.o.stripped
+	mv $(BUILD)/kwatch.bpf.o.tmp $@
+	rm -f $(BUILD)/kwatch.bpf.o.stripped
+
+bpf: $(BPF_OBJ)
+
+# tracefs and bpffs are mounted by the loader too; this makes them visible to bpftool while debugging.
+mounts:
+	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || true
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || true
+
+test: deps venv bpf mounts
+	$(VPY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check kwatch tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+run: deps venv bpf mounts
+	$(VENV)/bin/kwatch run
+
+bench: deps venv bpf mounts
+	$(VPY) -m bench.run --all
+
+bench-quick: deps venv bpf mounts
+	$(VPY) -m bench.run --quick
+
+bench-capture: deps venv bpf mounts
+	$(VPY) -m bench.run capture
+
+bench-replicate: deps venv bpf mounts
+	$(VPY) -m bench.run replicate
+
+clean:
+	rm -rf $(BUILD) $(BPF_OBJ) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,695 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kwatch capture: syscall tracepoints -> one kw_event per successful file operation -> ring buffer.
+ *
+ * Why syscall tracepoints: on the kernels kwatch must run on, fentry/fexit and BPF LSM may be refused and kprobes may
+ * be absent, while syscall tracepoints always attach (see shared DESIGN). The price is that the path must be assembled here
+ * from the dirfd/cwd and the name the process passed, instead of taken from the VFS after lookup.
+ *
+ * Flow: sys_enter_X records the arguments in kw_inflight (keyed by thread id); sys_exit_X looks them up, drops failed
+ * calls, resolves paths and emits one record. close() is emitted at entry: the descriptor is gone at exit, and a
+ * close(2) of a valid descriptor always releases it (even when it returns an error).
+ *
+ * Paths are resolved by walking dentry->d_parent and crossing mounts through struct mount, like d_path() does
+ * (fs/d_path.c: prepend_path), with bpf_loop so that deep trees do not hit the verifier's loop limits.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "kwatch.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AT_FDCWD -100
+#define AT_REMOVEDIR 0x200
+#define O_ACCMODE 3
+#define O_CREAT 0100
+#define O_TRUNC 01000
+#define FMODE_WRITE 0x2
+#define FMODE_CREATED 0x100000 /* include/linux/fs.h: set by the open that created the file */
+#define S_IFMT 0170000
+#define S_IFREG 0100000
+#define S_IFDIR 0040000
+#define S_IFLNK 0120000
+
+#define WALK_BUF 4096          /* a resolved directory/file path is at most PATH_MAX - 1 bytes */
+#define WALK_MASK (WALK_BUF - 1)
+#define WALK_MAX_STEPS 4096     /* components + mount crossings; PATH_MAX / 2 + mounts */
+#define NAME_LEN_MAX 255
+#define DATA_MASK 0x3fff        /* slot offsets are < 4 * 4096 */
+#define DATA_SIZE (4 * KW_SLOT_MAX + KW_SLOT_MAX)
+
+enum { ARGS_NAME = 1, ARGS_FD = 2, ARGS_OPEN = 3, ARGS_SYMLINK = 4 };
+
+struct kw_args {
+	__u32 op;
+	__u32 kind;
+	__s32 dfd1;
+	__s32 dfd2;
+	__u64 name1;
+	__u64 name2;
+	__u32 flags;
+	__u32 mode;
+	__s32 uid;
+	__s32 gid;
+	__s32 fd;
+	__u32 _pad;
+};
+
+struct kw_scratch {
+	struct kw_event ev;
+	char data[DATA_SIZE];
+	char walk[WALK_BUF + NAME_LEN_MAX + 1];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 20); /* resized by the loader */
+} kw_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct kw_args);
+} kw_inflight SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kw_scratch);
+} kw_scratch SEC(".maps");
+
+/* Index 0: records lost because the ring buffer was full; 1: syscalls not tracked because kw_inflight was full. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} kw_losses SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kw_config);
+} kw_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct kw_inode_key);
+	__type(value, __u8);
+} kw_roots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, __u8);
+} kw_excl SEC(".maps");
+
+static __always_inline void count_loss(__u32 idx)
+{
+	__u64 *n = bpf_map_lookup_elem(&kw_losses, &idx);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline struct kw_config *kw_config_get(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&kw_cfg, &zero);
+}
+
+/* ---- path walking -------------------------------------------------------------------------------------------- */
+
+struct walk_ctx {
+	struct dentry *dentry;
+	struct mount *mnt;
+	struct dentry *mnt_root;
+	struct kw_scratch *s;
+	__u32 pos;
+	__u8 trunc;
+	__u8 done;
+	__u8 check_roots;
+	__u8 in_root;
+};
+
+static __always_inline struct mount *real_mount(struct vfsmount *v)
+{
+	return (struct mount *)((char *)v - bpf_core_field_offset(struct mount, mnt));
+}
+
+static long walk_step(__u32 i, void *c)
+{
+	struct walk_ctx *w = c;
+	struct kw_scratch *s = w->s;
+	struct dentry *d = w->dentry;
+
+	if (!s || !d) {
+		w->done = 1;
+		return 1;
+	}
+	if (w->check_roots && !w->in_root) {
+		struct kw_inode_key key = {};
+		key.ino = BPF_CORE_READ(d, d_inode, i_ino);
+		key.dev = BPF_CORE_READ(d, d_sb, s_dev);
+		if (bpf_map_lookup_elem(&kw_roots, &key))
+			w->in_root = 1;
+	}
+	struct dentry *parent = BPF_CORE_READ(d, d_parent);
+	if (d == w->mnt_root || d == parent) {
+		struct mount *m = w->mnt;
+		struct mount *mp = BPF_CORE_READ(m, mnt_parent);
+		if (!mp || m == mp) {
+			w->done = 1;
+			return 1;
+		}
+		w->dentry = BPF_CORE_READ(m, mnt_mountpoint);
+		w->mnt = mp;
+		w->mnt_root = BPF_CORE_READ(mp, mnt.mnt_root);
+		return 0;
+	}
+	struct qstr q = BPF_CORE_READ(d, d_name);
+	__u32 len = q.len;
+	if (len > NAME_LEN_MAX)
+		len = NAME_LEN_MAX;
+	/* keep pos >= 1 so a whole path is at most WALK_BUF - 1 bytes */
+	if (w->pos < len + 2) {
+		w->trunc = 1;
+		w->done = 1;
+		return 1;
+	}
+	w->pos -= len;
+	bpf_probe_read_kernel(&s->walk[w->pos & WALK_MASK], len & NAME_LEN_MAX, q.name);
+	w->pos -= 1;
+	s->walk[w->pos & WALK_MASK] = '/';
+	w->dentry = parent;
+	return 0;
+}
+
+/*
+ * Resolve (dentry, vfsmount) to an absolute path and copy it into data at *off. Returns the length written.
+ * Sets *in_root when a watched directory is on the way up (or is the object itself).
+ */
+static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dentry, struct vfsmount *vfsmnt,
+					 __u32 off, __u8 check_roots, __u8 *in_root, __u16 *trunc, int slot)
+{
+	struct walk_ctx w = {};
+	w.dentry = dentry;
+	w.mnt = real_mount(vfsmnt);
+	w.mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
+	w.s = s;
+	w.pos = WALK_BUF;
+	w.check_roots = check_roots;
+	bpf_loop(WALK_MAX_STEPS, walk_step, &w, 0);
+	if (!w.done)
+		w.trunc = 1;
+	if (w.in_root)
+		*in_root = 1;
+	if (w.trunc)
+		*trunc |= 1 << slot;
+	if (w.pos >= WALK_BUF) { /* the root itself */
+		w.pos = WALK_BUF - 1;
+		s->walk[w.pos & WALK_MASK] = '/';
+	}
+	__u32 len = WALK_BUF - w.pos;
+	bpf_probe_read_kernel(&s->data[off & DATA_MASK], len & WALK_MASK, &s->walk[w.pos & WALK_MASK]);
+	return len & WALK_MASK;
+}
+
+static __always_inline struct file *fd_file(struct task_struct *task, int fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	unsigned int max = BPF_CORE_READ(fdt, max_fds);
+	if (fd < 0 || (unsigned int)fd >= max)
+		return NULL;
+	struct file **arr = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &arr[fd]);
+	return f;
+}
+
+/* The directory a name is resolved against: the dirfd's file, or the cwd. */
+static __always_inline __u32 walk_base(struct kw_scratch *s, struct task_struct *task, int dfd, __u32 off,
+					 __u8 check_roots, __u8 *in_root, __u16 *trunc, int slot)
+{
+	if (dfd == AT_FDCWD) {
+		struct fs_struct *fs = BPF_CORE_READ(task, fs);
+		return walk_path(s, BPF_CORE_READ(fs, pwd.dentry), BPF_CORE_READ(fs, pwd.mnt), off, check_roots, in_root,
+				 trunc, slot);
+	}
+	struct file *f = fd_file(task, dfd);
+	if (!f)
+		return 0;
+	return walk_path(s, BPF_CORE_READ(f, f_path.dentry), BPF_CORE_READ(f, f_path.mnt), off, check_roots, in_root,
+			 trunc, slot);
+}
+
+static __always_inline __u32 walk_file(struct kw_scratch *s, struct file *f, __u32 off, __u8 check_roots,
+					 __u8 *in_root, __u16 *trunc)
+{
+	return walk_path(s, BPF_CORE_READ(f, f_path.dentry), BPF_CORE_READ(f, f_path.mnt), off, check_roots, in_root,
+			 trunc, 0);
+}
+
+/* Copy a user string into data at off; returns its length without the NUL (0 on fault). */
+static __always_inline __u32 read_name(struct kw_scratch *s, __u64 uptr, __u32 off)
+{
+	if (!uptr)
+		return 0;
+	long n = bpf_probe_read_user_str(&s->data[off & DATA_MASK], KW_SLOT_MAX, (const void *)uptr);
+	if (n <= 0)
+		return 0;
+	return (__u32)(n - 1) & (KW_SLOT_MAX - 1);
+}
+
+static __always_inline int is_absolute(__u64 uptr)
+{
+	char c = 0;
+	if (!uptr)
+		return 0;
+	bpf_probe_read_user(&c, 1, (const void *)uptr);
+	return c == '/';
+}
+
+struct dotdot_ctx {
+	struct kw_scratch *s;
+	__u32 off;
+	__u32 len;
+	__u8 found;
+};
+
+static long dotdot_step(__u32 i, void *c)
+{
+	struct dotdot_ctx *x = c;
+	if (!x->s || i + 1 >= x->len)
+		return 1;
+	if (x->s->data[(x->off + i) & DATA_MASK] == '.' && x->s->data[(x->off + i + 1) & DATA_MASK] == '.') {
+		x->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/* True when a name contains "..": the kernel cannot tell where it leads, so userspace must decide. */
+static __always_inline int has_dotdot(struct kw_scratch *s, __u32 off, __u32 len)
+{
+	struct dotdot_ctx x = { .s = s, .off = off, .len = len };
+	bpf_loop(KW_SLOT_MAX, dotdot_step, &x, 0);
+	return x.found;
+}
+
+/* ---- record assembly ------------------------------------------------------------------------------------------ */
+
+static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 op, long ret)
+{
+	__u32 zero = 0;
+	struct kw_scratch *s = bpf_map_lookup_elem(&kw_scratch, &zero);
+	if (!s)
+		return NULL;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 ug = bpf_get_current_uid_gid();
+	struct kw_event *e = &s->ev;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	e->uid = (__u32)ug;
+	e->gid = ug >> 32;
+	e->ret = ret;
+	e->op = op;
+	e->flags = 0;
+	e->mode = 0;
+	e->ftype = 0;
+	e->owner_uid = -1;
+	e->owner_gid = -1;
+	e->len[0] = e->len[1] = e->len[2] = e->len[3] = 0;
+	e->trunc = 0;
+	e->in_root = 0;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	return s;
+}
+
+static __always_inline void finish(struct kw_scratch *s, __u32 total)
+{
+	if (bpf_ringbuf_output(&kw_events, &s->ev, sizeof(struct kw_event) + (total & DATA_MASK), 0))
+		count_loss(0);
+}
+
+static __always_inline int excluded(struct kw_config *cfg)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (tgid == cfg->self_tgid)
+		return 1;
+	if (!cfg->use_excl)
+		return 0;
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+	for (int i = 0; i < 8; i++) {
+		__u32 pid = BPF_CORE_READ(t, tgid);
+		if (bpf_map_lookup_elem(&kw_excl, &pid))
+			return 1;
+		struct task_struct *p = BPF_CORE_READ(t, real_parent);
+		if (!p || p == t)
+			break;
+		t = p;
+	}
+	return 0;
+}
+
+static __always_inline int wanted(__u32 op)
+{
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg || !(cfg->op_mask & (1u << op)))
+		return 0;
+	return !excluded(cfg);
+}
+
+static __always_inline int stash(struct kw_args *a)
+{
+	if (!wanted(a->op))
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	if (bpf_map_update_elem(&kw_inflight, &tid, a, BPF_ANY))
+		count_loss(1);
+	return 0;
+}
+
+static __always_inline __u32 file_type(struct file *f)
+{
+	return BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT;
+}
+
+/*
+ * The shared exit path. A global function is verified once, not once per syscall it serves.
+ */
+__noinline int kw_handle_exit(long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct kw_args *ap = bpf_map_lookup_elem(&kw_inflight, &tid);
+	if (!ap)
+		return 0;
+	struct kw_args a = *ap;
+	bpf_map_delete_elem(&kw_inflight, &tid);
+	if (ret < 0)
+		return 0;
+
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg)
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct kw_scratch *s = begin(task, a.op, ret);
+	if (!s)
+		return 0;
+	struct kw_event *e = &s->ev;
+	__u8 check = cfg->use_roots ? 1 : 0;
+	__u8 in_root = 0;
+	__u8 undecided = 0;
+	__u16 trunc = 0;
+	__u32 off = 0, n;
+
+	e->flags = a.flags;
+	e->mode = a.mode;
+	e->owner_uid = a.uid;
+	e->owner_gid = a.gid;
+
+	if (a.kind == ARGS_OPEN) {
+		struct file *f = fd_file(task, (int)ret);
+		if (!f)
+			return 0;
+		__u32 fmode = BPF_CORE_READ(f, f_mode);
+		__u32 ft = file_type(f);
+		if (ft != S_IFREG)
+			return 0;
+		if (fmode & FMODE_CREATED)
+			e->op = KW_CREATE;
+		else if ((a.flags & O_ACCMODE) || (a.flags & O_TRUNC))
+			e->op = KW_OPEN_WRITE;
+		else
+			return 0; /* O_CREAT|O_RDONLY on an existing file: nothing changed */
+		if (!(cfg->op_mask & (1u << e->op)))
+			return 0;
+		e->ftype = ft;
+		n = walk_file(s, f, 0, check, &in_root, &trunc);
+		e->len[0] = n;
+		off = n;
+	} else if (a.kind == ARGS_FD) {
+		struct file *f = fd_file(task, a.fd);
+		if (!f)
+			return 0;
+		e->ftype = file_type(f);
+		n = walk_file(s, f, 0, check, &in_root, &trunc);
+		e->len[0] = n;
+		off = n;
+	} else {
+		/* name-based: slot 0 base, slot 1 name, slot 2 base2, slot 3 name2 (or symlink target) */
+		if (is_absolute(a.name1)) {
+			undecided = 1;
+			n = 0;
+		} else {
+			n = walk_base(s, task, a.dfd1, 0, check, &in_root, &trunc, 0);
+		}
+		e->len[0] = n;
+		off = n;
+		n = read_name(s, a.name1, off);
+		if (check && !in_root && !undecided && has_dotdot(s, off, n))
+			undecided = 1;
+		e->len[1] = n;
+		off += n;
+		if (a.kind == ARGS_SYMLINK) {
+			e->ftype = S_IFLNK;
+			n = read_name(s, a.name2, off);
+			e->len[3] = n;
+			off += n;
+		} else if (a.name2) {
+			__u32 off2 = off;
+			if (is_absolute(a.name2)) {
+				undecided = 1;
+				n = 0;
+			} else {
+				n = walk_base(s, task, a.dfd2, off, check, &in_root, &trunc, 2);
+			}
+			e->len[2] = n;
+			off += n;
+			n = read_name(s, a.name2, off);
+			if (check && !in_root && !undecided && has_dotdot(s, off, n))
+				undecided = 1;
+			e->len[3] = n;
+			off += n;
+			(void)off2;
+		}
+		if (a.op == KW_MKDIR || a.op == KW_RMDIR)
+			e->ftype = S_IFDIR;
+	}
+	if (check && !in_root && !undecided)
+		return 0;
+	e->in_root = in_root;
+	e->trunc = trunc;
+	finish(s, off);
+	return 0;
+}
+
+/* ---- close: emitted at entry --------------------------------------------------------------------------------- */
+
+SEC("tp/syscalls/sys_enter_close")
+int enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct file *f = fd_file(task, (int)ctx->args[0]);
+	if (!f)
+		return 0;
+	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE) || file_type(f) != S_IFREG)
+		return 0;
+	if (!wanted(KW_CLOSE_WRITE))
+		return 0;
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg)
+		return 0;
+	struct kw_scratch *s = begin(task, KW_CLOSE_WRITE, 0);
+	if (!s)
+		return 0;
+	__u8 in_root = 0;
+	__u16 trunc = 0;
+	__u8 check = cfg->use_roots ? 1 : 0;
+	__u32 n = walk_file(s, f, 0, check, &in_root, &trunc);
+	if (check && !in_root)
+		return 0;
+	s->ev.len[0] = n;
+	s->ev.ftype = S_IFREG;
+	s->ev.flags = BPF_CORE_READ(f, f_flags);
+	s->ev.in_root = in_root;
+	s->ev.trunc = trunc;
+	finish(s, n);
+	return 0;
+}
+
+/* ---- entry handlers ------------------------------------------------------------------------------------------- */
+
+#define ARG(i) (ctx->args[i])
+
+static __always_inline int open_common(int dfd, __u64 name, __u32 flags, __u32 mode)
+{
+	/* read-only opens without O_CREAT/O_TRUNC change nothing: drop them before touching any map */
+	if (!(flags & O_ACCMODE) && !(flags & (O_CREAT | O_TRUNC)))
+		return 0;
+	struct kw_args a = { .op = KW_OPEN_WRITE, .kind = ARGS_OPEN, .dfd1 = dfd, .name1 = name, .flags = flags,
+			     .mode = mode, .uid = -1, .gid = -1 };
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg || !(cfg->op_mask & ((1u << KW_OPEN_WRITE) | (1u << KW_CREATE))) || excluded(cfg))
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	if (bpf_map_update_elem(&kw_inflight, &tid, &a, BPF_ANY))
+		count_loss(1);
+	return 0;
+}
+
+static __always_inline int name_op(__u32 op, int dfd, __u64 name, __u32 flags, __u32 mode)
+{
+	struct kw_args a = { .op = op, .kind = ARGS_NAME, .dfd1 = dfd, .name1 = name, .flags = flags, .mode = mode,
+			     .uid = -1, .gid = -1 };
+	return stash(&a);
+}
+
+static __always_inline int two_name_op(__u32 op, int dfd1, __u64 name1, int dfd2, __u64 name2, __u32 flags)
+{
+	struct kw_args a = { .op = op, .kind = ARGS_NAME, .dfd1 = dfd1, .name1 = name1, .dfd2 = dfd2, .name2 = name2,
+			     .flags = flags, .uid = -1, .gid = -1 };
+	return stash(&a);
+}
+
+static __always_inline int fd_op(__u32 op, int fd, __u32 mode, int uid, int gid)
+{
+	struct kw_args a = { .op = op, .kind = ARGS_FD, .fd = fd, .mode = mode, .uid = uid, .gid = gid };
+	return stash(&a);
+}
+
+static __always_inline int chown_op(int dfd, __u64 name, int uid, int gid, __u32 flags)
+{
+	struct kw_args a = { .op = KW_CHOWN, .kind = ARGS_NAME, .dfd1 = dfd, .name1 = name, .uid = uid, .gid = gid,
+			     .flags = flags };
+	return stash(&a);
+}
+
+/* A NULL name with a dirfd means "the file dfd refers to" (utimensat(2), and AT_EMPTY_PATH calls with NULL). */
+static __always_inline int name_or_fd_op(__u32 op, int dfd, __u64 name, __u32 flags)
+{
+	if (!name && dfd != AT_FDCWD) {
+		struct kw_args a = { .op = op, .kind = ARGS_FD, .fd = dfd, .flags = flags, .uid = -1, .gid = -1 };
+		return stash(&a);
+	}
+	return name_op(op, dfd, name, flags, 0);
+}
+
+#define ENTER(sc) SEC("tp/syscalls/sys_enter_" #sc) int enter_##sc(struct trace_event_raw_sys_enter *ctx)
+#define EXIT(sc)                                                                                                   \
+	SEC("tp/syscalls/sys_exit_" #sc) int exit_##sc(struct trace_event_raw_sys_exit *ctx)                     \
+	{                                                                                                          \
+		return kw_handle_exit(ctx->ret);                                                                   \
+	}
+
+ENTER(open) { return open_common(AT_FDCWD, ARG(0), ARG(1), ARG(2)); }
+EXIT(open)
+ENTER(openat) { return open_common(ARG(0), ARG(1), ARG(2), ARG(3)); }
+EXIT(openat)
+ENTER(openat2)
+{
+	__u64 flags = 0, mode = 0;
+	bpf_probe_read_user(&flags, sizeof(flags), (void *)ARG(2));
+	bpf_probe_read_user(&mode, sizeof(mode), (void *)(ARG(2) + 8));
+	return open_common(ARG(0), ARG(1), (__u32)flags, (__u32)mode);
+}
+EXIT(openat2)
+ENTER(creat) { return open_common(AT_FDCWD, ARG(0), O_CREAT | O_TRUNC | 1, ARG(1)); }
+EXIT(creat)
+
+ENTER(unlink) { return name_op(KW_UNLINK, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(unlink)
+ENTER(unlinkat) { return name_op((ARG(2) & AT_REMOVEDIR) ? KW_RMDIR : KW_UNLINK, ARG(0), ARG(1), ARG(2), 0); }
+EXIT(unlinkat)
+ENTER(rmdir) { return name_op(KW_RMDIR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(rmdir)
+ENTER(mkdir) { return name_op(KW_MKDIR, AT_FDCWD, ARG(0), 0, ARG(1)); }
+EXIT(mkdir)
+ENTER(mkdirat) { return name_op(KW_MKDIR, ARG(0), ARG(1), 0, ARG(2)); }
+EXIT(mkdirat)
+
+ENTER(rename) { return two_name_op(KW_RENAME, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0); }
+EXIT(rename)
+ENTER(renameat) { return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), 0); }
+EXIT(renameat)
+ENTER(renameat2) { return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
+EXIT(renameat2)
+ENTER(link) { return two_name_op(KW_LINK, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0); }
+EXIT(link)
+ENTER(linkat) { return two_name_op(KW_LINK, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
+EXIT(linkat)
+
+ENTER(symlink)
+{
+	struct kw_args a = { .op = KW_SYMLINK, .kind = ARGS_SYMLINK, .dfd1 = AT_FDCWD, .name1 = ARG(1),
+			     .name2 = ARG(0), .uid = -1, .gid = -1 };
+	return stash(&a);
+}
+EXIT(symlink)
+ENTER(symlinkat)
+{
+	struct kw_args a = { .op = KW_SYMLINK, .kind = ARGS_SYMLINK, .dfd1 = ARG(1), .name1 = ARG(2),
+			     .name2 = ARG(0), .uid = -1, .gid = -1 };
+	return stash(&a);
+}
+EXIT(symlinkat)
+
+ENTER(chmod) { return name_op(KW_CHMOD, AT_FDCWD, ARG(0), 0, ARG(1)); }
+EXIT(chmod)
+ENTER(fchmod) { return fd_op(KW_CHMOD, ARG(0), ARG(1), -1, -1); }
+EXIT(fchmod)
+ENTER(fchmodat) { return name_op(KW_CHMOD, ARG(0), ARG(1), 0, ARG(2)); }
+EXIT(fchmodat)
+ENTER(fchmodat2) { return name_op(KW_CHMOD, ARG(0), ARG(1), ARG(3), ARG(2)); }
+EXIT(fchmodat2)
+
+ENTER(chown) { return chown_op(AT_FDCWD, ARG(0), ARG(1), ARG(2), 0); }
+EXIT(chown)
+ENTER(lchown) { return chown_op(AT_FDCWD, ARG(0), ARG(1), ARG(2), 0); }
+EXIT(lchown)
+ENTER(fchown) { return fd_op(KW_CHOWN, ARG(0), 0, ARG(1), ARG(2)); }
+EXIT(fchown)
+ENTER(fchownat) { return chown_op(ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
+EXIT(fchownat)
+
+ENTER(truncate) { return name_op(KW_TRUNCATE, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(truncate)
+ENTER(ftruncate) { return fd_op(KW_TRUNCATE, ARG(0), 0, -1, -1); }
+EXIT(ftruncate)
+
+ENTER(setxattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(setxattr)
+ENTER(lsetxattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(lsetxattr)
+ENTER(fsetxattr) { return fd_op(KW_XATTR, ARG(0), 0, -1, -1); }
+EXIT(fsetxattr)
+ENTER(removexattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(removexattr)
+ENTER(lremovexattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(lremovexattr)
+ENTER(fremovexattr) { return fd_op(KW_XATTR, ARG(0), 0, -1, -1); }
+EXIT(fremovexattr)
+/* Linux 6.13+; the loader skips programs whose tracepoint does not exist. */
+ENTER(setxattrat) { return name_or_fd_op(KW_XATTR, ARG(0), ARG(1), ARG(2)); }
+EXIT(setxattrat)
+ENTER(removexattrat) { return name_or_fd_op(KW_XATTR, ARG(0), ARG(1), ARG(2)); }
+EXIT(removexattrat)
+
+ENTER(utimensat) { return name_or_fd_op(KW_UTIMES, ARG(0), ARG(1), ARG(3)); }
+EXIT(utimensat)
+ENTER(futimesat) { return name_or_fd_op(KW_UTIMES, ARG(0), ARG(1), 0); }
+EXIT(futimesat)
+ENTER(utimes) { return name_op(KW_UTIMES, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(utimes)
+ENTER(utime) { return name_op(KW_UTIMES, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(utime)

@@ -1,0 +1,18 @@
+"""kwatch: kernel-level file change capture, rules with safe actions, and realtime replication.
+
+Where everything lives (data flows one way, top to bottom):
+
+- ``kwatch.events``      the one event model (FileEvent, Op) and path helpers; pure.
+- ``kwatch.capture``     backends that produce FileEvents: ``bpf`` (libbpf CO-RE via ctypes, ring buffer read by
+                         mmap; the kernel side is ``bpf/kwatch.bpf.c``), ``fanotify``, ``inotify``; ``open_source``
+                         picks one.
+- ``kwatch.rules``       config parsing (changedfiles format and TOML) into one model; rule matching; pure.
+- ``kwatch.actions``     the bounded, injection-safe shell action runner.
+- ``kwatch.replicate``   coalescer, planner, scanner, delta engine, and the transports that drive the protocols.
+- ``kwatch.protocols``   sans-IO protocol state machines: the kwatch agent protocol and the rsync protocol.
+- ``kwatch.metrics``     Prometheus collectors, read at scrape time from a registry passed in.
+- ``kwatch.cli``         the command line (trace, run, replicate, agent, check-config); wires the rest together and is
+                         imported by nothing.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Actions: run shell commands for matched events, with placeholders passed as data, never as code."""

@@ -1,0 +1,74 @@
+"""The Source interface every capture backend implements, and the filter it is configured with.
+
+A Source yields batches of :class:`kwatch.events.FileEvent`. Backends push what filtering they can into the kernel
+(BPF: op mask, watched trees, excluded pids); :meth:`CaptureFilter.accepts` is the exact userspace check that every
+backend applies last, so the kernel side may only over-approximate, never drop a matching event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kwatch.events import FileEvent, Op, is_under, normalize
+
+
+class CaptureError(RuntimeError):
+    """A backend cannot start here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CaptureFilter:
+    """What to capture. Empty ``roots`` means the whole system."""
+
+    roots: tuple[bytes, ...] = ()
+    ops: frozenset[Op] = frozenset(Op)
+    exclude_pids: frozenset[int] = frozenset()
+
+    @classmethod
+    def make(
+        cls, roots: Iterable[bytes | str] = (), ops: Iterable[Op] | None = None, exclude_pids: Iterable[int] = ()
+    ) -> CaptureFilter:
+        norm = tuple(sorted({normalize(r.encode() if isinstance(r, str) else r) for r in roots}))
+        return cls(norm, frozenset(ops) if ops is not None else frozenset(Op), frozenset(exclude_pids))
+
+    def accepts(self, ev: FileEvent) -> bool:
+        if ev.op is Op.LOSS:
+            return True
+        if ev.op not in self.ops:
+            return False
+        if ev.pid is not None and ev.pid in self.exclude_pids:
+            return False
+        if not self.roots:
+            return True
+        return any(is_under(p, r) for p in ev.paths() for r in self.roots)
+
+
+@dataclass
+class SourceStats:
+    events: int = 0  # delivered to the consumer
+    lost: int = 0  # known lost (kernel ring buffer full, fanotify/inotify queue overflow)
+    overflows: int = 0  # loss markers emitted
+    filtered: int = 0  # dropped by the userspace filter
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+class Source(Protocol):
+    """A running capture backend."""
+
+    name: str
+    #: FileEvent fields this backend fills (the others stay None).
+    fields: frozenset[str]
+
+    def fileno(self) -> int:
+        """A descriptor that becomes readable when events are waiting (for select/epoll)."""
+        ...
+
+    def read(self, timeout: float | None = None) -> list[FileEvent]:
+        """Wait up to ``timeout`` seconds (None: forever) and return every event available, maybe none."""
+        ...
+
+    def stats(self) -> SourceStats: ...
+
+    def close(self) -> None: ...

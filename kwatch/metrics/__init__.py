@@ -1,0 +1,1 @@
+"""Prometheus metrics: collectors that read the daemon's counters at scrape time."""

@@ -1,0 +1,1 @@
+"""Sans-IO protocol state machines: bytes in, events out; events in, bytes out. No sockets, no clocks."""

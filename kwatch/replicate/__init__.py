@@ -1,0 +1,1 @@
+"""Replication: coalesce events into batches, plan operations, compute deltas, and drive transports to mirrors."""
