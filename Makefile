@@ -40,10 +40,9 @@ $(BUILD)/vmlinux.h: | deps
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
 $(BPF_OBJ): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
-	clang -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf -c bpf/kwatch.bpf.c -o $(BUILD)/kwatch.bpf.o.tmp
-	llvm-strip -g $(BUILD)/kwatch.bpf.o.tmp -o $(BUILD)/kwatch.bpf.o.stripped 2>/dev/null || cp $(BUILD)/kwatch.bpf.o.tmp $(BUILD)/kwatch.bpf.o.stripped
-	mv $(BUILD)/kwatch.bpf.o.tmp $@
-	rm -f $(BUILD)/kwatch.bpf.o.stripped
+	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf -c bpf/kwatch.bpf.c -o $(BUILD)/kwatch.bpf.o
+	# drop DWARF, keep .BTF/.BTF.ext (CO-RE relocations need them)
+	llvm-strip -g $(BUILD)/kwatch.bpf.o -o $@
 
 bpf: $(BPF_OBJ)
 

@@ -32,6 +32,7 @@ class Op(enum.IntEnum):
     UTIMES = 14
     LOSS = 15  # marker: events were lost before this point (``lost`` says how many, None if unknown)
     MODIFY = 16  # data written (fanotify/inotify only; the BPF backend reports OPEN_WRITE/CLOSE_WRITE instead)
+    ATTRIB = 17  # metadata changed, which change unknown (fanotify/inotify; BPF says CHMOD/CHOWN/XATTR/UTIMES)
 
     @property
     def label(self) -> str:
@@ -39,6 +40,9 @@ class Op(enum.IntEnum):
 
 
 OP_BY_LABEL: dict[str, Op] = {op.label: op for op in Op}
+
+#: Ops that change only metadata; the config keyword ATTRIB matches all of them.
+ATTRIB_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.XATTR, Op.UTIMES, Op.ATTRIB})
 
 # rename(2) flags, from include/uapi/linux/fs.h
 RENAME_NOREPLACE = 1
