@@ -1,0 +1,217 @@
+"""The BPF backend: loads ``kwatch.bpf.o`` (syscall tracepoints), configures its maps, reads its ring buffer.
+
+In-kernel filtering (all over-approximations; :meth:`CaptureFilter.accepts` runs last and is exact):
+- op mask: syscalls whose op is not wanted are not even recorded at entry;
+- watched trees: the kernel drops an event when the inode walk of every resolved path passed no watched directory
+  (a name that is absolute or holds ``..`` is left for userspace to decide);
+- processes: kwatch's own, and any process registered with :meth:`BpfSource.exclude_pid` plus its descendants
+  (eight levels of ``real_parent``).
+
+Losses: the kernel counts failed ring buffer reserves (and syscalls it could not track) per CPU; every read turns an
+increase into one ``Op.LOSS`` marker event, so no loss is silent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+
+from kwatch.capture import libbpf
+from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
+from kwatch.capture.record import KwConfig, KwInodeKey, decode
+from kwatch.capture.ringbuf import RingBuffer
+from kwatch.events import FileEvent, Op
+
+TRACEFS = Path("/sys/kernel/tracing")
+BPFFS = Path("/sys/fs/bpf")
+DEFAULT_OBJECT = Path(__file__).with_name("kwatch.bpf.o")
+DEFAULT_RINGBUF = 64 << 20
+
+#: The ops the kernel program produces (the others come from other backends).
+BPF_OPS = frozenset(Op) - {Op.LOSS, Op.MODIFY, Op.ATTRIB}
+
+_FIELDS = frozenset(
+    {"pid", "tid", "ppid", "uid", "gid", "comm", "cgroup_id", "ts_ns", "ret", "flags", "mode", "owner", "ftype"}
+)
+
+
+def _ismount(path: Path) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
+def ensure_mounts() -> None:
+    """Mount tracefs (libbpf resolves tracepoint ids there) and bpffs when they are absent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for fstype, where in (("tracefs", TRACEFS), ("bpf", BPFFS)):
+        if where.is_dir() and not _ismount(where):
+            if libc.mount(fstype.encode(), str(where).encode(), fstype.encode(), 0, None) != 0:
+                err = ctypes.get_errno()
+                raise CaptureError(f"cannot mount {fstype} on {where}: {os.strerror(err)}")
+
+
+def kernel_dev(st_dev: int) -> int:
+    """The kernel's internal dev_t (MKDEV: major << 20 | minor) for a userspace st_dev, as d_sb->s_dev holds it."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def _syscall_of(section: str) -> str | None:
+    # "tp/syscalls/sys_enter_openat" -> "sys_enter_openat"
+    parts = section.split("/")
+    return parts[2] if len(parts) == 3 and parts[1] == "syscalls" else None
+
+
+class BpfSource:
+    """Capture through the kernel program; see the module docstring for what is filtered where."""
+
+    name = "bpf"
+    fields = _FIELDS
+
+    def __init__(
+        self,
+        filt: CaptureFilter | None = None,
+        *,
+        ringbuf_bytes: int = DEFAULT_RINGBUF,
+        obj_path: Path | str | None = None,
+    ) -> None:
+        if os.geteuid() != 0:
+            raise CaptureError("the BPF backend needs root (or CAP_BPF and CAP_PERFMON); try --backend inotify")
+        if ringbuf_bytes & (ringbuf_bytes - 1) or ringbuf_bytes < 4096:
+            raise CaptureError(f"ring buffer size must be a power of two >= 4096, not {ringbuf_bytes}")
+        path = Path(obj_path) if obj_path else DEFAULT_OBJECT
+        if not path.exists():
+            raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
+        ensure_mounts()
+        self.filter = filt or CaptureFilter()
+        self._stats = SourceStats()
+        self._lost_seen = 0
+        self._obj = libbpf.BpfObject(str(path))
+        try:
+            self._obj.map("kw_events").set_max_entries(ringbuf_bytes)
+            self.skipped: list[str] = []
+            progs = list(self._obj.programs())
+            for prog in progs:
+                sc = _syscall_of(prog.section)
+                if sc and not (TRACEFS / "events" / "syscalls" / sc).is_dir():
+                    # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
+                    prog.set_autoload(False)
+                    self.skipped.append(sc)
+            self._obj.load()
+            self._cfg = self._obj.map("kw_cfg")
+            self._roots = self._obj.map("kw_roots")
+            self._excl = self._obj.map("kw_excl")
+            self._losses = self._obj.map("kw_losses")
+            self._ncpu = libbpf.possible_cpus()
+            self._excluded: set[int] = set()
+            self.set_filter(self.filter)
+            for prog in progs:
+                if (sc := _syscall_of(prog.section)) and sc not in self.skipped:
+                    self._obj.attach(prog)
+            self._rb = RingBuffer(self._obj.map("kw_events").fd, ringbuf_bytes)
+        except BaseException:
+            self._obj.close()
+            raise
+
+    # ---- configuration -------------------------------------------------------------------------------------------
+
+    def set_filter(self, filt: CaptureFilter) -> None:
+        """Push a new filter into the kernel maps (safe while running: each map update is atomic)."""
+        self.filter = filt
+        old = self._root_keys() if hasattr(self, "_root_set") else set()
+        keys: set[bytes] = set()
+        for root in filt.roots:
+            try:
+                st = os.stat(root)
+            except OSError as e:
+                raise CaptureError(f"cannot watch {root.decode(errors='replace')}: {e.strerror}") from e
+            keys.add(bytes(KwInodeKey(ino=st.st_ino, dev=kernel_dev(st.st_dev))))
+        for k in keys:
+            self._roots.update(k, b"\x01")
+        for k in old - keys:
+            self._roots.delete(k)
+        self._root_set = keys
+        self._write_config()
+
+    def _root_keys(self) -> set[bytes]:
+        return set(self._root_set)
+
+    def _write_config(self) -> None:
+        mask = 0
+        for op in self.filter.ops:
+            mask |= 1 << int(op)
+        cfg = KwConfig(
+            op_mask=mask,
+            self_tgid=os.getpid(),
+            use_roots=1 if self.filter.roots and b"/" not in self.filter.roots else 0,
+            use_excl=1 if (self._excluded or self.filter.exclude_pids) else 0,
+        )
+        for pid in self.filter.exclude_pids:
+            self._excl.update(pid.to_bytes(4, "little"), b"\x01")
+        self._cfg.update(b"\0\0\0\0", bytes(cfg))
+
+    def exclude_pid(self, pid: int) -> None:
+        """Ignore ``pid`` and its descendants (used for the processes of actions kwatch starts)."""
+        self._excluded.add(pid)
+        self._excl.update(pid.to_bytes(4, "little"), b"\x01")
+        self._write_config()
+
+    def include_pid(self, pid: int) -> None:
+        if pid in self._excluded:
+            self._excluded.discard(pid)
+            self._excl.delete(pid.to_bytes(4, "little"))
+            if not self._excluded:
+                self._write_config()
+
+    # ---- reading --------------------------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._rb.fd
+
+    def lost_total(self) -> int:
+        """Sum over CPUs of records lost (ring buffer full) and syscalls left untracked (in-flight table full)."""
+        total = 0
+        for idx in (0, 1):
+            raw = self._losses.lookup(idx.to_bytes(4, "little"), 8 * self._ncpu)
+            if raw:
+                total += sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
+        return total
+
+    def read(self, timeout: float | None = None) -> list[FileEvent]:
+        if not self._rb.pending():
+            self._rb.wait(timeout)
+        raw = self._rb.drain(decode)
+        accepts = self.filter.accepts
+        out = [ev for ev in raw if accepts(ev)]
+        st = self._stats
+        st.filtered += len(raw) - len(out)
+        lost = self.lost_total()
+        if lost > self._lost_seen:
+            delta = lost - self._lost_seen
+            self._lost_seen = lost
+            st.lost += delta
+            st.overflows += 1
+            out.append(FileEvent(op=Op.LOSS, path=b"/", lost=delta, ts_ns=time.monotonic_ns(), backend=self.name))
+        st.events += len(out)
+        for ev in out:
+            st.by_op[ev.op.label] = st.by_op.get(ev.op.label, 0) + 1
+        return out
+
+    def stats(self) -> SourceStats:
+        return self._stats
+
+    def close(self) -> None:
+        rb = getattr(self, "_rb", None)
+        if rb is not None:
+            rb.close()
+            self._rb = None  # type: ignore[assignment]
+        self._obj.close()
+
+    def __enter__(self) -> BpfSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
