@@ -1,0 +1,546 @@
+"""Tree scanning and diffing: what a tree holds (:func:`scan`) and what to do to make a mirror equal it (:func:`diff`).
+
+This module owns the *reconciliation* half of replication (DESIGN.md, "Restart and loss recovery"): on start, and
+after any event loss, the source and the mirror are each scanned into a :class:`Manifest` and compared into a
+:class:`Plan` of operations. Applying a plan is the receiver's job (``kwatch.replicate.receiver``); sending it over a
+wire is the transports' job.
+
+- Paths are relative ``bytes`` (no leading slash, ``/``-separated), never decoded. The root itself is not an entry.
+- :func:`scan` never follows symlinks, and never raises for a single path: vanished files and permission errors are
+  collected in ``Manifest.errors``. Only a root that cannot be listed at all raises, because an empty manifest for an
+  unreadable source would make a ``delete=True`` diff wipe the mirror.
+- :func:`diff` is pure: no I/O, no clock.
+
+Memory: an entry is one ``NamedTuple`` (a tuple: no per-instance ``__dict__``); small repeated values (permission
+bits, uid, gid, device) are interned per scan so a million entries share a handful of those int objects. Measured
+numbers are in ``tests/test_scan.py::test_scan_large_tree_memory`` (run with ``-m slow``).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as errno_mod
+import fnmatch
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import xxhash
+
+#: Temporaries the receiver writes (``.<name>.kwatch-tmp-<hex>``); never part of a tree, so excluded by default.
+TEMP_PATTERN = b".*.kwatch-tmp-*"
+DEFAULT_EXCLUDES: tuple[bytes, ...] = (TEMP_PATTERN,)
+
+_HASH_CHUNK = 1 << 20  # 1 MiB reads: big enough that per-call overhead vanishes, small enough to stay in cache
+
+
+class Kind(enum.IntEnum):
+    """Entry type. Members are singletons, so storing one costs a pointer per entry."""
+
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+    OTHER = 4  # fifo, socket, device node: listed, never replicated (see Plan.skipped)
+
+
+class Entry(NamedTuple):
+    """One scanned path. ``mode`` is the permission bits only (``st_mode & 0o7777``); the type is ``kind``.
+
+    ``ino``/``dev``/``nlink`` let :func:`diff` find hard links (same ``(dev, ino)`` at two paths). ``target`` is set
+    for symlinks only, ``digest`` (xxh3_128, 16 bytes) for regular files when scanned with ``checksum=True``.
+    A directory's ``size`` is 0: it means nothing portable.
+    """
+
+    kind: Kind
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    nlink: int
+    ino: int
+    dev: int
+    target: bytes | None = None
+    digest: bytes | None = None
+
+
+class ScanError(NamedTuple):
+    """A path that could not be scanned (or hashed) and why. ``errno`` is None when no OS error applies."""
+
+    path: bytes
+    errno: int | None
+    reason: str
+
+
+@dataclass(slots=True)
+class Manifest:
+    """What a tree holds: ``entries`` keyed by relative path, plus the per-path ``errors`` met while scanning."""
+
+    entries: dict[bytes, Entry] = field(default_factory=dict)
+    errors: list[ScanError] = field(default_factory=list)
+    checksum: bool = False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.entries
+
+    def __getitem__(self, path: bytes) -> Entry:
+        return self.entries[path]
+
+    def get(self, path: bytes) -> Entry | None:
+        return self.entries.get(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# excludes
+
+
+class _Excluder:
+    """Compiled exclude patterns (shell globs, as bytes).
+
+    A pattern without ``/`` matches a name at any depth (``*.o``, ``.git``); a pattern with ``/`` matches the whole
+    relative path, a leading ``/`` anchoring it at the root (``/build``, ``src/*.tmp``). An excluded directory is not
+    descended. This is the useful core of rsync's ``--exclude`` without its include/exclude ordering.
+    """
+
+    __slots__ = ("_name", "_path")
+
+    def __init__(self, patterns: Iterable[bytes]) -> None:
+        names: list[str] = []
+        paths: list[str] = []
+        for pat in patterns:
+            if not isinstance(pat, bytes):
+                raise TypeError(f"exclude patterns are bytes, got {pat!r}")
+            # latin-1 maps every byte to one code point and back, so globbing arbitrary (non-UTF-8) bytes is exact.
+            text = pat.decode("latin-1")
+            if "/" in text.rstrip("/"):
+                paths.append(fnmatch.translate(text.lstrip("/").rstrip("/")))
+            else:
+                names.append(fnmatch.translate(text.rstrip("/")))
+        self._name = re.compile("|".join(names).encode("latin-1"), re.DOTALL) if names else None
+        self._path = re.compile("|".join(paths).encode("latin-1"), re.DOTALL) if paths else None
+
+    def __call__(self, name: bytes, rel: bytes) -> bool:
+        if self._name is not None and self._name.match(name):
+            return True
+        return self._path is not None and self._path.match(rel) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scan
+
+
+def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
+    """xxh3_128 of a regular file's content, read in 1 MiB chunks. Never follows a symlink (O_NOFOLLOW)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        # O_NOATIME: hashing a whole tree should not dirty every inode; it needs ownership or CAP_FOWNER.
+        fd = os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    try:
+        h = xxhash.xxh3_128()
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = os.readv(fd, [buf])
+            if n == 0:
+                break
+            h.update(view[:n])
+        digest: bytes = h.digest()
+        return digest
+    finally:
+        os.close(fd)
+
+
+def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False) -> Manifest:
+    """Walk ``root`` (without following symlinks) into a :class:`Manifest` keyed by relative path.
+
+    ``excludes`` are glob patterns (see :class:`_Excluder`); the default skips receiver temporaries. With
+    ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root that
+    cannot be opened as a directory raises ``OSError``.
+    """
+    if not isinstance(root, bytes):
+        raise TypeError("root must be bytes")
+    root = root.rstrip(b"/") or b"/"
+    st_root = os.stat(root)  # follows a symlinked root on purpose: the caller named it
+    if not stat.S_ISDIR(st_root.st_mode):
+        raise NotADirectoryError(errno_mod.ENOTDIR, "scan root is not a directory", root)
+    man = Manifest(checksum=checksum)
+    entries = man.entries
+    errors = man.errors
+    excluded = _Excluder(excludes)
+    # Interning: equal small ints from different stat calls are different objects; sharing them saves ~28 bytes a
+    # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
+    intern: dict[int, int] = {}
+    ix = intern.setdefault
+    base = b"" if root == b"/" else root
+    # Explicit stack instead of recursion: deep trees must not hit the recursion limit. Each item is (abs dir, rel
+    # prefix with trailing slash or empty for the root).
+    stack: list[tuple[bytes, bytes]] = [(base or b"/", b"")]
+    s_isdir, s_isreg, s_islnk = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
+    k_file, k_dir, k_link, k_other = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
+    while stack:
+        dpath, prefix = stack.pop()
+        try:
+            it = os.scandir(dpath)
+        except OSError as e:
+            if prefix:  # the root itself was checked above; a subdirectory failing is per-path
+                errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
+                continue
+            raise
+        with it:
+            while True:
+                try:
+                    de = next(it)
+                except StopIteration:
+                    break
+                except OSError as e:  # getdents failing mid-directory (EIO, directory removed)
+                    errors.append(ScanError(prefix[:-1], e.errno, f"error while listing directory: {e.strerror}"))
+                    break
+                name = de.name
+                rel = prefix + name
+                if excluded(name, rel):
+                    continue
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except OSError as e:
+                    why = "vanished during scan" if e.errno == errno_mod.ENOENT else f"cannot stat: {e.strerror}"
+                    errors.append(ScanError(rel, e.errno, why))
+                    continue
+                m = st.st_mode
+                target: bytes | None = None
+                digest: bytes | None = None
+                if s_isreg(m):
+                    kind = k_file
+                    size = st.st_size
+                    if checksum:
+                        try:
+                            digest = hash_file(de.path)
+                        except OSError as e:
+                            errors.append(ScanError(rel, e.errno, f"cannot hash: {e.strerror}"))
+                elif s_isdir(m):
+                    kind = k_dir
+                    size = 0
+                    stack.append((de.path, rel + b"/"))
+                elif s_islnk(m):
+                    kind = k_link
+                    size = st.st_size
+                    try:
+                        target = os.readlink(de.path)
+                    except OSError as e:
+                        errors.append(ScanError(rel, e.errno, f"cannot read symlink: {e.strerror}"))
+                        continue
+                else:
+                    kind = k_other
+                    size = 0
+                entries[rel] = Entry(
+                    kind,
+                    ix(m & 0o7777, m & 0o7777),
+                    size,
+                    st.st_mtime_ns,
+                    ix(st.st_uid, st.st_uid),
+                    ix(st.st_gid, st.st_gid),
+                    st.st_nlink,
+                    st.st_ino,
+                    ix(st.st_dev, st.st_dev),
+                    target,
+                    digest,
+                )
+    return man
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan operations
+
+
+class Delete(NamedTuple):
+    """Remove ``path`` (of ``kind`` in the mirror). Listed children before parents."""
+
+    path: bytes
+    kind: Kind
+
+
+class Mkdir(NamedTuple):
+    """Create a directory. ``mode`` always has ``u+rwx`` so contents can be written; the real mode comes in the
+    directory's :class:`SetAttr`, which runs after its contents."""
+
+    path: bytes
+    mode: int
+    uid: int | None = None
+    gid: int | None = None
+
+
+class Put(NamedTuple):
+    """Send a whole regular file (or a delta against ``basis`` when the mirror has a regular file there)."""
+
+    path: bytes
+    size: int
+    mode: int
+    mtime_ns: int
+    uid: int | None = None
+    gid: int | None = None
+    basis: bool = False
+    digest: bytes | None = None
+
+
+class Symlink(NamedTuple):
+    """Create (or replace) a symlink with this target."""
+
+    path: bytes
+    target: bytes
+    mtime_ns: int
+    uid: int | None = None
+    gid: int | None = None
+
+
+class Hardlink(NamedTuple):
+    """Make ``path`` another name of ``existing`` (which is already in place when this op runs)."""
+
+    path: bytes
+    existing: bytes
+
+
+class SetAttr(NamedTuple):
+    """Change metadata only; ``None`` fields stay as they are."""
+
+    path: bytes
+    mode: int | None = None
+    mtime_ns: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+PlanOp = Delete | Mkdir | Put | Symlink | Hardlink | SetAttr
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to do to the mirror, by kind; :meth:`ops` gives the one order that is safe to apply.
+
+    Order: deletes (children first; this also clears the way for type changes), mkdirs (parents first), puts,
+    symlinks, hard links (their leader file is in place by then), file/symlink setattrs, and last the directory
+    setattrs, deepest first: creating or removing a name inside a directory bumps its mtime, so directory times are
+    only final once nothing more happens inside.
+    """
+
+    deletes: list[Delete] = field(default_factory=list)
+    mkdirs: list[Mkdir] = field(default_factory=list)
+    puts: list[Put] = field(default_factory=list)
+    symlinks: list[Symlink] = field(default_factory=list)
+    hardlinks: list[Hardlink] = field(default_factory=list)
+    setattrs: list[SetAttr] = field(default_factory=list)
+    dir_setattrs: list[SetAttr] = field(default_factory=list)
+    skipped: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why): special files, protected deletes
+
+    def ops(self) -> Iterator[PlanOp]:
+        yield from self.deletes
+        yield from self.mkdirs
+        yield from self.puts
+        yield from self.symlinks
+        yield from self.hardlinks
+        yield from self.setattrs
+        yield from self.dir_setattrs
+
+    def __len__(self) -> int:
+        return (
+            len(self.deletes)
+            + len(self.mkdirs)
+            + len(self.puts)
+            + len(self.symlinks)
+            + len(self.hardlinks)
+            + len(self.setattrs)
+            + len(self.dir_setattrs)
+        )
+
+    @property
+    def empty(self) -> bool:
+        return len(self) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diff
+
+
+def _parent(path: bytes) -> bytes:
+    i = path.rfind(b"/")
+    return path[:i] if i >= 0 else b""
+
+
+def _under_any(path: bytes, tops: set[bytes]) -> bool:
+    """True when ``path`` or one of its ancestors is in ``tops``."""
+    p = path
+    while p:
+        if p in tops:
+            return True
+        p = _parent(p)
+    return False
+
+
+def diff(src: Manifest, dst: Manifest, *, delete: bool, checksum: bool, owner: bool = False) -> Plan:
+    """The :class:`Plan` that turns the tree ``dst`` describes into the one ``src`` describes.
+
+    Quick check as rsync's: a file is sent when the size or the mtime differs; with ``checksum`` when the size or
+    the content hash differs (mtime is then fixed by a setattr). A file whose content is equal but whose mode or
+    mtime differs gets a :class:`SetAttr`. ``owner`` also compares uid/gid. Type changes are a delete then a create,
+    whatever ``delete`` says; ``delete`` controls only extraneous mirror paths. Mirror paths under a source path that
+    could not be read (``src.errors`` other than "vanished") are never deleted, as rsync skips deletion on I/O
+    errors: an unreadable directory must not wipe its mirror.
+    """
+    plan = Plan()
+    s_entries = src.entries
+    d_entries = dst.entries
+    dst_get = d_entries.get
+    touched: set[bytes] = set()  # directories whose listing the plan changes (their mtime must be restored)
+    replaced: set[bytes] = set()  # dst paths whose type changes: deleted, then created again
+    put_paths: set[bytes] = set()
+    links: dict[tuple[int, int], list[bytes]] = {}  # src hard-link groups by (dev, ino)
+    k_file, k_dir, k_link = Kind.FILE, Kind.DIR, Kind.SYMLINK
+
+    def own(e: Entry) -> tuple[int | None, int | None]:
+        return (e.uid, e.gid) if owner else (None, None)
+
+    def file_same_content(s: Entry, d: Entry) -> bool:
+        if s.size != d.size:
+            return False
+        if checksum:
+            return s.digest is not None and s.digest == d.digest
+        return s.mtime_ns == d.mtime_ns
+
+    def attr_change(path: bytes, s: Entry, d: Entry, with_mode: bool = True) -> SetAttr | None:
+        mode = s.mode if with_mode and s.mode != d.mode else None
+        mtime = s.mtime_ns if s.mtime_ns != d.mtime_ns else None
+        uid = s.uid if owner and s.uid != d.uid else None
+        gid = s.gid if owner and s.gid != d.gid else None
+        if mode is None and mtime is None and uid is None and gid is None:
+            return None
+        return SetAttr(path, mode, mtime, uid, gid)
+
+    def put(path: bytes, s: Entry, d: Entry | None) -> None:
+        uid, gid = own(s)
+        basis = d is not None and d.kind == k_file and path not in replaced
+        plan.puts.append(Put(path, s.size, s.mode, s.mtime_ns, uid, gid, basis, s.digest))
+        put_paths.add(path)
+        touched.add(_parent(path))
+
+    for path, s in s_entries.items():
+        d = dst_get(path)
+        if d is not None and d.kind != s.kind:
+            replaced.add(path)
+            d = None
+        kind = s.kind
+        if kind == k_file:
+            if s.nlink > 1:
+                links.setdefault((s.dev, s.ino), []).append(path)
+                continue
+            if d is None or not file_same_content(s, d) or d.nlink > 1:
+                # d.nlink > 1 while the source is a lone file: a setattr would also change the mirror's other
+                # names of that inode, so the link is broken by writing a fresh file.
+                put(path, s, d)
+            else:
+                sa = attr_change(path, s, d)
+                if sa is not None:
+                    plan.setattrs.append(sa)
+        elif kind == k_dir:
+            if d is None:
+                uid, gid = own(s)
+                plan.mkdirs.append(Mkdir(path, s.mode | 0o700, uid, gid))
+                touched.add(_parent(path))
+                # the final mode/mtime come once the contents are in place
+                plan.dir_setattrs.append(SetAttr(path, s.mode, s.mtime_ns, uid, gid))
+            else:
+                sa = attr_change(path, s, d)
+                if sa is not None:
+                    plan.dir_setattrs.append(sa)
+        elif kind == k_link:
+            assert s.target is not None
+            if d is None or d.target != s.target:
+                uid, gid = own(s)
+                plan.symlinks.append(Symlink(path, s.target, s.mtime_ns, uid, gid))
+                touched.add(_parent(path))
+            else:
+                sa = attr_change(path, s, d, with_mode=False)  # a symlink's mode is always 0777 on Linux
+                if sa is not None:
+                    plan.setattrs.append(sa)
+        else:
+            plan.skipped.append((path, "special file (fifo, socket or device) is not replicated"))
+
+    # Hard links: one member of each group (the leader) is a normal file; the others are links to it. Prefer a
+    # leader the mirror already has up to date, so an unchanged group costs nothing.
+    for group in links.values():
+        group.sort()
+        if len(group) == 1:
+            path = group[0]
+            s = s_entries[path]
+            d = None if path in replaced else dst_get(path)
+            if d is None or not file_same_content(s, d) or d.nlink > 1:
+                put(path, s, d)
+            else:
+                sa = attr_change(path, s, d)
+                if sa is not None:
+                    plan.setattrs.append(sa)
+            continue
+        leader = group[0]
+        for p in group:
+            dp = None if p in replaced else dst_get(p)
+            if dp is not None and file_same_content(s_entries[p], dp):
+                leader = p
+                break
+        s = s_entries[leader]
+        dl = None if leader in replaced else dst_get(leader)
+        if dl is None or not file_same_content(s, dl):
+            put(leader, s, dl)
+        else:
+            sa = attr_change(leader, s, dl)
+            if sa is not None:
+                plan.setattrs.append(sa)
+        for p in group:
+            if p == leader:
+                continue
+            dp = None if p in replaced else dst_get(p)
+            if (
+                dp is not None
+                and dl is not None
+                and leader not in put_paths
+                and dp.kind == k_file
+                and (dp.dev, dp.ino) == (dl.dev, dl.ino)
+            ):
+                continue  # already the same inode in the mirror
+            plan.hardlinks.append(Hardlink(p, leader))
+            touched.add(_parent(p))
+
+    # Deletes: extraneous mirror paths (delete=True), and everything under/at a replaced path whatever ``delete``.
+    protected = {e.path for e in src.errors if e.errno != errno_mod.ENOENT}
+    dels: list[bytes] = []
+    for path in d_entries:
+        if path in s_entries and path not in replaced:
+            continue
+        if path not in replaced and not delete and not (replaced and _under_any(_parent(path), replaced)):
+            continue
+        if protected and _under_any(path, protected):
+            plan.skipped.append((path, "not deleted: the source had a read error at or above this path"))
+            continue
+        dels.append(path)
+    # Reverse byte order puts every descendant before its ancestor (an ancestor is a prefix, so it sorts first).
+    dels.sort(reverse=True)
+    for path in dels:
+        plan.deletes.append(Delete(path, d_entries[path].kind))
+        touched.add(_parent(path))
+
+    plan.mkdirs.sort()  # a parent is a prefix of its children, so byte order puts parents first
+
+    # Directory times: a directory whose listing changed needs its mtime (and nothing else) restored, even when it
+    # matched before the plan ran.
+    have = {sa.path for sa in plan.dir_setattrs}
+    for t in touched:
+        if t and t not in have:
+            st = s_entries.get(t)
+            if st is not None and st.kind == k_dir:
+                plan.dir_setattrs.append(SetAttr(t, None, st.mtime_ns, None, None))
+    plan.dir_setattrs.sort(key=lambda sa: sa.path, reverse=True)  # deepest first (cosmetic: utime is per inode)
+    return plan
