@@ -1,0 +1,565 @@
+"""The sans-IO rsync client session for a push (we are the sender, the daemon or ``rsync --server`` receives).
+
+Feed the peer's bytes with :meth:`PushSession.receive_data` (``b""`` means EOF), pull events with
+:meth:`PushSession.next_event`, answer each :class:`FileRequested` with :meth:`PushSession.send_file`, and
+write out :meth:`PushSession.data_to_send`. No sockets, files or clocks here.
+
+Session order (rsync clientserver.c ``start_inband_exchange``, compat.c ``setup_protocol``, main.c
+``client_run``, sender.c ``send_files``, main.c ``read_final_goodbye``):
+
+daemon only: greeting lines ``@RSYNCD: <ver>.<sub> <auth digests>`` both ways; module name; MOTD lines;
+``@RSYNCD: AUTHREQD <challenge>`` answered by ``<user> <base64 digest>``; ``@RSYNCD: OK``; the server
+arguments, each NUL-terminated, then an empty one. (Over ssh the arguments are the remote command line and each
+side writes its protocol version as an int instead.)
+
+then: compat flags (varint, from the server); checksum name lists (vstrings, both ways) when the ``v``
+capability was agreed; the checksum seed (int, from the server). From here both directions are multiplexed.
+We send the filter list (only with ``--delete``: just its terminator), the file list (sorted as both sides index
+it) and its end marker. The receiver's generator then sends, per file: index, item flags and, when it wants
+data, the block checksums of its basis; we answer with the same index/flags, the checksum header, the token
+stream (literal runs and block references, then 0) and the whole-file checksum. Three NDX_DONE rounds end
+the phases; the goodbye exchange ends the session.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
+from kwatch.protocols.rsync import codec
+from kwatch.protocols.rsync.checksum import (
+    AUTH_NAMES,
+    CHECKSUM_NAMES,
+    COMPRESS_NAMES,
+    DIGEST_LEN,
+    FileHasher,
+    auth_response,
+    block_hasher,
+    choose,
+    parse_name_list,
+)
+from kwatch.protocols.rsync.codec import Msg, NeedMore, Reader
+from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, sort_key
+from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
+
+SUPPORTED_PROTOCOLS = (30, 31)
+MAX_BLOCK_SIZE = 1 << 17  # rsync.h MAX_BLOCK_SIZE (protocol >= 30)
+MAX_BLOCK_COUNT = 1 << 29
+
+ITEM_BASIS_TYPE_FOLLOWS = 1 << 11
+ITEM_XNAME_FOLLOWS = 1 << 12
+ITEM_TRANSFER = 1 << 15
+
+CF_INC_RECURSE = 1 << 0
+CF_VARINT_FLIST_FLAGS = 1 << 7
+
+_GREETING = re.compile(rb"^@RSYNCD: (\d+)(?:\.(-?\d+))?(?: (.*))?$")
+
+
+class Mode(enum.Enum):
+    DAEMON = "daemon"  # TCP to rsync --daemon: greeting, module, auth, args in band
+    SHELL = "shell"  # a pipe to `rsync --server ...` (ssh): args on the command line
+
+
+class State(enum.Enum):
+    GREETING = "waiting for the daemon greeting"
+    MODULE = "waiting for the module reply"
+    COMPAT = "waiting for the compat flags"
+    VERSION = "waiting for the server's protocol version"
+    NEGOTIATE = "waiting for the checksum negotiation"
+    SEED = "waiting for the checksum seed"
+    TRANSFER = "transferring files"
+    FILE = "waiting for send_file()"
+    GOODBYE = "waiting for the end of the session"
+    DONE = "done"
+    ERROR = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class PushOptions:
+    """What to ask the receiver for."""
+
+    dest: bytes = b""  # path inside the module (daemon) or on the remote host (shell)
+    delete: bool = False  # --delete: extraneous entries inside content dirs are removed
+    delete_missing: bool = False  # --delete-missing-args: mode-0 entries delete that path
+    fuzzy: bool = False  # --fuzzy (+ --delete-after): a renamed file's old copy can be the basis
+    protocol: int = 31
+    negotiate: bool = True  # the 'v' capability: negotiate checksum names and varint flist flags
+    compress: bool = False  # negotiates compression (only "none" is implemented, so data is not compressed)
+    checksums: tuple[str, ...] = CHECKSUM_NAMES
+    user: bytes = b"nobody"
+    password: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Motd:
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    protocol: int
+    checksum: str
+    compat_flags: int
+    auth_digest: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteMessage:
+    code: Msg
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FileRequested:
+    ndx: int
+    entry: FileEntry
+    sums: SumHead
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteStats:
+    files: int
+    dirs: int
+    symlinks: int
+    devices: int
+    specials: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDone:
+    pass
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = Motd | Negotiated | RemoteMessage | FileRequested | DeleteStats | SessionDone
+
+
+@dataclass
+class Counters:
+    literal_bytes: int = 0
+    matched_bytes: int = 0
+    files_sent: int = 0
+    remote_errors: list[str] = field(default_factory=list)
+
+
+def build_server_args(opts: PushOptions) -> list[bytes]:
+    """The argument vector the remote ``rsync --server`` gets (options.c server_options, for a sender)."""
+    flags = "-lptr"
+    if opts.fuzzy:
+        flags += "y"
+    if opts.compress:
+        flags += "z"
+    # -e.<capabilities>: no 'i' (no incremental recursion: one file list), 'v' only when negotiating.
+    flags += "e." + ("LsfxCIvu" if opts.negotiate else "LsfxCIu")
+    args = [b"--server", flags.encode()]
+    if opts.delete:
+        args.append(b"--delete-after" if opts.fuzzy else b"--delete")
+    if opts.delete_missing:
+        args.append(b"--delete-missing-args")
+    args.append(b".")
+    return args
+
+
+class PushSession:
+    """One push session: a whole batch of files over one connection."""
+
+    def __init__(self, entries: Sequence[FileEntry], opts: PushOptions, mode: Mode = Mode.DAEMON,
+                 module: bytes = b"") -> None:
+        if opts.protocol not in SUPPORTED_PROTOCOLS:
+            raise LocalProtocolError(f"protocol {opts.protocol} not supported (supported: {SUPPORTED_PROTOCOLS})")
+        if mode is Mode.DAEMON and (not module or b"/" in module or b"\n" in module):
+            raise LocalProtocolError(f"bad module name {module!r}")
+        self.opts = opts
+        self.mode = mode
+        self.module = module
+        self.entries = sorted(entries, key=sort_key)
+        for a, b in zip(self.entries, self.entries[1:], strict=False):
+            if sort_key(a) == sort_key(b):
+                raise LocalProtocolError(f"duplicate file-list entry {a.name!r}")
+        self.protocol = opts.protocol
+        self.counters = Counters()
+        self.compat_flags = 0
+        self.checksum = "md5"
+        self.seed = 0
+        self.auth_digest: str | None = None
+        self._out = bytearray()
+        self._raw = bytearray()  # unframed bytes (before multiplexing starts)
+        self._data = bytearray()  # demultiplexed MSG_DATA payloads
+        self._demux: codec.Demux | None = None
+        self._events: list[Event] = []
+        self._eof = False
+        self._ndx_in: codec.NdxCodec | None = None
+        self._ndx_out: codec.NdxCodec | None = None
+        self._phase = 0
+        self._pending: tuple[int, int, int, bytes | None, SumHead] | None = None
+        self._server_auth: list[str] = []
+        self.state = State.GREETING if mode is Mode.DAEMON else State.VERSION
+        if mode is Mode.DAEMON:
+            self._send_raw(f"@RSYNCD: {self.protocol}.0 {' '.join(AUTH_NAMES)}\n".encode())
+        else:
+            self._send_raw(codec.enc_int(self.protocol))
+
+    # --- the public surface ----------------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is State.ERROR:
+            raise LocalProtocolError("session already failed")
+        if not data:
+            self._eof = True
+            return
+        if self._demux is None:
+            self._raw += data
+        else:
+            self._take_frames(data)
+
+    def next_event(self) -> Event | _NeedData:
+        if self.state is State.FILE:
+            raise LocalProtocolError("answer the FileRequested event with send_file() first")
+        try:
+            while not self._events:
+                progressed = self._step()
+                if self._events:
+                    break
+                if not progressed:
+                    if self._eof and self.state is not State.DONE:
+                        raise self._early_close()
+                    return NEED_DATA
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+        return self._events.pop(0)
+
+    def send_file(self, ndx: int, data: bytes | memoryview) -> None:
+        """Send the requested file's content as a delta against the receiver's block checksums."""
+        if self.state is not State.FILE or self._pending is None or self._pending[0] != ndx:
+            raise LocalProtocolError(f"send_file({ndx}) without a matching FileRequested")
+        _ndx, iflags, basis, xname, sums = self._pending
+        self._pending = None
+        entry = self.entries[ndx]
+        if len(data) != entry.size:
+            # The file changed after the list was sent; rsync sends what it reads (the checksum covers it).
+            pass
+        out = bytearray(self._ndx_and_attrs(ndx, iflags, basis, xname))
+        out += codec.enc_int(sums.count) + codec.enc_int(sums.blength)
+        out += codec.enc_int(sums.s2length) + codec.enc_int(sums.remainder)
+        strong = block_hasher(self.checksum, self.seed)
+        fsum = FileHasher(self.checksum)
+        mv = memoryview(data)
+        for tok in match_blocks(mv, sums, strong):
+            if isinstance(tok, Literal):
+                for s in range(tok.start, tok.end, codec.CHUNK_SIZE):
+                    e = min(tok.end, s + codec.CHUNK_SIZE)
+                    out += codec.enc_int(e - s)
+                    out += mv[s:e]
+                self.counters.literal_bytes += tok.end - tok.start
+            else:
+                assert isinstance(tok, Match)
+                out += codec.enc_int(-(tok.block + 1))
+                self.counters.matched_bytes += tok.length
+            if len(out) >= 1 << 20:
+                self._send_data(bytes(out))
+                out.clear()
+        fsum.update(mv)
+        out += codec.enc_int(0)
+        out += fsum.digest()
+        self._send_data(bytes(out))
+        self.counters.files_sent += 1
+        self.state = State.TRANSFER
+
+    def skip_file(self, ndx: int) -> None:
+        """The requested file cannot be read (vanished): tell the receiver (MSG_NO_SEND), as sender.c does."""
+        if self.state is not State.FILE or self._pending is None or self._pending[0] != ndx:
+            raise LocalProtocolError(f"skip_file({ndx}) without a matching FileRequested")
+        self._pending = None
+        self._out += codec.enc_frame(Msg.NO_SEND, codec.enc_int(ndx))
+        self.state = State.TRANSFER
+
+    # --- plumbing --------------------------------------------------------------------------------------------
+
+    def _send_raw(self, b: bytes) -> None:
+        self._out += b
+
+    def _send_data(self, b: bytes) -> None:
+        self._out += codec.enc_data(b)
+
+    def _early_close(self) -> RemoteProtocolError:
+        msgs = "; ".join(self.counters.remote_errors)
+        detail = f" (peer said: {msgs})" if msgs else ""
+        return RemoteProtocolError(f"the rsync peer closed the connection early, {self.state.value}{detail}")
+
+    def _take_frames(self, data: bytes) -> None:
+        assert self._demux is not None
+        for code, payload in self._demux.feed(data):
+            self._on_frame(code, payload)
+
+    def _on_frame(self, code: int, payload: bytes) -> None:
+        try:
+            msg = Msg(code)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown multiplexed message code {code}") from None
+        if msg is Msg.DATA:
+            self._data += payload
+        elif msg in (Msg.INFO, Msg.WARNING, Msg.LOG, Msg.CLIENT):
+            self._events.append(RemoteMessage(msg, payload))
+        elif msg in (Msg.ERROR, Msg.ERROR_XFER, Msg.ERROR_SOCKET, Msg.ERROR_UTF8):
+            self.counters.remote_errors.append(payload.decode(errors="replace").strip())
+            self._events.append(RemoteMessage(msg, payload))
+        elif msg in (Msg.IO_ERROR, Msg.IO_TIMEOUT, Msg.SUCCESS, Msg.NO_SEND):
+            if len(payload) != 4:
+                raise RemoteProtocolError(f"{msg.name} with a {len(payload)}-byte payload")
+        elif msg is Msg.DELETED:
+            self._events.append(RemoteMessage(msg, payload))
+        elif msg is Msg.NOOP:
+            pass
+        elif msg is Msg.ERROR_EXIT:
+            detail = "; ".join(self.counters.remote_errors) or "no message"
+            raise RemoteProtocolError(f"the rsync peer exited with an error: {detail}")
+        else:
+            raise RemoteProtocolError(f"unexpected {msg.name} message from the rsync peer")
+
+    def _step(self) -> bool:
+        """Parse one unit from the buffered input; True if something was consumed."""
+        if self.state in (State.GREETING, State.MODULE, State.COMPAT, State.VERSION, State.NEGOTIATE, State.SEED):
+            buf = self._raw
+        elif self.state in (State.TRANSFER, State.GOODBYE):
+            buf = self._data
+        else:
+            return False
+        r = Reader(buf)
+        saved = (self._ndx_in.prev_positive, self._ndx_in.prev_negative) if self._ndx_in else None
+        try:
+            self._parse(r)
+        except NeedMore:
+            if saved is not None and self._ndx_in is not None:
+                self._ndx_in.prev_positive, self._ndx_in.prev_negative = saved
+            return False
+        del buf[: r.pos]
+        if self._demux is None and self.state in (State.TRANSFER,):
+            self._start_multiplex()
+        return True
+
+    def _parse(self, r: Reader) -> None:
+        st = self.state
+        if st is State.GREETING:
+            self._on_greeting(r.line())
+        elif st is State.MODULE:
+            self._on_module_line(r.line())
+        elif st is State.VERSION:
+            self._on_version(codec.dec_int(r))
+        elif st is State.COMPAT:
+            self._on_compat(codec.dec_varint(r))
+        elif st is State.NEGOTIATE:
+            self._on_negotiate(r)
+        elif st is State.SEED:
+            self.seed = codec.dec_int(r)
+            self._events.append(Negotiated(self.protocol, self.checksum, self.compat_flags, self.auth_digest))
+            self.state = State.TRANSFER
+        elif st is State.TRANSFER:
+            self._on_transfer(r)
+        elif st is State.GOODBYE:
+            self._on_goodbye(r)
+
+    def _on_greeting(self, line: bytes) -> None:
+        m = _GREETING.match(line)
+        if not m:
+            raise RemoteProtocolError(f"not an rsync daemon greeting: {line[:200]!r}")
+        remote = int(m.group(1))
+        sub = int(m.group(2)) if m.group(2) is not None else -1
+        if sub < 0 and remote >= 30:
+            raise RemoteProtocolError(f"the daemon omitted the subprotocol value: {line!r}")
+        if m.group(3) is not None:
+            self._server_auth = parse_name_list(m.group(3), "auth digest")
+        elif remote > 31:
+            raise RemoteProtocolError(f"the daemon omitted the digest name list: {line!r}")
+        else:
+            self._server_auth = ["md5"]
+        # clientserver.c exchange_protocols: a pre-release (sub != 0) of a newer protocol counts as one less.
+        negotiated = min(self.protocol, remote)
+        if negotiated == remote and sub > 0:
+            negotiated -= 1
+        if negotiated not in SUPPORTED_PROTOCOLS:
+            raise RemoteProtocolError(
+                f"protocol mismatch: the daemon speaks {remote}.{max(sub, 0)}, this client supports "
+                f"{SUPPORTED_PROTOCOLS[0]}..{SUPPORTED_PROTOCOLS[-1]}"
+            )
+        self.protocol = negotiated
+        self._send_raw(self.module + b"\n")
+        self.state = State.MODULE
+
+    def _on_module_line(self, line: bytes) -> None:
+        if line.startswith(b"@RSYNCD: AUTHREQD "):
+            challenge = line[len(b"@RSYNCD: AUTHREQD ") :]
+            if not challenge or len(challenge) > 256 or not re.fullmatch(rb"[A-Za-z0-9+/=]+", challenge):
+                raise RemoteProtocolError(f"bad auth challenge from the daemon: {challenge[:80]!r}")
+            if self.opts.password is None:
+                raise LocalProtocolError(
+                    f"module {self.module.decode(errors='replace')!r} needs a password: pass one or set "
+                    "RSYNC_PASSWORD / a password file"
+                )
+            self.auth_digest = choose(AUTH_NAMES, self._server_auth, "daemon auth digest")
+            resp = auth_response(self.auth_digest, self.opts.password, challenge)
+            self._send_raw(self.opts.user + b" " + resp + b"\n")
+        elif line == b"@RSYNCD: OK":
+            args = build_server_args(self.opts)
+            dest = self.module + b"/" + self.opts.dest.lstrip(b"/")
+            for a in [*args, dest]:
+                if b"\0" in a:
+                    raise LocalProtocolError(f"NUL byte in argument {a!r}")
+                self._send_raw(a + b"\0")
+            self._send_raw(b"\0")
+            self.state = State.COMPAT
+        elif line == b"@RSYNCD: EXIT":
+            raise RemoteProtocolError("the daemon ended the session before the transfer (@RSYNCD: EXIT)")
+        elif line.startswith(b"@ERROR"):
+            text = line.decode(errors="replace")
+            low = text.lower()
+            if "unknown module" in low:
+                raise RemoteProtocolError(f"unknown module {self.module.decode(errors='replace')!r}: {text}")
+            if "auth failed" in low:
+                raise RemoteProtocolError(f"authentication failed for module "
+                                          f"{self.module.decode(errors='replace')!r}: {text}")
+            raise RemoteProtocolError(f"the daemon refused the module: {text}")
+        else:
+            self._events.append(Motd(line))
+
+    def _on_version(self, remote: int) -> None:
+        if remote < 30:
+            raise RemoteProtocolError(f"protocol mismatch: the remote rsync speaks {remote}, need >= 30")
+        if remote > 40:
+            raise RemoteProtocolError(f"protocol mismatch: the remote sent version {remote} (is the shell clean?)")
+        self.protocol = min(self.protocol, remote)
+        self.state = State.COMPAT
+
+    def _on_compat(self, flags: int) -> None:
+        if flags < 0 or flags >= 1 << 16:
+            raise RemoteProtocolError(f"bad compat flags {flags:#x}")
+        if flags & CF_INC_RECURSE:
+            raise RemoteProtocolError("the server enabled incremental recursion although we did not offer it")
+        self.compat_flags = flags
+        if flags & CF_VARINT_FLIST_FLAGS:
+            self._send_raw(codec.enc_vstring(" ".join(self.opts.checksums).encode()))
+            if self.opts.compress:
+                self._send_raw(codec.enc_vstring(" ".join(COMPRESS_NAMES).encode()))
+            self.state = State.NEGOTIATE
+        else:
+            self.checksum = "md5"  # compat.c: protocol >= 30 without negotiation
+            self.state = State.SEED
+
+    def _on_negotiate(self, r: Reader) -> None:
+        theirs = parse_name_list(codec.dec_vstring(r, 1024), "checksum")
+        if self.opts.compress:
+            zs = parse_name_list(codec.dec_vstring(r, 1024), "compress")
+            choose(COMPRESS_NAMES, zs, "compression")
+        self.checksum = choose(self.opts.checksums, theirs, "checksum")
+        self.state = State.SEED
+
+    def _start_multiplex(self) -> None:
+        self._demux = codec.Demux()
+        self._ndx_in = codec.NdxCodec(self.protocol)
+        self._ndx_out = codec.NdxCodec(self.protocol)
+        rest = bytes(self._raw)
+        self._raw.clear()
+        out = bytearray()
+        if self.opts.delete or self.opts.delete_missing:
+            out += codec.enc_int(0)  # exclude.c send_filter_list: the receiver wants the (empty) list
+        enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
+        for e in self.entries:
+            out += enc.encode(e)
+        out += enc.end(0)
+        if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:
+            pass
+        self._send_data(bytes(out))
+        if rest:
+            self._take_frames(rest)
+
+    def _ndx_and_attrs(self, ndx: int, iflags: int, basis: int, xname: bytes | None) -> bytes:
+        assert self._ndx_out is not None
+        out = bytearray(self._ndx_out.encode(ndx))
+        out += codec.enc_shortint(iflags)
+        if iflags & ITEM_BASIS_TYPE_FOLLOWS:
+            out.append(basis)
+        if iflags & ITEM_XNAME_FOLLOWS:
+            out += codec.enc_vstring(xname or b"")
+        return bytes(out)
+
+    def _read_ndx(self, r: Reader) -> int:
+        """rsync.c read_ndx_and_attrs' index part; NDX_DEL_STATS is consumed here."""
+        assert self._ndx_in is not None
+        while True:
+            ndx = self._ndx_in.decode(r)
+            if ndx != codec.NDX_DEL_STATS:
+                return ndx
+            vals = [codec.dec_varint_bounded(r, 0, 1 << 30, "delete stats") for _ in range(5)]
+            self._events.append(DeleteStats(*vals))
+
+    def _on_transfer(self, r: Reader) -> None:
+        assert self._ndx_out is not None
+        ndx = self._read_ndx(r)
+        if ndx == codec.NDX_DONE:
+            self._phase += 1
+            self._send_data(self._ndx_out.encode(codec.NDX_DONE))
+            if self._phase > 2:
+                self.state = State.GOODBYE
+            return
+        if ndx < 0 or ndx >= len(self.entries):
+            raise RemoteProtocolError(f"invalid file index {ndx} (list has {len(self.entries)} entries)")
+        iflags = codec.dec_shortint(r)
+        basis = r.byte() if iflags & ITEM_BASIS_TYPE_FOLLOWS else 0
+        xname = codec.dec_vstring(r, 4096) if iflags & ITEM_XNAME_FOLLOWS else None
+        entry = self.entries[ndx]
+        if not iflags & ITEM_TRANSFER:
+            self._send_data(self._ndx_and_attrs(ndx, iflags, basis, xname))
+            return
+        if self._phase >= 2:
+            raise RemoteProtocolError(f"transfer request for {entry.name!r} in the final phase")
+        if not stat.S_ISREG(entry.mode):
+            raise RemoteProtocolError(f"transfer request for non-file {entry.name!r}")
+        sums = self._read_sums(r)
+        self._pending = (ndx, iflags, basis, xname, sums)
+        self.state = State.FILE
+        self._events.append(FileRequested(ndx, entry, sums))
+
+    def _read_sums(self, r: Reader) -> SumHead:
+        """sender.c receive_sums / io.c read_sum_head, validated."""
+        count = codec.dec_int_bounded(r, 0, MAX_BLOCK_COUNT, "block count")
+        blength = codec.dec_int_bounded(r, 0, MAX_BLOCK_SIZE, "block length")
+        s2length = codec.dec_int_bounded(r, 0, DIGEST_LEN.get(self.checksum, 16), "checksum length")
+        remainder = codec.dec_int_bounded(r, 0, blength, "remainder length")
+        if count and not blength:
+            raise RemoteProtocolError("block checksums with a zero block length")
+        need = count * (4 + s2length)
+        if r.remaining() < need:
+            raise NeedMore
+        sum1 = []
+        sum2 = []
+        for _ in range(count):
+            sum1.append(codec.dec_int(r) & 0xFFFFFFFF)
+            sum2.append(r.take(s2length))
+        return SumHead(count, blength, s2length, remainder, tuple(sum1), tuple(sum2))
+
+    def _on_goodbye(self, r: Reader) -> None:
+        assert self._ndx_out is not None
+        ndx = self._read_ndx(r)
+        if ndx != codec.NDX_DONE:
+            raise RemoteProtocolError(f"invalid packet at the end of the run ({ndx})")
+        if self.protocol >= 31 and self._phase == 3:
+            self._phase = 4
+            self._send_data(self._ndx_out.encode(codec.NDX_DONE))
+            return
+        self.state = State.DONE
+        self._events.append(SessionDone())

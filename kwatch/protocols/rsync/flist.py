@@ -1,0 +1,280 @@
+"""rsync file-list entries: encode and decode with the XMIT_* flags, the end-of-list marker, and the sort order.
+
+Pure. Covers what kwatch sends: regular files, directories, symlinks (``-l``), permissions (``-p``), mtimes
+with nanoseconds (``-t``, protocol 31 ``XMIT_MOD_NSEC``), and ``--delete-missing-args`` entries (mode 0 = delete
+this path). Ownership, devices, hard links, ACLs/xattrs and ``--checksum`` sums are not sent (the client never
+asks the daemon for them, so the entry layout below is complete for the options it sends).
+
+Follows rsync's flist.c ``send_file_entry`` / ``recv_file_entry`` (the compression of a name against the
+previous one, and "same as previous" flags for mode and mtime), ``write_end_of_flist``, and ``f_name_cmp`` for
+the order in which both sides index the list.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
+from kwatch.protocols.rsync.codec import (
+    Reader,
+    dec_int,
+    dec_varint,
+    dec_varint30,
+    dec_varlong,
+    dec_varlong30,
+    enc_int,
+    enc_shortint,
+    enc_varint,
+    enc_varint30,
+    enc_varlong,
+    enc_varlong30,
+)
+
+XMIT_TOP_DIR = 1 << 0
+XMIT_SAME_MODE = 1 << 1
+XMIT_EXTENDED_FLAGS = 1 << 2
+XMIT_SAME_UID = 1 << 3
+XMIT_SAME_GID = 1 << 4
+XMIT_SAME_NAME = 1 << 5
+XMIT_LONG_NAME = 1 << 6
+XMIT_SAME_TIME = 1 << 7
+XMIT_NO_CONTENT_DIR = 1 << 8  # directories only, protocol >= 30
+XMIT_HLINKED = 1 << 9
+XMIT_USER_NAME_FOLLOWS = 1 << 10
+XMIT_GROUP_NAME_FOLLOWS = 1 << 11
+XMIT_IO_ERROR_ENDLIST = 1 << 12
+XMIT_MOD_NSEC = 1 << 13
+XMIT_SAME_ATIME = 1 << 14
+XMIT_CRTIME_EQ_MTIME = 1 << 17
+
+MAXPATHLEN = 4096
+# Flags this implementation understands on a received entry; anything else means options we did not ask for.
+_KNOWN_FLAGS = (
+    XMIT_TOP_DIR | XMIT_SAME_MODE | XMIT_EXTENDED_FLAGS | XMIT_SAME_UID | XMIT_SAME_GID | XMIT_SAME_NAME
+    | XMIT_LONG_NAME | XMIT_SAME_TIME | XMIT_NO_CONTENT_DIR | XMIT_IO_ERROR_ENDLIST | XMIT_MOD_NSEC
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file-list entry. ``name`` is relative to the transfer root, ``/``-separated bytes; ``mode`` 0 marks a
+    missing argument to delete (``--delete-missing-args``)."""
+
+    name: bytes
+    mode: int
+    size: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    link_target: bytes | None = None
+    top_dir: bool = False
+    content_dir: bool = True  # directories: the receiver may delete extraneous entries inside
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def sort_key(e: FileEntry) -> tuple[tuple[int, bytes], ...]:
+    """The order of flist.c ``f_name_cmp`` (protocol >= 29): within a directory, non-directories sort before
+    directories, directory names compare with a trailing slash, a directory sorts just before its content, and
+    the top ``.`` sorts first."""
+    if e.name == b".":
+        return ()
+    parts = e.name.split(b"/")
+    key = [(1, p + b"/") for p in parts[:-1]]
+    key.append((1, parts[-1] + b"/") if e.is_dir else (0, parts[-1]))
+    return tuple(key)
+
+
+def check_name(name: bytes) -> None:
+    """Reject names a receiver must never act on: empty, absolute, ``..`` components, NUL bytes."""
+    if not name or len(name) >= MAXPATHLEN:
+        raise ValueError(f"bad file-list name length: {name!r}")
+    if name == b".":
+        return
+    if name.startswith(b"/") or b"\0" in name:
+        raise ValueError(f"unsafe file-list name: {name!r}")
+    for part in name.split(b"/"):
+        if part in (b"", b".", b".."):
+            raise ValueError(f"unsafe file-list name: {name!r}")
+
+
+class FlistEncoder:
+    """Encodes entries in order; keeps the "same as previous" state of flist.c ``send_file_entry``."""
+
+    def __init__(self, protocol: int, varint_flags: bool) -> None:
+        self.protocol = protocol
+        self.varint_flags = varint_flags
+        self._lastname = b""
+        self._mode = -1
+        self._mtime: int | None = None
+
+    def encode(self, e: FileEntry) -> bytes:
+        try:
+            check_name(e.name)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        if e.mode != 0 and not (e.is_reg or e.is_dir or e.is_link):
+            raise LocalProtocolError(f"unsupported file type {e.mode:#o} for {e.name!r}")
+        xflags = 0
+        if e.is_dir and self.protocol >= 30:
+            if e.top_dir and not e.content_dir:  # an implied parent directory (FLAG_IMPLIED_DIR)
+                xflags = XMIT_TOP_DIR | XMIT_NO_CONTENT_DIR
+            elif not e.content_dir:
+                xflags = XMIT_NO_CONTENT_DIR
+            elif e.top_dir:
+                xflags = XMIT_TOP_DIR
+        elif e.is_dir and e.top_dir:
+            xflags = XMIT_TOP_DIR
+        if e.mode == self._mode:
+            xflags |= XMIT_SAME_MODE
+        else:
+            self._mode = e.mode
+        # No -o/-g: rsync sets both "same" bits when ownership is not preserved.
+        xflags |= XMIT_SAME_UID | XMIT_SAME_GID
+        if e.mtime == self._mtime:
+            xflags |= XMIT_SAME_TIME
+        else:
+            self._mtime = e.mtime
+        if e.mtime_nsec and self.protocol >= 31:
+            xflags |= XMIT_MOD_NSEC
+        l1 = 0
+        last = self._lastname
+        while l1 < len(last) and l1 < len(e.name) and l1 < 255 and e.name[l1] == last[l1]:
+            l1 += 1
+        suffix = e.name[l1:]
+        if l1 > 0:
+            xflags |= XMIT_SAME_NAME
+        if len(suffix) > 255:
+            xflags |= XMIT_LONG_NAME
+        out = bytearray()
+        if self.varint_flags:
+            out += enc_varint(xflags or XMIT_EXTENDED_FLAGS)
+        else:
+            if not xflags and not e.is_dir:
+                xflags |= XMIT_TOP_DIR  # harmless on a non-dir; a 0 byte would end the list
+            if (xflags & 0xFF00) or not xflags:
+                xflags |= XMIT_EXTENDED_FLAGS
+                out += enc_shortint(xflags)
+            else:
+                out.append(xflags)
+        if xflags & XMIT_SAME_NAME:
+            out.append(l1)
+        if xflags & XMIT_LONG_NAME:
+            out += enc_varint30(len(suffix), self.protocol)
+        else:
+            out.append(len(suffix))
+        out += suffix
+        out += enc_varlong30(e.size, 3, self.protocol)
+        if not xflags & XMIT_SAME_TIME:
+            out += enc_varlong(e.mtime, 4) if self.protocol >= 30 else enc_int(e.mtime)
+        if xflags & XMIT_MOD_NSEC:
+            out += enc_varint(e.mtime_nsec)
+        if not xflags & XMIT_SAME_MODE:
+            out += enc_int(e.mode)
+        if e.is_link:
+            target = e.link_target or b""
+            out += enc_varint30(len(target), self.protocol)
+            out += target
+        self._lastname = e.name
+        return bytes(out)
+
+    def end(self, io_error: int = 0) -> bytes:
+        """flist.c ``write_end_of_flist``."""
+        if self.varint_flags:
+            return enc_varint(0) + enc_varint(io_error)
+        if io_error:
+            return enc_shortint(XMIT_EXTENDED_FLAGS | XMIT_IO_ERROR_ENDLIST) + enc_varint(io_error)
+        return b"\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfList:
+    io_error: int
+
+
+class FlistDecoder:
+    """Decodes entries sent with the options kwatch uses (``-rlpt``, no ``-o/-g/-D/-H``), for tests and for
+    validating golden captures. ``decode`` is atomic: on :class:`NeedMore` the state is unchanged."""
+
+    def __init__(self, protocol: int, varint_flags: bool, preserve_links: bool = True) -> None:
+        self.protocol = protocol
+        self.varint_flags = varint_flags
+        self.preserve_links = preserve_links
+        self._lastname = b""
+        self._mode = 0
+        self._mtime = 0
+
+    def decode(self, r: Reader) -> FileEntry | EndOfList:
+        start = r.pos
+        try:
+            return self._decode(r)
+        except BaseException:
+            r.pos = start
+            raise
+
+    def _decode(self, r: Reader) -> FileEntry | EndOfList:
+        if self.varint_flags:
+            xflags = dec_varint(r)
+            if xflags == 0:
+                return EndOfList(dec_varint(r))
+        else:
+            xflags = r.byte()
+            if xflags == 0:
+                return EndOfList(0)
+            if xflags & XMIT_EXTENDED_FLAGS:
+                xflags |= r.byte() << 8
+                if xflags == XMIT_EXTENDED_FLAGS | XMIT_IO_ERROR_ENDLIST:
+                    return EndOfList(dec_varint(r))
+        if xflags & ~_KNOWN_FLAGS:
+            raise RemoteProtocolError(f"file-list flags {xflags:#x} need options this client did not send")
+        l1 = r.byte() if xflags & XMIT_SAME_NAME else 0
+        l2 = dec_varint30(r, self.protocol) if xflags & XMIT_LONG_NAME else r.byte()
+        if l1 > len(self._lastname) or l1 + l2 >= MAXPATHLEN or l2 < 0:
+            raise RemoteProtocolError(f"bad file-list name lengths {l1}+{l2}")
+        name = self._lastname[:l1] + r.take(l2)
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        size = dec_varlong30(r, 3, self.protocol)
+        if size < 0:
+            raise RemoteProtocolError(f"negative size for {name!r}")
+        mtime = self._mtime
+        if not xflags & XMIT_SAME_TIME:
+            mtime = dec_varlong(r, 4) if self.protocol >= 30 else dec_int(r)
+        nsec = dec_varint(r) if xflags & XMIT_MOD_NSEC else 0
+        if not 0 <= nsec < 10**9:
+            raise RemoteProtocolError(f"bad mtime nanoseconds {nsec} for {name!r}")
+        mode = self._mode
+        if not xflags & XMIT_SAME_MODE:
+            mode = dec_int(r) & 0xFFFFFFFF
+        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            raise RemoteProtocolError(f"unsupported file mode {mode:#o} for {name!r}")
+        target = None
+        if self.preserve_links and stat.S_ISLNK(mode):
+            n = dec_varint30(r, self.protocol)
+            if not 0 < n < MAXPATHLEN:
+                raise RemoteProtocolError(f"bad symlink length {n} for {name!r}")
+            target = r.take(n)
+        self._lastname, self._mode, self._mtime = name, mode, mtime
+        is_dir = stat.S_ISDIR(mode)
+        return FileEntry(
+            name=name,
+            mode=mode,
+            size=size,
+            mtime=mtime,
+            mtime_nsec=nsec,
+            link_target=target,
+            top_dir=bool(xflags & XMIT_TOP_DIR) and is_dir,
+            content_dir=not (is_dir and xflags & XMIT_NO_CONTENT_DIR),
+        )

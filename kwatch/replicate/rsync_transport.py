@@ -1,0 +1,383 @@
+"""The I/O edge of the native rsync client: drive :class:`~kwatch.protocols.rsync.client.PushSession` over a
+TCP connection to ``rsync --daemon`` or over a pipe to ``rsync --server`` (ssh, or any command).
+
+One connection per batch: :func:`push` sends a whole tree, or a list of paths, in one session.
+
+What a batch can express (the rsync protocol has no rename or delete message of its own):
+
+- whole tree (``paths=None``): the file list is the full tree; with ``delete=True`` the receiver removes anything
+  not in the list (``--delete``).
+- paths: each path is sent with its parent directories as "implied" directories (their other content is left
+  alone); a path that is a directory is sent with its whole subtree, and ``delete=True`` also prunes inside it;
+  a path that no longer exists is sent as a mode-0 entry with ``--delete-missing-args``, which deletes it.
+- a rename is a delete of the old path plus a send of the new one. The new file is sent as a delta against
+  nothing, unless ``fuzzy=True``: then ``--fuzzy`` lets the receiver use a same-size/same-mtime or similarly
+  named file in the destination directory as the basis, and deletions are delayed (``--delete-after``) so the
+  old name is still there to serve as that basis. A rename across directories cannot reuse data this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import selectors
+import shlex
+import socket
+import stat
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
+from kwatch.protocols.rsync.client import (
+    NEED_DATA,
+    DeleteStats,
+    FileRequested,
+    Mode,
+    Motd,
+    Negotiated,
+    PushOptions,
+    PushSession,
+    RemoteMessage,
+    SessionDone,
+)
+from kwatch.protocols.rsync.codec import Msg
+from kwatch.protocols.rsync.flist import FileEntry
+
+DEFAULT_PORT = 873
+IO_TIMEOUT = 60.0
+
+
+@dataclass
+class PushResult:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    literal_bytes: int = 0
+    matched_bytes: int = 0
+    files: int = 0  # regular files whose data was sent
+    errors: list[str] = field(default_factory=list)
+    protocol: int = 0
+    checksum: str = ""
+    deleted: int = 0
+
+
+@dataclass(frozen=True)
+class RsyncURL:
+    scheme: str  # "rsync" or "ssh"
+    host: str
+    port: int
+    user: str | None
+    module: bytes  # daemon module ("" for ssh)
+    path: bytes  # path inside the module, or the remote path for ssh
+
+
+def parse_url(url: str) -> RsyncURL:
+    """``rsync://[user@]host[:port]/module/path`` or ``ssh://[user@]host[:port]/path``."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("rsync", "ssh") or not u.hostname:
+        raise ValueError(f"not an rsync:// or ssh:// URL: {url!r}")
+    path = urllib.parse.unquote_to_bytes(u.path)
+    if u.scheme == "rsync":
+        parts = path.lstrip(b"/").split(b"/", 1)
+        if not parts[0]:
+            raise ValueError(f"rsync URL without a module: {url!r}")
+        return RsyncURL("rsync", u.hostname, u.port or DEFAULT_PORT, u.username, parts[0],
+                        parts[1] if len(parts) > 1 else b"")
+    return RsyncURL("ssh", u.hostname, u.port or 22, u.username, b"", path)
+
+
+# --- the source side: scanning -------------------------------------------------------------------------------
+
+
+def _entry(root: bytes, rel: bytes, st: os.stat_result, **kw: bool) -> FileEntry | None:
+    mode = st.st_mode
+    target = None
+    if stat.S_ISLNK(mode):
+        target = os.readlink(os.path.join(root, rel))
+        size = len(target)
+    elif stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        size = st.st_size
+    else:
+        return None  # devices, fifos, sockets: not replicated
+    return FileEntry(name=rel, mode=mode, size=size, mtime=st.st_mtime_ns // 10**9,
+                     mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, **kw)
+
+
+def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntry]:
+    """All entries under ``root/rel`` (``rel`` itself included), without following symlinks."""
+    out: list[FileEntry] = []
+    st = os.lstat(os.path.join(root, rel))
+    e = _entry(root, rel, st, top_dir=top)
+    if e is None:
+        return out
+    out.append(e)
+    if not stat.S_ISDIR(st.st_mode):
+        return out
+    stack = [rel]
+    while stack:
+        d = stack.pop()
+        with os.scandir(os.path.join(root, d)) as it:
+            for de in it:
+                name = de.name if d == b"." else d + b"/" + de.name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                ce = _entry(root, name, st)
+                if ce is None:
+                    continue
+                out.append(ce)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(name)
+    return out
+
+
+def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool) -> tuple[list[FileEntry], bool]:
+    """Entries for a batch of changed paths; returns (entries, whether mode-0 delete entries are present)."""
+    by_name: dict[bytes, FileEntry] = {}
+    missing = False
+    for raw in paths:
+        rel = os.path.normpath(raw).lstrip(b"/")
+        if rel in (b"", b".") or rel.startswith(b"../") or rel == b"..":
+            raise ValueError(f"path outside the source root: {raw!r}")
+        parts = rel.split(b"/")
+        for i in range(1, len(parts)):
+            parent = b"/".join(parts[:i])
+            if parent not in by_name:
+                pe = _entry(root, parent, os.lstat(os.path.join(root, parent)), top_dir=True, content_dir=False)
+                if pe is not None:
+                    by_name[parent] = pe
+        try:
+            os.lstat(os.path.join(root, rel))
+        except FileNotFoundError:
+            if delete:
+                by_name[rel] = FileEntry(name=rel, mode=0)
+                missing = True
+            continue
+        for e in scan_tree(root, rel, top=False):
+            by_name[e.name] = e
+    return list(by_name.values()), missing
+
+
+# --- the byte pump -------------------------------------------------------------------------------------------
+
+
+class _Channel:
+    """Non-blocking read/write over a socket or a pair of pipe fds."""
+
+    def __init__(self, rfd: int, wfd: int, sock: socket.socket | None = None) -> None:
+        self.rfd, self.wfd, self.sock = rfd, wfd, sock
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+
+    def read(self) -> bytes:
+        if self.sock is not None:
+            return self.sock.recv(1 << 18)
+        return os.read(self.rfd, 1 << 18)
+
+    def write(self, data: memoryview) -> int:
+        if self.sock is not None:
+            return self.sock.send(data)
+        return os.write(self.wfd, data)
+
+    def shutdown_write(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+
+
+def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, timeout: float) -> None:
+    sel = selectors.DefaultSelector()
+    out = bytearray()
+    eof = False
+    done = False
+    try:
+        while True:
+            # Drain events first.
+            while not done:
+                ev = session.next_event()
+                if ev is NEED_DATA:
+                    break
+                if isinstance(ev, FileRequested):
+                    _send_one(session, ev, root, result)
+                elif isinstance(ev, RemoteMessage):
+                    if ev.code in (Msg.ERROR, Msg.ERROR_XFER, Msg.ERROR_SOCKET, Msg.ERROR_UTF8):
+                        result.errors.append(ev.text.decode(errors="replace").strip())
+                    elif ev.code is Msg.DELETED:
+                        result.deleted += 1
+                elif isinstance(ev, Negotiated):
+                    result.protocol, result.checksum = ev.protocol, ev.checksum
+                elif isinstance(ev, DeleteStats):
+                    result.deleted = max(result.deleted, ev.files + ev.dirs + ev.symlinks)
+                elif isinstance(ev, SessionDone):
+                    done = True
+                elif isinstance(ev, Motd):
+                    pass
+                out += session.data_to_send()
+            out += session.data_to_send()
+            if done and not out:
+                return
+            if eof:
+                if done:
+                    return
+                session.receive_data(b"")
+                session.next_event()  # raises the early-close error
+                raise RemoteProtocolError("the rsync peer closed the connection early")
+            events = selectors.EVENT_READ
+            sel.register(ch.rfd, selectors.EVENT_READ, "r")
+            if out:
+                if ch.wfd == ch.rfd:
+                    sel.modify(ch.rfd, selectors.EVENT_READ | selectors.EVENT_WRITE, "rw")
+                else:
+                    sel.register(ch.wfd, selectors.EVENT_WRITE, "w")
+            ready = sel.select(timeout)
+            sel.unregister(ch.rfd)
+            if out and ch.wfd != ch.rfd:
+                sel.unregister(ch.wfd)
+            if not ready:
+                raise TimeoutError(f"rsync peer silent for {timeout:.0f}s ({session.state.value})")
+            for key, mask in ready:
+                if mask & selectors.EVENT_WRITE and out:
+                    try:
+                        n = ch.write(memoryview(out))
+                    except (BrokenPipeError, ConnectionResetError):
+                        n = 0
+                        eof = True
+                    del out[:n]
+                    result.bytes_sent += n
+                if mask & selectors.EVENT_READ and key.fd == ch.rfd:
+                    try:
+                        data = ch.read()
+                    except ConnectionResetError:
+                        data = b""
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        eof = True
+                    else:
+                        result.bytes_received += len(data)
+                        session.receive_data(data)
+            del events
+    finally:
+        sel.close()
+
+
+def _send_one(session: PushSession, ev: FileRequested, root: bytes, result: PushResult) -> None:
+    path = os.path.join(root, ev.entry.name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        result.errors.append(f"{path!r}: {exc.strerror}")
+        session.skip_file(ev.ndx)
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            session.send_file(ev.ndx, b"")
+        else:
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+                mv = memoryview(m)
+                try:
+                    session.send_file(ev.ndx, mv)
+                finally:
+                    mv.release()
+    finally:
+        os.close(fd)
+    result.files += 1
+
+
+def _read_password(password: str | bytes | None, password_file: str | None) -> bytes | None:
+    if password is not None:
+        return password.encode() if isinstance(password, str) else password
+    if password_file is not None:
+        with open(password_file, "rb") as f:
+            return f.readline().rstrip(b"\r\n")
+    env = os.environb.get(b"RSYNC_PASSWORD")
+    return env
+
+
+def push(
+    src_root: bytes,
+    url: str,
+    paths: Sequence[bytes] | None = None,
+    delete: bool = False,
+    password: str | bytes | None = None,
+    *,
+    password_file: str | None = None,
+    protocol: int = 31,
+    fuzzy: bool = False,
+    negotiate: bool = True,
+    compress: bool = False,
+    rsh: Sequence[str] | None = None,
+    remote_rsync: str = "rsync",
+    timeout: float = IO_TIMEOUT,
+) -> PushResult:
+    """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
+
+    ``rsync://`` connects to a daemon; ``ssh://`` runs ``rsync --server`` through ``rsh`` (default ``ssh``;
+    any argv prefix, e.g. ``["sh", "-c"]``-style wrappers are up to the caller). Raises
+    :class:`~kwatch.protocols.errors.RemoteProtocolError` for an unknown module, failed auth, a read-only module,
+    a protocol mismatch or a peer that closes early; per-file problems land in ``PushResult.errors``.
+    """
+    root = os.fsencode(src_root)
+    target = parse_url(url)
+    if paths is None:
+        entries = scan_tree(root)
+        missing = False
+    else:
+        entries, missing = scan_paths(root, paths, delete)
+    opts = PushOptions(
+        dest=target.path,
+        delete=delete,
+        delete_missing=missing,
+        fuzzy=fuzzy,
+        protocol=protocol,
+        negotiate=negotiate,
+        compress=compress,
+        user=(target.user or os.environ.get("USER") or "nobody").encode(),
+        password=_read_password(password, password_file) if target.scheme == "rsync" else None,
+    )
+    result = PushResult()
+    if target.scheme == "rsync":
+        session = PushSession(entries, opts, Mode.DAEMON, target.module)
+        with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
+            _run(session, _Channel(sock.fileno(), sock.fileno(), sock), root, result, timeout)
+    else:
+        session = PushSession(entries, opts, Mode.SHELL)
+        from kwatch.protocols.rsync.client import build_server_args
+
+        remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(target.path or b".")]
+        if rsh is None:
+            who = f"{target.user}@{target.host}" if target.user else target.host
+            argv = ["ssh", "-p", str(target.port), who, shlex.join(remote)]
+        else:
+            argv = [*rsh, *remote]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout)
+        except RemoteProtocolError as exc:
+            proc.kill()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            raise RemoteProtocolError(f"{exc}; remote stderr: {err}") from None
+        finally:
+            proc.stdin.close()
+            deadline = time.monotonic() + timeout
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            proc.stdout.close()
+            proc.stderr.close()
+    result.literal_bytes = session.counters.literal_bytes
+    result.matched_bytes = session.counters.matched_bytes
+    if session.counters.remote_errors and not result.errors:
+        result.errors.extend(session.counters.remote_errors)
+    return result
+
+
+__all__ = ["LocalProtocolError", "PushResult", "RemoteProtocolError", "RsyncURL", "parse_url", "push"]
