@@ -1,1 +1,48 @@
-"""Rules: the changedfiles config format and the TOML config, parsed into one model, and rule matching. Pure code."""
+"""Rules: the changedfiles config format and the TOML config, parsed into one model, and rule matching.
+
+- ``model``         Config, RuleSet, Rule, Action, ProcessFilter, ReplicateTarget; operation keywords. Pure.
+- ``changedfiles``  the changedfiles format, unchanged (RULE / IGNORE / OPENW ... lines). Pure.
+- ``tomlconf``      the TOML format (rule sets, process filters, options, [[replicate]]). Pure.
+- ``build``         checks shared by both formats (commands, batch options). Pure.
+- ``match``         RuleSet.match(event) -> Match(rule, action, placeholder values). Pure.
+- ``errors``        ConfigError (file, line, reason) and ConfigErrors.
+- ``load``          reading files: load_config, check_config, load_default_config (embedded ``default.conf``).
+- ``procfs``        process ancestry from /proc for process filters (the daemon passes it to match).
+"""
+
+from kwatch.rules.errors import ConfigError, ConfigErrors
+from kwatch.rules.load import check_config, load_config, load_default_config, parse_config
+from kwatch.rules.match import Match, ProcessTree
+from kwatch.rules.model import (
+    KEYWORD_OPS,
+    Action,
+    ActionOptions,
+    BatchMode,
+    Config,
+    ProcessFilter,
+    ReplicateTarget,
+    Rule,
+    RuleSet,
+    Where,
+)
+
+__all__ = [
+    "KEYWORD_OPS",
+    "Action",
+    "ActionOptions",
+    "BatchMode",
+    "Config",
+    "ConfigError",
+    "ConfigErrors",
+    "Match",
+    "ProcessFilter",
+    "ProcessTree",
+    "ReplicateTarget",
+    "Rule",
+    "RuleSet",
+    "Where",
+    "check_config",
+    "load_config",
+    "load_default_config",
+    "parse_config",
+]

@@ -1,0 +1,32 @@
+"""Config errors: what failed, in which file, on which line. Pure.
+
+Loaders collect every problem they find (a config is read whole, not up to its first mistake) and raise one
+:class:`ConfigErrors` holding them all; :func:`kwatch.rules.check_config` returns the list instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class ConfigError:
+    """One problem in a config file. ``line`` is 1-based; 0 means the file as a whole (e.g. it cannot be read)."""
+
+    file: str
+    line: int
+    reason: str
+    severity: str = "error"  # "error" makes the config unusable; "warning" is reported and the config still loads
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        prefix = "" if self.severity == "error" else f"{self.severity}: "
+        return f"{where}: {prefix}{self.reason}"
+
+
+class ConfigErrors(ValueError):
+    """A config has at least one error; ``errors`` holds all of them (and the warnings), in file/line order."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = sorted(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))

@@ -1,0 +1,92 @@
+"""Rule matching: which (rule, action) pairs an event starts, and the values of its placeholders. Pure.
+
+Semantics, in the order they are checked:
+
+- a ``LOSS`` marker and a ``truncated`` path (a suffix, not a whole path) never start an action;
+- the rule set's process filter must accept the event (:class:`ProcessTree` answers ancestry questions; without one,
+  ``exclude_descendants_of`` can only see the event's own pid and comm);
+- a rule matches when its regex finds the path (or, for rename/link, either path) and no IGNORE regex finds it;
+- an action fires when the event's op is among its ops, or, for ``OPENW``, when a rename moved a file from a path
+  the rule does not match to one it does (a finished file published under its final name).
+
+Placeholder values: ``_FILE_`` is the matched path (rename/link: the new path when it matches, else the old one);
+``_OLD_FILE_`` the event's path; ``_NEW_FILE_`` the new path of a rename/link, else empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from kwatch.events import FileEvent, Op
+from kwatch.rules.model import COMM_LEN
+
+if TYPE_CHECKING:
+    from kwatch.rules.model import Action, ProcessFilter, Rule, RuleSet
+
+
+class ProcessTree(Protocol):
+    """Process ancestry, supplied by the daemon (``kwatch.rules.procfs.ProcFS`` reads /proc)."""
+
+    def ancestry(self, pid: int) -> Sequence[tuple[int, bytes]]:
+        """(pid, comm) of ``pid`` itself, then its parent, and so on up to pid 1; empty when unknown."""
+        ...
+
+
+@dataclass(frozen=True)
+class Match:
+    """One action to run for one event."""
+
+    rule: Rule
+    action: Action
+    event: FileEvent
+    file: bytes
+    old_file: bytes
+    new_file: bytes
+
+    @property
+    def op(self) -> str:
+        return self.event.op.label
+
+
+def process_accepts(pf: ProcessFilter, ev: FileEvent, procs: ProcessTree | None) -> bool:
+    if pf.uids is not None and (ev.uid is None or ev.uid not in pf.uids):
+        return False
+    if ev.uid is not None and ev.uid in pf.exclude_uids:
+        return False
+    comm = ev.comm[:COMM_LEN] if ev.comm is not None else None
+    if pf.comms is not None and (comm is None or comm not in pf.comms):
+        return False
+    if comm is not None and comm in pf.exclude_comms:
+        return False
+    if pf.exclude_descendants_of and ev.pid is not None:
+        chain: Sequence[tuple[int, bytes]] = procs.ancestry(ev.pid) if procs is not None else ()
+        if not chain:
+            chain = [(ev.pid, comm or b"")]
+        for pid, name in chain:
+            for x in pf.exclude_descendants_of:
+                if (isinstance(x, int) and x == pid) or (isinstance(x, bytes) and x == name[:COMM_LEN]):
+                    return False
+    return True
+
+
+def match_ruleset(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
+    if ev.op is Op.LOSS or ev.truncated:
+        return []
+    if not rs.process.empty and not process_accepts(rs.process, ev, procs):
+        return []
+    out: list[Match] = []
+    for rule in rs.rules:
+        old_hit = rule.matches(ev.path)
+        new_hit = ev.new_path is not None and rule.matches(ev.new_path)
+        if not (old_hit or new_hit):
+            continue
+        file = ev.new_path if new_hit and ev.new_path is not None else ev.path
+        for action in rule.actions:
+            fires = ev.op in action.ops or (
+                action.on_finished_write and ev.op is Op.RENAME and new_hit and not old_hit
+            )
+            if fires:
+                out.append(Match(rule, action, ev, file, ev.path, ev.new_path or b""))
+    return out
