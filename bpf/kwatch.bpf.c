@@ -39,6 +39,8 @@ char LICENSE[] SEC("license") = "GPL";
 #define NAME_LEN_MAX 255
 #define DATA_MASK 0x3fff        /* slot offsets are < 4 * 4096 */
 #define DATA_SIZE (4 * KW_SLOT_MAX + KW_SLOT_MAX)
+#define ROOT_IN 1
+#define ROOT_ANCESTOR 2
 
 enum { ARGS_NAME = 1, ARGS_FD = 2, ARGS_OPEN = 3, ARGS_SYMLINK = 4 };
 
@@ -136,6 +138,7 @@ struct walk_ctx {
 	__u8 done;
 	__u8 check_roots;
 	__u8 in_root;
+	__u8 base_is_ancestor;
 };
 
 static __always_inline struct mount *real_mount(struct vfsmount *v)
@@ -157,8 +160,11 @@ static long walk_step(__u32 i, void *c)
 		struct kw_inode_key key = {};
 		key.ino = BPF_CORE_READ(d, d_inode, i_ino);
 		key.dev = BPF_CORE_READ(d, d_sb, s_dev);
-		if (bpf_map_lookup_elem(&kw_roots, &key))
+		__u8 *v = bpf_map_lookup_elem(&kw_roots, &key);
+		if (v && *v == KW_ROOT_WATCHED)
 			w->in_root = 1;
+		else if (v && i == 0)
+			w->base_is_ancestor = 1; /* a name under this directory may lead into a watched tree */
 	}
 	struct dentry *parent = BPF_CORE_READ(d, d_parent);
 	if (d == w->mnt_root || d == parent) {
@@ -192,11 +198,12 @@ static long walk_step(__u32 i, void *c)
 }
 
 /*
- * Resolve (dentry, vfsmount) to an absolute path and copy it into data at *off. Returns the length written.
- * Sets *in_root when a watched directory is on the way up (or is the object itself).
+ * Resolve (dentry, vfsmount) to an absolute path and copy it into data at off. Returns the length written.
+ * *roots gets ROOT_IN when a watched directory is on the way up (or is the object itself), ROOT_ANCESTOR when the
+ * object itself is a directory above a watched tree (a name resolved under it may lead into the tree).
  */
 static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dentry, struct vfsmount *vfsmnt,
-					 __u32 off, __u8 check_roots, __u8 *in_root, __u16 *trunc, int slot)
+					 __u32 off, __u8 check_roots, __u8 *roots, __u16 *trunc, int slot)
 {
 	struct walk_ctx w = {};
 	w.dentry = dentry;
@@ -209,7 +216,9 @@ static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dent
 	if (!w.done)
 		w.trunc = 1;
 	if (w.in_root)
-		*in_root = 1;
+		*roots |= ROOT_IN;
+	if (w.base_is_ancestor)
+		*roots |= ROOT_ANCESTOR;
 	if (w.trunc)
 		*trunc |= 1 << slot;
 	if (w.pos >= WALK_BUF) { /* the root itself */
@@ -457,10 +466,12 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 		} else {
 			n = walk_base(s, task, a.dfd1, 0, check, &in_root, &trunc, 0);
 		}
+		if (in_root & ROOT_ANCESTOR)
+			undecided = 1;
 		e->len[0] = n;
 		off = n;
 		n = read_name(s, a.name1, off);
-		if (check && !in_root && !undecided && has_dotdot(s, off, n))
+		if (check && !(in_root & ROOT_IN) && !undecided && has_dotdot(s, off, n))
 			undecided = 1;
 		e->len[1] = n;
 		off += n;
@@ -477,10 +488,12 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 			} else {
 				n = walk_base(s, task, a.dfd2, off, check, &in_root, &trunc, 2);
 			}
+			if (in_root & ROOT_ANCESTOR)
+				undecided = 1;
 			e->len[2] = n;
 			off += n;
 			n = read_name(s, a.name2, off);
-			if (check && !in_root && !undecided && has_dotdot(s, off, n))
+			if (check && !(in_root & ROOT_IN) && !undecided && has_dotdot(s, off, n))
 				undecided = 1;
 			e->len[3] = n;
 			off += n;
@@ -489,21 +502,24 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 		if (a.op == KW_MKDIR || a.op == KW_RMDIR)
 			e->ftype = S_IFDIR;
 	}
-	if (check && !in_root && !undecided)
+	/* a cut walk never reached the top, so it cannot prove the path is outside: let userspace see it, flagged */
+	if (check && !(in_root & ROOT_IN) && !undecided && !trunc)
 		return 0;
-	e->in_root = in_root;
+	e->in_root = in_root & ROOT_IN;
 	e->trunc = trunc;
 	finish(s, off);
 	return 0;
 }
 
-/* ---- close: emitted at entry --------------------------------------------------------------------------------- */
-
-SEC("tp/syscalls/sys_enter_close")
-int enter_close(struct trace_event_raw_sys_enter *ctx)
+/* ---- closes: emitted at entry ---------------------------------------------------------------------------------- */
+/*
+ * CLOSE_WRITE is reported for every descriptor of a regular file opened for writing that goes away: close(2),
+ * dup2/dup3 over it, close_range(2), and process exit (when the fd table dies with it). Without an fput hook the
+ * last reference cannot be seen, and shells do dup2+close pairs, so a writer may produce more than one CLOSE_WRITE;
+ * none is missed except close-on-exec at execve.
+ */
+static __always_inline int emit_close(struct task_struct *task, struct file *f)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct file *f = fd_file(task, (int)ctx->args[0]);
 	if (!f)
 		return 0;
 	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE) || file_type(f) != S_IFREG)
@@ -520,14 +536,93 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	__u16 trunc = 0;
 	__u8 check = cfg->use_roots ? 1 : 0;
 	__u32 n = walk_file(s, f, 0, check, &in_root, &trunc);
-	if (check && !in_root)
+	if (check && !(in_root & ROOT_IN) && !trunc)
 		return 0;
 	s->ev.len[0] = n;
 	s->ev.ftype = S_IFREG;
 	s->ev.flags = BPF_CORE_READ(f, f_flags);
-	s->ev.in_root = in_root;
+	s->ev.in_root = in_root & ROOT_IN;
 	s->ev.trunc = trunc;
 	finish(s, n);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_close")
+int enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	return emit_close(task, fd_file(task, (int)ctx->args[0]));
+}
+
+static __always_inline int dup_over(int oldfd, int newfd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	/* dup2 closes newfd only when oldfd is valid and differs */
+	if (oldfd == newfd || !fd_file(task, oldfd))
+		return 0;
+	return emit_close(task, fd_file(task, newfd));
+}
+
+SEC("tp/syscalls/sys_enter_dup2")
+int enter_dup2(struct trace_event_raw_sys_enter *ctx) { return dup_over(ctx->args[0], ctx->args[1]); }
+
+SEC("tp/syscalls/sys_enter_dup3")
+int enter_dup3(struct trace_event_raw_sys_enter *ctx) { return dup_over(ctx->args[0], ctx->args[1]); }
+
+struct fdscan_ctx {
+	struct task_struct *task;
+	struct file **arr;
+	__u32 first;
+	__u32 last;
+};
+
+static long fdscan_step(__u32 i, void *c)
+{
+	struct fdscan_ctx *x = c;
+	__u32 fd = x->first + i;
+	if (fd > x->last)
+		return 1;
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &x->arr[fd]);
+	if (f)
+		emit_close(x->task, f);
+	return 0;
+}
+
+#define FDSCAN_MAX 65536
+
+static __always_inline void scan_fds(struct task_struct *task, __u32 first, __u32 last)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	__u32 max = BPF_CORE_READ(fdt, max_fds);
+	if (!max || first >= max)
+		return;
+	if (last >= max)
+		last = max - 1;
+	struct fdscan_ctx x = { .task = task, .arr = BPF_CORE_READ(fdt, fd), .first = first, .last = last };
+	bpf_loop(FDSCAN_MAX, fdscan_step, &x, 0);
+}
+
+#define CLOSE_RANGE_CLOEXEC 4
+
+SEC("tp/syscalls/sys_enter_close_range")
+int enter_close_range(struct trace_event_raw_sys_enter *ctx)
+{
+	if (ctx->args[2] & CLOSE_RANGE_CLOEXEC)
+		return 0;
+	scan_fds((struct task_struct *)bpf_get_current_task(), ctx->args[0], ctx->args[1]);
+	return 0;
+}
+
+/* Process exit closes every descriptor when the last thread sharing the fd table leaves (exit_files). */
+SEC("tp/sched/sched_process_exit")
+int kw_process_exit(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct files_struct *files = BPF_CORE_READ(task, files);
+	if (!files || BPF_CORE_READ(files, count.counter) != 1)
+		return 0;
+	scan_fds(task, 0, ~0u);
 	return 0;
 }
 

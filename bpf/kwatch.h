@@ -67,7 +67,12 @@ struct kw_config {
 	__u32 use_excl;    /* 1: drop events of processes in kw_excl (and their descendants, 8 levels up) */
 };
 
-/* Key of the "kw_roots" hash map: a watched directory's inode. dev is the kernel's s_dev (major << 20 | minor). */
+/*
+ * Key of the "kw_roots" hash map: a directory's inode; dev is the kernel's s_dev (major << 20 | minor). The value
+ * says whether it is a watched tree's top, or a directory above one.
+ */
+#define KW_ROOT_WATCHED 1
+#define KW_ROOT_ANCESTOR 2
 struct kw_inode_key {
 	__u64 ino;
 	__u32 dev;

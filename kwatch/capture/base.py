@@ -40,7 +40,8 @@ class CaptureFilter:
             return False
         if ev.pid is not None and ev.pid in self.exclude_pids:
             return False
-        if not self.roots:
+        if not self.roots or ev.truncated:
+            # a cut path cannot be placed: deliver it, flagged, rather than drop what may be inside a root
             return True
         return any(is_under(p, r) for p in ev.paths() for r in self.roots)
 

@@ -48,10 +48,11 @@ def ensure_mounts() -> None:
     """Mount tracefs (libbpf resolves tracepoint ids there) and bpffs when they are absent."""
     libc = ctypes.CDLL(None, use_errno=True)
     for fstype, where in (("tracefs", TRACEFS), ("bpf", BPFFS)):
-        if where.is_dir() and not _ismount(where):
-            if libc.mount(fstype.encode(), str(where).encode(), fstype.encode(), 0, None) != 0:
-                err = ctypes.get_errno()
-                raise CaptureError(f"cannot mount {fstype} on {where}: {os.strerror(err)}")
+        if not where.is_dir() or _ismount(where):
+            continue
+        if libc.mount(fstype.encode(), str(where).encode(), fstype.encode(), 0, None) != 0:
+            err = ctypes.get_errno()
+            raise CaptureError(f"cannot mount {fstype} on {where}: {os.strerror(err)}")
 
 
 def kernel_dev(st_dev: int) -> int:
@@ -59,10 +60,22 @@ def kernel_dev(st_dev: int) -> int:
     return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
-def _syscall_of(section: str) -> str | None:
-    # "tp/syscalls/sys_enter_openat" -> "sys_enter_openat"
+_WATCHED = b"\x01"  # KW_ROOT_WATCHED
+_ANCESTOR = b"\x02"  # KW_ROOT_ANCESTOR
+
+
+def _ancestors(path: bytes) -> list[bytes]:
+    out = []
+    while path != b"/":
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
+def _tracepoint_of(section: str) -> str | None:
+    """``tp/syscalls/sys_enter_openat`` -> ``syscalls/sys_enter_openat``; None for programs not attached by name."""
     parts = section.split("/")
-    return parts[2] if len(parts) == 3 and parts[1] == "syscalls" else None
+    return f"{parts[1]}/{parts[2]}" if len(parts) == 3 and parts[0] == "tp" else None
 
 
 class BpfSource:
@@ -95,11 +108,11 @@ class BpfSource:
             self.skipped: list[str] = []
             progs = list(self._obj.programs())
             for prog in progs:
-                sc = _syscall_of(prog.section)
-                if sc and not (TRACEFS / "events" / "syscalls" / sc).is_dir():
+                tp = _tracepoint_of(prog.section)
+                if tp and not (TRACEFS / "events" / tp).is_dir():
                     # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
                     prog.set_autoload(False)
-                    self.skipped.append(sc)
+                    self.skipped.append(tp)
             self._obj.load()
             self._cfg = self._obj.map("kw_cfg")
             self._roots = self._obj.map("kw_roots")
@@ -107,9 +120,10 @@ class BpfSource:
             self._losses = self._obj.map("kw_losses")
             self._ncpu = libbpf.possible_cpus()
             self._excluded: set[int] = set()
+            self._root_values: dict[bytes, bytes] = {}
             self.set_filter(self.filter)
             for prog in progs:
-                if (sc := _syscall_of(prog.section)) and sc not in self.skipped:
+                if (tp := _tracepoint_of(prog.section)) and tp not in self.skipped:
                     self._obj.attach(prog)
             self._rb = RingBuffer(self._obj.map("kw_events").fd, ringbuf_bytes)
         except BaseException:
@@ -121,23 +135,29 @@ class BpfSource:
     def set_filter(self, filt: CaptureFilter) -> None:
         """Push a new filter into the kernel maps (safe while running: each map update is atomic)."""
         self.filter = filt
-        old = self._root_keys() if hasattr(self, "_root_set") else set()
-        keys: set[bytes] = set()
+        old = self._root_values
+        new: dict[bytes, bytes] = {}
         for root in filt.roots:
-            try:
-                st = os.stat(root)
-            except OSError as e:
-                raise CaptureError(f"cannot watch {root.decode(errors='replace')}: {e.strerror}") from e
-            keys.add(bytes(KwInodeKey(ino=st.st_ino, dev=kernel_dev(st.st_dev))))
-        for k in keys:
-            self._roots.update(k, b"\x01")
-        for k in old - keys:
-            self._roots.delete(k)
-        self._root_set = keys
+            # the watched directory itself, and each directory above it: a name resolved under one of those may
+            # lead into the tree, so the kernel leaves such events to userspace
+            chain = [root] + [parent for parent in _ancestors(root)]
+            for i, d in enumerate(chain):
+                try:
+                    st = os.stat(d)
+                except OSError as e:
+                    raise CaptureError(f"cannot watch {root.decode(errors='replace')}: {d!r}: {e.strerror}") from e
+                key = bytes(KwInodeKey(ino=st.st_ino, dev=kernel_dev(st.st_dev)))
+                if i == 0:
+                    new[key] = _WATCHED
+                else:
+                    new.setdefault(key, _ANCESTOR)
+        for key, value in new.items():
+            if old.get(key) != value:
+                self._roots.update(key, value)
+        for key in old.keys() - new.keys():
+            self._roots.delete(key)
+        self._root_values = new
         self._write_config()
-
-    def _root_keys(self) -> set[bytes]:
-        return set(self._root_set)
 
     def _write_config(self) -> None:
         mask = 0

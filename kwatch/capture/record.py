@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Any
 
 from kwatch.events import FT_UNKNOWN, FileEvent, Op, join
 
@@ -52,7 +53,7 @@ class KwInodeKey(ctypes.Structure):
     _fields_ = [("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
 
-_CODES = {
+_CODES: dict[Any, str] = {
     ctypes.c_uint64: "Q",
     ctypes.c_uint32: "I",
     ctypes.c_int32: "i",
@@ -62,7 +63,8 @@ _CODES = {
 
 def _struct_format(cls: type[ctypes.Structure]) -> str:
     fmt = "<"
-    for _name, ctype in cls._fields_:
+    for item in cls._fields_:
+        ctype: Any = item[1]
         if ctype in _CODES:
             fmt += _CODES[ctype]
         elif issubclass(ctype, ctypes.Array):
@@ -75,7 +77,7 @@ def _struct_format(cls: type[ctypes.Structure]) -> str:
 
 HEADER = struct.Struct(_struct_format(KwEvent))
 HEADER_SIZE = HEADER.size
-assert HEADER_SIZE == ctypes.sizeof(KwEvent), "kw_event: struct format and ctypes layout disagree"
+assert ctypes.sizeof(KwEvent) == HEADER_SIZE, "kw_event: struct format and ctypes layout disagree"
 
 _OPS = {int(op): op for op in Op}
 _unpack = HEADER.unpack_from

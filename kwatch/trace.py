@@ -1,0 +1,163 @@
+"""``kwatch trace``: a live stream of file operations, filtered, as text lines or JSON lines.
+
+Formatting and matching are pure functions (:func:`format_text`, :func:`format_json`, :class:`TraceMatcher`); the
+loop that reads a Source and writes lines is :func:`run_trace`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import IO
+
+from kwatch.capture.base import Source
+from kwatch.events import FileEvent, Op, display_path, json_path
+
+
+def compile_path_regex(pattern: str) -> re.Pattern[bytes]:
+    """A regex over path bytes; the pattern's non-ASCII text matches its UTF-8 (or surrogate-escaped) bytes."""
+    return re.compile(pattern.encode("utf-8", "surrogateescape"))
+
+
+@dataclass
+class TraceMatcher:
+    """Userspace selection for trace: path regexes (any path of the event) and process fields."""
+
+    rules: list[re.Pattern[bytes]] = field(default_factory=list)
+    ignores: list[re.Pattern[bytes]] = field(default_factory=list)
+    pids: frozenset[int] = frozenset()
+    uids: frozenset[int] = frozenset()
+    comms: frozenset[bytes] = frozenset()
+
+    def __call__(self, ev: FileEvent) -> bool:
+        if ev.op is Op.LOSS:
+            return True
+        paths = ev.paths()
+        if self.rules and not any(r.search(p) for r in self.rules for p in paths):
+            return False
+        if self.ignores and any(r.search(p) for r in self.ignores for p in paths):
+            return False
+        if self.pids and ev.pid not in self.pids:
+            return False
+        if self.uids and ev.uid not in self.uids:
+            return False
+        return not (self.comms and ev.comm not in self.comms)
+
+
+def _clock(ev: FileEvent) -> str:
+    t = time.time()
+    if ev.ts_ns is not None:  # the kernel's CLOCK_MONOTONIC stamp, moved onto the wall clock
+        t -= (time.monotonic_ns() - ev.ts_ns) / 1e9
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def format_text(ev: FileEvent) -> str:
+    if ev.op is Op.LOSS:
+        n = "unknown number of" if ev.lost is None else str(ev.lost)
+        return f"{_clock(ev)} LOSS        {n} events lost (backend {ev.backend}); affected trees need a rescan"
+    path = ("…" if ev.truncated else "") + display_path(ev.path)
+    if ev.new_path is not None:
+        path += " -> " + display_path(ev.new_path)
+    if ev.target is not None:
+        path += " => " + display_path(ev.target)
+    who = []
+    if ev.pid is not None:
+        who.append(f"pid={ev.pid}")
+    if ev.ppid is not None:
+        who.append(f"ppid={ev.ppid}")
+    if ev.uid is not None:
+        who.append(f"uid={ev.uid}")
+    if ev.comm is not None:
+        who.append(f"comm={display_path(ev.comm)}")
+    if ev.op is Op.CHMOD and ev.mode is not None:
+        who.append(f"mode={ev.mode:o}")
+    if ev.op is Op.CHOWN and ev.owner is not None:
+        who.append(f"owner={ev.owner[0]}:{ev.owner[1]}")
+    return f"{_clock(ev)} {ev.op.name:<11} {path}  " + " ".join(who)
+
+
+def to_json(ev: FileEvent) -> dict[str, object]:
+    """The JSON object of an event. Paths: UTF-8 text, other bytes as lone surrogates U+DC80..U+DCFF (PEP 383)."""
+    d: dict[str, object] = {"op": ev.op.label, "path": json_path(ev.path), "backend": ev.backend}
+    if ev.new_path is not None:
+        d["new_path"] = json_path(ev.new_path)
+    if ev.target is not None:
+        d["target"] = json_path(ev.target)
+    for name in ("pid", "tid", "ppid", "uid", "gid", "cgroup_id", "ts_ns", "mode", "lost"):
+        v = getattr(ev, name)
+        if v is not None:
+            d[name] = v
+    if ev.comm is not None:
+        d["comm"] = json_path(ev.comm)
+    if ev.owner is not None:
+        d["owner"] = list(ev.owner)
+    if ev.flags:
+        d["flags"] = ev.flags
+    if ev.truncated:
+        d["truncated"] = True
+    return d
+
+
+def format_json(ev: FileEvent) -> str:
+    # ensure_ascii keeps lone surrogates as \\udcXX escapes: the output is always valid UTF-8
+    return json.dumps(to_json(ev), ensure_ascii=True, separators=(",", ":"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def run_trace(
+    src: Source,
+    match: TraceMatcher,
+    *,
+    json_lines: bool = False,
+    out: IO[str] = sys.stdout,
+    err: IO[str] = sys.stderr,
+    count: int | None = None,
+    duration: float | None = None,
+) -> int:
+    """Print matching events until Ctrl-C/SIGTERM, ``count`` events, or ``duration`` seconds; then a summary."""
+    fmt = format_json if json_lines else format_text
+    shown = 0
+    deadline = None if duration is None else time.monotonic() + duration
+    old = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        while count is None or shown < count:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if deadline is not None and timeout == 0:
+                break
+            batch = src.read(timeout if timeout is not None else 1.0)
+            lines = _lines(batch, match, fmt, None if count is None else count - shown)
+            if lines:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+                shown += len(lines)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    st = src.stats()
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(st.by_op.items()))
+    err.write(f"kwatch trace: {shown} events shown, {st.events} captured, {st.lost} lost ({src.name}); {ops}\n")
+    return 0
+
+
+def _lines(batch: Iterable[FileEvent], match: TraceMatcher, fmt: object, room: int | None) -> list[str]:
+    out = []
+    for ev in batch:
+        if match(ev):
+            out.append(fmt(ev))  # type: ignore[operator]
+            if room is not None and len(out) >= room:
+                break
+    return out

@@ -1,0 +1,386 @@
+"""The BPF backend against the real kernel: a table of scripted workloads, each run by a child process.
+
+For each case the exact sequence of (op, path, new_path-or-target) from the child is asserted — nothing missing,
+nothing duplicated, nothing wrong — and every event carries the child's pid, uid and comm. Set-up steps run in the
+test process itself, which the backend excludes as kwatch's own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kwatch.capture.base import CaptureFilter
+from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
+
+pytestmark = pytest.mark.root
+
+COMM = b"kwtest-child"
+
+# Runs in the child: names its process, then executes the case's body with `d` (bytes) = the case directory.
+CHILD_PRELUDE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(15, b"kwtest-child", 0, 0, 0)  # PR_SET_NAME: a comm the assertions can name
+d = os.fsencode(sys.argv[1])
+W = os.O_WRONLY
+C = os.O_CREAT
+AT_FDCWD = -100
+def touch(p, flags=W | C):
+    fd = os.open(p, flags, 0o644)
+    os.close(fd)
+"""
+
+Expected = list[tuple[str, bytes, bytes | None]]
+
+
+@dataclass
+class Case:
+    name: str
+    body: str
+    expected: Callable[[bytes], Expected]
+    setup: Callable[[bytes], None] = lambda d: None
+    teardown: Callable[[bytes], None] = lambda d: None
+    uid: int = 0
+    check: Callable[[bytes, list[FileEvent]], None] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def mkfile(*names: str) -> Callable[[bytes], None]:
+    def setup(d: bytes) -> None:
+        for n in names:
+            p = os.path.join(d, n.encode())
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            if not n.endswith("/"):
+                Path(os.fsdecode(p)).write_bytes(b"data")
+
+    return setup
+
+
+def ev(op: str, d: bytes, rel: str | bytes, new: str | bytes | None = None, *, target: bytes | None = None) -> tuple:
+    r = rel.encode() if isinstance(rel, str) else rel
+    path = d + b"/" + r if r else d
+    if target is not None:
+        return (op, path, target)
+    if new is None:
+        return (op, path, None)
+    n = new.encode() if isinstance(new, str) else new
+    return (op, path, d + b"/" + n)
+
+
+HOSTILE = [b"a b", b"q'\"`", b"nl\nx", b"\xff\xfe-latin", b"$(touch canary)", b"-rf", b"*"]
+DEEP = 100
+LONG = b"L" * 200
+
+
+def _bind_mount(d: bytes) -> None:
+    os.makedirs(d + b"/src")
+    os.makedirs(d + b"/mnt")
+    subprocess.run(["mount", "--bind", d + b"/src", d + b"/mnt"], check=True)
+
+
+def _umount(d: bytes) -> None:
+    subprocess.run(["umount", d + b"/mnt"], check=False)
+
+
+def _near_path_max_check(d: bytes, events: list[FileEvent]) -> None:
+    # 19 levels of 200-byte names plus the base: a ~3.9 KiB path, resolved whole
+    depth = 19
+    rel = b"/".join([LONG] * depth)
+    got = [(e.op.name, e.path, e.truncated) for e in events]
+    want = [("MKDIR", d + b"/" + b"/".join([LONG] * (i + 1)), False) for i in range(depth)]
+    want += [("CREATE", d + b"/" + rel + b"/f", False), ("CLOSE_WRITE", d + b"/" + rel + b"/f", False)]
+    assert got == want
+
+
+def _too_long_check(d: bytes, events: list[FileEvent]) -> None:
+    # 22 levels: the file's path is longer than PATH_MAX; the event must say it is cut, never pass a wrong path
+    creates = [e for e in events if e.op is Op.CREATE]
+    assert len(creates) == 1
+    e = creates[0]
+    assert e.truncated
+    assert e.path.endswith(b"/" + LONG + b"/f")
+    full = d + b"/" + b"/".join([LONG] * 22) + b"/f"
+    assert full.endswith(e.path) and len(e.path) < len(full)
+
+
+CASES = [
+    Case(
+        "create_write_close_absolute",
+        "fd = os.open(d + b'/f', W | C, 0o640); os.write(fd, b'x'); os.close(fd)",
+        lambda d: [ev("CREATE", d, "f"), ev("CLOSE_WRITE", d, "f")],
+    ),
+    Case(
+        "open_existing_for_write",
+        "fd = os.open(d + b'/f', os.O_RDWR); os.close(fd)",
+        lambda d: [ev("OPEN_WRITE", d, "f"), ev("CLOSE_WRITE", d, "f")],
+        setup=mkfile("f"),
+    ),
+    Case(
+        "read_only_opens_are_silent",
+        "fd = os.open(d + b'/f', os.O_RDONLY); os.read(fd, 9); os.close(fd)\n"
+        "fd = os.open(d + b'/f', os.O_RDONLY | C); os.close(fd)",
+        lambda d: [],
+        setup=mkfile("f"),
+    ),
+    Case(
+        "relative_to_cwd_with_dots",
+        "os.chdir(d + b'/sub'); touch(b'../sub/./r'); os.mkdir(b'../m'); os.unlink(b'./r')",
+        lambda d: [ev("CREATE", d, "sub/r"), ev("CLOSE_WRITE", d, "sub/r"), ev("MKDIR", d, "m"),
+                   ev("UNLINK", d, "sub/r")],
+        setup=mkfile("sub/"),
+    ),
+    Case(
+        "dirfd_relative",
+        "dfd = os.open(d + b'/sub', os.O_RDONLY | os.O_DIRECTORY)\n"
+        "os.mkdir(b'm', dir_fd=dfd); os.rename(b'm', b'm2', src_dir_fd=dfd, dst_dir_fd=dfd)\n"
+        "touch(os.path.join(d, b'sub/m2/x')); os.unlink(b'm2/x', dir_fd=dfd); os.rmdir(b'm2', dir_fd=dfd)\n"
+        "os.close(dfd)",
+        lambda d: [ev("MKDIR", d, "sub/m"), ev("RENAME", d, "sub/m", "sub/m2"), ev("CREATE", d, "sub/m2/x"),
+                   ev("CLOSE_WRITE", d, "sub/m2/x"), ev("UNLINK", d, "sub/m2/x"), ev("RMDIR", d, "sub/m2")],
+        setup=mkfile("sub/"),
+    ),
+    Case(
+        "unlink_and_rmdir_syscalls",
+        "os.unlink(d + b'/f'); os.rmdir(d + b'/e'); libc.unlinkat(AT_FDCWD, d + b'/g', 0)",
+        lambda d: [ev("UNLINK", d, "f"), ev("RMDIR", d, "e"), ev("UNLINK", d, "g")],
+        setup=mkfile("f", "g", "e/"),
+    ),
+    Case(
+        "rename_across_directories",
+        "os.rename(d + b'/a/x', d + b'/b/y'); os.rename(d + b'/a', d + b'/b/a2')",
+        lambda d: [ev("RENAME", d, "a/x", "b/y"), ev("RENAME", d, "a", "b/a2")],
+        setup=mkfile("a/x", "b/"),
+    ),
+    Case(
+        "rename_exchange",
+        "assert libc.renameat2(AT_FDCWD, d + b'/a/x', AT_FDCWD, d + b'/b/y', 2) == 0",
+        lambda d: [ev("RENAME", d, "a/x", "b/y")],
+        setup=mkfile("a/x", "b/y"),
+        extra={"rename_flags": RENAME_EXCHANGE},
+    ),
+    Case(
+        "symlinks",
+        "os.symlink(b'../t/../x y', d + b'/s')\n"
+        "dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY); os.symlink(b'/abs', b's2', dir_fd=dfd); os.close(dfd)",
+        lambda d: [ev("SYMLINK", d, "s", target=b"../t/../x y"), ev("SYMLINK", d, "s2", target=b"/abs")],
+    ),
+    Case(
+        "hard_links",
+        "os.link(d + b'/f', d + b'/h'); os.link(b'f', b'h2', src_dir_fd=os.open(d, 0), dst_dir_fd=os.open(d, 0))",
+        lambda d: [ev("LINK", d, "f", "h"), ev("LINK", d, "f", "h2")],
+        setup=mkfile("f"),
+    ),
+    Case(
+        "chmod_family",
+        "os.chmod(d + b'/f', 0o600); fd = os.open(d + b'/f', os.O_RDONLY); os.fchmod(fd, 0o640); os.close(fd)\n"
+        "os.chmod(b'f', 0o644, dir_fd=os.open(d, 0))",
+        lambda d: [ev("CHMOD", d, "f"), ev("CHMOD", d, "f"), ev("CHMOD", d, "f")],
+        setup=mkfile("f"),
+        extra={"modes": [0o600, 0o640, 0o644]},
+    ),
+    Case(
+        "chown_family",
+        "os.chown(d + b'/f', 1, 2); os.lchown(d + b'/f', 3, 4)\n"
+        "fd = os.open(d + b'/f', os.O_RDONLY); os.fchown(fd, 5, -1); os.close(fd)",
+        lambda d: [ev("CHOWN", d, "f"), ev("CHOWN", d, "f"), ev("CHOWN", d, "f")],
+        setup=mkfile("f"),
+        extra={"owners": [(1, 2), (3, 4), (5, -1)]},
+    ),
+    Case(
+        "truncate_family",
+        "os.truncate(d + b'/f', 1); fd = os.open(d + b'/f', W); os.ftruncate(fd, 0); os.close(fd)",
+        lambda d: [ev("TRUNCATE", d, "f"), ev("OPEN_WRITE", d, "f"), ev("TRUNCATE", d, "f"),
+                   ev("CLOSE_WRITE", d, "f")],
+        setup=mkfile("f"),
+    ),
+    Case(
+        "xattr_family",
+        "os.setxattr(d + b'/f', b'user.k', b'v'); fd = os.open(d + b'/f', os.O_RDONLY)\n"
+        "os.setxattr(fd, b'user.j', b'w'); os.removexattr(d + b'/f', b'user.k'); os.close(fd)",
+        lambda d: [ev("XATTR", d, "f"), ev("XATTR", d, "f"), ev("XATTR", d, "f")],
+        setup=mkfile("f"),
+    ),
+    Case(
+        "utimes_by_name_and_fd",
+        "os.utime(d + b'/f', (1, 2)); fd = os.open(d + b'/f', os.O_RDONLY); os.utime(fd, (3, 4)); os.close(fd)",
+        lambda d: [ev("UTIMES", d, "f"), ev("UTIMES", d, "f")],
+        setup=mkfile("f"),
+    ),
+    Case(
+        "hostile_names",
+        f"for n in {HOSTILE!r}:\n    touch(d + b'/' + n)\n    os.rename(d + b'/' + n, d + b'/' + n + b'.2')",
+        lambda d: [x for n in HOSTILE for x in (ev("CREATE", d, n), ev("CLOSE_WRITE", d, n),
+                                                  ev("RENAME", d, n, n + b".2"))],
+    ),
+    Case(
+        "deep_tree_100_levels",
+        f"os.chdir(d)\nfor i in range({DEEP}):\n    os.mkdir(b'd'); os.chdir(b'd')\ntouch(b'f')",
+        lambda d: [ev("MKDIR", d, "/".join(["d"] * (i + 1))) for i in range(DEEP)]
+        + [ev("CREATE", d, "d/" * DEEP + "f"), ev("CLOSE_WRITE", d, "d/" * DEEP + "f")],
+    ),
+    Case(
+        "near_path_max",
+        f"os.chdir(d)\nfor i in range(19):\n    os.mkdir({LONG!r}); os.chdir({LONG!r})\ntouch(b'f')",
+        lambda d: [],
+        check=_near_path_max_check,
+    ),
+    Case(
+        "longer_than_path_max_is_flagged",
+        f"os.chdir(d)\nfor i in range(22):\n    os.mkdir({LONG!r}); os.chdir({LONG!r})\ntouch(b'f')",
+        lambda d: [],
+        check=_too_long_check,
+    ),
+    Case(
+        "bind_mount",
+        "touch(d + b'/mnt/f'); os.rename(d + b'/mnt/f', d + b'/mnt/g')",
+        lambda d: [ev("CREATE", d, "mnt/f"), ev("CLOSE_WRITE", d, "mnt/f"), ev("RENAME", d, "mnt/f", "mnt/g")],
+        setup=_bind_mount,
+        teardown=_umount,
+    ),
+    Case(
+        "absolute_name_from_elsewhere",
+        "os.chdir('/'); os.mkdir(d + b'/abs'); os.rmdir(d + b'/abs')",
+        lambda d: [ev("MKDIR", d, "abs"), ev("RMDIR", d, "abs")],
+    ),
+    Case(
+        "relative_name_from_parent_directory",
+        "os.chdir(os.path.dirname(d)); b = os.path.basename(d)\n"
+        "os.mkdir(b + b'/x'); os.rename(b + b'/x', b + b'/y')",
+        lambda d: [ev("MKDIR", d, "x"), ev("RENAME", d, "x", "y")],
+    ),
+    Case(
+        "dotdot_from_outside_the_tree",
+        "os.chdir('/tmp'); rel = os.path.relpath(d, b'/tmp/kwatch-outside')\n"
+        "os.makedirs(b'/tmp/kwatch-outside', exist_ok=True); os.chdir(b'/tmp/kwatch-outside')\n"
+        "os.mkdir(rel + b'/z')",
+        lambda d: [ev("MKDIR", d, "z")],
+    ),
+    Case(
+        "as_another_user",
+        "os.setgid(65534); os.setuid(65534); touch(d + b'/nobody')",
+        lambda d: [ev("CREATE", d, "nobody"), ev("CLOSE_WRITE", d, "nobody")],
+        setup=lambda d: os.chmod(d, 0o777),
+        uid=65534,
+    ),
+    Case(
+        "close_at_exit_and_dup2",
+        "fd = os.open(d + b'/f', W | C); os.dup2(fd, 9)\n"  # dup2 onto a free fd closes nothing
+        "fd2 = os.open(d + b'/g', W | C); os.dup2(fd2, 9)\n"  # closes f's second descriptor
+        "os.close(fd2); os._exit(0)",  # closes g (fd2); exit closes f (fd) and g (fd 9)
+        lambda d: [ev("CREATE", d, "f"), ev("CREATE", d, "g"), ev("CLOSE_WRITE", d, "f"), ev("CLOSE_WRITE", d, "g"),
+                   ev("CLOSE_WRITE", d, "f"), ev("CLOSE_WRITE", d, "g")],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def source() -> Iterator[object]:
+    from kwatch.capture.bpf import BpfSource
+
+    # under /tmp and traversable, so the case that drops to another uid can reach it
+    base = tempfile.mkdtemp(prefix="kwatch-bpf-", dir="/tmp")
+    os.chmod(base, 0o755)
+    src = BpfSource(CaptureFilter.make(roots=[base]))
+    src.base = os.fsencode(base)  # type: ignore[attr-defined]
+    try:
+        yield src
+    finally:
+        src.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def drain(src: object, until_quiet: float = 0.3) -> list[FileEvent]:
+    out: list[FileEvent] = []
+    deadline = time.monotonic() + 10
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        batch = src.read(0.05)  # type: ignore[attr-defined]
+        if batch:
+            out.extend(batch)
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > until_quiet:
+            break
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_workload(source: object, case: Case) -> None:
+    base: bytes = source.base  # type: ignore[attr-defined]
+    d = os.path.join(base, case.name.encode())
+    os.mkdir(d)
+    case.setup(d)
+    drain(source, 0.1)
+    try:
+        p = subprocess.Popen([sys.executable, "-c", CHILD_PRELUDE + case.body, d], stderr=subprocess.PIPE)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode(errors="replace")
+        events = [
+            e for e in drain(source)
+            if e.op is not Op.LOSS and (e.truncated or any(x.startswith(d + b"/") for x in e.paths()))
+        ]
+    finally:
+        case.teardown(d)
+    assert all(e.pid == p.pid for e in events), [(e.op.name, e.pid) for e in events if e.pid != p.pid]
+    assert all(e.comm == COMM and e.uid == case.uid and e.gid == case.uid for e in events)
+    assert all(e.ppid == os.getpid() for e in events)
+    if case.check is not None:
+        case.check(d, events)
+        return
+    got = [(e.op.name, e.path, e.new_path if e.new_path is not None else e.target) for e in events]
+    assert got == case.expected(d)
+    assert not any(e.truncated for e in events)
+    if "rename_flags" in case.extra:
+        assert [e.flags for e in events] == [case.extra["rename_flags"]]
+    if "modes" in case.extra:
+        assert [e.mode for e in events] == case.extra["modes"]
+    if "owners" in case.extra:
+        assert [e.owner for e in events] == case.extra["owners"]
+    assert not os.path.exists(os.path.join(d, b"canary"))
+
+
+def test_events_outside_roots_are_not_delivered(source: object, tmp_path: Path) -> None:
+    outside = os.fsencode(tmp_path)
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+    subprocess.run(
+        [sys.executable, "-c", CHILD_PRELUDE + "touch(d + b'/o'); touch(sys.argv[2].encode() + b'/in')",
+         outside, base], check=True,
+    )
+    paths = [e.path for e in drain(source)]
+    assert paths == [base + b"/in", base + b"/in"]
+    os.unlink(base + b"/in")
+
+
+def test_self_is_excluded(source: object) -> None:
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+    with open(base + b"/mine", "wb") as f:
+        f.write(b"x")
+    os.unlink(base + b"/mine")
+    assert drain(source) == []
+
+
+def test_exclude_pid_covers_descendants(source: object) -> None:
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+    # a shell that waits for its go signal, then runs a grandchild that writes
+    sh = subprocess.Popen(["sh", "-c", 'read x; sh -c "touch \\"$0/excl\\""', base], stdin=subprocess.PIPE)
+    source.exclude_pid(sh.pid)  # type: ignore[attr-defined]
+    try:
+        sh.communicate(b"go\n", timeout=30)
+        subprocess.run(["touch", base + b"/incl"], check=True)
+        paths = {e.path for e in drain(source)}
+    finally:
+        source.include_pid(sh.pid)  # type: ignore[attr-defined]
+    assert base + b"/incl" in paths
+    assert base + b"/excl" not in paths
