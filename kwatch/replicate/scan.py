@@ -86,6 +86,9 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.entries)
+
     def __contains__(self, path: object) -> bool:
         return path in self.entries
 
