@@ -147,7 +147,9 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool) -> tuple[list[
         for i in range(1, len(parts)):
             parent = b"/".join(parts[:i])
             if parent not in by_name:
-                pe = _entry(root, parent, os.lstat(os.path.join(root, parent)), top_dir=True, content_dir=False)
+                # A plain non-content dir (not FLAG_IMPLIED_DIR, which a receiver without -R skips): created and
+                # its attributes set, but nothing inside it is deleted.
+                pe = _entry(root, parent, os.lstat(os.path.join(root, parent)), content_dir=False)
                 if pe is not None:
                     by_name[parent] = pe
         try:

@@ -1,0 +1,257 @@
+"""Integration: the native rsync client pushing to the real Debian ``rsync --daemon`` on 127.0.0.1 (and to a
+local ``rsync --server`` over a pipe, the ssh code path). After each push the module tree must equal the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rsyncd import RsyncDaemon
+
+from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
+from kwatch.replicate.rsync_transport import push
+
+pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs the rsync binary")
+
+MTIME_NS = 1_650_000_000_123_456_789
+
+
+def snapshot(root: Path, nsec: bool = True) -> dict[bytes, tuple[object, ...]]:
+    out: dict[bytes, tuple[object, ...]] = {}
+    broot = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(broot):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, broot)
+            st = os.lstat(p)
+            mt = st.st_mtime_ns if nsec else st.st_mtime_ns // 10**9
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode), mt)
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("f", stat.S_IMODE(st.st_mode), mt, f.read())
+    return out
+
+
+def make_tree(src: Path) -> None:
+    b = os.fsencode(src)
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"hello\n")
+    (src / "empty").write_bytes(b"")
+    (src / "exec.sh").write_bytes(b"#!/bin/sh\n")
+    os.chmod(src / "exec.sh", 0o750)
+    (src / "sub" / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (src / "sub" / "deep" / "x").write_bytes(b"x" * 100000)
+    os.symlink("../a.txt", src / "sub" / "link")
+    os.symlink("no/such/target", src / "dangling")  # the daemon (use chroot = no) strips a leading "/"
+    with open(os.path.join(b, b"caf\xe9 latin1 \xff"), "wb") as f:
+        f.write(b"non-utf8\n")
+    os.chmod(src / "sub", 0o711)
+    touch_all(src)
+
+
+def touch_all(src: Path, ns: int = MTIME_NS) -> None:
+    b = os.fsencode(src)
+    for dirpath, dirnames, filenames in os.walk(b, topdown=False):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            os.utime(p, ns=(ns, ns), follow_symlinks=False)
+    os.utime(b, ns=(ns, ns))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RsyncDaemon]:
+    with RsyncDaemon(tmp_path_factory.mktemp("rsyncd")) as d:
+        yield d
+
+
+@pytest.fixture
+def module(daemon: RsyncDaemon) -> Iterator[Path]:
+    m = daemon.module_path("push")
+    for p in m.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    yield m
+
+
+def assert_same(src: Path, dst: Path, nsec: bool = True) -> None:
+    a, b = snapshot(src, nsec), snapshot(dst, nsec)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("protocol", [30, 31])
+def test_push_tree_modify_delete(tmp_path: Path, daemon: RsyncDaemon, module: Path, protocol: int) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    r = push(os.fsencode(src), daemon.url("push"), delete=True, protocol=protocol)
+    assert r.protocol == protocol and r.checksum == "xxh128" and not r.errors
+    assert_same(src, module, nsec=protocol >= 31)
+    assert r.literal_bytes >= 3 * 1024 * 1024
+
+    # Modify 10 bytes in the middle of the big file: a delta, not the whole file.
+    big = src / "sub" / "big.bin"
+    with open(big, "r+b") as f:
+        f.seek(1_500_000)
+        f.write(b"0123456789")
+    (src / "a.txt").write_bytes(b"hello again\n")
+    touch_all(src, MTIME_NS + 10**9)
+    r2 = push(os.fsencode(src), daemon.url("push"), delete=True, protocol=protocol)
+    assert_same(src, module, nsec=protocol >= 31)
+    assert r2.files >= 2  # every file with a new mtime is checked; unchanged ones go as all-match deltas
+    assert r2.literal_bytes < 64 * 1024, r2
+    assert r2.matched_bytes > 3 * 1024 * 1024 - 64 * 1024
+    assert r2.bytes_sent < 100 * 1024, r2
+
+    # Deletions: a file, a symlink and a whole directory.
+    (src / "empty").unlink()
+    (src / "sub" / "link").unlink()
+    shutil.rmtree(src / "sub" / "deep")
+    touch_all(src)
+    push(os.fsencode(src), daemon.url("push"), delete=True, protocol=protocol)
+    assert_same(src, module, nsec=protocol >= 31)
+
+
+def test_push_paths_batch_with_delete(tmp_path: Path, daemon: RsyncDaemon, module: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    push(os.fsencode(src), daemon.url("push"), delete=True)
+    # A batch: one changed file, one new file in a new dir, one deleted file, one deleted dir.
+    (src / "sub" / "deep" / "x").write_bytes(b"y" * 100000)
+    (src / "newdir").mkdir()
+    (src / "newdir" / "n").write_bytes(b"new")
+    (src / "a.txt").unlink()
+    shutil.rmtree(src / "sub" / "deep")
+    (src / "sub" / "deep").mkdir()
+    (src / "sub" / "deep" / "x").write_bytes(b"z")
+    (src / "exec.sh").rename(src / "renamed.sh")
+    touch_all(src)
+    r = push(os.fsencode(src), daemon.url("push"),
+             paths=[b"sub/deep/x", b"newdir/n", b"a.txt", b"exec.sh", b"renamed.sh"], delete=True)
+    assert not r.errors, r
+    assert_same(src, module)
+
+
+def test_fuzzy_rename_reuses_data(tmp_path: Path, daemon: RsyncDaemon, module: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "d").mkdir()
+    (src / "d" / "old.bin").write_bytes(os.urandom(1 << 20))
+    touch_all(src)
+    push(os.fsencode(src), daemon.url("push"), delete=True)
+    (src / "d" / "old.bin").rename(src / "d" / "new.bin")
+    r = push(os.fsencode(src), daemon.url("push"), delete=True, fuzzy=True)
+    # --delete-after removes old.bin after d's mtime was set, so only the files are compared here.
+    assert (module / "d" / "new.bin").read_bytes() == (src / "d" / "new.bin").read_bytes()
+    assert not (module / "d" / "old.bin").exists()
+    assert r.matched_bytes == 1 << 20 and r.literal_bytes == 0, r
+
+
+def test_md5_without_negotiation(tmp_path: Path, daemon: RsyncDaemon, module: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    r = push(os.fsencode(src), daemon.url("push"), delete=True, negotiate=False)
+    assert r.checksum == "md5"
+    assert_same(src, module)
+    with open(src / "sub" / "big.bin", "r+b") as f:
+        f.write(b"changed")
+    touch_all(src, MTIME_NS + 10**9)
+    r = push(os.fsencode(src), daemon.url("push"), delete=True, negotiate=False)
+    assert r.literal_bytes < 64 * 1024
+    assert_same(src, module)
+
+
+def test_auth_success_and_failure(tmp_path: Path, daemon: RsyncDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"secret data")
+    url = daemon.url("auth", user=daemon.user)
+    r = push(os.fsencode(src), url, password=daemon.password)
+    assert (daemon.module_path("auth") / "f").read_bytes() == b"secret data" and not r.errors
+    monkeypatch.setenv("RSYNC_PASSWORD", daemon.password)
+    push(os.fsencode(src), url)
+    pwfile = tmp_path / "pw"
+    pwfile.write_text(daemon.password + "\n")
+    push(os.fsencode(src), url, password_file=str(pwfile))
+    with pytest.raises(RemoteProtocolError, match="authentication failed"):
+        push(os.fsencode(src), url, password="wrong")
+    monkeypatch.delenv("RSYNC_PASSWORD")
+    with pytest.raises(LocalProtocolError, match="needs a password"):
+        push(os.fsencode(src), url)
+
+
+def test_read_only_and_unknown_module(tmp_path: Path, daemon: RsyncDaemon) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    with pytest.raises(RemoteProtocolError, match="read only"):
+        push(os.fsencode(src), daemon.url("ro"))
+    with pytest.raises(RemoteProtocolError, match="unknown module"):
+        push(os.fsencode(src), daemon.url("nosuchmodule"))
+
+
+def _fake_server(script: bytes) -> tuple[int, threading.Thread]:
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    ls.settimeout(10)
+
+    def serve() -> None:
+        with ls:
+            c, _ = ls.accept()
+            with c:
+                c.settimeout(5)
+                c.sendall(script)
+                with contextlib.suppress(OSError):
+                    c.recv(4096)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return int(ls.getsockname()[1]), t
+
+
+@pytest.mark.parametrize(
+    ("name", "script", "match"),
+    [
+        ("protocol 29", b"@RSYNCD: 29\n", "protocol mismatch"),
+        ("not rsync", b"SSH-2.0-OpenSSH_9.2\n", "not an rsync daemon greeting"),
+        ("closes after greeting", b"@RSYNCD: 31.0 md5\n", "closed the connection early"),
+        ("closes mid-setup", b"@RSYNCD: 31.0 md5\n@RSYNCD: OK\n\x81", "closed the connection early"),
+    ],
+)
+def test_bad_daemons(tmp_path: Path, name: str, script: bytes, match: str) -> None:
+    port, t = _fake_server(script)
+    with pytest.raises(RemoteProtocolError, match=match):
+        push(os.fsencode(tmp_path), f"rsync://127.0.0.1:{port}/m/", timeout=10)
+    t.join(10)
+
+
+def test_shell_mode_local_server(tmp_path: Path) -> None:
+    """The ssh path: `rsync --server` on the other end of a pipe (here run locally instead of via ssh)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    make_tree(src)
+    (dst / "stale").write_bytes(b"old")
+    r = push(os.fsencode(src), f"ssh://localhost{dst}/", delete=True, rsh=[])
+    assert not r.errors
+    assert_same(src, dst)
+    with open(src / "sub" / "big.bin", "r+b") as f:
+        f.write(b"changed")
+    touch_all(src, MTIME_NS + 10**9)
+    r = push(os.fsencode(src), f"ssh://localhost{dst}/", delete=True, rsh=[])
+    assert r.literal_bytes < 64 * 1024
+    assert_same(src, dst)
