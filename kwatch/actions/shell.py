@@ -141,7 +141,7 @@ class _Scanner:
             nxt = self.text[end] if end < len(self.text) else ""
             whole_word = self.at_word_start() and (nxt == "" or nxt in _WORD_BREAK)
             if ctx != _TOP or not whole_word:
-                raise self.error(start, "_FILES_ must stand as a separate, unquoted word (it becomes \"$@\")")
+                raise self.error(start, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")')
             self.out.append('"$@"')
         else:
             var = PLACEHOLDER_VARS[name]
@@ -234,7 +234,9 @@ class _Scanner:
             parts.append(body[i : m.start()])
             name = m.group(0)
             if name == FILES:
-                raise self.error(start + 1 + m.start(), "_FILES_ must stand as a separate, unquoted word (it becomes \"$@\")")
+                raise self.error(
+                    start + 1 + m.start(), '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'
+                )
             self.found.add(name)
             parts.append(f"'\"${{{PLACEHOLDER_VARS[name]}}}\"'")
             i = m.end()
@@ -258,7 +260,10 @@ class _Scanner:
             body = text[p + 3 : end]
             m = _PLACEHOLDER_RE.search(body)
             if m is not None:
-                raise self.error(p + 3 + m.start(), f"{m.group(0)} inside $((...)) arithmetic is refused (its value would be evaluated)")
+                raise self.error(
+                    p + 3 + m.start(),
+                    f"{m.group(0)} inside $((...)) arithmetic is refused (its value would be evaluated)",
+                )
             self.out.append(text[p : end + 2])
             self.pos = end + 2
             return
@@ -272,7 +277,9 @@ class _Scanner:
             return
         if text.startswith("${", p):
             if _PLACEHOLDER_RE.match(text, p + 2):
-                raise self.error(p + 2, "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)")
+                raise self.error(
+                    p + 2, "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)"
+                )
             # The word inside ${name:-word} is expanded in the context around it.
             body = self.sub(p + 2, _TOP, "}") if ctx == _TOP else self.param_in_dq(p + 2)
             self.out.append("${" + body + "}")
@@ -280,7 +287,8 @@ class _Scanner:
         m = _PLACEHOLDER_RE.match(text, p + 1)
         if m is not None:
             raise self.error(
-                p + 1, f"{m.group(0)} directly after '$' reads as a shell variable; write \\${m.group(0)} for a literal '$'"
+                p + 1,
+                f"{m.group(0)} directly after '$' reads as a shell variable; write \\${m.group(0)} for a literal '$'",
             )
         self.out.append("$")
         self.pos = p + 1
@@ -476,7 +484,9 @@ def shell_quote(value: bytes) -> bytes:
     return b"'" + value.replace(b"'", b"'\\''") + b"'"
 
 
-def placeholder_env(file: bytes, old_file: bytes, new_file: bytes, op: str, pid: int | None) -> dict[bytes, bytes]:
+def placeholder_env(
+    file: bytes, old_file: bytes, new_file: bytes, op: str, pid: int | None
+) -> dict[bytes, bytes]:
     """The KWATCH_* variables of one action run. Every key is always set (empty when not applicable) so that a
     stale value inherited from the daemon's own environment can never leak into a command."""
     return {
@@ -522,7 +532,9 @@ def env_size(env: Mapping[bytes, bytes]) -> int:
     return sum(len(k) + len(v) + 2 + 8 for k, v in env.items())
 
 
-def chunk_args(files: Iterable[bytes], fixed: Sequence[bytes], env: Mapping[bytes, bytes], arg_max: int) -> list[list[bytes]]:
+def chunk_args(
+    files: Iterable[bytes], fixed: Sequence[bytes], env: Mapping[bytes, bytes], arg_max: int
+) -> list[list[bytes]]:
     """Split ``files`` into argument lists so that fixed argv + files + env stays under ``arg_max``.
 
     Linux (fs/exec.c) counts each argv and envp string with its NUL, plus one pointer each, against the limit of

@@ -63,9 +63,14 @@ def make_action(
             'batch = "args", or read NUL-separated paths from stdin with batch = "stdin"'
         )
     if options.batch is BatchMode.STDIN and compiled.uses_files:
-        err('_FILES_ is empty with batch = "stdin" (the files arrive on stdin); use batch = "args" for arguments')
+        err(
+            '_FILES_ is empty with batch = "stdin" (the files arrive on stdin); use batch = "args" for arguments'
+        )
     if options.batch is BatchMode.ARGS and not compiled.uses_files and '"$@"' not in command:
-        err('batch = "args" passes the files as arguments, but the command uses neither _FILES_ nor "$@"', "warning")
+        err(
+            'batch = "args" passes the files as arguments, but the command uses neither _FILES_ nor "$@"',
+            "warning",
+        )
     m = _RESHELL.search(command)
     if m is not None and any(p in compiled.placeholders for p in _UNQUOTED_FOR_SHELL):
         err(

@@ -121,9 +121,17 @@ def parse_changedfiles(
             else:
                 cur[3].append(action)
             continue
-        hint = f" (keywords are upper case: {word.upper()})" if word.upper() in (*KEYWORDS, "RULE", "IGNORE") else ""
+        hint = (
+            f" (keywords are upper case: {word.upper()})"
+            if word.upper() in (*KEYWORDS, "RULE", "IGNORE")
+            else ""
+        )
         errs.append(
-            ConfigError(filename, lineno, f"unknown keyword {word!r}{hint}; expected RULE, IGNORE or one of {', '.join(KEYWORDS)}")
+            ConfigError(
+                filename,
+                lineno,
+                f"unknown keyword {word!r}{hint}; expected RULE, IGNORE or one of {', '.join(KEYWORDS)}",
+            )
         )
     close()
     if any(e.severity == "error" for e in errs):

@@ -16,7 +16,9 @@ class ConfigError:
     file: str
     line: int
     reason: str
-    severity: str = "error"  # "error" makes the config unusable; "warning" is reported and the config still loads
+    severity: str = (
+        "error"  # "error" makes the config unusable; "warning" is reported and the config still loads
+    )
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file

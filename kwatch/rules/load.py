@@ -42,7 +42,9 @@ def looks_like_toml(path: str, text: str) -> bool:
     return False
 
 
-def parse_config(text: str, filename: str, toml: bool | None = None) -> tuple[Config | None, list[ConfigError]]:
+def parse_config(
+    text: str, filename: str, toml: bool | None = None
+) -> tuple[Config | None, list[ConfigError]]:
     """Parse config text; ``toml`` None: decide from the name and the text."""
     if toml is None:
         toml = looks_like_toml(filename, text)

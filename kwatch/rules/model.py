@@ -57,7 +57,9 @@ COMM_LEN = 15
 
 class BatchMode(enum.Enum):
     OFF = "off"  # one command per file (after debounce)
-    ARGS = "args"  # one command per batch; files are "$@" (_FILES_), split into several commands under ARG_MAX
+    ARGS = (
+        "args"  # one command per batch; files are "$@" (_FILES_), split into several commands under ARG_MAX
+    )
     STDIN = "stdin"  # one command per batch; files arrive on stdin, each ended by NUL
 
 
@@ -76,8 +78,12 @@ class Where:
 class ActionOptions:
     """How the runner treats one action. Defaults suit the changedfiles format (which cannot set them)."""
 
-    debounce: float = 0.0  # seconds of quiet on one file before its action runs; repeated events are coalesced
-    debounce_max: float | None = None  # longest wait under a continuous stream of events (None: 10 x debounce)
+    debounce: float = (
+        0.0  # seconds of quiet on one file before its action runs; repeated events are coalesced
+    )
+    debounce_max: float | None = (
+        None  # longest wait under a continuous stream of events (None: 10 x debounce)
+    )
     timeout: float | None = 600.0  # then SIGTERM to the process group, and SIGKILL after kill_grace
     kill_grace: float = 5.0
     batch: BatchMode = BatchMode.OFF
@@ -161,7 +167,9 @@ class ProcessFilter:
     exclude_uids: frozenset[int] = frozenset()
     comms: frozenset[bytes] | None = None  # already cut to COMM_LEN
     exclude_comms: frozenset[bytes] = frozenset()
-    exclude_descendants_of: tuple[int | bytes, ...] = ()  # pids or process names; the process itself counts too
+    exclude_descendants_of: tuple[
+        int | bytes, ...
+    ] = ()  # pids or process names; the process itself counts too
 
     @property
     def empty(self) -> bool:

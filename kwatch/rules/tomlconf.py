@@ -91,7 +91,9 @@ _TOP_KEYS = ("runner", "defaults", "ruleset", "rule", "replicate")
 # -- where keys are: tomllib keeps no positions, so a light scan of the text finds the line of each key ------------
 
 _HEADER = re.compile(r"\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY = re.compile(r"""\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_KEY = re.compile(
+    r"""\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
 
 
 def _split_dotted(s: str) -> list[str]:
@@ -170,7 +172,9 @@ class _Loader:
 
     # typed getters: each reports a wrong type and returns the default
 
-    def number(self, table: dict[str, Any], key: str, path: Path, default: float | None, minimum: float = 0.0) -> float | None:
+    def number(
+        self, table: dict[str, Any], key: str, path: Path, default: float | None, minimum: float = 0.0
+    ) -> float | None:
         if key not in table:
             return default
         v = table[key]
@@ -252,7 +256,9 @@ class _Loader:
     # sections
 
     def action(self, table: dict[str, Any], path: Path, opts: ActionOptions) -> Action | None:
-        triggers = tuple(t.upper() if not t.startswith("op:") else t for t in self.string_list(table, "on", path))
+        triggers = tuple(
+            t.upper() if not t.startswith("op:") else t for t in self.string_list(table, "on", path)
+        )
         if "on" not in table:
             self.err(path, "an action needs 'on' (the operations that start it)")
             return None
@@ -267,8 +273,15 @@ class _Loader:
         self.errors.extend(problems)
         return action
 
-    def rule(self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, index: int) -> Rule | None:
-        self.check_keys(table, path, ("name", "match", "ignore", "on", "run", "action", *_RULE_LEVEL, *_OPTION_KEYS), "a rule")
+    def rule(
+        self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, index: int
+    ) -> Rule | None:
+        self.check_keys(
+            table,
+            path,
+            ("name", "match", "ignore", "on", "run", "action", *_RULE_LEVEL, *_OPTION_KEYS),
+            "a rule",
+        )
         ok = True
         pattern = table.get("match")
         if pattern is None:
@@ -314,14 +327,18 @@ class _Loader:
             self.err((*path, "name"), f"name must be a string, not {name!r}")
         if not ok or not isinstance(pattern, str):
             return None
-        rule_name = name if isinstance(name, str) else f"{os.path.basename(self.filename)}:{self.loc.line(path)}"
+        rule_name = (
+            name if isinstance(name, str) else f"{os.path.basename(self.filename)}:{self.loc.line(path)}"
+        )
         return Rule.make(rule_name, pattern, tuple(ignores), tuple(actions), self.where(path), conc)
 
     def process(self, table: Any, path: Path) -> ProcessFilter:
         if not isinstance(table, dict):
             self.err(path, "process must be a table")
             return ProcessFilter()
-        self.check_keys(table, path, ("uid", "exclude_uid", "comm", "exclude_comm", "exclude_descendants_of"), "process")
+        self.check_keys(
+            table, path, ("uid", "exclude_uid", "comm", "exclude_comm", "exclude_descendants_of"), "process"
+        )
 
         def ints(key: str) -> frozenset[int] | None:
             if key not in table:
@@ -329,7 +346,9 @@ class _Loader:
             v = table[key]
             if isinstance(v, int) and not isinstance(v, bool):
                 v = [v]
-            if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            if isinstance(v, list) and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v
+            ):
                 return frozenset(v)
             self.err((*path, key), f"{key} must be a list of uids (integers), not {v!r}")
             return None
@@ -337,7 +356,9 @@ class _Loader:
         def names(key: str) -> frozenset[bytes] | None:
             if key not in table:
                 return None
-            return frozenset(s.encode("utf-8", "surrogateescape")[:COMM_LEN] for s in self.string_list(table, key, path))
+            return frozenset(
+                s.encode("utf-8", "surrogateescape")[:COMM_LEN] for s in self.string_list(table, key, path)
+            )
 
         desc: list[int | bytes] = []
         v = table.get("exclude_descendants_of", [])
@@ -347,7 +368,10 @@ class _Loader:
             elif isinstance(x, str) and x:
                 desc.append(x.encode("utf-8", "surrogateescape")[:COMM_LEN])
             else:
-                self.err((*path, "exclude_descendants_of"), f"exclude_descendants_of takes pids or process names, not {x!r}")
+                self.err(
+                    (*path, "exclude_descendants_of"),
+                    f"exclude_descendants_of takes pids or process names, not {x!r}",
+                )
         return ProcessFilter(
             uids=ints("uid"),
             exclude_uids=ints("exclude_uid") or frozenset(),
@@ -356,7 +380,9 @@ class _Loader:
             exclude_descendants_of=tuple(desc),
         )
 
-    def ruleset(self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, name: str) -> RuleSet | None:
+    def ruleset(
+        self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, name: str
+    ) -> RuleSet | None:
         self.check_keys(table, path, ("name", "changedfiles", "process", "rule"), "a ruleset")
         rules: list[Rule] = []
         ok = True
@@ -383,7 +409,9 @@ class _Loader:
             self.err(path, f"ruleset {rs_name!r} has no rules", "warning")
         return RuleSet(rs_name, tuple(rules), pf, self.where(path))
 
-    def include(self, include: Any, path: Path, base: ActionOptions, concurrency: int, rules: list[Rule]) -> bool:
+    def include(
+        self, include: Any, path: Path, base: ActionOptions, concurrency: int, rules: list[Rule]
+    ) -> bool:
         if not isinstance(include, str):
             self.err(path, f"changedfiles must be a path, not {include!r}")
             return False
