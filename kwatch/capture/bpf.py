@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kwatch.capture import libbpf
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
-from kwatch.capture.record import KwConfig, KwInodeKey, decode
+from kwatch.capture.record import KwConfig, KwInodeKey, decode_batch
 from kwatch.capture.ringbuf import RingBuffer
 from kwatch.events import FileEvent, Op
 
@@ -203,7 +203,7 @@ class BpfSource:
     def read(self, timeout: float | None = None) -> list[FileEvent]:
         if not self._rb.pending():
             self._rb.wait(timeout)
-        raw = self._rb.drain(decode)
+        raw = self._rb.drain(decode_batch)
         accepts = self.filter.accepts
         out = [ev for ev in raw if accepts(ev)]
         st = self._stats

@@ -49,30 +49,31 @@ class RingBuffer:
         """Bytes the producer has committed or reserved beyond our position."""
         return int(_U64.unpack_from(self._prod, 0)[0] - self._pos)
 
-    def drain(self, decode: Callable[[memoryview, int], T], limit: int = 1 << 30) -> list[T]:
+    def drain(self, decode: Callable[[memoryview, list[int]], list[T]], limit: int = 1 << 30) -> list[T]:
         """Decode every complete record available (up to ``limit`` records) and release them to the kernel.
 
-        ``decode(view, off)`` gets the data view and the offset of the record body; it must copy what it keeps,
-        because the space is handed back to the kernel when drain returns.
+        ``decode(view, offsets)`` gets the data view and the offsets of the record bodies; it must copy what it
+        keeps, because the space is handed back to the kernel when drain returns.
         """
-        out: list[T] = []
         prod = _U64.unpack_from(self._prod, 0)[0]
         pos = self._pos
         data = self._data
         mask = self._mask
         u32 = _U32.unpack_from
-        append = out.append
+        offsets: list[int] = []
+        append = offsets.append
         n = 0
         while pos < prod and n < limit:
             off = pos & mask
             hdr = u32(data, off)[0]
             if hdr & _BUSY:
                 break
-            length = hdr & ~(_BUSY | _DISCARD)
+            length = hdr & 0x3FFFFFFF  # without BUSY and DISCARD
             if not hdr & _DISCARD:
-                append(decode(data, off + 8))
+                append(off + 8)
                 n += 1
-            pos += (length + 8 + 7) & ~7
+            pos += (length + 15) & ~7  # 8-byte header, 8-byte alignment
+        out = decode(data, offsets) if offsets else []
         if pos != self._pos:
             self._pos = pos
             # smp_store_release in the kernel's view; an aligned 8-byte store is atomic on every arch we run on
