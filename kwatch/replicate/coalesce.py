@@ -1,0 +1,213 @@
+"""The coalescer: folds a stream of FileEvents under one source root into batches of "what is dirty".
+
+Pure code: no I/O, the clock is passed in. A batch does not replay operations; it names paths whose current state
+must be carried to the mirror (the planner looks at the source when the batch is flushed), plus the renames to
+replay first so that moved data is moved, not re-sent. So create + write + chmod + rename of one file collapse into
+"rename (if the mirror has the old one), then bring the new path up to date", and a tar extraction of 20,000 files
+is a handful of batches of dirty paths.
+
+Timing: a batch is due when no event arrived for ``settle`` seconds, or ``max_delay`` after its first event,
+whichever is first. Files still open for writing are held back until closed (or until ``max_delay``), so a file is
+sent once, finished.
+
+Bounded memory: past ``max_paths`` dirty paths the batch collapses into a rescan of the whole root. A loss marker
+or a path the kernel could not resolve whole also becomes a rescan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
+
+CONTENT = 1  # data may differ: compare and send (whole or delta)
+META = 2  # mode / owner / mtime may differ
+EXIST = 4  # may have appeared, vanished or changed type
+
+_CONTENT_OPS = {Op.CREATE, Op.OPEN_WRITE, Op.MODIFY, Op.TRUNCATE, Op.CLOSE_WRITE}
+_META_OPS = {Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.XATTR, Op.ATTRIB}
+_OPENERS = {Op.CREATE, Op.OPEN_WRITE}
+
+
+def relative(root: bytes, path: bytes) -> bytes | None:
+    """``path`` relative to ``root`` (``b""`` for the root itself), None when outside."""
+    if root == b"/":
+        return path[1:]
+    if path == root:
+        return b""
+    if path.startswith(root) and path[len(root) : len(root) + 1] == b"/":
+        return path[len(root) + 1 :]
+    return None
+
+
+def parent(rel: bytes) -> bytes:
+    i = rel.rfind(b"/")
+    return rel[:i] if i >= 0 else b""
+
+
+def _under(rel: bytes, prefix: bytes) -> bool:
+    return rel == prefix or rel.startswith(prefix + b"/") or prefix == b""
+
+
+def _rebase(rel: bytes, old: bytes, new: bytes) -> bytes:
+    return new + rel[len(old) :]
+
+
+@dataclass
+class Batch:
+    """What a flush must carry to the mirror. Paths are relative to the source root."""
+
+    renames: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dirty: dict[bytes, int] = field(default_factory=dict)
+    rescans: set[bytes] = field(default_factory=set)
+    events: int = 0
+    first_at: float = 0.0  # clock time of the first event folded in
+    held: set[bytes] = field(default_factory=set)  # paths still open for writing when the batch was taken
+
+    def empty(self) -> bool:
+        return not (self.renames or self.dirty or self.rescans)
+
+
+class Coalescer:
+    def __init__(
+        self, root: bytes, *, settle: float = 0.05, max_delay: float = 1.0, max_paths: int = 200_000
+    ) -> None:
+        self.root = root
+        self.settle = settle
+        self.max_delay = max_delay
+        self.max_paths = max_paths
+        self._batch = Batch()
+        self._last_at = 0.0
+        self._writing: dict[bytes, int] = {}  # path -> open-for-write count seen without a close
+
+    # ---- folding events ----------------------------------------------------------------------------------------
+
+    def add(self, ev: FileEvent, now: float) -> None:
+        b = self._batch
+        if b.events == 0:
+            b.first_at = now
+        b.events += 1
+        self._last_at = now
+        if ev.op is Op.LOSS or ev.truncated:
+            self.rescan(b"")
+            return
+        if b"" in b.rescans:
+            return  # the whole tree will be reconciled anyway
+        rel = relative(self.root, ev.path)
+        if ev.op is Op.RENAME or (ev.op is Op.LINK and ev.new_path is not None):
+            new = relative(self.root, ev.new_path) if ev.new_path is not None else None
+            if ev.op is Op.LINK:
+                if new is not None:
+                    self._mark(new, CONTENT | EXIST)
+            else:
+                self._rename(rel, new, exchange=bool(ev.flags & RENAME_EXCHANGE))
+            return
+        if rel is None:
+            return
+        op = ev.op
+        if op in _CONTENT_OPS:
+            if op in _OPENERS:
+                self._writing[rel] = self._writing.get(rel, 0) + 1
+            elif op is Op.CLOSE_WRITE:
+                n = self._writing.get(rel, 0) - 1
+                if n > 0:
+                    self._writing[rel] = n
+                else:
+                    self._writing.pop(rel, None)
+            self._mark(rel, CONTENT | (EXIST if op is Op.CREATE else 0))
+        elif op in _META_OPS:
+            self._mark(rel, META)
+        elif op in (Op.MKDIR, Op.SYMLINK, Op.UNLINK, Op.RMDIR):
+            if op in (Op.UNLINK, Op.RMDIR):
+                self._writing.pop(rel, None)
+            self._mark(rel, EXIST | META)
+
+    def rescan(self, rel: bytes) -> None:
+        """Reconcile the subtree ``rel`` by scanning (after a loss, an overflow, a tree moved in from outside)."""
+        b = self._batch
+        if any(_under(rel, r) for r in b.rescans):
+            return
+        b.rescans = {r for r in b.rescans if not _under(r, rel)}
+        b.rescans.add(rel)
+        if rel == b"":
+            b.dirty.clear()
+            b.renames.clear()
+
+    def _mark(self, rel: bytes, flags: int) -> None:
+        b = self._batch
+        if b"" in b.rescans:
+            return
+        b.dirty[rel] = b.dirty.get(rel, 0) | flags
+        if flags & EXIST and rel:
+            # an entry appeared or vanished: its directory's mtime changed too
+            p = parent(rel)
+            b.dirty[p] = b.dirty.get(p, 0) | META
+        if len(b.dirty) > self.max_paths:
+            self.rescan(b"")
+
+    def _rename(self, old: bytes | None, new: bytes | None, *, exchange: bool) -> None:
+        if old is None and new is None:
+            return
+        if new is None:  # moved out of the tree: it is gone from the mirror's point of view
+            assert old is not None
+            self._forget(old)
+            self._mark(old, EXIST)
+            return
+        if old is None:  # moved in from outside: a whole tree may have arrived
+            self.rescan(new)
+            self._mark(new, EXIST)
+            return
+        if exchange:
+            self.rescan(old)
+            self.rescan(new)
+            return
+        b = self._batch
+        b.renames.append((old, new))
+        # pending state follows the object to its new name
+        moved = {k: v for k, v in b.dirty.items() if _under(k, old) and k != b""}
+        for k in moved:
+            del b.dirty[k]
+        for k, v in moved.items():
+            b.dirty[_rebase(k, old, new)] = v
+        for k in [k for k in self._writing if _under(k, old)]:
+            self._writing[_rebase(k, old, new)] = self._writing.pop(k)
+        b.rescans = {_rebase(r, old, new) if _under(r, old) and r else r for r in b.rescans}
+        # both directories changed; the new name must exist on the mirror afterwards
+        self._mark(old, EXIST)
+        self._mark(new, EXIST)
+
+    def _forget(self, rel: bytes) -> None:
+        b = self._batch
+        for k in [k for k in b.dirty if _under(k, rel) and k != rel]:
+            del b.dirty[k]
+        for k in [k for k in self._writing if _under(k, rel)]:
+            del self._writing[k]
+
+    # ---- flushing ------------------------------------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        return not self._batch.empty()
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until the batch should be flushed (0: now); None when nothing is pending."""
+        b = self._batch
+        if b.empty():
+            return None
+        return max(0.0, min(self._last_at + self.settle, b.first_at + self.max_delay) - now)
+
+    def take(self, now: float) -> Batch:
+        """Hand over the current batch. Paths still open for writing stay behind for the next batch unless the batch
+        has waited ``max_delay`` (a file written forever must still reach the mirror)."""
+        b = self._batch
+        self._batch = Batch()
+        overdue = now - b.first_at >= self.max_delay
+        if self._writing and not overdue:
+            held = {k: b.dirty.pop(k) for k in list(b.dirty) if k in self._writing}
+            if held:
+                b.held = set(held)
+                nb = self._batch
+                nb.dirty.update(held)
+                nb.first_at = b.first_at
+                nb.events = 1
+                self._last_at = now
+        return b

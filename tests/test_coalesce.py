@@ -1,0 +1,144 @@
+"""The coalescer: tables of event sequences and the batch each must fold into (pure, fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
+from kwatch.replicate.coalesce import CONTENT, EXIST, META, Coalescer
+
+R = b"/src"
+
+
+def e(op: Op, path: str, new: str | None = None, **kw: object) -> FileEvent:
+    return FileEvent(op, R + path.encode(), None if new is None else R + new.encode(), **kw)  # type: ignore[arg-type]
+
+
+CASES = [
+    (
+        "create_write_close_chmod_collapses",
+        [e(Op.CREATE, "/a"), e(Op.CLOSE_WRITE, "/a"), e(Op.CHMOD, "/a")],
+        [],
+        {b"a": CONTENT | EXIST | META, b"": META},
+        set(),
+    ),
+    (
+        "rename_carries_pending_state",
+        [e(Op.CREATE, "/a"), e(Op.CLOSE_WRITE, "/a"), e(Op.RENAME, "/a", "/b")],
+        [(b"a", b"b")],
+        {b"a": EXIST, b"b": CONTENT | EXIST, b"": META},
+        set(),
+    ),
+    (
+        "directory_rename_moves_children",
+        [e(Op.CLOSE_WRITE, "/d/x/f"), e(Op.RENAME, "/d", "/e")],
+        [(b"d", b"e")],
+        {b"e/x/f": CONTENT, b"d": EXIST, b"e": EXIST, b"": META},
+        set(),
+    ),
+    (
+        "unlink_then_rmdir",
+        [e(Op.UNLINK, "/d/f"), e(Op.RMDIR, "/d")],
+        [],
+        {b"d/f": EXIST | META, b"d": EXIST | META, b"": META},
+        set(),
+    ),
+    (
+        "moved_out_of_tree_is_a_delete",
+        [e(Op.CLOSE_WRITE, "/d/f"), FileEvent(Op.RENAME, R + b"/d", b"/elsewhere/d")],
+        [],
+        {b"d": EXIST, b"": META},
+        set(),
+    ),
+    (
+        "moved_in_from_outside_is_a_rescan",
+        [FileEvent(Op.RENAME, b"/elsewhere/t", R + b"/t")],
+        [],
+        {b"t": EXIST, b"": META},
+        {b"t"},
+    ),
+    (
+        "exchange_rescans_both",
+        [e(Op.RENAME, "/a", "/b", flags=RENAME_EXCHANGE)],
+        [],
+        {},
+        {b"a", b"b"},
+    ),
+    (
+        "loss_rescans_everything",
+        [e(Op.CLOSE_WRITE, "/a"), FileEvent(Op.LOSS, b"/", lost=3)],
+        [],
+        {},
+        {b""},
+    ),
+    (
+        "truncated_path_rescans_everything",
+        [FileEvent(Op.CLOSE_WRITE, b"/x/y", truncated=True)],
+        [],
+        {},
+        {b""},
+    ),
+    (
+        "outside_root_ignored",
+        [FileEvent(Op.CLOSE_WRITE, b"/srcother/a"), FileEvent(Op.CLOSE_WRITE, b"/other")],
+        [],
+        {},
+        set(),
+    ),
+    (
+        "hard_link_sends_new_name",
+        [e(Op.LINK, "/a", "/h")],
+        [],
+        {b"h": CONTENT | EXIST, b"": META},
+        set(),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "events", "renames", "dirty", "rescans"), CASES, ids=[c[0] for c in CASES])
+def test_fold(name: str, events: list[FileEvent], renames: list, dirty: dict, rescans: set) -> None:
+    c = Coalescer(R)
+    for i, ev in enumerate(events):
+        c.add(ev, now=i * 0.001)
+    b = c.take(now=10.0)
+    assert (b.renames, b.dirty, b.rescans) == (renames, dirty, rescans)
+    assert b.events == len(events)
+
+
+def test_settle_and_max_delay() -> None:
+    c = Coalescer(R, settle=0.05, max_delay=1.0)
+    assert c.due_in(0.0) is None
+    c.add(e(Op.CLOSE_WRITE, "/a"), now=0.0)
+    assert c.due_in(0.0) == pytest.approx(0.05)
+    # a steady stream keeps settling, but max_delay caps the wait
+    for i in range(1, 100):
+        c.add(e(Op.CLOSE_WRITE, f"/f{i}"), now=i * 0.02)
+    assert c.due_in(1.98) == 0.0
+
+
+def test_open_files_are_held_until_closed() -> None:
+    c = Coalescer(R, settle=0.05, max_delay=1.0)
+    c.add(e(Op.CREATE, "/big"), now=0.0)
+    c.add(e(Op.CLOSE_WRITE, "/small"), now=0.0)
+    b = c.take(now=0.1)
+    assert b.dirty == {b"small": CONTENT, b"": META}
+    assert b.held == {b"big"}
+    assert c.pending()
+    c.add(e(Op.CLOSE_WRITE, "/big"), now=0.2)
+    assert c.take(now=0.3).dirty == {b"big": CONTENT | EXIST}
+
+
+def test_a_file_written_forever_is_sent_after_max_delay() -> None:
+    c = Coalescer(R, settle=0.05, max_delay=1.0)
+    c.add(e(Op.OPEN_WRITE, "/log"), now=0.0)
+    assert c.take(now=0.5).dirty == {}
+    assert c.take(now=1.1).dirty == {b"log": CONTENT}
+
+
+def test_too_many_paths_collapse_into_a_rescan() -> None:
+    c = Coalescer(R, max_paths=100)
+    for i in range(500):
+        c.add(e(Op.CLOSE_WRITE, f"/f{i}"), now=0.0)
+    b = c.take(now=1.0)
+    assert b.rescans == {b""}
+    assert len(b.dirty) <= 100
