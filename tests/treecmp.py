@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 from kwatch.events import display_path
 
+AnyPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
 _TYPES = {
     stat.S_IFREG: "file",
     stat.S_IFDIR: "dir",
@@ -70,8 +72,8 @@ def _link_groups(tree: dict[bytes, os.stat_result]) -> set[frozenset[bytes]]:
 
 
 def tree_differences(
-    a: bytes | str,
-    b: bytes | str,
+    a: AnyPath,
+    b: AnyPath,
     *,
     owner: bool = False,
     mtime: bool = True,
@@ -122,8 +124,8 @@ def tree_differences(
 
 
 def assert_trees_equal(
-    a: bytes | str,
-    b: bytes | str,
+    a: AnyPath,
+    b: AnyPath,
     *,
     owner: bool = False,
     mtime: bool = True,
@@ -138,7 +140,7 @@ def assert_trees_equal(
         raise AssertionError(f"trees differ ({len(diffs)} differences):\n  " + "\n  ".join(shown) + more)
 
 
-def snapshot(root: bytes | str) -> dict[bytes, tuple[str, int, int, int, bytes]]:
+def snapshot(root: AnyPath) -> dict[bytes, tuple[str, int, int, int, bytes]]:
     """A comparable picture of a tree (type, mode, size, mtime_ns, content or link target) for "unchanged" checks."""
     r = os.fsencode(root)
     out: dict[bytes, tuple[str, int, int, int, bytes]] = {}

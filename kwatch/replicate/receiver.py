@@ -377,24 +377,26 @@ class Receiver:
         at = self._at(path)
         try:
             st = self._lstat(at)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                raise ReceiverError(path, "cannot write a file: a directory is in the way; delete it first",
-                                    errno_mod.EISDIR)
-            return self._begin_at(path, at.fd, at.name, mode, mtime_ns, uid, gid)
-        except BaseException:
+        except OSError as e:
             os.close(at.fd)
-            raise
+            raise self._fail(path, "cannot look at the target", e) from e
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            os.close(at.fd)
+            raise ReceiverError(path, "cannot write a file: a directory is in the way; delete it first",
+                                errno_mod.EISDIR)
+        return self._begin_at(path, at.fd, at.name, mode, mtime_ns, uid, gid)
 
     def _begin_at(
         self, path: bytes, dir_fd: int, name: bytes, mode: int, mtime_ns: int | None, uid: int | None,
         gid: int | None,
     ) -> PutHandle:
-        """Create the temporary; the handle takes ownership of ``dir_fd``."""
+        """Create the temporary; the handle takes ownership of ``dir_fd`` (closed here if this fails)."""
         tmp = temp_name(name)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=dir_fd)
         except OSError as e:
+            os.close(dir_fd)
             raise self._fail(path, "cannot create temporary file", e) from e
         h = PutHandle(path, dir_fd, name, tmp, fd, mode, mtime_ns, uid, gid)
         self._puts.add(h)
@@ -489,20 +491,24 @@ class Receiver:
         at = self._at(path)
         try:
             try:
-                bfd = os.open(at.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=at.fd)
+                # O_NONBLOCK: opening a fifo planted at the path must not hang the receiver (it is refused below).
+                bfd = os.open(
+                    at.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, dir_fd=at.fd
+                )
             except OSError as e:
                 if e.errno == errno_mod.ELOOP:
                     raise ReceiverError(path, "refused: the delta basis is a symlink", e.errno) from e
                 raise self._fail(path, "cannot open the delta basis", e) from e
+            bst = os.fstat(bfd)
+            if not stat.S_ISREG(bst.st_mode):
+                os.close(bfd)
+                raise ReceiverError(path, "the delta basis is not a regular file")
+            os.set_blocking(bfd, True)
             basis = os.fdopen(bfd, "rb")
         except BaseException:
             os.close(at.fd)
             raise
         with basis:
-            bst = os.fstat(basis.fileno())
-            if not stat.S_ISREG(bst.st_mode):
-                os.close(at.fd)
-                raise ReceiverError(path, "the delta basis is not a regular file")
             h = self._begin_at(
                 path, at.fd, at.name, stat.S_IMODE(bst.st_mode) if mode is None else mode, mtime_ns, uid, gid
             )

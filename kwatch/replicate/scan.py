@@ -539,11 +539,17 @@ def diff(src: Manifest, dst: Manifest, *, delete: bool, checksum: bool, owner: b
 
     # Directory times: a directory whose listing changed needs its mtime (and nothing else) restored, even when it
     # matched before the plan ran.
-    have = {sa.path for sa in plan.dir_setattrs}
+    have = {sa.path: i for i, sa in enumerate(plan.dir_setattrs)}
     for t in touched:
-        if t and t not in have:
-            st = s_entries.get(t)
-            if st is not None and st.kind == k_dir:
-                plan.dir_setattrs.append(SetAttr(t, None, st.mtime_ns, None, None))
+        if not t:
+            continue
+        st = s_entries.get(t)
+        if st is None or st.kind != k_dir:
+            continue
+        i = have.get(t)
+        if i is None:
+            plan.dir_setattrs.append(SetAttr(t, None, st.mtime_ns, None, None))
+        elif plan.dir_setattrs[i].mtime_ns is None:  # a mode-only change: the mtime needs restoring too
+            plan.dir_setattrs[i] = plan.dir_setattrs[i]._replace(mtime_ns=st.mtime_ns)
     plan.dir_setattrs.sort(key=lambda sa: sa.path, reverse=True)  # deepest first (cosmetic: utime is per inode)
     return plan
