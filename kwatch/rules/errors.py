@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ConfigError:
     """One problem in a config file. ``line`` is 1-based; 0 means the file as a whole (e.g. it cannot be read)."""
 
@@ -26,9 +26,14 @@ class ConfigError:
         return f"{where}: {prefix}{self.reason}"
 
 
+def in_order(errors: list[ConfigError]) -> list[ConfigError]:
+    """File and line order; problems on one line keep the order they were found in (a stable sort)."""
+    return sorted(errors, key=lambda e: (e.file, e.line))
+
+
 class ConfigErrors(ValueError):
     """A config has at least one error; ``errors`` holds all of them (and the warnings), in file/line order."""
 
     def __init__(self, errors: list[ConfigError]) -> None:
-        self.errors = sorted(errors)
+        self.errors = in_order(errors)
         super().__init__("\n".join(str(e) for e in self.errors))

@@ -16,7 +16,7 @@ from importlib import resources
 
 from kwatch.rules.build import KEYWORDS
 from kwatch.rules.changedfiles import parse_changedfiles
-from kwatch.rules.errors import ConfigError, ConfigErrors
+from kwatch.rules.errors import ConfigError, ConfigErrors, in_order
 from kwatch.rules.model import Config
 from kwatch.rules.tomlconf import parse_toml
 
@@ -52,9 +52,9 @@ def parse_config(
         return parse_toml(text, filename, read=_read)
     rs, errs = parse_changedfiles(text, filename)
     if rs is None:
-        return None, sorted(errs)
+        return None, in_order(errs)
     warnings = tuple(e for e in errs if e.severity != "error")
-    return Config((rs,), files=(filename,), warnings=warnings), sorted(errs)
+    return Config((rs,), files=(filename,), warnings=warnings), in_order(errs)
 
 
 def check_config(path: str | os.PathLike[str]) -> list[ConfigError]:

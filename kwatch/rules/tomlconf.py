@@ -58,7 +58,7 @@ from typing import Any
 
 from kwatch.rules.build import make_action
 from kwatch.rules.changedfiles import parse_changedfiles
-from kwatch.rules.errors import ConfigError
+from kwatch.rules.errors import ConfigError, in_order
 from kwatch.rules.model import (
     COMM_LEN,
     Action,
@@ -483,7 +483,7 @@ class _Loader:
                 continue
             opts = {k: v for k, v in rt.items() if k != "target"}
             targets.append(ReplicateTarget(target, opts, self.where(("replicate", i))))
-        if not rulesets and not targets:
+        if not any(k in doc for k in ("rule", "ruleset", "replicate")):
             self.err((), "the config has no rules and no replication targets", "warning")
         if not ok or any(e.severity == "error" for e in self.errors):
             return None
@@ -508,4 +508,4 @@ def parse_toml(
         return None, [ConfigError(filename, 0, msg)]
     loader = _Loader(text, filename, read)
     cfg = loader.load(doc)
-    return cfg, sorted(loader.errors)
+    return cfg, in_order(loader.errors)
