@@ -259,6 +259,7 @@ def test_rename(env: Env) -> None:
     env.rx.rename(b"a/f", b"b/g")  # over an existing file
     assert _files(env.root + b"/a") == [] and Path(os.fsdecode(env.root + b"/b/g")).read_bytes() == b"1"
     env.rx.rename(b"b", b"a/b")  # a directory
+    env.rx.rename(b"a/b", b"a/b")  # onto itself: nothing
     assert _files(env.root + b"/a/b") == [b"g"]
     with pytest.raises(ReceiverError, match="into itself"):
         env.rx.rename(b"a", b"a/b/c")
@@ -498,6 +499,38 @@ def test_round_trip_as_unprivileged_user(tmp_path: Path) -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert_trees_equal(src, base + "/dst")
+    finally:
+        subprocess.run(["rm", "-rf", base], check=True)
+
+
+def test_delete_read_only_tree_as_unprivileged_user() -> None:
+    """A mirror copies read-only directories (0555, even 0000); a non-root receiver must still delete them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch user")
+    base = tempfile.mkdtemp(prefix="kwatch-rx-del-")
+    try:
+        os.chmod(base, 0o755)
+        os.makedirs(base + "/t/ro/deeper")
+        os.makedirs(base + "/t/closed/inner")
+        for p in ("/t/ro/f", "/t/ro/deeper/g", "/t/closed/inner/h"):
+            Path(base + p).write_bytes(b"x")
+        subprocess.run(["chown", "-R", "65534:65534", base], check=True)
+        os.chmod(base + "/t/ro/deeper", 0o555)
+        os.chmod(base + "/t/ro", 0o555)
+        os.chmod(base + "/t/closed", 0o000)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (child)
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with Receiver(os.fsencode(base)) as rx:
+                    code = 0 if rx.delete(b"t") else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.listdir(base) == []
     finally:
         subprocess.run(["rm", "-rf", base], check=True)
 

@@ -537,6 +537,8 @@ class Receiver:
         """Move ``old`` to ``new`` inside the mirror (replacing a file or empty directory there, as rename(2))."""
         po = validate_path(old)
         pn = validate_path(new)
+        if po == pn:
+            return
         if pn[: len(po)] == po:
             raise ReceiverError(new, f"cannot move {display_path(old)} into itself", errno_mod.EINVAL)
         with _At(self._open_dir(old, po[:-1]), po[-1]) as ao, _At(self._open_dir(new, pn[:-1]), pn[-1]) as an:
@@ -660,9 +662,23 @@ def _unlink_quiet(dir_fd: int, name: bytes) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+def _retry_writable(dir_fd: int, name: bytes | str | None, op: Callable[[], _T]) -> _T:
+    """Run ``op``; if permission is denied, make the directory (``name`` under ``dir_fd``, or ``dir_fd`` itself)
+    u+rwx and try once more. Only the receiver's own tree is deleted this way: a read-only directory in a mirror
+    (mode 0555, copied from the source) must not make it undeletable for a non-root receiver."""
+    try:
+        return op()
+    except PermissionError:
+        if name is None:
+            os.fchmod(dir_fd, 0o700)
+        else:
+            os.chmod(name, 0o700, dir_fd=dir_fd, follow_symlinks=False)
+        return op()
+
+
 def _rmtree_at(dir_fd: int, name: bytes) -> None:
     """Remove the directory ``name`` under ``dir_fd`` and everything in it, iteratively (deep trees are fine)."""
-    top = os.open(name, _O_READ_DIR, dir_fd=dir_fd)
+    top = _retry_writable(dir_fd, name, lambda: os.open(name, _O_READ_DIR, dir_fd=dir_fd))
     # Each frame: (fd of this directory, its listing, fd of its parent, its name in the parent)
     stack: list[tuple[int, Iterator[os.DirEntry[str]], int, bytes | str]] = [(top, os.scandir(top), dir_fd, name)]
     try:
@@ -675,12 +691,13 @@ def _rmtree_at(dir_fd: int, name: bytes) -> None:
                 os.rmdir(nm, dir_fd=pfd)
                 continue
             # scandir(fd) yields str names (surrogate-escaped), which the *at calls turn back into the same bytes.
+            ename = entry.name
             if entry.is_dir(follow_symlinks=False):
-                cfd = os.open(entry.name, _O_READ_DIR, dir_fd=fd)
-                stack.append((cfd, os.scandir(cfd), fd, entry.name))
+                cfd = _retry_writable(fd, ename, lambda: os.open(ename, _O_READ_DIR, dir_fd=fd))  # noqa: B023
+                stack.append((cfd, os.scandir(cfd), fd, ename))
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.name, dir_fd=fd)
+                    _retry_writable(fd, None, lambda: os.unlink(ename, dir_fd=fd))  # noqa: B023
     finally:
         for fd, _it, _pfd, _nm in stack:
             os.close(fd)
