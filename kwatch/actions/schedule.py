@@ -90,7 +90,7 @@ class Scheduler:
         key: JobKey = ("batch", id(m.action))
         job = self._pending.get(key)
         if job is None:
-            job = Job(m.rule, m.action, key, [], now, now + opts.batch_window, self.next_seq())
+            job = Job(m.rule, m.action, key, [], now, now + opts.batch_window, self.next_seq(), coalesced=0)
             self._pending[key] = job
         job.coalesced += 1
         if m.file in job.seen:
