@@ -21,18 +21,21 @@ from __future__ import annotations
 import enum
 import errno as errno_mod
 import fnmatch
+import gc
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import xxhash
 
 #: Temporaries the receiver writes (``.<name>.kwatch-tmp-<hex>``); never part of a tree, so excluded by default.
 TEMP_PATTERN = b".*.kwatch-tmp-*"
 DEFAULT_EXCLUDES: tuple[bytes, ...] = (TEMP_PATTERN,)
+
+_R = TypeVar("_R")
 
 _HASH_CHUNK = 1 << 20  # 1 MiB reads: big enough that per-call overhead vanishes, small enough to stay in cache
 
@@ -170,7 +173,22 @@ def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bo
     """
     if not isinstance(root, bytes):
         raise TypeError("root must be bytes")
-    root = root.rstrip(b"/") or b"/"
+    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", excludes, checksum))
+
+
+def _without_gc(fn: Callable[[], _R]) -> _R:
+    """Run ``fn`` with the cyclic GC paused. A scan or diff allocates millions of acyclic tuples; each allocation
+    burst would trigger collections that traverse them for nothing (measured: 15-25% of a 300k-entry scan)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn()
+    finally:
+        if was:
+            gc.enable()
+
+
+def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
     st_root = os.stat(root)  # follows a symlinked root on purpose: the caller named it
     if not stat.S_ISDIR(st_root.st_mode):
         raise NotADirectoryError(errno_mod.ENOTDIR, "scan root is not a directory", root)
@@ -395,6 +413,10 @@ def diff(src: Manifest, dst: Manifest, *, delete: bool, checksum: bool, owner: b
     could not be read (``src.errors`` other than "vanished") are never deleted, as rsync skips deletion on I/O
     errors: an unreadable directory must not wipe its mirror.
     """
+    return _without_gc(lambda: _diff(src, dst, delete, checksum, owner))
+
+
+def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: bool) -> Plan:
     plan = Plan()
     s_entries = src.entries
     d_entries = dst.entries
