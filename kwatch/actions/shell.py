@@ -462,9 +462,10 @@ def _quote_derived(subst: str, ctx: str, used: Iterable[str]) -> str:
     """Quote an unquoted command substitution whose command used a placeholder.
 
     Its output is derived from a file name (```dirname _FILE_```), so left unquoted it would be split at spaces and
-    globbed; quoted, it stays one word. The escapes inside backticks mean the same within double quotes (``\\``,
-    ``\\```, ``\\$`` and ``\"`` lose the backslash), so the body needs no
-    change (every backslash is doubled, so no ``\\"`` pair survives). A substitution that only uses ``_FILES_`` is left as written: its output is a list on purpose.
+    globbed; quoted, it stays one word. Inside backticks the escapes mean the same within double quotes, except
+    that ``\\"`` also loses its backslash there; the rewritten body doubles every backslash, so it holds no such
+    pair and needs no change. A substitution that only uses ``_FILES_`` is left as written: its output is a list on
+    purpose.
     """
     if ctx == _TOP and any(p != FILES for p in used):
         return f'"{subst}"'
