@@ -116,6 +116,10 @@ DEFAULT_BUFFER = 256 * 1024
 #: One read() returns after this many raw records even if more are queued (the descriptor stays readable).
 DEFAULT_MAX_BATCH = 200_000
 _CACHE_MAX = 65_536
+#: How many times a batch with unresolved directories is extended by what was queued meanwhile and walked again.
+_REWALKS = 3
+#: How many vanished directories deep a path is rebuilt from a batch's mkdir/rename/rmdir records.
+_MAX_CHAIN = 200
 
 
 class _StatFs(ctypes.Structure):
@@ -305,6 +309,10 @@ class _Resolver:
             os.close(fd)
 
 
+def _unresolved(ev: RawEvent) -> bool:
+    return not ev.mask & FAN_Q_OVERFLOW and (ev.path is None or bool(ev.mask & FAN_RENAME and ev.new_path is None))
+
+
 def _is_dir_rename(ev: RawEvent) -> bool:
     return bool(ev.mask & FAN_RENAME and ev.mask & FAN_ONDIR)
 
@@ -330,10 +338,45 @@ class _PathWalk:
         self.r = resolver
         self.known: dict[bytes, bytes] = {}  # handle -> path at the walk's current position
         self.undo: list[tuple[bytes, bytes]] = []  # (old, new) dir renames after the current position, latest first
-        # A merged record keeps the position of its first event: "mkdir q" merged with "rmdir q" sits before the
-        # events inside q, so the walk meets them before it learns q's path. Such a directory is found here.
-        self.removed = {ev.obj_key: ev for ev in batch if _is_rmdir(ev) and ev.obj_key is not None}
+        # Records that name a directory (mkdir, rename, rmdir), by the directory's handle, for directories that no
+        # longer exist when the batch is resolved. A merged record keeps the place of its first event: "mkdir q"
+        # merged with "rmdir q" sits before the records inside q, so the walk meets those before it learns q's path.
+        self.naming: dict[bytes, list[tuple[int, RawEvent]]] = {}
+        for i, ev in enumerate(batch):
+            if ev.mask & FAN_ONDIR and ev.mask & (FAN_CREATE | FAN_DELETE | FAN_RENAME) and ev.obj_key is not None:
+                self.naming.setdefault(ev.obj_key, []).append((i, ev))
+        self.pos = 0
         self._resolving: set[bytes] = set()
+
+    def _named(self, key: bytes) -> bytes | None:
+        """The path of a vanished directory at the walk's position, from the records of this batch that name it."""
+        recs = self.naming.get(key)
+        # Each level is two frames of recursion: give up (the records count as lost) on an absurdly deep chain.
+        if not recs or key in self._resolving or len(self._resolving) > _MAX_CHAIN:
+            return None
+        later = [(i, ev) for i, ev in recs if i >= self.pos]
+        earlier = [(i, ev) for i, ev in recs if i < self.pos]
+        parent: bytes | None
+        name: bytes | None
+        self._resolving.add(key)
+        try:
+            if later:  # the name it had until then: rmdir's name, or a rename's old name
+                ev = later[0][1]
+                if ev.mask & FAN_RENAME:
+                    parent, name = self.dir_path(ev.old_key), ev.old_name
+                else:
+                    parent, name = self.dir_path(ev.dir_key), ev.name
+            else:  # the name it got then: mkdir's name, or a rename's new name
+                ev = earlier[-1][1]
+                if ev.mask & FAN_RENAME:
+                    parent, name = self.dir_path(ev.new_key), ev.new_name
+                else:
+                    parent, name = self.dir_path(ev.dir_key), ev.name
+        finally:
+            self._resolving.discard(key)
+        if parent is None or name is None:
+            return None
+        return join(parent, name)
 
     def dir_path(self, key: bytes | None) -> bytes | None:
         if key is None:
@@ -347,22 +390,15 @@ class _PathWalk:
                 if is_under(path, new):
                     path = _rebase(path, new, old)
         else:
-            rec = self.removed.get(key)
-            if rec is None or rec.name is None or key in self._resolving:
+            path = self._named(key)
+            if path is None:
                 return None
-            self._resolving.add(key)
-            try:
-                parent = self.dir_path(rec.dir_key)
-            finally:
-                self._resolving.discard(key)
-            if parent is None:
-                return None
-            path = join(parent, rec.name)
         self.known[key] = path
         return path
 
-    def step(self, ev: RawEvent) -> None:
-        """Fill ``ev.path``/``ev.new_path``, then move the walk's position to just before ``ev``."""
+    def step(self, ev: RawEvent, pos: int) -> None:
+        """Fill ``ev.path``/``ev.new_path`` (``ev`` is ``batch[pos]``), then move the walk to just before ``ev``."""
+        self.pos = pos
         if ev.mask & FAN_RENAME:
             old_dir, new_dir = self.dir_path(ev.old_key), self.dir_path(ev.new_key)
             if old_dir is not None and ev.old_name is not None:
@@ -562,31 +598,29 @@ class FanotifySource:
 
     def _process(self, batch: list[RawEvent]) -> list[FileEvent]:
         _forget_moved(self._resolver, batch)
-        walk = _PathWalk(self._resolver, batch)
-        wanted = [False] * len(batch)
-        for i in range(len(batch) - 1, -1, -1):
-            ev = batch[i]
-            structural = _is_dir_rename(ev) or _is_rmdir(ev) or bool(ev.mask & FAN_CREATE and ev.mask & FAN_ONDIR)
-            if ev.mask & FAN_Q_OVERFLOW:
-                wanted[i] = True
-                continue
-            keep = ev.pid not in self._exclude
-            if not keep and not structural:
-                continue
-            if ev.dir_key is None and not ev.mask & FAN_RENAME:
-                self._counters.dropped_nameless += 1
-                continue
-            walk.step(ev)
-            wanted[i] = keep
+        wanted = self._walk(batch)
+        # A directory that vanished between our read and its resolution (rm -rf racing with us) was removed by a
+        # record that is queued by now: read on and walk again, so its rmdir names it instead of counting a loss.
+        for _ in range(_REWALKS):
+            if not any(want and _unresolved(ev) for ev, want in zip(batch, wanted, strict=True)):
+                break
+            more = self._drain()
+            if not more:
+                break
+            _forget_moved(self._resolver, more)
+            batch.extend(more)
+            wanted = self._walk(batch)
         rmdir_at = _rmdir_positions(batch)
         deferred: dict[int, list[tuple[int, FileEvent]]] = {}
         out: list[FileEvent] = []
         unresolved = 0
         for i, (ev, want) in enumerate(zip(batch, wanted, strict=True)):
+            if ev.dir_key is None and not ev.mask & (FAN_RENAME | FAN_Q_OVERFLOW):
+                self._counters.dropped_nameless += 1
             if want:
                 if ev.mask & FAN_Q_OVERFLOW:
                     self._emit_loss(out, None, "fanotify queue overflow")
-                elif ev.path is None or (ev.mask & FAN_RENAME and ev.new_path is None):
+                elif _unresolved(ev):
                     unresolved += 1
                 else:
                     for fe in self._split(ev):
@@ -602,6 +636,26 @@ class FanotifySource:
             self._stats.lost += unresolved
             self._emit_loss(out, unresolved, "directory gone before its handle was resolved")
         return out
+
+    def _walk(self, batch: list[RawEvent]) -> list[bool]:
+        """Give every record its paths (see _PathWalk); True for the records to report."""
+        walk = _PathWalk(self._resolver, batch)
+        wanted = [False] * len(batch)
+        for i in range(len(batch) - 1, -1, -1):
+            ev = batch[i]
+            ev.path = ev.new_path = None
+            structural = _is_dir_rename(ev) or _is_rmdir(ev) or bool(ev.mask & FAN_CREATE and ev.mask & FAN_ONDIR)
+            if ev.mask & FAN_Q_OVERFLOW:
+                wanted[i] = True
+                continue
+            keep = ev.pid not in self._exclude
+            if not keep and not structural:
+                continue
+            if ev.dir_key is None and not ev.mask & FAN_RENAME:
+                continue  # the nameless link-count ATTRIB: counted when reporting
+            walk.step(ev, i)
+            wanted[i] = keep
+        return wanted
 
     def _emit_loss(self, out: list[FileEvent], lost: int | None, reason: str) -> None:
         self._stats.overflows += 1
@@ -644,10 +698,8 @@ class FanotifySource:
                 op = Op.CLOSE_WRITE
             else:
                 op = Op.ATTRIB
-            fe = FileEvent(op, ev.path, pid=ev.pid, ftype=ftype, backend=self.name)
-            if op is Op.SYMLINK:
-                fe.target = target
-            out.append(fe)
+            tgt = target if op is Op.SYMLINK else None
+            out.append(FileEvent(op, ev.path, target=tgt, pid=ev.pid, ftype=ftype, backend=self.name))
         return out
 
     def _maybe_wanted(self, path: bytes) -> bool:
