@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--count", type=int, help="stop after this many events")
     t.add_argument("--duration", type=float, help="stop after this many seconds")
     t.set_defaults(func=cmd_trace)
+
+    # Each further command registers its own parser: add_commands(subparsers) in its module.
+    # (the daemon: run, check-config)
+    # (replication: replicate, agent)
     return p
 
 

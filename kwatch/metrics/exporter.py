@@ -1,0 +1,90 @@
+"""Prometheus exposition: a collector that reads :class:`DaemonStats` at scrape time, and the HTTP endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kwatch.metrics.stats import DaemonStats
+
+
+class KwatchCollector(Collector):
+    def __init__(self, stats: DaemonStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        ev = CounterMetricFamily("kwatch_events", "File events captured", labels=["op", "backend"])
+        for (op, backend), n in sorted(s.events.items()):
+            ev.add_metric([op, backend], n)
+        yield ev
+        lost = CounterMetricFamily("kwatch_events_lost", "Events the kernel or a queue dropped", labels=["backend"])
+        for backend, n in sorted(s.lost.items()):
+            lost.add_metric([backend], n)
+        yield lost
+        rm = CounterMetricFamily("kwatch_rule_matches", "Events that matched a rule", labels=["rule"])
+        for rule, n in sorted(s.rule_matches.items()):
+            rm.add_metric([rule], n)
+        yield rm
+        act = CounterMetricFamily("kwatch_actions", "Action commands by result", labels=["rule", "result"])
+        for (rule, result), n in sorted(s.actions.items()):
+            act.add_metric([rule, result], n)
+        yield act
+        h = s.action_latency
+        hist = HistogramMetricFamily("kwatch_action_latency_seconds", "From event to action start")
+        hist.add_metric([], h.cumulative(), sum_value=h.total)
+        yield hist
+        q = GaugeMetricFamily("kwatch_queue_depth", "Items waiting", labels=["queue"])
+        for name, fn in sorted(s.queues.items()):
+            q.add_metric([name], fn())
+        yield q
+        yield GaugeMetricFamily("kwatch_config_reloads", "SIGHUP reloads done", value=s.reloads)
+        yield from self._targets()
+
+    def _targets(self) -> Iterator[Metric]:
+        ts = sorted(self.stats.targets.values(), key=lambda t: t.name)
+        gauges = {
+            "lag_seconds": "Seconds the mirror is behind the oldest unsent change",
+            "pending_paths": "Paths waiting to be sent",
+        }
+        for attr, doc in gauges.items():
+            g = GaugeMetricFamily(f"kwatch_replication_{attr}", doc, labels=["target"])
+            for t in ts:
+                g.add_metric([t.name], getattr(t, attr))
+            yield g
+        up = GaugeMetricFamily("kwatch_replication_connected", "1 while the target's transport is up", labels=["target"])
+        for t in ts:
+            up.add_metric([t.name], 1.0 if t.connected else 0.0)
+        yield up
+        by = CounterMetricFamily("kwatch_replication_bytes", "Bytes of file data", labels=["target", "kind"])
+        for t in ts:
+            by.add_metric([t.name, "literal"], t.bytes_literal)
+            by.add_metric([t.name, "matched"], t.bytes_matched)
+            by.add_metric([t.name, "wire"], t.bytes_wire)
+        yield by
+        counters = {
+            "files": "Files sent",
+            "renames": "Renames replayed",
+            "deletes": "Deletes applied",
+            "errors": "Per-path errors",
+            "reconnects": "Transport reconnects",
+            "batches": "Batches committed",
+            "rescans": "Subtree rescans",
+        }
+        for attr, doc in counters.items():
+            c = CounterMetricFamily(f"kwatch_replication_{attr}", doc, labels=["target"])
+            for t in ts:
+                c.add_metric([t.name], getattr(t, attr))
+            yield c
+
+
+def serve(stats: DaemonStats, address: str) -> CollectorRegistry:
+    """Start the /metrics endpoint on ``host:port`` (a background thread); returns its registry."""
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KwatchCollector(stats))
+    start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    return registry

@@ -1,0 +1,65 @@
+"""The daemon's counters: plain data the daemon updates and the collector reads at scrape time. Pure code."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: Seconds; action latency (event to command start) and replication lag live in this range.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, cumulative count) pairs ending with +Inf, as Prometheus wants them."""
+        out, acc = [], 0
+        for bound, c in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
+            acc += c
+            out.append((bound, acc))
+        return out
+
+
+@dataclass
+class TargetStats:
+    """One replication target."""
+
+    name: str
+    lag_seconds: float = 0.0
+    pending_paths: int = 0
+    bytes_literal: int = 0
+    bytes_matched: int = 0
+    bytes_wire: int = 0
+    files: int = 0
+    renames: int = 0
+    deletes: int = 0
+    errors: int = 0
+    reconnects: int = 0
+    batches: int = 0
+    rescans: int = 0
+    connected: bool = False
+
+
+@dataclass
+class DaemonStats:
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, backend)
+    lost: Counter[str] = field(default_factory=Counter)  # backend
+    rule_matches: Counter[str] = field(default_factory=Counter)  # rule name
+    actions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (rule, result: started/ok/failed/timeout)
+    action_latency: Histogram = field(default_factory=Histogram)
+    queues: dict[str, Callable[[], int]] = field(default_factory=dict)  # name -> depth, read at scrape time
+    targets: dict[str, TargetStats] = field(default_factory=dict)
+    reloads: int = 0
+    reload_errors: int = 0
