@@ -283,11 +283,17 @@ class InotifySource:
                 self._handle(wd, mask, cookie, name, out)
         return False
 
-    def _event(self, op: Op, path: bytes, **kw: object) -> FileEvent:
-        fe = FileEvent(op, path, backend=self.name)
-        for k, v in kw.items():
-            setattr(fe, k, v)
-        return fe
+    def _event(
+        self,
+        op: Op,
+        path: bytes,
+        *,
+        new_path: bytes | None = None,
+        target: bytes | None = None,
+        ftype: int = FT_UNKNOWN,
+        extra: dict[str, object] | None = None,
+    ) -> FileEvent:
+        return FileEvent(op, path, new_path=new_path, target=target, ftype=ftype, backend=self.name, extra=extra or {})
 
     def _handle(self, wd: int, mask: int, cookie: int, name: bytes, out: list[FileEvent | None]) -> None:
         if mask & IN_Q_OVERFLOW:
@@ -301,6 +307,10 @@ class InotifySource:
         base = self._wd_path.get(wd)
         if base is None:
             return  # a watch we already dropped (moved out, removed); its last records are stale
+        if self._pending and any(p.is_dir and is_under(base, p.path) for p in self._pending.values()):
+            # A directory's MOVED_TO follows its MOVED_FROM at once; anything in between from the watches below it
+            # happened after it left the watched tree (moved out): not ours to report.
+            return
         if not name:
             self._self_event(wd, mask, base, out)
             return
