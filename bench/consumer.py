@@ -1,0 +1,97 @@
+"""The counting kwatch consumer: opens a capture backend on a tree, reads batches, counts, prints nothing.
+
+Run as its own process by the capture suite, so that its CPU time is the cost of capture alone (kernel program,
+ring buffer or fanotify reads, decoding, filtering) without the terminal formatting of ``kwatch trace``::
+
+    python -m bench.consumer --backend bpf --ready FILE --out FILE.json DIR
+
+It touches ``--ready`` once the source is open (the kernel side is attached), counts until SIGTERM/SIGINT, then
+drains what is still queued (until a read comes back empty twice) and writes its counts as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+from kwatch.capture.base import CaptureFilter
+from kwatch.capture.select import open_source
+from kwatch.events import Op
+
+_stop = False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _stop
+    _stop = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.consumer")
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--backend", default="bpf")
+    ap.add_argument("--ready", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ringbuf-mib", type=int, default=0, help="BPF ring buffer size (0: the backend default)")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    filt = CaptureFilter.make(roots=[os.path.abspath(d) for d in args.dirs], exclude_pids=[os.getpid()])
+    t_open = time.monotonic()
+    if args.backend == "bpf" and args.ringbuf_mib:
+        from kwatch.capture.bpf import BpfSource
+
+        src = BpfSource(filt, ringbuf_bytes=args.ringbuf_mib << 20)
+    else:
+        src = open_source(filt, args.backend)
+    open_s = time.monotonic() - t_open
+    Path(args.ready).write_text(str(os.getpid()))
+    events = loss_markers = 0
+    lost: int | None = 0
+    by_op: dict[str, int] = {}
+    first = last = None
+    empty = 0
+    reads = 0
+    try:
+        while True:
+            batch = src.read(0.1)
+            reads += 1
+            if not batch:
+                if _stop:
+                    empty += 1
+                    if empty >= 2:
+                        break
+                continue
+            empty = 0
+            now = time.monotonic()
+            first = first if first is not None else now
+            last = now
+            for ev in batch:
+                if ev.op is Op.LOSS:
+                    loss_markers += 1
+                    if ev.lost is None:
+                        lost = None
+                    elif lost is not None:
+                        lost += ev.lost
+                    continue
+                events += 1
+                k = ev.op.label
+                by_op[k] = by_op.get(k, 0) + 1
+    finally:
+        st = src.stats()
+        src.close()
+    Path(args.out).write_text(json.dumps({
+        "backend": src.name, "events": events, "by_op": by_op, "loss_markers": loss_markers, "lost": lost,
+        "stats_lost": st.lost, "filtered": st.filtered, "reads": reads, "open_s": round(open_s, 3),
+        "first_batch": first, "last_batch": last,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Benchmark output: Markdown tables, JSON, the ratio chart, and the README section between the capture markers.
+
+Pure formatting apart from the file writes at the end (:func:`write_capture`, :func:`update_readme`). The README is
+touched only between ``<!-- bench:capture:start -->`` and ``<!-- bench:capture:end -->``; without both markers it is
+left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.common import OUT, REPO
+
+README_START = "<!-- bench:capture:start -->"
+README_END = "<!-- bench:capture:end -->"
+
+
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _n(x: float | int | None) -> str:
+    return "-" if x is None else f"{int(x):,}"
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"{m['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}; "
+            f"load average at start {', '.join(str(x) for x in m['loadavg_at_start'])}; kwatch {m['kwatch_commit']}")
+
+
+def capture_markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    p = res["params"]
+    wl = res["workloads"]
+    lines = [
+        f"Measured {machine_line(m)}.",
+        "",
+        f"Workloads on {'a tmpfs' if res['fs'] == 'tmpfs' else 'ext4 (/var/tmp)'}: **untar** = `tar -xf` of the fixed "
+        f"subset of {wl['untar']['package']} ({_n(wl['untar']['files'])} files, {_n(wl['untar']['dirs'])} dirs, "
+        f"{wl['untar']['bytes'] / 1e6:.0f} MB, sha256 `{wl['untar']['sha256'][:12]}`) x {wl['untar']['repeat']}; "
+        f"**churn** = {_n(wl['churn']['iterations'])} x (create, write 64 B, close, unlink). "
+        f"Median of {p['runs']} alternating runs per configuration.",
+        "",
+        "| workload | observer | wall s | x none | workload CPU s | observer CPU s | events seen | lost | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["summary"]:
+        label = r["label"] + (" ¹" if r["scope"] == "system" else "")
+        if not r["runs"]:
+            err = (r["errors"] or ["no run"])[0].splitlines()[0][:80]
+            lines.append(f"| {r['workload']} | {label} | failed: {err} | | | | | | 0 |")
+            continue
+        lost = "n/a" if r["lost"] is None else _n(r["lost"])
+        lines.append(
+            f"| {r['workload']} | {label} | {_f(r['wall_s'])} | {_f(r['ratio'], '{:.3f}')} | "
+            f"{_f(r['workload_cpu_s'], '{:.2f}')} | {_f(r['observer_cpu_s'], '{:.2f}')} | {_n(r['events'])} | "
+            f"{lost} | {r['runs']} |"
+        )
+    lines += [
+        "",
+        "¹ whole system (the tool cannot be limited to the tree): its events include other processes' activity.",
+        "wall s: the workload's wall time; x none: over the median with no observer; workload CPU: the workload "
+        "processes' user+system time (in-kernel capture work such as BPF programs and audit records is charged "
+        "there); observer CPU: the observer's processes (and its line counter / kauditd). events seen: kwatch: "
+        "events delivered; inotifywait, fatrace, bpftrace: output lines; auditd: SYSCALL records with the rule's "
+        "key. lost: what the tool reports (n/a: it cannot say).",
+    ]
+    if res.get("not_measured"):
+        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in res["not_measured"].items()) + "."]
+    tp = res.get("throughput") or {}
+    if "decode" in tp:
+        d = tp["decode"]
+        lines += [
+            "",
+            "| BPF consumer | figure |",
+            "|---|---:|",
+            f"| `decode_batch`, single-path records | {_n(d['single']['records_per_s'])} records/s |",
+            f"| `decode_batch`, churn mix (dir+name, path, dir+name) | {_n(d['churn']['records_per_s'])} records/s |",
+        ]
+        e2e = tp.get("e2e") or {}
+        if "error" in e2e:
+            lines.append(f"| BpfSource end to end | not measured: {e2e['error']} |")
+        for name, e in e2e.items():
+            if name == "error":
+                continue
+            what = "flat out" if name == "flat_out" else f"paced at {_n(e['target_events_per_s'])} events/s"
+            lines.append(
+                f"| BpfSource + churn {what} | produced {_n(e['produced_events_per_s'])} ev/s, delivered "
+                f"{_n(e['delivered_events'])} of {_n(e['expected_events'])} ({_n(e['delivered_per_s'])} ev/s), "
+                f"lost {_n(e['lost'])}, consumer CPU {_f(e['consumer_cpu_share'], '{:.0%}')} of a core |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def capture_chart(res: dict[str, Any], path: Path) -> str | None:
+    """A bar chart of the wall-time ratios; returns why not if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (needs a `bench` extra in pyproject.toml)"
+    rows = [r for r in res["summary"] if r["ratio"] is not None and r["observer"] != "none"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / max(1, len(workloads))
+    for i, wl in enumerate(workloads):
+        vals = {r["label"]: r["ratio"] for r in rows if r["workload"] == wl}
+        xs = [j + i * width for j in range(len(labels))]
+        ax.bar(xs, [vals.get(lb, 0) for lb in labels], width, label=wl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(1.05, color="green", linewidth=0.8, linestyle="--", label="+5% target")
+    ax.set_xticks([j + width * (len(workloads) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("workload wall time / no observer")
+    ax.set_title(f"kwatch capture overhead ({res['machine']['date']}, {res['machine']['nproc']} CPUs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_capture(res: dict[str, Any], out: Path = OUT) -> dict[str, str]:
+    """Write capture.md, capture.json and capture.png under ``out``; returns what was written (or why not)."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = capture_markdown(res)
+    (out / "capture.md").write_text("# kwatch capture benchmark\n\n" + md)
+    (out / "capture.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    written = {"markdown": str(out / "capture.md"), "json": str(out / "capture.json")}
+    why = capture_chart(res, out / "capture.png")
+    written["chart"] = why or str(out / "capture.png")
+    return written
+
+
+def replace_section(text: str, body: str, start: str = README_START, end: str = README_END) -> str | None:
+    """``text`` with what lies between the markers replaced by ``body``; None when the markers are missing."""
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return None
+    return text[: i + len(start)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
+
+
+def update_readme(res: dict[str, Any], readme: Path = REPO / "README.md") -> str:
+    """Put the capture table into README.md between the markers (atomically); returns what happened."""
+    if not readme.exists():
+        return f"{readme} does not exist; not written"
+    text = readme.read_text()
+    new = replace_section(text, capture_markdown(res))
+    if new is None:
+        return f"{readme} has no {README_START} ... {README_END} section; not written"
+    tmp = readme.with_name(readme.name + ".bench-tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+    return f"updated the capture section of {readme}"

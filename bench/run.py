@@ -1,0 +1,109 @@
+"""Entry point of the benchmarks: ``python -m bench.run [--all | --quick] [capture] [replicate] [options]``.
+
+Owns argument parsing, which suites run in which mode, and where results go (``bench/out/<suite>.{md,json,png}``;
+``--write-readme`` also updates the README section of a suite). ``--quick`` is a smoke test for CI: one run of tiny
+workloads, checks that the suite works, not the numbers. A suite whose module does not exist yet (``replicate``) is
+reported as not available; asking for it alone is an error, ``--all`` just says so and goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import OUT, BenchError
+
+SUITES = ("capture", "replicate")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_capture(args: argparse.Namespace, out: Path) -> int:
+    from bench import report
+    from bench.capture import Params, run_suite
+
+    only = tuple(x for part in args.observers for x in part.split(",") if x)
+    p = Params.for_mode(
+        args.quick, runs=args.runs, fs=args.fs, time_limit=args.time_limit, only=only,
+        throughput=not args.no_throughput, untar_repeat=args.untar_repeat, churn_iterations=args.churn_iterations,
+    )
+    res = run_suite(p, log=_log)
+    written = report.write_capture(res, out)
+    for k, v in written.items():
+        _log(f"capture: {k}: {v}")
+    if args.write_readme:
+        _log("capture: " + report.update_readme(res))
+    print(report.capture_markdown(res))
+    failed = [r for r in res["summary"] if not r["runs"]]
+    if res["out_of_time"]:
+        _log(f"capture: stopped early at the time limit ({p.time_limit:.0f} s); the results are partial")
+    if args.quick and (failed or res["out_of_time"]):
+        _log("capture: smoke test FAILED: " + ", ".join(r["observer"] for r in failed))
+        return 1
+    return 0
+
+
+def run_replicate(args: argparse.Namespace, out: Path) -> int:
+    if importlib.util.find_spec("bench.replicate") is None:
+        raise BenchError("the replicate suite (bench/replicate.py) does not exist yet")
+    from bench import replicate  # type: ignore[attr-defined]
+
+    rc: int = replicate.main(args, out)
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description="kwatch benchmarks")
+    ap.add_argument("suites", nargs="*", help=f"suites to run: {', '.join(SUITES)} (default with --all/--quick: all)")
+    ap.add_argument("--all", action="store_true", help="every suite, full size")
+    ap.add_argument("--quick", action="store_true", help="smoke test: one run of tiny workloads")
+    ap.add_argument("--runs", type=int, help="runs per configuration (default 3, --quick 1)")
+    ap.add_argument("--fs", choices=["tmpfs", "disk"], default="tmpfs", help="where the workloads write")
+    ap.add_argument("--time-limit", type=float, help="seconds; stop scheduling runs after it (results partial)")
+    ap.add_argument("--observers", action="append", default=[], help="capture: observer names to run (repeat or "
+                    "comma-separate); 'none' always runs")
+    ap.add_argument("--untar-repeat", type=int, help="capture: untars per timed run")
+    ap.add_argument("--churn-iterations", type=int, help="capture: churn iterations per timed run")
+    ap.add_argument("--no-throughput", action="store_true", help="capture: skip the decode and end-to-end figures")
+    ap.add_argument("--write-readme", action="store_true", help="update the suite's section of README.md")
+    ap.add_argument("--out", type=Path, default=OUT, help="output directory (default bench/out)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    suites = list(dict.fromkeys(args.suites)) or list(SUITES)
+    if not args.suites and not (args.all or args.quick):
+        build_parser().error("name a suite, or give --all or --quick")
+    for name in suites:
+        if name not in SUITES:
+            build_parser().error(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    if os.geteuid() != 0:
+        _log("bench: needs root (BPF, fanotify, tmpfs mounts, auditd)")
+        return 2
+    explicit = bool(args.suites)
+    rc = 0
+    for name in suites:
+        t0 = time.monotonic()
+        try:
+            r = run_capture(args, args.out) if name == "capture" else run_replicate(args, args.out)
+        except BenchError as e:
+            _log(f"bench: {name}: not run: {e}")
+            r = 1 if explicit else 0
+        except KeyboardInterrupt:
+            _log(f"bench: {name}: interrupted; cleaned up")
+            return 130
+        _log(f"bench: {name}: done in {time.monotonic() - t0:.0f} s (rc {r})")
+        rc = rc or r
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

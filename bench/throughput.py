@@ -1,0 +1,139 @@
+"""Throughput of the BPF consumer: the record decoder alone, and the whole BpfSource path under the churn workload.
+
+Owns:
+
+- :func:`decode_bench`: records per second of ``kwatch.capture.record.decode_batch`` on synthetic records laid out as
+  the ring buffer holds them (``KwEvent`` header then the slot strings, 8-byte aligned), for two mixes: every record
+  a single resolved path, and the churn mix (CREATE and UNLINK as directory + name, CLOSE_WRITE as one path).
+  Target: >= 1M records/s.
+- :func:`e2e_bench`: ``bench.consumer`` (a BpfSource read in a loop, counting) while ``bench/churn`` runs flat out,
+  and paced at a fixed event rate (default 200k events/s, the target for zero losses): events delivered, events
+  expected (3 per iteration), losses, delivered events per second of wall time, consumer CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import BenchError, Runner, wait_quiet
+from bench.observers import KwatchCount, RunCtx
+from bench.workloads import ChurnWorkload, run_churn
+
+
+def _record(op: int, slots: list[bytes]) -> bytes:
+    from kwatch.capture.record import SLOTS, KwEvent
+
+    ev = KwEvent()
+    ev.ts_ns = 123456789
+    ev.cgroup_id = 1
+    ev.pid = ev.tid = 4242
+    ev.ppid = 1
+    ev.op = op
+    ev.mode = 0o644
+    ev.ftype = 0o100000
+    ev.comm = b"churn"
+    lens = (ctypes.c_uint16 * SLOTS)(*[len(s) for s in slots] + [0] * (SLOTS - len(slots)))
+    ev.len = lens
+    body = bytes(ev) + b"".join(slots)
+    return body
+
+
+def synthetic_batch(n: int, mix: str) -> tuple[bytes, list[int]]:
+    """``n`` records in ring buffer layout (8-byte record header, body, 8-byte alignment) and their body offsets."""
+    from kwatch.events import Op
+
+    base = b"/tmp/kwatch-bench-xxxxxx/watched/linux-source-6.1/fs/ext4"
+    if mix == "single":
+        kinds = [(int(Op.CLOSE_WRITE), [base + b"/inode.c"])]
+    elif mix == "churn":
+        kinds = [
+            (int(Op.CREATE), [base, b"c17"]),
+            (int(Op.CLOSE_WRITE), [base + b"/c17"]),
+            (int(Op.UNLINK), [base, b"c17"]),
+        ]
+    else:
+        raise ValueError(mix)
+    recs = [_record(op, slots) for op, slots in kinds]
+    parts = []
+    offsets = []
+    pos = 0
+    for i in range(n):
+        body = recs[i % len(recs)]
+        rec = len(body).to_bytes(4, "little") + b"\0\0\0\0" + body
+        rec += b"\0" * (-len(rec) % 8)
+        offsets.append(pos + 8)
+        parts.append(rec)
+        pos += len(rec)
+    return b"".join(parts), offsets
+
+
+def decode_bench(n: int = 200_000, reps: int = 5) -> dict[str, Any]:
+    from kwatch.capture.record import decode_batch
+
+    out: dict[str, Any] = {"records": n, "reps": reps}
+    for mix in ("single", "churn"):
+        buf, offsets = synthetic_batch(n, mix)
+        view = memoryview(buf)
+        evs = decode_batch(view, offsets[:3])
+        assert evs[0].path.startswith(b"/tmp/"), evs[0]
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            decode_batch(view, offsets)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        out[mix] = {"records_per_s": round(n / med), "median_s": round(med, 4), "min_s": round(min(times), 4)}
+    return out
+
+
+def e2e_bench(
+    runner: Runner, watch: Path, tmp: Path, *, iterations: int, paced_rate_events: float, paced_seconds: float,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """The consumer against the churn, flat out and paced; see the module docstring."""
+    results: dict[str, Any] = {}
+    runs = {
+        "flat_out": ChurnWorkload(iterations),
+        "paced": ChurnWorkload(
+            int(paced_rate_events / ChurnWorkload.EVENTS_PER_ITER * paced_seconds),
+            rate=paced_rate_events / ChurnWorkload.EVENTS_PER_ITER,
+        ),
+    }
+    for name, wl in runs.items():
+        obs = KwatchCount("bpf")
+        ctx = RunCtx(runner, watch, tmp, f"e2e-{name}")
+        obs.start(ctx)
+        try:
+            t0 = time.monotonic()
+            _, loop_s = run_churn(runner, wl, watch, timeout)
+            wall = time.monotonic() - t0
+            settle = wait_quiet(obs.pids(), 60.0)
+            res = obs.stop()
+        except BaseException:
+            obs.abort()
+            raise
+        if not obs.out.exists():
+            raise BenchError("consumer wrote no counts")
+        d = json.loads(obs.out.read_text())
+        expected = wl.iterations * wl.EVENTS_PER_ITER
+        span = max(wall, (d["last_batch"] or t0) - t0)
+        results[name] = {
+            "iterations": wl.iterations,
+            "target_events_per_s": paced_rate_events if wl.rate else None,
+            "produced_events_per_s": round(expected / loop_s),
+            "expected_events": expected,
+            "delivered_events": res.events,
+            "lost": res.lost,
+            "loss_markers": d["loss_markers"],
+            "delivered_per_s": round((res.events or 0) / span) if span else None,
+            "workload_s": round(loop_s, 3),
+            "consumer_cpu_s": round(res.cpu_s, 3),
+            "consumer_cpu_share": round(res.cpu_s / span, 3) if span else None,
+            "settle_s": round(settle, 2),
+        }
+    return results
