@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each further command registers its own parser: add_commands(subparsers) in its module.
     # (the daemon: run, check-config)
-    # (replication: replicate, agent)
+    from kwatch.replicate import command as replicate_command
+
+    replicate_command.add_commands(sub)
     return p
 
 

@@ -7,6 +7,7 @@ backend applies last, so the kernel side may only over-approximate, never drop a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,9 +29,12 @@ class CaptureFilter:
 
     @classmethod
     def make(
-        cls, roots: Iterable[bytes | str] = (), ops: Iterable[Op] | None = None, exclude_pids: Iterable[int] = ()
+        cls,
+        roots: Iterable[os.PathLike[str] | str | bytes] = (),
+        ops: Iterable[Op] | None = None,
+        exclude_pids: Iterable[int] = (),
     ) -> CaptureFilter:
-        norm = tuple(sorted({normalize(r.encode() if isinstance(r, str) else r) for r in roots}))
+        norm = tuple(sorted({normalize(os.fsencode(r)) for r in roots}))
         return cls(norm, frozenset(ops) if ops is not None else frozenset(Op), frozenset(exclude_pids))
 
     def accepts(self, ev: FileEvent) -> bool:

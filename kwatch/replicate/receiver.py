@@ -634,6 +634,29 @@ class Receiver:
             except OSError as e:
                 raise self._fail(path, "cannot set attributes", e) from e
 
+    def open_read(self, path: bytes) -> int | None:
+        """A read-only fd of the file at ``path`` (a final symlink is not followed), or None when nothing is there.
+
+        For the agent's signatures and delta bases: reading goes through the same confinement as writing.
+        """
+        try:
+            at = self._at(path)
+        except ReceiverError as e:
+            if e.errno in (errno_mod.ENOENT, errno_mod.ENOTDIR):
+                return None
+            raise
+        with at:
+            try:
+                return os.open(at.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=at.fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as e:
+                raise self._fail(path, "cannot open for reading", e) from e
+
+    def open_dir(self, path: bytes) -> int:
+        """An O_PATH fd of the directory ``path`` under the root; symlinks anywhere in it are refused."""
+        return self._open_dir(path, validate_path(path))
+
     def cleanup_temps(self) -> list[bytes]:
         """Remove temporaries left by an interrupted run (not those of puts open in this receiver).
 

@@ -106,7 +106,7 @@ class Manifest:
 # excludes
 
 
-class _Excluder:
+class Excluder:
     """Compiled exclude patterns (shell globs, as bytes).
 
     A pattern without ``/`` matches a name at any depth (``*.o``, ``.git``); a pattern with ``/`` matches the whole
@@ -167,7 +167,7 @@ def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
 def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False) -> Manifest:
     """Walk ``root`` (without following symlinks) into a :class:`Manifest` keyed by relative path.
 
-    ``excludes`` are glob patterns (see :class:`_Excluder`); the default skips receiver temporaries. With
+    ``excludes`` are glob patterns (see :class:`Excluder`); the default skips receiver temporaries. With
     ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root that
     cannot be opened as a directory raises ``OSError``.
     """
@@ -195,7 +195,7 @@ def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
     man = Manifest(checksum=checksum)
     entries = man.entries
     errors = man.errors
-    excluded = _Excluder(excludes)
+    excluded = Excluder(excludes)
     # Interning: equal small ints from different stat calls are different objects; sharing them saves ~28 bytes a
     # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
     intern: dict[int, int] = {}

@@ -1,0 +1,354 @@
+"""``kwatch agent``: the mirror end of the agent protocol, applying what a sender streams to a :class:`Receiver`.
+
+It reads frames from a byte stream (stdin when started by ssh or as a local pipe), drives an
+:class:`AgentConnection` in the receiver role, and turns each operation into a Receiver call. Per-path failures are
+collected and reported in the next :class:`Ack`, never fatal; a peer that breaks the protocol gets an ``Error`` frame
+and the agent exits non-zero. Deltas are applied as they stream in (basis blocks copied, literals written into the
+put's temporary), so memory stays bounded whatever the file size.
+
+The source tree has precedence: a put, symlink or hard link that finds a directory in the way, or a mkdir that finds
+a file, removes the obstacle first (rsync's ``--force``); the sender only asks for that when its source says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, TypeVar
+
+import xxhash
+
+from kwatch.protocols import agent as ap
+from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
+from kwatch.replicate.delta import signature
+from kwatch.replicate.receiver import PutHandle, Receiver, ReceiverError
+from kwatch.replicate.scan import Kind, scan
+
+MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
+SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
+READ_SIZE = 1 << 18
+
+_T = TypeVar("_T")
+_KIND = {Kind.FILE: ap.EntryType.FILE, Kind.DIR: ap.EntryType.DIR, Kind.SYMLINK: ap.EntryType.SYMLINK,
+         Kind.OTHER: ap.EntryType.OTHER}
+
+
+@dataclass
+class _Put:
+    """A put or delta being received."""
+
+    path: bytes
+    handle: PutHandle | None  # None once it failed: later chunks are dropped
+    hasher: xxhash.xxh3_128
+    basis: BinaryIO | None = None
+    basis_size: int = 0
+    block_size: int = 0
+    size: int = 0
+
+
+@dataclass
+class AgentServer:
+    """Applies one connection's operations to ``receiver``. Feed it bytes; it returns bytes to send back."""
+
+    receiver: Receiver
+    conn: ap.AgentConnection = field(default_factory=lambda: ap.AgentConnection(ap.Role.RECEIVER))
+    errors: list[ap.PathError] = field(default_factory=list)
+    closed: bool = False
+    _put: _Put | None = None
+    _sigs: dict[int, int] = field(default_factory=dict)  # sig id -> block size we answered with
+    _out: bytearray = field(default_factory=bytearray)
+
+    def start(self) -> bytes:
+        self.receiver.cleanup_temps()  # leftovers of a crash: never visible under a final name, now gone too
+        return self.conn.send(self.conn.hello())
+
+    def feed(self, data: bytes) -> bytes:
+        """Process bytes from the sender (``b""`` at EOF); return what to write back."""
+        self.conn.receive_data(data)
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except RemoteProtocolError as e:
+                self._emit(ap.error_for(e))
+                self.closed = True
+                raise
+            if isinstance(ev, ap.NeedData):
+                break
+            if isinstance(ev, ap.ConnectionClosed):
+                self.closed = True
+                break
+            self._handle(ev)
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _emit(self, msg: ap.Message) -> None:
+        self._out += self.conn.send(msg)
+
+    def _fail(self, path: bytes, e: BaseException) -> None:
+        code = "EIO"
+        if isinstance(e, (ReceiverError, OSError)) and getattr(e, "errno", None):
+            code = errno_mod.errorcode.get(e.errno or 0, "EIO")
+        self.errors.append(ap.PathError(path, code, str(e)))
+
+    # ---- dispatch ------------------------------------------------------------------------------------------------
+
+    def _handle(self, m: ap.Message) -> None:
+        r = self.receiver
+        if isinstance(m, ap.Hello):
+            return
+        if isinstance(m, ap.ManifestRequest):
+            self._manifest(m)
+        elif isinstance(m, ap.SigRequest):
+            self._signature(m)
+        elif isinstance(m, ap.PutBegin):
+            self._begin(m.relpath, m.mode, None)
+        elif isinstance(m, ap.DeltaBegin):
+            self._begin(m.relpath, m.mode, m.sig_id)
+        elif isinstance(m, ap.PutChunk):
+            self._write(m.data)
+        elif isinstance(m, ap.DeltaChunk):
+            self._delta(m.ops)
+        elif isinstance(m, (ap.PutEnd, ap.DeltaEnd)):
+            self._end(m.digest)
+        elif isinstance(m, ap.Mkdir):
+            self._forced(m.relpath, lambda: r.mkdir(m.relpath, m.mode), want_dir=True)
+        elif isinstance(m, ap.Symlink):
+            self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target), want_dir=False)
+        elif isinstance(m, ap.Hardlink):
+            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target), want_dir=False)
+        elif isinstance(m, ap.Rename):
+            self._call(m.src, lambda: r.rename(m.src, m.dst))
+        elif isinstance(m, ap.Delete):
+            self._call(m.relpath, lambda: r.delete(m.relpath))
+        elif isinstance(m, ap.SetAttr):
+            self._call(m.relpath, lambda: r.setattr(m.relpath, mode=m.mode, mtime_ns=m.mtime_ns, uid=m.uid,
+                                                    gid=m.gid))
+        elif isinstance(m, ap.Commit):
+            self._call(b"", r.commit)
+            errors, self.errors = tuple(self.errors), []
+            self._emit(ap.Ack(m.seq, errors))
+        elif isinstance(m, ap.Error):
+            raise RemoteProtocolError(f"sender reported {m.code}: {m.message}")
+
+    def _call(self, path: bytes, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except (ReceiverError, OSError) as e:
+            self._fail(path, e)
+
+    def _forced(self, path: bytes, fn: Callable[[], object], *, want_dir: bool) -> None:
+        """Run ``fn``; if an entry of the other type is in the way, remove it and run ``fn`` again."""
+        try:
+            fn()
+            return
+        except ReceiverError as e:
+            if e.errno not in (errno_mod.EISDIR, errno_mod.EEXIST, errno_mod.ENOTDIR):
+                self._fail(path, e)
+                return
+        try:
+            self.receiver.delete(path)
+            fn()
+        except (ReceiverError, OSError) as e:
+            self._fail(path, e)
+
+    # ---- manifests and signatures ---------------------------------------------------------------------------------
+
+    def _manifest(self, m: ap.ManifestRequest) -> None:
+        root = self.receiver.root
+        base = root if not m.relpath else os.path.join(root, m.relpath)
+        prefix = b"" if not m.relpath else m.relpath + b"/"
+        entries: list[ap.Entry] = []
+        try:
+            # the scan follows nothing below base; base itself is checked to be a real directory under the root
+            if m.relpath and not self._is_real_dir(m.relpath):
+                man = None
+            else:
+                man = scan(base, checksum=m.hashes)
+        except OSError:
+            man = None
+        if man is not None:
+            for rel, e in man.entries.items():
+                entries.append(ap.Entry(_KIND[e.kind], prefix + rel, e.size, e.mtime_ns, e.mode, e.uid, e.gid,
+                                        e.target, e.digest))
+                if len(entries) >= MANIFEST_CHUNK:
+                    self._emit(ap.ManifestEntries(m.id, tuple(entries), False))
+                    entries = []
+        self._emit(ap.ManifestEntries(m.id, tuple(entries), True))
+
+    def _is_real_dir(self, rel: bytes) -> bool:
+        try:
+            fd = self.receiver.open_dir(rel)
+        except (ReceiverError, OSError):
+            return False
+        os.close(fd)
+        return True
+
+    def _signature(self, m: ap.SigRequest) -> None:
+        f = self._open_basis(m.relpath)
+        if f is None:
+            self._emit(ap.Signature(m.id, m.block_size or 1024, 0, 0, b"", b"", True))
+            self._sigs[m.id] = m.block_size or 1024
+            return
+        with f:
+            sig = signature(f, m.block_size)
+        self._sigs[m.id] = sig.block_size
+        weak, strong = sig.weak_bytes(), sig.strong
+        n = sig.count
+        if n == 0:
+            self._emit(ap.Signature(m.id, sig.block_size, sig.file_size, sig.seed, b"", b"", True))
+            return
+        for i in range(0, n, SIG_CHUNK):
+            j = min(n, i + SIG_CHUNK)
+            self._emit(ap.Signature(m.id, sig.block_size, sig.file_size, sig.seed, weak[4 * i : 4 * j],
+                                    strong[16 * i : 16 * j], j == n))
+
+    def _open_basis(self, rel: bytes) -> BinaryIO | None:
+        try:
+            fd = self.receiver.open_read(rel)
+        except (ReceiverError, OSError):
+            return None
+        if fd is None:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+
+    # ---- puts and deltas -----------------------------------------------------------------------------------------
+
+    def _begin(self, path: bytes, mode: int, sig_id: int | None) -> None:
+        self._abort_put()
+        put = _Put(path, None, xxhash.xxh3_128())
+        self._put = put
+        if sig_id is not None:
+            put.block_size = self._sigs.pop(sig_id, 0)
+            put.basis = self._open_basis(path)
+            if put.basis is not None:
+                put.basis_size = put.basis.seek(0, os.SEEK_END)
+        try:
+            put.handle = self.receiver.put_begin(path, mode=mode)
+        except ReceiverError as e:
+            if e.errno != errno_mod.EISDIR:
+                self._fail(path, e)
+                return
+            try:  # a directory where the source now has a file
+                self.receiver.delete(path)
+                put.handle = self.receiver.put_begin(path, mode=mode)
+            except (ReceiverError, OSError) as e2:
+                self._fail(path, e2)
+
+    def _write(self, data: bytes) -> None:
+        put = self._put
+        if put is None or put.handle is None:
+            return
+        put.hasher.update(data)
+        put.size += len(data)
+        try:
+            self.receiver.put_write(put.handle, data)
+        except ReceiverError as e:  # the receiver aborted the put (ENOSPC...): nothing half-written remains
+            put.handle = None
+            self._fail(put.path, e)
+
+    def _delta(self, ops: tuple[ap.Copy | ap.Literal, ...]) -> None:
+        put = self._put
+        if put is None or put.handle is None:
+            return
+        for op in ops:
+            if isinstance(op, ap.Literal):
+                self._write(op.data)
+                continue
+            for chunk in self._basis_blocks(put, op.start, op.count):
+                self._write(chunk)
+            if put.handle is None:
+                return
+
+    def _basis_blocks(self, put: _Put, start: int, count: int) -> Iterator[bytes]:
+        bs = put.block_size
+        offset = start * bs
+        if put.basis is None or bs <= 0 or start < 0 or offset + (count - 1) * bs >= put.basis_size:
+            self._fail(put.path, ReceiverError(put.path, "delta refers to blocks the mirror's copy does not have"))
+            self._abort_put(keep_error=True)
+            return
+        remaining = min(count * bs, put.basis_size - offset)
+        put.basis.seek(offset)
+        while remaining > 0:
+            data = put.basis.read(min(READ_SIZE, remaining))
+            if not data:
+                self._fail(put.path, ReceiverError(put.path, "the mirror's copy shrank while being patched"))
+                self._abort_put(keep_error=True)
+                return
+            remaining -= len(data)
+            yield data
+
+    def _end(self, digest: bytes | None) -> None:
+        put, self._put = self._put, None
+        if put is None:
+            return
+        if put.basis is not None:
+            put.basis.close()
+        if put.handle is None:
+            return
+        if digest is not None and put.hasher.digest() != digest:
+            self.receiver.put_abort(put.handle)
+            self.errors.append(ap.PathError(put.path, "digest-mismatch",
+                                            "content does not match the sender's digest; nothing was put"))
+            return
+        try:
+            self.receiver.put_end(put.handle)
+        except ReceiverError as e:
+            self._fail(put.path, e)
+
+    def _abort_put(self, keep_error: bool = False) -> None:
+        put = self._put
+        if put is None:
+            return
+        if put.handle is not None:
+            self.receiver.put_abort(put.handle)
+            put.handle = None
+        if put.basis is not None:
+            put.basis.close()
+            put.basis = None
+        if not keep_error:
+            self._put = None
+
+    def close(self) -> None:
+        self._abort_put()
+        self.receiver.close()
+
+
+def serve(root: bytes, inp: BinaryIO, out: BinaryIO, *, fsync: str = "none", preserve_owner: bool = False) -> int:
+    """Run the agent on a byte stream until the sender closes it. Returns the process exit code."""
+    receiver = Receiver(root, fsync=fsync, preserve_owner=preserve_owner)  # type: ignore[arg-type]
+    server = AgentServer(receiver)
+    rfd, wfd = inp.fileno(), out.fileno()
+    try:
+        _write_all(wfd, server.start())
+        while not server.closed:
+            data = os.read(rfd, 1 << 20)
+            try:
+                reply = server.feed(data)
+            except ProtocolError as e:
+                with contextlib.suppress(OSError):
+                    _write_all(wfd, bytes(server._out))
+                print(f"kwatch agent: {e}", file=sys.stderr)
+                return 2
+            if reply:
+                _write_all(wfd, reply)
+    except BrokenPipeError:
+        return 1
+    finally:
+        server.close()
+    return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -1,0 +1,110 @@
+"""The ``replicate`` and ``agent`` commands: argument parsing and wiring of capture -> replicators, and the agent."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+from kwatch.capture.base import CaptureError, CaptureFilter
+from kwatch.replicate.engine import Replicator, Target, TargetOptions, wait_synced
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    r = sub.add_parser("replicate", help="keep mirrors identical to a source tree, in real time")
+    r.add_argument("source", help="the tree to replicate")
+    r.add_argument("targets", nargs="+", help="/local/path, [user@]host:/path, or rsync://[user@]host[:port]/module/path")
+    r.add_argument("--once", action="store_true", help="reconcile once and exit (no live capture)")
+    r.add_argument("--no-delete", action="store_true", help="never delete on the mirror")
+    r.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    r.add_argument("--settle", type=float, default=0.05, help="seconds of quiet before a batch is sent")
+    r.add_argument("--max-delay", type=float, default=1.0, help="seconds a change may wait at most")
+    r.add_argument("--bwlimit", type=int, help="KiB/s of file data per target")
+    r.add_argument("--checksum", action="store_true", help="compare content hashes, not size+mtime, when reconciling")
+    r.add_argument("--no-compress", action="store_true")
+    r.add_argument("--owner", action="store_true", help="replicate uid/gid (the agent must run as root)")
+    r.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
+    r.add_argument("-e", "--ssh", default="ssh", help="ssh command for host:/path targets (as rsync -e)")
+    r.add_argument("--agent-command", default="kwatch", help="the kwatch executable on the remote host")
+    r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
+    r.set_defaults(func=cmd_replicate)
+
+    a = sub.add_parser("agent", help="the mirror end (started by `kwatch replicate` over ssh or a pipe)")
+    a.add_argument("--root", required=True)
+    a.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
+    a.add_argument("--owner", action="store_true", help="apply uid/gid (as root)")
+    a.set_defaults(func=cmd_agent)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from kwatch.replicate.agent_server import serve
+
+    root = os.fsencode(args.root)
+    if not os.path.isdir(root):
+        print(f"kwatch agent: {args.root} is not a directory", file=sys.stderr)
+        return 2
+    return serve(root, sys.stdin.buffer, sys.stdout.buffer, fsync=args.fsync, preserve_owner=args.owner)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="kwatch: %(message)s", stream=sys.stderr)
+    src = os.fsencode(os.path.abspath(args.source))
+    if not os.path.isdir(src):
+        raise SystemExit(f"kwatch replicate: {args.source} is not a directory")
+    opts = TargetOptions(
+        delete=not args.no_delete, excludes=tuple(os.fsencode(x) for x in args.exclude), settle=args.settle,
+        max_delay=args.max_delay, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,
+        compress=not args.no_compress, checksum=args.checksum, owner=args.owner, fsync=args.fsync, ssh=args.ssh,
+        agent_command=args.agent_command,
+    )
+    try:
+        targets = [Target.parse(t) for t in args.targets]
+    except ValueError as e:
+        raise SystemExit(f"kwatch replicate: {e}") from e
+    source = None
+    if not args.once:
+        from kwatch.capture.select import open_source
+
+        try:
+            source = open_source(CaptureFilter.make(roots=[src], exclude_pids=[os.getpid()]), args.backend,
+                                 warn=lambda m: print(f"kwatch: {m}", file=sys.stderr))
+        except CaptureError as e:
+            raise SystemExit(f"kwatch replicate: {e}") from e
+    exclude = getattr(source, "exclude_pid", None)
+    reps = [Replicator(src, t, opts, on_agent=exclude) for t in targets]
+    for r in reps:
+        r.start()
+    old = signal.signal(signal.SIGTERM, _stop)
+    try:
+        if args.once:
+            ok = wait_synced(reps, timeout=24 * 3600)
+            return 0 if ok and not any(r.stats.errors for r in reps) else 1
+        assert source is not None
+        print(f"kwatch: replicating {args.source} to {', '.join(args.targets)} with the {source.name} backend; "
+              "Ctrl-C to stop", file=sys.stderr)
+        while True:
+            batch = source.read(1.0)
+            if batch:
+                for r in reps:
+                    r.feed(batch)
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        t0 = time.monotonic()
+        for r in reps:
+            r.stop(timeout=max(1.0, 30 - (time.monotonic() - t0)))
+        if source is not None:
+            source.close()
