@@ -166,10 +166,8 @@ class AgentServer:
         entries: list[ap.Entry] = []
         try:
             # the scan follows nothing below base; base itself is checked to be a real directory under the root
-            if m.relpath and not self._is_real_dir(m.relpath):
-                man = None
-            else:
-                man = scan(base, checksum=m.hashes)
+            real = not m.relpath or self._is_real_dir(m.relpath)
+            man = scan(base, checksum=m.hashes) if real else None
         except OSError:
             man = None
         if man is not None:

@@ -9,6 +9,7 @@ never deadlock on full pipes. Everything has a deadline; a dead or silent agent 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import selectors
 import subprocess
@@ -100,10 +101,8 @@ class AgentLink:
                 ready = self._sel.select(max(0.0, deadline - time.monotonic()))
             finally:
                 for fd in (self._rout, self._win):
-                    try:
+                    with contextlib.suppress(KeyError):
                         self._sel.unregister(fd)
-                    except KeyError:
-                        pass
             if not ready:
                 if time.monotonic() >= deadline:
                     raise LinkError(f"timed out after {self.timeout:.0f}s waiting for {what}; "
