@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace)
 
     # Each further command registers its own parser: add_commands(subparsers) in its module.
-    # (the daemon: run, check-config)
+    from kwatch import daemon
+
+    daemon.add_commands(sub)
     from kwatch.replicate import command as replicate_command
 
     replicate_command.add_commands(sub)

@@ -1,0 +1,175 @@
+"""The ``kwatch run`` and ``kwatch check-config`` commands: argument parsing and wiring; the loop is in ``core``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kwatch.capture.base import CaptureError
+from kwatch.daemon.core import Daemon, EventSink
+from kwatch.daemon.logs import LEVELS, LogHandler, StructLog
+from kwatch.daemon.roots import capture_roots, wanted_roots
+from kwatch.metrics.stats import DaemonStats
+from kwatch.rules import Config, ConfigErrors, check_config, load_config, load_default_config
+
+DEFAULT_METRICS = "127.0.0.1:9465"
+DEMO_DIR = "/tmp/kwatch-demo"  # what the embedded default config watches (kwatch/rules/default.conf)
+DEMO_HINT = (
+    f"default config: every change under {DEMO_DIR} is printed. Try in another shell: "
+    f"echo hi > {DEMO_DIR}/a && mv {DEMO_DIR}/a {DEMO_DIR}/b && rm {DEMO_DIR}/b"
+)
+
+
+def make_sinks(config: Config, log: StructLog, stats: DaemonStats) -> list[EventSink]:
+    """Event sinks for this config. Replication (``[[replicate]]``/REPLICATE targets) plugs in here."""
+    if config.replicate:
+        log.warning(
+            "replicate_unsupported",
+            targets=len(config.replicate),
+            msg="this kwatch run does not replicate yet; the [[replicate]] targets are ignored",
+        )
+    return []
+
+
+def _setup_logging(log: StructLog) -> None:
+    """Send the kwatch loggers (runner, backends) into the structured stream; the runner's per-run chatter is ours."""
+    root = logging.getLogger("kwatch")
+    root.handlers[:] = [LogHandler(log)]
+    root.setLevel(log.level)
+    root.propagate = False
+    # the daemon logs every action start/end itself; keep only the runner's warnings (timeouts, kills)
+    logging.getLogger("kwatch.actions").setLevel(max(log.level, logging.WARNING))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    log = StructLog(json_lines=args.log_json, level=args.log_level)
+    _setup_logging(log)
+    if args.config is None:
+        config = load_default_config()
+        os.makedirs(DEMO_DIR, exist_ok=True)
+    else:
+        try:
+            config = load_config(args.config)
+        except ConfigErrors as e:
+            for err in e.errors:
+                print(err, file=sys.stderr)
+            log.error("config_invalid", config=args.config, errors=len(e.errors))
+            return 1
+    for w in config.warnings:
+        log.warning("config_warning", where=f"{w.file}:{w.line}", reason=w.reason)
+    stats = DaemonStats()
+    daemon = Daemon(
+        config,
+        log=log,
+        stats=stats,
+        config_path=args.config,
+        backend=args.backend,
+        dry_run=args.dry_run,
+        grace=args.grace,
+        sinks=make_sinks(config, log, stats),
+    )
+    daemon.install_signals()  # before anything slow: a SIGHUP/SIGTERM sent during start-up must not kill us
+    if not args.no_metrics:
+        from kwatch.metrics.exporter import serve
+
+        try:
+            serve(stats, args.metrics)
+        except (OSError, ValueError) as e:
+            log.error("metrics_error", address=args.metrics, msg=str(e))
+            daemon.restore_signals()
+            return 2
+        log.info("metrics", url=f"http://{args.metrics}/metrics")
+    try:
+        daemon.start()
+    except CaptureError as e:
+        log.error("capture_error", msg=str(e))
+        daemon.restore_signals()
+        return 2
+    if args.config is None:
+        log.info("hint", msg=DEMO_HINT)
+    return daemon.run()
+
+
+def _summary(config: Config) -> str:
+    rules = [r for rs in config.rulesets for r in rs.rules]
+    actions = sum(len(r.actions) for r in rules)
+    want = wanted_roots(config)
+    where = (
+        "the whole system" if want is None else ", ".join(r.decode("utf-8", "backslashreplace") for r in want)
+    )
+    if want is not None:
+        now = capture_roots(want, os.path.isdir)
+        if now != want:
+            where += " (today: " + (", ".join(r.decode() for r in now) or "/") + ")"
+    ops = ",".join(sorted(op.label for op in config.ops)) or "none"
+    return (
+        f"{len(config.rulesets)} rule set(s), {len(rules)} rule(s), {actions} action(s), "
+        f"{len(config.warnings)} warning(s), {len(config.replicate)} replication target(s); "
+        f"captures {ops} under {where}"
+    )
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.file is None:
+        config = load_default_config()
+        print(f"<kwatch>/default.conf: ok: {_summary(config)}")
+        return 0
+    problems = check_config(args.file)
+    for p in problems:
+        print(p, file=sys.stderr)
+    errors = sum(1 for p in problems if p.severity == "error")
+    if errors:
+        print(f"{args.file}: {errors} error(s), {len(problems) - errors} warning(s)", file=sys.stderr)
+        return 1
+    try:
+        config = load_config(args.file)
+    except ConfigErrors as e:  # the file changed between the two reads
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok: {_summary(config)}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``run`` and ``check-config`` on the ``kwatch`` command line."""
+    r = sub.add_parser(
+        "run",
+        help="run capture + rules + actions (the daemon)",
+        description="Capture file operations and run the actions of the config's rules. SIGHUP reloads the "
+        "config, SIGTERM/SIGINT drain and exit.",
+    )
+    r.add_argument("-c", "--config", metavar="FILE", help="config file (default: the embedded demo config)")
+    r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
+    r.add_argument("--dry-run", action="store_true", help="print the commands that would run; run nothing")
+    r.add_argument(
+        "--metrics",
+        default=DEFAULT_METRICS,
+        metavar="ADDR",
+        help=f"Prometheus endpoint (default {DEFAULT_METRICS})",
+    )
+    r.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint")
+    r.add_argument("--log-json", action="store_true", help="log JSON objects instead of key=value lines")
+    r.add_argument(
+        "--log-level", default="info", choices=list(LEVELS), help="least level logged (debug: every match)"
+    )
+    r.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running actions may finish",
+    )
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser(
+        "check-config",
+        help="check a config file: every error and warning as file:line: reason",
+        description="Exit status 1 when the config has an error, 0 otherwise (warnings are printed too).",
+    )
+    c.add_argument(
+        "file", nargs="?", metavar="FILE", help="config file (default: the embedded default config)"
+    )
+    c.set_defaults(func=cmd_check_config)
