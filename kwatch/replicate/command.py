@@ -11,7 +11,7 @@ import time
 from types import FrameType
 
 from kwatch.capture.base import CaptureError, CaptureFilter
-from kwatch.replicate.engine import Replicator, Target, TargetOptions, wait_synced
+from kwatch.replicate.engine import Target, TargetOptions, make_replicator, wait_synced
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +30,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
     r.add_argument("-e", "--ssh", default="ssh", help="ssh command for host:/path targets (as rsync -e)")
     r.add_argument("--agent-command", default="kwatch", help="the kwatch executable on the remote host")
+    r.add_argument("--password-file", help="rsync:// targets: file holding the daemon password (else $RSYNC_PASSWORD)")
     r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
     r.set_defaults(func=cmd_replicate)
 
@@ -67,7 +68,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         delete=not args.no_delete, excludes=tuple(os.fsencode(x) for x in args.exclude), settle=args.settle,
         max_delay=args.max_delay, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,
         compress=not args.no_compress, checksum=args.checksum, owner=args.owner, fsync=args.fsync, ssh=args.ssh,
-        agent_command=args.agent_command,
+        agent_command=args.agent_command, password_file=args.password_file,
     )
     try:
         targets = [Target.parse(t) for t in args.targets]
@@ -83,7 +84,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         except CaptureError as e:
             raise SystemExit(f"kwatch replicate: {e}") from e
     exclude = getattr(source, "exclude_pid", None)
-    reps = [Replicator(src, t, opts, on_agent=exclude) for t in targets]
+    reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]
     for r in reps:
         r.start()
     old = signal.signal(signal.SIGTERM, _stop)

@@ -26,7 +26,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import xxhash
@@ -75,6 +75,8 @@ class TargetOptions:
     ssh: str = "ssh"  # the ssh command, as rsync's -e: "ssh -p 2222 -i key"
     agent_command: str = "kwatch"  # the remote kwatch executable
     timeout: float = 60.0
+    password_file: str | None = None  # rsync:// targets: the daemon password (else $RSYNC_PASSWORD)
+    fuzzy: bool = True  # rsync:// targets: let a renamed file use a similar file in its directory as the basis
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class Replicator:
         stopping = False
         while not self._stop.is_set():
             try:
-                if self.link is None:
+                if not self.stats.connected:
                     self._connect()
                     backoff = 0.5
                 stopping = self._wait_and_fold(stopping)
@@ -201,9 +203,7 @@ class Replicator:
                 self.stats.errors += 1
                 self.stats.connected = False
                 log.warning("target %s: %s; retrying in %.1fs", self.target.spec, e, backoff)
-                if self.link is not None:
-                    self.link.kill()
-                    self.link = None
+                self._disconnect()
                 self.coalescer.rescan(b"")  # what the agent applied before it failed is unknown
                 if self._stop.wait(backoff) or stopping:
                     return
@@ -235,6 +235,12 @@ class Replicator:
             self.stats.lag_seconds = time.monotonic() - self._oldest
         return stopping
 
+    def _disconnect(self) -> None:
+        self.stats.connected = False
+        if self.link is not None:
+            self.link.kill()
+            self.link = None
+
     def _connect(self) -> None:
         if self.target.kind == "rsync":
             raise LinkError("rsync:// targets are driven by RsyncReplicator")
@@ -248,8 +254,8 @@ class Replicator:
     # ---- one batch -------------------------------------------------------------------------------------------------
 
     def sync_now(self, batch: Batch) -> BatchReport:
-        """Apply one batch synchronously (used by tests and ``kwatch replicate --once``)."""
-        if self.link is None:
+        """Apply one batch synchronously (used by tests)."""
+        if not self.stats.connected:
             self._connect()
         return self._sync(batch)
 
@@ -513,15 +519,15 @@ class Replicator:
             os.close(fd)
 
 
-def start_replicators(
-    src_root: bytes, specs: Sequence[str], opts: TargetOptions, on_agent: Callable[[int], None] | None = None
-) -> list[Replicator]:
-    out = []
-    for spec in specs:
-        r = Replicator(src_root, Target.parse(spec), opts, on_agent=on_agent)
-        r.start()
-        out.append(r)
-    return out
+def make_replicator(
+    src_root: bytes, target: Target, opts: TargetOptions, on_agent: Callable[[int], None] | None = None
+) -> Replicator:
+    """The replicator for ``target``'s kind: the kwatch agent (local pipe or ssh), or a stock rsync daemon."""
+    if target.kind == "rsync":
+        from kwatch.replicate.rsync_target import RsyncReplicator
+
+        return RsyncReplicator(src_root, target, opts)
+    return Replicator(src_root, target, opts, on_agent=on_agent)
 
 
 def wait_synced(reps: Iterable[Replicator], timeout: float) -> bool:
