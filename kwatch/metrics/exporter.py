@@ -42,6 +42,9 @@ class KwatchCollector(Collector):
             q.add_metric([name], fn())
         yield q
         yield GaugeMetricFamily("kwatch_config_reloads", "SIGHUP reloads done", value=s.reloads)
+        yield GaugeMetricFamily(
+            "kwatch_config_reload_errors", "SIGHUP reloads refused (the config had errors)", value=s.reload_errors
+        )
         yield from self._targets()
 
     def _targets(self) -> Iterator[Metric]:
