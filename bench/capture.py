@@ -60,7 +60,7 @@ class Params:
     def for_mode(cls, quick: bool, **kw: Any) -> Params:
         if quick:
             base = dict(quick=True, runs=1, untar_repeat=1, churn_iterations=5_000, time_limit=150.0,
-                        e2e_paced_seconds=1.0)
+                        e2e_paced_seconds=0.5)
         else:
             base = {}
         base.update({k: v for k, v in kw.items() if v is not None})

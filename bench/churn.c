@@ -1,9 +1,11 @@
 /* churn: the create/write/close/unlink workload of the capture benchmark (bench/workloads.py builds and runs it).
  *
- *   churn DIR ITERATIONS [RATE [WRITE_BYTES [NAMES]]]
+ *   churn DIR ITERATIONS [RATE [WRITE_BYTES [NAMES [MODE]]]]
  *
- * Each iteration: openat(O_CREAT|O_WRONLY|O_TRUNC) a name, write WRITE_BYTES (default 64), close, unlink: the BPF
- * backend reports CREATE, CLOSE_WRITE and UNLINK for it. Names cycle over NAMES (default 64) files "c<N>" in DIR.
+ * MODE "churn" (default), each iteration: openat(O_CREAT|O_WRONLY|O_TRUNC) a name, write WRITE_BYTES (default 64),
+ * close, unlink: the BPF backend reports CREATE, CLOSE_WRITE and UNLINK for it. Names cycle over NAMES (default 64)
+ * files "c<N>" in DIR. MODE "chmod", each iteration: one fchmodat of an existing file (created first, not counted):
+ * one CHMOD event per syscall, the cheapest way to offer the consumer a high event rate.
  * RATE > 0 paces the loop to RATE iterations per second (checked every 64 iterations, so bursts stay short);
  * 0 runs flat out. Prints one line: "iterations elapsed_ns". Deterministic: no randomness.
  */
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -33,6 +36,7 @@ int main(int argc, char **argv)
 	double rate = argc > 3 ? atof(argv[3]) : 0;
 	size_t wbytes = argc > 4 ? (size_t)atol(argv[4]) : 64;
 	int names = argc > 5 ? atoi(argv[5]) : 64;
+	int chmod_mode = argc > 6 && strcmp(argv[6], "chmod") == 0;
 	if (names < 1)
 		names = 1;
 	int dfd = open(argv[1], O_DIRECTORY | O_RDONLY);
@@ -43,6 +47,17 @@ int main(int argc, char **argv)
 	char *buf = calloc(1, wbytes ? wbytes : 1);
 	memset(buf, 'k', wbytes);
 	char name[32];
+	if (chmod_mode) {
+		for (int k = 0; k < names; k++) {
+			snprintf(name, sizeof name, "c%d", k);
+			int fd = openat(dfd, name, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+			if (fd < 0) {
+				fprintf(stderr, "churn: create %s: %s\n", name, strerror(errno));
+				return 1;
+			}
+			close(fd);
+		}
+	}
 	long long t0 = now_ns();
 	for (long long i = 0; i < iters; i++) {
 		if (rate > 0 && (i & 63) == 0) {
@@ -54,6 +69,13 @@ int main(int argc, char **argv)
 			}
 		}
 		snprintf(name, sizeof name, "c%d", (int)(i % names));
+		if (chmod_mode) {
+			if (fchmodat(dfd, name, (i & 1) ? 0600 : 0644, 0) != 0) {
+				fprintf(stderr, "churn: chmod %s: %s\n", name, strerror(errno));
+				return 1;
+			}
+			continue;
+		}
 		int fd = openat(dfd, name, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0644);
 		if (fd < 0) {
 			fprintf(stderr, "churn: open %s: %s\n", name, strerror(errno));

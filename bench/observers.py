@@ -127,12 +127,16 @@ class _Procs(Observer):
     def pids(self) -> list[int]:
         return [c.pid for c in self.children if c.alive()]
 
+    def _baseline(self) -> None:
+        """Called once ready: CPU spent so far (interpreter start, BPF verifier, marking mounts) is not counted."""
+        self.cpu0 = sum(proc_cpu(c.pid) or 0.0 for c in self.children)
+
     def _finish(self, sig: int = signal.SIGTERM) -> tuple[float, int | None]:
         rss = proc_rss_peak_kib(self.children[0].pid) if self.children else None
         cpu = 0.0
         for c in self.children:  # the tool first, then its line counter (which then sees EOF)
             cpu += c.stop(sig, grace=15.0).cpu
-        return cpu, rss
+        return max(0.0, cpu - getattr(self, "cpu0", 0.0)), rss
 
     def abort(self) -> None:
         for c in self.children:
@@ -164,6 +168,7 @@ class KwatchTrace(_Procs):
         self.children.append(c)
         pred = _is_bpf_ready if self.backend == "bpf" else _is_fanotify_ready
         _wait_ready(c, lambda: pred(c.pid), self.label)
+        self._baseline()
 
     def stop(self) -> ObsResult:
         cpu, rss = self._finish(signal.SIGTERM)
@@ -203,6 +208,7 @@ class KwatchCount(_Procs):
             c = ctx.runner.start(argv, stderr=err, cwd=REPO)
         self.children.append(c)
         _wait_ready(c, self.ready.exists, self.label)
+        self._baseline()
 
     def stop(self) -> ObsResult:
         cpu, rss = self._finish(signal.SIGTERM)
@@ -255,6 +261,7 @@ class _Printing(_Procs):
         tool.popen.stdout.close()  # the counter holds the only read end: the tool gets SIGPIPE if it dies
         self.children = [tool, counter]
         _wait_ready(tool, lambda: self.is_ready(tool), self.label)
+        self._baseline()
 
     def is_ready(self, tool: Child) -> bool:
         return self.ready.exists()
@@ -307,8 +314,8 @@ class Bpftrace(_Printing):
     note = "whole system, every openat/unlinkat entry printed (not filtered to the tree)"
     PROGRAM = (
         'BEGIN { printf("' + BPFTRACE_MARKER + '\\n"); } '
-        "tracepoint:syscalls:sys_enter_openat, tracepoint:syscalls:sys_enter_unlinkat "
-        '{ printf("%d %s %s\\n", pid, comm, str(args->filename)); }'
+        'tracepoint:syscalls:sys_enter_openat { printf("open %d %s %s\\n", pid, comm, str(args->filename)); } '
+        'tracepoint:syscalls:sys_enter_unlinkat { printf("unlink %d %s %s\\n", pid, comm, str(args->pathname)); }'
     )
 
     def argv(self, ctx: RunCtx) -> list[str]:
@@ -368,25 +375,25 @@ class Auditd(Observer):
         self.log = ctx.tmp / f"audit-{ctx.run_id}.log"
         base = Path("/etc/audit/auditd.conf").read_text()
         text = re.sub(r"^log_file\s*=.*$", f"log_file = {self.log}", base, flags=re.M)
-        text = re.sub(r"^(space_left|admin_space_left)\s*=.*$", r"\1 = 1", text, flags=re.M)
         cf = conf / "auditd.conf"
         cf.write_text(text)
         cf.chmod(0o640)
-        self.kauditd = pids_by_comm("kauditd")
-        self.kaudit_cpu0 = sum(proc_cpu(p) or 0.0 for p in self.kauditd)
         try:
-            self.child = ctx.runner.start(["auditd", "-n", "-c", str(conf)],
-                                          stderr=(ctx.tmp / f"audit-{ctx.run_id}.err").open("wb"))
+            with (ctx.tmp / f"audit-{ctx.run_id}.err").open("wb") as err:
+                self.child = ctx.runner.start(["auditd", "-n", "-c", str(conf)], stderr=err)
             child = self.child
             _wait_ready(child, lambda: (self._status() or {}).get("pid") == child.pid, "auditd")
             check_output(["auditctl", "-w", str(ctx.watch), "-p", "wa", "-k", AUDIT_KEY])
             self.rule_added = True
+            self.cpu0 = proc_cpu(child.pid) or 0.0
+            self.kauditd = pids_by_comm("kauditd")
+            self.kaudit_cpu0 = sum(proc_cpu(p) or 0.0 for p in self.kauditd)
         except BaseException:
             self.abort()
             raise
 
     def pids(self) -> list[int]:
-        return ([self.child.pid] if self.child and self.child.alive() else []) + self.kauditd
+        return ([self.child.pid] if self.child and self.child.alive() else []) + getattr(self, "kauditd", [])
 
     def _restore(self) -> None:
         if self.rule_added:
@@ -416,7 +423,8 @@ class Auditd(Observer):
                     records += 1
                     if b"type=SYSCALL" in line and f'key="{AUDIT_KEY}"'.encode() in line:
                         syscalls += 1
-        return ObsResult(events=syscalls, lost=lost, cpu_s=(fin.cpu if fin else 0.0) + kaudit, rss_kib=rss,
+        cpu = max(0.0, (fin.cpu if fin else 0.0) - self.cpu0) + kaudit
+        return ObsResult(events=syscalls, lost=lost, cpu_s=cpu, rss_kib=rss,
                          extra={"log_records": records, "kauditd_cpu_s": round(kaudit, 3)})
 
 

@@ -86,11 +86,13 @@ def capture_markdown(res: dict[str, Any]) -> str:
         for name, e in e2e.items():
             if name == "error":
                 continue
-            what = "flat out" if name == "flat_out" else f"paced at {_n(e['target_events_per_s'])} events/s"
+            what = ("flat out" if e["target_events_per_s"] is None
+                    else f"paced to {_n(e['target_events_per_s'])} ev/s")
             lines.append(
-                f"| BpfSource + churn {what} | produced {_n(e['produced_events_per_s'])} ev/s, delivered "
-                f"{_n(e['delivered_events'])} of {_n(e['expected_events'])} ({_n(e['delivered_per_s'])} ev/s), "
-                f"lost {_n(e['lost'])}, consumer CPU {_f(e['consumer_cpu_share'], '{:.0%}')} of a core |"
+                f"| BpfSource + {e['producers']} x {e['mode']} {what} | produced {_n(e['produced_events_per_s'])} "
+                f"ev/s, delivered {_n(e['delivered_events'])} of {_n(e['expected_events'])} "
+                f"({_n(e['delivered_per_s'])} ev/s), lost {_n(e['lost'])}, consumer "
+                f"{_f(e['consumer_cpu_us_per_event'], '{:.1f}')} CPU-us/event |"
             )
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ Owns:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -23,6 +24,8 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,17 +186,26 @@ class ChurnWorkload:
     rate: float = 0.0  # iterations per second, 0 = flat out
     write_bytes: int = 64
     names: int = 64
+    mode: str = "churn"  # or "chmod": one fchmodat per iteration
 
-    #: events per iteration the BPF backend reports (CREATE, CLOSE_WRITE, UNLINK)
-    EVENTS_PER_ITER = 3
+    @property
+    def events_per_iter(self) -> int:
+        """Events the BPF backend reports per iteration: CREATE, CLOSE_WRITE, UNLINK; or one CHMOD."""
+        return 1 if self.mode == "chmod" else 3
+
+    @property
+    def setup_events(self) -> int:
+        """Events before the timed loop: chmod mode first creates its files (CREATE and CLOSE_WRITE each)."""
+        return 2 * self.names if self.mode == "chmod" else 0
 
     def argv(self, dest: Path) -> list[str]:
         return [str(churn_binary()), str(dest), str(self.iterations), str(self.rate), str(self.write_bytes),
-                str(self.names)]
+                str(self.names), self.mode]
 
     def describe(self) -> dict[str, object]:
+        ops = "fchmodat" if self.mode == "chmod" else "openat(O_CREAT) + write + close + unlink"
         return {"iterations": self.iterations, "rate": self.rate, "write_bytes": self.write_bytes,
-                "names": self.names, "ops": "openat(O_CREAT) + write + close + unlink"}
+                "names": self.names, "mode": self.mode, "ops": ops}
 
 
 def run_churn(runner: Runner, wl: ChurnWorkload, dest: Path, timeout: float) -> tuple[Finished, float]:
@@ -203,3 +215,32 @@ def run_churn(runner: Runner, wl: ChurnWorkload, dest: Path, timeout: float) -> 
         raise BenchError(f"churn failed (rc {res.rc}): {res.stderr.strip()}")
     _, ns = res.stdout.split()
     return res, int(ns) / 1e9
+
+
+def run_churn_parallel(
+    runner: Runner, wl: ChurnWorkload, dests: list[Path], timeout: float
+) -> tuple[float, float, float]:
+    """One churn process per directory of ``dests``, all at once; (slowest loop seconds, wall seconds, total CPU)."""
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(tempfile.TemporaryFile()) for _ in dests]
+        t0 = time.monotonic()
+        kids = [runner.start(wl.argv(d), stdout=o, stderr=o) for d, o in zip(dests, outs, strict=True)]
+        deadline = t0 + timeout
+        for k in kids:
+            if k.reap(max(0.0, deadline - time.monotonic())) is None:
+                for k2 in kids:
+                    k2.stop()
+                raise BenchError(f"churn did not finish within {timeout:.0f} s")
+        wall = time.monotonic() - t0
+        loops = []
+        cpu = 0.0
+        for k, o in zip(kids, outs, strict=True):
+            o.seek(0)
+            text = o.read().decode(errors="replace")
+            assert k.finished is not None
+            if k.finished.rc != 0:
+                raise BenchError(f"churn failed (rc {k.finished.rc}): {text.strip()}")
+            loops.append(int(text.split()[1]) / 1e9)
+            cpu += k.finished.cpu
+            runner.children.remove(k)
+        return max(loops), wall, cpu
