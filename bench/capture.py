@@ -199,14 +199,15 @@ def run_suite(p: Params, log: Callable[[str], None] = print) -> dict[str, Any]:
         }
         failed: dict[str, str] = {}
         for wl_name, wl in workloads.items():
-            for i, o in alternate([o.name for o in usable], p.runs):
-                obs = next(x for x in usable if x.name == o)
+            by_name = {x.name: x for x in usable}
+            for i, oname in alternate(list(by_name), p.runs):
+                obs = by_name[oname]
                 if time.monotonic() > deadline:
                     out_of_time = True
                     break
-                run = Run(wl_name, o, i)
+                run = Run(wl_name, oname, i)
                 runs.append(run)
-                if o in failed:
+                if oname in failed:
                     run.error = "skipped after an earlier failure"
                     continue
                 t0 = time.monotonic()
@@ -214,10 +215,10 @@ def run_suite(p: Params, log: Callable[[str], None] = print) -> dict[str, Any]:
                     one_run(runner, obs, wl, watch, tmp, run)
                 except BenchError as e:
                     run.error = str(e)
-                    failed[o] = str(e)
-                    log(f"capture: {wl_name} {o} run {i}: FAILED: {e}")
+                    failed[oname] = str(e)
+                    log(f"capture: {wl_name} {oname} run {i}: FAILED: {e}")
                     continue
-                log(f"capture: {wl_name:5} {o:22} run {i}: {run.wall_s:7.3f} s  events {run.events}  "
+                log(f"capture: {wl_name:5} {oname:22} run {i}: {run.wall_s:7.3f} s  events {run.events}  "
                     f"lost {run.lost}  observer cpu {run.observer_cpu_s or 0:.2f} s  "
                     f"({time.monotonic() - t0:.1f} s with set-up)")
         with contextlib.suppress(OSError):

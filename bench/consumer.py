@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from kwatch.capture.base import CaptureFilter
+from kwatch.capture.base import CaptureFilter, Source
 from kwatch.capture.select import open_source
 from kwatch.events import Op
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     filt = CaptureFilter.make(roots=[os.path.abspath(d) for d in args.dirs], exclude_pids=[os.getpid()])
     t_open = time.monotonic()
+    src: Source
     if args.backend == "bpf" and args.ringbuf_mib:
         from kwatch.capture.bpf import BpfSource
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
 
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     marker = args.marker.encode()
     lines = size = markers = 0
     tail = b""
-    stdin = sys.stdin.buffer
-    while chunk := stdin.read1(1 << 20):
+    while chunk := os.read(0, 1 << 20):  # what the pipe holds, up to 1 MiB
         size += len(chunk)
         lines += chunk.count(b"\n")
         if marker:

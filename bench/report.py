@@ -44,19 +44,21 @@ def capture_markdown(res: dict[str, Any]) -> str:
         f"**churn** = {_n(wl['churn']['iterations'])} x (create, write 64 B, close, unlink). "
         f"Median of {p['runs']} alternating runs per configuration.",
         "",
-        "| workload | observer | wall s | x none | workload CPU s | observer CPU s | events seen | lost | runs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | observer | wall s | x none | workload CPU s | CPU x none | observer CPU s | events seen | lost "
+        "| runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["summary"]:
         label = r["label"] + (" ¹" if r["scope"] == "system" else "")
         if not r["runs"]:
             err = (r["errors"] or ["no run"])[0].splitlines()[0][:80]
-            lines.append(f"| {r['workload']} | {label} | failed: {err} | | | | | | 0 |")
+            lines.append(f"| {r['workload']} | {label} | failed: {err} | | | | | | | 0 |")
             continue
         lost = "n/a" if r["lost"] is None else _n(r["lost"])
         lines.append(
             f"| {r['workload']} | {label} | {_f(r['wall_s'])} | {_f(r['ratio'], '{:.3f}')} | "
-            f"{_f(r['workload_cpu_s'], '{:.2f}')} | {_f(r['observer_cpu_s'], '{:.2f}')} | {_n(r['events'])} | "
+            f"{_f(r['workload_cpu_s'], '{:.2f}')} | {_f(r['cpu_ratio'], '{:.3f}')} | "
+            f"{_f(r['observer_cpu_s'], '{:.2f}')} | {_n(r['events'])} | "
             f"{lost} | {r['runs']} |"
         )
     lines += [
@@ -64,7 +66,7 @@ def capture_markdown(res: dict[str, Any]) -> str:
         "¹ whole system (the tool cannot be limited to the tree): its events include other processes' activity.",
         "wall s: the workload's wall time; x none: over the median with no observer; workload CPU: the workload "
         "processes' user+system time (in-kernel capture work such as BPF programs and audit records is charged "
-        "there); observer CPU: the observer's processes (and its line counter / kauditd). events seen: kwatch: "
+        "there; less sensitive than wall time to other load on the machine, CPU x none is its ratio); observer CPU: the observer's processes (and its line counter / kauditd). events seen: kwatch: "
         "events delivered; inotifywait, fatrace, bpftrace: output lines; auditd: SYSCALL records with the rule's "
         "key. lost: what the tool reports (n/a: it cannot say).",
     ]
