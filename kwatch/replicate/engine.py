@@ -146,6 +146,7 @@ class Replicator:
         self._stop = threading.Event()
         self._seq = 0
         self._ids = 0
+        self._torn: set[bytes] = set()  # puts of this batch ended with a spoiled digest (see _drop_torn)
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
         self.last_error: str | None = None
@@ -273,13 +274,17 @@ class Replicator:
         for rel, flags in sorted(b.dirty.items(), key=lambda kv: (kv[0].count(b"/"), kv[0])):
             if not any(rel == r or rel.startswith(r + b"/") or r == b"" for r in b.rescans):
                 self._plan_path(rel, flags, plan)
+        self._torn = set()
         changed = self._send_plan(plan, rep)
         self._seq += 1
         link.send(ap.Commit(self._seq))
         ack = link.take(ap.Ack, f"the ack of batch {self._seq}")
         assert isinstance(ack, ap.Ack)
         rename_sources = {old: new for old, new in renames}
+        torn, self._torn = self._torn, set()
         for err in ack.errors:
+            if err.code == "digest-mismatch" and err.relpath in torn:
+                continue  # dropped on purpose (changed while read): it is in ``changed``, sent again below
             if err.relpath in rename_sources and err.code in ("ENOENT", "ENOTDIR"):
                 # the mirror never had the old name (created and moved within one batch): send the new one
                 self.coalescer.rescan(rename_sources[err.relpath])
@@ -450,21 +455,44 @@ class Replicator:
         started, sent = time.monotonic(), 0
         try:
             link.send(ap.PutBegin(p.path, st.st_size, stat.S_IMODE(st.st_mode)))
-            while True:
-                data = os.read(fd, CHUNK)
+            # exactly the announced size goes on the wire (the protocol refuses more or less); a file that grew or
+            # shrank meanwhile is caught by _changed below
+            left = st.st_size
+            while left > 0:
+                data = os.read(fd, min(CHUNK, left))
                 if not data:
                     break
                 h.update(data)
                 link.send(ap.PutChunk(data))
                 sent += len(data)
+                left -= len(data)
                 self._throttle(len(data), started, sent)
-            link.send(ap.PutEnd(h.digest()))
-            link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.uid, p.gid))
+            while left > 0:  # it shrank: keep the framing; the spoiled digest below makes the agent drop it
+                pad = bytes(min(CHUNK, left))
+                link.send(ap.PutChunk(pad))
+                left -= len(pad)
             rep.puts += 1
             rep.literal += sent
-            return self._changed(fd, st)
+            if self._changed(fd, st) or sent != st.st_size:
+                self._drop_torn(p.path, delta=False, digest=h.digest())
+                return True
+            link.send(ap.PutEnd(h.digest()))
+            link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.uid, p.gid))
+            return False
         finally:
             os.close(fd)
+
+    def _drop_torn(self, path: bytes, *, delta: bool, digest: bytes) -> None:
+        """End a put or delta whose source changed while it was read so that the agent discards it.
+
+        The bytes sent are a mix of two versions; landing them would show under the final name a file the source
+        never had. A digest that cannot match (the real one inverted) makes the agent drop the temporary and report
+        ``digest-mismatch``, which :meth:`_sync` expects for these paths; the path is sent again next batch.
+        """
+        assert self.link is not None
+        spoiled = bytes(b ^ 0xFF for b in digest)
+        self._torn.add(path)
+        self.link.send(ap.DeltaEnd(spoiled) if delta else ap.PutEnd(spoiled))
 
     def _take_signature(self, sig_id: int) -> dl.Signature:
         assert self.link is not None
@@ -509,12 +537,15 @@ class Replicator:
                         self._throttle(0, started, sent)
                 if ops:
                     link.send(ap.DeltaChunk(tuple(ops)))
+                rep.deltas += 1
+                rep.literal += stream.stats.literal_bytes
+                rep.matched += stream.stats.copied_bytes
+                if self._changed(fd, st):
+                    self._drop_torn(p.path, delta=True, digest=stream.stats.digest)
+                    return True
                 link.send(ap.DeltaEnd(stream.stats.digest))
             link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.uid, p.gid))
-            rep.deltas += 1
-            rep.literal += stream.stats.literal_bytes
-            rep.matched += stream.stats.copied_bytes
-            return self._changed(fd, st)
+            return False
         finally:
             os.close(fd)
 
