@@ -375,6 +375,8 @@ class Auditd(Observer):
         self.log = ctx.tmp / f"audit-{ctx.run_id}.log"
         base = Path("/etc/audit/auditd.conf").read_text()
         text = re.sub(r"^log_file\s*=.*$", f"log_file = {self.log}", base, flags=re.M)
+        # one log, never rotated (the default rotates at 8 MB: records would move to .1, .2 ... and be lost)
+        text = re.sub(r"^max_log_file_action\s*=.*$", "max_log_file_action = IGNORE", text, flags=re.M)
         cf = conf / "auditd.conf"
         cf.write_text(text)
         cf.chmod(0o640)
@@ -417,11 +419,12 @@ class Auditd(Observer):
         self._restore()
         fin = self.child.finished
         records = syscalls = 0
-        if self.log.exists():
-            with self.log.open("rb") as f:
+        key = f'key="{AUDIT_KEY}"'.encode()
+        for log in sorted(self.log.parent.glob(self.log.name + "*")):  # rotated ones too, should any exist
+            with log.open("rb") as f:
                 for line in f:
                     records += 1
-                    if b"type=SYSCALL" in line and f'key="{AUDIT_KEY}"'.encode() in line:
+                    if b"type=SYSCALL" in line and key in line:
                         syscalls += 1
         cpu = max(0.0, (fin.cpu if fin else 0.0) - self.cpu0) + kaudit
         return ObsResult(events=syscalls, lost=lost, cpu_s=cpu, rss_kib=rss,

@@ -79,8 +79,11 @@ def capture_markdown(res: dict[str, Any]) -> str:
             "",
             "| BPF consumer | figure |",
             "|---|---:|",
-            f"| `decode_batch`, single-path records | {_n(d['single']['records_per_s'])} records/s |",
-            f"| `decode_batch`, churn mix (dir+name, path, dir+name) | {_n(d['churn']['records_per_s'])} records/s |",
+            f"| `decode_batch`, single-path records | {_n(d['single']['records_per_s'])} records/s (median), "
+            f"{_n(d['single'].get('best_records_per_s'))} best, {_n(d['single'].get('records_per_cpu_s'))} per CPU-s |",
+            f"| `decode_batch`, churn mix (dir+name, path, dir+name) | {_n(d['churn']['records_per_s'])} records/s "
+            f"(median), {_n(d['churn'].get('best_records_per_s'))} best, "
+            f"{_n(d['churn'].get('records_per_cpu_s'))} per CPU-s |",
         ]
         e2e = tp.get("e2e") or {}
         if "error" in e2e:
