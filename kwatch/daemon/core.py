@@ -175,7 +175,10 @@ class Daemon:
                 else:
                     extra.extend(sink_roots)
         roots = () if want is None else capture_roots(minimal([*want, *extra]), self.exists)
-        return CaptureFilter.make(roots=roots, ops=ops, exclude_pids=[os.getpid()])
+        # Not exclude_pids=[own pid]: the BPF backend would drop the daemon's descendants with it, i.e. every
+        # action, retrigger or not. The backends leave out the daemon's own operations (BPF: self_tgid), and
+        # handle() drops any that still arrive.
+        return CaptureFilter.make(roots=roots, ops=ops)
 
     def install_signals(self) -> None:
         """Route SIGHUP/SIGTERM/SIGINT into the loop (call from the main thread, before anything slow)."""
@@ -271,6 +274,7 @@ class Daemon:
         pending = self._pending_ts
         now_ns = time.monotonic_ns()
         debug = self.log.enabled("debug")
+        own = os.getpid()
         for ev in events:
             stats.events[(ev.op.label, ev.backend)] += 1
             if ev.op is Op.LOSS:
@@ -282,7 +286,7 @@ class Daemon:
                     msg="the kernel or a queue dropped events; actions for them did not run",
                 )
                 continue
-            if self._action_pids and self._caused_by_action(ev):
+            if ev.pid == own or (self._action_pids and self._caused_by_action(ev)):
                 self.self_events += 1
                 continue
             for m in match(ev, procs):
