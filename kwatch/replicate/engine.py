@@ -146,6 +146,7 @@ class Replicator:
         self._stop = threading.Event()
         self._seq = 0
         self._ids = 0
+        self._touched: set[bytes] = set()  # directories whose mtime this batch restores (see _touch_parent)
         self._torn: set[bytes] = set()  # puts of this batch ended with a spoiled digest (see _drop_torn)
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
@@ -265,6 +266,7 @@ class Replicator:
         link = self.link
         rep = BatchReport()
         plan = Plan()
+        self._touched = set()
         renames = list(b.renames)
         for old, new in renames:
             link.send(ap.Rename(old, new))
@@ -333,13 +335,34 @@ class Replicator:
         elif stat.S_ISLNK(st.st_mode):
             if flags & (EXIST | CONTENT):
                 plan.symlinks.append(Symlink(rel, os.readlink(full), st.st_mtime_ns, uid, gid))
+                self._touch_parent(rel, plan)
             elif flags & META:
                 plan.setattrs.append(SetAttr(rel, None, st.st_mtime_ns, uid, gid))
         elif stat.S_ISREG(st.st_mode):
             if flags & CONTENT:
                 plan.puts.append(Put(rel, st.st_size, mode, st.st_mtime_ns, uid, gid, st.st_size >= self.opts.delta_min))
+                self._touch_parent(rel, plan)
             else:
                 plan.setattrs.append(SetAttr(rel, mode, st.st_mtime_ns, uid, gid))
+
+    def _touch_parent(self, rel: bytes, plan: Plan) -> None:
+        """Restore the mtime of the directory of a put or symlink after the batch.
+
+        The agent lands both with rename(2) from a temporary, which bumps the mirror directory's mtime even when the
+        source's did not change (a file rewritten in place marks only CONTENT, so the coalescer does not mark its
+        directory); without this the mirror's directory times drift from the source's (scan.diff does the same
+        with its ``touched`` set).
+        """
+        par = rel.rpartition(b"/")[0]
+        if not par or par in self._touched:
+            return  # the mirror root's own attributes are the operator's
+        self._touched.add(par)
+        try:
+            st = os.lstat(os.path.join(self.src, par))
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            plan.dir_setattrs.append(SetAttr(par, None, st.st_mtime_ns))
 
     def _plan_rescan(self, rel: bytes, plan: Plan) -> None:
         """Reconcile the subtree ``rel``: the mirror's manifest against a scan of the source."""
