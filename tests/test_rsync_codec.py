@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from kwatch.protocols.errors import RemoteProtocolError
 from kwatch.protocols.rsync import codec
 from kwatch.protocols.rsync.checksum import checksum1, file_checksum, rolling_checksums
+from kwatch.protocols.rsync.client import PushOptions, build_server_args
 from kwatch.protocols.rsync.codec import NeedMore, Reader
 from kwatch.protocols.rsync.flist import EndOfList, FileEntry, FlistDecoder, FlistEncoder, sort_key
 
@@ -233,3 +234,22 @@ def test_decoder_rejects_unsafe_names(bad: bytes) -> None:
         1, 4) + codec.enc_int(0o100644)
     with pytest.raises(RemoteProtocolError):
         FlistDecoder(31, True).decode(Reader(data))
+
+
+# (name, options, argv the daemon gets before the destination) -- options.c server_options order for a sender.
+SERVER_ARGS_CASES = [
+    ("plain", PushOptions(), [b"--server", b"-lptre.LsfxCIvu", b"-@-1", b"."]),
+    ("delete", PushOptions(delete=True), [b"--server", b"-lptre.LsfxCIvu", b"--delete", b"-@-1", b"."]),
+    ("fuzzy delete", PushOptions(delete=True, fuzzy=True),
+     [b"--server", b"-lptrye.LsfxCIvu", b"--delete-after", b"-@-1", b"."]),
+    ("missing args", PushOptions(delete=True, delete_missing=True),
+     [b"--server", b"-lptre.LsfxCIvu", b"--delete", b"--delete-missing-args", b"-@-1", b"."]),
+    ("no negotiation", PushOptions(negotiate=False), [b"--server", b"-lptre.LsfxCIu", b"-@-1", b"."]),
+]
+
+
+@pytest.mark.parametrize(("name", "opts", "expect"), SERVER_ARGS_CASES, ids=[c[0] for c in SERVER_ARGS_CASES])
+def test_server_args(name: str, opts: PushOptions, expect: list[bytes]) -> None:
+    # -@-1 always: without it the receiver compares whole seconds and leaves a directory, a symlink or a
+    # same-size file whose mtime differs only in nanoseconds untouched (util1.c same_time).
+    assert build_server_args(opts) == expect

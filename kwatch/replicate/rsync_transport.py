@@ -7,13 +7,17 @@ What a batch can express (the rsync protocol has no rename or delete message of 
 
 - whole tree (``paths=None``): the file list is the full tree; with ``delete=True`` the receiver removes anything
   not in the list (``--delete``).
-- paths: each path is sent with its parent directories as "implied" directories (their other content is left
-  alone); a path that is a directory is sent with its whole subtree, and ``delete=True`` also prunes inside it;
-  a path that no longer exists is sent as a mode-0 entry with ``--delete-missing-args``, which deletes it.
+- paths: each path is sent with its parent directories as plain non-content directories (their other content is
+  left alone); a path that is a directory is sent with its whole subtree, and ``delete=True`` also prunes inside
+  it; a path that no longer exists is sent as a mode-0 entry with ``--delete-missing-args``, which deletes it
+  (with ``fuzzy=True``: its parent goes as a content directory listing its children, see :func:`scan_paths`).
 - a rename is a delete of the old path plus a send of the new one. The new file is sent as a delta against
   nothing, unless ``fuzzy=True``: then ``--fuzzy`` lets the receiver use a same-size/same-mtime or similarly
   named file in the destination directory as the basis, and deletions are delayed (``--delete-after``) so the
   old name is still there to serve as that basis. A rename across directories cannot reuse data this way.
+
+Every mtime is compared to the nanosecond on the receiver (``-@-1``, see ``build_server_args``): directories,
+files and symlinks all end with the source's mtime, also when they were created in the same second.
 """
 
 from __future__ import annotations
@@ -135,32 +139,89 @@ def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntr
     return out
 
 
-def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool) -> tuple[list[FileEntry], bool]:
-    """Entries for a batch of changed paths; returns (entries, whether mode-0 delete entries are present)."""
+def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
+    """``rel`` as a content directory with its direct children (subdirectories as non-content dirs): the receiver
+    deletes whatever else is in it and leaves the subdirectories' own content alone."""
+    st = os.lstat(os.path.join(root, rel))
+    if not stat.S_ISDIR(st.st_mode):
+        return []
+    top = _entry(root, rel, st, top_dir=rel == b".")
+    assert top is not None
+    out = [top]
+    with os.scandir(os.path.join(root, rel)) as it:
+        for de in it:
+            name = de.name if rel == b"." else rel + b"/" + de.name
+            try:
+                cst = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            ce = _entry(root, name, cst, content_dir=False)
+            if ce is not None:
+                out.append(ce)
+    return out
+
+
+def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False) -> tuple[list[FileEntry], bool]:
+    """Entries for a batch of changed paths; returns (entries, whether mode-0 delete entries are present).
+
+    Every existing path goes with its whole subtree and its ancestors (plain non-content dirs, so the receiver
+    creates them and sets their attributes, and touch_up_dirs re-sets their mtimes at the end). A path below a
+    component that is no longer a directory is replaced by that component.
+
+    With ``delete``, a path that no longer exists is deleted at its topmost missing component. Without
+    ``fuzzy`` that is a mode-0 entry (``--delete-missing-args``), which the generator deletes as soon as it
+    reaches the entry in list order (generator.c recv_generator). With ``fuzzy`` that is too early: a new file
+    sorted before it in the same directory may have chosen it as its fuzzy basis, the receiver process opens
+    that basis only later (receiver.c recv_files), finds it gone and aborts the session on the first block
+    match ("got a block match with no basis file"). So with ``fuzzy`` the missing path's existing parent is sent
+    as a content directory with all its direct children, and ``--delete-after`` removes the stale names once
+    every file is in place (generator.c generate_files runs do_delete_pass before the final touch_up_dirs, so
+    directory mtimes still come out right) - what rsync's manual advises for ``--fuzzy`` with deletion.
+    """
     by_name: dict[bytes, FileEntry] = {}
+    prune: set[bytes] = set()  # fuzzy: directories to send as content dirs with their direct children
     missing = False
     for raw in paths:
         rel = os.path.normpath(raw).lstrip(b"/")
         if rel in (b"", b".") or rel.startswith(b"../") or rel == b"..":
             raise ValueError(f"path outside the source root: {raw!r}")
         parts = rel.split(b"/")
-        for i in range(1, len(parts)):
-            parent = b"/".join(parts[:i])
-            if parent not in by_name:
+        for i in range(1, len(parts) + 1):
+            pre = b"/".join(parts[:i])
+            try:
+                st = os.lstat(os.path.join(root, pre))
+            except (FileNotFoundError, NotADirectoryError):
+                if delete and pre not in by_name:
+                    if fuzzy:
+                        prune.add(b"/".join(parts[: i - 1]) or b".")
+                    else:
+                        by_name[pre] = FileEntry(name=pre, mode=0)
+                        missing = True
+                break
+            if i == len(parts) or not stat.S_ISDIR(st.st_mode):
+                try:
+                    for e in scan_tree(root, pre, top=False):
+                        by_name[e.name] = e
+                except FileNotFoundError:
+                    pass  # gone since the lstat: the next batch has it
+                break
+            if pre not in by_name:
                 # A plain non-content dir (not FLAG_IMPLIED_DIR, which a receiver without -R skips): created and
                 # its attributes set, but nothing inside it is deleted.
-                pe = _entry(root, parent, os.lstat(os.path.join(root, parent)), content_dir=False)
+                pe = _entry(root, pre, st, content_dir=False)
                 if pe is not None:
-                    by_name[parent] = pe
+                    by_name[pre] = pe
+    for d in sorted(prune):
+        old = by_name.get(d)
+        if old is not None and old.is_dir and old.content_dir:
+            continue  # sent with its whole subtree already
         try:
-            os.lstat(os.path.join(root, rel))
-        except FileNotFoundError:
-            if delete:
-                by_name[rel] = FileEntry(name=rel, mode=0)
-                missing = True
-            continue
-        for e in scan_tree(root, rel, top=False):
-            by_name[e.name] = e
+            listed = _list_dir(root, d)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # gone since the lstat: the next batch has it
+        for i, e in enumerate(listed):
+            if i == 0 or e.name not in by_name:
+                by_name[e.name] = e
     return list(by_name.values()), missing
 
 
@@ -330,7 +391,7 @@ def push(
         entries = scan_tree(root)
         missing = False
     else:
-        entries, missing = scan_paths(root, paths, delete)
+        entries, missing = scan_paths(root, paths, delete, fuzzy)
     opts = PushOptions(
         dest=target.path,
         delete=delete,

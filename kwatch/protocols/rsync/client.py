@@ -166,6 +166,15 @@ def build_server_args(opts: PushOptions) -> list[bytes]:
         args.append(b"--delete-after" if opts.fuzzy else b"--delete")
     if opts.delete_missing:
         args.append(b"--delete-missing-args")
+    # -@-1 (--modify-window=-1, as options.c server_options spells a negative window): with the default window
+    # of 0, util1.c same_time compares whole seconds only, so the receiver leaves a time alone when just the
+    # nanoseconds differ. That skips set_file_attrs' utimes on a directory or symlink it has just created in the
+    # same second as the source's mtime (rsync.c same_mtime without ATTRS_ACCURATE_TIME), touch_up_dirs'
+    # re-touch after the directory's content was written (generator.c mtime_differs), and the quick check of a
+    # file rewritten with the same size within the second (generator.c quick_check_ok). A negative window makes
+    # every comparison exact to the nanosecond (receiver >= 3.1.3); with protocol 30 no nanoseconds are sent,
+    # so the receiver sets and compares .0 consistently.
+    args.append(b"-@-1")
     args.append(b".")
     return args
 
