@@ -1,0 +1,383 @@
+"""Integration tests of live replication: ``kwatch replicate`` as a real process with BPF capture, to a local agent
+on a pipe and to an agent through a real sshd, checked with treecmp after every scripted workload step.
+
+Also: a rename of a 10,000-file directory is one rename with no data sent, a 4 KiB edit of a large file sends about
+the edit, a target that is down is retried and converges, fan-out to two targets, and (in-process) a file changed
+while it is read is sent again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from livereplicate import KWATCH, ODD_NAMES, LiveReplicate, build_tarball, untar, wait_identical
+from sshd import Sshd
+from treecmp import assert_trees_equal
+
+from kwatch.replicate.coalesce import Batch
+from kwatch.replicate.engine import Replicator, Target, TargetOptions
+
+pytestmark = pytest.mark.root
+
+CONVERGE = 60.0  # seconds a workload step may take to reach the mirror (it takes about one)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    with Sshd(tmp_path_factory.mktemp("sshd")) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tarball(tmp_path_factory.mktemp("tarball"), files=3000)
+
+
+def ssh_args(d: Sshd) -> list[str]:
+    return ["-e", d.ssh_command, "--agent-command", KWATCH]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scripted workload: named steps run in order on the source, the mirror checked after each
+
+
+def b(p: Path) -> bytes:
+    return os.fsencode(p)
+
+
+def step_untar(src: Path, tarball: Path) -> None:
+    untar(tarball, src)
+
+
+def _files(src: Path) -> list[bytes]:
+    out = []
+    for dirpath, _dirs, names in os.walk(b(src)):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                out.append(p)
+    return sorted(out)
+
+
+def step_edits(src: Path, tarball: Path) -> None:
+    files = _files(src)
+    for i, p in enumerate(files[::7]):
+        os.chmod(p, 0o644)
+        if i % 4 == 0:
+            with open(p, "ab") as f:
+                f.write(b"appended %d\n" % i)
+        elif i % 4 == 1:
+            with open(p, "wb") as f:
+                f.write(b"rewritten %d\n" % i * (i % 50))
+        elif i % 4 == 2:
+            os.truncate(p, 0)
+        else:
+            with open(p, "r+b") as f:  # in place, same size
+                f.seek(0)
+                f.write(b"X")
+    big = [p for p in files if os.path.getsize(p) >= 150_000]
+    for p in big[:3]:
+        with open(p, "r+b") as f:
+            f.seek(70_000)
+            f.write(os.urandom(4096))
+
+
+def step_rename_dirs(src: Path, tarball: Path) -> None:
+    tops = sorted(e for e in os.listdir(b(src)) if os.path.isdir(b(src) + b"/" + e) and not os.path.islink(
+        b(src) + b"/" + e))
+    a, c = tops[0], tops[1]
+    os.rename(b(src) + b"/" + a, b(src) + b"/renamed-" + a[:100])
+    os.rename(b(src) + b"/" + c, b(src) + b"/renamed-" + a[:100] + b"/moved-in-" + c[:100])
+    os.makedirs(b(src) + b"/new/deep/er")
+    files = _files(src)
+    os.rename(files[5], b(src) + b"/new/deep/er/moved-file")
+    os.rename(files[6], files[7])  # onto an existing file
+
+
+def step_deletes(src: Path, tarball: Path) -> None:
+    tops = sorted(e for e in os.listdir(b(src)) if os.path.isdir(b(src) + b"/" + e) and not os.path.islink(
+        b(src) + b"/" + e))
+    shutil.rmtree(b(src) + b"/" + tops[-1])
+    for p in _files(src)[::11]:
+        os.unlink(p)
+    os.rmdir(b(src) + b"/new/deep/er") if not os.listdir(b(src) + b"/new/deep/er") else shutil.rmtree(
+        b(src) + b"/new/deep/er")
+
+
+def step_symlinks(src: Path, tarball: Path) -> None:
+    s = b(src)
+    os.symlink(b"/etc/passwd", s + b"/abs-link")
+    os.symlink(b"../../../../outside", s + b"/new/escape-link")
+    os.symlink(b"new", s + b"/dir-link")
+    os.symlink(b"nowhere/\xff", s + b"/dangling")
+    os.symlink(b"first", s + b"/retarget")
+    os.symlink(b"second", s + b"/retarget.tmp")
+    os.replace(s + b"/retarget.tmp", s + b"/retarget")  # ln -sfn
+    files = _files(src)
+    os.unlink(files[3])
+    os.symlink(b"was-a-file", files[3])  # a file becomes a symlink
+    for p in [os.path.join(dp, n) for dp, _d, ns in os.walk(s) for n in ns if os.path.islink(os.path.join(dp, n))][:5]:
+        os.unlink(p)
+        os.symlink(b"retargeted", p)
+    os.utime(s + b"/abs-link", ns=(1_000_000_000_123_456_789, 1_000_000_000_123_456_789), follow_symlinks=False)
+
+
+def step_modes(src: Path, tarball: Path) -> None:
+    s = b(src)
+    modes = (0o600, 0o755, 0o444, 0o4755, 0o2750, 0o000, 0o777, 0o1644)
+    for i, p in enumerate(_files(src)[::13]):
+        os.chmod(p, modes[i % len(modes)])
+    for i, (dp, _d, _n) in enumerate(list(os.walk(s))[1:8]):
+        os.chmod(dp, (0o700, 0o1777, 0o755, 0o2775)[i % 4])
+
+
+def step_mtimes(src: Path, tarball: Path) -> None:
+    for i, p in enumerate(_files(src)[::17]):
+        t = 1_234_567_890_000_000_000 + i * 999_999_937
+        os.utime(p, ns=(t, t))
+    for i, (dp, _d, _n) in enumerate(list(os.walk(b(src)))[1:6]):
+        os.utime(dp, ns=(2_000_000_000_000_000_000 + i, 2_000_000_000_000_000_000 + i))
+
+
+def step_hostile_names(src: Path, tarball: Path) -> None:
+    s = b(src) + b"/hostile"
+    os.mkdir(s)
+    for i, n in enumerate(ODD_NAMES):
+        with open(s + b"/" + n, "wb") as f:
+            f.write(n * (i + 1))
+        os.mkdir(s + b"/dir " + n[:200])
+        with open(s + b"/dir " + n[:200] + b"/in \n it", "wb") as f:
+            f.write(b"x")
+    os.rename(s + b"/" + ODD_NAMES[0], s + b"/renamed \xff\n")
+    os.rename(s + b"/dir " + ODD_NAMES[1], s + b"/dir renamed \xfe")
+
+
+def step_type_changes(src: Path, tarball: Path) -> None:
+    s = b(src) + b"/types"
+    os.makedirs(s + b"/d1/sub")
+    with open(s + b"/f1", "wb") as f:
+        f.write(b"file")
+    os.symlink(b"f1", s + b"/l1")
+    time.sleep(1.5)  # let them reach the mirror first, so the changes below replace existing objects
+    shutil.rmtree(s + b"/d1")
+    with open(s + b"/d1", "wb") as f:  # dir -> file
+        f.write(b"now a file")
+    os.unlink(s + b"/f1")
+    os.makedirs(s + b"/f1/inner")  # file -> dir
+    os.unlink(s + b"/l1")
+    with open(s + b"/l1", "wb") as f:  # symlink -> file
+        f.write(b"was a link")
+
+
+STEPS: list[tuple[str, Callable[[Path, Path], None]]] = [
+    ("untar", step_untar),
+    ("edits", step_edits),
+    ("rename-dirs", step_rename_dirs),
+    ("deletes", step_deletes),
+    ("symlinks", step_symlinks),
+    ("modes", step_modes),
+    ("mtimes", step_mtimes),
+    ("hostile-names", step_hostile_names),
+    ("type-changes", step_type_changes),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "ssh", "fanout"])
+def test_workload_steps_reach_the_mirror(kind: str, tmp_path: Path, tarball: Path, request: pytest.FixtureRequest
+                                         ) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    mirrors: list[Path] = []
+    targets: list[str] = []
+    extra: list[str] = []
+    if kind in ("local", "fanout"):
+        mirrors.append(tmp_path / "mirror-local")
+        targets.append(str(mirrors[-1]))
+    if kind in ("ssh", "fanout"):
+        d: Sshd = request.getfixturevalue("sshd")
+        mirrors.append(tmp_path / "mirror-ssh")
+        targets.append(d.target(mirrors[-1]))
+        extra = ssh_args(d)
+    for m in mirrors:
+        m.mkdir()
+    with LiveReplicate(src, targets, tmp_path / "replicate.log", extra) as live:
+        times = {}
+        for name, step in STEPS:
+            step(src, tarball)
+            for m in mirrors:
+                times[name] = wait_identical(src, m, CONVERGE, what=f"after step {name!r} ({kind})", live=live)
+        assert live.stop() == 0
+    for b_ in live.batches():
+        assert b_.errors == 0, f"batch with errors: {b_}\n{live.log_text()[-3000:]}"
+    print(f"{kind}: seconds to converge per step: {times}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# behaviour: renames move, small edits send about the edit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_rename_of_a_10000_file_directory_sends_no_data(kind: str, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    big = src / "big"
+    for i in range(100):
+        (big / f"d{i:03d}").mkdir(parents=True)
+        for j in range(100):
+            (big / f"d{i:03d}" / f"f{j:03d}").write_bytes(b"%d/%d\n" % (i, j) * 10)
+    mirror.mkdir()
+    target, extra = str(mirror), []
+    if kind == "ssh":
+        d: Sshd = request.getfixturevalue("sshd")
+        target, extra = d.target(mirror), ssh_args(d)
+    with LiveReplicate(src, [target], tmp_path / "replicate.log", extra) as live:
+        wait_identical(src, mirror, CONVERGE, what="initial 10,000 files", live=live)
+        ino = os.stat(mirror / "big" / "d050" / "f050").st_ino
+        offset = live.log_size()
+        t0 = time.monotonic()
+        os.rename(big, src / "moved-big")
+        took = wait_identical(src, mirror, CONVERGE, what="after the rename", live=live)
+        after = live.batches(offset)
+        live.stop()
+    assert os.stat(mirror / "moved-big" / "d050" / "f050").st_ino == ino, "the mirror re-created instead of moving"
+    assert sum(x.renames for x in after) == 1, after
+    assert sum(x.puts + x.deltas for x in after) == 0, after
+    assert sum(x.literal for x in after) == 0, after
+    assert sum(x.deletes for x in after) == 0, after
+    print(f"{kind}: rename of 10,000 files converged in {took:.2f}s ({time.monotonic() - t0:.2f}s); batches {after}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_4k_edit_of_a_large_file_sends_about_the_edit(kind: str, tmp_path: Path,
+                                                      request: pytest.FixtureRequest) -> None:
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    size = 64 << 20
+    (src / "large.bin").write_bytes(os.urandom(size))
+    target, extra = str(mirror), []
+    if kind == "ssh":
+        d: Sshd = request.getfixturevalue("sshd")
+        target, extra = d.target(mirror), ssh_args(d)
+    with LiveReplicate(src, [target], tmp_path / "replicate.log", extra) as live:
+        wait_identical(src, mirror, CONVERGE, what="initial large file", live=live)
+        offset = live.log_size()
+        with open(src / "large.bin", "r+b") as f:
+            f.seek(33_333_333)
+            f.write(os.urandom(4096))
+        wait_identical(src, mirror, CONVERGE, what="after the 4 KiB edit", live=live)
+        after = live.batches(offset)
+        live.stop()
+    literal = sum(x.literal for x in after)
+    matched = sum(x.matched for x in after)
+    print(f"{kind}: 4 KiB edit of {size} bytes: {literal} literal, {matched} matched; batches {after}")
+    assert sum(x.deltas for x in after) >= 1 and sum(x.puts for x in after) == 0, after
+    # about the edit: the 4 KiB plus at most the two blocks it straddles (block ~ sqrt(64 MiB) = 8 KiB), per send
+    assert 4096 <= literal <= sum(x.deltas for x in after) * (4096 + 2 * 8192 + 1024), after
+    assert matched >= size - 64 * 1024, after
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a target that is down
+
+
+@pytest.mark.slow
+def test_local_target_down_is_retried_and_converges(tmp_path: Path) -> None:
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    (src / "before").write_bytes(b"written before start")
+    live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log")
+    with live.start(wait_targets=False):
+        for i in range(200):
+            (src / f"while-down-{i}").write_bytes(b"%d" % i)
+        deadline = time.monotonic() + 20
+        while "retrying in" not in live.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "retrying in" in live.log_text(), live.log_text()
+        assert "is not a directory" in live.log_text(), "the agent's reason should reach the log"
+        mirror.mkdir()
+        (src / "after-up").write_bytes(b"x")
+        wait_identical(src, mirror, CONVERGE, what="after the mirror root appeared", live=live)
+        (src / "live-again").write_bytes(b"y")
+        wait_identical(src, mirror, CONVERGE, what="live events after the reconnect", live=live)
+        assert live.stop() == 0
+
+
+@pytest.mark.slow
+def test_ssh_target_down_is_retried_and_converges(tmp_path: Path) -> None:
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    with Sshd(tmp_path / "sshd") as d:
+        live = LiveReplicate(src, [d.target(mirror)], tmp_path / "replicate.log", ssh_args(d))
+        with live:
+            (src / "a").write_bytes(b"a")
+            wait_identical(src, mirror, CONVERGE, what="with sshd up", live=live)
+            d.stop()
+            for pid in live.agent_pids().values():  # the session in flight dies too (as on a network cut)
+                os.kill(pid, 9)
+            for i in range(100):
+                (src / f"while-down-{i}").write_bytes(b"%d" % i)
+            time.sleep(2.5)
+            assert "retrying in" in live.log_text(), live.log_text()
+            assert not (mirror / "while-down-5").exists()
+            d.start()  # same port
+            wait_identical(src, mirror, CONVERGE, what="after sshd came back", live=live)
+            assert live.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-process: a file that changes while it is read is sent again
+
+
+@pytest.mark.parametrize("new_size", [3 << 20, 1 << 20, 2 << 20], ids=["grows", "shrinks", "same-size"])
+def test_file_changed_while_read_is_sent_again(new_size: int, tmp_path: Path) -> None:
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    path = src / "growing.bin"
+    path.write_bytes(b"a" * (2 << 20))
+    opts = TargetOptions(bwlimit=2 << 20, settle=0.01, max_delay=0.05)  # the 2 MiB read takes about a second
+    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), opts)
+    try:
+        rep.sync_now(Batch())  # the agent is up before the timed part
+        rep.coalescer.rescan(b"")
+        batch = rep.coalescer.take(time.monotonic())
+        writer = threading.Timer(0.3, lambda: path.write_bytes(b"b" * new_size))
+        writer.start()
+        first = rep.sync_now(batch)
+        writer.join()
+        assert first.puts == 1
+        assert not first.errors, "a put dropped on purpose is not an error"
+        data = (mirror / "growing.bin").read_bytes() if (mirror / "growing.bin").exists() else b""
+        assert data in (b"", b"a" * (2 << 20), b"b" * new_size), "a torn copy landed under the final name"
+        assert rep.coalescer.pending(), "a file changed during its read must be queued again"
+        again = rep.coalescer.take(time.monotonic() + 10)
+        assert list(again.dirty) == [b"growing.bin"]
+        second = rep.sync_now(again)
+        assert second.puts == 1 and not second.errors
+        assert not rep.coalescer.pending()
+        assert_trees_equal(src, mirror)
+    finally:
+        rep.stop()
+
+
+def test_batch_with_nothing_pending_is_a_plain_commit(tmp_path: Path) -> None:
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), TargetOptions())
+    try:
+        r = rep.sync_now(Batch())
+        assert (r.puts, r.deltas, r.renames, r.deletes, r.errors) == (0, 0, 0, 0, [])
+    finally:
+        rep.stop()
