@@ -303,6 +303,12 @@ match = '^{dir}/again/.*\\.txt$'
 on = ["CLOSEW"]
 retrigger = true
 run = "if [ $(wc -l < _FILE_) -lt 3 ]; then echo x >> _FILE_; fi"
+
+[[rule]]
+name = "later"
+match = '^{dir}/later/sub/'
+on = ["CLOSEW"]
+run = "echo x >> _FILE_"
 """
 
 
@@ -324,6 +330,16 @@ def test_actions_do_not_retrigger_unless_asked(tmp_path: Path, start: Callable[.
     assert d.metric("kwatch_actions_total", rule="append", result="started") == 1
     assert d.metric("kwatch_actions_total", rule="retrigger", result="started") >= 2
     assert (base / "again" / "b.txt").read_bytes() == b"x\nx\nx\n"
+
+    # later/sub did not exist at start: its nearest existing ancestor was watched; once it exists, the watch narrows
+    assert re.search(r"event=start .*roots=\S*/w ops=", d.err), d.err
+    (base / "later" / "sub").mkdir(parents=True)
+    d.wait_log('event=filter why="a watched directory appeared"')
+    assert re.search(r"event=filter .*roots=\S*/w/again,\S*/w/later/sub,\S*/w/loop ", d.err), d.err
+    write(base / "later" / "sub" / "c")
+    wait_until(
+        lambda: (base / "later" / "sub" / "c").read_bytes() == b"x\nx\n", 20, "the action under later/"
+    )
     assert d.stop() == 0
 
 
