@@ -268,7 +268,9 @@ class Replicator:
         plan = Plan()
         self._touched = set()
         renames = list(b.renames)
+        made: set[bytes] = set()
         for old, new in renames:
+            self._mkdir_parents(new, b, made)
             link.send(ap.Rename(old, new))
         rep.renames = len(renames)
         for rel in sorted(b.rescans, key=len):
@@ -284,6 +286,8 @@ class Replicator:
         assert isinstance(ack, ap.Ack)
         rename_sources = {old: new for old, new in renames}
         torn, self._torn = self._torn, set()
+        resent = [rename_sources[e.relpath] for e in ack.errors
+                  if e.relpath in rename_sources and e.code in ("ENOENT", "ENOTDIR")]
         for err in ack.errors:
             if err.code == "digest-mismatch" and err.relpath in torn:
                 continue  # dropped on purpose (changed while read): it is in ``changed``, sent again below
@@ -291,6 +295,8 @@ class Replicator:
                 # the mirror never had the old name (created and moved within one batch): send the new one
                 self.coalescer.rescan(rename_sources[err.relpath])
                 continue
+            if err.code == "ENOENT" and any(_is_under(err.relpath, n) for n in resent):
+                continue  # an attribute change of that new name: the rescan above brings the whole object
             rep.errors.append(err)
             log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
         for rel in changed:
@@ -344,6 +350,28 @@ class Replicator:
                 self._touch_parent(rel, plan)
             else:
                 plan.setattrs.append(SetAttr(rel, mode, st.st_mtime_ns, uid, gid))
+
+    def _mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> None:
+        """Create the directories of a rename destination that appeared in this batch, before the rename.
+
+        Renames are replayed before the plan's mkdirs (so a moved tree is moved, not re-created); ``mkdir -p n;
+        mv f n/f`` in one batch would otherwise find no ``n`` on the mirror, fail, and re-send ``f`` in full.
+        Only directories the source has now are made (mkdir of an existing directory is harmless).
+        """
+        parts = rel.split(b"/")[:-1]
+        for i in range(1, len(parts) + 1):
+            a = b"/".join(parts[:i])
+            if a in made or not b.dirty.get(a, 0) & EXIST:
+                continue
+            made.add(a)
+            try:
+                st = os.lstat(os.path.join(self.src, a))
+            except OSError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            assert self.link is not None
+            self.link.send(ap.Mkdir(a, stat.S_IMODE(st.st_mode) | 0o700))
 
     def _touch_parent(self, rel: bytes, plan: Plan) -> None:
         """Restore the mtime of the directory of a put or symlink after the batch.
@@ -582,6 +610,10 @@ def make_replicator(
 
         return RsyncReplicator(src_root, target, opts)
     return Replicator(src_root, target, opts, on_agent=on_agent)
+
+
+def _is_under(rel: bytes, top: bytes) -> bool:
+    return rel == top or rel.startswith(top + b"/")
 
 
 def wait_synced(reps: Iterable[Replicator], timeout: float) -> bool:
