@@ -39,7 +39,10 @@ STOP_TIMEOUT = 90.0  # detaching 80 programs waits for RCU grace periods: second
 ROOT_CASES: dict[str, tuple[str, bytes | None]] = {
     "hot folder (brief)": (r"^/export/home/image-converter.*\.jpg$", b"/export/home"),
     "prefix that is a name start": ("^/home/mike/test", b"/home/mike"),
-    "component end group": ("^/tmp/kwatch-demo(/|$)", b"/tmp"),
+    "component end group": ("^/tmp/kwatch-demo(/|$)", b"/tmp/kwatch-demo"),
+    "non-capturing component end": ("^/srv/x(?:/|$)", b"/srv/x"),
+    "exact path": ("^/etc/passwd$", b"/etc/passwd"),
+    "prefix then more regex": ("^/tmp/kwatch-demo(/a|/b)", b"/tmp"),
     "trailing slash": ("^/srv/in/", b"/srv/in"),
     "escaped dot": (r"^/a\.b/c", b"/a.b"),
     "escaped dash (re.escape)": (r"^/tmp/pytest\-of\-root/x/", b"/tmp/pytest-of-root/x"),

@@ -4,8 +4,10 @@
 A rule regex is *anchored* when it starts with ``^`` (or ``\\A``), has no top-level ``|``, and continues with a
 literal absolute path: ``^/export/home/image-converter.*\\.jpg$`` can only match paths that start with
 ``/export/home/image-converter``. The tree to watch is the directory holding that literal prefix (``/export/home``;
-``^/tmp/kwatch-demo(/|$)`` -> ``/tmp``, since the directory itself may be the path an event is about, and
-``^/srv/in/`` -> ``/srv/in``). A literal made optional by a quantifier (``^/dat?a``) is not part of the prefix.
+``^/srv/in/`` -> ``/srv/in``), or the prefix itself when the regex allows nothing but the end of a path component
+after it (``^/tmp/kwatch-demo(/|$)`` -> ``/tmp/kwatch-demo``): the directory itself is then inside the watched tree
+(``CaptureFilter.accepts`` takes a root's own path, and the BPF backend passes events named in the directories above
+a root to userspace). A literal made optional by a quantifier (``^/dat?a``) is not part of the prefix.
 
 One unanchored rule (``\\.jpg$``) means the whole system: roots ``()``. A root that does not exist yet is replaced by
 its nearest existing ancestor (nothing is created); the daemon re-checks from time to time and narrows the watch once
@@ -21,6 +23,8 @@ from kwatch.events import normalize
 from kwatch.rules.model import Config
 
 _SPECIAL = set(".^$*+?{}[]|()\\")
+# After a literal prefix, these allow only the end of a path component: the prefix is a whole directory name.
+_COMPONENT_END = ("$", "\\Z", "(/|$)", "(?:/|$)", "($|/)", "(?:$|/)", "(/|\\Z)", "(?:/|\\Z)")
 
 
 def _top_level_alternation(pattern: str) -> bool:
@@ -92,9 +96,11 @@ def rule_root(pattern: str) -> bytes | None:
     got = literal_prefix(pattern)
     if got is None:
         return None
-    prefix = got[0]
-    # the directory holding the last component of the prefix: "/a/b" -> "/a" (the regex may match "/a/bc" or
-    # "/a/b" itself), "/a/b/" -> "/a/b"
+    prefix, rest = got
+    if rest.startswith(_COMPONENT_END):
+        return normalize(prefix.encode("utf-8", "surrogateescape"))
+    # the directory holding the last component of the prefix: "/a/b" -> "/a" (the regex may match "/a/bc"),
+    # "/a/b/" -> "/a/b"
     root = prefix[: prefix.rfind("/")] or "/"
     return normalize(root.encode("utf-8", "surrogateescape"))
 
