@@ -197,37 +197,53 @@ static long walk_step(__u32 i, void *c)
 	return 0;
 }
 
+#define WALK_LEN_MASK 0xffff
+#define WALK_ROOTS_SHIFT 16
+#define WALK_TRUNC 0x40000
+
 /*
- * Resolve (dentry, vfsmount) to an absolute path and copy it into data at off. Returns the length written.
- * *roots gets ROOT_IN when a watched directory is on the way up (or is the object itself), ROOT_ANCESTOR when the
- * object itself is a directory above a watched tree (a name resolved under it may lead into the tree).
+ * Resolve (dentry, vfsmount) to an absolute path and copy it into s->data at off. A global function: the verifier
+ * checks it once per program instead of once per call site (four in kw_exit), which keeps start-up fast.
+ * Returns the length, ROOT_IN / ROOT_ANCESTOR << WALK_ROOTS_SHIFT (a watched directory is on the way up, or the
+ * object itself is a directory above a watched tree), and WALK_TRUNC when the walk was cut.
  */
-static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dentry, struct vfsmount *vfsmnt,
-					 __u32 off, __u8 check_roots, __u8 *roots, __u16 *trunc, int slot)
+__noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32 off, __u32 check_roots)
 {
+	if (!s)
+		return WALK_TRUNC;
+	struct vfsmount *mnt = (struct vfsmount *)vfsmnt;
 	struct walk_ctx w = {};
-	w.dentry = dentry;
-	w.mnt = real_mount(vfsmnt);
-	w.mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
+	w.dentry = (struct dentry *)dentry;
+	w.mnt = real_mount(mnt);
+	w.mnt_root = BPF_CORE_READ(mnt, mnt_root);
 	w.s = s;
 	w.pos = WALK_BUF;
-	w.check_roots = check_roots;
+	w.check_roots = check_roots ? 1 : 0;
 	bpf_loop(WALK_MAX_STEPS, walk_step, &w, 0);
-	if (!w.done)
-		w.trunc = 1;
+	__u32 res = 0;
+	if (!w.done || w.trunc)
+		res |= WALK_TRUNC;
 	if (w.in_root)
-		*roots |= ROOT_IN;
+		res |= ROOT_IN << WALK_ROOTS_SHIFT;
 	if (w.base_is_ancestor)
-		*roots |= ROOT_ANCESTOR;
-	if (w.trunc)
-		*trunc |= 1 << slot;
+		res |= ROOT_ANCESTOR << WALK_ROOTS_SHIFT;
 	if (w.pos >= WALK_BUF) { /* the root itself */
 		w.pos = WALK_BUF - 1;
 		s->walk[w.pos & WALK_MASK] = '/';
 	}
-	__u32 len = WALK_BUF - w.pos;
-	bpf_probe_read_kernel(&s->data[off & DATA_MASK], len & WALK_MASK, &s->walk[w.pos & WALK_MASK]);
-	return len & WALK_MASK;
+	__u32 len = (WALK_BUF - w.pos) & WALK_MASK;
+	bpf_probe_read_kernel(&s->data[off & DATA_MASK], len, &s->walk[w.pos & WALK_MASK]);
+	return res | len;
+}
+
+static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dentry, struct vfsmount *vfsmnt,
+					 __u32 off, __u8 check_roots, __u8 *roots, __u16 *trunc, int slot)
+{
+	__u32 r = kw_walk(s, (__u64)dentry, (__u64)vfsmnt, off, check_roots);
+	*roots |= (r >> WALK_ROOTS_SHIFT) & (ROOT_IN | ROOT_ANCESTOR);
+	if (r & WALK_TRUNC)
+		*trunc |= 1 << slot;
+	return r & WALK_MASK;
 }
 
 static __always_inline struct file *fd_file(struct task_struct *task, int fd)
@@ -310,6 +326,86 @@ static __always_inline int has_dotdot(struct kw_scratch *s, __u32 off, __u32 len
 	struct dotdot_ctx x = { .s = s, .off = off, .len = len };
 	bpf_loop(KW_SLOT_MAX, dotdot_step, &x, 0);
 	return x.found;
+}
+
+/*
+ * Watched roots as strings, for names a process passed as absolute paths: no directory walk happens for those, so
+ * the kernel compares the name with each root (lexically, as userspace does; names with ".." are left undecided).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KW_MAX_ROOT_PATHS);
+	__type(key, __u32);
+	__type(value, struct kw_root_path);
+} kw_root_paths SEC(".maps");
+
+struct prefix_ctx {
+	struct kw_scratch *s;
+	struct kw_root_path *r;
+	__u32 off;
+	__u32 len;
+	__u8 differ;
+};
+
+static long prefix_byte(__u32 i, void *c)
+{
+	struct prefix_ctx *x = c;
+	if (!x->s || !x->r || i >= x->len)
+		return 1;
+	if (x->s->data[(x->off + i) & DATA_MASK] != x->r->path[i & (KW_ROOT_PATH_MAX - 1)]) {
+		x->differ = 1;
+		return 1;
+	}
+	return 0;
+}
+
+struct roots_ctx {
+	struct kw_scratch *s;
+	__u32 off;
+	__u32 n;
+	__u8 found;
+};
+
+static long root_step(__u32 idx, void *c)
+{
+	struct roots_ctx *x = c;
+	struct kw_root_path *r = bpf_map_lookup_elem(&kw_root_paths, &idx);
+	if (!r || !r->len || !x->s)
+		return 1; /* the list ends at the first empty slot */
+	__u32 len = r->len;
+	if (len >= KW_ROOT_PATH_MAX || len > x->n)
+		return 0;
+	struct prefix_ctx p = { .s = x->s, .r = r, .off = x->off, .len = len };
+	bpf_loop(KW_ROOT_PATH_MAX, prefix_byte, &p, 0);
+	if (p.differ)
+		return 0;
+	/* a whole component: "/srv/a" is under "/srv" but not under "/sr" */
+	if (len == x->n || len == 1 || x->s->data[(x->off + len) & DATA_MASK] == '/') {
+		x->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/* True when the absolute name at data[off, off+n) is a watched root or inside one. */
+static __always_inline int abs_in_roots(struct kw_scratch *s, __u32 off, __u32 n)
+{
+	struct roots_ctx x = { .s = s, .off = off, .n = n };
+	bpf_loop(KW_MAX_ROOT_PATHS, root_step, &x, 0);
+	return x.found;
+}
+
+/*
+ * After the base walk left a name's place open: a name with ".." could lead anywhere (userspace decides); an
+ * absolute one is compared with the watched roots here. Returns 1 when undecided.
+ */
+static __always_inline __u8 name_undecided(struct kw_scratch *s, __u32 off, __u32 n, __u8 abs, __u8 *roots)
+{
+	if (has_dotdot(s, off, n))
+		return 1;
+	if (abs && abs_in_roots(s, off, n))
+		*roots |= ROOT_IN;
+	return 0;
 }
 
 /* ---- record assembly ------------------------------------------------------------------------------------------ */
@@ -422,6 +518,7 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 	__u8 check = cfg->use_roots ? 1 : 0;
 	__u8 in_root = 0;
 	__u8 undecided = 0;
+	__u8 abs = 0;
 	__u16 trunc = 0;
 	__u32 off = 0, n;
 
@@ -461,7 +558,7 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 	} else {
 		/* name-based: slot 0 base, slot 1 name, slot 2 base2, slot 3 name2 (or symlink target) */
 		if (is_absolute(a.name1)) {
-			undecided = 1;
+			abs = 1;
 			n = 0;
 		} else {
 			n = walk_base(s, task, a.dfd1, 0, check, &in_root, &trunc, 0);
@@ -471,8 +568,8 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 		e->len[0] = n;
 		off = n;
 		n = read_name(s, a.name1, off);
-		if (check && !(in_root & ROOT_IN) && !undecided && has_dotdot(s, off, n))
-			undecided = 1;
+		if (check && !(in_root & ROOT_IN) && !undecided)
+			undecided = name_undecided(s, off, n, abs, &in_root);
 		e->len[1] = n;
 		off += n;
 		if (a.kind == ARGS_SYMLINK) {
@@ -482,8 +579,9 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 			off += n;
 		} else if (a.name2) {
 			__u32 off2 = off;
+			abs = 0;
 			if (is_absolute(a.name2)) {
-				undecided = 1;
+				abs = 1;
 				n = 0;
 			} else {
 				n = walk_base(s, task, a.dfd2, off, check, &in_root, &trunc, 2);
@@ -493,8 +591,8 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 			e->len[2] = n;
 			off += n;
 			n = read_name(s, a.name2, off);
-			if (check && !(in_root & ROOT_IN) && !undecided && has_dotdot(s, off, n))
-				undecided = 1;
+			if (check && !(in_root & ROOT_IN) && !undecided)
+				undecided = name_undecided(s, off, n, abs, &in_root);
 			e->len[3] = n;
 			off += n;
 			(void)off2;

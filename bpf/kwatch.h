@@ -79,4 +79,12 @@ struct kw_inode_key {
 	__u32 _pad;
 };
 
+/* One watched root as a string (value of the "kw_root_paths" array; the list ends at the first len == 0). */
+#define KW_MAX_ROOT_PATHS 16
+#define KW_ROOT_PATH_MAX 256
+struct kw_root_path {
+	__u32 len;
+	char path[KW_ROOT_PATH_MAX];
+};
+
 #endif /* KWATCH_H */

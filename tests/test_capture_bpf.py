@@ -444,4 +444,7 @@ def test_burst_losses_are_counted_not_silent() -> None:
         assert src.stats().lost == lost
     shutil.rmtree(d)
     assert lost > 0
-    assert delivered + lost == 3 * n
+    # every event of the child is delivered or counted lost; the count may also hold events of other processes
+    # that the kernel could not place outside the tree (a relative name from a directory above it, a name with "..")
+    assert delivered < 3 * n
+    assert delivered + lost >= 3 * n

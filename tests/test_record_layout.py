@@ -16,6 +16,7 @@ STRUCTS = [
     ("kw_event", record.KwEvent),
     ("kw_config", record.KwConfig),
     ("kw_inode_key", record.KwInodeKey),
+    ("kw_root_path", record.KwRootPath),
 ]
 
 

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from kwatch.capture import libbpf
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
-from kwatch.capture.record import KwConfig, KwInodeKey, decode_batch
+from kwatch.capture.record import (
+    MAX_ROOT_PATHS,
+    ROOT_PATH_MAX,
+    KwConfig,
+    KwInodeKey,
+    KwRootPath,
+    decode_batch,
+)
 from kwatch.capture.ringbuf import RingBuffer
 from kwatch.events import FileEvent, Op
 
@@ -116,6 +123,7 @@ class BpfSource:
             self._obj.load()
             self._cfg = self._obj.map("kw_cfg")
             self._roots = self._obj.map("kw_roots")
+            self._root_paths = self._obj.map("kw_root_paths")
             self._excl = self._obj.map("kw_excl")
             self._losses = self._obj.map("kw_losses")
             self._ncpu = libbpf.possible_cpus()
@@ -157,6 +165,12 @@ class BpfSource:
         for key in old.keys() - new.keys():
             self._roots.delete(key)
         self._root_values = new
+        # the same roots as strings, for absolute names (compared in the kernel without a walk)
+        self._strings_ok = len(filt.roots) <= MAX_ROOT_PATHS and all(len(r) < ROOT_PATH_MAX for r in filt.roots)
+        paths = list(filt.roots) if self._strings_ok else []
+        for i in range(MAX_ROOT_PATHS):
+            p = paths[i] if i < len(paths) else b""
+            self._root_paths.update(i.to_bytes(4, "little"), bytes(KwRootPath(len=len(p), path=p)))
         self._write_config()
 
     def _write_config(self) -> None:
@@ -166,7 +180,8 @@ class BpfSource:
         cfg = KwConfig(
             op_mask=mask,
             self_tgid=os.getpid(),
-            use_roots=1 if self.filter.roots and b"/" not in self.filter.roots else 0,
+            # roots the kernel cannot hold as strings (too many, too long) are filtered in userspace only
+            use_roots=1 if self.filter.roots and b"/" not in self.filter.roots and self._strings_ok else 0,
             use_excl=1 if (self._excluded or self.filter.exclude_pids) else 0,
         )
         for pid in self.filter.exclude_pids:

@@ -49,6 +49,14 @@ class KwConfig(ctypes.Structure):
     ]
 
 
+MAX_ROOT_PATHS = 16
+ROOT_PATH_MAX = 256
+
+
+class KwRootPath(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("path", ctypes.c_char * ROOT_PATH_MAX)]
+
+
 class KwInodeKey(ctypes.Structure):
     _fields_ = [("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
