@@ -304,7 +304,10 @@ class Daemon:
                     )
                 submit(m)
         for sink in self.sinks:
-            sink.feed(events)
+            try:
+                sink.feed(events)
+            except Exception as e:  # a broken sink must not stop the rules
+                self.log.error("sink_error", sink=type(sink).__name__, msg=f"{type(e).__name__}: {e}")
 
     def _caused_by_action(self, ev: FileEvent) -> bool:
         pids = self._action_pids
