@@ -253,6 +253,12 @@ CASES = [
         lambda d: [ev("MKDIR", d, "abs"), ev("RMDIR", d, "abs")],
     ),
     Case(
+        "absolute_name_with_dotdot",
+        "os.chdir('/'); os.mkdir(d + b'/../' + os.path.basename(d) + b'/dd'); os.mkdir(b'/tmp/kwatch-out-' + d[-6:])\n"
+        "os.rmdir(b'/tmp/kwatch-out-' + d[-6:])",
+        lambda d: [ev("MKDIR", d, "dd")],
+    ),
+    Case(
         "relative_name_from_parent_directory",
         "os.chdir(os.path.dirname(d)); b = os.path.basename(d)\n"
         "os.mkdir(b + b'/x'); os.rename(b + b'/x', b + b'/y')",
@@ -448,3 +454,14 @@ def test_burst_losses_are_counted_not_silent() -> None:
     # that the kernel could not place outside the tree (a relative name from a directory above it, a name with "..")
     assert delivered < 3 * n
     assert delivered + lost >= 3 * n
+
+
+def test_kernel_drops_absolute_names_outside_the_tree(source: object, tmp_path: Path) -> None:
+    """Names passed as absolute paths are placed by the kernel (no directory walk), not left to userspace."""
+    drain(source, 0.1)
+    before = source.stats().filtered  # type: ignore[attr-defined]
+    outside = os.fsencode(tmp_path)
+    subprocess.run([sys.executable, "-c", CHILD_PRELUDE + "os.chdir('/')\nfor i in range(50):\n"
+                    "    p = d + b'/o%d' % i; os.mkdir(p); os.chmod(p, 0o700); os.rmdir(p)", outside], check=True)
+    assert drain(source) == []
+    assert source.stats().filtered == before  # type: ignore[attr-defined]
