@@ -21,7 +21,11 @@ class CaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaptureFilter:
-    """What to capture. Empty ``roots`` means the whole system."""
+    """What to capture. Empty ``roots`` means the whole system.
+
+    ``exclude_pids``: processes whose operations are not reported. The BPF backend also drops their descendants
+    (eight ``real_parent`` levels, checked in the kernel); fanotify and inotify know only the pid of an event.
+    """
 
     roots: tuple[bytes, ...] = ()
     ops: frozenset[Op] = frozenset(Op)

@@ -127,7 +127,8 @@ class BpfSource:
             self._excl = self._obj.map("kw_excl")
             self._losses = self._obj.map("kw_losses")
             self._ncpu = libbpf.possible_cpus()
-            self._excluded: set[int] = set()
+            self._excluded: set[int] = set()  # exclude_pid() calls
+            self._filter_excl: set[int] = set()  # the filter's exclude_pids now in the kernel map
             self._root_values: dict[bytes, bytes] = {}
             self.set_filter(self.filter)
             for prog in progs:
@@ -184,8 +185,11 @@ class BpfSource:
             use_roots=1 if self.filter.roots and b"/" not in self.filter.roots and self._strings_ok else 0,
             use_excl=1 if (self._excluded or self.filter.exclude_pids) else 0,
         )
-        for pid in self.filter.exclude_pids:
+        for pid in self.filter.exclude_pids - self._filter_excl:
             self._excl.update(pid.to_bytes(4, "little"), b"\x01")
+        for pid in self._filter_excl - self.filter.exclude_pids - self._excluded:
+            self._excl.delete(pid.to_bytes(4, "little"))
+        self._filter_excl = set(self.filter.exclude_pids)
         self._cfg.update(b"\0\0\0\0", bytes(cfg))
 
     def exclude_pid(self, pid: int) -> None:
@@ -197,7 +201,8 @@ class BpfSource:
     def include_pid(self, pid: int) -> None:
         if pid in self._excluded:
             self._excluded.discard(pid)
-            self._excl.delete(pid.to_bytes(4, "little"))
+            if pid not in self._filter_excl:
+                self._excl.delete(pid.to_bytes(4, "little"))
             if not self._excluded:
                 self._write_config()
 
