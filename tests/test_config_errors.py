@@ -28,14 +28,14 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
     "unknown keyword": (
         "c.conf",
         "RULE ^/a\nCHMOD true\n",
-        ["c.conf:1: warning: RULE ^/a has no actions", f"c.conf:2: unknown keyword 'CHMOD'; expected RULE, IGNORE or one of {KW}"],
+        ["c.conf:1: warning: RULE ^/a has no actions", f"c.conf:2: unknown keyword 'CHMOD'; expected RULE, IGNORE, REPLICATE or one of {KW}"],
     ),
     "lower-case keyword": (
         "c.conf",
         "RULE ^/a\nopenw true\n",
         [
             "c.conf:1: warning: RULE ^/a has no actions",
-            f"c.conf:2: unknown keyword 'openw' (keywords are upper case: OPENW); expected RULE, IGNORE or one of {KW}",
+            f"c.conf:2: unknown keyword 'openw' (keywords are upper case: OPENW); expected RULE, IGNORE, REPLICATE or one of {KW}",
         ],
     ),
     "empty command": ("c.conf", "RULE ^/a\nUNLINK\n", ["c.conf:2: UNLINK: empty command"]),
@@ -62,7 +62,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
         [
             "many.conf:1: UNLINK before the first RULE",
             "many.conf:2: bad regex '(': missing ), unterminated subpattern at position 0",
-            f"many.conf:5: unknown keyword 'FOO'; expected RULE, IGNORE or one of {KW}",
+            f"many.conf:5: unknown keyword 'FOO'; expected RULE, IGNORE, REPLICATE or one of {KW}",
             "many.conf:6: command: unterminated backtick substitution (column 12)",
         ],
     ),

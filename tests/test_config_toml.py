@@ -98,6 +98,7 @@ run = "true"
 
 [[replicate]]
 target = "ssh://mirror/srv"
+source = "/srv"
 delete = true
 exclude = ["*.tmp"]
 """
@@ -128,7 +129,7 @@ def test_full_schema() -> None:
     assert tar.where.line == 32  # the line of its run key
     assert rm.options.batch is BatchMode.STDIN and rm.options.timeout is None
     (rep,) = cfg.replicate
-    assert (rep.target, rep.options, rep.where.line) == ("ssh://mirror/srv", {"delete": True, "exclude": ["*.tmp"]}, 47)
+    assert (rep.target, rep.options, rep.where.line) == ("ssh://mirror/srv", {"source": "/srv", "delete": True, "exclude": ["*.tmp"]}, 47)
 
 
 class FakeTree:
@@ -215,7 +216,7 @@ def test_format_detection(tmp_path: Path) -> None:
 
 
 def test_replicate_only() -> None:
-    cfg, errs = parse_config('[[replicate]]\ntarget = "/mnt/mirror"\n', "r.toml")
+    cfg, errs = parse_config('[[replicate]]\ntarget = "/mnt/mirror"\nsource = "/srv"\n', "r.toml")
     assert cfg is not None and errs == []
     assert cfg.rulesets == () and cfg.replicate[0].target == "/mnt/mirror"
 

@@ -23,14 +23,14 @@ DEMO_HINT = (
 
 
 def make_sinks(config: Config, log: StructLog, stats: DaemonStats) -> list[EventSink]:
-    """Event sinks for this config. Replication (``[[replicate]]``/REPLICATE targets) plugs in here."""
-    if config.replicate:
-        log.warning(
-            "replicate_unsupported",
-            targets=len(config.replicate),
-            msg="this kwatch run does not replicate yet; the [[replicate]] targets are ignored",
-        )
-    return []
+    """Event sinks for this config: one ReplicationSink when it has replication targets."""
+    if not config.replicate:
+        return []
+    from kwatch.replicate.sink import ReplicationSink
+
+    for t in config.replicate:
+        log.info("replicate", source=str(t.options["source"]), target=t.target, where=str(t.where))
+    return [ReplicationSink(config.replicate, stats)]
 
 
 def _setup_logging(log: StructLog) -> None:

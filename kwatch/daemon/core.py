@@ -202,6 +202,10 @@ class Daemon:
             self.filter, self.backend, warn=lambda m: self.log.warning("backend", msg=m)
         )
         src = self.source
+        for sink in self.sinks:
+            starter = getattr(sink, "start", None)
+            if callable(starter):  # sinks that need the running source (replication: exclude its agents' pids)
+                starter(src)
         self.log.info(
             "start",
             backend=src.name,

@@ -19,91 +19,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-from kwatch.events import normalize
 from kwatch.rules.model import Config
+from kwatch.rules.prefix import literal_prefix, rule_root
 
-_SPECIAL = set(".^$*+?{}[]|()\\")
-# After a literal prefix, these allow only the end of a path component: the prefix is a whole directory name.
-_COMPONENT_END = ("$", "\\Z", "(/|$)", "(?:/|$)", "($|/)", "(?:$|/)", "(/|\\Z)", "(?:/|\\Z)")
-
-
-def _top_level_alternation(pattern: str) -> bool:
-    depth = 0
-    i = 0
-    in_class = False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            if c == "]":
-                in_class = False
-        elif c == "[":
-            in_class = True
-            # a "]" right after "[" or "[^" is a literal member of the class
-            if pattern[i + 1 : i + 2] == "]":
-                i += 1
-            elif pattern[i + 1 : i + 3] == "^]":
-                i += 2
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            return True
-        i += 1
-    return False
-
-
-def literal_prefix(pattern: str) -> tuple[str, str] | None:
-    """(literal absolute prefix, rest of the regex) when ``pattern`` is anchored; else None."""
-    if pattern.startswith("^"):
-        i = 1
-    elif pattern.startswith("\\A"):
-        i = 2
-    else:
-        return None
-    if _top_level_alternation(pattern):
-        return None
-    out: list[str] = []
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            nxt = pattern[i + 1 : i + 2]
-            if not nxt or nxt.isalnum():  # \d, \w, \x41, back references: not a plain literal
-                break
-            lit, width = nxt, 2
-        elif c in _SPECIAL:
-            break
-        else:
-            lit, width = c, 1
-        after = pattern[i + width : i + width + 1]
-        if after in ("*", "?", "{"):  # optional or counted: the literal may be absent
-            break
-        out.append(lit)
-        i += width
-        if after == "+":  # at least one: the prefix holds with one, nothing after it is literal
-            break
-    prefix = "".join(out)
-    if not prefix.startswith("/"):
-        return None
-    return prefix, pattern[i:]
-
-
-def rule_root(pattern: str) -> bytes | None:
-    """The directory every path ``pattern`` can match lies in, or None when it may match anywhere."""
-    got = literal_prefix(pattern)
-    if got is None:
-        return None
-    prefix, rest = got
-    if rest.startswith(_COMPONENT_END):
-        return normalize(prefix.encode("utf-8", "surrogateescape"))
-    # the directory holding the last component of the prefix: "/a/b" -> "/a" (the regex may match "/a/bc"),
-    # "/a/b/" -> "/a/b"
-    root = prefix[: prefix.rfind("/")] or "/"
-    return normalize(root.encode("utf-8", "surrogateescape"))
-
+__all__ = ["capture_roots", "existing_ancestor", "literal_prefix", "minimal", "rule_root", "wanted_roots"]
 
 def existing_ancestor(path: bytes, exists: Callable[[bytes], bool]) -> bytes:
     """``path`` if it is an existing directory, else its nearest existing ancestor (``/`` at worst)."""

@@ -26,6 +26,7 @@ import stat
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -87,6 +88,7 @@ class Target:
     kind: str
     path: bytes
     host: str = ""
+    port: int | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Target:
@@ -94,9 +96,18 @@ class Target:
             return cls(spec, "rsync", b"")
         if spec.startswith("/"):
             return cls(spec, "local", os.fsencode(os.path.normpath(spec)))
+        if spec.startswith("ssh://"):
+            u = urllib.parse.urlsplit(spec)
+            if not u.hostname or not u.path:
+                raise ValueError(f"target {spec!r}: expected ssh://[user@]host[:port]/path")
+            who = f"{u.username}@{u.hostname}" if u.username else u.hostname
+            return cls(spec, "ssh", urllib.parse.unquote_to_bytes(u.path), who, u.port)
         host, sep, path = spec.partition(":")
         if not sep or not host or "/" in host:
-            raise ValueError(f"target {spec!r}: expected /local/path, [user@]host:/path or rsync://host/module/path")
+            raise ValueError(
+                f"target {spec!r}: expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or "
+                "rsync://host/module/path"
+            )
         return cls(spec, "ssh", os.fsencode(path or "."), host)
 
     def agent_argv(self, opts: TargetOptions) -> list[str]:
@@ -104,7 +115,8 @@ class Target:
             return [sys.executable, "-m", "kwatch", "agent", "--root", os.fsdecode(self.path), "--fsync", opts.fsync]
         # ssh hands the remote shell one string: every word we add is quoted, so a path is data, never code
         remote = [*shlex.split(opts.agent_command), "agent", "--root", os.fsdecode(self.path), "--fsync", opts.fsync]
-        return [*shlex.split(opts.ssh), "-o", "BatchMode=yes", self.host, shlex.join(remote)]
+        port = ["-p", str(self.port)] if self.port else []
+        return [*shlex.split(opts.ssh), *port, "-o", "BatchMode=yes", self.host, shlex.join(remote)]
 
 
 def _agent_entry(e: ap.Entry) -> Entry:

@@ -7,6 +7,8 @@ Grammar, one statement per logical line::
     IGNORE <regex>               paths of the current rule that this regex finds are excluded
     <KEYWORD> <shell command>    run the command when the keyword's operation happens to a matching path
 
+    REPLICATE <target> [k=v...]  keep a mirror of the directory the current RULE names (see kwatch.rules.replication)
+
 Keywords: OPENW MKDIR SYMLINK UNLINK RMDIR RENAME (the original set) and CLOSEW CREATE ATTRIB LINK TRUNCATE ANY;
 what each fires on is in :mod:`kwatch.rules.model` (OPENW fires once the writer has closed the file). The command
 is shell code with the placeholders ``_FILE_``, ``_OLD_FILE_``, ``_NEW_FILE_`` (see :mod:`kwatch.actions.shell`).
@@ -28,7 +30,9 @@ import re
 
 from kwatch.rules.build import KEYWORDS, make_action
 from kwatch.rules.errors import ConfigError
-from kwatch.rules.model import Action, ActionOptions, Rule, RuleSet, Where
+from kwatch.rules.model import Action, ActionOptions, ReplicateTarget, Rule, RuleSet, Where
+from kwatch.rules.prefix import rule_directory
+from kwatch.rules.replication import check_options, check_target, parse_replicate_line
 
 _STATEMENT = re.compile(r"[ \t]*(\S+)(?:[ \t]+(.*?))?[ \t\r]*\Z", re.S)
 
@@ -61,6 +65,8 @@ def parse_changedfiles(
     opts = options if options is not None else ActionOptions()
     errs: list[ConfigError] = []
     rules: list[Rule] = []
+    targets: list[ReplicateTarget] = []
+    replicating: set[int] = set()  # lines of the RULEs that have a REPLICATE
     # The rule being read: (where, pattern, ignores, actions, ok)
     cur: tuple[Where, str, list[str], list[Action], list[bool]] | None = None
 
@@ -70,7 +76,7 @@ def parse_changedfiles(
         where, pattern, ignores, actions, ok = cur
         if not ok[0]:
             return
-        if not actions:
+        if not actions and where.line not in replicating:
             errs.append(ConfigError(where.file, where.line, f"RULE {pattern} has no actions", "warning"))
         rule_name = f"{os.path.basename(filename)}:{where.line}"
         rules.append(Rule.make(rule_name, pattern, tuple(ignores), tuple(actions), where, concurrency))
@@ -95,6 +101,28 @@ def parse_changedfiles(
             except re.error as e:
                 errs.append(ConfigError(filename, lineno, f"bad regex {arg!r}: {e}"))
                 cur[4][0] = False
+            continue
+        if word == "REPLICATE":
+            if cur is None:
+                errs.append(ConfigError(filename, lineno, "REPLICATE before the first RULE"))
+                continue
+            source = rule_directory(cur[1])
+            target, ropts, rproblems = parse_replicate_line(arg)
+            if source is None:
+                rproblems.append(
+                    f"REPLICATE needs a RULE that names a whole directory, like ^/srv/data(/|$); {cur[1]!r} does not"
+                )
+            else:
+                ropts.setdefault("source", os.fsdecode(source))
+            if target and not rproblems:
+                rproblems += [p for p in (check_target(target),) if p] + check_options(ropts)
+            for problem in rproblems:
+                errs.append(ConfigError(filename, lineno, problem))
+            if rproblems:
+                cur[4][0] = False
+            else:
+                targets.append(ReplicateTarget(target, ropts, where))
+                replicating.add(cur[0].line)  # a rule whose only action is REPLICATE is not empty
             continue
         if word == "IGNORE" or word in KEYWORDS:
             if cur is None:
@@ -130,10 +158,10 @@ def parse_changedfiles(
             ConfigError(
                 filename,
                 lineno,
-                f"unknown keyword {word!r}{hint}; expected RULE, IGNORE or one of {', '.join(KEYWORDS)}",
+                f"unknown keyword {word!r}{hint}; expected RULE, IGNORE, REPLICATE or one of {', '.join(KEYWORDS)}",
             )
         )
     close()
     if any(e.severity == "error" for e in errs):
         return None, errs
-    return RuleSet(os.path.basename(filename), tuple(rules), where=Where(filename, 0)), errs
+    return RuleSet(os.path.basename(filename), tuple(rules), where=Where(filename, 0), replicate=tuple(targets)), errs

@@ -54,7 +54,7 @@ def parse_config(
     if rs is None:
         return None, in_order(errs)
     warnings = tuple(e for e in errs if e.severity != "error")
-    return Config((rs,), files=(filename,), warnings=warnings), in_order(errs)
+    return Config((rs,), rs.replicate, files=(filename,), warnings=warnings), in_order(errs)
 
 
 def check_config(path: str | os.PathLike[str]) -> list[ConfigError]:

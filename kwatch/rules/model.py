@@ -184,6 +184,7 @@ class RuleSet:
     rules: tuple[Rule, ...]
     process: ProcessFilter = ProcessFilter()
     where: Where = Where("", 0)
+    replicate: tuple[ReplicateTarget, ...] = ()  # REPLICATE lines of a changedfiles file
 
     def match(self, event: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
         """Every (rule, action) this event starts, with the placeholder values; see :mod:`kwatch.rules.match`."""

@@ -71,6 +71,7 @@ from kwatch.rules.model import (
     RuleSet,
     Where,
 )
+from kwatch.rules.replication import check_options, check_target
 
 Path = tuple[str | int, ...]
 
@@ -158,6 +159,7 @@ class _Loader:
         self.read = read
         self.errors: list[ConfigError] = []
         self.files: list[str] = [filename]
+        self.included_targets: list[ReplicateTarget] = []  # REPLICATE lines of included changedfiles
 
     def err(self, path: Path, reason: str, severity: str = "error") -> None:
         self.errors.append(ConfigError(self.filename, self.loc.line(path), reason, severity))
@@ -430,6 +432,7 @@ class _Loader:
         if rs is None:
             return False
         rules.extend(rs.rules)
+        self.included_targets.extend(rs.replicate)
         return True
 
     def load(self, doc: dict[str, Any]) -> Config | None:
@@ -470,7 +473,7 @@ class _Loader:
             ok = ok and rs is not None
             if rs is not None:
                 rulesets.append(rs)
-        targets: list[ReplicateTarget] = []
+        targets: list[ReplicateTarget] = list(self.included_targets)
         reps = doc.get("replicate", [])
         if not isinstance(reps, list) or not all(isinstance(x, dict) for x in reps):
             self.err(("replicate",), "replicate must be an array of tables ([[replicate]])")
@@ -482,6 +485,12 @@ class _Loader:
                 ok = False
                 continue
             opts = {k: v for k, v in rt.items() if k != "target"}
+            problems = [p for p in (check_target(target),) if p] + check_options(opts)
+            for problem in problems:
+                self.err(("replicate", i), problem)
+            if problems:
+                ok = False
+                continue
             targets.append(ReplicateTarget(target, opts, self.where(("replicate", i))))
         if not any(k in doc for k in ("rule", "ruleset", "replicate")):
             self.err((), "the config has no rules and no replication targets", "warning")
