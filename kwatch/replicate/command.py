@@ -59,6 +59,20 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
+def _progress_line(target: str, done: int, total: int, nbytes: int) -> None:
+    """A progress bar on the terminal for large batches (the initial sync); a line per 1% at most."""
+    if total < 100:
+        return
+    if done != total and done % max(1, total // 100):
+        return
+    width = 30
+    fill = width * done // total
+    end = "\n" if done == total else ""
+    sys.stderr.write(f"\r{target}: [{'#' * fill}{'.' * (width - fill)}] {done}/{total} files, "
+                     f"{nbytes / 1e6:.1f} MB{end}")
+    sys.stderr.flush()
+
+
 def cmd_replicate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="kwatch: %(message)s", stream=sys.stderr)
     src = os.fsencode(os.path.abspath(args.source))
@@ -85,6 +99,9 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             raise SystemExit(f"kwatch replicate: {e}") from e
     exclude = getattr(source, "exclude_pid", None)
     reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]
+    if sys.stderr.isatty():
+        for r in reps:
+            r.progress = _progress_line
     for r in reps:
         r.start()
     old = signal.signal(signal.SIGTERM, _stop)

@@ -163,6 +163,8 @@ class Replicator:
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
         self.last_error: str | None = None
+        #: called as progress(target, files_done, files_total, bytes_done) while a batch's files are sent
+        self.progress: Callable[[str, int, int, int], None] | None = None
 
     # ---- the thread -------------------------------------------------------------------------------------------------
 
@@ -258,7 +260,8 @@ class Replicator:
     def _connect(self) -> None:
         if self.target.kind == "rsync":
             raise LinkError("rsync:// targets are driven by RsyncReplicator")
-        self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout)
+        caps = ap.CAPABILITIES if self.opts.compress else ap.CAPABILITIES - {"zstd"}
+        self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
         self.stats.connected = True
         if self.on_agent is not None:
             self.on_agent(self.link.pid)
@@ -463,13 +466,16 @@ class Replicator:
             else:
                 wholes.append(p)
         changed: list[bytes] = []
+        total = len(wholes) + len(deltas)
         for p in wholes:
             if self._put_whole(p, rep):
                 changed.append(p.path)
+            self._report(rep, total)
         for p in deltas:
             sig = self._take_signature(sig_ids[p.path])
             if self._put_delta(p, sig, sig_ids[p.path], rep):
                 changed.append(p.path)
+            self._report(rep, total)
         for s in plan.symlinks:
             link.send(ap.Symlink(s.path, s.target))
             link.send(ap.SetAttr(s.path, None, s.mtime_ns, s.uid, s.gid))
@@ -484,6 +490,10 @@ class Replicator:
         for a in sorted(plan.dir_setattrs, key=lambda a: -a.path.count(b"/")):
             link.send(ap.SetAttr(a.path, a.mode, a.mtime_ns, a.uid, a.gid))
         return changed
+
+    def _report(self, rep: BatchReport, total: int) -> None:
+        if self.progress is not None:
+            self.progress(self.target.spec, rep.puts + rep.deltas, total, rep.literal + rep.matched)
 
     def _open_source(self, rel: bytes) -> tuple[int, os.stat_result] | None:
         try:

@@ -28,10 +28,12 @@ class LinkError(RuntimeError):
 
 
 class AgentLink:
-    def __init__(self, argv: Sequence[str], *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, timeout: float = 60.0, capabilities: frozenset[str] = ap.CAPABILITIES
+    ) -> None:
         self.argv = list(argv)
         self.timeout = timeout
-        self.conn = ap.AgentConnection(ap.Role.SENDER)
+        self.conn = ap.AgentConnection(ap.Role.SENDER, capabilities)
         self.events: collections.deque[ap.Message] = collections.deque()
         self.bytes_out = 0
         self.bytes_in = 0
