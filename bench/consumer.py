@@ -6,7 +6,9 @@ ring buffer or fanotify reads, decoding, filtering) without the terminal formatt
     python -m bench.consumer --backend bpf --ready FILE --out FILE.json DIR
 
 It touches ``--ready`` once the source is open (the kernel side is attached), counts until SIGTERM/SIGINT, then
-drains what is still queued (until a read comes back empty twice) and writes its counts as JSON to ``--out``.
+drains what is still queued (until reads have come back empty for :data:`DRAIN_QUIET` seconds: a record a preempted
+producer has reserved but not committed yet stops a drain without being lost) and writes its counts as JSON to
+``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kwatch.capture.select import open_source
 from kwatch.events import Op
 
 _stop = False
+DRAIN_QUIET = 1.0
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     lost: int | None = 0
     by_op: dict[str, int] = {}
     first = last = None
-    empty = 0
+    quiet_since: float | None = None
     reads = 0
     try:
         while True:
@@ -64,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             reads += 1
             if not batch:
                 if _stop:
-                    empty += 1
-                    if empty >= 2:
+                    now = time.monotonic()
+                    quiet_since = quiet_since if quiet_since is not None else now
+                    if now - quiet_since >= DRAIN_QUIET:
                         break
+                    time.sleep(0.01)
                 continue
-            empty = 0
+            quiet_since = None
             now = time.monotonic()
             first = first if first is not None else now
             last = now

@@ -134,7 +134,11 @@ class _Procs(Observer):
     def _finish(self, sig: int = signal.SIGTERM) -> tuple[float, int | None]:
         rss = proc_rss_peak_kib(self.children[0].pid) if self.children else None
         cpu = 0.0
-        for c in self.children:  # the tool first, then its line counter (which then sees EOF)
+        for i, c in enumerate(self.children):
+            # the tool first; its line counter then reads the rest of the pipe and exits at EOF by itself (a signal
+            # would lose its count), and is only signalled if it has not done so in time
+            if i:
+                c.reap(60.0)
             cpu += c.stop(sig, grace=15.0).cpu
         return max(0.0, cpu - getattr(self, "cpu0", 0.0)), rss
 
@@ -216,7 +220,7 @@ class KwatchCount(_Procs):
             raise BenchError(f"{self.label}: no counts written: {self.err.read_text(errors='replace')[-300:]}")
         d = json.loads(self.out.read_text())
         return ObsResult(events=d["events"], lost=d["lost"], cpu_s=cpu, rss_kib=rss,
-                         extra={"by_op": d["by_op"], "loss_markers": d["loss_markers"]})
+                         extra={"by_op": d["by_op"], "loss_markers": d["loss_markers"], "open_s": d["open_s"]})
 
 
 def _backend_unavailable(backend: str) -> str | None:
