@@ -7,6 +7,7 @@ and is what the hot path uses. ``tests/test_record_layout.py`` checks both again
 from __future__ import annotations
 
 import ctypes
+import gc
 import struct
 from typing import Any
 
@@ -88,6 +89,7 @@ HEADER_SIZE = HEADER.size
 assert ctypes.sizeof(KwEvent) == HEADER_SIZE, "kw_event: struct format and ctypes layout disagree"
 
 _OPS = {int(op): op for op in Op}
+_OPS_BY_NUMBER: list[Op | None] = [_OPS.get(i) for i in range(max(_OPS) + 1)]
 # plain ints: hashing or comparing an enum member costs a Python-level call per record
 _MODE_OPS = frozenset({int(Op.CHMOD), int(Op.MKDIR), int(Op.CREATE)})
 _CHOWN = int(Op.CHOWN)
@@ -98,30 +100,53 @@ _new = tuple.__new__
 def decode_batch(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
     """Decode the records at ``offsets`` in ``buf`` (each: header, then its slot strings) into FileEvents.
 
-    The hot path of the BPF backend: one struct unpack and a few slices per record, no per-field Python work for
-    the common single-path records.
+    The hot path of the BPF backend: one struct unpack and one slice per common single-path record, the process
+    name looked up in a small cache, and the cyclic GC paused (a batch allocates thousands of acyclic tuples, and
+    each allocation burst would otherwise trigger collections that traverse them for nothing).
     """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode(buf, offsets)
+    finally:
+        if was:
+            gc.enable()
+
+
+_comms: dict[bytes, bytes] = {}
+
+
+def _decode(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
     out: list[FileEvent] = []
     append = out.append
-    ops = _OPS
+    ops = _OPS_BY_NUMBER
     unpack = _unpack
     size = HEADER_SIZE
+    comms = _comms
+    mode_ops = _MODE_OPS
     for off in offsets:
         (ts, cg, pid, tid, ppid, uid, gid, ret, op, flags, mode, ftype, ouid, ogid, l0, l1, l2, l3, trunc, _in_root,
-         _pad, comm) = unpack(buf, off)
+         _pad, raw_comm) = unpack(buf, off)
         p = off + size
         kind = ops[op]
-        new_path = target = owner = None
+        comm = comms.get(raw_comm)
+        if comm is None:
+            comm = raw_comm.partition(b"\0")[0]
+            if len(comms) < 4096:
+                comms[raw_comm] = comm
         if l1 or l2 or l3:
             path, new_path, target, trunc = _names(buf, p, kind, l0, l1, l2, l3, trunc)
+            append(_new(FileEvent, (
+                kind, path, new_path, target, pid, tid, ppid, uid, gid, comm, cg, ts, ret, flags,
+                mode if op in mode_ops else None, (ouid, ogid) if op == _CHOWN else None, ftype, trunc != 0, None,
+                "bpf", None,
+            )))
         else:
-            path = bytes(buf[p : p + l0])
-        if op == _CHOWN:
-            owner = (ouid, ogid)
-        append(_new(FileEvent, (
-            kind, path, new_path, target, pid, tid, ppid, uid, gid, comm.partition(b"\0")[0], cg, ts, ret, flags,
-            mode if op in _MODE_OPS else None, owner, ftype, trunc != 0, None, "bpf", None,
-        )))
+            append(_new(FileEvent, (
+                kind, buf[p : p + l0].tobytes() if type(buf) is memoryview else buf[p : p + l0], None, None, pid,
+                tid, ppid, uid, gid, comm, cg, ts, ret, flags, mode if op in mode_ops else None,
+                (ouid, ogid) if op == _CHOWN else None, ftype, trunc != 0, None, "bpf", None,
+            )))
     return out
 
 
