@@ -499,7 +499,11 @@ class Replicator:
         try:
             fd = os.open(os.path.join(self.src, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
-            return None  # vanished or replaced since the plan: a later event (or rescan) covers it
+            # Vanished or replaced since the plan. The caller re-marks the path dirty (CONTENT): if it was renamed,
+            # the rename event still queued moves that mark to the new name; otherwise the replayed rename would
+            # carry the mirror's stale copy there and only its attributes would follow (stale data, fresh mtime,
+            # which a quick-check rescan cannot see).
+            return None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -522,7 +526,7 @@ class Replicator:
         assert link is not None
         opened = self._open_source(p.path)
         if opened is None:
-            return False
+            return True  # gone or replaced since the plan: look again next batch (see _open_source)
         fd, st = opened
         h = xxhash.xxh3_128()
         started, sent = time.monotonic(), 0
@@ -585,8 +589,8 @@ class Replicator:
         assert link is not None
         opened = self._open_source(p.path)
         if opened is None:
-            # the agent still expects nothing for this signature: a later event or rescan covers the path
-            return False
+            # the agent still expects nothing for this signature; look at the path again next batch
+            return True
         fd, st = opened
         if sig.file_size == 0:
             os.close(fd)
