@@ -554,11 +554,19 @@ def one_run(env: Env, tool: Tool, wl: Workload, p: Params, run: Run, log: Callab
         run.burst_s = t_end - t0
         rss = 0
         if tool.kind == "oneshot":
-            res = env.runner.run([RSYNC, "-a", "--delete", f"{src}/", env.rsync_url(name)], timeout=p.settle_timeout)
-            if res.rc != 0:
-                raise BenchError(f"rsync failed (rc {res.rc}): {res.stderr.strip()[-300:]}")
-            run.tool_cpu_s = res.cpu
-            rss = res.maxrss_kib
+            # started and sampled here rather than Runner.run: wait4's ru_maxrss would include the pages the forked
+            # child shared with this (big) Python process before its execve, while VmHWM starts afresh at execve
+            with (logdir / f"{name}-oneshot.log").open("wb") as f:
+                c = env.runner.start([RSYNC, "-a", "--delete", f"{src}/", env.rsync_url(name)], stdout=f, stderr=f)
+            while (fin := c.reap(0.02)) is None:
+                rss = max(rss, tree_rss_peak_kib(c.pid))
+                if time.monotonic() > t_end + p.settle_timeout:
+                    c.stop()
+                    raise BenchError(f"one-shot rsync still running after {p.settle_timeout:.0f} s")
+            env.runner.children.remove(c)
+            if fin.rc != 0:
+                raise BenchError(f"rsync failed (rc {fin.rc}): {(logdir / f'{name}-oneshot.log').read_text()[-300:]}")
+            run.tool_cpu_s = fin.cpu
         deadline = t_end + p.settle_timeout
         while True:
             if h is not None:
@@ -709,7 +717,7 @@ def check_targets(rows: list[dict[str, Any]], res_wl: dict[str, Any]) -> list[di
             sent = r["sent"] if r["sent"] is not None else r["literal"]
             if sent is not None and size:
                 add("4 KiB edits send < 0.5% of the file", k, sent < 0.005 * size,
-                    f"{sent:,} B = {100 * sent / size:.2f}% of {size:,} B"
+                    f"{int(sent):,} B = {100 * sent / size:.2f}% of {size:,} B"
                     + (" (file data, kwatch log)" if r["sent"] is None else " (wire)"))
     return out
 
@@ -735,7 +743,8 @@ def markdown(res: dict[str, Any]) -> str:
     p = res["params"]
     lines = [
         f"Measured {m['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}; "
-        f"kwatch {m['kwatch_commit']}. Command: `{res['command']}`. Median of {p['runs']} alternating run(s); "
+        f"kwatch {m['kwatch_commit']}. Command: `{res['command']}`. Median of up to {p['runs']} alternating run(s) "
+        "(the runs column says how many finished); "
         "everything on one tmpfs, daemons on 127.0.0.1.",
         "",
         "Workloads: "
@@ -790,6 +799,8 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {t['target']} | {t['tool']} | {met} | {t['detail']} |")
     if res.get("not_measured"):
         lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in res["not_measured"].items()) + "."]
+    for note in res.get("notes", []):
+        lines += ["", note]
     if res.get("out_of_time"):
         lines += ["", f"Stopped at the time limit ({p['time_limit']:.0f} s): the results are partial."]
     return "\n".join(lines) + "\n"
