@@ -289,7 +289,7 @@ def _raw(code: int, *fields: Any) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-def hostile_frames(op: str, path: bytes) -> bytes:
+def hostile_frames(op: str, path: bytes, rid: int = 1) -> bytes:
     if op == "put":
         return put_frames(path) if path else b""
     return {
@@ -301,8 +301,8 @@ def hostile_frames(op: str, path: bytes) -> bytes:
         "setattr": lambda: tamper(SetAttr(P, 0o777, 0), P=path),
         "hardlink-to": lambda: tamper(Hardlink(b"dir/h", P), P=path),
         "hardlink-at": lambda: tamper(Hardlink(P, b"plain"), P=path),
-        "sig": lambda: tamper(SigRequest(1, P), P=path),
-        "manifest": lambda: tamper(ManifestRequest(1, P), P=path),
+        "sig": lambda: tamper(SigRequest(rid, P), P=path),
+        "manifest": lambda: tamper(ManifestRequest(rid, P), P=path),
     }[op]()
 
 
@@ -325,9 +325,10 @@ def test_property_nothing_outside_the_root_changes(ops: list[tuple[str, bytes]],
     before = w.outside()
     server = AgentServer(Receiver(os.fsencode(w.root)))
     server.start()
+    server.feed(HELLO)
     try:
-        for op, path in ops:
-            frames = hostile_frames(op, path)
+        for rid, (op, path) in enumerate(ops, 1):
+            frames = hostile_frames(op, path, rid)
             if not frames:
                 continue
             try:
@@ -335,7 +336,7 @@ def test_property_nothing_outside_the_root_changes(ops: list[tuple[str, bytes]],
             except UnsafePathError:
                 lexically_safe = False
             try:
-                server.feed(HELLO + frames if not server.conn.ready else frames)
+                server.feed(frames)
             except RemoteProtocolError as e:
                 # only a lexically unsafe path (or an op the state forbids) may end the connection
                 assert not lexically_safe or "into itself" in str(e) or "request id" in str(e), (op, path, e)
