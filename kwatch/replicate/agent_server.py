@@ -106,6 +106,8 @@ class AgentServer:
             self._manifest(m)
         elif isinstance(m, ap.SigRequest):
             self._signature(m)
+        elif isinstance(m, ap.PutFile):
+            self._put_file(m)
         elif isinstance(m, ap.PutBegin):
             self._begin(m.relpath, m.mode, None)
         elif isinstance(m, ap.DeltaBegin):
@@ -232,6 +234,18 @@ class AgentServer:
         return os.fdopen(fd, "rb")
 
     # ---- puts and deltas -----------------------------------------------------------------------------------------
+
+    def _put_file(self, m: ap.PutFile) -> None:
+        if m.digest is not None and xxhash.xxh3_128_digest(m.data) != m.digest:
+            self.errors.append(ap.PathError(m.relpath, "digest-mismatch",
+                                            "content does not match the sender's digest; nothing was put"))
+            return
+        r = self.receiver
+
+        def put() -> None:
+            r.put(m.relpath, (m.data,), mode=m.mode, mtime_ns=m.mtime_ns)
+
+        self._forced(m.relpath, put, want_dir=False)
 
     def _begin(self, path: bytes, mode: int, sig_id: int | None) -> None:
         self._abort_put()

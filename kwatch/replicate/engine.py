@@ -59,6 +59,7 @@ log = logging.getLogger("kwatch.replicate")
 CHUNK = 1 << 20
 DELTA_MIN = 64 << 10  # below this a whole put is cheaper than a signature round trip
 DELTA_OPS_PER_FRAME = 4096
+SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
 
 
 @dataclass
@@ -531,6 +532,18 @@ class Replicator:
         h = xxhash.xxh3_128()
         started, sent = time.monotonic(), 0
         try:
+            if st.st_size <= SMALL_FILE:
+                data = _read_upto(fd, SMALL_FILE + 1)
+                if len(data) <= SMALL_FILE:  # else it grew since the stat: stream it below
+                    link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
+                                         xxhash.xxh3_128_digest(data)))
+                    if p.uid is not None or p.gid is not None:
+                        link.send(ap.SetAttr(p.path, None, None, p.uid, p.gid))
+                    rep.puts += 1
+                    rep.literal += len(data)
+                    self._throttle(len(data), started, len(data))
+                    return self._changed(fd, st)
+                os.lseek(fd, 0, os.SEEK_SET)
             link.send(ap.PutBegin(p.path, st.st_size, stat.S_IMODE(st.st_mode)))
             # exactly the announced size goes on the wire (the protocol refuses more or less); a file that grew or
             # shrank meanwhile is caught by _changed below
@@ -625,6 +638,19 @@ class Replicator:
             return False
         finally:
             os.close(fd)
+
+
+def _read_upto(fd: int, limit: int) -> bytes:
+    """Read from ``fd`` until EOF or ``limit`` bytes."""
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        data = os.read(fd, limit - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 def make_replicator(
