@@ -58,6 +58,17 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def _regex_problem(keyword: str, arg: str) -> str | None:
+    """Why ``arg`` cannot be the regex of a RULE/IGNORE line, or None."""
+    if not arg:
+        return f"{keyword} needs a regex"
+    try:
+        re.compile(arg.encode("utf-8", "surrogateescape"))
+    except re.error as e:
+        return f"bad regex {arg!r}: {e}"
+    return None
+
+
 def parse_changedfiles(
     text: str, filename: str, options: ActionOptions | None = None, concurrency: int = 4
 ) -> tuple[RuleSet | None, list[ConfigError]]:
@@ -92,20 +103,16 @@ def parse_changedfiles(
         if word == "RULE":
             close()
             cur = (where, arg, [], [], [True])
-            if not arg:
-                errs.append(ConfigError(filename, lineno, "RULE needs a regex"))
-                cur[4][0] = False
-                continue
-            try:
-                re.compile(arg.encode("utf-8", "surrogateescape"))
-            except re.error as e:
-                errs.append(ConfigError(filename, lineno, f"bad regex {arg!r}: {e}"))
+            problem = _regex_problem("RULE", arg)
+            if problem:
+                errs.append(ConfigError(filename, lineno, problem))
                 cur[4][0] = False
             continue
+        if word in ("IGNORE", "REPLICATE", *KEYWORDS) and cur is None:
+            errs.append(ConfigError(filename, lineno, f"{word} before the first RULE"))
+            continue
         if word == "REPLICATE":
-            if cur is None:
-                errs.append(ConfigError(filename, lineno, "REPLICATE before the first RULE"))
-                continue
+            assert cur is not None
             source = rule_directory(cur[1])
             target, ropts, rproblems = parse_replicate_line(arg)
             if source is None:
@@ -125,21 +132,14 @@ def parse_changedfiles(
                 replicating.add(cur[0].line)  # a rule whose only action is REPLICATE is not empty
             continue
         if word == "IGNORE" or word in KEYWORDS:
-            if cur is None:
-                errs.append(ConfigError(filename, lineno, f"{word} before the first RULE"))
-                continue
+            assert cur is not None
             if word == "IGNORE":
-                if not arg:
-                    errs.append(ConfigError(filename, lineno, "IGNORE needs a regex"))
+                problem = _regex_problem("IGNORE", arg)
+                if problem:
+                    errs.append(ConfigError(filename, lineno, problem))
                     cur[4][0] = False
-                    continue
-                try:
-                    re.compile(arg.encode("utf-8", "surrogateescape"))
-                except re.error as e:
-                    errs.append(ConfigError(filename, lineno, f"bad regex {arg!r}: {e}"))
-                    cur[4][0] = False
-                    continue
-                cur[2].append(arg)
+                else:
+                    cur[2].append(arg)
                 continue
             column = line.find(arg) if arg else 0
             action, problems = make_action((word,), arg, opts, where, column)
