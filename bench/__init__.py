@@ -15,5 +15,7 @@ Where everything lives:
 - ``bench.throughput`` decode micro-benchmark of the BPF record decoder and end-to-end BpfSource events/s.
 - ``bench.capture``    the capture overhead suite (ties the above together).
 - ``bench.report``     Markdown/JSON/PNG output and the README section between the ``bench:capture`` markers.
+- ``bench.replicate``  the replication suite (with ``bench.netcount``, its counting loopback proxy); owned separately,
+                       reached through ``bench.run`` as ``replicate.main(args, out)``.
 - ``bench.delta_bench`` the delta engine micro-benchmark (standalone script, owned separately).
 """
