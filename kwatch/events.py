@@ -119,7 +119,13 @@ def normalize(path: bytes) -> bytes:
 
 
 def join(base: bytes, name: bytes) -> bytes:
-    """The absolute path of ``name`` as a syscall resolved it relative to the directory ``base``."""
+    """The absolute path of ``name`` as a syscall resolved it relative to the directory ``base``.
+
+    ``base`` comes normalised from the kernel's walk; a plain name (no ``/``, not ``.`` or ``..``) needs no further
+    work, which is most names (the hot path of the BPF decoder).
+    """
+    if b"/" not in name and name not in (b".", b"..", b""):
+        return base + b"/" + name if base != b"/" else b"/" + name
     if name.startswith(b"/"):
         return normalize(name)
     return normalize(base + b"/" + name)

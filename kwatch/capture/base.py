@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kwatch.events import FileEvent, Op, is_under, normalize
+from kwatch.events import FileEvent, Op, normalize
 
 
 class CaptureError(RuntimeError):
@@ -30,6 +30,8 @@ class CaptureFilter:
     roots: tuple[bytes, ...] = ()
     ops: frozenset[Op] = frozenset(Op)
     exclude_pids: frozenset[int] = frozenset()
+    _prefixes: tuple[bytes, ...] = field(init=False, repr=False, compare=False, default=())
+    _exact: frozenset[bytes] = field(init=False, repr=False, compare=False, default=frozenset())
 
     @classmethod
     def make(
@@ -41,6 +43,11 @@ class CaptureFilter:
         norm = tuple(sorted({normalize(os.fsencode(r)) for r in roots}))
         return cls(norm, frozenset(ops) if ops is not None else frozenset(Op), frozenset(exclude_pids))
 
+    def __post_init__(self) -> None:
+        # is_under() for every root at once, as two C-level checks: equal to a root, or starts with "root/"
+        object.__setattr__(self, "_prefixes", tuple(r.rstrip(b"/") + b"/" for r in self.roots))
+        object.__setattr__(self, "_exact", frozenset(self.roots))
+
     def accepts(self, ev: FileEvent) -> bool:
         if ev.op is Op.LOSS:
             return True
@@ -51,7 +58,12 @@ class CaptureFilter:
         if not self.roots or ev.truncated:
             # a cut path cannot be placed: deliver it, flagged, rather than drop what may be inside a root
             return True
-        return any(is_under(p, r) for p in ev.paths() for r in self.roots)
+        prefixes, exact = self._prefixes, self._exact
+        p = ev.path
+        if p.startswith(prefixes) or p in exact:
+            return True
+        q = ev.new_path
+        return q is not None and (q.startswith(prefixes) or q in exact)
 
 
 @dataclass

@@ -13,7 +13,9 @@ increase into one ``Op.LOSS`` marker event, so no loss is silent.
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import operator
 import os
 import time
 from pathlib import Path
@@ -38,6 +40,8 @@ DEFAULT_RINGBUF = 64 << 20
 
 #: The ops the kernel program produces (the others come from other backends).
 BPF_OPS = frozenset(Op) - {Op.LOSS, Op.MODIFY, Op.ATTRIB}
+
+_OP_OF = operator.attrgetter("op")
 
 _FIELDS = frozenset(
     {"pid", "tid", "ppid", "uid", "gid", "comm", "cgroup_id", "ts_ns", "ret", "flags", "mode", "owner", "ftype"}
@@ -108,6 +112,7 @@ class BpfSource:
         ensure_mounts()
         self.filter = filt or CaptureFilter()
         self._stats = SourceStats()
+        self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
         self._obj = libbpf.BpfObject(str(path))
         try:
@@ -236,11 +241,11 @@ class BpfSource:
             st.overflows += 1
             out.append(FileEvent(op=Op.LOSS, path=b"/", lost=delta, ts_ns=time.monotonic_ns(), backend=self.name))
         st.events += len(out)
-        for ev in out:
-            st.by_op[ev.op.label] = st.by_op.get(ev.op.label, 0) + 1
+        self._by_op.update(map(_OP_OF, out))
         return out
 
     def stats(self) -> SourceStats:
+        self._stats.by_op = {op.label: n for op, n in self._by_op.items()}
         return self._stats
 
     def close(self) -> None:
