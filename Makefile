@@ -10,8 +10,10 @@ ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 # Debian packages: the BPF toolchain, and the real peers the tests start themselves.
 DEB_PKGS := clang llvm libbpf-dev bpftool rsync openssh-server openssh-client inotify-tools imagemagick
+# ... and the anchors the benchmarks compare against (gcc builds the churn workload)
+BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
 
-.PHONY: all deps venv bpf mounts test run check lint typecheck bench bench-quick bench-capture bench-replicate clean
+.PHONY: all deps bench-deps venv bpf mounts test run check lint typecheck bench bench-quick bench-capture bench-replicate clean
 
 all: bpf venv
 
@@ -26,6 +28,21 @@ $(BUILD)/.deps-stamp: Makefile
 	@touch $@
 
 deps: $(BUILD)/.deps-stamp
+
+$(BUILD)/.bench-deps-stamp: Makefile | deps
+	@missing=$$(for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the benchmarks: $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.bench-stamp: pyproject.toml | venv
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+bench-deps: $(BUILD)/.bench-deps-stamp $(VENV)/.bench-stamp
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,17 +82,17 @@ check: lint typecheck test
 run: deps venv bpf mounts
 	$(VENV)/bin/kwatch run
 
-bench: deps venv bpf mounts
-	$(VPY) -m bench.run --all
+bench: deps venv bpf mounts bench-deps
+	$(VPY) -m bench.run --all --write-readme
 
-bench-quick: deps venv bpf mounts
+bench-quick: deps venv bpf mounts bench-deps
 	$(VPY) -m bench.run --quick
 
-bench-capture: deps venv bpf mounts
-	$(VPY) -m bench.run capture
+bench-capture: deps venv bpf mounts bench-deps
+	$(VPY) -m bench.run capture --write-readme
 
-bench-replicate: deps venv bpf mounts
-	$(VPY) -m bench.run replicate
+bench-replicate: deps venv bpf mounts bench-deps
+	$(VPY) -m bench.run replicate --write-readme
 
 clean:
 	rm -rf $(BUILD) $(BPF_OBJ) .pytest_cache .mypy_cache .ruff_cache
