@@ -362,3 +362,28 @@ def test_shell_mode_local_server(tmp_path: Path) -> None:
     r = push(os.fsencode(src), f"ssh://localhost{dst}/", delete=True, rsh=[])
     assert r.literal_bytes < 64 * 1024
     assert_same(src, dst)
+
+
+@pytest.mark.root
+def test_shell_mode_through_real_sshd(tmp_path: Path) -> None:
+    """The ssh path for real: `rsync --server` started by a real sshd on 127.0.0.1 (tests/sshd.py)."""
+    import shlex
+
+    from sshd import Sshd
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    make_tree(src)
+    (dst / "stale").write_bytes(b"old")
+    with Sshd(tmp_path / "sshd") as d:
+        rsh = [*shlex.split(d.ssh_command), f"{d.user}@127.0.0.1"]
+        r = push(os.fsencode(src), f"ssh://127.0.0.1{dst}/", delete=True, rsh=rsh)
+        assert not r.errors
+        assert_same(src, dst)
+        with open(src / "sub" / "big.bin", "r+b") as f:
+            f.write(b"changed")
+        touch_all(src, MTIME_NS + 10**9)
+        r = push(os.fsencode(src), f"ssh://127.0.0.1{dst}/", delete=True, rsh=rsh)
+        assert r.literal_bytes < 64 * 1024  # a delta, not the whole file
+        assert_same(src, dst)
