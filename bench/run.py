@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import OUT, BenchError
 
-SUITES = ("capture", "replicate")
+SUITES = ("capture", "replicate", "rsync")
 
 
 def _log(msg: str) -> None:
@@ -59,6 +59,15 @@ def run_replicate(args: argparse.Namespace, out: Path) -> int:
     return rc
 
 
+def run_rsync(args: argparse.Namespace, out: Path) -> int:
+    from bench import rsync_push
+
+    return rsync_push.main(args, out)
+
+
+RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description="kwatch benchmarks")
     ap.add_argument("suites", nargs="*", help=f"suites to run: {', '.join(SUITES)} (default with --all/--quick: all)")
@@ -93,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in suites:
         t0 = time.monotonic()
         try:
-            r = run_capture(args, args.out) if name == "capture" else run_replicate(args, args.out)
+            r = RUNNERS[name](args, args.out)
         except BenchError as e:
             _log(f"bench: {name}: not run: {e}")
             r = 1 if explicit else 0
