@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import OUT, BenchError
 
-SUITES = ("capture", "replicate", "rsync")
+SUITES = ("capture", "replicate", "rsync", "startup")
 
 
 def _log(msg: str) -> None:
@@ -65,7 +65,13 @@ def run_rsync(args: argparse.Namespace, out: Path) -> int:
     return rsync_push.main(args, out)
 
 
-RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync}
+def run_startup(args: argparse.Namespace, out: Path) -> int:
+    from bench import startup
+
+    return startup.main(args, out)
+
+
+RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync, "startup": run_startup}
 
 
 def build_parser() -> argparse.ArgumentParser:
