@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +41,11 @@ def run_capture(args: argparse.Namespace, out: Path) -> int:
         _log(f"capture: {k}: {v}")
     if args.write_readme:
         _log("capture: " + report.update_readme(res))
+        chart = out / "capture.png"
+        if chart.exists():  # the README links the committed copy
+            docs = Path(__file__).resolve().parent.parent / "docs" / "bench"
+            docs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(chart, docs / "capture.png")
     print(report.capture_markdown(res))
     failed = [r for r in res["summary"] if not r["runs"]]
     if res["out_of_time"]:
