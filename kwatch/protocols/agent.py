@@ -910,7 +910,7 @@ class AgentConnection:
                 f"Hello says role {msg.role.value} but this connection is the {self.our_role.value}"
             )
         compress = (
-            self._compress if "zstd" in self.capabilities and isinstance(msg, PutChunk | DeltaChunk) else None
+            self._compress if "zstd" in self.capabilities and isinstance(msg, PutChunk | PutFile | DeltaChunk) else None
         )
         frame = encode_frame(msg, compress)  # validates the fields first, with no side effects
         try:
