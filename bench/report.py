@@ -166,3 +166,35 @@ def update_readme(res: dict[str, Any], readme: Path = REPO / "README.md") -> str
     tmp.write_text(new)
     os.replace(tmp, readme)
     return f"updated the capture section of {readme}"
+
+
+def replicate_chart(res: dict[str, Any], path: Path) -> str | None:
+    """Bars of time-to-identical over the one-shot rsync, per workload and tool; returns why not if it cannot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (the `bench` extra in pyproject.toml)"
+    rows = [r for r in res["summary"] if r.get("ratio_oneshot") is not None and r["tool"] != "oneshot"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    tools = list(dict.fromkeys(r["tool"] for r in rows))
+    if not rows:
+        return "no ratios to draw"
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / max(1, len(workloads))
+    for i, wl in enumerate(workloads):
+        vals = {r["tool"]: r["ratio_oneshot"] for r in rows if r["workload"] == wl}
+        ax.bar([j + i * width for j in range(len(tools))], [vals.get(t, 0) for t in tools], width, label=wl)
+    ax.axhline(1.0, color="black", linewidth=0.8, label="one-shot rsync -a --delete")
+    ax.axhline(1.5, color="green", linewidth=0.8, linestyle="--", label="1.5x target (untar)")
+    ax.set_xticks([j + width * (len(workloads) - 1) / 2 for j in range(len(tools))])
+    ax.set_xticklabels(tools, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("time to identical mirror / one-shot rsync")
+    ax.set_title(f"kwatch replication ({res['machine']['date']}, {res['machine']['nproc']} CPUs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

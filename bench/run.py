@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -62,6 +63,17 @@ def run_replicate(args: argparse.Namespace, out: Path) -> int:
     from bench import replicate  # type: ignore[attr-defined]
 
     rc: int = replicate.main(args, out)
+    data = out / "replicate.json"
+    if data.exists() and not args.quick:
+        from bench import report
+
+        res = json.loads(data.read_text())
+        why = report.replicate_chart(res, out / "replicate.png")
+        _log("replicate: chart: " + (why or str(out / "replicate.png")))
+        if why is None and args.write_readme:
+            docs = Path(__file__).resolve().parent.parent / "docs" / "bench"
+            docs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "replicate.png", docs / "replicate.png")
     return rc
 
 
