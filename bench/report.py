@@ -191,7 +191,8 @@ def replicate_chart(res: dict[str, Any], path: Path) -> str | None:
     ax.axhline(1.5, color="green", linewidth=0.8, linestyle="--", label="1.5x target (untar)")
     ax.set_xticks([j + width * (len(workloads) - 1) / 2 for j in range(len(tools))])
     ax.set_xticklabels(tools, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("time to identical mirror / one-shot rsync")
+    ax.set_yscale("log")  # lsyncd's rename is 80x: a linear axis hides everything else
+    ax.set_ylabel("time to identical mirror / one-shot rsync (log)")
     ax.set_title(f"kwatch replication ({res['machine']['date']}, {res['machine']['nproc']} CPUs)")
     ax.legend(fontsize=8)
     fig.tight_layout()

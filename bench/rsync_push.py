@@ -34,7 +34,9 @@ def _tree(dest: Path, files: int, big: int) -> None:
         d = dest / f"d{i % 37}" / f"e{i % 5}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}.c").write_bytes(rnd.randbytes(200 + (i * 131) % 9000))
-    (dest / "big.bin").write_bytes(rnd.randbytes(big))
+    with (dest / "big.bin").open("wb") as f:
+        for _ in range(0, big, 1 << 20):  # randbytes of more than 256 MiB at once overflows
+            f.write(rnd.randbytes(1 << 20))
 
 
 def _edit(dest: Path, files: int) -> None:

@@ -98,7 +98,7 @@ def _one(argv: list[str], ready: bytes, root: Path, probe: str) -> tuple[float, 
 
 def main(args: argparse.Namespace, out: Path) -> int:
     dirs, per_dir = (20, 999) if args.quick else (1000, 999)
-    runs = args.runs or 1
+    runs = args.runs or (1 if args.quick else 3)
     rows: dict[str, list[tuple[float, int | None, bool]]] = {}
     with tmpfs("8g") as base:
         root = base / "tree"
