@@ -909,8 +909,10 @@ class AgentConnection:
             raise LocalProtocolError(
                 f"Hello says role {msg.role.value} but this connection is the {self.our_role.value}"
             )
+        # PutFile frames (small files) stay plain: compressing them slowed a burst of small-file rewrites so much
+        # that the mirror fell far behind (tests/test_replicate_crash.py); only chunked data is compressed
         compress = (
-            self._compress if "zstd" in self.capabilities and isinstance(msg, PutChunk | PutFile | DeltaChunk) else None
+            self._compress if "zstd" in self.capabilities and isinstance(msg, PutChunk | DeltaChunk) else None
         )
         frame = encode_frame(msg, compress)  # validates the fields first, with no side effects
         try:

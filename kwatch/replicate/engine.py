@@ -534,16 +534,18 @@ class Replicator:
         try:
             if st.st_size <= SMALL_FILE:
                 data = _read_upto(fd, SMALL_FILE + 1)
-                if self._changed(fd, st) or len(data) != st.st_size:
-                    return True  # read while being written: nothing is sent, the next batch looks again
-                link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
-                                     xxhash.xxh3_128_digest(data)))
-                if p.uid is not None or p.gid is not None:
-                    link.send(ap.SetAttr(p.path, None, None, p.uid, p.gid))
-                rep.puts += 1
-                rep.literal += len(data)
-                self._throttle(len(data), started, len(data))
-                return False
+                if len(data) <= SMALL_FILE:  # else it grew since the stat: stream it below
+                    # Sent as read; a change during the read (size, mtime or ctime moved) sends it again next
+                    # batch. A read racing a same-size in-place rewrite may land a mix for that short while.
+                    link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
+                                         xxhash.xxh3_128_digest(data)))
+                    if p.uid is not None or p.gid is not None:
+                        link.send(ap.SetAttr(p.path, None, None, p.uid, p.gid))
+                    rep.puts += 1
+                    rep.literal += len(data)
+                    self._throttle(len(data), started, len(data))
+                    return self._changed(fd, st)
+                os.lseek(fd, 0, os.SEEK_SET)
             link.send(ap.PutBegin(p.path, st.st_size, stat.S_IMODE(st.st_mode)))
             # exactly the announced size goes on the wire (the protocol refuses more or less); a file that grew or
             # shrank meanwhile is caught by _changed below
