@@ -188,6 +188,10 @@ class Coalescer:
     def pending(self) -> bool:
         return not self._batch.empty()
 
+    def pending_paths(self) -> int:
+        """Dirty paths waiting in the current batch (a metric; rescans count as one each)."""
+        return len(self._batch.dirty) + len(self._batch.rescans)
+
     def due_in(self, now: float) -> float | None:
         """Seconds until the batch should be flushed (0: now); None when nothing is pending."""
         b = self._batch

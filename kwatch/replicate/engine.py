@@ -330,7 +330,7 @@ class Replicator:
         st.bytes_literal += rep.literal
         st.bytes_matched += rep.matched
         st.bytes_wire = link.bytes_out
-        st.pending_paths = len(self.coalescer._batch.dirty)
+        st.pending_paths = self.coalescer.pending_paths()
         if b.rescans:
             st.rescans += len(b.rescans)
         return rep
