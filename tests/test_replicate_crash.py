@@ -126,7 +126,7 @@ class Burst:
                     self.gate.wait()
                 self._new()
                 self.done += 1
-                if i % 25 == 0:
+                if i % 10 == 0:  # paced so the mirror holds files while it is watched (on 2 loaded cores)
                     time.sleep(0.03)
         except BaseException as e:
             self.error = e
