@@ -108,7 +108,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, 16384);
 	__type(key, __u32);
 	__type(value, __u8);
 } kw_excl SEC(".maps");
@@ -128,10 +128,11 @@ static __always_inline struct kw_config *kw_config_get(void)
 
 /* ---- path walking -------------------------------------------------------------------------------------------- */
 
+/* Kernel pointers are kept as plain numbers here and typed again by KPTR() where they are read through. */
 struct walk_ctx {
-	struct dentry *dentry;
-	struct mount *mnt;
-	struct dentry *mnt_root;
+	__u64 dentry;
+	__u64 mnt;
+	__u64 mnt_root;
 	struct kw_scratch *s;
 	__u32 pos;
 	__u8 trunc;
@@ -146,41 +147,48 @@ static __always_inline struct mount *real_mount(struct vfsmount *v)
 	return (struct mount *)((char *)v - bpf_core_field_offset(struct mount, mnt));
 }
 
+/*
+ * Typed views of kernel pointers: loads through them are plain loads guarded by the exception table (BPF_PROBE_MEM),
+ * a few times cheaper than one bpf_probe_read_kernel() helper call per field, and a fault reads as 0.
+ */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+#define KPTR(type, p) ((type *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(type)))
+
 static long walk_step(__u32 i, void *c)
 {
 	struct walk_ctx *w = c;
 	struct kw_scratch *s = w->s;
-	struct dentry *d = w->dentry;
 
-	if (!s || !d) {
+	if (!s || !w->dentry) {
 		w->done = 1;
 		return 1;
 	}
+	struct dentry *d = KPTR(struct dentry, w->dentry);
 	if (w->check_roots && !w->in_root) {
 		struct kw_inode_key key = {};
-		key.ino = BPF_CORE_READ(d, d_inode, i_ino);
-		key.dev = BPF_CORE_READ(d, d_sb, s_dev);
+		key.ino = d->d_inode->i_ino;
+		key.dev = d->d_sb->s_dev;
 		__u8 *v = bpf_map_lookup_elem(&kw_roots, &key);
 		if (v && *v == KW_ROOT_WATCHED)
 			w->in_root = 1;
 		else if (v && i == 0)
 			w->base_is_ancestor = 1; /* a name under this directory may lead into a watched tree */
 	}
-	struct dentry *parent = BPF_CORE_READ(d, d_parent);
-	if (d == w->mnt_root || d == parent) {
-		struct mount *m = w->mnt;
-		struct mount *mp = BPF_CORE_READ(m, mnt_parent);
-		if (!mp || m == mp) {
+	__u64 parent = (__u64)d->d_parent;
+	if (w->dentry == w->mnt_root || w->dentry == parent) {
+		struct mount *m = KPTR(struct mount, w->mnt);
+		__u64 mp = (__u64)m->mnt_parent;
+		if (!mp || w->mnt == mp) {
 			w->done = 1;
 			return 1;
 		}
-		w->dentry = BPF_CORE_READ(m, mnt_mountpoint);
+		w->dentry = (__u64)m->mnt_mountpoint;
 		w->mnt = mp;
-		w->mnt_root = BPF_CORE_READ(mp, mnt.mnt_root);
+		w->mnt_root = (__u64)KPTR(struct mount, mp)->mnt.mnt_root;
 		return 0;
 	}
-	struct qstr q = BPF_CORE_READ(d, d_name);
-	__u32 len = q.len;
+	__u32 len = d->d_name.len;
+	const unsigned char *name = d->d_name.name;
 	if (len > NAME_LEN_MAX)
 		len = NAME_LEN_MAX;
 	/* keep pos >= 1 so a whole path is at most WALK_BUF - 1 bytes */
@@ -190,7 +198,7 @@ static long walk_step(__u32 i, void *c)
 		return 1;
 	}
 	w->pos -= len;
-	bpf_probe_read_kernel(&s->walk[w->pos & WALK_MASK], len & NAME_LEN_MAX, q.name);
+	bpf_probe_read_kernel(&s->walk[w->pos & WALK_MASK], len & NAME_LEN_MAX, name);
 	w->pos -= 1;
 	s->walk[w->pos & WALK_MASK] = '/';
 	w->dentry = parent;
@@ -213,9 +221,9 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 		return WALK_TRUNC;
 	struct vfsmount *mnt = (struct vfsmount *)vfsmnt;
 	struct walk_ctx w = {};
-	w.dentry = (struct dentry *)dentry;
-	w.mnt = real_mount(mnt);
-	w.mnt_root = BPF_CORE_READ(mnt, mnt_root);
+	w.dentry = dentry;
+	w.mnt = (__u64)real_mount(mnt);
+	w.mnt_root = (__u64)KPTR(struct vfsmount, mnt)->mnt_root;
 	w.s = s;
 	w.pos = WALK_BUF;
 	w.check_roots = check_roots ? 1 : 0;
@@ -248,11 +256,12 @@ static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dent
 
 static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	unsigned int max = BPF_CORE_READ(fdt, max_fds);
+	struct fdtable *fdt = KPTR(struct task_struct, task)->files->fdt;
+	unsigned int max = fdt->max_fds;
 	if (fd < 0 || (unsigned int)fd >= max)
 		return NULL;
-	struct file **arr = BPF_CORE_READ(fdt, fd);
+	struct file **arr = NULL;
+	bpf_probe_read_kernel(&arr, sizeof(arr), &fdt->fd);
 	struct file *f = NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &arr[fd]);
 	return f;
@@ -263,22 +272,24 @@ static __always_inline __u32 walk_base(struct kw_scratch *s, struct task_struct 
 					 __u8 check_roots, __u8 *in_root, __u16 *trunc, int slot)
 {
 	if (dfd == AT_FDCWD) {
-		struct fs_struct *fs = BPF_CORE_READ(task, fs);
-		return walk_path(s, BPF_CORE_READ(fs, pwd.dentry), BPF_CORE_READ(fs, pwd.mnt), off, check_roots, in_root,
-				 trunc, slot);
+		struct path pwd = {};
+		bpf_probe_read_kernel(&pwd, sizeof(pwd), &KPTR(struct task_struct, task)->fs->pwd);
+		return walk_path(s, pwd.dentry, pwd.mnt, off, check_roots, in_root, trunc, slot);
 	}
 	struct file *f = fd_file(task, dfd);
 	if (!f)
 		return 0;
-	return walk_path(s, BPF_CORE_READ(f, f_path.dentry), BPF_CORE_READ(f, f_path.mnt), off, check_roots, in_root,
-			 trunc, slot);
+	struct path fp = {};
+	bpf_probe_read_kernel(&fp, sizeof(fp), &KPTR(struct file, f)->f_path);
+	return walk_path(s, fp.dentry, fp.mnt, off, check_roots, in_root, trunc, slot);
 }
 
 static __always_inline __u32 walk_file(struct kw_scratch *s, struct file *f, __u32 off, __u8 check_roots,
 					 __u8 *in_root, __u16 *trunc)
 {
-	return walk_path(s, BPF_CORE_READ(f, f_path.dentry), BPF_CORE_READ(f, f_path.mnt), off, check_roots, in_root,
-			 trunc, 0);
+	struct path fp = {};
+	bpf_probe_read_kernel(&fp, sizeof(fp), &KPTR(struct file, f)->f_path);
+	return walk_path(s, fp.dentry, fp.mnt, off, check_roots, in_root, trunc, 0);
 }
 
 /* Copy a user string into data at off; returns its length without the NUL (0 on fault). */
@@ -423,7 +434,7 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->pid = id >> 32;
 	e->tid = (__u32)id;
-	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	e->ppid = KPTR(struct task_struct, task)->real_parent->tgid;
 	e->uid = (__u32)ug;
 	e->gid = ug >> 32;
 	e->ret = ret;
@@ -441,30 +452,43 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	return s;
 }
 
+/* When the last wake-up of the consumer was forced because the buffer was empty (see kw_config.wake_us). */
+__u64 kw_last_wake = 0;
+
+static __always_inline __u64 wake_flags(void)
+{
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg)
+		return 0;
+	__u64 avail = bpf_ringbuf_query(&kw_events, BPF_RB_AVAIL_DATA);
+	if (avail >= cfg->wake_bytes)
+		return BPF_RB_FORCE_WAKEUP;
+	if (avail)
+		return BPF_RB_NO_WAKEUP; /* the consumer was woken for, or is polling for, what is already there */
+	__u64 now = bpf_ktime_get_ns();
+	if (now - kw_last_wake < (__u64)cfg->wake_us * 1000)
+		return BPF_RB_NO_WAKEUP; /* it saw data less than wake_us ago, so it is polling */
+	kw_last_wake = now;
+	return BPF_RB_FORCE_WAKEUP;
+}
+
 static __always_inline void finish(struct kw_scratch *s, __u32 total)
 {
-	if (bpf_ringbuf_output(&kw_events, &s->ev, sizeof(struct kw_event) + (total & DATA_MASK), 0))
+	if (bpf_ringbuf_output(&kw_events, &s->ev, sizeof(struct kw_event) + (total & DATA_MASK), wake_flags()))
 		count_loss(0);
 }
 
+/*
+ * kw_excl holds every process whose events are not reported: the ones userspace registered (with the descendants
+ * they had then) and every process forked from one of them since (kw_fork below). One lookup per syscall, where
+ * walking up the parents took one per generation; and a daemonized grandchild stays excluded after reparenting.
+ */
 static __always_inline int excluded(struct kw_config *cfg)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (tgid == cfg->self_tgid)
 		return 1;
-	if (!cfg->use_excl)
-		return 0;
-	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
-	for (int i = 0; i < 8; i++) {
-		__u32 pid = BPF_CORE_READ(t, tgid);
-		if (bpf_map_lookup_elem(&kw_excl, &pid))
-			return 1;
-		struct task_struct *p = BPF_CORE_READ(t, real_parent);
-		if (!p || p == t)
-			break;
-		t = p;
-	}
-	return 0;
+	return cfg->use_excl && bpf_map_lookup_elem(&kw_excl, &tgid);
 }
 
 static __always_inline int wanted(__u32 op)
@@ -487,7 +511,7 @@ static __always_inline int stash(struct kw_args *a)
 
 static __always_inline __u32 file_type(struct file *f)
 {
-	return BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT;
+	return KPTR(struct file, f)->f_inode->i_mode & S_IFMT;
 }
 
 /*
@@ -531,7 +555,7 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 		struct file *f = fd_file(task, (int)ret);
 		if (!f)
 			return 0;
-		__u32 fmode = BPF_CORE_READ(f, f_mode);
+		__u32 fmode = KPTR(struct file, f)->f_mode;
 		__u32 ft = file_type(f);
 		if (ft != S_IFREG)
 			return 0;
@@ -620,7 +644,7 @@ static __always_inline int emit_close(struct task_struct *task, struct file *f)
 {
 	if (!f)
 		return 0;
-	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE) || file_type(f) != S_IFREG)
+	if (!(KPTR(struct file, f)->f_mode & FMODE_WRITE) || file_type(f) != S_IFREG)
 		return 0;
 	if (!wanted(KW_CLOSE_WRITE))
 		return 0;
@@ -638,7 +662,7 @@ static __always_inline int emit_close(struct task_struct *task, struct file *f)
 		return 0;
 	s->ev.len[0] = n;
 	s->ev.ftype = S_IFREG;
-	s->ev.flags = BPF_CORE_READ(f, f_flags);
+	s->ev.flags = KPTR(struct file, f)->f_flags;
 	s->ev.in_root = in_root & ROOT_IN;
 	s->ev.trunc = trunc;
 	finish(s, n);
@@ -712,15 +736,36 @@ int enter_close_range(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-/* Process exit closes every descriptor when the last thread sharing the fd table leaves (exit_files). */
+/*
+ * Process exit closes every descriptor when the last thread sharing the fd table leaves (exit_files). The last
+ * thread of an excluded process also takes its kw_excl entry along, so a recycled pid starts out reported.
+ */
 SEC("tp/sched/sched_process_exit")
 int kw_process_exit(void *ctx)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct files_struct *files = BPF_CORE_READ(task, files);
-	if (!files || BPF_CORE_READ(files, count.counter) != 1)
+	struct task_struct *task = KPTR(struct task_struct, bpf_get_current_task());
+	if (!task->signal->live.counter) {
+		__u32 tgid = task->tgid;
+		bpf_map_delete_elem(&kw_excl, &tgid);
+	}
+	struct files_struct *files = task->files;
+	if (!files || files->count.counter != 1)
 		return 0;
-	scan_fds(task, 0, ~0u);
+	scan_fds((struct task_struct *)task, 0, ~0u);
+	return 0;
+}
+
+/* A new process (not a thread) of an excluded one is excluded too: actions' process trees never feed back. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(kw_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = parent->tgid;
+	__u32 ctgid = child->tgid;
+	if (ctgid == ptgid || !bpf_map_lookup_elem(&kw_excl, &ptgid))
+		return 0;
+	__u8 one = 1;
+	/* the table holds 16384 processes, far above the action runner's cap; past that, events are reported */
+	bpf_map_update_elem(&kw_excl, &ctgid, &one, BPF_ANY);
 	return 0;
 }
 

@@ -64,7 +64,14 @@ struct kw_config {
 	__u32 op_mask;     /* bit (1 << op) set: report op */
 	__u32 self_tgid;   /* never report this process (kwatch itself) */
 	__u32 use_roots;   /* 1: drop events that are provably outside every watched tree */
-	__u32 use_excl;    /* 1: drop events of processes in kw_excl (and their descendants, 8 levels up) */
+	__u32 use_excl;    /* 1: drop events of processes in kw_excl (kept with their descendants at fork) */
+	/*
+	 * Wake-up policy of the ring buffer (each wake-up costs the producer an irq_work and the consumer a read): a
+	 * record wakes the consumer when the buffer was empty and the last such wake-up is wake_us old, or when
+	 * wake_bytes are waiting. Meanwhile a consumer that saw data in the last 2 * wake_us polls every wake_us.
+	 */
+	__u32 wake_us;
+	__u32 wake_bytes;
 };
 
 /*

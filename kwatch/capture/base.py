@@ -86,6 +86,13 @@ class Source(Protocol):
         """A descriptor that becomes readable when events are waiting (for select/epoll)."""
         ...
 
+    def poll_within(self) -> float | None:
+        """The longest wait on :meth:`fileno` before :meth:`read` must be called anyway (None: no limit).
+
+        A backend that batches its wake-ups under load (the BPF ring buffer) asks its caller to poll meanwhile.
+        """
+        ...
+
     def read(self, timeout: float | None = None) -> list[FileEvent]:
         """Wait up to ``timeout`` seconds (None: forever) and return every event available, maybe none."""
         ...

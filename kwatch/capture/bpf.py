@@ -5,7 +5,8 @@ In-kernel filtering (all over-approximations; :meth:`CaptureFilter.accepts` runs
 - watched trees: the kernel drops an event when the inode walk of every resolved path passed no watched directory
   (a name that is absolute or holds ``..`` is left for userspace to decide);
 - processes: kwatch's own, and any process registered with :meth:`BpfSource.exclude_pid` plus its descendants
-  (eight levels of ``real_parent``).
+  (those it has when registered, found in /proc, and every process forked from an excluded one afterwards, which
+  the kernel adds itself at fork).
 
 Losses: the kernel counts failed ring buffer reserves (and syscalls it could not track) per CPU; every read turns an
 increase into one ``Op.LOSS`` marker event, so no loss is silent.
@@ -37,6 +38,9 @@ TRACEFS = Path("/sys/kernel/tracing")
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_OBJECT = Path(__file__).with_name("kwatch.bpf.o")
 DEFAULT_RINGBUF = 64 << 20
+#: Ring buffer wake-ups: at most one per WAKE_S while events flow (the consumer polls every WAKE_S meanwhile),
+#: immediate after a quiet spell; and always once a quarter of the buffer is waiting.
+WAKE_S = 0.01
 
 #: The ops the kernel program produces (the others come from other backends).
 BPF_OPS = frozenset(Op) - {Op.LOSS, Op.MODIFY, Op.ATTRIB}
@@ -83,6 +87,35 @@ def _ancestors(path: bytes) -> list[bytes]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` now, from the parent pids in /proc/*/stat (gone or unreadable ones skipped)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def _attached_by_name(section: str) -> bool:
+    """Programs libbpf attaches from their section name: tracepoints and BTF tracepoints (not tail-call targets)."""
+    return section.startswith("tp_btf/") or _tracepoint_of(section) is not None
+
+
 def _tracepoint_of(section: str) -> str | None:
     """``tp/syscalls/sys_enter_openat`` -> ``syscalls/sys_enter_openat``; None for programs not attached by name."""
     parts = section.split("/")
@@ -101,6 +134,7 @@ class BpfSource:
         *,
         ringbuf_bytes: int = DEFAULT_RINGBUF,
         obj_path: Path | str | None = None,
+        wake_s: float = WAKE_S,
     ) -> None:
         if os.geteuid() != 0:
             raise CaptureError("the BPF backend needs root (or CAP_BPF and CAP_PERFMON); try --backend inotify")
@@ -111,6 +145,9 @@ class BpfSource:
             raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
         ensure_mounts()
         self.filter = filt or CaptureFilter()
+        self.wake_s = wake_s
+        self._rb_bytes = ringbuf_bytes
+        self._last_data = 0.0  # time.monotonic() of the last read that found records
         self._stats = SourceStats()
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
@@ -137,7 +174,7 @@ class BpfSource:
             self._root_values: dict[bytes, bytes] = {}
             self.set_filter(self.filter)
             for prog in progs:
-                if (tp := _tracepoint_of(prog.section)) and tp not in self.skipped:
+                if _attached_by_name(prog.section) and _tracepoint_of(prog.section) not in self.skipped:
                     self._obj.attach(prog)
             self._rb = RingBuffer(self._obj.map("kw_events").fd, ringbuf_bytes)
         except BaseException:
@@ -184,6 +221,8 @@ class BpfSource:
         for op in self.filter.ops:
             mask |= 1 << int(op)
         cfg = KwConfig(
+            wake_us=int(self.wake_s * 1e6),
+            wake_bytes=self._rb_bytes // 4,
             op_mask=mask,
             self_tgid=os.getpid(),
             # roots the kernel cannot hold as strings (too many, too long) are filtered in userspace only
@@ -192,16 +231,24 @@ class BpfSource:
         )
         for pid in self.filter.exclude_pids - self._filter_excl:
             self._excl.update(pid.to_bytes(4, "little"), b"\x01")
+            for child in _descendants(pid):
+                self._excl.update(child.to_bytes(4, "little"), b"\x01")
         for pid in self._filter_excl - self.filter.exclude_pids - self._excluded:
             self._excl.delete(pid.to_bytes(4, "little"))
         self._filter_excl = set(self.filter.exclude_pids)
         self._cfg.update(b"\0\0\0\0", bytes(cfg))
 
     def exclude_pid(self, pid: int) -> None:
-        """Ignore ``pid`` and its descendants (used for the processes of actions kwatch starts)."""
+        """Ignore ``pid`` and its descendants (used for the processes of actions kwatch starts).
+
+        The pid goes into the kernel's table first, so any process it forks from then on is added by the kernel;
+        then the descendants it already had are added from /proc. No window lets a child slip through.
+        """
         self._excluded.add(pid)
         self._excl.update(pid.to_bytes(4, "little"), b"\x01")
         self._write_config()
+        for child in _descendants(pid):
+            self._excl.update(child.to_bytes(4, "little"), b"\x01")
 
     def include_pid(self, pid: int) -> None:
         if pid in self._excluded:
@@ -225,10 +272,25 @@ class BpfSource:
                 total += sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
         return total
 
+    def poll_within(self) -> float | None:
+        """How long a caller may wait on :meth:`fileno` before calling :meth:`read` (None: until it is readable).
+
+        While events flow the kernel wakes the consumer at most once per ``wake_s`` and counts on it to poll; after
+        ``2 * wake_s`` without data the next record wakes it at once (see kw_config.wake_us in bpf/kwatch.h).
+        """
+        if time.monotonic() - self._last_data < 2 * self.wake_s:
+            return self.wake_s
+        return None
+
     def read(self, timeout: float | None = None) -> list[FileEvent]:
         if not self._rb.pending():
+            within = self.poll_within()
+            if within is not None and (timeout is None or timeout > within):
+                timeout = within
             self._rb.wait(timeout)
         raw = self._rb.drain(decode_batch)
+        if raw or self._rb.pending():
+            self._last_data = time.monotonic()
         accepts = self.filter.accepts
         out = [ev for ev in raw if accepts(ev)]
         st = self._stats

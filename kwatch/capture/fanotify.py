@@ -546,6 +546,9 @@ class FanotifySource:
             raise
 
     # --- Source interface -----------------------------------------------------------------------------------------
+    def poll_within(self) -> float | None:
+        return None  # the descriptor is readable whenever an event is queued
+
     def fileno(self) -> int:
         return self._fd
 

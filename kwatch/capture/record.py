@@ -47,6 +47,8 @@ class KwConfig(ctypes.Structure):
         ("self_tgid", ctypes.c_uint32),
         ("use_roots", ctypes.c_uint32),
         ("use_excl", ctypes.c_uint32),
+        ("wake_us", ctypes.c_uint32),
+        ("wake_bytes", ctypes.c_uint32),
     ]
 
 

@@ -245,7 +245,10 @@ class Daemon:
     def _timeout(self) -> float:
         t = max(0.0, self._next_housekeeping - time.monotonic())
         rt = self.runner.timeout()
-        return t if rt is None else min(t, rt)
+        if rt is not None:
+            t = min(t, rt)
+        st = self.source.poll_within() if self.source is not None else None
+        return t if st is None else min(t, st)
 
     def _signals(self) -> None:
         try:
