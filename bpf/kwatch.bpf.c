@@ -70,21 +70,19 @@ struct {
 	__uint(max_entries, 16 << 20); /* resized by the loader */
 } kw_events SEC(".maps");
 
+/*
+ * The arguments of the syscall a thread is in, from entry to exit: task local storage, found through the task itself
+ * (no hashing, no bucket lock) and freed with the thread, where a hash keyed by tid kept dead threads' entries. An
+ * entry is live while op != 0.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct kw_args);
 } kw_inflight SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct kw_scratch);
-} kw_scratch SEC(".maps");
-
-/* Index 0: records lost because the ring buffer was full; 1: syscalls not tracked because kw_inflight was full. */
+/* Index 0: records lost because the ring buffer was full; 1: syscalls not tracked (no kw_inflight storage). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 2);
@@ -120,6 +118,30 @@ static __always_inline void count_loss(__u32 idx)
 		*n += 1;
 }
 
+static __always_inline void inflight_put(struct kw_args *a)
+{
+	struct kw_args *slot = bpf_task_storage_get(&kw_inflight, bpf_get_current_task_btf(), 0,
+						    BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (slot)
+		*slot = *a;
+	else
+		count_loss(1);
+}
+
+static __always_inline void inflight_clear(void)
+{
+	struct kw_args *slot = bpf_task_storage_get(&kw_inflight, bpf_get_current_task_btf(), 0, 0);
+	if (slot)
+		slot->op = 0;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kw_scratch);
+} kw_scratch SEC(".maps");
+
 static __always_inline struct kw_config *kw_config_get(void)
 {
 	__u32 zero = 0;
@@ -138,6 +160,7 @@ struct walk_ctx {
 	__u8 trunc;
 	__u8 done;
 	__u8 check_roots;
+	struct kw_config *cfg;
 	__u8 in_root;
 	__u8 base_is_ancestor;
 };
@@ -164,11 +187,24 @@ static long walk_step(__u32 i, void *c)
 		return 1;
 	}
 	struct dentry *d = KPTR(struct dentry, w->dentry);
-	if (w->check_roots && !w->in_root) {
+	if (w->check_roots && !w->in_root && w->cfg) {
 		struct kw_inode_key key = {};
 		key.ino = d->d_inode->i_ino;
-		key.dev = d->d_sb->s_dev;
-		__u8 *v = bpf_map_lookup_elem(&kw_roots, &key);
+		/* the first directory may be above a root (ancestors are only in kw_roots); the others are looked up
+		 * only when their inode number is a root's */
+		__u8 maybe = i == 0;
+		__u32 n = w->cfg->n_root_inos;
+		for (int k = 0; k < KW_MAX_ROOT_PATHS; k++) {
+			if (k >= n || maybe)
+				break;
+			if (w->cfg->root_ino[k] == key.ino)
+				maybe = 1;
+		}
+		__u8 *v = NULL;
+		if (maybe) {
+			key.dev = d->d_sb->s_dev;
+			v = bpf_map_lookup_elem(&kw_roots, &key);
+		}
 		if (v && *v == KW_ROOT_WATCHED)
 			w->in_root = 1;
 		else if (v && i == 0)
@@ -227,6 +263,7 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	w.s = s;
 	w.pos = WALK_BUF;
 	w.check_roots = check_roots ? 1 : 0;
+	w.cfg = kw_config_get();
 	bpf_loop(WALK_MAX_STEPS, walk_step, &w, 0);
 	__u32 res = 0;
 	if (!w.done || w.trunc)
@@ -317,17 +354,30 @@ struct dotdot_ctx {
 	__u32 off;
 	__u32 len;
 	__u8 found;
+	__u8 prev_dot; /* the last byte of the previous word was a '.' */
 };
 
-static long dotdot_step(__u32 i, void *c)
+#define LOW7 0x7f7f7f7f7f7f7f7fULL
+#define DOTS 0x2e2e2e2e2e2e2e2eULL
+
+/* Eight bytes per step: m gets 0x80 in each byte that is '.' (the exact zero-byte test applied to w ^ "........"). */
+static long dotdot_word(__u32 i, void *c)
 {
 	struct dotdot_ctx *x = c;
-	if (!x->s || i + 1 >= x->len)
+	__u32 at = i * 8;
+	if (!x->s || at >= x->len)
 		return 1;
-	if (x->s->data[(x->off + i) & DATA_MASK] == '.' && x->s->data[(x->off + i + 1) & DATA_MASK] == '.') {
+	__u64 w = *(__u64 *)&x->s->data[(x->off + at) & DATA_MASK];
+	__u32 left = x->len - at;
+	if (left < 8)
+		w |= ~0ULL << (left * 8); /* past the name: 0xff, never a '.' */
+	__u64 t = w ^ DOTS;
+	__u64 m = ~(((t & LOW7) + LOW7) | t | LOW7);
+	if ((m & (m >> 8)) || (x->prev_dot && (m & 0x80))) {
 		x->found = 1;
 		return 1;
 	}
+	x->prev_dot = m >> 63;
 	return 0;
 }
 
@@ -335,7 +385,7 @@ static long dotdot_step(__u32 i, void *c)
 static __always_inline int has_dotdot(struct kw_scratch *s, __u32 off, __u32 len)
 {
 	struct dotdot_ctx x = { .s = s, .off = off, .len = len };
-	bpf_loop(KW_SLOT_MAX, dotdot_step, &x, 0);
+	bpf_loop(KW_SLOT_MAX / 8 + 1, dotdot_word, &x, 0);
 	return x.found;
 }
 
@@ -503,9 +553,7 @@ static __always_inline int stash(struct kw_args *a)
 {
 	if (!wanted(a->op))
 		return 0;
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&kw_inflight, &tid, a, BPF_ANY))
-		count_loss(1);
+	inflight_put(a);
 	return 0;
 }
 
@@ -522,12 +570,11 @@ SEC("tp")
 int kw_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	long ret = ctx->ret;
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct kw_args *ap = bpf_map_lookup_elem(&kw_inflight, &tid);
-	if (!ap)
+	struct kw_args *ap = bpf_task_storage_get(&kw_inflight, bpf_get_current_task_btf(), 0, 0);
+	if (!ap || !ap->op)
 		return 0;
 	struct kw_args a = *ap;
-	bpf_map_delete_elem(&kw_inflight, &tid);
+	ap->op = 0;
 	if (ret < 0)
 		return 0;
 
@@ -783,9 +830,7 @@ static __always_inline int open_common(int dfd, __u64 name, __u32 flags, __u32 m
 	struct kw_config *cfg = kw_config_get();
 	if (!cfg || !(cfg->op_mask & ((1u << KW_OPEN_WRITE) | (1u << KW_CREATE))) || excluded(cfg))
 		return 0;
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&kw_inflight, &tid, &a, BPF_ANY))
-		count_loss(1);
+	inflight_put(&a);
 	return 0;
 }
 
@@ -840,8 +885,7 @@ static __always_inline int to_exit_handler(void *ctx)
 {
 	bpf_tail_call(ctx, &kw_jump, 0);
 	/* not reached unless the tail call failed: do not leave the entry behind */
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	bpf_map_delete_elem(&kw_inflight, &tid);
+	inflight_clear();
 	return 0;
 }
 

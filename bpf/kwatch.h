@@ -59,6 +59,8 @@ struct kw_event {
 	char comm[KW_COMM_LEN];
 };
 
+#define KW_MAX_ROOT_PATHS 16  /* watched roots the kernel filters on (more: userspace filters alone) */
+
 /* Runtime configuration, one entry of the "kw_cfg" array map, written by userspace at any time. */
 struct kw_config {
 	__u32 op_mask;     /* bit (1 << op) set: report op */
@@ -72,6 +74,13 @@ struct kw_config {
 	 */
 	__u32 wake_us;
 	__u32 wake_bytes;
+	/*
+	 * Inode numbers of the watched roots (kw_roots holds the same with their devices): the path walk compares
+	 * each directory it passes with these and looks kw_roots up only on a match.
+	 */
+	__u32 n_root_inos;
+	__u32 _pad;
+	__u64 root_ino[KW_MAX_ROOT_PATHS];
 };
 
 /*
@@ -87,7 +96,6 @@ struct kw_inode_key {
 };
 
 /* One watched root as a string (value of the "kw_root_paths" array; the list ends at the first len == 0). */
-#define KW_MAX_ROOT_PATHS 16
 #define KW_ROOT_PATH_MAX 256
 struct kw_root_path {
 	__u32 len;

@@ -272,6 +272,16 @@ CASES = [
         lambda d: [ev("MKDIR", d, "z")],
     ),
     Case(
+        # the kernel scans names for ".." eight bytes at a time: put it at every offset across two word boundaries
+        "dotdot_at_every_offset_from_outside",
+        "os.makedirs(b'/tmp/kwatch-outside', exist_ok=True); os.chdir(b'/tmp/kwatch-outside')\n"
+        "rel = os.path.relpath(d, b'/tmp/kwatch-outside')\n"
+        # the only ".." at offset n: "./" pairs for even n, ".//" for the odd rest (no name lets it sit at 1)
+        "for n in [0] + list(range(2, 18)):\n"
+        "    os.mkdir(b'./' * (n // 2 - n % 2) + b'.//' * (n % 2) + rel + b'/o%d' % n)",
+        lambda d: [ev("MKDIR", d, f"o{n}") for n in [0, *range(2, 18)]],
+    ),
+    Case(
         "as_another_user",
         "os.setgid(65534); os.setuid(65534); touch(d + b'/nobody')",
         lambda d: [ev("CREATE", d, "nobody"), ev("CLOSE_WRITE", d, "nobody")],

@@ -172,6 +172,7 @@ class BpfSource:
             self._excluded: set[int] = set()  # exclude_pid() calls
             self._filter_excl: set[int] = set()  # the filter's exclude_pids now in the kernel map
             self._root_values: dict[bytes, bytes] = {}
+            self._root_inos: list[int] = []
             self.set_filter(self.filter)
             for prog in progs:
                 if _attached_by_name(prog.section) and _tracepoint_of(prog.section) not in self.skipped:
@@ -188,6 +189,7 @@ class BpfSource:
         self.filter = filt
         old = self._root_values
         new: dict[bytes, bytes] = {}
+        inos: list[int] = []
         for root in filt.roots:
             # the watched directory itself, and each directory above it: a name resolved under one of those may
             # lead into the tree, so the kernel leaves such events to userspace
@@ -200,6 +202,7 @@ class BpfSource:
                 key = bytes(KwInodeKey(ino=st.st_ino, dev=kernel_dev(st.st_dev)))
                 if i == 0:
                     new[key] = _WATCHED
+                    inos.append(st.st_ino)
                 else:
                     new.setdefault(key, _ANCESTOR)
         for key, value in new.items():
@@ -208,6 +211,7 @@ class BpfSource:
         for key in old.keys() - new.keys():
             self._roots.delete(key)
         self._root_values = new
+        self._root_inos = sorted(set(inos))
         # the same roots as strings, for absolute names (compared in the kernel without a walk)
         self._strings_ok = len(filt.roots) <= MAX_ROOT_PATHS and all(len(r) < ROOT_PATH_MAX for r in filt.roots)
         paths = list(filt.roots) if self._strings_ok else []
@@ -229,6 +233,11 @@ class BpfSource:
             use_roots=1 if self.filter.roots and b"/" not in self.filter.roots and self._strings_ok else 0,
             use_excl=1 if (self._excluded or self.filter.exclude_pids) else 0,
         )
+        if len(self._root_inos) <= MAX_ROOT_PATHS:
+            cfg.n_root_inos = len(self._root_inos)
+            cfg.root_ino[: len(self._root_inos)] = self._root_inos
+        else:
+            cfg.use_roots = 0  # more roots than the walk compares: userspace filters alone
         for pid in self.filter.exclude_pids - self._filter_excl:
             self._excl.update(pid.to_bytes(4, "little"), b"\x01")
             for child in _descendants(pid):

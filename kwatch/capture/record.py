@@ -41,6 +41,9 @@ class KwEvent(ctypes.Structure):
     ]
 
 
+MAX_ROOT_PATHS = 16
+
+
 class KwConfig(ctypes.Structure):
     _fields_ = [
         ("op_mask", ctypes.c_uint32),
@@ -49,10 +52,12 @@ class KwConfig(ctypes.Structure):
         ("use_excl", ctypes.c_uint32),
         ("wake_us", ctypes.c_uint32),
         ("wake_bytes", ctypes.c_uint32),
+        ("n_root_inos", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("root_ino", ctypes.c_uint64 * MAX_ROOT_PATHS),
     ]
 
 
-MAX_ROOT_PATHS = 16
 ROOT_PATH_MAX = 256
 
 
