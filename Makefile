@@ -6,16 +6,18 @@ VPY := $(VENV)/bin/python
 BUILD := build
 BPF_OBJ := kwatch/capture/kwatch.bpf.o
 BPF_SRC := $(wildcard bpf/*.bpf.c) $(wildcard bpf/*.h)
+# the BPF consumer's record decoder in C (kwatch/capture/record.py falls back to Python without it)
+EXT := kwatch/capture/_recordc.so
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 # Debian packages: the BPF toolchain, and the real peers the tests start themselves.
-DEB_PKGS := clang llvm libbpf-dev bpftool rsync openssh-server openssh-client inotify-tools imagemagick
+DEB_PKGS := clang llvm libbpf-dev bpftool python3-dev rsync openssh-server openssh-client inotify-tools imagemagick
 # ... and the anchors the benchmarks compare against (gcc builds the churn workload)
 BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
 
-.PHONY: all deps bench-deps venv bpf mounts test run check lint typecheck bench bench-quick bench-capture bench-replicate clean
+.PHONY: all deps bench-deps venv bpf ext mounts test run check lint typecheck bench bench-quick bench-capture bench-replicate clean
 
-all: bpf venv
+all: bpf ext venv
 
 $(BUILD)/.deps-stamp: Makefile
 	@mkdir -p $(BUILD)
@@ -63,12 +65,18 @@ $(BPF_OBJ): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
 
 bpf: $(BPF_OBJ)
 
+$(EXT): kwatch/capture/_recordc.c bpf/kwatch.h | deps venv
+	clang -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -Ibpf \
+	  -I"$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" $< -o $@
+
+ext: $(EXT)
+
 # tracefs and bpffs are mounted by the loader too; this makes them visible to bpftool while debugging.
 mounts:
 	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || true
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || true
 
-test: deps venv bpf mounts
+test: deps venv bpf ext mounts
 	$(VPY) -m pytest -q
 
 lint: venv
@@ -79,20 +87,20 @@ typecheck: venv
 
 check: lint typecheck test
 
-run: deps venv bpf mounts
+run: deps venv bpf ext mounts
 	$(VENV)/bin/kwatch run
 
-bench: deps venv bpf mounts bench-deps
+bench: deps venv bpf ext mounts bench-deps
 	$(VPY) -m bench.run --all --write-readme
 
-bench-quick: deps venv bpf mounts bench-deps
+bench-quick: deps venv bpf ext mounts bench-deps
 	$(VPY) -m bench.run --quick
 
-bench-capture: deps venv bpf mounts bench-deps
+bench-capture: deps venv bpf ext mounts bench-deps
 	$(VPY) -m bench.run capture --write-readme
 
-bench-replicate: deps venv bpf mounts bench-deps
+bench-replicate: deps venv bpf ext mounts bench-deps
 	$(VPY) -m bench.run replicate --write-readme
 
 clean:
-	rm -rf $(BUILD) $(BPF_OBJ) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BUILD) $(BPF_OBJ) $(EXT) .pytest_cache .mypy_cache .ruff_cache

@@ -75,16 +75,19 @@ def capture_markdown(res: dict[str, Any]) -> str:
     tp = res.get("throughput") or {}
     if "decode" in tp:
         d = tp["decode"]
-        lines += [
-            "",
-            "| BPF consumer | figure |",
-            "|---|---:|",
-            f"| `decode_batch`, single-path records | {_n(d['single']['records_per_s'])} records/s (median), "
-            f"{_n(d['single'].get('best_records_per_s'))} best, {_n(d['single'].get('records_per_cpu_s'))} per CPU-s |",
-            f"| `decode_batch`, churn mix (dir+name, path, dir+name) | {_n(d['churn']['records_per_s'])} records/s "
-            f"(median), {_n(d['churn'].get('best_records_per_s'))} best, "
-            f"{_n(d['churn'].get('records_per_cpu_s'))} per CPU-s |",
-        ]
+        lines += ["", "| BPF consumer | figure |", "|---|---:|"]
+        decoders = [(d.get("decoder", "python"), d)]
+        if "python" in d:
+            decoders.append(("python", d["python"]))
+        for name, dd in decoders:
+            for mix, label in (("single", "single-path records"), ("churn", "churn mix (dir+name, path, dir+name)")):
+                m = dd[mix]
+                whole = m.get("scan_decode_per_s")
+                lines.append(
+                    f"| `decode_batch` ({name} decoder), {label} | {_n(m['records_per_s'])} records/s (median), "
+                    f"{_n(m.get('best_records_per_s'))} best, {_n(m.get('records_per_cpu_s'))} per CPU-s"
+                    + (f"; with the ring walk {_n(whole)} records/s" if whole else "") + " |"
+                )
         e2e = tp.get("e2e") or {}
         if "error" in e2e:
             lines.append(f"| BpfSource end to end | not measured: {e2e['error']} |")

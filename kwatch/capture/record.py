@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import struct
 from typing import Any
 
@@ -107,10 +108,22 @@ _new = tuple.__new__
 def decode_batch(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
     """Decode the records at ``offsets`` in ``buf`` (each: header, then its slot strings) into FileEvents.
 
-    The hot path of the BPF backend: one struct unpack and one slice per common single-path record, the process
-    name looked up in a small cache, and the cyclic GC paused (a batch allocates thousands of acyclic tuples, and
-    each allocation burst would otherwise trigger collections that traverse them for nothing).
+    The hot path of the BPF backend. The C decoder (``_recordc``, built by ``make ext``) does the common record
+    shapes and calls :func:`decode_one` for the others; without it, :func:`decode_batch_py` does all. Either way the
+    cyclic GC is paused: a batch allocates thousands of acyclic tuples, and each allocation burst would otherwise
+    trigger collections that traverse them for nothing.
     """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _c_decode(buf, offsets) if _c_decode is not None else _decode(buf, offsets)
+    finally:
+        if was:
+            gc.enable()
+
+
+def decode_batch_py(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
+    """The reference decoder, in Python: the same result as :func:`decode_batch` (tests compare the two)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -118,6 +131,11 @@ def decode_batch(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]
     finally:
         if was:
             gc.enable()
+
+
+def decode_one(buf: memoryview | bytes, off: int) -> FileEvent:
+    """The record at ``off``, by the Python decoder (the C decoder's fallback for unusual shapes)."""
+    return _decode(buf, [off])[0]
 
 
 _comms: dict[bytes, bytes] = {}
@@ -187,3 +205,17 @@ def _names(
 def decode(buf: memoryview | bytes, off: int) -> FileEvent:
     """Decode the one record at ``buf[off:]``."""
     return decode_batch(buf, [off])[0]
+
+
+def _load_c() -> Any:
+    try:
+        from kwatch.capture import _recordc  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _recordc.configure(FileEvent, list(_OPS_BY_NUMBER), decode_one)
+    return _recordc
+
+
+#: The C module (``kwatch/capture/_recordc.c``), or None when it is not built; ``KWATCH_PURE_PYTHON=1`` ignores it.
+recordc: Any = None if os.environ.get("KWATCH_PURE_PYTHON") else _load_c()
+_c_decode: Any = recordc.decode if recordc is not None else None

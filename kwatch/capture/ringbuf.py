@@ -4,7 +4,8 @@ Layout (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (read-write for us); fr
 producer page (producer_pos) and then the data area mapped twice in a row, so a record that wraps around the end is
 still contiguous in our view. Each record has an 8-byte header: u32 length with BUSY (bit 31, still being written)
 and DISCARD (bit 30) flags, u32 page offset; records are 8-byte aligned. No ctypes call per record: one mmap read
-per record header, and the consumer position is written once per batch.
+per record header, and the consumer position is written once per batch. The walk over record headers runs in C
+when ``_recordc`` is built (:meth:`RingBuffer._scan` is the Python reference).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
+from kwatch.capture.record import recordc
+
 T = TypeVar("T")
 
+_c_scan = recordc.scan if recordc is not None else None
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _U32 = struct.Struct("<I")
@@ -56,6 +60,19 @@ class RingBuffer:
         keeps, because the space is handed back to the kernel when drain returns.
         """
         prod = _U64.unpack_from(self._prod, 0)[0]
+        if _c_scan is not None:
+            offsets, pos = _c_scan(self._data, self._pos, prod, self._mask, limit)
+        else:
+            offsets, pos = self._scan(prod, limit)
+        out = decode(self._data, offsets) if offsets else []
+        if pos != self._pos:
+            self._pos = pos
+            # smp_store_release in the kernel's view; an aligned 8-byte store is atomic on every arch we run on
+            _U64.pack_into(self._cons, 0, pos)
+        return out
+
+    def _scan(self, prod: int, limit: int) -> tuple[list[int], int]:
+        """The offsets of the complete records from our position up to ``prod``, and the position after them."""
         pos = self._pos
         data = self._data
         mask = self._mask
@@ -73,12 +90,7 @@ class RingBuffer:
                 append(off + 8)
                 n += 1
             pos += (length + 15) & ~7  # 8-byte header, 8-byte alignment
-        out = decode(data, offsets) if offsets else []
-        if pos != self._pos:
-            self._pos = pos
-            # smp_store_release in the kernel's view; an aligned 8-byte store is atomic on every arch we run on
-            _U64.pack_into(self._cons, 0, pos)
-        return out
+        return offsets, pos
 
     def close(self) -> None:
         self._epoll.close()
