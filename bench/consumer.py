@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.ready).write_text(str(os.getpid()))
     events = loss_markers = 0
     lost: int | None = 0
-    by_op: dict[str, int] = {}
+    by_op: dict[Op, int] = {}
     first = last = None
     quiet_since: float | None = None
     reads = 0
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                         lost += ev.lost
                     continue
                 events += 1
-                k = ev.op.label
+                k = ev.op
                 by_op[k] = by_op.get(k, 0) + 1
     finally:
         st = src.stats()
         src.close()
     Path(args.out).write_text(json.dumps({
-        "backend": src.name, "events": events, "by_op": by_op, "loss_markers": loss_markers, "lost": lost,
+        "backend": src.name, "events": events, "by_op": {op.label: n for op, n in by_op.items()}, "loss_markers": loss_markers, "lost": lost,
         "stats_lost": st.lost, "filtered": st.filtered, "reads": reads, "open_s": round(open_s, 3),
         "first_batch": first, "last_batch": last,
     }))

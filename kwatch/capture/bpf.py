@@ -300,8 +300,7 @@ class BpfSource:
         raw = self._rb.drain(decode_batch)
         if raw or self._rb.pending():
             self._last_data = time.monotonic()
-        accepts = self.filter.accepts
-        out = [ev for ev in raw if accepts(ev)]
+        out = self.filter.select(raw)
         st = self._stats
         st.filtered += len(raw) - len(out)
         lost = self.lost_total()
