@@ -628,6 +628,12 @@ class Replicator:
             before.st_size, before.st_mtime_ns, before.st_ctime_ns)
 
     def _throttle(self, nbytes: int, started: float, sent: int) -> None:
+        """Sleep until ``sent`` bytes of one file's data (first sent at ``started``) fit under ``bwlimit`` bytes/s.
+
+        Called after every frame of file data (a PutFile, each PutChunk, each DeltaChunk with its literal bytes), so
+        a file's end frame, which lands it on the mirror, waits for the pacing; time spent reading or computing a
+        delta counts as elapsed. tests/test_replicate_bwlimit.py holds it to a lower bound on the transfer time.
+        """
         if self.opts.bwlimit:
             ahead = sent / self.opts.bwlimit - (time.monotonic() - started)
             if ahead > 0:
@@ -740,6 +746,7 @@ class Replicator:
                         self._throttle(0, started, sent)
                 if ops:
                     link.send(ap.DeltaChunk(tuple(ops)))
+                    self._throttle(0, started, sent)  # the tail's literal bytes count too
                 rep.deltas += 1
                 rep.literal += stream.stats.literal_bytes
                 rep.matched += stream.stats.copied_bytes
