@@ -145,6 +145,29 @@ def test_hard_link_in_a_rescanned_subtree_links_to_a_name_outside(trees: tuple[P
         rep.stop()
 
 
+def test_link_to_a_file_of_a_subtree_rescanned_in_the_same_batch(trees: tuple[Path, Path]) -> None:
+    """``mv /outside/m src/m; ln src/m/f src/c`` in one batch: m is rescanned (sent), c is linked to m/f."""
+    src, mirror = trees
+    outside = src.parent / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"f" * SIZE)
+    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), TargetOptions())
+    try:
+        rep.coalescer.rescan(b"")
+        rep.sync_now(rep.coalescer.take(time.monotonic()))
+        os.rename(outside, src / "m")
+        os.link(src / "m" / "f", src / "c")
+        now = time.monotonic()
+        rep.coalescer.add(FileEvent(Op.RENAME, os.fsencode(outside), os.fsencode(src / "m")), now)
+        rep.coalescer.add(FileEvent(Op.LINK, os.fsencode(src / "m" / "f"), os.fsencode(src / "c")), now)
+        r = rep.sync_now(rep.coalescer.take(now + 5))
+        assert (r.puts, r.errors) == (1, []), r
+        assert r.literal <= SIZE + 100, r
+        assert_trees_equal(src, mirror)
+    finally:
+        rep.stop()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # live: kwatch replicate with BPF capture
 

@@ -428,8 +428,8 @@ class Replicator:
     def _plan_links(self, plan: Plan) -> None:
         """Plan this batch's dirty files that have other names (``st_nlink > 1``), one inode at a time.
 
-        The names of an inode are the dirty ones plus those :attr:`links` says the mirror has, each checked against
-        the source (still that inode). With new data (a CONTENT mark on any name) the data goes once, under one
+        The names of an inode are the dirty ones plus those :attr:`links` says the mirror has (or a rescan of this
+        batch sends), each checked against the source (still that inode). With new data (a CONTENT mark on any name) the data goes once, under one
         name, and every other name is linked to it again: the agent lands data with rename(2) from a temporary, so
         the mirror's other names would keep the old inode and the old data. Without new data (``ln a b``: both
         names are marked LINKED) the new names are linked to a name the mirror already has; only when there is
@@ -437,7 +437,9 @@ class Replicator:
         """
         for key, members in self._groups.items():
             dirty = {m.rel for m in members}
-            known = sorted(p for p in self.links.names(key) if p not in dirty and self._is_inode(p, key))
+            # names the index has, and names a rescan in this batch brings (its puts and links run before ours)
+            seen = self.links.names(key) | self._link_sets.get(key, set())
+            known = sorted(p for p in seen if p not in dirty and self._is_inode(p, key))
             # new data goes under a name the mirror has if there is one (a delta needs a basis)
             content = sorted((m for m in members if m.flags & CONTENT), key=lambda m: bool(m.flags & EXIST))
             # a dirty name without EXIST was there before this batch (renames already replayed): the mirror has it
