@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
-from kwatch.replicate.coalesce import CONTENT, EXIST, META, Coalescer
+from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Coalescer
 
 R = b"/src"
 
@@ -86,10 +86,31 @@ CASES = [
         set(),
     ),
     (
-        "hard_link_sends_new_name",
+        "hard_link_marks_both_names",
         [e(Op.LINK, "/a", "/h")],
         [],
-        {b"h": CONTENT | EXIST, b"": META},
+        {b"h": LINKED | EXIST, b"a": LINKED, b"": META},
+        set(),
+    ),
+    (
+        "hard_link_then_write_marks_content",
+        [e(Op.LINK, "/a", "/d/h"), e(Op.OPEN_WRITE, "/d/h"), e(Op.CLOSE_WRITE, "/d/h")],
+        [],
+        {b"d/h": LINKED | EXIST | CONTENT, b"a": LINKED, b"d": META},
+        set(),
+    ),
+    (
+        "hard_link_from_outside_the_root_marks_the_new_name",
+        [FileEvent(Op.LINK, b"/elsewhere/a", R + b"/h")],
+        [],
+        {b"h": LINKED | EXIST, b"": META},
+        set(),
+    ),
+    (
+        "hard_link_mark_follows_a_rename",
+        [e(Op.LINK, "/a", "/h"), e(Op.RENAME, "/h", "/g")],
+        [(b"h", b"g")],
+        {b"g": LINKED | EXIST, b"h": EXIST, b"a": LINKED, b"": META},
         set(),
     ),
 ]

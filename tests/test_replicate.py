@@ -1,5 +1,6 @@
 """Integration tests of live replication: ``kwatch replicate`` as a real process with BPF capture, to a local agent
-on a pipe and to an agent through a real sshd, checked with treecmp after every scripted workload step.
+on a pipe and to an agent through a real sshd, checked with treecmp (hard-link groups included) after every scripted
+workload step.
 
 Also: a rename of a 10,000-file directory is one rename with no data sent, a 4 KiB edit of a large file sends about
 the edit, a target that is down is retried and converges, fan-out to two targets, and (in-process) a file changed
@@ -176,6 +177,19 @@ def step_type_changes(src: Path, tarball: Path) -> None:
         f.write(b"was a link")
 
 
+def step_hard_links(src: Path, tarball: Path) -> None:
+    s = b(src)
+    files = _files(src)
+    os.makedirs(s + b"/links/new")
+    os.link(files[10], s + b"/links/new/l1")  # into a directory made in the same batch
+    os.link(files[11], s + b"/links/l2")  # across directories
+    os.link(files[11], s + b"/links/new/l2b")
+    with open(s + b"/links/l2", "ab") as f:  # through one name: every name shows it
+        f.write(b"appended through a hard link\n")
+    os.link(files[12], files[12] + b".other")
+    os.unlink(files[12])  # the other name stays
+
+
 STEPS: list[tuple[str, Callable[[Path, Path], None]]] = [
     ("untar", step_untar),
     ("edits", step_edits),
@@ -186,6 +200,7 @@ STEPS: list[tuple[str, Callable[[Path, Path], None]]] = [
     ("mtimes", step_mtimes),
     ("hostile-names", step_hostile_names),
     ("type-changes", step_type_changes),
+    ("hard-links", step_hard_links),
 ]
 
 

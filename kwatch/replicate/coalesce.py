@@ -23,6 +23,7 @@ from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
 CONTENT = 1  # data may differ: compare and send (whole or delta)
 META = 2  # mode / owner / mtime may differ
 EXIST = 4  # may have appeared, vanished or changed type
+LINKED = 8  # a name of an inode that got a new hard link (link(2)); the data did not change because of it
 
 _CONTENT_OPS = {Op.CREATE, Op.OPEN_WRITE, Op.MODIFY, Op.TRUNCATE, Op.CLOSE_WRITE}
 _META_OPS = {Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.XATTR, Op.ATTRIB}
@@ -97,8 +98,12 @@ class Coalescer:
         if ev.op is Op.RENAME or (ev.op is Op.LINK and ev.new_path is not None):
             new = relative(self.root, ev.new_path) if ev.new_path is not None else None
             if ev.op is Op.LINK:
+                # Both names: the planner makes the new one a hard link of the old one on the mirror (which has
+                # the old one unless it is new in this batch too) rather than a copy; see engine._plan_links.
                 if new is not None:
-                    self._mark(new, CONTENT | EXIST)
+                    self._mark(new, LINKED | EXIST)
+                if rel is not None and new is not None:
+                    self._mark(rel, LINKED)
             else:
                 self._rename(rel, new, exchange=bool(ev.flags & RENAME_EXCHANGE))
             return

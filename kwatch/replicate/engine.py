@@ -8,7 +8,9 @@ slow or dead target never holds back another. Its cycle:
 2. fold live events into the coalescer; when a batch is due, turn it into a plan by looking at the source *now*:
    renames first (a moved file or tree is moved on the mirror, not re-sent), then mkdirs, puts (a delta against the
    mirror's copy for large files: signatures are requested for the whole batch at once, pipelined with the small
-   puts), symlinks, hard links, attribute changes, deletes, and directory times last; one Commit per batch;
+   puts), symlinks, hard links, attribute changes, deletes, and directory times last; one Commit per batch.
+   Hard links are kept (:meth:`Replicator._plan_links`): a new name of a file becomes a link on the mirror, not a
+   copy, and new data written under one name of a linked file is sent once and every other name linked to it again;
 3. read the Ack: a rename whose source the mirror did not have (created and renamed within one batch) becomes a
    rescan of the new name; a file that changed while it was read is sent again in the next batch.
 
@@ -36,13 +38,15 @@ from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import TargetStats
 from kwatch.protocols import agent as ap
 from kwatch.replicate import delta as dl
-from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer
+from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch, Coalescer
 from kwatch.replicate.link import AgentLink, LinkError
+from kwatch.replicate.linkindex import Key, LinkIndex
 from kwatch.replicate.scan import (
     DEFAULT_EXCLUDES,
     Delete,
     Entry,
     Excluder,
+    Hardlink,
     Kind,
     Manifest,
     Mkdir,
@@ -124,6 +128,15 @@ def _agent_entry(e: ap.Entry) -> Entry:
     return Entry(Kind(int(e.type)), e.mode, e.size, e.mtime_ns, e.uid, e.gid, 1, 0, 0, e.target, e.hash)
 
 
+@dataclass(frozen=True)
+class _Linked:
+    """A dirty regular file with ``st_nlink > 1``, waiting for :meth:`Replicator._plan_links`."""
+
+    rel: bytes
+    flags: int
+    st: os.stat_result
+
+
 @dataclass
 class BatchReport:
     puts: int = 0
@@ -161,6 +174,10 @@ class Replicator:
         self._ids = 0
         self._touched: set[bytes] = set()  # directories whose mtime this batch restores (see _touch_parent)
         self._torn: set[bytes] = set()  # puts of this batch ended with a spoiled digest (see _drop_torn)
+        self.links = LinkIndex()  # names the mirror holds as one inode (see linkindex)
+        self._groups: dict[Key, list[_Linked]] = {}  # this batch's dirty linked files by source inode
+        self._link_sets: dict[Key, set[bytes]] = {}  # this batch's link groups, recorded in ``links`` after the ack
+        self._link_leaders: dict[bytes, bytes] = {}  # this batch's hard links: path -> the name it links to
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
         self.last_error: str | None = None
@@ -283,17 +300,22 @@ class Replicator:
         rep = BatchReport()
         plan = Plan()
         self._touched = set()
+        self._groups, self._link_sets, self._link_leaders = {}, {}, {}
         renames = list(b.renames)
         made: set[bytes] = set()
         for old, new in renames:
             self._mkdir_parents(new, b, made)
             link.send(ap.Rename(old, new))
+            self.links.rename(old, new)
         rep.renames = len(renames)
         for rel in sorted(b.rescans, key=len):
             self._plan_rescan(rel, plan)
         for rel, flags in sorted(b.dirty.items(), key=lambda kv: (kv[0].count(b"/"), kv[0])):
             if not any(rel == r or rel.startswith(r + b"/") or r == b"" for r in b.rescans):
                 self._plan_path(rel, flags, plan)
+        self._plan_links(plan)
+        for d in plan.deletes:
+            self.links.discard_under(d.path)
         self._torn = set()
         changed = self._send_plan(plan, rep)
         self._seq += 1
@@ -313,8 +335,18 @@ class Replicator:
                 continue
             if err.code == "ENOENT" and any(_is_under(err.relpath, n) for n in resent):
                 continue  # an attribute change of that new name: the rescan above brings the whole object
+            leader = self._link_leaders.get(err.relpath)
+            if leader is not None and err.code == "ENOENT" and leader in changed:
+                continue  # linked to a put dropped on purpose (changed while read): the group is sent again below
             rep.errors.append(err)
             log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
+        failed = {e.relpath for e in ack.errors}
+        for key, names in self._link_sets.items():
+            if not names & failed:
+                self.links.add(key, names)
+            else:  # whatever the mirror holds for this group now, do not link to it: the next write re-sends
+                for p in names:
+                    self.links.discard(p)
         for rel in changed:
             self.coalescer.add(FileEvent(Op.CLOSE_WRITE, os.path.join(self.src, rel)), time.monotonic())
         log.info(
@@ -348,6 +380,8 @@ class Replicator:
             return
         mode = stat.S_IMODE(st.st_mode)
         uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
+        if not stat.S_ISREG(st.st_mode):
+            self.links.discard(rel)
         if stat.S_ISDIR(st.st_mode):
             if not rel:
                 return  # the mirror root's own attributes are the operator's
@@ -361,11 +395,82 @@ class Replicator:
             elif flags & META:
                 plan.setattrs.append(SetAttr(rel, None, st.st_mtime_ns, uid, gid))
         elif stat.S_ISREG(st.st_mode):
-            if flags & CONTENT:
+            if st.st_nlink > 1 and flags & (CONTENT | LINKED | EXIST):
+                self._groups.setdefault((st.st_dev, st.st_ino), []).append(_Linked(rel, flags, st))
+                return
+            self.links.discard(rel)
+            if flags & CONTENT or flags & (LINKED | EXIST) == LINKED | EXIST:  # new data, or a link whose
+                # other name is gone already (``ln a b; rm a``): the mirror has no inode to link to for sure
                 plan.puts.append(Put(rel, st.st_size, mode, st.st_mtime_ns, uid, gid, st.st_size >= self.opts.delta_min))
                 self._touch_parent(rel, plan)
             else:
                 plan.setattrs.append(SetAttr(rel, mode, st.st_mtime_ns, uid, gid))
+
+    def _rescan_links(self, src: Manifest, pre: bytes) -> dict[Key, bytes]:
+        """Take the hard-link groups of a rescanned subtree (``src``, paths below ``pre``) into the index.
+
+        Returns, per inode, a name outside the subtree that the mirror has (checked against the source): a file of
+        the subtree that must be sent (moved in from outside, say) is linked to it instead. The subtree's own names
+        are recorded after the ack, with the batch's other groups.
+        """
+        self.links.discard_under(pre.rstrip(b"/"))
+        outside: dict[Key, bytes] = {}
+        for path, e in src.entries.items():
+            if e.kind is not Kind.FILE or e.nlink < 2:
+                continue
+            key = (e.dev, e.ino)
+            if key not in outside:
+                there = sorted(p for p in self.links.names(key) if self._is_inode(p, key))
+                outside[key] = there[0] if there else b""
+            self._link_sets.setdefault(key, set()).add(pre + path)
+        return {k: v for k, v in outside.items() if v}
+
+    def _plan_links(self, plan: Plan) -> None:
+        """Plan this batch's dirty files that have other names (``st_nlink > 1``), one inode at a time.
+
+        The names of an inode are the dirty ones plus those :attr:`links` says the mirror has (or a rescan of this
+        batch sends), each checked against the source (still that inode). With new data (a CONTENT mark on any name) the data goes once, under one
+        name, and every other name is linked to it again: the agent lands data with rename(2) from a temporary, so
+        the mirror's other names would keep the old inode and the old data. Without new data (``ln a b``: both
+        names are marked LINKED) the new names are linked to a name the mirror already has; only when there is
+        none (the file is new in this batch, or its first name is outside the tree or excluded) the data is sent.
+        """
+        for key, members in self._groups.items():
+            dirty = {m.rel for m in members}
+            # names the index has, and names a rescan in this batch brings (its puts and links run before ours)
+            seen = self.links.names(key) | self._link_sets.get(key, set())
+            known = sorted(p for p in seen if p not in dirty and self._is_inode(p, key))
+            # new data goes under a name the mirror has if there is one (a delta needs a basis)
+            content = sorted((m for m in members if m.flags & CONTENT), key=lambda m: bool(m.flags & EXIST))
+            # a dirty name without EXIST was there before this batch (renames already replayed): the mirror has it
+            on_mirror = [m.rel for m in members if not m.flags & (CONTENT | EXIST)] + known
+            if content or not on_mirror:
+                first = (content or members)[0]
+                st = first.st
+                uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
+                plan.puts.append(Put(first.rel, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid,
+                                     st.st_size >= self.opts.delta_min))
+                self._touch_parent(first.rel, plan)
+                leader, relink = first.rel, [m.rel for m in members if m is not first] + known
+            else:
+                leader = on_mirror[0]
+                relink = [m.rel for m in members if m.rel != leader and m.flags & EXIST]
+                st = members[0].st
+                uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
+                plan.setattrs.append(SetAttr(leader, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid))
+            for p in relink:
+                plan.hardlinks.append(Hardlink(p, leader))
+                self._link_leaders[p] = leader
+                self._touch_parent(p, plan)
+            self._link_sets.setdefault(key, set()).update((leader, *relink, *on_mirror))
+
+    def _is_inode(self, rel: bytes, key: Key) -> bool:
+        """True when the source's ``rel`` is the regular file ``key`` (a name the index holds may be stale)."""
+        try:
+            st = os.lstat(os.path.join(self.src, rel))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == key
 
     def _mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> None:
         """Create the directories of a rename destination that appeared in this batch, before the rename.
@@ -441,7 +546,15 @@ class Replicator:
             plan.dir_setattrs.append(SetAttr(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
         plan.deletes.extend(op._replace(path=pre + op.path) for op in sub.deletes)
         plan.mkdirs.extend(op._replace(path=pre + op.path) for op in sub.mkdirs)
-        plan.puts.extend(op._replace(path=pre + op.path) for op in sub.puts)
+        outside = self._rescan_links(src, pre)
+        for op in sub.puts:
+            se = src.entries[op.path]
+            there = outside.get((se.dev, se.ino)) if se.nlink > 1 else None
+            if there:  # another name of this inode is on the mirror, outside the subtree: link, do not copy
+                plan.hardlinks.append(Hardlink(pre + op.path, there))
+                self._link_leaders[pre + op.path] = there
+            else:
+                plan.puts.append(op._replace(path=pre + op.path))
         plan.symlinks.extend(op._replace(path=pre + op.path) for op in sub.symlinks)
         plan.hardlinks.extend(op._replace(path=pre + op.path, existing=pre + op.existing) for op in sub.hardlinks)
         plan.setattrs.extend(op._replace(path=pre + op.path) for op in sub.setattrs)
@@ -517,6 +630,12 @@ class Replicator:
             before.st_size, before.st_mtime_ns, before.st_ctime_ns)
 
     def _throttle(self, nbytes: int, started: float, sent: int) -> None:
+        """Sleep until ``sent`` bytes of one file's data (first sent at ``started``) fit under ``bwlimit`` bytes/s.
+
+        Called after every frame of file data (a PutFile, each PutChunk, each DeltaChunk with its literal bytes), so
+        a file's end frame, which lands it on the mirror, waits for the pacing; time spent reading or computing a
+        delta counts as elapsed. tests/test_replicate_bwlimit.py holds it to a lower bound on the transfer time.
+        """
         if self.opts.bwlimit:
             ahead = sent / self.opts.bwlimit - (time.monotonic() - started)
             if ahead > 0:
@@ -629,6 +748,7 @@ class Replicator:
                         self._throttle(0, started, sent)
                 if ops:
                     link.send(ap.DeltaChunk(tuple(ops)))
+                    self._throttle(0, started, sent)  # the tail's literal bytes count too
                 rep.deltas += 1
                 rep.literal += stream.stats.literal_bytes
                 rep.matched += stream.stats.copied_bytes
@@ -662,6 +782,9 @@ def make_replicator(
     if target.kind == "rsync":
         from kwatch.replicate.rsync_target import RsyncReplicator
 
+        if opts.bwlimit:
+            log.warning("target %s: bwlimit is not applied to rsync:// targets (the native client does not pace)",
+                        target.spec)
         return RsyncReplicator(src_root, target, opts)
     return Replicator(src_root, target, opts, on_agent=on_agent)
 

@@ -8,6 +8,10 @@ similar file in the same directory as the delta basis (``--fuzzy``), so a rename
 data. A rescan of the whole tree is one full push with ``--delete``. Either way the mirror ends identical, mtimes of
 directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
+
+Not carried to an rsync daemon: hard links (the native client does not send rsync's ``-H`` hard-link data, so the
+names of a linked file arrive as separate copies with the same content; a ``link(2)`` marks both names, and both
+are simply sent) and ``bwlimit`` (the native client does not pace; the agent targets do).
 """
 
 from __future__ import annotations

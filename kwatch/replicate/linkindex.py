@@ -1,0 +1,76 @@
+"""The hard-link index: which source paths the mirror holds as one inode, by the source's ``(dev, ino)``.
+
+Live replication sees a file's data change under one name (``write`` to ``a``) while other names of that inode
+(``b``) get no event; and the agent lands new data with rename(2) from a temporary, which gives the mirror's ``a`` a
+new inode and leaves ``b`` with the old data. The engine therefore remembers, for every regular file with
+``st_nlink > 1`` it put on the mirror (or found there after a rescan), the names of that inode, so that after sending
+new data it links the other names to it again, and a new link (``link(2)``) becomes a hard link on the mirror
+instead of a copy.
+
+Pure bookkeeping (no I/O): the index can be stale (an inode number reused, a name replaced without an event we
+could see), so the engine checks every name against the source (``lstat``: same ``(dev, ino)``) before using it.
+Only linked files are tracked, so it stays small on ordinary trees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Key = tuple[int, int]  # (st_dev, st_ino) on the source
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return top == b"" or path == top or path.startswith(top + b"/")
+
+
+class LinkIndex:
+    """``(dev, ino)`` -> the relative paths the mirror has as one inode (as far as the engine knows)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[Key, set[bytes]] = {}
+        self._by_path: dict[bytes, Key] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def names(self, key: Key) -> frozenset[bytes]:
+        return frozenset(self._by_key.get(key, ()))
+
+    def key_of(self, path: bytes) -> Key | None:
+        return self._by_path.get(path)
+
+    def add(self, key: Key, paths: Iterable[bytes]) -> None:
+        """Record ``paths`` as names of ``key`` (a path recorded under another key moves here)."""
+        for p in paths:
+            self.discard(p)
+            self._by_key.setdefault(key, set()).add(p)
+            self._by_path[p] = key
+
+    def discard(self, path: bytes) -> None:
+        key = self._by_path.pop(path, None)
+        if key is None:
+            return
+        names = self._by_key[key]
+        names.discard(path)
+        if not names:
+            del self._by_key[key]
+
+    def discard_under(self, top: bytes) -> None:
+        """Forget ``top`` and everything below it (``b""``: everything)."""
+        if top == b"":
+            self._by_key.clear()
+            self._by_path.clear()
+            return
+        for p in [p for p in self._by_path if _under(p, top)]:
+            self.discard(p)
+
+    def rename(self, old: bytes, new: bytes) -> None:
+        """Follow ``rename(old, new)``: names at or below ``old`` move below ``new``; what was at ``new`` is gone."""
+        if old == new or old == b"":
+            return
+        moved = [(p, self._by_path[p]) for p in self._by_path if _under(p, old)]
+        self.discard_under(new)
+        for p, _ in moved:
+            self.discard(p)
+        for p, key in moved:
+            self.add(key, (new + p[len(old):],))
