@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ringbuf-mib", type=int, default=0, help="BPF ring buffer size (0: the backend default)")
+    ap.add_argument("--no-ops", action="store_true", help="capture no op (the cost of the attached programs alone)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    filt = CaptureFilter.make(roots=[os.path.abspath(d) for d in args.dirs], exclude_pids=[os.getpid()])
+    filt = CaptureFilter.make(roots=[os.path.abspath(d) for d in args.dirs], exclude_pids=[os.getpid()],
+                              ops=[] if args.no_ops else None)
     t_open = time.monotonic()
     src: Source
     if args.backend == "bpf" and args.ringbuf_mib:

@@ -187,12 +187,15 @@ class KwatchTrace(_Procs):
 class KwatchCount(_Procs):
     """``python -m bench.consumer``: the backend read in a loop and counted; capture cost without printing."""
 
-    def __init__(self, backend: str, ringbuf_mib: int = 0) -> None:
+    def __init__(self, backend: str, ringbuf_mib: int = 0, *, attached_only: bool = False) -> None:
         super().__init__()
         self.backend = backend
         self.ringbuf_mib = ringbuf_mib
-        self.name = f"kwatch-{backend}-count"
-        self.label = f"kwatch counting consumer ({backend})"
+        #: the floor of the tracepoint design: every program attached, every syscall dropped at entry (op mask 0)
+        self.attached_only = attached_only
+        self.name = f"kwatch-{backend}-attached" if attached_only else f"kwatch-{backend}-count"
+        self.label = (f"kwatch {backend} programs attached, nothing recorded" if attached_only
+                      else f"kwatch counting consumer ({backend})")
         self.scope = "tree"
 
     def unavailable(self) -> str | None:
@@ -208,6 +211,8 @@ class KwatchCount(_Procs):
                 "--out", str(self.out), str(ctx.watch)]
         if self.ringbuf_mib:
             argv[3:3] = ["--ringbuf-mib", str(self.ringbuf_mib)]
+        if self.attached_only:
+            argv[3:3] = ["--no-ops"]
         with self.err.open("wb") as err:
             c = ctx.runner.start(argv, stderr=err, cwd=REPO)
         self.children.append(c)
@@ -436,7 +441,7 @@ class Auditd(Observer):
 
 
 def all_observers(fanotify: bool = True) -> list[Observer]:
-    obs: list[Observer] = [Observer(), KwatchCount("bpf"), KwatchTrace("bpf")]
+    obs: list[Observer] = [Observer(), KwatchCount("bpf", attached_only=True), KwatchCount("bpf"), KwatchTrace("bpf")]
     if fanotify:
         obs += [KwatchCount("fanotify"), KwatchTrace("fanotify")]
     obs += [Inotifywait(), Fatrace(), Auditd(), Bpftrace()]
