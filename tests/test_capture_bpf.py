@@ -402,6 +402,31 @@ def test_exclude_pid_covers_descendants(source: object) -> None:
     assert base + b"/excl" not in paths
 
 
+def test_quiet_consumer_is_woken_by_the_first_record(source: object) -> None:
+    """After a quiet spell the consumer may sleep on the descriptor with no timeout: the next record must wake it."""
+    import select
+
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+    time.sleep(3 * source.wake_s)  # type: ignore[attr-defined]
+    assert source.poll_within() is None  # type: ignore[attr-defined]
+    ep = select.epoll()
+    ep.register(source.fileno(), select.EPOLLIN)  # type: ignore[attr-defined]
+    try:
+        t = subprocess.Popen(["sh", "-c", 'sleep 0.2; mkdir "$0/woken"', base])
+        t0 = time.monotonic()
+        ready = ep.poll(10)
+        waited = time.monotonic() - t0
+        t.wait(10)
+    finally:
+        ep.close()
+    assert ready, "the ring buffer never signalled the new record"
+    assert waited < 5
+    assert [e.path for e in source.read(0)] == [base + b"/woken"]  # type: ignore[attr-defined]
+    assert source.poll_within() is not None  # type: ignore[attr-defined]  # data seen: poll while it flows
+    os.rmdir(base + b"/woken")
+
+
 BURST_CHILD = """
 import os, sys
 d = sys.argv[1].encode()
