@@ -246,6 +246,59 @@ static long walk_step(__u32 i, void *c)
 #define WALK_TRUNC 0x40000
 
 /*
+ * The last two paths each thread resolved, so that the calls that follow an open on the same file (fchown, fchmod,
+ * futimens, close: tar makes five calls per file) or a run of calls in one directory copy a path instead of walking
+ * it. An entry holds while the dentry still has the same parent, name and inode (a freed dentry's memory reused
+ * for another file fails that), the rename generation is unchanged (kw_gen: bumped at the entry and the exit of
+ * every rename, so a path resolved while a rename runs is not kept) and so is the configuration (cfg_gen, roots).
+ * Mounts moved under a running kwatch are not noticed (mount(2) is not traced).
+ */
+#define PCACHE_PATH 256
+struct kw_pcache_ent {
+	__u64 dentry;
+	__u64 mnt;
+	__u64 parent;
+	__u64 hash_len;
+	__u64 ino;
+	__u64 gen;
+	__u32 cfg_gen;
+	__u32 res;   /* kw_walk's result for this path */
+	__u32 check; /* the check_roots it was resolved with */
+	__u32 _pad;
+	char path[PCACHE_PATH];
+};
+
+struct kw_pcache {
+	struct kw_pcache_ent e[2];
+	__u32 next;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct kw_pcache);
+} kw_pcache SEC(".maps");
+
+__u64 kw_gen = 0;
+
+static __always_inline void rename_gen_bump(void)
+{
+	__sync_fetch_and_add(&kw_gen, 1);
+}
+
+struct pcache_key {
+	__u64 dentry, mnt, parent, hash_len, ino, gen;
+	__u32 cfg_gen, check;
+};
+
+static __always_inline int pcache_match(struct kw_pcache_ent *e, struct pcache_key *k)
+{
+	return e->dentry == k->dentry && e->mnt == k->mnt && e->parent == k->parent && e->hash_len == k->hash_len &&
+	       e->ino == k->ino && e->gen == k->gen && e->cfg_gen == k->cfg_gen && e->check == k->check;
+}
+
+/*
  * Resolve (dentry, vfsmount) to an absolute path and copy it into s->data at off. A global function: the verifier
  * checks it once per program instead of once per call site (four in kw_exit), which keeps start-up fast.
  * Returns the length, ROOT_IN / ROOT_ANCESTOR << WALK_ROOTS_SHIFT (a watched directory is on the way up, or the
@@ -255,6 +308,32 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 {
 	if (!s)
 		return WALK_TRUNC;
+	struct kw_config *cfg = kw_config_get();
+	struct dentry *d = KPTR(struct dentry, dentry);
+	struct pcache_key k = {
+		.dentry = dentry,
+		.mnt = vfsmnt,
+		.parent = (__u64)d->d_parent,
+		.hash_len = d->d_name.hash_len,
+		.ino = d->d_inode->i_ino,
+		.gen = kw_gen,
+		.cfg_gen = cfg ? cfg->cfg_gen : 0,
+		.check = check_roots ? 1 : 0,
+	};
+	struct kw_pcache *pc = bpf_task_storage_get(&kw_pcache, bpf_get_current_task_btf(), 0,
+						    BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (pc) {
+		for (int i = 0; i < 2; i++) {
+			struct kw_pcache_ent *e = &pc->e[i];
+			if (pcache_match(e, &k)) {
+				__u32 n = e->res & WALK_MASK;
+				if (n >= PCACHE_PATH)
+					break;
+				bpf_probe_read_kernel(&s->data[off & DATA_MASK], n & (PCACHE_PATH - 1), e->path);
+				return e->res;
+			}
+		}
+	}
 	struct vfsmount *mnt = (struct vfsmount *)vfsmnt;
 	struct walk_ctx w = {};
 	w.dentry = dentry;
@@ -263,7 +342,7 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	w.s = s;
 	w.pos = WALK_BUF;
 	w.check_roots = check_roots ? 1 : 0;
-	w.cfg = kw_config_get();
+	w.cfg = cfg;
 	bpf_loop(WALK_MAX_STEPS, walk_step, &w, 0);
 	__u32 res = 0;
 	if (!w.done || w.trunc)
@@ -278,7 +357,22 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	}
 	__u32 len = (WALK_BUF - w.pos) & WALK_MASK;
 	bpf_probe_read_kernel(&s->data[off & DATA_MASK], len, &s->walk[w.pos & WALK_MASK]);
-	return res | len;
+	res |= len;
+	if (pc && !(res & WALK_TRUNC) && len < PCACHE_PATH && k.gen == kw_gen) {
+		struct kw_pcache_ent *e = &pc->e[pc->next & 1];
+		pc->next ^= 1;
+		e->dentry = k.dentry;
+		e->mnt = k.mnt;
+		e->parent = k.parent;
+		e->hash_len = k.hash_len;
+		e->ino = k.ino;
+		e->gen = k.gen;
+		e->cfg_gen = k.cfg_gen;
+		e->check = k.check;
+		e->res = res;
+		bpf_probe_read_kernel(e->path, len & (PCACHE_PATH - 1), &s->walk[w.pos & WALK_MASK]);
+	}
+	return res;
 }
 
 static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dentry, struct vfsmount *vfsmnt,
@@ -921,12 +1015,32 @@ EXIT(mkdir)
 ENTER(mkdirat) { return name_op(KW_MKDIR, ARG(0), ARG(1), 0, ARG(2)); }
 EXIT(mkdirat)
 
-ENTER(rename) { return two_name_op(KW_RENAME, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0); }
-EXIT(rename)
-ENTER(renameat) { return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), 0); }
-EXIT(renameat)
-ENTER(renameat2) { return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
-EXIT(renameat2)
+/* Renames change paths: the path cache (kw_pcache) is invalidated before and after each one. */
+#define EXIT_RENAME(sc)                                                                                            \
+	SEC("tp/syscalls/sys_exit_" #sc) int exit_##sc(struct trace_event_raw_sys_exit *ctx)                     \
+	{                                                                                                          \
+		rename_gen_bump();                                                                                 \
+		return to_exit_handler(ctx);                                                                       \
+	}
+
+ENTER(rename)
+{
+	rename_gen_bump();
+	return two_name_op(KW_RENAME, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0);
+}
+EXIT_RENAME(rename)
+ENTER(renameat)
+{
+	rename_gen_bump();
+	return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), 0);
+}
+EXIT_RENAME(renameat)
+ENTER(renameat2)
+{
+	rename_gen_bump();
+	return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4));
+}
+EXIT_RENAME(renameat2)
 ENTER(link) { return two_name_op(KW_LINK, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0); }
 EXIT(link)
 ENTER(linkat) { return two_name_op(KW_LINK, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }

@@ -79,7 +79,7 @@ struct kw_config {
 	 * each directory it passes with these and looks kw_roots up only on a match.
 	 */
 	__u32 n_root_inos;
-	__u32 _pad;
+	__u32 cfg_gen;     /* changed by every configuration write: paths cached in the kernel are resolved again */
 	__u64 root_ino[KW_MAX_ROOT_PATHS];
 };
 

@@ -272,6 +272,25 @@ CASES = [
         lambda d: [ev("MKDIR", d, "z")],
     ),
     Case(
+        # the kernel caches the last paths a thread resolved; a rename of the directory above an open file must show
+        "path_cache_sees_rename_of_parent_under_open_file",
+        "os.mkdir(d + b'/a'); fd = os.open(d + b'/a/f', W | C, 0o644); os.fchmod(fd, 0o600)\n"
+        "os.rename(d + b'/a', d + b'/b'); os.fchmod(fd, 0o640); os.close(fd)\n"
+        "os.rename(d + b'/b', d + b'/a'); os.unlink(d + b'/a/f'); fd = os.open(d + b'/a/f', W | C, 0o644)\n"
+        "os.fchmod(fd, 0o600); os.close(fd)",
+        lambda d: [ev("MKDIR", d, "a"), ev("CREATE", d, "a/f"), ev("CHMOD", d, "a/f"), ev("RENAME", d, "a", "b"),
+                   ev("CHMOD", d, "b/f"), ev("CLOSE_WRITE", d, "b/f"), ev("RENAME", d, "b", "a"),
+                   ev("UNLINK", d, "a/f"), ev("CREATE", d, "a/f"), ev("CHMOD", d, "a/f"), ev("CLOSE_WRITE", d, "a/f")],
+    ),
+    Case(
+        # a freed dentry's memory may come back for another name: the cache checks parent, name and inode
+        "path_cache_survives_dentry_reuse",
+        "for i in range(200):\n"
+        "    n = d + b'/x%d' % i; fd = os.open(n, W | C, 0o644); os.fchmod(fd, 0o600); os.close(fd); os.unlink(n)",
+        lambda d: [e for i in range(200) for e in (ev("CREATE", d, f"x{i}"), ev("CHMOD", d, f"x{i}"),
+                                                   ev("CLOSE_WRITE", d, f"x{i}"), ev("UNLINK", d, f"x{i}"))],
+    ),
+    Case(
         # the kernel scans names for ".." eight bytes at a time: put it at every offset across two word boundaries
         "dotdot_at_every_offset_from_outside",
         "os.makedirs(b'/tmp/kwatch-outside', exist_ok=True); os.chdir(b'/tmp/kwatch-outside')\n"
@@ -375,6 +394,31 @@ def test_events_outside_roots_are_not_delivered(source: object, tmp_path: Path) 
     paths = [e.path for e in drain(source)]
     assert paths == [base + b"/in", base + b"/in"]
     os.unlink(base + b"/in")
+
+
+def test_path_cache_follows_a_new_filter(tmp_path: Path) -> None:
+    """Paths the kernel cached while a directory was outside the watched roots count once it is inside."""
+    from kwatch.capture.bpf import BpfSource
+
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    with BpfSource(CaptureFilter.make(roots=[inside])) as src:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_PRELUDE + "fd = os.open(d + b'/f', W | C, 0o644); os.fchmod(fd, 0o600)\n"
+             "sys.stdin.readline(); os.fchmod(fd, 0o640); os.close(fd)", outside],
+            stdin=subprocess.PIPE,
+        )
+        try:
+            time.sleep(0.5)
+            assert [e for e in drain(src, 0.2) if e.op is not Op.LOSS] == []
+            src.set_filter(CaptureFilter.make(roots=[inside, outside]))
+            child.communicate(b"go\n", timeout=30)
+        finally:
+            child.kill()
+        got = [(e.op.name, e.path) for e in drain(src) if e.op is not Op.LOSS]
+    f = os.fsencode(outside / "f")
+    assert got == [("CHMOD", f), ("CLOSE_WRITE", f)]
 
 
 def test_self_is_excluded(source: object) -> None:

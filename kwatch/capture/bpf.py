@@ -173,6 +173,7 @@ class BpfSource:
             self._filter_excl: set[int] = set()  # the filter's exclude_pids now in the kernel map
             self._root_values: dict[bytes, bytes] = {}
             self._root_inos: list[int] = []
+            self._cfg_gen = 0  # bumped by each configuration write (the kernel's path cache checks it)
             self.set_filter(self.filter)
             for prog in progs:
                 if _attached_by_name(prog.section) and _tracepoint_of(prog.section) not in self.skipped:
@@ -224,7 +225,9 @@ class BpfSource:
         mask = 0
         for op in self.filter.ops:
             mask |= 1 << int(op)
+        self._cfg_gen = (self._cfg_gen + 1) & 0xFFFFFFFF
         cfg = KwConfig(
+            cfg_gen=self._cfg_gen,
             wake_us=int(self.wake_s * 1e6),
             wake_bytes=self._rb_bytes // 4,
             op_mask=mask,

@@ -54,7 +54,7 @@ class KwConfig(ctypes.Structure):
         ("wake_us", ctypes.c_uint32),
         ("wake_bytes", ctypes.c_uint32),
         ("n_root_inos", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("cfg_gen", ctypes.c_uint32),
         ("root_ino", ctypes.c_uint64 * MAX_ROOT_PATHS),
     ]
 
