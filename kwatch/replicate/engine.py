@@ -60,6 +60,8 @@ CHUNK = 1 << 20
 DELTA_MIN = 64 << 10  # below this a whole put is cheaper than a signature round trip
 DELTA_OPS_PER_FRAME = 4096
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
+FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up to this much data...
+FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
 
 
 @dataclass
@@ -261,7 +263,9 @@ class Replicator:
     def _connect(self) -> None:
         if self.target.kind == "rsync":
             raise LinkError("rsync:// targets are driven by RsyncReplicator")
-        caps = ap.CAPABILITIES if self.opts.compress else ap.CAPABILITIES - {"zstd"}
+        # a local pipe has no wire to save: compressing would only spend CPU on both ends
+        compress = self.opts.compress and self.target.kind != "local"
+        caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
         self.stats.connected = True
         if self.on_agent is not None:
@@ -468,10 +472,24 @@ class Replicator:
                 wholes.append(p)
         changed: list[bytes] = []
         total = len(wholes) + len(deltas)
+        # small files go many to a frame, except under a bandwidth limit (paced per file, see _put_whole)
+        many = _ManyFiles() if "putfiles" in link.conn.capabilities and not self.opts.bwlimit else None
         for p in wholes:
+            if many is not None and p.size <= SMALL_FILE and p.uid is None and p.gid is None:
+                got = self._read_small(p, rep)
+                if got is not None:
+                    pf, moved = got
+                    if pf is not None and many.add(pf):
+                        link.send(ap.PutFiles(many.take()))
+                    if moved:
+                        changed.append(p.path)
+                    self._report(rep, total)
+                    continue
             if self._put_whole(p, rep):
                 changed.append(p.path)
             self._report(rep, total)
+        if many is not None and many.files:
+            link.send(ap.PutFiles(many.take()))
         for p in deltas:
             sig = self._take_signature(sig_ids[p.path])
             if self._put_delta(p, sig, sig_ids[p.path], rep):
@@ -521,6 +539,32 @@ class Replicator:
             ahead = sent / self.opts.bwlimit - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
+
+    def _read_small(self, p: Put, rep: BatchReport) -> tuple[ap.PutFile | None, bool] | None:
+        """Read a small file for a PutFiles frame: (the file or None if it is gone, whether to send it again next
+        batch); None when it is no longer small (it grew since the plan), to be streamed by :meth:`_put_whole`.
+
+        As with a single PutFile, the file is sent as read and a change during the read (size, mtime or ctime
+        moved) sends it again next batch. One read of size + 1 bytes: a regular file's read is short only at EOF,
+        and growth shows in that extra byte or in the fstat after.
+        """
+        opened = self._open_source(p.path)
+        if opened is None:
+            return None, True  # gone or replaced since the plan: look again next batch (see _open_source)
+        fd, st = opened
+        try:
+            if st.st_size > SMALL_FILE:
+                return None
+            data = os.read(fd, st.st_size + 1)
+            if len(data) > st.st_size:
+                return None
+            moved = self._changed(fd, st)
+        finally:
+            os.close(fd)
+        rep.puts += 1
+        rep.literal += len(data)
+        pf = ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data, xxhash.xxh3_128_digest(data))
+        return pf, moved
 
     def _put_whole(self, p: Put, rep: BatchReport) -> bool:
         link = self.link
@@ -640,6 +684,25 @@ class Replicator:
             return False
         finally:
             os.close(fd)
+
+
+class _ManyFiles:
+    """Small files gathered into one PutFiles frame (up to FILES_FRAME_BYTES of data or FILES_PER_FRAME files)."""
+
+    def __init__(self) -> None:
+        self.files: list[ap.PutFile] = []
+        self.nbytes = 0
+
+    def add(self, f: ap.PutFile) -> bool:
+        """Add ``f``; True when the frame is full and should be sent."""
+        self.files.append(f)
+        self.nbytes += len(f.data)
+        return self.nbytes >= FILES_FRAME_BYTES or len(self.files) >= FILES_PER_FRAME
+
+    def take(self) -> tuple[ap.PutFile, ...]:
+        out = tuple(self.files)
+        self.files, self.nbytes = [], 0
+        return out
 
 
 def _read_upto(fd: int, limit: int) -> bytes:
