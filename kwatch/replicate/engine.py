@@ -62,6 +62,7 @@ DELTA_OPS_PER_FRAME = 4096
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
 FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up to this much data...
 FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
+SSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TargetOptions:
     excludes: tuple[bytes, ...] = ()
     settle: float = 0.05
     max_delay: float = 1.0
+    eager: float | None = 0.2  # an idle target takes a batch this long after its first event (see _due_in)
     bwlimit: int | None = None  # bytes per second of file data, None: unlimited
     compress: bool = True
     checksum: bool = False
@@ -119,7 +121,14 @@ class Target:
         # ssh hands the remote shell one string: every word we add is quoted, so a path is data, never code
         remote = [*shlex.split(opts.agent_command), "agent", "--root", os.fsdecode(self.path), "--fsync", opts.fsync]
         port = ["-p", str(self.port)] if self.port else []
-        return [*shlex.split(opts.ssh), *port, "-o", "BatchMode=yes", self.host, shlex.join(remote)]
+        ssh = shlex.split(opts.ssh)
+        if ssh and os.path.basename(ssh[0]) == "ssh" and "-c" not in ssh[1:]:
+            # OpenSSH's default order puts chacha20-poly1305 first; AES-GCM (AES-NI) cost about 30% less ssh CPU
+            # per byte here (180 MB through a loopback ssh: 0.51 -> 0.36 s on the client). Only ciphers OpenSSH
+            # enables by default, in our order; the server picks the first it accepts. A command-line -c overrides
+            # ssh_config's Ciphers: give -e its own -c to choose (then this is left out).
+            ssh[1:1] = ["-c", SSH_CIPHERS]
+        return [*ssh, *port, "-o", "BatchMode=yes", self.host, shlex.join(remote)]
 
 
 def _agent_entry(e: ap.Entry) -> Entry:
@@ -164,6 +173,7 @@ class Replicator:
         self._touched: set[bytes] = set()  # directories whose mtime this batch restores (see _touch_parent)
         self._torn: set[bytes] = set()  # puts of this batch ended with a spoiled digest (see _drop_torn)
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
+        self._first: float | None = None  # monotonic time of the first event folded in since the last take
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
         self.last_error: str | None = None
         #: called as progress(target, files_done, files_total, bytes_done) while a batch's files are sent
@@ -202,7 +212,7 @@ class Replicator:
                     backoff = 0.5
                 stopping = self._wait_and_fold(stopping)
                 now = time.monotonic()
-                due = self.coalescer.due_in(now)
+                due = self._due_in(now)
                 if due is None:
                     self.synced.set()
                     self._oldest = None
@@ -213,7 +223,10 @@ class Replicator:
                 if due > 0 and not stopping:
                     continue
                 batch = self.coalescer.take(now)
+                self._first = None
                 self.synced.clear()
+                if batch.empty() and not stopping:
+                    continue  # an early take that held back only files still open for writing
                 self._sync(batch)
                 if stopping and not self.coalescer.pending():
                     return
@@ -229,9 +242,24 @@ class Replicator:
                 backoff = min(backoff * 2, 30.0)
                 self.stats.reconnects += 1
 
+    def _due_in(self, now: float) -> float | None:
+        """Seconds until a batch should be taken (0: now), None when nothing is pending.
+
+        The coalescer's rule (``settle`` seconds of quiet, or ``max_delay`` after the first event), and one more:
+        ``eager`` seconds after the first event folded in since the last batch. The thread only gets here when the
+        target is idle (a batch is synchronous), so during a long burst the mirror works alongside the writer,
+        not ``max_delay`` behind it, while a busy target still gets batches as large as its backlog. A file still
+        open for writing stays behind in an early batch (the coalescer holds it until it is closed or has waited
+        ``max_delay``, as before), so eagerness sends no more partial files than ``max_delay`` does.
+        """
+        due = self.coalescer.due_in(now)
+        if due is None or self._first is None or self.opts.eager is None:
+            return due
+        return min(due, max(0.0, self._first + self.opts.eager - now))
+
     def _wait_and_fold(self, stopping: bool) -> bool:
-        """Wait for events (until the coalescer is due) and fold them in; True once a stop was requested."""
-        due = self.coalescer.due_in(time.monotonic())
+        """Wait for events (until a batch is due) and fold them in; True once a stop was requested."""
+        due = self._due_in(time.monotonic())
         timeout = 1.0 if due is None else due
         try:
             item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
@@ -244,6 +272,8 @@ class Replicator:
                 now = time.monotonic()
                 if self._oldest is None:
                     self._oldest = now
+                if self._first is None and item:
+                    self._first = now
                 for ev in item:
                     self.coalescer.add(ev, now)
             try:
