@@ -504,27 +504,36 @@ class Replicator:
         total = len(wholes) + len(deltas)
         # small files go many to a frame, except under a bandwidth limit (paced per file, see _put_whole)
         many = _ManyFiles() if "putfiles" in link.conn.capabilities and not self.opts.bwlimit else None
+
+        def small(p: Put) -> bool:
+            """Send ``p`` with other small files in a PutFiles frame; False when it must go another way."""
+            if many is None or p.size > SMALL_FILE or p.uid is not None or p.gid is not None:
+                return False
+            got = self._read_small(p, rep)
+            if got is None:
+                return False  # it grew past SMALL_FILE since the plan
+            pf, moved = got
+            if pf is not None and many.add(pf):
+                link.send(ap.PutFiles(many.take()))
+            if moved:
+                changed.append(p.path)
+            self._report(rep, total)
+            return True
+
         for p in wholes:
-            if many is not None and p.size <= SMALL_FILE and p.uid is None and p.gid is None:
-                got = self._read_small(p, rep)
-                if got is not None:
-                    pf, moved = got
-                    if pf is not None and many.add(pf):
-                        link.send(ap.PutFiles(many.take()))
-                    if moved:
-                        changed.append(p.path)
-                    self._report(rep, total)
-                    continue
-            if self._put_whole(p, rep):
+            if not small(p):
+                if self._put_whole(p, rep):
+                    changed.append(p.path)
+                self._report(rep, total)
+        for p in deltas:
+            sig = self._take_signature(sig_ids[p.path])
+            if sig.file_size == 0 and small(p):
+                continue  # nothing on the mirror to diff against (a new file): it goes with the small ones
+            if self._put_delta(p, sig, sig_ids[p.path], rep):
                 changed.append(p.path)
             self._report(rep, total)
         if many is not None and many.files:
             link.send(ap.PutFiles(many.take()))
-        for p in deltas:
-            sig = self._take_signature(sig_ids[p.path])
-            if self._put_delta(p, sig, sig_ids[p.path], rep):
-                changed.append(p.path)
-            self._report(rep, total)
         for s in plan.symlinks:
             link.send(ap.Symlink(s.path, s.target))
             link.send(ap.SetAttr(s.path, None, s.mtime_ns, s.uid, s.gid))

@@ -156,6 +156,19 @@ def have_openat2() -> bool:
     return _openat2_ok
 
 
+def _umask() -> int | None:
+    """This process's umask from /proc/self/status (Linux 4.7), or None: os.umask can only read it by setting
+    it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _syncfs(fd: int) -> None:
     if _libc.syncfs(ctypes.c_int(fd)) != 0:
         err = ctypes.get_errno()
@@ -227,6 +240,7 @@ class Receiver:
         except OSError as e:
             raise ReceiverError(b"", f"cannot open mirror root {display_path(root)}: {e.strerror}", e.errno) from e
         self._puts: set[PutHandle] = set()
+        self._umask = _umask()
 
     # -- lifecycle
 
@@ -509,9 +523,12 @@ class Receiver:
     ) -> bool:
         """One file of :meth:`put_files`; True when a directory in the way was removed."""
         tmp = temp_name(name)
+        # Created with its final mode when the umask leaves that mode alone (no fchmod then); setuid, setgid and
+        # sticky bits always go through fchmod. The temporary shows no more than the final file will.
+        exact = self._umask is not None and not mode & ~0o777 and not mode & self._umask
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode if exact else 0o600, dir_fd=dir_fd)
         except OSError as e:
             raise self._fail(path, "cannot create temporary file", e) from e
         removed = False
@@ -521,7 +538,8 @@ class Receiver:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                os.fchmod(fd, mode & 0o7777)
+                if not exact:
+                    os.fchmod(fd, mode & 0o7777)
                 if mtime_ns is not None:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
                 if self.fsync == "file":
