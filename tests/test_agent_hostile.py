@@ -26,6 +26,7 @@ from treecmp import snapshot
 from kwatch.protocols.agent import (
     CAPABILITIES,
     MAX_FRAME,
+    TYPE_CODES,
     Ack,
     Commit,
     Delete,
@@ -42,6 +43,7 @@ from kwatch.protocols.agent import (
     PutBegin,
     PutChunk,
     PutEnd,
+    PutFiles,
     Rename,
     Role,
     SetAttr,
@@ -73,6 +75,18 @@ def tamper(msg: Any, **subst: bytes) -> bytes:
 
 def put_frames(path: bytes, data: bytes = b"evil\n") -> bytes:
     return tamper(PutBegin(P, len(data), 0o644), P=path) + encode_frame(PutChunk(data)) + encode_frame(PutEnd(None))
+
+
+def _raw(code: int, *fields: Any) -> bytes:
+    data = msgpack.packb([code, *fields], use_bin_type=True)
+    return struct.pack(">I", len(data)) + data
+
+
+def put_files_frame(path: bytes, data: bytes = b"evil\n") -> bytes:
+    """A PutFiles frame of a harmless file then ``path`` (unchecked: built by hand, as a hostile sender would)."""
+    ok = b"dir/ok"
+    files = [[ok, 0o644, None, 2, None], [path, 0o644, None, len(data), None]]
+    return _raw(TYPE_CODES[PutFiles], files, b"ok" + data, None)
 
 
 @dataclass
@@ -150,6 +164,10 @@ PROTOCOL_CASES: list[tuple[str, bytes, str]] = [
      "more data than"),
     ("delta against an unrequested signature", tamper(DeltaBegin(P, 99, 4, 0o644), P=b"plain"), "signature"),
     ("commit seq going backwards", encode_frame(Commit(5)) + encode_frame(Commit(5)), "does not increase"),
+    ("put files ../../etc/passwd", put_files_frame(b"../../etc/passwd"), "'..' component"),
+    ("put files absolute /etc/passwd", put_files_frame(b"/etc/passwd"), "absolute path"),
+    ("put files sizes not matching the data", _raw(TYPE_CODES[PutFiles], [[b"f", 0o644, None, 1, None]], b"xy", None),
+     "add up to 1"),
 ]
 
 
@@ -203,10 +221,15 @@ SYMLINK_CASES: list[tuple[str, bytes, bytes]] = [
     ("chmod through a symlink", tamper(SetAttr(P, 0o777, 0), P=b"esc/secret"), b"esc/secret"),
     ("hardlink to a file behind a symlink", tamper(Hardlink(b"h", P), P=b"esc/secret"), b"h"),
     ("hardlink placed behind a symlink", tamper(Hardlink(P, b"plain"), P=b"esc/h"), b"esc/h"),
+    ("put files through a dir symlink", put_files_frame(b"esc/secret"), b"esc/secret"),
+    ("put files new file through a dir symlink", put_files_frame(b"esc/new"), b"esc/new"),
+    ("put files through a relative dir symlink", put_files_frame(b"esc-rel/secret"), b"esc-rel/secret"),
     # allowed, but applied to the link itself, never to what it points at
     ("chmod and utime of the symlink itself", tamper(SetAttr(P, 0o777, 0), P=b"esc"), b""),
     ("chmod of a file symlink itself", tamper(SetAttr(P, 0o666, 1), P=b"esc-file"), b""),
     ("put replacing a file symlink", put_frames(b"esc-file"), b""),
+    ("put files replacing a file symlink", put_files_frame(b"esc-file"), b""),
+    ("put files replacing a dir symlink", put_files_frame(b"esc"), b""),
     ("delete of the symlink itself", tamper(Delete(P, True), P=b"esc"), b""),
     ("hardlink of the symlink itself", tamper(Hardlink(b"h2", P), P=b"esc-file"), b""),
     ("rename of the symlink itself", tamper(Rename(P, b"dir/moved-link"), P=b"esc"), b""),
@@ -280,18 +303,15 @@ COMPONENTS = st.sampled_from([b"..", b".", b"", b"a", b"esc", b"esc-rel", b"esc-
                               b"canary", b"secret", b"...", b"plain"])
 PATHS = st.builds(lambda lead, parts: lead + b"/".join(parts), st.sampled_from([b"", b"/", b"//"]),
                   st.lists(COMPONENTS, min_size=1, max_size=6))
-OPS = st.sampled_from(["put", "mkdir", "symlink", "rename-to", "rename-from", "delete", "setattr", "hardlink-to",
+OPS = st.sampled_from(["put", "put-files", "mkdir", "symlink", "rename-to", "rename-from", "delete", "setattr", "hardlink-to",
                        "hardlink-at", "sig", "manifest"])
-
-
-def _raw(code: int, *fields: Any) -> bytes:
-    data = msgpack.packb([code, *fields], use_bin_type=True)
-    return struct.pack(">I", len(data)) + data
 
 
 def hostile_frames(op: str, path: bytes, rid: int = 1) -> bytes:
     if op == "put":
         return put_frames(path) if path else b""
+    if op == "put-files":
+        return put_files_frame(path) if path else b""
     return {
         "mkdir": lambda: tamper(Mkdir(P, 0o777), P=path),
         "symlink": lambda: tamper(Symlink(P, b"/etc"), P=path),

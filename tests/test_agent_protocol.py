@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwatch.protocols.agent import (
+    MAX_FILES_PER_FRAME,
     MAX_FRAME,
     NEED_DATA,
     TYPE_CODES,
@@ -40,6 +41,7 @@ from kwatch.protocols.agent import (
     PutChunk,
     PutEnd,
     PutFile,
+    PutFiles,
     Rename,
     Role,
     SetAttr,
@@ -101,6 +103,9 @@ CONVERSATION: list[tuple[str, Message]] = [
     ("s", PutEnd(DIGEST)),
     ("s", PutFile(b"small \n\xff", 0o640, 1_700_000_000_123_456_789, b"q" * 3000, DIGEST)),
     ("s", PutFile(b"empty", 0o600, None, b"", None)),
+    ("s", PutFiles((PutFile(b"d/a\xff", 0o644, 5, b"a" * 3000, DIGEST), PutFile(b"d/empty", 0o600, None, b""),
+                    PutFile(b"b", 0o755, -7, bytes(range(256)) * 4, None)))),
+    ("s", PutFiles(())),
     ("s", SigRequest(7, b"d/f\xff", None)),
     ("r", Signature(7, 4, 10, 99, b"\1\2\3\4" * 2, b"s" * 32, False)),
     ("r", Signature(7, 4, 10, 99, b"\5\6\7\x08", b"t" * 16, True)),
@@ -230,6 +235,18 @@ HOSTILE: list[tuple[str, bytes, str]] = [
         "more",
     ),
     ("deep nesting", struct.pack(">I", 2000) + b"\x91" * 2000, "not valid msgpack"),
+    ("files sizes short of the data", frame(TYPE_CODES[PutFiles], [[b"a", 0o644, None, 2, None]], b"abc", None),
+     "add up to 2"),
+    ("files size beyond the data", frame(TYPE_CODES[PutFiles], [[b"a", 0o644, None, 4, None]], b"abc", None),
+     "outside"),
+    ("files path escapes", frame(TYPE_CODES[PutFiles], [[b"ok", 0o644, None, 1, None],
+                                                        [b"../x", 0o644, None, 1, None]], b"ab", None),
+     "'..' component"),
+    ("files entry too short", frame(TYPE_CODES[PutFiles], [[b"a", 0o644, None, 1]], b"a", None), "5 fields"),
+    ("files too many", frame(TYPE_CODES[PutFiles], [[b"a", 0o644, None, 0, None]] * (MAX_FILES_PER_FRAME + 1),
+                             b"", None), "at most"),
+    ("files digest wrong length", frame(TYPE_CODES[PutFiles], [[b"a", 0o644, None, 1, b"x"]], b"a", None),
+     "16 bytes"),
 ]
 
 
@@ -468,6 +485,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(PutChunk, st.binary(max_size=3000)),
     st.builds(PutEnd, digests),
     st.builds(PutFile, relpaths, modes, st.none() | i64, st.binary(max_size=3000), digests),
+    st.builds(lambda fs: PutFiles(tuple(fs)),
+              st.lists(st.builds(PutFile, relpaths, modes, st.none() | i64, st.binary(max_size=300), digests),
+                       max_size=4)),
     st.builds(SigRequest, u63, relpaths, st.none() | st.integers(1, 1 << 24)),
     st.builds(
         lambda i, bs, fs, seed, n, done: Signature(i, bs, fs, seed, b"w" * 4 * n, b"s" * 16 * n, done),

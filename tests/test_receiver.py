@@ -201,6 +201,48 @@ def test_put_refuses_directory_in_the_way(env: Env) -> None:
     assert _files(env.root) == [b"d"]
 
 
+def test_put_files(env: Env) -> None:
+    os.mkdir(env.root + b"/d")
+    os.mkdir(env.root + b"/d/e")
+    env.rx.put(b"d/old", [b"old"])
+    os.mkdir(env.root + b"/in-the-way")
+    files = [
+        (b"top", 0o600, MT, b"t"),
+        (b"d/a", 0o640, MT + 1, b"a" * 5000),
+        (b"d/e/b", 0o755, None, b""),
+        (b"missing-dir/x", 0o644, MT, b"x"),  # fails alone: the others still land
+        (b"d/old", 0o644, MT, b"new"),  # replaces
+        (b"in-the-way", 0o644, MT, b"file"),  # a directory there: refused without replace_dirs
+        (b"d/c", 0o4755, MT, b"c"),  # special bits: always set by fchmod
+        (b"d/w", 0o666, MT, b"w"),  # bits a usual umask (022) removes: set by fchmod
+        (b"d/n", 0o000, MT, b"n"),  # no permission at all: still written
+    ]
+    errors = env.rx.put_files(files)
+    assert [(e.path, e.errno) for e in errors] == [(b"missing-dir/x", errno.ENOENT), (b"in-the-way", errno.EISDIR)]
+    for path, mode, mtime, data in files:
+        if path in (b"missing-dir/x", b"in-the-way"):
+            continue
+        st_ = os.lstat(env.root + b"/" + path)
+        assert stat.S_IMODE(st_.st_mode) == mode and Path(os.fsdecode(env.root + b"/" + path)).read_bytes() == data, path
+        assert mtime is None or st_.st_mtime_ns == mtime
+    assert os.path.isdir(env.root + b"/in-the-way")
+    assert env.rx.put_files([(b"in-the-way", 0o644, MT, b"file"), (b"d/e/b", 0o644, MT, b"b2")],
+                            replace_dirs=True) == []
+    assert Path(os.fsdecode(env.root + b"/in-the-way")).read_bytes() == b"file"
+    assert Path(os.fsdecode(env.root + b"/d/e/b")).read_bytes() == b"b2"
+    assert env.rx.cleanup_temps() == []
+
+
+def test_put_files_after_replacing_a_parent_directory(env: Env) -> None:
+    """A directory removed for a file in the same call is not used again through a cached descriptor."""
+    os.mkdir(env.root + b"/p")
+    errors = env.rx.put_files([(b"p/x", 0o644, MT, b"1"), (b"p", 0o644, MT, b"now a file"),
+                               (b"p/y", 0o644, MT, b"2")], replace_dirs=True)
+    assert [(e.path, e.errno) for e in errors] == [(b"p/y", errno.ENOTDIR)]
+    assert Path(os.fsdecode(env.root + b"/p")).read_bytes() == b"now a file"
+    assert env.rx.cleanup_temps() == []
+
+
 def _delta_ops(old: bytes, new: bytes) -> tuple[int, list[Any], bytes]:
     sig = delta_mod.signature(old)
     stream = delta_mod.delta(sig, new)
@@ -580,6 +622,19 @@ def _put(path: bytes) -> Callable[[Receiver], object]:
     return lambda rx: rx.put(path, [b"pwned"])
 
 
+def _put_files(path: bytes) -> Callable[[Receiver], object]:
+    """put_files of ``path`` after a harmless file in the same directory (so a resolved parent is cached)."""
+
+    def run(rx: Receiver) -> None:
+        parent = path.rpartition(b"/")[0]
+        first = [(parent + b"/ok", 0o644, None, b"ok")] if parent and not parent.startswith(b"/") else []
+        errors = rx.put_files([*first, (path, 0o777, None, b"pwned")], replace_dirs=True)
+        if errors:
+            raise errors[-1]
+
+    return run
+
+
 HOSTILE = [
     Hostile("put ../../etc/passwd", _put(b"../../etc/passwd"), "'..'"),
     Hostile("put /etc/passwd", _put(b"/etc/passwd"), "absolute"),
@@ -602,6 +657,11 @@ HOSTILE = [
     Hostile("delta basis is a symlink", lambda rx: rx.apply_delta(b"esc-file", [], lambda b, o, out: None),
             "basis is a symlink"),
     Hostile("put through a file used as a dir", _put(b"a/f/x"), "not a directory"),
+    Hostile("put_files ../../etc/passwd", _put_files(b"../../etc/passwd"), "'..'"),
+    Hostile("put_files /etc/passwd", _put_files(b"/etc/passwd"), "absolute"),
+    Hostile("put_files through symlinked dir", _put_files(b"esc/file"), "esc is a symlink"),
+    Hostile("put_files through symlink deeper", _put_files(b"a/esc2/dir/inner"), "a/esc2 is a symlink"),
+    Hostile("put_files through a file used as a dir", _put_files(b"a/f/x"), "not a directory"),
 ]
 
 
@@ -630,6 +690,8 @@ def test_hostile_path_refused(env: Env, case: Hostile) -> None:
 SAFE_ON_LINKS = [
     Hostile("delete a symlink to outside removes the link only", lambda rx: rx.delete(b"esc"), ""),
     Hostile("put over a symlink replaces the link", _put(b"esc-file"), ""),
+    Hostile("put_files over a symlink replaces the link", _put_files(b"esc-file"), ""),
+    Hostile("put_files over a dir symlink replaces the link", _put_files(b"a/esc2"), ""),
     Hostile("rename a symlink moves the link", lambda rx: rx.rename(b"esc", b"a/moved"), ""),
     Hostile("setattr of a symlink touches the link", lambda rx: rx.setattr(b"esc-file", mode=0o600, mtime_ns=MT), ""),
     Hostile("hardlink to a symlink links the link", lambda rx: rx.hardlink(b"h", b"esc-file"), ""),
@@ -652,7 +714,8 @@ paths = st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=4).map(b"/".j
     st.sampled_from(COMPONENTS), min_size=1, max_size=3
 ).map(lambda parts: b"/" + b"/".join(parts))
 OPS = st.lists(
-    st.tuples(st.sampled_from(["put", "mkdir", "delete", "rename", "symlink", "hardlink", "setattr", "delta"]),
+    st.tuples(st.sampled_from(["put", "mkdir", "delete", "rename", "symlink", "hardlink", "setattr", "delta",
+                               "put_files"]),
               paths, paths),
     min_size=1,
     max_size=6,
@@ -674,6 +737,9 @@ def _run_op(rx: Receiver, op: str, p: bytes, q: bytes) -> None:
         rx.hardlink(p, q)
     elif op == "setattr":
         rx.setattr(p, mode=0o777, mtime_ns=MT)
+    elif op == "put_files":
+        rx.put_files([(p, 0o777, MT, b"pwned"), (q, 0o777, None, b"pwned"), (p + b"/x", 0o777, MT, b"pwned")],
+                     replace_dirs=True)
     else:
         rx.apply_delta(p, [], lambda b, o, out: out.write(b"pwned"))
 
@@ -730,6 +796,11 @@ def test_full_disk_put_leaves_nothing(tiny_fs: bytes, use_openat2: bool) -> None
         assert _files(tiny_fs) == [b"keep"] and Path(os.fsdecode(tiny_fs + b"/keep")).read_bytes() == b"old content"
         rx.put(b"small", [b"fits"])  # the space was given back
         assert sorted(_files(tiny_fs)) == [b"keep", b"small"]
+        errors = rx.put_files([(b"keep", 0o644, None, chunk * 32), (b"many", 0o644, None, b"fits too")])
+        assert [(e.path, e.errno) for e in errors] == [(b"keep", errno.ENOSPC)]
+        assert "nothing was put" in str(errors[0])
+        assert sorted(_files(tiny_fs)) == [b"keep", b"many", b"small"]
+        assert Path(os.fsdecode(tiny_fs + b"/keep")).read_bytes() == b"old content"
 
 
 def test_full_disk_delta_leaves_old_file(tiny_fs: bytes) -> None:

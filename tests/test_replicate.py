@@ -425,3 +425,56 @@ def test_rename_into_a_directory_made_in_the_same_batch_moves(tmp_path: Path) ->
         assert_trees_equal(src, mirror)
     finally:
         rep.stop()
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_eager_batches_reach_the_mirror_while_changes_keep_coming(tmp_path: Path) -> None:
+    """With ``eager``, an idle target gets what changed during a burst that never settles, long before
+    ``max_delay``; a file still open for writing waits for its close."""
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    opts = TargetOptions(settle=30.0, max_delay=60.0, eager=0.2)  # only eagerness can send within the test
+    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), opts)
+    stop = threading.Event()
+
+    def burst() -> None:  # a change every 20 ms, so the burst never settles
+        i = 0
+        while not stop.is_set():
+            p = src / f"busy-{i % 5}"
+            p.write_bytes(b"x" * i)
+            rep.feed([FileEvent(Op.CREATE, b(p)), FileEvent(Op.CLOSE_WRITE, b(p))])
+            i += 1
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=burst)
+    try:
+        rep.start()
+        assert rep.synced.wait(30), "the initial reconcile did not finish"
+        (src / "open.txt").write_bytes(b"first half")
+        rep.feed([FileEvent(Op.CREATE, b(src / "open.txt"))])  # opened for writing, not closed yet
+        (src / "done.txt").write_bytes(b"complete")
+        rep.feed([FileEvent(Op.CREATE, b(src / "done.txt")), FileEvent(Op.CLOSE_WRITE, b(src / "done.txt"))])
+        writer.start()
+        assert _wait(lambda: (mirror / "done.txt").exists(), 10.0), "no batch while the burst goes on"
+        assert (mirror / "done.txt").read_bytes() == b"complete"
+        assert _wait(lambda: (mirror / "busy-0").exists(), 10.0)
+        time.sleep(0.5)  # several more eager batches
+        assert not (mirror / "open.txt").exists(), "a file still open for writing was sent before its close"
+        (src / "open.txt").write_bytes(b"first half, second half")
+        rep.feed([FileEvent(Op.CLOSE_WRITE, b(src / "open.txt"))])
+        assert _wait(lambda: (mirror / "open.txt").exists(), 10.0), "the closed file did not follow"
+        assert (mirror / "open.txt").read_bytes() == b"first half, second half"
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        rep.stop()

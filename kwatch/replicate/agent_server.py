@@ -26,6 +26,7 @@ import xxhash
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
 from kwatch.replicate.delta import signature
+from kwatch.replicate.link import grow_pipe
 from kwatch.replicate.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.replicate.scan import Kind, scan
 
@@ -108,6 +109,8 @@ class AgentServer:
             self._signature(m)
         elif isinstance(m, ap.PutFile):
             self._put_file(m)
+        elif isinstance(m, ap.PutFiles):
+            self._put_files(m)
         elif isinstance(m, ap.PutBegin):
             self._begin(m.relpath, m.mode, None)
         elif isinstance(m, ap.DeltaBegin):
@@ -247,6 +250,18 @@ class AgentServer:
 
         self._forced(m.relpath, put, want_dir=False)
 
+    def _put_files(self, m: ap.PutFiles) -> None:
+        good: list[tuple[bytes, int, int | None, bytes]] = []
+        for f in m.files:
+            if f.digest is not None and xxhash.xxh3_128_digest(f.data) != f.digest:
+                self.errors.append(ap.PathError(f.relpath, "digest-mismatch",
+                                                "content does not match the sender's digest; nothing was put"))
+            else:
+                good.append((f.relpath, f.mode, f.mtime_ns, f.data))
+        # the source has a file at each of these paths: a directory in the way goes (as _forced does for PutFile)
+        for e in self.receiver.put_files(good, replace_dirs=True):
+            self._fail(e.path, e)
+
     def _begin(self, path: bytes, mode: int, sig_id: int | None) -> None:
         self._abort_put()
         put = _Put(path, None, xxhash.xxh3_128())
@@ -352,6 +367,8 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO, *, fsync: str = "none", pre
     receiver = Receiver(root, fsync=fsync, preserve_owner=preserve_owner)  # type: ignore[arg-type]
     server = AgentServer(receiver)
     rfd, wfd = inp.fileno(), out.fileno()
+    for fd in (rfd, wfd):  # a local pipe, or sshd's pipes to us: fewer wake-ups with more room (see grow_pipe)
+        grow_pipe(fd)
     try:
         _write_all(wfd, server.start())
         while not server.closed:

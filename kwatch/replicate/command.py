@@ -23,6 +23,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     r.add_argument("--settle", type=float, default=0.05, help="seconds of quiet before a batch is sent")
     r.add_argument("--max-delay", type=float, default=1.0, help="seconds a change may wait at most")
+    r.add_argument("--eager", type=float, default=0.2,
+                   help="seconds after a change before an idle target gets it, even while changes keep coming "
+                        "(files still open for writing wait for their close or --max-delay); 0 disables")
     r.add_argument("--bwlimit", type=int, help="KiB/s of file data per target")
     r.add_argument("--checksum", action="store_true", help="compare content hashes, not size+mtime, when reconciling")
     r.add_argument("--no-compress", action="store_true")
@@ -80,7 +83,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         raise SystemExit(f"kwatch replicate: {args.source} is not a directory")
     opts = TargetOptions(
         delete=not args.no_delete, excludes=tuple(os.fsencode(x) for x in args.exclude), settle=args.settle,
-        max_delay=args.max_delay, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,
+        max_delay=args.max_delay, eager=args.eager or None, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,
         compress=not args.no_compress, checksum=args.checksum, owner=args.owner, fsync=args.fsync, ssh=args.ssh,
         agent_command=args.agent_command, password_file=args.password_file,
     )

@@ -64,6 +64,9 @@ CHUNK = 1 << 20
 DELTA_MIN = 64 << 10  # below this a whole put is cheaper than a signature round trip
 DELTA_OPS_PER_FRAME = 4096
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
+FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up to this much data...
+FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
+SSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
 
 
 @dataclass
@@ -72,6 +75,7 @@ class TargetOptions:
     excludes: tuple[bytes, ...] = ()
     settle: float = 0.05
     max_delay: float = 1.0
+    eager: float | None = 0.2  # an idle target takes a batch this long after its first event (see _due_in)
     bwlimit: int | None = None  # bytes per second of file data, None: unlimited
     compress: bool = True
     checksum: bool = False
@@ -121,7 +125,14 @@ class Target:
         # ssh hands the remote shell one string: every word we add is quoted, so a path is data, never code
         remote = [*shlex.split(opts.agent_command), "agent", "--root", os.fsdecode(self.path), "--fsync", opts.fsync]
         port = ["-p", str(self.port)] if self.port else []
-        return [*shlex.split(opts.ssh), *port, "-o", "BatchMode=yes", self.host, shlex.join(remote)]
+        ssh = shlex.split(opts.ssh)
+        if ssh and os.path.basename(ssh[0]) == "ssh" and "-c" not in ssh[1:]:
+            # OpenSSH's default order puts chacha20-poly1305 first; AES-GCM (AES-NI) cost about 30% less ssh CPU
+            # per byte here (180 MB through a loopback ssh: 0.51 -> 0.36 s on the client). Only ciphers OpenSSH
+            # enables by default, in our order; the server picks the first it accepts. A command-line -c overrides
+            # ssh_config's Ciphers: give -e its own -c to choose (then this is left out).
+            ssh[1:1] = ["-c", SSH_CIPHERS]
+        return [*ssh, *port, "-o", "BatchMode=yes", self.host, shlex.join(remote)]
 
 
 def _agent_entry(e: ap.Entry) -> Entry:
@@ -179,6 +190,7 @@ class Replicator:
         self._link_sets: dict[Key, set[bytes]] = {}  # this batch's link groups, recorded in ``links`` after the ack
         self._link_leaders: dict[bytes, bytes] = {}  # this batch's hard links: path -> the name it links to
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
+        self._first: float | None = None  # monotonic time of the first event folded in since the last take
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
         self.last_error: str | None = None
         #: called as progress(target, files_done, files_total, bytes_done) while a batch's files are sent
@@ -217,7 +229,7 @@ class Replicator:
                     backoff = 0.5
                 stopping = self._wait_and_fold(stopping)
                 now = time.monotonic()
-                due = self.coalescer.due_in(now)
+                due = self._due_in(now)
                 if due is None:
                     self.synced.set()
                     self._oldest = None
@@ -228,7 +240,10 @@ class Replicator:
                 if due > 0 and not stopping:
                     continue
                 batch = self.coalescer.take(now)
+                self._first = None
                 self.synced.clear()
+                if batch.empty() and not stopping:
+                    continue  # an early take that held back only files still open for writing
                 self._sync(batch)
                 if stopping and not self.coalescer.pending():
                     return
@@ -244,9 +259,24 @@ class Replicator:
                 backoff = min(backoff * 2, 30.0)
                 self.stats.reconnects += 1
 
+    def _due_in(self, now: float) -> float | None:
+        """Seconds until a batch should be taken (0: now), None when nothing is pending.
+
+        The coalescer's rule (``settle`` seconds of quiet, or ``max_delay`` after the first event), and one more:
+        ``eager`` seconds after the first event folded in since the last batch. The thread only gets here when the
+        target is idle (a batch is synchronous), so during a long burst the mirror works alongside the writer,
+        not ``max_delay`` behind it, while a busy target still gets batches as large as its backlog. A file still
+        open for writing stays behind in an early batch (the coalescer holds it until it is closed or has waited
+        ``max_delay``, as before), so eagerness sends no more partial files than ``max_delay`` does.
+        """
+        due = self.coalescer.due_in(now)
+        if due is None or self._first is None or self.opts.eager is None:
+            return due
+        return min(due, max(0.0, self._first + self.opts.eager - now))
+
     def _wait_and_fold(self, stopping: bool) -> bool:
-        """Wait for events (until the coalescer is due) and fold them in; True once a stop was requested."""
-        due = self.coalescer.due_in(time.monotonic())
+        """Wait for events (until a batch is due) and fold them in; True once a stop was requested."""
+        due = self._due_in(time.monotonic())
         timeout = 1.0 if due is None else due
         try:
             item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
@@ -259,6 +289,8 @@ class Replicator:
                 now = time.monotonic()
                 if self._oldest is None:
                     self._oldest = now
+                if self._first is None and item:
+                    self._first = now
                 for ev in item:
                     self.coalescer.add(ev, now)
             try:
@@ -278,7 +310,9 @@ class Replicator:
     def _connect(self) -> None:
         if self.target.kind == "rsync":
             raise LinkError("rsync:// targets are driven by RsyncReplicator")
-        caps = ap.CAPABILITIES if self.opts.compress else ap.CAPABILITIES - {"zstd"}
+        # a local pipe has no wire to save: compressing would only spend CPU on both ends
+        compress = self.opts.compress and self.target.kind != "local"
+        caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
         self.stats.connected = True
         if self.on_agent is not None:
@@ -581,15 +615,38 @@ class Replicator:
                 wholes.append(p)
         changed: list[bytes] = []
         total = len(wholes) + len(deltas)
-        for p in wholes:
-            if self._put_whole(p, rep):
+        # small files go many to a frame, except under a bandwidth limit (paced per file, see _put_whole)
+        many = _ManyFiles() if "putfiles" in link.conn.capabilities and not self.opts.bwlimit else None
+
+        def small(p: Put) -> bool:
+            """Send ``p`` with other small files in a PutFiles frame; False when it must go another way."""
+            if many is None or p.size > SMALL_FILE or p.uid is not None or p.gid is not None:
+                return False
+            got = self._read_small(p, rep)
+            if got is None:
+                return False  # it grew past SMALL_FILE since the plan
+            pf, moved = got
+            if pf is not None and many.add(pf):
+                link.send(ap.PutFiles(many.take()))
+            if moved:
                 changed.append(p.path)
             self._report(rep, total)
+            return True
+
+        for p in wholes:
+            if not small(p):
+                if self._put_whole(p, rep):
+                    changed.append(p.path)
+                self._report(rep, total)
         for p in deltas:
             sig = self._take_signature(sig_ids[p.path])
+            if sig.file_size == 0 and small(p):
+                continue  # nothing on the mirror to diff against (a new file): it goes with the small ones
             if self._put_delta(p, sig, sig_ids[p.path], rep):
                 changed.append(p.path)
             self._report(rep, total)
+        if many is not None and many.files:
+            link.send(ap.PutFiles(many.take()))
         for s in plan.symlinks:
             link.send(ap.Symlink(s.path, s.target))
             link.send(ap.SetAttr(s.path, None, s.mtime_ns, s.uid, s.gid))
@@ -640,6 +697,32 @@ class Replicator:
             ahead = sent / self.opts.bwlimit - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
+
+    def _read_small(self, p: Put, rep: BatchReport) -> tuple[ap.PutFile | None, bool] | None:
+        """Read a small file for a PutFiles frame: (the file or None if it is gone, whether to send it again next
+        batch); None when it is no longer small (it grew since the plan), to be streamed by :meth:`_put_whole`.
+
+        As with a single PutFile, the file is sent as read and a change during the read (size, mtime or ctime
+        moved) sends it again next batch. One read of size + 1 bytes: a regular file's read is short only at EOF,
+        and growth shows in that extra byte or in the fstat after.
+        """
+        opened = self._open_source(p.path)
+        if opened is None:
+            return None, True  # gone or replaced since the plan: look again next batch (see _open_source)
+        fd, st = opened
+        try:
+            if st.st_size > SMALL_FILE:
+                return None
+            data = os.read(fd, st.st_size + 1)
+            if len(data) > st.st_size:
+                return None
+            moved = self._changed(fd, st)
+        finally:
+            os.close(fd)
+        rep.puts += 1
+        rep.literal += len(data)
+        pf = ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data, xxhash.xxh3_128_digest(data))
+        return pf, moved
 
     def _put_whole(self, p: Put, rep: BatchReport) -> bool:
         link = self.link
@@ -760,6 +843,25 @@ class Replicator:
             return False
         finally:
             os.close(fd)
+
+
+class _ManyFiles:
+    """Small files gathered into one PutFiles frame (up to FILES_FRAME_BYTES of data or FILES_PER_FRAME files)."""
+
+    def __init__(self) -> None:
+        self.files: list[ap.PutFile] = []
+        self.nbytes = 0
+
+    def add(self, f: ap.PutFile) -> bool:
+        """Add ``f``; True when the frame is full and should be sent."""
+        self.files.append(f)
+        self.nbytes += len(f.data)
+        return self.nbytes >= FILES_FRAME_BYTES or len(self.files) >= FILES_PER_FRAME
+
+    def take(self) -> tuple[ap.PutFile, ...]:
+        out = tuple(self.files)
+        self.files, self.nbytes = [], 0
+        return out
 
 
 def _read_upto(fd: int, limit: int) -> bytes:

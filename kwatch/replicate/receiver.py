@@ -156,6 +156,19 @@ def have_openat2() -> bool:
     return _openat2_ok
 
 
+def _umask() -> int | None:
+    """This process's umask from /proc/self/status (Linux 4.7), or None: os.umask can only read it by setting
+    it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _syncfs(fd: int) -> None:
     if _libc.syncfs(ctypes.c_int(fd)) != 0:
         err = ctypes.get_errno()
@@ -227,6 +240,7 @@ class Receiver:
         except OSError as e:
             raise ReceiverError(b"", f"cannot open mirror root {display_path(root)}: {e.strerror}", e.errno) from e
         self._puts: set[PutHandle] = set()
+        self._umask = _umask()
 
     # -- lifecycle
 
@@ -466,6 +480,89 @@ class Receiver:
             raise
         self.put_end(h)
         return h.written
+
+    def put_files(
+        self, files: Iterable[tuple[bytes, int, int | None, bytes]], *, replace_dirs: bool = False
+    ) -> list[ReceiverError]:
+        """Put many small whole files, each ``(path, mode, mtime_ns, data)``; returns the per-path failures.
+
+        The same guarantees as :meth:`put` (a temporary in the target directory, mode and mtime set on it, then
+        renamed over the final name), with less work per file: each parent directory is resolved (openat2, same
+        confinement) once for all the files in it rather than once per file, and the final name is not looked at
+        first: a directory in the way makes the rename fail (EISDIR) and, with ``replace_dirs``, is removed and the
+        rename retried (without it, that file fails as :meth:`put_begin` would).
+        """
+        errors: list[ReceiverError] = []
+        dirs: dict[bytes, int] = {}  # parent path -> O_PATH fd, for this call only
+        try:
+            for path, mode, mtime_ns, data in files:
+                try:
+                    parts = validate_path(path)
+                    parent = path[: -len(parts[-1]) - 1] if len(parts) > 1 else b""
+                    dfd = dirs.get(parent)
+                    if dfd is None:
+                        dfd = dirs[parent] = self._open_dir(path, parts[:-1])
+                    if self._put_small(path, dfd, parts[-1], mode, mtime_ns, data, replace_dirs):
+                        # a directory was removed: a cached fd may now be a deleted directory; resolve afresh
+                        for fd in dirs.values():
+                            os.close(fd)
+                        dirs.clear()
+                except ReceiverError as e:
+                    errors.append(e)
+                    for fd in dirs.values():  # rare: start afresh rather than reason about what the failure moved
+                        os.close(fd)
+                    dirs.clear()
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
+        return errors
+
+    def _put_small(
+        self, path: bytes, dir_fd: int, name: bytes, mode: int, mtime_ns: int | None, data: bytes,
+        replace_dirs: bool,
+    ) -> bool:
+        """One file of :meth:`put_files`; True when a directory in the way was removed."""
+        tmp = temp_name(name)
+        # Created with its final mode when the umask leaves that mode alone (no fchmod then); setuid, setgid and
+        # sticky bits always go through fchmod. The temporary shows no more than the final file will.
+        exact = self._umask is not None and not mode & ~0o777 and not mode & self._umask
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode if exact else 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            raise self._fail(path, "cannot create temporary file", e) from e
+        removed = False
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if not exact:
+                    os.fchmod(fd, mode & 0o7777)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                if self.fsync == "file":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)  # close can report a delayed write error (NFS, ENOSPC on some filesystems)
+            try:
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except IsADirectoryError:
+                if not replace_dirs:
+                    raise ReceiverError(path, "cannot write a file: a directory is in the way; delete it first",
+                                        errno_mod.EISDIR) from None
+                _rmtree_at(dir_fd, name)
+                removed = True
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self._sync_dir(dir_fd)
+        except OSError as e:
+            _unlink_quiet(dir_fd, tmp)
+            raise self._fail(path, "cannot put the file; nothing was put", e) from e
+        except BaseException:
+            _unlink_quiet(dir_fd, tmp)
+            raise
+        return removed
 
     def apply_delta(
         self,
