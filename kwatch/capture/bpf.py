@@ -41,6 +41,8 @@ DEFAULT_RINGBUF = 64 << 20
 #: Ring buffer wake-ups: at most one per WAKE_S while events flow (the consumer polls every WAKE_S meanwhile),
 #: immediate after a quiet spell; and always once a quarter of the buffer is waiting.
 WAKE_S = 0.01
+#: While records flow, the kernel's loss counters are read at most this often (and on every read that finds none).
+LOSS_CHECK_S = 0.02
 
 #: The ops the kernel program produces (the others come from other backends).
 BPF_OPS = frozenset(Op) - {Op.LOSS, Op.MODIFY, Op.ATTRIB}
@@ -148,6 +150,7 @@ class BpfSource:
         self.wake_s = wake_s
         self._rb_bytes = ringbuf_bytes
         self._last_data = 0.0  # time.monotonic() of the last read that found records
+        self._next_loss_check = 0.0
         self._stats = SourceStats()
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
@@ -306,7 +309,13 @@ class BpfSource:
         out = self.filter.select(raw)
         st = self._stats
         st.filtered += len(raw) - len(out)
-        lost = self.lost_total()
+        # the loss counters cost two map lookups (syscalls): read them on every idle read, and at most every
+        # LOSS_CHECK_S while records flow
+        now = time.monotonic()
+        lost = self._lost_seen
+        if not raw or now >= self._next_loss_check:
+            self._next_loss_check = now + LOSS_CHECK_S
+            lost = self.lost_total()
         if lost > self._lost_seen:
             delta = lost - self._lost_seen
             self._lost_seen = lost
