@@ -35,7 +35,7 @@ BAD = [
     ("bad_bool", "RULE ^/s/\nREPLICATE /m delete=maybe\n", "c.conf:2: delete must be on or off, not 'maybe'"),
     ("not_key_value", "RULE ^/s/\nREPLICATE /m fast\n", "c.conf:2: REPLICATE option 'fast' is not key=value"),
     ("unknown_option", "RULE ^/s/\nREPLICATE /m speed=9\n", "c.conf:2: unknown replicate option 'speed'; known: "
-     "delete, compress, checksum, owner, settle, max_delay, bwlimit, source, ssh, agent_command, password_file, "
+     "delete, compress, checksum, owner, settle, max_delay, eager, bwlimit, source, ssh, agent_command, password_file, "
      "fsync, exclude"),
     ("bad_target", "RULE ^/s/\nREPLICATE relative/path\n", "c.conf:2: target 'relative/path': expected /local/path, "
      "[user@]host:/path, ssh://[user@]host[:port]/path or rsync://host/module/path"),
@@ -65,3 +65,20 @@ def test_toml_replicate_errors(name: str, text: str, reason: str) -> None:
     assert cfg is None
     assert [e.reason for e in errs] == [reason]
     assert all(e.line == 1 for e in errs)
+
+
+OPTION_CASES = [
+    ("defaults", {}, {"eager": 0.2, "settle": 0.05, "max_delay": 1.0, "bwlimit": None, "delete": True}),
+    ("eager_off", {"eager": 0.0}, {"eager": None}),
+    ("eager_set", {"eager": 0.5}, {"eager": 0.5}),
+    ("bwlimit_in_kib", {"bwlimit": 100}, {"bwlimit": 102400}),
+    ("excludes_as_bytes", {"exclude": ["*.tmp"]}, {"excludes": (b"*.tmp",)}),
+]
+
+
+@pytest.mark.parametrize(("opts", "want"), [(c[1], c[2]) for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
+def test_options_from_config(opts: dict[str, object], want: dict[str, object]) -> None:
+    from kwatch.replicate.sink import options_from_config
+
+    t = options_from_config(opts)
+    assert {k: getattr(t, k) for k in want} == want

@@ -27,6 +27,8 @@ def options_from_config(opts: dict[str, object]) -> TargetOptions:
     for key in ("settle", "max_delay"):
         if key in opts:
             setattr(t, key, float(opts[key]))  # type: ignore[arg-type]
+    if "eager" in opts:
+        t.eager = float(opts["eager"]) or None  # type: ignore[arg-type]  # 0: wait for settle/max_delay only
     for key in ("ssh", "agent_command", "password_file", "fsync"):
         if key in opts:
             setattr(t, key, str(opts[key]))

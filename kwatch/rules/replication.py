@@ -5,7 +5,8 @@ TOML::
     [[replicate]]
     source = "/srv/data"              # required: the tree to replicate
     target = "backup:/srv/data"       # /local/path, [user@]host:/path (kwatch agent over ssh), rsync://host/module/path
-    delete = true                     # and: exclude = ["*.tmp"], settle = 0.05, max_delay = 1.0, bwlimit = 1024 (KiB/s),
+    delete = true                     # and: exclude = ["*.tmp"], settle = 0.05, max_delay = 1.0, eager = 0.2 (0: off),
+                                      # bwlimit = 1024 (KiB/s),
                                       # compress, checksum, owner, fsync = "none|file|batch", ssh = "ssh -p 22",
                                       # agent_command = "kwatch", password_file = "/etc/kwatch/rsync.pw"
 
@@ -21,7 +22,7 @@ import shlex
 from collections.abc import Mapping
 
 BOOL_OPTIONS = ("delete", "compress", "checksum", "owner")
-FLOAT_OPTIONS = ("settle", "max_delay")
+FLOAT_OPTIONS = ("settle", "max_delay", "eager")
 INT_OPTIONS = ("bwlimit",)
 STR_OPTIONS = ("source", "ssh", "agent_command", "password_file", "fsync")
 LIST_OPTIONS = ("exclude",)
