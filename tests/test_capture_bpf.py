@@ -365,7 +365,7 @@ def test_workload(source: object, case: Case) -> None:
         ]
     finally:
         case.teardown(d)
-    assert all(e.pid == p.pid for e in events), [(e.op.name, e.pid) for e in events if e.pid != p.pid]
+    assert all(e.pid == p.pid for e in events), [(e.op.name, e.pid, e.comm, e.path, e.ppid, p.pid, os.getpid()) for e in events if e.pid != p.pid]
     assert all(e.comm == COMM and e.uid == case.uid and e.gid == case.uid for e in events)
     assert all(e.ppid == os.getpid() for e in events)
     if case.check is not None:
