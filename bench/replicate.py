@@ -789,7 +789,7 @@ def markdown(res: dict[str, Any]) -> str:
         "ssh and rsync children, excluding kwatch's local agent) from the burst's start until its CPU goes quiet; "
         "mirror CPU: the rsync daemon's and sshd's trees (sessions, remote agents, receivers) and kwatch's local "
         "agent over the same window. peak RSS: the largest VmHWM among the tool's processes. kwatch's in-kernel "
-        "capture cost is charged to the workload, not here. kwatch's agent link compresses with zstd; the rsync "
+        "capture cost is charged to the workload, not here. kwatch sends small files plain and compresses large-file chunks and deltas with zstd over ssh (nothing on the local pipe); the rsync "
         "anchors run without -z.",
     ]
     if res["targets"]:
