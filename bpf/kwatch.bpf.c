@@ -6,7 +6,7 @@
  * be absent, while syscall tracepoints always attach (see shared DESIGN). The price is that the path must be assembled here
  * from the dirfd/cwd and the name the process passed, instead of taken from the VFS after lookup.
  *
- * Flow: sys_enter_X records the arguments in kw_inflight (keyed by thread id); sys_exit_X looks them up, drops failed
+ * Flow: sys_enter_X records the arguments in kw_inflight (task local storage); sys_exit_X takes them, drops failed
  * calls, resolves paths and emits one record. close() is emitted at entry: the descriptor is gone at exit, and a
  * close(2) of a valid descriptor always releases it (even when it returns an error).
  *
