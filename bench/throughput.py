@@ -108,22 +108,15 @@ def _time_decoder(
 
 def decode_bench(n: int = 200_000, reps: int = 5) -> dict[str, Any]:
     """Records/s of the decoder in use (C when built) and of the Python reference decoder, both record mixes."""
-    from kwatch.capture import record
+    from kwatch.capture import record, ringbuf
 
-    def c_scan(view: memoryview, end: int) -> list[int]:
-        offsets: list[int] = record.recordc.scan(view, 0, end, (1 << 62) - 1, 1 << 30)[0]
-        return offsets
+    def scanner(walk: Callable[..., tuple[list[int], int]]) -> Callable[[memoryview, int], list[int]]:
+        return lambda view, end: walk(view, 0, end, (1 << 62) - 1, 1 << 30)[0]
 
-    def py_scan(view: memoryview, end: int) -> list[int]:
-        offsets, pos = [], 0
-        while pos < end:
-            length = int.from_bytes(view[pos : pos + 4], "little") & 0x3FFFFFFF
-            offsets.append(pos + 8)
-            pos += (length + 15) & ~7
-        return offsets
+    py_scan = scanner(ringbuf.scan)
 
     out: dict[str, Any] = {"records": n, "reps": reps, "decoder": "c" if record.recordc is not None else "python"}
-    scan = c_scan if record.recordc is not None else py_scan
+    scan = scanner(record.recordc.scan) if record.recordc is not None else py_scan
     for mix in ("single", "churn"):
         out[mix] = _time_decoder(record.decode_batch, scan, n, reps, mix)
     if record.recordc is not None:

@@ -150,12 +150,7 @@ def test_ring_walk_c_and_python_agree(flags: list[int], complete: int) -> None:
     size = 1 << 16
     data = memoryview(buf + b"\0" * (size - len(buf)))
 
-    class Fake:  # the part of RingBuffer that _scan reads
-        _pos = 0
-        _data = data
-        _mask = size - 1
-
-    py = ringbuf.RingBuffer._scan(Fake(), len(buf), 1 << 30)  # type: ignore[arg-type]
+    py = ringbuf.scan(data, 0, len(buf), size - 1, 1 << 30)
     c = recordc.scan(data, 0, len(buf), size - 1, 1 << 30)
     assert c == py
     assert len(c[0]) == complete
@@ -165,13 +160,15 @@ def test_ring_walk_c_and_python_agree(flags: list[int], complete: int) -> None:
 
 
 @needs_c
-def test_ring_walk_limit_and_wrap() -> None:
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_ring_walk_limit_and_wrap(which: str) -> None:
+    walk = recordc.scan if which == "c" else ringbuf.scan
     bodies = [rec(int(Op.CREATE), [D, b"f%d" % i]) for i in range(5)]
     buf, offsets = ring(bodies)
     size = 1 << 12
     data = memoryview(buf + b"\0" * (2 * size - len(buf)))
-    got, pos = recordc.scan(data, 0, len(buf), size - 1, 2)
+    got, pos = walk(data, 0, len(buf), size - 1, 2)
     assert got == offsets[:2] and pos == offsets[2] - 8
     # positions grow without bound; the walk reads at pos & mask
-    got, pos = recordc.scan(data, 5 * size, 5 * size + len(buf), size - 1, 100)
+    got, pos = walk(data, 5 * size, 5 * size + len(buf), size - 1, 100)
     assert got == offsets and pos == 5 * size + len(buf)

@@ -19,6 +19,7 @@ import ctypes
 import operator
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from kwatch.capture import libbpf
@@ -89,8 +90,8 @@ def _ancestors(path: bytes) -> list[bytes]:
     return out
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` now, from the parent pids in /proc/*/stat (gone or unreadable ones skipped)."""
+def _descendants(pids: Iterable[int]) -> list[int]:
+    """The processes below ``pids`` now, from the parent pids in /proc/*/stat (gone or unreadable ones skipped)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -105,7 +106,7 @@ def _descendants(pid: int) -> list[int]:
         if len(fields) > 1:
             children.setdefault(int(fields[1]), []).append(int(name))
     out: list[int] = []
-    todo = [pid]
+    todo = list(pids)
     while todo:
         kids = children.get(todo.pop(), [])
         out.extend(kids)
@@ -244,10 +245,7 @@ class BpfSource:
             cfg.root_ino[: len(self._root_inos)] = self._root_inos
         else:
             cfg.use_roots = 0  # more roots than the walk compares: userspace filters alone
-        for pid in self.filter.exclude_pids - self._filter_excl:
-            self._excl.update(pid.to_bytes(4, "little"), b"\x01")
-            for child in _descendants(pid):
-                self._excl.update(child.to_bytes(4, "little"), b"\x01")
+        self._exclude_trees(self.filter.exclude_pids - self._filter_excl)
         for pid in self._filter_excl - self.filter.exclude_pids - self._excluded:
             self._excl.delete(pid.to_bytes(4, "little"))
         self._filter_excl = set(self.filter.exclude_pids)
@@ -260,9 +258,18 @@ class BpfSource:
         then the descendants it already had are added from /proc. No window lets a child slip through.
         """
         self._excluded.add(pid)
-        self._excl.update(pid.to_bytes(4, "little"), b"\x01")
-        self._write_config()
-        for child in _descendants(pid):
+        self._write_config()  # use_excl on; the pid's entry follows at once, before the /proc scan
+        self._exclude_trees([pid])
+
+    def _exclude_trees(self, pids: Iterable[int]) -> None:
+        """Put ``pids`` into the kernel's table first (their forks from then on are added by the kernel), then the
+        descendants they already have (one /proc scan)."""
+        pids = list(pids)
+        if not pids:
+            return
+        for pid in pids:
+            self._excl.update(pid.to_bytes(4, "little"), b"\x01")
+        for child in _descendants(pids):
             self._excl.update(child.to_bytes(4, "little"), b"\x01")
 
     def include_pid(self, pid: int) -> None:
@@ -304,14 +311,14 @@ class BpfSource:
                 timeout = within
             self._rb.wait(timeout)
         raw = self._rb.drain(decode_batch)
+        now = time.monotonic()
         if raw or self._rb.pending():
-            self._last_data = time.monotonic()
+            self._last_data = now
         out = self.filter.select(raw)
         st = self._stats
         st.filtered += len(raw) - len(out)
         # the loss counters cost two map lookups (syscalls): read them on every idle read, and at most every
         # LOSS_CHECK_S while records flow
-        now = time.monotonic()
         lost = self._lost_seen
         if not raw or now >= self._next_loss_check:
             self._next_loss_check = now + LOSS_CHECK_S

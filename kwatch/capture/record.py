@@ -10,6 +10,7 @@ import ctypes
 import gc
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from kwatch.events import FileEvent, Op, join
@@ -113,21 +114,21 @@ def decode_batch(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]
     cyclic GC is paused: a batch allocates thousands of acyclic tuples, and each allocation burst would otherwise
     trigger collections that traverse them for nothing.
     """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        return _c_decode(buf, offsets) if _c_decode is not None else _decode(buf, offsets)
-    finally:
-        if was:
-            gc.enable()
+    return _gc_paused(_c_decode if _c_decode is not None else _decode, buf, offsets)
 
 
 def decode_batch_py(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
     """The reference decoder, in Python: the same result as :func:`decode_batch` (tests compare the two)."""
+    return _gc_paused(_decode, buf, offsets)
+
+
+def _gc_paused(
+    decode: Callable[[memoryview | bytes, list[int]], list[FileEvent]], buf: memoryview | bytes, offsets: list[int]
+) -> list[FileEvent]:
     was = gc.isenabled()
     gc.disable()
     try:
-        return _decode(buf, offsets)
+        return decode(buf, offsets)
     finally:
         if was:
             gc.enable()

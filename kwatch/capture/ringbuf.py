@@ -5,7 +5,7 @@ producer page (producer_pos) and then the data area mapped twice in a row, so a 
 still contiguous in our view. Each record has an 8-byte header: u32 length with BUSY (bit 31, still being written)
 and DISCARD (bit 30) flags, u32 page offset; records are 8-byte aligned. No ctypes call per record: one mmap read
 per record header, and the consumer position is written once per batch. The walk over record headers runs in C
-when ``_recordc`` is built (:meth:`RingBuffer._scan` is the Python reference).
+when ``_recordc`` is built (:func:`scan` is the Python reference).
 """
 
 from __future__ import annotations
@@ -20,11 +20,37 @@ from kwatch.capture.record import recordc
 
 T = TypeVar("T")
 
-_c_scan = recordc.scan if recordc is not None else None
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+def scan(data: memoryview | bytes, pos: int, prod: int, mask: int, limit: int) -> tuple[list[int], int]:
+    """The body offsets of the complete records from consumer position ``pos`` up to producer position ``prod``
+    (at most ``limit``), and the position after them: the walk stops at a record still being written (BUSY) and
+    skips discarded ones. ``data`` is the data area mapped twice, so a record is contiguous at ``pos & mask``.
+    The Python reference of ``_recordc.scan`` (same arguments, same result)."""
+    u32 = _U32.unpack_from
+    offsets: list[int] = []
+    append = offsets.append
+    n = 0
+    while pos < prod and n < limit:
+        off = pos & mask
+        hdr = u32(data, off)[0]
+        if hdr & _BUSY:
+            break
+        length = hdr & 0x3FFFFFFF  # without BUSY and DISCARD
+        if not hdr & _DISCARD:
+            append(off + 8)
+            n += 1
+        pos += (length + 15) & ~7  # 8-byte header, 8-byte alignment
+    return offsets, pos
+
+
+_scan: Callable[[memoryview | bytes, int, int, int, int], tuple[list[int], int]] = (
+    recordc.scan if recordc is not None else scan
+)
 
 
 class RingBuffer:
@@ -60,37 +86,13 @@ class RingBuffer:
         keeps, because the space is handed back to the kernel when drain returns.
         """
         prod = _U64.unpack_from(self._prod, 0)[0]
-        if _c_scan is not None:
-            offsets, pos = _c_scan(self._data, self._pos, prod, self._mask, limit)
-        else:
-            offsets, pos = self._scan(prod, limit)
+        offsets, pos = _scan(self._data, self._pos, prod, self._mask, limit)
         out = decode(self._data, offsets) if offsets else []
         if pos != self._pos:
             self._pos = pos
             # smp_store_release in the kernel's view; an aligned 8-byte store is atomic on every arch we run on
             _U64.pack_into(self._cons, 0, pos)
         return out
-
-    def _scan(self, prod: int, limit: int) -> tuple[list[int], int]:
-        """The offsets of the complete records from our position up to ``prod``, and the position after them."""
-        pos = self._pos
-        data = self._data
-        mask = self._mask
-        u32 = _U32.unpack_from
-        offsets: list[int] = []
-        append = offsets.append
-        n = 0
-        while pos < prod and n < limit:
-            off = pos & mask
-            hdr = u32(data, off)[0]
-            if hdr & _BUSY:
-                break
-            length = hdr & 0x3FFFFFFF  # without BUSY and DISCARD
-            if not hdr & _DISCARD:
-                append(off + 8)
-                n += 1
-            pos += (length + 15) & ~7  # 8-byte header, 8-byte alignment
-        return offsets, pos
 
     def close(self) -> None:
         self._epoll.close()
