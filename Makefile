@@ -19,25 +19,25 @@ BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
 
 all: bpf ext venv
 
-$(BUILD)/.deps-stamp: Makefile
-	@mkdir -p $(BUILD)
-	@missing=$$(for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# $(call apt_install,PACKAGES,WHAT): install those of PACKAGES that dpkg does not know yet
+define apt_install
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages: $$missing"; \
+	  echo "installing Debian packages$(2): $$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+$(BUILD)/.deps-stamp: Makefile
+	@mkdir -p $(BUILD)
+	$(call apt_install,$(DEB_PKGS),)
 	@touch $@
 
 deps: $(BUILD)/.deps-stamp
 
 $(BUILD)/.bench-deps-stamp: Makefile | deps
-	@missing=$$(for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages for the benchmarks: $$missing"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(BENCH_PKGS), for the benchmarks)
 	@touch $@
 
 $(VENV)/.bench-stamp: pyproject.toml | venv

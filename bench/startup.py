@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, median, tmpfs
+from bench.common import machine, median, proc_rss_peak_kib, tmpfs
 from bench.report import machine_line, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,16 +55,6 @@ def _watchers(root: Path) -> dict[str, tuple[list[str], bytes]]:
     }
 
 
-def _hwm_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _one(argv: list[str], ready: bytes, root: Path, probe: str) -> tuple[float, int | None, bool]:
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -78,7 +68,7 @@ def _one(argv: list[str], ready: bytes, root: Path, probe: str) -> tuple[float, 
             if r:
                 err += os.read(p.stderr.fileno(), 65536)
         elapsed = time.monotonic() - t0
-        rss = _hwm_kib(p.pid)
+        rss = proc_rss_peak_kib(p.pid)
         (root / "d0000" / probe).write_bytes(b"x")
         seen = b""
         deadline = time.monotonic() + 30

@@ -10,6 +10,7 @@ Two layers, both against a real local agent and checked with treecmp (which comp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -90,6 +91,28 @@ def trees(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     yield src, mirror
 
 
+@contextlib.contextmanager
+def _mirrored(src: Path, mirror: Path) -> Iterator[Replicator]:
+    """A Replicator for src -> mirror (a real local agent) after its initial sync made them identical."""
+    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), TargetOptions())
+    try:
+        rep.coalescer.rescan(b"")
+        first = rep.sync_now(rep.coalescer.take(time.monotonic()))
+        assert not first.errors
+        assert_trees_equal(src, mirror)
+        yield rep
+    finally:
+        rep.stop()
+
+
+def _batch(rep: Replicator, events: list[FileEvent]) -> BatchReport:
+    """Fold ``events`` in and replicate them as one batch."""
+    now = time.monotonic()
+    for ev in events:
+        rep.coalescer.add(ev, now)
+    return rep.sync_now(rep.coalescer.take(now + 5))
+
+
 @pytest.mark.parametrize(("name", "initial", "steps"), CASES, ids=[c[0] for c in CASES])
 def test_links_in_process(name: str, initial: list[str], steps: Steps, trees: tuple[Path, Path]) -> None:
     src, mirror = trees
@@ -99,25 +122,14 @@ def test_links_in_process(name: str, initial: list[str], steps: Steps, trees: tu
         (src / rel).write_bytes(rel.encode() * (SIZE // len(rel)))
     for d in ("d", "d2/sub"):
         (src / d).mkdir(parents=True, exist_ok=True)
-    rep = Replicator(s, Target.parse(str(mirror)), TargetOptions())
-    try:
-        rep.coalescer.rescan(b"")
-        first = rep.sync_now(rep.coalescer.take(time.monotonic()))
-        assert not first.errors
-        assert_trees_equal(src, mirror)
+    with _mirrored(src, mirror) as rep:
         for i, (actions, most) in enumerate(steps):
-            now = time.monotonic()
-            for action in actions:
-                for ev in _apply(s, action):
-                    rep.coalescer.add(ev, now)
-            r: BatchReport = rep.sync_now(rep.coalescer.take(now + 5))
+            r = _batch(rep, [ev for action in actions for ev in _apply(s, action)])
             assert not r.errors, f"step {i}: {r.errors}"
             assert not rep.coalescer.pending(), f"step {i}: something was queued again"
             assert_trees_equal(src, mirror)
             if most is not None:
                 assert r.literal <= most, f"step {i} {actions}: {r.literal} literal bytes sent (at most {most})"
-    finally:
-        rep.stop()
 
 
 def test_hard_link_in_a_rescanned_subtree_links_to_a_name_outside(trees: tuple[Path, Path]) -> None:
@@ -126,23 +138,14 @@ def test_hard_link_in_a_rescanned_subtree_links_to_a_name_outside(trees: tuple[P
     outside = src.parent / "outside"
     outside.mkdir()
     (src / "a").write_bytes(b"a" * SIZE)
-    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), TargetOptions())
-    try:
-        rep.coalescer.rescan(b"")
-        rep.sync_now(rep.coalescer.take(time.monotonic()))
+    with _mirrored(src, mirror) as rep:
         os.link(src / "a", outside / "b")  # a second name: the index now learns the group from the next write
         os.link(src / "a", src / "c")
-        now = time.monotonic()
-        rep.coalescer.add(FileEvent(Op.LINK, os.fsencode(src / "a"), os.fsencode(src / "c")), now)
-        assert rep.sync_now(rep.coalescer.take(now + 5)).literal == 0
+        assert _batch(rep, [FileEvent(Op.LINK, os.fsencode(src / "a"), os.fsencode(src / "c"))]).literal == 0
         os.rename(outside, src / "moved-in")
-        now = time.monotonic()
-        rep.coalescer.add(FileEvent(Op.RENAME, os.fsencode(outside), os.fsencode(src / "moved-in")), now)
-        r = rep.sync_now(rep.coalescer.take(now + 5))
+        r = _batch(rep, [FileEvent(Op.RENAME, os.fsencode(outside), os.fsencode(src / "moved-in"))])
         assert (r.literal, r.errors) == (0, [])
         assert_trees_equal(src, mirror)
-    finally:
-        rep.stop()
 
 
 def test_link_to_a_file_of_a_subtree_rescanned_in_the_same_batch(trees: tuple[Path, Path]) -> None:
@@ -151,21 +154,14 @@ def test_link_to_a_file_of_a_subtree_rescanned_in_the_same_batch(trees: tuple[Pa
     outside = src.parent / "outside"
     outside.mkdir()
     (outside / "f").write_bytes(b"f" * SIZE)
-    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), TargetOptions())
-    try:
-        rep.coalescer.rescan(b"")
-        rep.sync_now(rep.coalescer.take(time.monotonic()))
+    with _mirrored(src, mirror) as rep:
         os.rename(outside, src / "m")
         os.link(src / "m" / "f", src / "c")
-        now = time.monotonic()
-        rep.coalescer.add(FileEvent(Op.RENAME, os.fsencode(outside), os.fsencode(src / "m")), now)
-        rep.coalescer.add(FileEvent(Op.LINK, os.fsencode(src / "m" / "f"), os.fsencode(src / "c")), now)
-        r = rep.sync_now(rep.coalescer.take(now + 5))
+        r = _batch(rep, [FileEvent(Op.RENAME, os.fsencode(outside), os.fsencode(src / "m")),
+                         FileEvent(Op.LINK, os.fsencode(src / "m" / "f"), os.fsencode(src / "c"))])
         assert (r.puts, r.errors) == (1, []), r
         assert r.literal <= SIZE + 100, r
         assert_trees_equal(src, mirror)
-    finally:
-        rep.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -346,22 +346,27 @@ def test_bad_daemons(tmp_path: Path, name: str, script: bytes, match: str) -> No
     t.join(10)
 
 
-def test_shell_mode_local_server(tmp_path: Path) -> None:
-    """The ssh path: `rsync --server` on the other end of a pipe (here run locally instead of via ssh)."""
+def _shell_mode_round_trip(tmp_path: Path, url_host: str, rsh: list[str]) -> None:
+    """Push a tree over the ssh transport (to a mirror holding a stale file), then an edit: a delta, not the file."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
     make_tree(src)
     (dst / "stale").write_bytes(b"old")
-    r = push(os.fsencode(src), f"ssh://localhost{dst}/", delete=True, rsh=[])
+    r = push(os.fsencode(src), f"ssh://{url_host}{dst}/", delete=True, rsh=rsh)
     assert not r.errors
     assert_same(src, dst)
     with open(src / "sub" / "big.bin", "r+b") as f:
         f.write(b"changed")
     touch_all(src, MTIME_NS + 10**9)
-    r = push(os.fsencode(src), f"ssh://localhost{dst}/", delete=True, rsh=[])
-    assert r.literal_bytes < 64 * 1024
+    r = push(os.fsencode(src), f"ssh://{url_host}{dst}/", delete=True, rsh=rsh)
+    assert r.literal_bytes < 64 * 1024  # a delta, not the whole file
     assert_same(src, dst)
+
+
+def test_shell_mode_local_server(tmp_path: Path) -> None:
+    """The ssh path: `rsync --server` on the other end of a pipe (here run locally instead of via ssh)."""
+    _shell_mode_round_trip(tmp_path, "localhost", [])
 
 
 @pytest.mark.root
@@ -371,19 +376,5 @@ def test_shell_mode_through_real_sshd(tmp_path: Path) -> None:
 
     from sshd import Sshd
 
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    make_tree(src)
-    (dst / "stale").write_bytes(b"old")
     with Sshd(tmp_path / "sshd") as d:
-        rsh = [*shlex.split(d.ssh_command), f"{d.user}@127.0.0.1"]
-        r = push(os.fsencode(src), f"ssh://127.0.0.1{dst}/", delete=True, rsh=rsh)
-        assert not r.errors
-        assert_same(src, dst)
-        with open(src / "sub" / "big.bin", "r+b") as f:
-            f.write(b"changed")
-        touch_all(src, MTIME_NS + 10**9)
-        r = push(os.fsencode(src), f"ssh://127.0.0.1{dst}/", delete=True, rsh=rsh)
-        assert r.literal_bytes < 64 * 1024  # a delta, not the whole file
-        assert_same(src, dst)
+        _shell_mode_round_trip(tmp_path, "127.0.0.1", [*shlex.split(d.ssh_command), f"{d.user}@127.0.0.1"])
