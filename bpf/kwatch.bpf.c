@@ -619,16 +619,9 @@ static __always_inline __u64 wake_flags(void)
 static __always_inline void finish(struct kw_scratch *s, __u32 total)
 {
 	__u64 size = sizeof(struct kw_event) + (total & DATA_MASK);
-	__u64 flags = wake_flags();
-	/*
-	 * A reserve can fail with the buffer far from full: on this kernel about one record in 2,000 when two CPUs
-	 * produce flat out, with the consumer under 0.5 MiB behind in 64 MiB (the ring's lock, we believe). A second try
-	 * saves about one in ten of those; what still fails is counted.
-	 */
-	for (int i = 0; i < 3; i++) {
-		if (!bpf_ringbuf_output(&kw_events, &s->ev, size, flags))
-			return;
-	}
+	/* a full ring is the only failure left (a torn consumer position once made it look full: see ringbuf.py) */
+	if (!bpf_ringbuf_output(&kw_events, &s->ev, size, wake_flags()))
+		return;
 	count_loss(0);
 }
 

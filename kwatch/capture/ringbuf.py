@@ -6,6 +6,12 @@ still contiguous in our view. Each record has an 8-byte header: u32 length with 
 and DISCARD (bit 30) flags, u32 page offset; records are 8-byte aligned. No ctypes call per record: one mmap read
 per record header, and the consumer position is written once per batch. The walk over record headers runs in C
 when ``_recordc`` is built (:func:`scan` is the Python reference).
+
+The two positions are shared with producers running on other CPUs, so each is read and written as one aligned
+8-byte access (:func:`u64_cell`). ``struct.pack_into`` is not one: CPython writes a ``Q`` byte by byte, and a
+producer that read the consumer position half-written (seen as 0 in a debug map) found the ring "full" and failed
+its reserve with the buffer nearly empty: those were the rare losses at 200k events/s (kernel/bpf/ringbuf.c,
+__bpf_ringbuf_reserve: ``new_prod_pos - cons_pos > rb->mask``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ T = TypeVar("T")
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+
+
+def u64_cell(buf: mmap.mmap | memoryview, offset: int = 0) -> memoryview:
+    """A one-element native ``Q`` view of the aligned 8 bytes at ``offset``: indexing it is a single 8-byte load
+    or store (CPython's memoryview packs native formats with a fixed-size memcpy), never a byte-wise copy."""
+    if offset % 8:
+        raise ValueError(f"offset {offset} is not 8-byte aligned")
+    return memoryview(buf)[offset : offset + 8].cast("Q")
 
 
 def scan(data: memoryview | bytes, pos: int, prod: int, mask: int, limit: int) -> tuple[list[int], int]:
@@ -65,7 +78,9 @@ class RingBuffer:
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._view = memoryview(self._prod)
         self._data = self._view[page:]
-        self._pos = _U64.unpack_from(self._cons, 0)[0]
+        self._cons_pos = u64_cell(self._cons)
+        self._prod_pos = u64_cell(self._view)
+        self._pos = int(self._cons_pos[0])
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
 
@@ -77,7 +92,7 @@ class RingBuffer:
 
     def pending(self) -> int:
         """Bytes the producer has committed or reserved beyond our position."""
-        return int(_U64.unpack_from(self._prod, 0)[0] - self._pos)
+        return int(self._prod_pos[0] - self._pos)
 
     def drain(self, decode: Callable[[memoryview, list[int]], list[T]], limit: int = 1 << 30) -> list[T]:
         """Decode every complete record available (up to ``limit`` records) and release them to the kernel.
@@ -85,17 +100,19 @@ class RingBuffer:
         ``decode(view, offsets)`` gets the data view and the offsets of the record bodies; it must copy what it
         keeps, because the space is handed back to the kernel when drain returns.
         """
-        prod = _U64.unpack_from(self._prod, 0)[0]
+        prod = int(self._prod_pos[0])
         offsets, pos = _scan(self._data, self._pos, prod, self._mask, limit)
         out = decode(self._data, offsets) if offsets else []
         if pos != self._pos:
             self._pos = pos
-            # smp_store_release in the kernel's view; an aligned 8-byte store is atomic on every arch we run on
-            _U64.pack_into(self._cons, 0, pos)
+            # smp_store_release in the kernel's view: one aligned 8-byte store, after our loads of the records (x86 TSO)
+            self._cons_pos[0] = pos
         return out
 
     def close(self) -> None:
         self._epoll.close()
+        self._cons_pos.release()
+        self._prod_pos.release()
         self._data.release()
         self._view.release()
         self._prod.close()
