@@ -6,9 +6,12 @@
  * be absent, while syscall tracepoints always attach (see shared DESIGN). The price is that the path must be assembled here
  * from the dirfd/cwd and the name the process passed, instead of taken from the VFS after lookup.
  *
- * Flow: sys_enter_X records the arguments in kw_inflight (task local storage); sys_exit_X takes them, drops failed
- * calls, resolves paths and emits one record. close() is emitted at entry: the descriptor is gone at exit, and a
- * close(2) of a valid descriptor always releases it (even when it returns an error).
+ * Flow: sys_exit_X drops failed calls, reads the call's arguments from the thread's saved user registers (still the
+ * ones the syscall was given: the kernel does not write them back), checks the op and process filters, and hands
+ * the arguments to the shared exit program (kw_exit, by tail call), which resolves the paths and emits one record.
+ * No entry program runs for those calls and nothing is kept from entry to exit. Entry programs remain only where
+ * the exit is too late: close() and its kin are emitted at entry (the descriptor is gone at exit, and a close(2) of
+ * a valid descriptor always releases it, even when it returns an error), and renames invalidate the path cache.
  *
  * Paths are resolved by walking dentry->d_parent and crossing mounts through struct mount, like d_path() does
  * (fs/d_path.c: prepend_path), with bpf_loop so that deep trees do not hit the verifier's loop limits.
@@ -71,21 +74,20 @@ struct {
 } kw_events SEC(".maps");
 
 /*
- * The arguments of the syscall a thread is in, from entry to exit: task local storage, found through the task itself
- * (no hashing, no bucket lock) and freed with the thread, where a hash keyed by tid kept dead threads' entries. An
- * entry is live while op != 0.
+ * The arguments an exit program hands to kw_exit across the tail call. Per CPU: the two run back to back on one CPU
+ * with preemption off (the syscall tracepoint handlers disable it), so nothing else writes the slot in between.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
 	__type(value, struct kw_args);
-} kw_inflight SEC(".maps");
+} kw_pending SEC(".maps");
 
-/* Index 0: records lost because the ring buffer was full; 1: syscalls not tracked (no kw_inflight storage). */
+/* Records lost because the ring buffer was full. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
 } kw_losses SEC(".maps");
@@ -111,28 +113,12 @@ struct {
 	__type(value, __u8);
 } kw_excl SEC(".maps");
 
-static __always_inline void count_loss(__u32 idx)
+static __always_inline void count_loss(void)
 {
-	__u64 *n = bpf_map_lookup_elem(&kw_losses, &idx);
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&kw_losses, &zero);
 	if (n)
 		*n += 1;
-}
-
-static __always_inline void inflight_put(struct kw_args *a)
-{
-	struct kw_args *slot = bpf_task_storage_get(&kw_inflight, bpf_get_current_task_btf(), 0,
-						    BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (slot)
-		*slot = *a;
-	else
-		count_loss(1);
-}
-
-static __always_inline void inflight_clear(void)
-{
-	struct kw_args *slot = bpf_task_storage_get(&kw_inflight, bpf_get_current_task_btf(), 0, 0);
-	if (slot)
-		slot->op = 0;
 }
 
 struct {
@@ -622,7 +608,7 @@ static __always_inline void finish(struct kw_scratch *s, __u32 total)
 	/* a full ring is the only failure left (a torn consumer position once made it look full: see ringbuf.py) */
 	if (!bpf_ringbuf_output(&kw_events, &s->ev, size, wake_flags()))
 		return;
-	count_loss(0);
+	count_loss();
 }
 
 /*
@@ -646,13 +632,6 @@ static __always_inline int wanted(__u32 op)
 	return !excluded(cfg);
 }
 
-static __always_inline int stash(struct kw_args *a)
-{
-	if (!wanted(a->op))
-		return 0;
-	inflight_put(a);
-	return 0;
-}
 
 static __always_inline __u32 file_type(struct file *f)
 {
@@ -667,19 +646,12 @@ SEC("tp")
 int kw_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	long ret = ctx->ret;
-	/* F_CREATE: NULL then means the storage refused us (busy), never "no entry", so it can be counted */
-	struct kw_args *ap = bpf_task_storage_get(&kw_inflight, bpf_get_current_task_btf(), 0,
-						  BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!ap) {
-		count_loss(1);
-		return 0;
-	}
-	if (!ap->op)
+	__u32 zero = 0;
+	struct kw_args *ap = bpf_map_lookup_elem(&kw_pending, &zero);
+	if (!ap || !ap->op)
 		return 0;
 	struct kw_args a = *ap;
 	ap->op = 0;
-	if (ret < 0)
-		return 0;
 
 	struct kw_config *cfg = kw_config_get();
 	if (!cfg)
@@ -921,60 +893,33 @@ int BPF_PROG(kw_fork, struct task_struct *parent, struct task_struct *child)
 
 /* ---- entry handlers ------------------------------------------------------------------------------------------- */
 
-#define ARG(i) (ctx->args[i])
+/*
+ * The syscall's arguments at exit, from the user registers saved at syscall entry (task_pt_regs): the kernel passes
+ * them to the syscall and does not write them back, so they are what the entry tracepoint saw. The per-architecture
+ * register names live here and nowhere else.
+ */
+#if defined(__TARGET_ARCH_x86)
+#define REG_ARG0(r) ((r)->di)
+#define REG_ARG1(r) ((r)->si)
+#define REG_ARG2(r) ((r)->dx)
+#define REG_ARG3(r) ((r)->r10)
+#define REG_ARG4(r) ((r)->r8)
+#elif defined(__TARGET_ARCH_arm64)
+#define REG_ARG0(r) ((r)->orig_x0) /* x0 holds the return value by now */
+#define REG_ARG1(r) ((r)->regs[1])
+#define REG_ARG2(r) ((r)->regs[2])
+#define REG_ARG3(r) ((r)->regs[3])
+#define REG_ARG4(r) ((r)->regs[4])
+#else
+#error "kwatch: syscall argument registers unknown for this architecture"
+#endif
 
-static __always_inline int open_common(int dfd, __u64 name, __u32 flags, __u32 mode)
+/* A typed pointer: its fields are read with plain (exception-guarded) loads. */
+static __always_inline struct pt_regs *user_regs(void)
 {
-	/* read-only opens without O_CREAT/O_TRUNC change nothing: drop them before touching any map */
-	if (!(flags & O_ACCMODE) && !(flags & (O_CREAT | O_TRUNC)))
-		return 0;
-	struct kw_args a = { .op = KW_OPEN_WRITE, .kind = ARGS_OPEN, .dfd1 = dfd, .name1 = name, .flags = flags,
-			     .mode = mode, .uid = -1, .gid = -1 };
-	struct kw_config *cfg = kw_config_get();
-	if (!cfg || !(cfg->op_mask & ((1u << KW_OPEN_WRITE) | (1u << KW_CREATE))) || excluded(cfg))
-		return 0;
-	inflight_put(&a);
-	return 0;
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 }
 
-static __always_inline int name_op(__u32 op, int dfd, __u64 name, __u32 flags, __u32 mode)
-{
-	struct kw_args a = { .op = op, .kind = ARGS_NAME, .dfd1 = dfd, .name1 = name, .flags = flags, .mode = mode,
-			     .uid = -1, .gid = -1 };
-	return stash(&a);
-}
-
-static __always_inline int two_name_op(__u32 op, int dfd1, __u64 name1, int dfd2, __u64 name2, __u32 flags)
-{
-	struct kw_args a = { .op = op, .kind = ARGS_NAME, .dfd1 = dfd1, .name1 = name1, .dfd2 = dfd2, .name2 = name2,
-			     .flags = flags, .uid = -1, .gid = -1 };
-	return stash(&a);
-}
-
-static __always_inline int fd_op(__u32 op, int fd, __u32 mode, int uid, int gid)
-{
-	struct kw_args a = { .op = op, .kind = ARGS_FD, .fd = fd, .mode = mode, .uid = uid, .gid = gid };
-	return stash(&a);
-}
-
-static __always_inline int chown_op(int dfd, __u64 name, int uid, int gid, __u32 flags)
-{
-	struct kw_args a = { .op = KW_CHOWN, .kind = ARGS_NAME, .dfd1 = dfd, .name1 = name, .uid = uid, .gid = gid,
-			     .flags = flags };
-	return stash(&a);
-}
-
-/* A NULL name with a dirfd means "the file dfd refers to" (utimensat(2), and AT_EMPTY_PATH calls with NULL). */
-static __always_inline int name_or_fd_op(__u32 op, int dfd, __u64 name, __u32 flags)
-{
-	if (!name && dfd != AT_FDCWD) {
-		struct kw_args a = { .op = op, .kind = ARGS_FD, .fd = dfd, .flags = flags, .uid = -1, .gid = -1 };
-		return stash(&a);
-	}
-	return name_op(op, dfd, name, flags, 0);
-}
-
-#define ENTER(sc) SEC("tp/syscalls/sys_enter_" #sc) int enter_##sc(struct trace_event_raw_sys_enter *ctx)
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
 	__uint(max_entries, 1);
@@ -984,138 +929,167 @@ struct {
 	.values = { [0] = (void *)&kw_exit },
 };
 
-static __always_inline int to_exit_handler(void *ctx)
+/* Filters first (op, excluded process), then the arguments go to kw_exit through the per-CPU slot. */
+static __always_inline int handoff(void *ctx, struct kw_args *a, __u32 op_bits)
 {
+	__u32 zero = 0;
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg || !(cfg->op_mask & op_bits) || excluded(cfg))
+		return 0;
+	struct kw_args *slot = bpf_map_lookup_elem(&kw_pending, &zero);
+	if (!slot)
+		return 0;
+	*slot = *a;
 	bpf_tail_call(ctx, &kw_jump, 0);
-	/* not reached unless the tail call failed: do not leave the entry behind */
-	inflight_clear();
+	slot->op = 0; /* reached only if the tail call failed */
 	return 0;
 }
 
+static __always_inline int open_common(void *ctx, int dfd, __u64 name, __u32 flags, __u32 mode)
+{
+	/* read-only opens without O_CREAT/O_TRUNC change nothing: drop them before touching any map */
+	if (!(flags & O_ACCMODE) && !(flags & (O_CREAT | O_TRUNC)))
+		return 0;
+	struct kw_args a = { .op = KW_OPEN_WRITE, .kind = ARGS_OPEN, .dfd1 = dfd, .name1 = name, .flags = flags,
+			     .mode = mode, .uid = -1, .gid = -1 };
+	return handoff(ctx, &a, (1u << KW_OPEN_WRITE) | (1u << KW_CREATE));
+}
+
+static __always_inline int name_op(void *ctx, __u32 op, int dfd, __u64 name, __u32 flags, __u32 mode)
+{
+	struct kw_args a = { .op = op, .kind = ARGS_NAME, .dfd1 = dfd, .name1 = name, .flags = flags, .mode = mode,
+			     .uid = -1, .gid = -1 };
+	return handoff(ctx, &a, 1u << op);
+}
+
+static __always_inline int two_name_op(void *ctx, __u32 op, int dfd1, __u64 name1, int dfd2, __u64 name2,
+				       __u32 flags)
+{
+	struct kw_args a = { .op = op, .kind = ARGS_NAME, .dfd1 = dfd1, .name1 = name1, .dfd2 = dfd2, .name2 = name2,
+			     .flags = flags, .uid = -1, .gid = -1 };
+	return handoff(ctx, &a, 1u << op);
+}
+
+static __always_inline int fd_op(void *ctx, __u32 op, int fd, __u32 mode, int uid, int gid)
+{
+	struct kw_args a = { .op = op, .kind = ARGS_FD, .fd = fd, .mode = mode, .uid = uid, .gid = gid };
+	return handoff(ctx, &a, 1u << op);
+}
+
+static __always_inline int chown_op(void *ctx, int dfd, __u64 name, int uid, int gid, __u32 flags)
+{
+	struct kw_args a = { .op = KW_CHOWN, .kind = ARGS_NAME, .dfd1 = dfd, .name1 = name, .uid = uid, .gid = gid,
+			     .flags = flags };
+	return handoff(ctx, &a, 1u << KW_CHOWN);
+}
+
+/* A NULL name with a dirfd means "the file dfd refers to" (utimensat(2), and AT_EMPTY_PATH calls with NULL). */
+static __always_inline int name_or_fd_op(void *ctx, __u32 op, int dfd, __u64 name, __u32 flags)
+{
+	if (!name && dfd != AT_FDCWD) {
+		struct kw_args a = { .op = op, .kind = ARGS_FD, .fd = dfd, .flags = flags, .uid = -1, .gid = -1 };
+		return handoff(ctx, &a, 1u << op);
+	}
+	return name_op(ctx, op, dfd, name, flags, 0);
+}
+
+#define ENTER(sc) SEC("tp/syscalls/sys_enter_" #sc) int enter_##sc(struct trace_event_raw_sys_enter *ctx)
+
+/*
+ * EXIT(sc) { body }: the exit program of one syscall. Failed calls are dropped before anything else; the body sees
+ * the arguments as ARG(0..4) and returns through one of the *_op helpers above.
+ */
 #define EXIT(sc)                                                                                                   \
+	static __always_inline int exit_body_##sc(void *ctx, struct pt_regs *regs);                                \
 	SEC("tp/syscalls/sys_exit_" #sc) int exit_##sc(struct trace_event_raw_sys_exit *ctx)                     \
 	{                                                                                                          \
-		return to_exit_handler(ctx);                                                                       \
-	}
+		if (ctx->ret < 0)                                                                                  \
+			return 0;                                                                                  \
+		return exit_body_##sc(ctx, user_regs());                          \
+	}                                                                                                          \
+	static __always_inline int exit_body_##sc(void *ctx, struct pt_regs *regs)
+#define ARG(i) ((__u64)REG_ARG##i(regs))
 
-ENTER(open) { return open_common(AT_FDCWD, ARG(0), ARG(1), ARG(2)); }
-EXIT(open)
-ENTER(openat) { return open_common(ARG(0), ARG(1), ARG(2), ARG(3)); }
-EXIT(openat)
-ENTER(openat2)
-{
-	__u64 flags = 0, mode = 0;
-	bpf_probe_read_user(&flags, sizeof(flags), (void *)ARG(2));
-	bpf_probe_read_user(&mode, sizeof(mode), (void *)(ARG(2) + 8));
-	return open_common(ARG(0), ARG(1), (__u32)flags, (__u32)mode);
-}
+EXIT(open) { return open_common(ctx, AT_FDCWD, ARG(0), ARG(1), ARG(2)); }
+EXIT(openat) { return open_common(ctx, ARG(0), ARG(1), ARG(2), ARG(3)); }
 EXIT(openat2)
-ENTER(creat) { return open_common(AT_FDCWD, ARG(0), O_CREAT | O_TRUNC | 1, ARG(1)); }
-EXIT(creat)
+{
+	/* struct open_how is still in the caller's memory: the syscall returned to nobody yet */
+	__u64 how[2] = {};
+	bpf_probe_read_user(how, sizeof(how), (void *)ARG(2));
+	return open_common(ctx, ARG(0), ARG(1), (__u32)how[0], (__u32)how[1]);
+}
+EXIT(creat) { return open_common(ctx, AT_FDCWD, ARG(0), O_CREAT | O_TRUNC | 1, ARG(1)); }
 
-ENTER(unlink) { return name_op(KW_UNLINK, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(unlink)
-ENTER(unlinkat) { return name_op((ARG(2) & AT_REMOVEDIR) ? KW_RMDIR : KW_UNLINK, ARG(0), ARG(1), ARG(2), 0); }
-EXIT(unlinkat)
-ENTER(rmdir) { return name_op(KW_RMDIR, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(rmdir)
-ENTER(mkdir) { return name_op(KW_MKDIR, AT_FDCWD, ARG(0), 0, ARG(1)); }
-EXIT(mkdir)
-ENTER(mkdirat) { return name_op(KW_MKDIR, ARG(0), ARG(1), 0, ARG(2)); }
-EXIT(mkdirat)
+EXIT(unlink) { return name_op(ctx, KW_UNLINK, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(unlinkat) { return name_op(ctx, (ARG(2) & AT_REMOVEDIR) ? KW_RMDIR : KW_UNLINK, ARG(0), ARG(1), ARG(2), 0); }
+EXIT(rmdir) { return name_op(ctx, KW_RMDIR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(mkdir) { return name_op(ctx, KW_MKDIR, AT_FDCWD, ARG(0), 0, ARG(1)); }
+EXIT(mkdirat) { return name_op(ctx, KW_MKDIR, ARG(0), ARG(1), 0, ARG(2)); }
 
-/* Renames change paths: the path cache (kw_pcache) is invalidated before and after each one. */
-#define EXIT_RENAME(sc)                                                                                            \
+/*
+ * Renames change paths: the path cache (kw_pcache) is invalidated at their entry and again at their exit, so a path
+ * resolved while a rename runs is not kept. The exit bump comes before the failed-call check: a failed rename may
+ * have run past the entry bump too.
+ */
+ENTER(rename) { rename_gen_bump(); return 0; }
+ENTER(renameat) { rename_gen_bump(); return 0; }
+ENTER(renameat2) { rename_gen_bump(); return 0; }
+
+#define EXIT_RENAME(sc, body)                                                                                      \
 	SEC("tp/syscalls/sys_exit_" #sc) int exit_##sc(struct trace_event_raw_sys_exit *ctx)                     \
 	{                                                                                                          \
 		rename_gen_bump();                                                                                 \
-		return to_exit_handler(ctx);                                                                       \
+		if (ctx->ret < 0)                                                                                  \
+			return 0;                                                                                  \
+		struct pt_regs *regs = user_regs();                                                                \
+		return body;                                                                                       \
 	}
 
-ENTER(rename)
-{
-	rename_gen_bump();
-	return two_name_op(KW_RENAME, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0);
-}
-EXIT_RENAME(rename)
-ENTER(renameat)
-{
-	rename_gen_bump();
-	return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), 0);
-}
-EXIT_RENAME(renameat)
-ENTER(renameat2)
-{
-	rename_gen_bump();
-	return two_name_op(KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4));
-}
-EXIT_RENAME(renameat2)
-ENTER(link) { return two_name_op(KW_LINK, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0); }
-EXIT(link)
-ENTER(linkat) { return two_name_op(KW_LINK, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
-EXIT(linkat)
+EXIT_RENAME(rename, two_name_op(ctx, KW_RENAME, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0))
+EXIT_RENAME(renameat, two_name_op(ctx, KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), 0))
+EXIT_RENAME(renameat2, two_name_op(ctx, KW_RENAME, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)))
 
-ENTER(symlink)
+EXIT(link) { return two_name_op(ctx, KW_LINK, AT_FDCWD, ARG(0), AT_FDCWD, ARG(1), 0); }
+EXIT(linkat) { return two_name_op(ctx, KW_LINK, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
+
+EXIT(symlink)
 {
 	struct kw_args a = { .op = KW_SYMLINK, .kind = ARGS_SYMLINK, .dfd1 = AT_FDCWD, .name1 = ARG(1),
 			     .name2 = ARG(0), .uid = -1, .gid = -1 };
-	return stash(&a);
+	return handoff(ctx, &a, 1u << KW_SYMLINK);
 }
-EXIT(symlink)
-ENTER(symlinkat)
+EXIT(symlinkat)
 {
 	struct kw_args a = { .op = KW_SYMLINK, .kind = ARGS_SYMLINK, .dfd1 = ARG(1), .name1 = ARG(2),
 			     .name2 = ARG(0), .uid = -1, .gid = -1 };
-	return stash(&a);
+	return handoff(ctx, &a, 1u << KW_SYMLINK);
 }
-EXIT(symlinkat)
 
-ENTER(chmod) { return name_op(KW_CHMOD, AT_FDCWD, ARG(0), 0, ARG(1)); }
-EXIT(chmod)
-ENTER(fchmod) { return fd_op(KW_CHMOD, ARG(0), ARG(1), -1, -1); }
-EXIT(fchmod)
-ENTER(fchmodat) { return name_op(KW_CHMOD, ARG(0), ARG(1), 0, ARG(2)); }
-EXIT(fchmodat)
-ENTER(fchmodat2) { return name_op(KW_CHMOD, ARG(0), ARG(1), ARG(3), ARG(2)); }
-EXIT(fchmodat2)
+EXIT(chmod) { return name_op(ctx, KW_CHMOD, AT_FDCWD, ARG(0), 0, ARG(1)); }
+EXIT(fchmod) { return fd_op(ctx, KW_CHMOD, ARG(0), ARG(1), -1, -1); }
+EXIT(fchmodat) { return name_op(ctx, KW_CHMOD, ARG(0), ARG(1), 0, ARG(2)); }
+EXIT(fchmodat2) { return name_op(ctx, KW_CHMOD, ARG(0), ARG(1), ARG(3), ARG(2)); }
 
-ENTER(chown) { return chown_op(AT_FDCWD, ARG(0), ARG(1), ARG(2), 0); }
-EXIT(chown)
-ENTER(lchown) { return chown_op(AT_FDCWD, ARG(0), ARG(1), ARG(2), 0); }
-EXIT(lchown)
-ENTER(fchown) { return fd_op(KW_CHOWN, ARG(0), 0, ARG(1), ARG(2)); }
-EXIT(fchown)
-ENTER(fchownat) { return chown_op(ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
-EXIT(fchownat)
+EXIT(chown) { return chown_op(ctx, AT_FDCWD, ARG(0), ARG(1), ARG(2), 0); }
+EXIT(lchown) { return chown_op(ctx, AT_FDCWD, ARG(0), ARG(1), ARG(2), 0); }
+EXIT(fchown) { return fd_op(ctx, KW_CHOWN, ARG(0), 0, ARG(1), ARG(2)); }
+EXIT(fchownat) { return chown_op(ctx, ARG(0), ARG(1), ARG(2), ARG(3), ARG(4)); }
 
-ENTER(truncate) { return name_op(KW_TRUNCATE, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(truncate)
-ENTER(ftruncate) { return fd_op(KW_TRUNCATE, ARG(0), 0, -1, -1); }
-EXIT(ftruncate)
+EXIT(truncate) { return name_op(ctx, KW_TRUNCATE, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(ftruncate) { return fd_op(ctx, KW_TRUNCATE, ARG(0), 0, -1, -1); }
 
-ENTER(setxattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(setxattr)
-ENTER(lsetxattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(lsetxattr)
-ENTER(fsetxattr) { return fd_op(KW_XATTR, ARG(0), 0, -1, -1); }
-EXIT(fsetxattr)
-ENTER(removexattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(removexattr)
-ENTER(lremovexattr) { return name_op(KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(lremovexattr)
-ENTER(fremovexattr) { return fd_op(KW_XATTR, ARG(0), 0, -1, -1); }
-EXIT(fremovexattr)
+EXIT(setxattr) { return name_op(ctx, KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(lsetxattr) { return name_op(ctx, KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(fsetxattr) { return fd_op(ctx, KW_XATTR, ARG(0), 0, -1, -1); }
+EXIT(removexattr) { return name_op(ctx, KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(lremovexattr) { return name_op(ctx, KW_XATTR, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(fremovexattr) { return fd_op(ctx, KW_XATTR, ARG(0), 0, -1, -1); }
 /* Linux 6.13+; the loader skips programs whose tracepoint does not exist. */
-ENTER(setxattrat) { return name_or_fd_op(KW_XATTR, ARG(0), ARG(1), ARG(2)); }
-EXIT(setxattrat)
-ENTER(removexattrat) { return name_or_fd_op(KW_XATTR, ARG(0), ARG(1), ARG(2)); }
-EXIT(removexattrat)
+EXIT(setxattrat) { return name_or_fd_op(ctx, KW_XATTR, ARG(0), ARG(1), ARG(2)); }
+EXIT(removexattrat) { return name_or_fd_op(ctx, KW_XATTR, ARG(0), ARG(1), ARG(2)); }
 
-ENTER(utimensat) { return name_or_fd_op(KW_UTIMES, ARG(0), ARG(1), ARG(3)); }
-EXIT(utimensat)
-ENTER(futimesat) { return name_or_fd_op(KW_UTIMES, ARG(0), ARG(1), 0); }
-EXIT(futimesat)
-ENTER(utimes) { return name_op(KW_UTIMES, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(utimes)
-ENTER(utime) { return name_op(KW_UTIMES, AT_FDCWD, ARG(0), 0, 0); }
-EXIT(utime)
+EXIT(utimensat) { return name_or_fd_op(ctx, KW_UTIMES, ARG(0), ARG(1), ARG(3)); }
+EXIT(futimesat) { return name_or_fd_op(ctx, KW_UTIMES, ARG(0), ARG(1), 0); }
+EXIT(utimes) { return name_op(ctx, KW_UTIMES, AT_FDCWD, ARG(0), 0, 0); }
+EXIT(utime) { return name_op(ctx, KW_UTIMES, AT_FDCWD, ARG(0), 0, 0); }

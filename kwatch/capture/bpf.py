@@ -286,13 +286,11 @@ class BpfSource:
         return self._rb.fd
 
     def lost_total(self) -> int:
-        """Sum over CPUs of records lost (ring buffer full) and syscalls left untracked (in-flight table full)."""
-        total = 0
-        for idx in (0, 1):
-            raw = self._losses.lookup(idx.to_bytes(4, "little"), 8 * self._ncpu)
-            if raw:
-                total += sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
-        return total
+        """Sum over CPUs of the records lost because the ring buffer was full."""
+        raw = self._losses.lookup(bytes(4), 8 * self._ncpu)
+        if not raw:
+            return 0
+        return sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
 
     def poll_within(self) -> float | None:
         """How long a caller may wait on :meth:`fileno` before calling :meth:`read` (None: until it is readable).
