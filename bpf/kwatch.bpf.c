@@ -232,14 +232,23 @@ static long walk_step(__u32 i, void *c)
 #define WALK_TRUNC 0x40000
 
 /*
- * The last two paths each thread resolved, so that the calls that follow an open on the same file (fchown, fchmod,
- * futimens, close: tar makes five calls per file) or a run of calls in one directory copy a path instead of walking
- * it. An entry holds while the dentry still has the same parent, name and inode (a freed dentry's memory reused
- * for another file fails that), the rename generation is unchanged (kw_gen: bumped at the entry and the exit of
- * every rename, so a path resolved while a rename runs is not kept) and so is the configuration (cfg_gen, roots).
- * Mounts moved under a running kwatch are not noticed (mount(2) is not traced).
+ * Path cache: the paths this CPU resolved last, so that the calls that follow an open on the same file (fchown,
+ * fchmod, futimens, close: tar makes five calls per file) copy a path instead of walking it, and a file created in a
+ * directory this CPU resolved a file of just now is that directory's path, '/', and its own name (tar creates its
+ * files one directory at a time). Two kinds of entries:
+ *   exact  a dentry and the walk's whole result for it;
+ *   dir    the parent directory of a file that was walked (its ROOT_IN bit only: it serves its files, not names).
+ * An entry holds while the dentry still has the same parent, name and inode (a freed dentry's memory reused for
+ * another file fails that), the rename generation is unchanged (kw_gen: bumped at the entry and the exit of every
+ * rename, so a path resolved while a rename runs is not kept) and so is the configuration (cfg_gen, roots). Those
+ * checks are about the dentry, not about who asks, so the cache is per CPU (a lookup the verifier inlines, where
+ * task storage cost a helper call); one program runs on a CPU at a time (the tracepoint handlers run with
+ * preemption off), so an entry is never seen half-written. Mounts moved under a running kwatch are not noticed
+ * (mount(2) is not traced).
  */
 #define PCACHE_PATH 256
+#define PCACHE_EXACT 2
+#define PCACHE_DIRS 2
 struct kw_pcache_ent {
 	__u64 dentry;
 	__u64 mnt;
@@ -255,14 +264,16 @@ struct kw_pcache_ent {
 };
 
 struct kw_pcache {
-	struct kw_pcache_ent e[2];
-	__u32 next;
+	struct kw_pcache_ent e[PCACHE_EXACT];
+	struct kw_pcache_ent d[PCACHE_DIRS];
+	__u32 next_e;
+	__u32 next_d;
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
 	__type(value, struct kw_pcache);
 } kw_pcache SEC(".maps");
 
@@ -284,6 +295,49 @@ static __always_inline int pcache_match(struct kw_pcache_ent *e, struct pcache_k
 	       e->ino == k->ino && e->gen == k->gen && e->cfg_gen == k->cfg_gen && e->check == k->check;
 }
 
+static __always_inline void pcache_key_of(struct pcache_key *k, __u64 dentry, __u64 mnt, struct kw_config *cfg,
+					  __u32 check_roots)
+{
+	struct dentry *d = KPTR(struct dentry, dentry);
+	k->dentry = dentry;
+	k->mnt = mnt;
+	k->parent = (__u64)d->d_parent;
+	k->hash_len = d->d_name.hash_len;
+	k->ino = d->d_inode->i_ino;
+	k->gen = kw_gen;
+	k->cfg_gen = cfg ? cfg->cfg_gen : 0;
+	k->check = check_roots ? 1 : 0;
+}
+
+static __always_inline void pcache_put(struct kw_pcache_ent *e, struct pcache_key *k, __u32 res, const char *path,
+				       __u32 len)
+{
+	e->dentry = k->dentry;
+	e->mnt = k->mnt;
+	e->parent = k->parent;
+	e->hash_len = k->hash_len;
+	e->ino = k->ino;
+	e->gen = k->gen;
+	e->cfg_gen = k->cfg_gen;
+	e->check = k->check;
+	e->res = res;
+	bpf_probe_read_kernel(e->path, len & (PCACHE_PATH - 1), path);
+}
+
+static __always_inline int is_root_ino(struct kw_config *cfg, __u64 ino)
+{
+	if (!cfg)
+		return 0;
+	__u32 n = cfg->n_root_inos;
+	for (int k = 0; k < KW_MAX_ROOT_PATHS; k++) {
+		if (k >= n)
+			break;
+		if (cfg->root_ino[k] == ino)
+			return 1;
+	}
+	return 0;
+}
+
 /*
  * Resolve (dentry, vfsmount) to an absolute path and copy it into s->data at off. A global function: the verifier
  * checks it once per program instead of once per call site (four in kw_exit), which keeps start-up fast.
@@ -296,20 +350,17 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 		return WALK_TRUNC;
 	struct kw_config *cfg = kw_config_get();
 	struct dentry *d = KPTR(struct dentry, dentry);
-	struct pcache_key k = {
-		.dentry = dentry,
-		.mnt = vfsmnt,
-		.parent = (__u64)d->d_parent,
-		.hash_len = d->d_name.hash_len,
-		.ino = d->d_inode->i_ino,
-		.gen = kw_gen,
-		.cfg_gen = cfg ? cfg->cfg_gen : 0,
-		.check = check_roots ? 1 : 0,
-	};
-	struct kw_pcache *pc = bpf_task_storage_get(&kw_pcache, bpf_get_current_task_btf(), 0,
-						    BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct pcache_key k = {};
+	pcache_key_of(&k, dentry, vfsmnt, cfg, check_roots);
+	__u32 zero = 0;
+	struct kw_pcache *pc = bpf_map_lookup_elem(&kw_pcache, &zero);
+	struct vfsmount *mnt = (struct vfsmount *)vfsmnt;
+	__u64 mnt_root = (__u64)KPTR(struct vfsmount, mnt)->mnt_root;
+	/* a file reached through its directory: not a directory, not a mount's root (file bind mounts), not a root */
+	__u8 child = dentry != mnt_root && (d->d_inode->i_mode & S_IFMT) != S_IFDIR && !is_root_ino(cfg, k.ino);
+	__u32 name_len = d->d_name.len;
 	if (pc) {
-		for (int i = 0; i < 2; i++) {
+		for (int i = 0; i < PCACHE_EXACT; i++) {
 			struct kw_pcache_ent *e = &pc->e[i];
 			if (pcache_match(e, &k)) {
 				__u32 n = e->res & WALK_MASK;
@@ -319,12 +370,30 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 				return e->res;
 			}
 		}
+		if (child) {
+			struct pcache_key pk = {};
+			pcache_key_of(&pk, k.parent, vfsmnt, cfg, check_roots);
+			for (int i = 0; i < PCACHE_DIRS; i++) {
+				struct kw_pcache_ent *e = &pc->d[i];
+				if (!pcache_match(e, &pk))
+					continue;
+				__u32 n = e->res & WALK_MASK;
+				if (n >= PCACHE_PATH || name_len > NAME_LEN_MAX)
+					break;
+				barrier_var(name_len); /* keep the mask below: the verifier needs it, the compiler drops it */
+				bpf_probe_read_kernel(&s->data[off & DATA_MASK], n & (PCACHE_PATH - 1), e->path);
+				if (n != 1) /* the directory "/" already ends in one */
+					s->data[(off + n++) & DATA_MASK] = '/';
+				bpf_probe_read_kernel(&s->data[(off + n) & DATA_MASK], name_len & NAME_LEN_MAX,
+						      d->d_name.name);
+				return (e->res & ~WALK_MASK) | (n + name_len);
+			}
+		}
 	}
-	struct vfsmount *mnt = (struct vfsmount *)vfsmnt;
 	struct walk_ctx w = {};
 	w.dentry = dentry;
 	w.mnt = (__u64)real_mount(mnt);
-	w.mnt_root = (__u64)KPTR(struct vfsmount, mnt)->mnt_root;
+	w.mnt_root = mnt_root;
 	w.s = s;
 	w.pos = WALK_BUF;
 	w.check_roots = check_roots ? 1 : 0;
@@ -344,19 +413,20 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	__u32 len = (WALK_BUF - w.pos) & WALK_MASK;
 	bpf_probe_read_kernel(&s->data[off & DATA_MASK], len, &s->walk[w.pos & WALK_MASK]);
 	res |= len;
-	if (pc && !(res & WALK_TRUNC) && len < PCACHE_PATH && k.gen == kw_gen) {
-		struct kw_pcache_ent *e = &pc->e[pc->next & 1];
-		pc->next ^= 1;
-		e->dentry = k.dentry;
-		e->mnt = k.mnt;
-		e->parent = k.parent;
-		e->hash_len = k.hash_len;
-		e->ino = k.ino;
-		e->gen = k.gen;
-		e->cfg_gen = k.cfg_gen;
-		e->check = k.check;
-		e->res = res;
-		bpf_probe_read_kernel(e->path, len & (PCACHE_PATH - 1), &s->walk[w.pos & WALK_MASK]);
+	if (!pc || (res & WALK_TRUNC) || len >= PCACHE_PATH || k.gen != kw_gen)
+		return res;
+	struct kw_pcache_ent *e = &pc->e[pc->next_e & (PCACHE_EXACT - 1)];
+	pc->next_e += 1;
+	pcache_put(e, &k, res, &s->walk[w.pos & WALK_MASK], len);
+	if (child && len > name_len + 1) {
+		/* the directory's path is this one without "/name" ("/" itself for a file at the top) */
+		__u32 plen = len - name_len - 1;
+		struct pcache_key pk = {};
+		pcache_key_of(&pk, k.parent, vfsmnt, cfg, check_roots);
+		e = &pc->d[pc->next_d & (PCACHE_DIRS - 1)];
+		pc->next_d += 1;
+		pcache_put(e, &pk, (res & (ROOT_IN << WALK_ROOTS_SHIFT)) | (plen ? plen : 1),
+			   &s->walk[w.pos & WALK_MASK], plen ? plen : 1);
 	}
 	return res;
 }
@@ -377,11 +447,12 @@ static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 	unsigned int max = fdt->max_fds;
 	if (fd < 0 || (unsigned int)fd >= max)
 		return NULL;
-	struct file **arr = NULL;
-	bpf_probe_read_kernel(&arr, sizeof(arr), &fdt->fd);
-	struct file *f = NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &arr[fd]);
-	return f;
+	/*
+	 * fd[fd] through a typed view, a plain load: the verifier allows no arithmetic on a typed pointer, so the slot's
+	 * address is typed as a struct whose first member is one pointer (llist_node: just "next").
+	 */
+	__u64 slot = (__u64)fdt->fd + (__u64)fd * sizeof(void *);
+	return (struct file *)KPTR(struct llist_node, slot)->next;
 }
 
 /* The directory a name is resolved against: the dirfd's file, or the cwd. */
@@ -578,7 +649,10 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	e->trunc = 0;
 	e->in_root = 0;
 	e->_pad = 0;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* two plain loads where bpf_get_current_comm() is a helper call and a string copy (the decoders stop at NUL) */
+	const struct task_struct *t = KPTR(struct task_struct, task);
+	*(__u64 *)&e->comm[0] = *(const __u64 *)&t->comm[0];
+	*(__u64 *)&e->comm[8] = *(const __u64 *)&t->comm[8];
 	return s;
 }
 
