@@ -659,7 +659,8 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 /* When the last wake-up of the consumer was forced because the buffer was empty (see kw_config.wake_us). */
 __u64 kw_last_wake = 0;
 
-static __always_inline __u64 wake_flags(void)
+/* now: the record's own timestamp, so a record reads the clock once */
+static __always_inline __u64 wake_flags(__u64 now)
 {
 	struct kw_config *cfg = kw_config_get();
 	if (!cfg)
@@ -669,7 +670,6 @@ static __always_inline __u64 wake_flags(void)
 		return BPF_RB_FORCE_WAKEUP;
 	if (avail)
 		return BPF_RB_NO_WAKEUP; /* the consumer was woken for, or is polling for, what is already there */
-	__u64 now = bpf_ktime_get_ns();
 	if (now - kw_last_wake < (__u64)cfg->wake_us * 1000)
 		return BPF_RB_NO_WAKEUP; /* it saw data less than wake_us ago, so it is polling */
 	kw_last_wake = now;
@@ -680,7 +680,7 @@ static __always_inline void finish(struct kw_scratch *s, __u32 total)
 {
 	__u64 size = sizeof(struct kw_event) + (total & DATA_MASK);
 	/* a full ring is the only failure left (a torn consumer position once made it look full: see ringbuf.py) */
-	if (!bpf_ringbuf_output(&kw_events, &s->ev, size, wake_flags()))
+	if (!bpf_ringbuf_output(&kw_events, &s->ev, size, wake_flags(s->ev.ts_ns)))
 		return;
 	count_loss();
 }
