@@ -21,6 +21,7 @@ from livereplicate import LiveReplicate, wait_identical
 from treecmp import assert_trees_equal
 
 from kwatch.events import FileEvent, Op
+from kwatch.protocols import agent as ap
 from kwatch.replicate.engine import BatchReport, Replicator, Target, TargetOptions
 
 pytestmark = pytest.mark.root
@@ -158,6 +159,39 @@ def test_links_in_process(name: str, initial: list[str], steps: Steps, trees: tu
             assert_trees_equal(src, mirror)
             if most is not None:
                 assert literal <= most, f"step {i} {actions}: {literal} literal bytes sent (at most {most})"
+
+
+# ``ln a b; rm a`` when the mirror's a is not what the planner believes (changed behind kwatch's back), or with an
+# agent that does not check links (an older peer): the data is sent, never a link to the wrong content.
+STALE_CASES = [
+    # (name, change to the mirror's a before the batch, capabilities removed, literal bytes of the first batch)
+    ("mirror_copy_changed", "rewrite", frozenset(), 0),
+    ("mirror_copy_gone", "unlink", frozenset(), 0),
+    ("older_peer_without_linkcheck", None, frozenset({"linkcheck"}), SIZE),
+]
+
+
+@pytest.mark.parametrize(("name", "spoil", "without", "first"), STALE_CASES, ids=[c[0] for c in STALE_CASES])
+def test_link_to_a_removed_name_is_checked(name: str, spoil: str | None, without: frozenset[str], first: int,
+                                           trees: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    src, mirror = trees
+    monkeypatch.setattr(ap, "CAPABILITIES", ap.CAPABILITIES - without)
+    (src / "a").write_bytes(b"a" * SIZE)
+    with _mirrored(src, mirror) as rep:
+        if spoil == "rewrite":  # same size, another mtime: what the agent checks
+            (mirror / "a").write_bytes(b"z" * SIZE)
+        elif spoil == "unlink":
+            (mirror / "a").unlink()
+        events = [ev for action in [("link", "a", "b"), ("unlink", "a")] for ev in _apply(os.fsencode(src), action)]
+        r = _batch(rep, events)
+        assert (r.errors, r.literal) == ([], first), r
+        assert not (mirror / "b").exists() or (mirror / "b").read_bytes() == b"a" * SIZE
+        if first == 0:  # refused by the agent: b goes as data in the next batch
+            assert rep.coalescer.pending()
+            r = rep.sync_now(rep.coalescer.take(time.monotonic() + 5))
+            assert (r.errors, r.literal) == ([], SIZE), r
+        assert not rep.coalescer.pending()
+        assert_trees_equal(src, mirror)
 
 
 def test_hard_link_in_a_rescanned_subtree_links_to_a_name_outside(trees: tuple[Path, Path]) -> None:
