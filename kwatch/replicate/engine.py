@@ -934,9 +934,6 @@ def make_replicator(
     if target.kind == "rsync":
         from kwatch.replicate.rsync_target import RsyncReplicator
 
-        if opts.bwlimit:
-            log.warning("target %s: bwlimit is not applied to rsync:// targets (the native client does not pace)",
-                        target.spec)
         return RsyncReplicator(src_root, target, opts)
     return Replicator(src_root, target, opts, on_agent=on_agent)
 

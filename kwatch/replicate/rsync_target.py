@@ -9,9 +9,12 @@ data. A rescan of the whole tree is one full push with ``--delete``. Either way 
 directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
 
+``bwlimit`` paces every byte written to the daemon (rsync_transport: as rsync's own ``--bwlimit``, so the file
+list and the token stream count, not only file data as with the agent).
+
 Not carried to an rsync daemon: hard links (the native client does not send rsync's ``-H`` hard-link data, so the
 names of a linked file arrive as separate copies with the same content; a ``link(2)`` marks both names, and both
-are simply sent) and ``bwlimit`` (the native client does not pace; the agent targets do).
+are simply sent).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class RsyncReplicator(Replicator):
                 return rep
         try:
             res = push(self.src, self.target.spec, paths, delete=self.opts.delete,
-                       password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout)
+                       password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout,
+                       bwlimit=self.opts.bwlimit)
         except (ProtocolError, OSError) as e:
             raise LinkError(f"rsync push failed: {e}") from e
         rep.puts = res.files
