@@ -74,6 +74,8 @@ class PushResult:
     protocol: int = 0
     checksum: str = ""
     deleted: int = 0
+    #: the names of each inode with several names that the list carried (by the source's (st_dev, st_ino))
+    inodes: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,9 @@ def _entry(root: bytes, rel: bytes, st: os.stat_result, **kw: bool) -> FileEntry
         size = st.st_size
     else:
         return None  # devices, fifos, sockets: not replicated
+    inode = (st.st_dev, st.st_ino) if stat.S_ISREG(mode) and st.st_nlink > 1 else None
     return FileEntry(name=rel, mode=mode, size=size, mtime=st.st_mtime_ns // 10**9,
-                     mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, **kw)
+                     mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, inode=inode, **kw)
 
 
 def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntry]:
@@ -431,6 +434,7 @@ def push(
     remote_rsync: str = "rsync",
     timeout: float = IO_TIMEOUT,
     bwlimit: int | None = None,
+    hard_links: bool = False,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -438,7 +442,8 @@ def push(
     any argv prefix, e.g. ``["sh", "-c"]``-style wrappers are up to the caller). Raises
     :class:`~kwatch.protocols.errors.RemoteProtocolError` for an unknown module, failed auth, a read-only module,
     a protocol mismatch or a peer that closes early; per-file problems land in ``PushResult.errors``.
-    ``bwlimit`` (bytes per second) paces everything written to the peer.
+    ``bwlimit`` (bytes per second) paces everything written to the peer. With ``hard_links`` (``-H``, protocol >=
+    30) the names of one inode in the list are linked on the receiver, its data sent at most once.
     """
     root = os.fsencode(src_root)
     target = parse_url(url)
@@ -455,10 +460,14 @@ def push(
         protocol=protocol,
         negotiate=negotiate,
         compress=compress,
+        hard_links=hard_links,
         user=(target.user or os.environ.get("USER") or "nobody").encode(),
         password=_read_password(password, password_file) if target.scheme == "rsync" else None,
     )
     result = PushResult()
+    for e in entries:
+        if e.inode is not None:
+            result.inodes.setdefault(e.inode, []).append(e.name)
     if target.scheme == "rsync":
         session = PushSession(entries, opts, Mode.DAEMON, target.module)
         with socket.create_connection((target.host, target.port), timeout=timeout) as sock:

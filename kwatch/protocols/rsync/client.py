@@ -91,6 +91,7 @@ class PushOptions:
     negotiate: bool = True  # the 'v' capability: negotiate checksum names and varint flist flags
     compress: bool = False  # negotiates compression (only "none" is implemented, so data is not compressed)
     checksums: tuple[str, ...] = CHECKSUM_NAMES
+    hard_links: bool = False  # -H: entries with an ``inode`` are sent as hard links of each other (protocol >= 30)
     user: bytes = b"nobody"
     password: bytes | None = None
 
@@ -155,6 +156,8 @@ class Counters:
 def build_server_args(opts: PushOptions) -> list[bytes]:
     """The argument vector the remote ``rsync --server`` gets (options.c server_options, for a sender)."""
     flags = "-lptr"
+    if opts.hard_links:
+        flags += "H"
     if opts.fuzzy:
         flags += "y"
     if opts.compress:
@@ -487,8 +490,15 @@ class PushSession:
         if self.opts.delete or self.opts.delete_missing:
             out += codec.enc_int(0)  # exclude.c send_filter_list: the receiver wants the (empty) list
         enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
-        for e in self.entries:
-            out += enc.encode(e)
+        firsts: dict[tuple[int, int], int] = {}  # inode -> the list index of its first name
+        linking = self.opts.hard_links and self.protocol >= 30
+        for i, e in enumerate(self.entries):
+            hlink = None
+            if linking and e.inode is not None and not e.is_dir and e.mode:
+                hlink = firsts.setdefault(e.inode, i)
+                if hlink == i:
+                    hlink = -1
+            out += enc.encode(e, hlink)
         out += enc.end(0)
         if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:
             pass

@@ -1,9 +1,11 @@
 """rsync file-list entries: encode and decode with the XMIT_* flags, the end-of-list marker, and the sort order.
 
 Pure. Covers what kwatch sends: regular files, directories, symlinks (``-l``), permissions (``-p``), mtimes
-with nanoseconds (``-t``, protocol 31 ``XMIT_MOD_NSEC``), and ``--delete-missing-args`` entries (mode 0 = delete
-this path). Ownership, devices, hard links, ACLs/xattrs and ``--checksum`` sums are not sent (the client never
-asks the daemon for them, so the entry layout below is complete for the options it sends).
+with nanoseconds (``-t``, protocol 31 ``XMIT_MOD_NSEC``), hard links (``-H``, protocol >= 30: the names of one
+inode are ``XMIT_HLINKED``, the first of them in list order also ``XMIT_HLINK_FIRST``, and each later one carries
+the list index of the first instead of its attributes), and ``--delete-missing-args`` entries (mode 0 = delete
+this path). Ownership, devices, ACLs/xattrs and ``--checksum`` sums are not sent (the client never asks the
+daemon for them, so the entry layout below is complete for the options it sends).
 
 Follows rsync's flist.c ``send_file_entry`` / ``recv_file_entry`` (the compression of a name against the
 previous one, and "same as previous" flags for mode and mtime), ``write_end_of_flist``, and ``f_name_cmp`` for
@@ -12,6 +14,7 @@ the order in which both sides index the list.
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from dataclasses import dataclass
 
@@ -43,6 +46,7 @@ XMIT_NO_CONTENT_DIR = 1 << 8  # directories only, protocol >= 30
 XMIT_HLINKED = 1 << 9
 XMIT_USER_NAME_FOLLOWS = 1 << 10
 XMIT_GROUP_NAME_FOLLOWS = 1 << 11
+XMIT_HLINK_FIRST = 1 << 12  # protocol >= 30, with XMIT_HLINKED (the same bit as XMIT_IO_ERROR_ENDLIST)
 XMIT_IO_ERROR_ENDLIST = 1 << 12
 XMIT_MOD_NSEC = 1 << 13
 XMIT_SAME_ATIME = 1 << 14
@@ -69,6 +73,9 @@ class FileEntry:
     link_target: bytes | None = None
     top_dir: bool = False
     content_dir: bool = True  # directories: the receiver may delete extraneous entries inside
+    #: (st_dev, st_ino) of a non-directory with several names: the names of one inode in a list are sent as hard
+    #: links of each other (``-H``); None for everything else.
+    inode: tuple[int, int] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -117,14 +124,29 @@ class FlistEncoder:
         self._lastname = b""
         self._mode = -1
         self._mtime: int | None = None
+        self._count = 0  # entries encoded: the list index of the next one
+        self._firsts: dict[int, FileEntry] = {}  # list index -> the first name of an inode
 
-    def encode(self, e: FileEntry) -> bytes:
+    def encode(self, e: FileEntry, hlink: int | None = None) -> bytes:
+        """One entry. ``hlink``: with ``-H``, -1 for the first name of an inode in the list, or the list index of
+        that first name for a later one (flist.c send_file_entry, protocol >= 30); None for no hard link."""
         try:
             check_name(e.name)
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None
         if e.mode != 0 and not (e.is_reg or e.is_dir or e.is_link):
             raise LocalProtocolError(f"unsupported file type {e.mode:#o} for {e.name!r}")
+        ndx = self._count
+        self._count += 1
+        if hlink is not None and hlink >= 0:
+            first = self._firsts.get(hlink)
+            if first is None:
+                raise LocalProtocolError(f"hard link of {e.name!r} to list index {hlink}, not a first name")
+            # the receiver gives this name the first one's attributes (and its "same as previous" state follows
+            # them): two stats of one inode may differ if it changed between them, the list must not
+            e = dataclasses.replace(first, name=e.name, top_dir=e.top_dir)
+        elif hlink is not None:
+            self._firsts[ndx] = e
         xflags = 0
         if e.is_dir and self.protocol >= 30:
             if e.top_dir and not e.content_dir:  # an implied parent directory (FLAG_IMPLIED_DIR)
@@ -147,6 +169,10 @@ class FlistEncoder:
             self._mtime = e.mtime
         if e.mtime_nsec and self.protocol >= 31:
             xflags |= XMIT_MOD_NSEC
+        if hlink is not None:
+            if self.protocol < 30 or e.is_dir or e.mode == 0:
+                raise LocalProtocolError(f"hard link of {e.name!r}: only non-directories, protocol >= 30")
+            xflags |= XMIT_HLINKED | (XMIT_HLINK_FIRST if hlink < 0 else 0)
         l1 = 0
         last = self._lastname
         while l1 < len(last) and l1 < len(e.name) and l1 < 255 and e.name[l1] == last[l1]:
@@ -174,6 +200,12 @@ class FlistEncoder:
         else:
             out.append(len(suffix))
         out += suffix
+        if hlink is not None and hlink >= 0:
+            # A later name of an inode: the receiver takes size, times and mode from the first name (the "same as
+            # previous" state above was still updated, as flist.c does before its ``goto the_end``).
+            out += enc_varint(hlink)
+            self._lastname = e.name
+            return bytes(out)
         out += enc_varlong30(e.size, 3, self.protocol)
         if not xflags & XMIT_SAME_TIME:
             out += enc_varlong(e.mtime, 4) if self.protocol >= 30 else enc_int(e.mtime)
