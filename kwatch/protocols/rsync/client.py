@@ -43,7 +43,7 @@ from kwatch.protocols.rsync.checksum import (
     parse_name_list,
 )
 from kwatch.protocols.rsync.codec import Msg, NeedMore, Reader
-from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, sort_key
+from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, hlink_indexes, sort_key
 from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
 
 SUPPORTED_PROTOCOLS = (30, 31)
@@ -155,9 +155,7 @@ class Counters:
 
 def build_server_args(opts: PushOptions) -> list[bytes]:
     """The argument vector the remote ``rsync --server`` gets (options.c server_options, for a sender)."""
-    flags = "-lptr"
-    if opts.hard_links:
-        flags += "H"
+    flags = "-l" + ("H" if opts.hard_links else "") + "ptr"  # -H where options.c server_options puts it
     if opts.fuzzy:
         flags += "y"
     if opts.compress:
@@ -490,14 +488,9 @@ class PushSession:
         if self.opts.delete or self.opts.delete_missing:
             out += codec.enc_int(0)  # exclude.c send_filter_list: the receiver wants the (empty) list
         enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
-        firsts: dict[tuple[int, int], int] = {}  # inode -> the list index of its first name
         linking = self.opts.hard_links and self.protocol >= 30
-        for i, e in enumerate(self.entries):
-            hlink = None
-            if linking and e.inode is not None and not e.is_dir and e.mode:
-                hlink = firsts.setdefault(e.inode, i)
-                if hlink == i:
-                    hlink = -1
+        hlinks = hlink_indexes(self.entries) if linking else [None] * len(self.entries)
+        for e, hlink in zip(self.entries, hlinks, strict=True):
             out += enc.encode(e, hlink)
         out += enc.end(0)
         if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:

@@ -102,6 +102,20 @@ def sort_key(e: FileEntry) -> tuple[tuple[int, bytes], ...]:
     return tuple(key)
 
 
+def hlink_indexes(entries: list[FileEntry]) -> list[int | None]:
+    """For each entry (in list order), what :meth:`FlistEncoder.encode` needs for ``-H``: -1 for the first name of
+    an inode, the list index of that first name for a later one, None for an entry without an ``inode``."""
+    firsts: dict[tuple[int, int], int] = {}
+    out: list[int | None] = []
+    for i, e in enumerate(entries):
+        if e.inode is None or e.is_dir or not e.mode:
+            out.append(None)
+            continue
+        first = firsts.setdefault(e.inode, i)
+        out.append(-1 if first == i else first)
+    return out
+
+
 def check_name(name: bytes) -> None:
     """Reject names a receiver must never act on: empty, absolute, ``..`` components, NUL bytes."""
     if not name or len(name) >= MAXPATHLEN:
@@ -235,16 +249,21 @@ class EndOfList:
 
 
 class FlistDecoder:
-    """Decodes entries sent with the options kwatch uses (``-rlpt``, no ``-o/-g/-D/-H``), for tests and for
-    validating golden captures. ``decode`` is atomic: on :class:`NeedMore` the state is unchanged."""
+    """Decodes entries sent with the options kwatch uses (``-rlpt``, ``-H`` with ``hard_links``; no ``-o/-g/-D``),
+    for tests and for validating golden captures. ``decode`` is atomic: on :class:`NeedMore` the state is
+    unchanged. A hard-linked entry's ``inode`` is ``(0, list index of the first name of its inode)``."""
 
-    def __init__(self, protocol: int, varint_flags: bool, preserve_links: bool = True) -> None:
+    def __init__(self, protocol: int, varint_flags: bool, preserve_links: bool = True,
+                 hard_links: bool = False) -> None:
         self.protocol = protocol
         self.varint_flags = varint_flags
         self.preserve_links = preserve_links
+        self.hard_links = hard_links and protocol >= 30
         self._lastname = b""
         self._mode = 0
         self._mtime = 0
+        self._count = 0
+        self._firsts: dict[int, FileEntry] = {}
 
     def decode(self, r: Reader) -> FileEntry | EndOfList:
         start = r.pos
@@ -267,7 +286,8 @@ class FlistDecoder:
                 xflags |= r.byte() << 8
                 if xflags == XMIT_EXTENDED_FLAGS | XMIT_IO_ERROR_ENDLIST:
                     return EndOfList(dec_varint(r))
-        if xflags & ~_KNOWN_FLAGS:
+        known = _KNOWN_FLAGS | (XMIT_HLINKED | XMIT_HLINK_FIRST if self.hard_links else 0)
+        if xflags & ~known:
             raise RemoteProtocolError(f"file-list flags {xflags:#x} need options this client did not send")
         l1 = r.byte() if xflags & XMIT_SAME_NAME else 0
         l2 = dec_varint30(r, self.protocol) if xflags & XMIT_LONG_NAME else r.byte()
@@ -278,6 +298,16 @@ class FlistDecoder:
             check_name(name)
         except ValueError as exc:
             raise RemoteProtocolError(str(exc)) from None
+        ndx = self._count
+        if self.hard_links and xflags & XMIT_HLINKED and not xflags & XMIT_HLINK_FIRST:
+            first_ndx = dec_varint(r)
+            first = self._firsts.get(first_ndx)
+            if first is None:
+                raise RemoteProtocolError(f"{name!r} hard-links list index {first_ndx}, not the first name of an "
+                                          f"inode before it")
+            self._lastname, self._mode, self._mtime = name, first.mode, first.mtime
+            self._count += 1
+            return dataclasses.replace(first, name=name, top_dir=False)
         size = dec_varlong30(r, 3, self.protocol)
         if size < 0:
             raise RemoteProtocolError(f"negative size for {name!r}")
@@ -298,9 +328,12 @@ class FlistDecoder:
             if not 0 < n < MAXPATHLEN:
                 raise RemoteProtocolError(f"bad symlink length {n} for {name!r}")
             target = r.take(n)
-        self._lastname, self._mode, self._mtime = name, mode, mtime
         is_dir = stat.S_ISDIR(mode)
-        return FileEntry(
+        if xflags & XMIT_HLINKED and (is_dir or not mode):
+            raise RemoteProtocolError(f"hard-linked entry {name!r} is a directory or a deletion")
+        self._lastname, self._mode, self._mtime = name, mode, mtime
+        self._count += 1
+        entry = FileEntry(
             name=name,
             mode=mode,
             size=size,
@@ -309,4 +342,8 @@ class FlistDecoder:
             link_target=target,
             top_dir=bool(xflags & XMIT_TOP_DIR) and is_dir,
             content_dir=not (is_dir and xflags & XMIT_NO_CONTENT_DIR),
+            inode=(0, ndx) if xflags & XMIT_HLINKED else None,
         )
+        if xflags & XMIT_HLINKED:
+            self._firsts[ndx] = entry
+        return entry
