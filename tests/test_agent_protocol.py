@@ -324,6 +324,82 @@ def test_conversation_rules_local_and_remote(steps: list[Message], reason: str) 
         drain(r)
 
 
+# --- inode identities in manifests ("inodes") and checked hard links ("linkcheck") ---------------------------------
+
+def _linked(path: bytes, link: int = 1, nlink: int = 2, size: int = 10) -> Entry:
+    return Entry(EntryType.FILE, path, size, 5, 0o644, 0, 0, None, None, nlink, link)
+
+
+CAPS_ALL = frozenset({"delta", "zstd", "hardlink", "putfiles", "xxh3", "inodes", "linkcheck"})
+IDENTITY_CASES: list[tuple[str, frozenset[str], list[Message], str | None]] = [
+    ("names of one inode, over two frames", CAPS_ALL,
+     [ManifestEntries(1, (_linked(b"a"), Entry(EntryType.DIR, b"d", 0, 5, 0o755, 0, 0)), False),
+      ManifestEntries(1, (_linked(b"d/b"), _linked(b"c", link=2, nlink=3)), True)], None),
+    ("the same link id in another manifest is another inode", CAPS_ALL,
+     [ManifestEntries(1, (_linked(b"a"), _linked(b"b")), True),
+      ManifestEntries(2, (_linked(b"a", size=99), _linked(b"b", size=99)), True)], None),
+    ("identity without inodes negotiated", CAPS_ALL - {"inodes"},
+     [ManifestEntries(1, (_linked(b"a"),), True)], "inodes was not negotiated"),
+    ("names of one link id disagree on the size", CAPS_ALL,
+     [ManifestEntries(1, (_linked(b"a"), _linked(b"b", size=11)), True)], "differ from another name"),
+    ("names of one link id disagree on nlink, across frames", CAPS_ALL,
+     [ManifestEntries(1, (_linked(b"a"),), False), ManifestEntries(1, (_linked(b"b", nlink=3),), True)],
+     "differ from another name"),
+    ("more names than nlink", CAPS_ALL,
+     [ManifestEntries(1, (_linked(b"a"), _linked(b"b"), _linked(b"c")), True)], "more names of link id 1"),
+    ("checked hard link", CAPS_ALL, [Hardlink(b"b", b"a", 10, -5)], None),
+    ("checked hard link without linkcheck negotiated", CAPS_ALL - {"linkcheck"},
+     [Hardlink(b"b", b"a", 10, 5)], "linkcheck was not negotiated"),
+]
+
+
+@pytest.mark.parametrize(("caps", "msgs", "reason"), [c[1:] for c in IDENTITY_CASES],
+                         ids=[c[0] for c in IDENTITY_CASES])
+def test_inode_identity_and_linkcheck(caps: frozenset[str], msgs: list[Message], reason: str | None) -> None:
+    """Each rule holds on both ends: refused when we would send it (Local), and when the peer does (Remote)."""
+    for local in (True, False):
+        s, r = pair(caps)
+        for i in {m.id for m in msgs if isinstance(m, ManifestEntries)}:
+            r.receive_data(s.send(ManifestRequest(i)))
+            drain(r)
+        with contextlib.ExitStack() as stack:
+            if reason is not None:
+                stack.enter_context(pytest.raises(LocalProtocolError if local else RemoteProtocolError,
+                                                  match=reason))
+            for m in msgs:
+                by, to = (r, s) if isinstance(m, ManifestEntries) else (s, r)
+                to.receive_data(by.send(m) if local else encode_frame(m))
+                assert drain(to) == [m]
+
+
+IDENTITY_FRAMES: list[tuple[str, list[Any], str]] = [
+    ("identity on a directory", [2, b"d", 0, 5, 0o755, 0, 0, None, None, 2, 1], "only a regular file"),
+    ("nlink 1 with a link id", [1, b"f", 0, 5, 0o644, 0, 0, None, None, 1, 1], "outside"),
+    ("link id 0", [1, b"f", 0, 5, 0o644, 0, 0, None, None, 2, 0], "outside"),
+    ("link id missing", [1, b"f", 0, 5, 0o644, 0, 0, None, None, 2, None], "must be an integer"),
+    ("ten fields", [1, b"f", 0, 5, 0o644, 0, 0, None, None, 2], "needs 9 fields"),
+]
+
+
+@pytest.mark.parametrize(("entry", "reason"), [c[1:] for c in IDENTITY_FRAMES], ids=[c[0] for c in IDENTITY_FRAMES])
+def test_malformed_identity_entries(entry: list[Any], reason: str) -> None:
+    s, r = pair()
+    r.receive_data(s.send(ManifestRequest(1)))
+    drain(r)
+    s.receive_data(frame(TYPE_CODES[ManifestEntries], 1, [entry], True))
+    with pytest.raises(RemoteProtocolError, match=reason):
+        drain(s)
+
+
+@pytest.mark.parametrize("fields", [[b"b", b"a", 10], [b"b", b"a", 10, None], [b"b", b"a", -1, 5]],
+                         ids=["three fields", "mtime missing", "negative size"])
+def test_malformed_checked_hardlink(fields: list[Any]) -> None:
+    r = fresh_receiver()
+    r.receive_data(frame(TYPE_CODES[Hardlink], *fields))
+    with pytest.raises(RemoteProtocolError):
+        drain(r)
+
+
 def test_ack_and_signature_correlation_on_sender() -> None:
     s, _ = pair()
     s.receive_data(encode_frame(Ack(3, ())))
@@ -456,8 +532,9 @@ modes = st.integers(0, 0o7777)
 digests = st.none() | st.binary(min_size=16, max_size=16)
 text = st.text(max_size=40)
 entries = st.builds(
-    lambda t, p, size, mt, mode, uid, gid, tgt, h: Entry(
-        t, p, size, mt, mode, uid, gid, (tgt if t is EntryType.SYMLINK else None), h
+    lambda t, p, size, mt, mode, uid, gid, tgt, h, ident: Entry(
+        t, p, size, mt, mode, uid, gid, (tgt if t is EntryType.SYMLINK else None), h,
+        *(ident if t is EntryType.FILE and ident is not None else (1, None)),
     ),
     st.sampled_from(EntryType),
     relpaths,
@@ -468,6 +545,7 @@ entries = st.builds(
     u32,
     st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b),
     digests,
+    st.none() | st.tuples(st.integers(2, 2**32 - 1), st.integers(1, 2**64 - 1)),
 )
 ops = st.lists(
     st.one_of(
@@ -505,6 +583,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Delete, relpaths, st.booleans()),
     st.builds(Symlink, relpaths, st.binary(min_size=1, max_size=50).filter(lambda b: b"\0" not in b)),
     st.builds(Hardlink, relpaths, relpaths),
+    st.builds(Hardlink, relpaths, relpaths, u63, i64),
     st.builds(SetAttr, relpaths, st.none() | modes, st.none() | i64, st.none() | u32, st.none() | u32),
     st.builds(Commit, u63),
     st.builds(Ack, u63, st.lists(st.builds(PathError, relpaths, text, text), max_size=3).map(tuple)),

@@ -163,3 +163,31 @@ def test_too_many_paths_collapse_into_a_rescan() -> None:
     b = c.take(now=1.0)
     assert b.rescans == {b""}
     assert len(b.dirty) <= 100
+
+
+# (name, events, the batch's link origins: new name -> the name the mirror should still have its data under)
+LINK_FROM_CASES = [
+    ("link", [e(Op.LINK, "/a", "/b")], {b"b": b"a"}),
+    ("link_then_unlink_the_old_name", [e(Op.LINK, "/a", "/b"), e(Op.UNLINK, "/a")], {b"b": b"a"}),
+    ("chain_follows_to_the_first_name", [e(Op.LINK, "/a", "/b"), e(Op.LINK, "/b", "/c")], {b"b": b"a", b"c": b"a"}),
+    ("old_name_written_in_the_batch_first", [e(Op.OPEN_WRITE, "/a"), e(Op.CLOSE_WRITE, "/a"),
+                                             e(Op.LINK, "/a", "/b")], {}),
+    ("old_name_created_in_the_batch", [e(Op.CREATE, "/a"), e(Op.CLOSE_WRITE, "/a"), e(Op.LINK, "/a", "/b")], {}),
+    ("renames_rebase_both_names", [e(Op.LINK, "/d/a", "/d/b"), e(Op.RENAME, "/d", "/e")], {b"e/b": b"e/a"}),
+    ("a_rename_onto_the_old_name_drops_it", [e(Op.LINK, "/a", "/b"), e(Op.UNLINK, "/a"), e(Op.RENAME, "/x", "/a")],
+     {}),
+    ("a_rename_onto_the_new_name_drops_it", [e(Op.LINK, "/a", "/b"), e(Op.RENAME, "/x", "/b")], {}),
+    ("exchange_drops_both", [e(Op.LINK, "/a", "/b"), e(Op.RENAME, "/b", "/c", flags=RENAME_EXCHANGE)], {}),
+    ("moved_out_of_the_tree", [e(Op.LINK, "/a", "/b"), FileEvent(Op.RENAME, R + b"/a", b"/elsewhere/a")], {}),
+    ("a_loss_forgets_everything", [e(Op.LINK, "/a", "/b"), FileEvent(Op.LOSS, b"")], {}),
+    ("link_from_outside_the_tree", [FileEvent(Op.LINK, b"/elsewhere/a", R + b"/b")], {}),
+]
+
+
+@pytest.mark.parametrize(("events", "link_from"), [c[1:] for c in LINK_FROM_CASES],
+                         ids=[c[0] for c in LINK_FROM_CASES])
+def test_link_origins(events: list[FileEvent], link_from: dict[bytes, bytes]) -> None:
+    c = Coalescer(R)
+    for i, ev in enumerate(events):
+        c.add(ev, float(i))
+    assert c.take(100.0).link_from == link_from

@@ -1,4 +1,5 @@
-"""``--bwlimit``: ``kwatch replicate`` (real process, BPF capture, local agent) paces file data to the limit.
+"""``--bwlimit``: ``kwatch replicate`` (real process, BPF capture) paces file data to the limit, to a local agent
+and to a real ``rsync --daemon`` (the native rsync client paces every byte it writes).
 
 Each case writes 4 MiB of new data in one shape (one streamed file, small files sent in one frame each, many tiny
 files, a delta against the mirror's copy) with a limit of 1 MiB/s and checks that the mirror took at least 3 s to become identical
@@ -8,13 +9,16 @@ guarantees. Without a limit the same data only has to arrive intact; its speed i
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from livereplicate import LiveReplicate, wait_identical
+from rsyncd import RsyncDaemon
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -60,27 +64,51 @@ CASES: list[tuple[str, Callable[[Path], None], Callable[[Path], None]]] = [
 ]
 
 
+_RSYNC_BATCH = re.compile(r"rsync batch: .*?; (\d+) literal \+ (\d+) matched bytes")
+
+
+@contextlib.contextmanager
+def _target(kind: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(the target to replicate to, the directory the mirror is in)."""
+    if kind == "agent":
+        mirror = tmp_path / "mirror"
+        mirror.mkdir()
+        yield str(mirror), mirror
+        return
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        yield d.url("push"), d.module_path("push")
+
+
 @pytest.mark.parametrize("limited", [True, False], ids=["limited", "unlimited"])
+@pytest.mark.parametrize("kind", ["agent", "rsync"])
 @pytest.mark.parametrize(("name", "prepare", "write"), CASES, ids=[c[0] for c in CASES])
 def test_bwlimit_paces_file_data(name: str, prepare: Callable[[Path], None], write: Callable[[Path], None],
-                                 limited: bool, tmp_path: Path) -> None:
-    src, mirror = tmp_path / "src", tmp_path / "mirror"
+                                 kind: str, limited: bool, tmp_path: Path) -> None:
+    src = tmp_path / "src"
     src.mkdir()
-    mirror.mkdir()
     prepare(src)
     extra = ["--bwlimit", str(LIMIT_KIB)] if limited else []
-    with LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", extra) as live:
-        wait_identical(src, mirror, CONVERGE, what="initial", live=live)
-        offset = live.log_size()
-        t0 = time.monotonic()
-        write(src)
-        wait_identical(src, mirror, CONVERGE, what=f"after writing 4 MiB ({name})", live=live)
-        took = time.monotonic() - t0
+    with _target(kind, tmp_path) as (target, mirror):
+        live = LiveReplicate(src, [target], tmp_path / "replicate.log", extra)
+        try:
+            # an rsync:// target logs no agent batch lines: wait for its mirror instead
+            live.start(wait_targets=kind == "agent")
+            wait_identical(src, mirror, CONVERGE, what="initial", live=live)
+            offset = live.log_size()
+            t0 = time.monotonic()
+            write(src)
+            wait_identical(src, mirror, CONVERGE, what=f"after writing 4 MiB ({name})", live=live)
+            took = time.monotonic() - t0
+            assert live.stop() == 0
+        finally:
+            live.kill_all()
+    if kind == "agent":
         sent = live.batches(offset)
-        assert live.stop() == 0
-    literal = sum(x.literal for x in sent)
-    assert all(x.errors == 0 for x in sent), sent
-    assert literal >= 4 * MIB - 64 * 1024, f"the 4 MiB of new data was not sent as literal data: {sent}"
-    print(f"{name} ({'limited' if limited else 'unlimited'}): {literal} literal bytes in {took:.2f}s")
+        assert all(x.errors == 0 for x in sent), sent
+        literal = sum(x.literal for x in sent)
+    else:
+        literal = sum(int(m[1]) for m in _RSYNC_BATCH.finditer(live.log_text(offset)))
+    assert literal >= 4 * MIB - 64 * 1024, f"the 4 MiB of new data was not sent as literal data: {literal}"
+    print(f"{name} ({kind}, {'limited' if limited else 'unlimited'}): {literal} literal bytes in {took:.2f}s")
     if limited:
         assert took >= AT_LEAST, f"{literal} bytes reached the mirror in {took:.2f}s at a limit of {LIMIT_KIB} KiB/s"

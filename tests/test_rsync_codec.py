@@ -10,12 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kwatch.protocols.errors import RemoteProtocolError
+from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync import codec
 from kwatch.protocols.rsync.checksum import checksum1, file_checksum, rolling_checksums
 from kwatch.protocols.rsync.client import PushOptions, build_server_args
 from kwatch.protocols.rsync.codec import NeedMore, Reader
-from kwatch.protocols.rsync.flist import EndOfList, FileEntry, FlistDecoder, FlistEncoder, sort_key
+from kwatch.protocols.rsync.flist import (
+    EndOfList,
+    FileEntry,
+    FlistDecoder,
+    FlistEncoder,
+    hlink_indexes,
+    sort_key,
+)
 
 DATA = Path(__file__).parent / "data" / "rsync"
 
@@ -194,6 +201,90 @@ def test_golden_flist_decode_and_reencode(proto: int) -> None:
     assert got[:-1] == entries and isinstance(got[-1], EndOfList)
 
 
+@pytest.mark.parametrize("proto", [30, 31])
+def test_golden_hard_link_flist(proto: int) -> None:
+    """The real client's ``-H --no-inc-recursive`` file list (capture.py HLINK_TREE): decoded, the names of each
+    inode form one group; re-encoded from those entries, our encoder gives the very same bytes."""
+    args, _csums, data = _split_client_stream((DATA / f"hlink-p{proto}.c2s").read_bytes())
+    assert b"H" in args[1]
+    r = Reader(data)
+    assert codec.dec_int(r) == 0
+    dec = FlistDecoder(proto, varint_flags=True, hard_links=True)
+    start = r.pos
+    entries = []
+    while not isinstance(e := dec.decode(r), EndOfList):
+        entries.append(e)
+    flist_bytes = data[start : r.pos]
+    groups: dict[tuple[int, int], set[bytes]] = {}
+    for e in entries:
+        if e.inode is not None:
+            groups.setdefault(e.inode, set()).add(e.name)
+    assert sorted(map(sorted, groups.values())) == [[b"a", b"b", b"d/c"], [b"x", b"y"]]
+    assert {e.name: e.size for e in entries if e.inode}[b"d/c"] == len(b"first inode\n")
+    enc = FlistEncoder(proto, varint_flags=True)
+    again = bytearray()
+    for i, e in enumerate(entries):
+        hlink = None if e.inode is None else (-1 if e.inode[1] == i else e.inode[1])
+        again += enc.encode(e, hlink)
+    assert bytes(again + enc.end(0)) == flist_bytes
+
+
+# (name, entries as (name, inode or None), the hard-link index each is encoded with: -1 first, None none)
+HLINK_CASES: list[tuple[str, list[tuple[bytes, int | None]], list[int | None]]] = [
+    ("no links", [(b"a", None), (b"b", None)], [None, None]),
+    ("one group", [(b"a", 1), (b"b", 1), (b"c", None), (b"d", 1)], [-1, 0, None, 0]),
+    ("two groups interleaved", [(b"a", 1), (b"b", 2), (b"c", 1), (b"d", 2)], [-1, -1, 0, 1]),
+    ("a group of one name", [(b"a", 1), (b"b", None)], [-1, None]),
+]
+
+
+@pytest.mark.parametrize(("entries", "expect"), [c[1:] for c in HLINK_CASES], ids=[c[0] for c in HLINK_CASES])
+def test_push_session_hard_link_indexes(entries: list[tuple[bytes, int | None]], expect: list[int | None]) -> None:
+    """hlink_indexes (what PushSession encodes with) marks the first name of each inode (in list order) as XMIT_HLINK_FIRST and the others with its
+    index; decoded back, the groups are the same, whole and byte by byte."""
+    files = [FileEntry(b".", 0o40755, top_dir=True)] + [
+        FileEntry(n, 0o100644, 5, 7, 0, inode=None if ino is None else (9, ino)) for n, ino in entries]
+    files = sorted(files, key=sort_key)
+    enc = FlistEncoder(31, varint_flags=True)
+    used = hlink_indexes(files)
+    blob = b"".join(enc.encode(f, h) for f, h in zip(files, used, strict=True)) + enc.end(0)
+    assert [None if h is None else (h if h < 0 else h - 1) for h in used[1:]] == expect
+    for bytewise in (False, True):
+        dec = FlistDecoder(31, varint_flags=True, hard_links=True)
+        got: list[FileEntry] = []
+        buf = bytearray()
+        for chunk in ([blob[i:i + 1] for i in range(len(blob))] if bytewise else [blob]):
+            buf += chunk
+            while True:
+                rr = Reader(buf)
+                try:
+                    item = dec.decode(rr)
+                except NeedMore:
+                    break
+                del buf[: rr.pos]
+                if isinstance(item, EndOfList):
+                    break
+                got.append(item)
+        assert [g.name for g in got] == [f.name for f in files]
+        same = {(a.name, b.name) for a in got for b in got if a.inode is not None and a.inode == b.inode}
+        want = {(a.name, b.name) for a in files for b in files if a.inode is not None and a.inode == b.inode}
+        assert same == want
+
+
+def test_hard_link_to_a_later_or_unknown_index_is_refused() -> None:
+    enc = FlistEncoder(31, varint_flags=True)
+    with pytest.raises(LocalProtocolError):
+        enc.encode(FileEntry(b"a", 0o100644, 1, 1), 0)  # index 0 is this entry, not an earlier first name
+    first = FlistEncoder(31, varint_flags=True).encode(FileEntry(b"a", 0o100644, 1, 1), -1)
+    # a follower that names itself / a later index: the decoder refuses it
+    bad = first + codec.enc_varint(0x18 | (1 << 9)) + bytes([1]) + b"b" + codec.enc_varint(5)
+    dec = FlistDecoder(31, varint_flags=True, hard_links=True)
+    r = Reader(bad)
+    dec.decode(r)
+    with pytest.raises(RemoteProtocolError, match="not the first name"):
+        dec.decode(r)
+
+
 def test_golden_file_checksum() -> None:
     """The whole-file xxh128 of a.txt as the real client sent it after its token stream."""
     raw = (DATA / "push-p31.c2s").read_bytes()
@@ -245,6 +336,7 @@ SERVER_ARGS_CASES = [
     ("missing args", PushOptions(delete=True, delete_missing=True),
      [b"--server", b"-lptre.LsfxCIvu", b"--delete", b"--delete-missing-args", b"-@-1", b"."]),
     ("no negotiation", PushOptions(negotiate=False), [b"--server", b"-lptre.LsfxCIu", b"-@-1", b"."]),
+    ("hard links", PushOptions(hard_links=True), [b"--server", b"-lHptre.LsfxCIvu", b"-@-1", b"."]),
 ]
 
 

@@ -18,7 +18,7 @@ from rsyncd import RsyncDaemon
 from treecmp import tree_differences
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
-from kwatch.replicate.rsync_transport import push
+from kwatch.replicate.rsync_transport import BURST, _Pacer, push
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs the rsync binary")
 
@@ -378,3 +378,28 @@ def test_shell_mode_through_real_sshd(tmp_path: Path) -> None:
 
     with Sshd(tmp_path / "sshd") as d:
         _shell_mode_round_trip(tmp_path, "127.0.0.1", [*shlex.split(d.ssh_command), f"{d.user}@127.0.0.1"])
+
+
+# --- the bwlimit token bucket (a fake clock) ---------------------------------------------------------------------
+
+PACER_CASES: list[tuple[str, list[tuple[float, int]], list[int]]] = [
+    # (name, steps of (seconds passed, bytes written), the allowance before each write)
+    ("starts with a bucketful", [(0.0, BURST)], [BURST]),
+    ("empty after a bucketful, refills at the rate", [(0.0, BURST), (0.5, 500)], [BURST, 500]),
+    ("an idle spell saves up no more than a bucketful", [(0.0, BURST), (3600.0, BURST)], [BURST, BURST]),
+    ("partial writes", [(0.0, 1000), (0.0, 1000), (0.1, 0)], [BURST, BURST - 1000, BURST - 2000 + 100]),
+]
+
+
+@pytest.mark.parametrize(("steps", "allowances"), [c[1:] for c in PACER_CASES], ids=[c[0] for c in PACER_CASES])
+def test_pacer(steps: list[tuple[float, int]], allowances: list[int]) -> None:
+    now = [0.0]
+    pacer = _Pacer(1000, clock=lambda: now[0])
+    got = []
+    for dt, n in steps:
+        now[0] += dt
+        got.append(pacer.allowance())
+        pacer.spent(n)
+    assert got == allowances
+    assert pacer.delay(BURST) == pytest.approx((BURST - pacer.allowance()) / 1000, abs=1e-3)
+    assert _Pacer(None).allowance() > 1 << 40 and _Pacer(None).delay(1 << 30) == 0.0

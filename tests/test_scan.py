@@ -326,8 +326,8 @@ def O() -> Entry:  # noqa: E743
     return Entry(Kind.OTHER, 0o644, 0, MT, 0, 0, 1, next(_ino), 1)
 
 
-def man(entries: dict[bytes, Entry], errors: list[ScanError] | None = None) -> Manifest:
-    return Manifest(dict(entries), list(errors or []))
+def man(entries: dict[bytes, Entry], errors: list[ScanError] | None = None, identities: bool = True) -> Manifest:
+    return Manifest(dict(entries), list(errors or []), identities=identities)
 
 
 @dataclass
@@ -341,12 +341,17 @@ class DiffCase:
     owner: bool = False
     skipped: list[bytes] = field(default_factory=list)
     src_errors: list[ScanError] = field(default_factory=list)
+    identities: bool = True  # the mirror's manifest tells which paths are one inode (agent capability "inodes")
 
 
 H1 = xxhash.xxh3_128(b"one").digest()
 H2 = xxhash.xxh3_128(b"two").digest()
 SHARED = F(ino=77, nlink=2)
 SHARED_DST = F(ino=88, nlink=2)
+G2 = F(ino=78, nlink=3)  # a second source group
+ALL5 = F(ino=89, nlink=5)
+THREE = F(ino=90, nlink=3)
+WITH_X = F(ino=91, nlink=2)
 
 DIFF_CASES = [
     DiffCase("identical trees: nothing to do", {b"a": F(), b"d": D()}, {b"a": F(), b"d": D()}, []),
@@ -401,15 +406,45 @@ DIFF_CASES = [
     DiffCase("hard-link group already linked in the mirror",
              {b"a": SHARED, b"b": SHARED}, {b"a": SHARED_DST, b"b": SHARED_DST}, []),
     DiffCase("hard-link group: mirror has a separate copy at one name",
-             {b"a": SHARED, b"b": SHARED}, {b"a": SHARED_DST, b"b": F()}, [Hardlink(b"b", b"a")]),
+             {b"a": SHARED, b"b": SHARED}, {b"a": F(), b"b": F(size=9)}, [Hardlink(b"b", b"a")]),
+    DiffCase("restart: the mirror has the group's names as two copies: linked, no data",
+             {b"a": SHARED, b"b": SHARED}, {b"a": F(), b"b": F()}, [Hardlink(b"b", b"a")]),
+    DiffCase("restart: the mirror has one name as a copy and two on one inode: the one is linked to the two",
+             {b"a": G2, b"b": G2, b"c": G2}, {b"a": F(), b"b": SHARED_DST, b"c": SHARED_DST},
+             [Hardlink(b"a", b"b")]),
+    DiffCase("mirror inode shared with a name outside the manifest the source lacks: not kept",
+             {b"a": SHARED, b"b": SHARED}, {b"a": SHARED_DST, b"b": F()}, [Hardlink(b"a", b"b")]),
+    DiffCase("mirror inode with a name outside the manifest, as the source's (a subtree rescan): kept",
+             {b"a": G2, b"b": G2}, {b"a": THREE, b"b": THREE}, []),
+    DiffCase("mirror links a, b, c; the source links a, b and has c apart: only c is sent",
+             {b"a": SHARED, b"b": SHARED, b"c": F()}, {b"a": THREE, b"b": THREE, b"c": THREE},
+             [Put(b"c", 3, 0o644, MT, basis=True)]),
+    DiffCase("mirror links the names of two source groups: the larger keeps the inode, the other is sent once",
+             {b"a": SHARED, b"b": SHARED, b"c": G2, b"d": G2, b"e": G2},
+             {b"a": ALL5, b"b": ALL5, b"c": ALL5, b"d": ALL5, b"e": ALL5},
+             [Put(b"a", 3, 0o644, MT, basis=True), Hardlink(b"b", b"a")]),
+    DiffCase("mirror inode also named by an extraneous path, delete=True: kept, the path deleted",
+             {b"a": F(mode=0o600)}, {b"a": WITH_X, b"x": WITH_X},
+             [Delete(b"x", Kind.FILE), SetAttr(b"a", 0o600, None)], delete=True),
+    DiffCase("mirror inode also named by an extraneous path, delete=False: the source's name is sent apart",
+             {b"a": F(mode=0o600)}, {b"a": WITH_X, b"x": WITH_X}, [Put(b"a", 3, 0o600, MT, basis=True)]),
+    DiffCase("kept link group with only an mtime change (checksum): one setattr for the inode",
+             {b"a": F(ino=5, nlink=2, mtime=MT + 1, digest=H1), b"b": F(ino=5, nlink=2, mtime=MT + 1, digest=H1)},
+             {b"a": F(ino=6, nlink=2, digest=H1), b"b": F(ino=6, nlink=2, digest=H1)},
+             [SetAttr(b"a", None, MT + 1)], checksum=True),
+    DiffCase("mirror without identities: every name but the leader gets a Hardlink (a no-op where linked)",
+             {b"a": SHARED, b"b": SHARED, b"c": SHARED}, {b"a": F(ino=0), b"b": F(ino=0), b"c": F(ino=0)},
+             [Hardlink(b"b", b"a"), Hardlink(b"c", b"a")], identities=False),
+    DiffCase("mirror without identities: a link the source lacks cannot be seen",
+             {b"a": F(), b"b": F()}, {b"a": F(ino=0), b"b": F(ino=0)}, [], identities=False),
     DiffCase("hard-link group: leader is the name the mirror has",
              {b"a": SHARED, b"b": SHARED}, {b"b": F()}, [Hardlink(b"a", b"b")]),
     DiffCase("hard-link group changed: leader sent, link renewed",
              {b"a": F(ino=5, nlink=2, size=9), b"b": F(ino=5, nlink=2, size=9)}, {b"a": SHARED_DST, b"b": SHARED_DST},
              [Put(b"a", 9, 0o644, MT, basis=True), Hardlink(b"b", b"a")]),
-    DiffCase("mirror has a hard link the source does not: broken by a put, not a shared setattr",
+    DiffCase("mirror has a hard link the source does not: one name keeps the inode, the other is sent apart",
              {b"a": F(mode=0o600), b"b": F()}, {b"a": SHARED_DST, b"b": SHARED_DST},
-             [Put(b"a", 3, 0o600, MT, basis=True), Put(b"b", 3, 0o644, MT, basis=True)]),
+             [Put(b"b", 3, 0o644, MT, basis=True), SetAttr(b"a", 0o600, None)]),
     DiffCase("link group with one member in the tree is a plain file",
              {b"a": F(ino=99, nlink=3)}, {}, [Put(b"a", 3, 0o644, MT)]),
     DiffCase("special files are skipped", {b"p": O()}, {}, [], skipped=[b"p"]),
@@ -430,7 +465,8 @@ DIFF_CASES = [
 
 @pytest.mark.parametrize("case", DIFF_CASES, ids=lambda c: c.name)
 def test_diff(case: DiffCase) -> None:
-    plan = diff(man(case.src, case.src_errors), man(case.dst), delete=case.delete, checksum=case.checksum,
+    plan = diff(man(case.src, case.src_errors), man(case.dst, identities=case.identities), delete=case.delete,
+                checksum=case.checksum,
                 owner=case.owner)
     got = list(plan.ops())
     # puts come from dict order; compare them as a set, everything else in order

@@ -89,7 +89,9 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 MIN_VERSION: Final = 1
 #: Capabilities this implementation understands; the negotiated set is the intersection of both Hellos.
-CAPABILITIES: Final = frozenset({"zstd", "delta", "hardlink", "xxh3", "putfiles"})
+#: ``inodes``: manifest entries say which paths are one inode (``nlink`` and a link id), so a reconcile can keep and
+#: break hard links; ``linkcheck``: a Hardlink may carry the size and mtime its existing name must have.
+CAPABILITIES: Final = frozenset({"zstd", "delta", "hardlink", "xxh3", "putfiles", "inodes", "linkcheck"})
 #: Largest frame body accepted or sent. A length prefix above it is rejected before any of the body is buffered.
 MAX_FRAME: Final = 64 << 20
 #: Largest decompressed payload of one chunk (a zstd frame claiming more is rejected while decompressing).
@@ -157,7 +159,13 @@ class EntryType(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One object of a manifest (a scan of the receiver's tree). ``target`` only for symlinks."""
+    """One object of a manifest (a scan of the receiver's tree). ``target`` only for symlinks.
+
+    With the ``inodes`` capability a regular file with several names has ``nlink`` > 1 and a ``link`` id, the same
+    for every name of that inode within one manifest (ids mean nothing across manifests); the entries of one id
+    agree on size, mtime, mode, owner and nlink, and there are at most ``nlink`` of them. Otherwise ``nlink`` is 1
+    and ``link`` None. On the wire the two fields follow ``hash`` only when ``nlink`` is not 1.
+    """
 
     type: EntryType
     relpath: bytes
@@ -168,6 +176,8 @@ class Entry:
     gid: int
     target: bytes | None = None
     hash: bytes | None = None  # xxh3_128 of the content when the request asked for hashes
+    nlink: int = 1
+    link: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +322,15 @@ class Symlink:
 
 @dataclass(frozen=True, slots=True)
 class Hardlink:
+    """Make ``relpath`` another name of ``target``. With ``size``/``mtime_ns`` (capability ``linkcheck``; both or
+    neither) the receiver links only when ``target`` is a regular file of that size and mtime, else it reports
+    ``ESTALE`` for ``relpath`` and changes nothing: the sender's belief about what the mirror holds is checked
+    where the mirror is."""
+
     relpath: bytes  # the new name
     target: bytes  # an existing path under the root
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,8 +547,8 @@ def _symlink_target(v: object) -> bytes:
 
 def _entry(v: object) -> Entry:
     f = _list(v, "manifest entry")
-    if len(f) != 9:
-        raise _Invalid(f"manifest entry needs 9 fields, got {len(f)}")
+    if len(f) not in (9, 11):
+        raise _Invalid(f"manifest entry needs 9 fields (11 with inode identity), got {len(f)}")
     code = _int(f[0], "entry type", 1, max(EntryType))
     kind = EntryType(code)
     target = None if f[7] is None else _symlink_target(f[7])
@@ -539,6 +556,12 @@ def _entry(v: object) -> Entry:
         raise _Invalid(
             f"manifest entry {f[1]!r}: a symlink target is required for symlinks and only for them"
         )
+    nlink, link = 1, None
+    if len(f) == 11:
+        nlink = _int(f[9], "entry nlink", 2, _U32)
+        link = _int(f[10], "entry link id", 1, _U64)
+        if kind is not EntryType.FILE:
+            raise _Invalid(f"manifest entry {f[1]!r}: only a regular file has an inode identity (nlink {nlink})")
     return Entry(
         kind,
         _path(f[1], "entry path"),
@@ -549,6 +572,8 @@ def _entry(v: object) -> Entry:
         _int(f[6], "entry gid", 0, _U32),
         target,
         _digest(f[8], "entry hash"),
+        nlink,
+        link,
     )
 
 
@@ -729,6 +754,9 @@ def _decode(cls: type[Any], f: list[Any]) -> Message:
         _need(f, 2, name)
         return Symlink(_path(f[0]), _symlink_target(f[1]))
     if cls is Hardlink:
+        if len(f) == 4:
+            return Hardlink(_path(f[0], "link path"), _path(f[1], "link target"),
+                            _int(f[2], "link size", 0, _I64_MAX), _int(f[3], "link mtime_ns", _I64_MIN, _I64_MAX))
         _need(f, 2, name)
         return Hardlink(_path(f[0], "link path"), _path(f[1], "link target"))
     if cls is SetAttr:
@@ -769,10 +797,15 @@ def _fields(msg: Message, compress: Callable[[bytes], tuple[bytes, int | None]] 
             msg.id,
             [
                 [int(e.type), e.relpath, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.target, e.hash]
+                + ([] if e.nlink == 1 and e.link is None else [e.nlink, e.link])
                 for e in msg.entries
             ],
             msg.done,
         ]
+    if isinstance(msg, Hardlink):
+        if msg.size is None and msg.mtime_ns is None:
+            return [msg.relpath, msg.target]
+        return [msg.relpath, msg.target, msg.size, msg.mtime_ns]
     if isinstance(msg, PutChunk):
         return payload(msg.data)
     if isinstance(msg, PutFile):
@@ -912,6 +945,8 @@ class AgentConnection:
         self._compressor = zstandard.ZstdCompressor(level=compress_level)
         # correlation, from the sender's point of view (the receiver mirrors it for its own sends)
         self._manifests: set[int] = set()  # open manifest requests
+        # per open manifest: link id -> (size, mtime_ns, mode, uid, gid, nlink) of its inode, and names seen
+        self._inodes: dict[int, dict[int, tuple[tuple[int, ...], int]]] = {}
         self._sigs: dict[int, _SigProgress | None] = {}  # requested (None) or answered signature ids
         self._commits: list[int] = []  # commits not yet acknowledged, in order
         self._last_commit = -1
@@ -1081,6 +1116,30 @@ class AgentConnection:
 
     # -- conversation-level checks -------------------------------------------------------------------------------
 
+    def _track_inodes(self, msg: ManifestEntries) -> None:
+        """Entries with an inode identity: only with ``inodes`` negotiated, and the names of one link id must
+        describe one inode (same size, mtime, mode, owner, nlink; no more names than nlink)."""
+        seen: dict[int, tuple[tuple[int, ...], int]] | None = None
+        for e in msg.entries:
+            if e.link is None:
+                continue
+            if "inodes" not in self.capabilities:
+                raise _Invalid(f"manifest entry {e.relpath!r} has an inode identity, but inodes was not negotiated")
+            if seen is None:
+                seen = self._inodes.setdefault(msg.id, {})
+            attrs = (e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.nlink)
+            prev = seen.get(e.link)
+            if prev is None:
+                seen[e.link] = (attrs, 1)
+                continue
+            if prev[0] != attrs:
+                raise _Invalid(f"manifest entry {e.relpath!r}: link id {e.link} names one inode, but its size, "
+                               "mtime, mode, owner or nlink differ from another name's")
+            if prev[1] + 1 > e.nlink:
+                raise _Invalid(f"manifest entry {e.relpath!r}: more names of link id {e.link} than its nlink "
+                               f"{e.nlink}")
+            seen[e.link] = (attrs, prev[1] + 1)
+
     def _track(self, msg: Message, *, outgoing: bool) -> None:
         """Check and record ids and sequence numbers; raises _Invalid (mapped to the right error by the caller).
 
@@ -1093,8 +1152,14 @@ class AgentConnection:
         elif isinstance(msg, ManifestEntries):
             if msg.id not in self._manifests:
                 raise _Invalid(f"manifest entries for id {msg.id}, which was not requested or is finished")
+            self._track_inodes(msg)
             if msg.done:
                 self._manifests.discard(msg.id)
+                self._inodes.pop(msg.id, None)
+        elif isinstance(msg, Hardlink):
+            if msg.size is not None and "linkcheck" not in self.capabilities:
+                raise _Invalid(f"Hardlink of {msg.relpath!r} with an expected size and mtime, but linkcheck "
+                               "was not negotiated")
         elif isinstance(msg, SigRequest):
             if msg.id in self._sigs:
                 raise _Invalid(f"signature id {msg.id} was used already")

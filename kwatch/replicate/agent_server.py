@@ -28,7 +28,8 @@ from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
 from kwatch.replicate.delta import signature
 from kwatch.replicate.link import grow_pipe
 from kwatch.replicate.receiver import PutHandle, Receiver, ReceiverError
-from kwatch.replicate.scan import Kind, scan
+from kwatch.replicate.scan import Entry as ScanEntry
+from kwatch.replicate.scan import Kind, Manifest, scan
 
 MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
 SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
@@ -126,7 +127,8 @@ class AgentServer:
         elif isinstance(m, ap.Symlink):
             self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target), want_dir=False)
         elif isinstance(m, ap.Hardlink):
-            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target), want_dir=False)
+            expect = None if m.size is None or m.mtime_ns is None else (m.size, m.mtime_ns)
+            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target, expect=expect), want_dir=False)
         elif isinstance(m, ap.Rename):
             self._call(m.src, lambda: r.rename(m.src, m.dst))
         elif isinstance(m, ap.Delete):
@@ -188,10 +190,17 @@ class AgentServer:
             man = scan(base, checksum=m.hashes) if real else None
         except OSError:
             man = None
+        inodes = _inode_ids(man) if man is not None and "inodes" in self.conn.capabilities else {}
         if man is not None:
             for rel, e in man.entries.items():
-                entries.append(ap.Entry(_KIND[e.kind], prefix + rel, e.size, e.mtime_ns, e.mode, e.uid, e.gid,
-                                        e.target, e.digest))
+                ident = inodes.get((e.dev, e.ino)) if e.nlink > 1 and e.kind is Kind.FILE else None
+                if ident is None:
+                    entries.append(ap.Entry(_KIND[e.kind], prefix + rel, e.size, e.mtime_ns, e.mode, e.uid, e.gid,
+                                            e.target, e.digest))
+                else:  # the first name's attributes for every name: one inode, one answer (see _inode_ids)
+                    link, first, nlink = ident
+                    entries.append(ap.Entry(_KIND[e.kind], prefix + rel, first.size, first.mtime_ns, first.mode,
+                                            first.uid, first.gid, None, first.digest, nlink, link))
                 if len(entries) >= MANIFEST_CHUNK:
                     self._emit(ap.ManifestEntries(m.id, tuple(entries), False))
                     entries = []
@@ -360,6 +369,24 @@ class AgentServer:
     def close(self) -> None:
         self._abort_put()
         self.receiver.close()
+
+
+def _inode_ids(man: Manifest) -> dict[tuple[int, int], tuple[int, ScanEntry, int]]:
+    """Per inode with several names in ``man``: (a link id, the entry of its first name, its nlink).
+
+    A scan stats each name separately, so a file changed or linked meanwhile (by someone other than this agent,
+    which does nothing else while it scans) could show two names of one inode with different attributes or more
+    names than nlink; the sender would rightly call that a protocol error. One set of attributes per inode, and
+    nlink at least the names listed, make the manifest consistent; the next reconcile sees any such change.
+    """
+    first: dict[tuple[int, int], ScanEntry] = {}
+    count: dict[tuple[int, int], int] = {}
+    for e in man.entries.values():
+        if e.kind is Kind.FILE and e.nlink > 1:
+            key = (e.dev, e.ino)
+            first.setdefault(key, e)
+            count[key] = count.get(key, 0) + 1
+    return {key: (i, e, max(e.nlink, count[key])) for i, (key, e) in enumerate(first.items(), 1)}
 
 
 def serve(root: bytes, inp: BinaryIO, out: BinaryIO, *, fsync: str = "none", preserve_owner: bool = False) -> int:

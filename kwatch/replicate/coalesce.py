@@ -64,6 +64,10 @@ class Batch:
     events: int = 0
     first_at: float = 0.0  # clock time of the first event folded in
     held: set[bytes] = field(default_factory=set)  # paths still open for writing when the batch was taken
+    #: new name -> the name it was hard-linked from (``link(2)`` in this batch), when that name was on the mirror
+    #: with its data unchanged at the time: ``ln a b; rm a`` makes ``b`` a link to the mirror's ``a`` (then ``a`` is
+    #: deleted) instead of a copy. Rebased by renames like dirty paths; the planner still checks the source.
+    link_from: dict[bytes, bytes] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.renames or self.dirty or self.rescans)
@@ -100,6 +104,16 @@ class Coalescer:
             if ev.op is Op.LINK:
                 # Both names: the planner makes the new one a hard link of the old one on the mirror (which has
                 # the old one unless it is new in this batch too) rather than a copy; see engine._plan_links.
+                if rel is not None and new is not None:
+                    origin = b.link_from.get(rel)
+                    if origin is None and not b.dirty.get(rel, 0) & (CONTENT | EXIST):
+                        origin = rel  # there before this batch and not written in it: the mirror has it
+                    if origin is not None and origin != new:
+                        b.link_from[new] = origin
+                    else:
+                        b.link_from.pop(new, None)
+                elif new is not None:
+                    b.link_from.pop(new, None)
                 if new is not None:
                     self._mark(new, LINKED | EXIST)
                 if rel is not None and new is not None:
@@ -137,6 +151,7 @@ class Coalescer:
         if rel == b"":
             b.dirty.clear()
             b.renames.clear()
+            b.link_from.clear()
 
     def _mark(self, rel: bytes, flags: int) -> None:
         b = self._batch
@@ -159,15 +174,22 @@ class Coalescer:
             self._mark(old, EXIST)
             return
         if old is None:  # moved in from outside: a whole tree may have arrived
+            self._drop_links(new)
             self.rescan(new)
             self._mark(new, EXIST)
             return
         if exchange:
+            self._drop_links(old)
+            self._drop_links(new)
             self.rescan(old)
             self.rescan(new)
             return
         b = self._batch
         b.renames.append((old, new))
+        # what was at the new name is gone; what was below the old name is below the new one
+        self._drop_links(new)
+        b.link_from = {(_rebase(k, old, new) if _under(k, old) else k): (_rebase(v, old, new) if _under(v, old) else v)
+                       for k, v in b.link_from.items()}
         # pending state follows the object to its new name
         moved = {k: v for k, v in b.dirty.items() if _under(k, old) and k != b""}
         for k in moved:
@@ -181,8 +203,15 @@ class Coalescer:
         self._mark(old, EXIST)
         self._mark(new, EXIST)
 
+    def _drop_links(self, rel: bytes) -> None:
+        """Forget link origins at or below ``rel``, as new names or as the names linked from."""
+        b = self._batch
+        if b.link_from:
+            b.link_from = {k: v for k, v in b.link_from.items() if not _under(k, rel) and not _under(v, rel)}
+
     def _forget(self, rel: bytes) -> None:
         b = self._batch
+        self._drop_links(rel)
         for k in [k for k in b.dirty if _under(k, rel) and k != rel]:
             del b.dirty[k]
         for k in [k for k in self._writing if _under(k, rel)]:

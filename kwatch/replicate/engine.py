@@ -136,7 +136,10 @@ class Target:
 
 
 def _agent_entry(e: ap.Entry) -> Entry:
-    return Entry(Kind(int(e.type)), e.mode, e.size, e.mtime_ns, e.uid, e.gid, 1, 0, 0, e.target, e.hash)
+    """A mirror manifest entry as scan.diff wants it: the agent's link id stands for the inode number (the device
+    is one per mirror, 0); a file with one name, or any file without the ``inodes`` capability, has ino 0."""
+    return Entry(Kind(int(e.type)), e.mode, e.size, e.mtime_ns, e.uid, e.gid, e.nlink, e.link or 0, 0, e.target,
+                 e.hash)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ class Replicator:
         self._groups: dict[Key, list[_Linked]] = {}  # this batch's dirty linked files by source inode
         self._link_sets: dict[Key, set[bytes]] = {}  # this batch's link groups, recorded in ``links`` after the ack
         self._link_leaders: dict[bytes, bytes] = {}  # this batch's hard links: path -> the name it links to
+        self._batch = Batch()  # the batch being planned (its dirty flags and link origins)
+        self._checked: set[bytes] = set()  # this batch's checked hard links (to a name gone from the source)
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self._first: float | None = None  # monotonic time of the first event folded in since the last take
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
@@ -335,6 +340,7 @@ class Replicator:
         plan = Plan()
         self._touched = set()
         self._groups, self._link_sets, self._link_leaders = {}, {}, {}
+        self._batch, self._checked = b, set()
         renames = list(b.renames)
         made: set[bytes] = set()
         for old, new in renames:
@@ -358,6 +364,7 @@ class Replicator:
         assert isinstance(ack, ap.Ack)
         rename_sources = {old: new for old, new in renames}
         torn, self._torn = self._torn, set()
+        checked, self._checked = self._checked, set()
         resent = [rename_sources[e.relpath] for e in ack.errors
                   if e.relpath in rename_sources and e.code in ("ENOENT", "ENOTDIR")]
         for err in ack.errors:
@@ -372,6 +379,10 @@ class Replicator:
             leader = self._link_leaders.get(err.relpath)
             if leader is not None and err.code == "ENOENT" and leader in changed:
                 continue  # linked to a put dropped on purpose (changed while read): the group is sent again below
+            if err.relpath in checked and err.code in ("ESTALE", "ENOENT"):
+                # the mirror's old name did not hold what we thought (see _plan_origin_link): send the data
+                changed.append(err.relpath)
+                continue
             rep.errors.append(err)
             log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
         failed = {e.relpath for e in ack.errors}
@@ -433,12 +444,48 @@ class Replicator:
                 self._groups.setdefault((st.st_dev, st.st_ino), []).append(_Linked(rel, flags, st))
                 return
             self.links.discard(rel)
+            if flags & (CONTENT | LINKED | EXIST) == LINKED | EXIST and self._plan_origin_link([(rel, st)], plan):
+                return  # ``ln a b; rm a``: b is linked to the mirror's a, which is then deleted
             if flags & CONTENT or flags & (LINKED | EXIST) == LINKED | EXIST:  # new data, or a link whose
-                # other name is gone already (``ln a b; rm a``): the mirror has no inode to link to for sure
+                # other name is gone already and was not on the mirror: there is no inode to link to for sure
                 plan.puts.append(Put(rel, st.st_size, mode, st.st_mtime_ns, uid, gid, st.st_size >= self.opts.delta_min))
                 self._touch_parent(rel, plan)
             else:
                 plan.setattrs.append(SetAttr(rel, mode, st.st_mtime_ns, uid, gid))
+
+    def _origin(self, rel: bytes) -> bytes | None:
+        """The name ``rel`` was hard-linked from in this batch when that name is gone from the source but the mirror
+        should still have it with this inode's data (see Batch.link_from); None otherwise."""
+        origin = self._batch.link_from.get(rel)
+        if origin is None or self.link is None or "linkcheck" not in self.link.conn.capabilities:
+            return None
+        if self._batch.dirty.get(origin, 0) & CONTENT or self.excluded(origin.rpartition(b"/")[2], origin):
+            return None  # written through that name after the link, or never on the mirror
+        try:
+            os.lstat(os.path.join(self.src, origin))
+        except FileNotFoundError:
+            return origin
+        except OSError:
+            return None
+        return None  # something is there again: the mirror's copy of it is not this inode's data
+
+    def _plan_origin_link(self, names: list[tuple[bytes, os.stat_result]], plan: Plan) -> bool:
+        """Link ``names`` (new names of one inode, no new data) to the name one of them was linked from in this batch
+        and which is gone from the source since (``ln a b; rm a``): the mirror still has it (its delete runs after
+        the links), so no data is sent. The link is checked by the agent against the inode's size and mtime: if the
+        mirror's name holds something else, the agent refuses (ESTALE) and the data is sent next batch."""
+        origin = next((o for o in (self._origin(rel) for rel, _ in names) if o is not None), None)
+        if origin is None:
+            return False
+        st = names[0][1]
+        uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
+        for rel, _ in names:
+            plan.hardlinks.append(Hardlink(rel, origin, st.st_size, st.st_mtime_ns))
+            self._link_leaders[rel] = origin
+            self._checked.add(rel)
+            self._touch_parent(rel, plan)
+            plan.setattrs.append(SetAttr(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid))
+        return True
 
     def _rescan_links(self, src: Manifest, pre: bytes) -> dict[Key, bytes]:
         """Take the hard-link groups of a rescanned subtree (``src``, paths below ``pre``) into the index.
@@ -478,6 +525,9 @@ class Replicator:
             content = sorted((m for m in members if m.flags & CONTENT), key=lambda m: bool(m.flags & EXIST))
             # a dirty name without EXIST was there before this batch (renames already replayed): the mirror has it
             on_mirror = [m.rel for m in members if not m.flags & (CONTENT | EXIST)] + known
+            if not content and not on_mirror and self._plan_origin_link([(m.rel, m.st) for m in members], plan):
+                self._link_sets.setdefault(key, set()).update(m.rel for m in members)
+                continue  # ``ln a b; ln a c; rm a``: b and c are linked to the mirror's a, which is then deleted
             if content or not on_mirror:
                 first = (content or members)[0]
                 st = first.st
@@ -562,7 +612,7 @@ class Replicator:
         rid = self._ids
         self.link.send(ap.ManifestRequest(rid, rel or None, self.opts.checksum))
         src = scan(full, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum)
-        dst = Manifest(checksum=self.opts.checksum)
+        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in self.link.conn.capabilities)
         prefix_len = len(rel) + 1 if rel else 0
         while True:
             msg = self.link.take(ap.ManifestEntries, "the mirror's manifest")
@@ -651,7 +701,7 @@ class Replicator:
             link.send(ap.Symlink(s.path, s.target))
             link.send(ap.SetAttr(s.path, None, s.mtime_ns, s.uid, s.gid))
         for h in plan.hardlinks:
-            link.send(ap.Hardlink(h.path, h.existing))
+            link.send(ap.Hardlink(h.path, h.existing, h.size, h.mtime_ns))
         for a in plan.setattrs:
             link.send(ap.SetAttr(a.path, a.mode, a.mtime_ns, a.uid, a.gid))
         # deletes after the puts (the mirror keeps serving old data until the new is there), children first
@@ -884,9 +934,6 @@ def make_replicator(
     if target.kind == "rsync":
         from kwatch.replicate.rsync_target import RsyncReplicator
 
-        if opts.bwlimit:
-            log.warning("target %s: bwlimit is not applied to rsync:// targets (the native client does not pace)",
-                        target.spec)
         return RsyncReplicator(src_root, target, opts)
     return Replicator(src_root, target, opts, on_agent=on_agent)
 

@@ -687,8 +687,12 @@ class Receiver:
                 _unlink_quiet(at.fd, tmp)
                 raise self._fail(path, "cannot put the symlink in place", e) from e
 
-    def hardlink(self, path: bytes, existing: bytes) -> None:
-        """Make ``path`` another name for the file at ``existing`` (replacing whatever non-directory is there)."""
+    def hardlink(self, path: bytes, existing: bytes, *, expect: tuple[int, int] | None = None) -> None:
+        """Make ``path`` another name for the file at ``existing`` (replacing whatever non-directory is there).
+
+        ``expect`` is (size, mtime_ns) that ``existing`` must be a regular file of; otherwise ESTALE and nothing
+        changes (the sender thought the mirror had that content there; it sends the data instead).
+        """
         pp = validate_path(path)
         pe = validate_path(existing)
         with _At(self._open_dir(existing, pe[:-1]), pe[-1]) as ae, _At(self._open_dir(path, pp[:-1]), pp[-1]) as ap:
@@ -698,6 +702,12 @@ class Receiver:
                 raise self._fail(path, f"link source {display_path(existing)} unusable", e) from e
             if stat.S_ISDIR(est.st_mode):
                 raise ReceiverError(path, f"cannot hard-link a directory ({display_path(existing)})", errno_mod.EPERM)
+            if expect is not None and (
+                not stat.S_ISREG(est.st_mode) or (est.st_size, est.st_mtime_ns) != expect
+            ):
+                raise ReceiverError(
+                    path, f"not linked: {display_path(existing)} is not the file expected (size {est.st_size}, "
+                    f"mtime_ns {est.st_mtime_ns}; expected {expect[0]}, {expect[1]})", errno_mod.ESTALE)
             cur = self._lstat(ap)
             if cur is not None and (cur.st_dev, cur.st_ino) == (est.st_dev, est.st_ino):
                 return  # already that inode; rename(2) of two links to one inode would do nothing anyway

@@ -9,14 +9,21 @@ data. A rescan of the whole tree is one full push with ``--delete``. Either way 
 directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
 
-Not carried to an rsync daemon: hard links (the native client does not send rsync's ``-H`` hard-link data, so the
-names of a linked file arrive as separate copies with the same content; a ``link(2)`` marks both names, and both
-are simply sent) and ``bwlimit`` (the native client does not pace; the agent targets do).
+``bwlimit`` paces every byte written to the daemon (rsync_transport: as rsync's own ``--bwlimit``, so the file
+list and the token stream count, not only file data as with the agent).
+
+Hard links go as rsync's own (``-H``: the names of one inode in a session's file list are linked by the receiver,
+the data sent at most once). A session links only the names its list carries, so a batch that touches one name of
+a linked file also lists the inode's other names: :attr:`links` (a LinkIndex, filled from every session's list)
+knows them, each checked against the source before use. Data written through one name then reaches every name
+on the mirror, and a ``link(2)`` (both names are dirty) becomes a hard link there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 
 from kwatch.protocols.errors import ProtocolError
 from kwatch.replicate.coalesce import Batch
@@ -44,15 +51,22 @@ class RsyncReplicator(Replicator):
             for old, new in b.renames:
                 todo.add(old)
                 todo.add(new)
+                self.links.rename(old, new)
             todo.discard(b"")
+            todo |= self._other_names(todo)
             paths = sorted(todo)
             if not paths:
                 return rep
         try:
             res = push(self.src, self.target.spec, paths, delete=self.opts.delete,
-                       password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout)
+                       password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout,
+                       bwlimit=self.opts.bwlimit, hard_links=True)
         except (ProtocolError, OSError) as e:
             raise LinkError(f"rsync push failed: {e}") from e
+        if paths is None:
+            self.links.discard_under(b"")
+        for key, names in res.inodes.items():
+            self.links.add(key, names)
         rep.puts = res.files
         rep.deletes = res.deleted
         rep.literal = res.literal_bytes
@@ -73,3 +87,18 @@ class RsyncReplicator(Replicator):
                  self.target.spec, "all" if paths is None else len(paths), res.files, res.deleted,
                  res.literal_bytes, res.matched_bytes)
         return rep
+
+    def _other_names(self, paths: set[bytes]) -> set[bytes]:
+        """The other names (in the source, by the index) of the regular files with several names among ``paths``."""
+        out: set[bytes] = set()
+        for rel in paths:
+            try:
+                st = os.lstat(os.path.join(self.src, rel))
+            except OSError:
+                self.links.discard_under(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+                continue
+            key = (st.st_dev, st.st_ino)
+            out.update(p for p in self.links.names(key) if p not in paths and self._is_inode(p, key))
+        return out

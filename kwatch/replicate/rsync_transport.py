@@ -18,6 +18,12 @@ What a batch can express (the rsync protocol has no rename or delete message of 
 
 Every mtime is compared to the nanosecond on the receiver (``-@-1``, see ``build_server_args``): directories,
 files and symlinks all end with the source's mtime, also when they were created in the same second.
+
+``bwlimit`` paces everything written to the peer (as rsync's own ``--bwlimit`` does in io.c, where it sleeps after
+each write of the socket): a token bucket refilled at ``bwlimit`` bytes per second and holding at most
+:data:`BURST` bytes, so a pause (waiting for the receiver's block checksums) does not save up credit for a burst.
+While the bucket is empty nothing is written and no more file data is generated (the session's output stays below
+:data:`OUT_HIGH_WATER`), so memory stays bounded whatever the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -53,6 +59,8 @@ from kwatch.protocols.rsync.flist import FileEntry
 
 DEFAULT_PORT = 873
 IO_TIMEOUT = 60.0
+BURST = 32 << 10  # bytes a paced connection may write at once (the bucket's size)
+OUT_HIGH_WATER = 4 << 20  # stop answering file requests while this much waits to be written
 
 
 @dataclass
@@ -66,6 +74,8 @@ class PushResult:
     protocol: int = 0
     checksum: str = ""
     deleted: int = 0
+    #: the names of each inode with several names that the list carried (by the source's (st_dev, st_ino))
+    inodes: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,9 @@ def _entry(root: bytes, rel: bytes, st: os.stat_result, **kw: bool) -> FileEntry
         size = st.st_size
     else:
         return None  # devices, fifos, sockets: not replicated
+    inode = (st.st_dev, st.st_ino) if stat.S_ISREG(mode) and st.st_nlink > 1 else None
     return FileEntry(name=rel, mode=mode, size=size, mtime=st.st_mtime_ns // 10**9,
-                     mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, **kw)
+                     mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, inode=inode, **kw)
 
 
 def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntry]:
@@ -252,15 +263,52 @@ class _Channel:
                 self.sock.shutdown(socket.SHUT_WR)
 
 
-def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, timeout: float) -> None:
+class _Pacer:
+    """A token bucket: ``rate`` bytes per second, at most :data:`BURST` at once; ``rate`` None: no limit."""
+
+    def __init__(self, rate: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.tokens = float(BURST)
+        self.at = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        if self.rate:
+            self.tokens = min(float(BURST), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def allowance(self) -> int:
+        """Bytes that may be written now."""
+        if not self.rate:
+            return 1 << 62
+        self._refill()
+        return int(self.tokens)
+
+    def spent(self, n: int) -> None:
+        if self.rate:
+            self.tokens -= n
+
+    def delay(self, want: int) -> float:
+        """Seconds until ``want`` bytes (at most a bucketful) may be written."""
+        if not self.rate:
+            return 0.0
+        self._refill()
+        return max(0.0, (min(want, BURST) - self.tokens) / self.rate)
+
+
+def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, timeout: float,
+         pacer: _Pacer | None = None) -> None:
     sel = selectors.DefaultSelector()
     out = bytearray()
     eof = False
     done = False
+    pacer = pacer or _Pacer(None)
+    quiet_since = time.monotonic()  # the last read or write: the peer is "silent" after ``timeout`` without one
     try:
         while True:
-            # Drain events first.
-            while not done:
+            # Drain events first (not while much waits to be written: a paced or slow peer bounds the memory).
+            while not done and len(out) < OUT_HIGH_WATER:
                 ev = session.next_event()
                 if ev is NEED_DATA:
                     break
@@ -289,27 +337,36 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
                 session.receive_data(b"")
                 session.next_event()  # raises the early-close error
                 raise RemoteProtocolError("the rsync peer closed the connection early")
-            events = selectors.EVENT_READ
+            allowed = pacer.allowance() if out else 0
+            # a paced connection writes a bucketful at a time, or waits for one (or for the rest of ``out``)
+            writing = bool(out) and allowed >= min(len(out), BURST)
+            wait = timeout
+            if out and not writing:
+                wait = min(timeout, max(0.001, pacer.delay(len(out))))
             sel.register(ch.rfd, selectors.EVENT_READ, "r")
-            if out:
+            if writing:
                 if ch.wfd == ch.rfd:
                     sel.modify(ch.rfd, selectors.EVENT_READ | selectors.EVENT_WRITE, "rw")
                 else:
                     sel.register(ch.wfd, selectors.EVENT_WRITE, "w")
-            ready = sel.select(timeout)
+            ready = sel.select(wait)
             sel.unregister(ch.rfd)
-            if out and ch.wfd != ch.rfd:
+            if writing and ch.wfd != ch.rfd:
                 sel.unregister(ch.wfd)
             if not ready:
+                if time.monotonic() - quiet_since < timeout:
+                    continue  # a pacing wait ended
                 raise TimeoutError(f"rsync peer silent for {timeout:.0f}s ({session.state.value})")
+            quiet_since = time.monotonic()
             for key, mask in ready:
                 if mask & selectors.EVENT_WRITE and out:
                     try:
-                        n = ch.write(memoryview(out))
+                        n = ch.write(memoryview(out)[:allowed])
                     except (BrokenPipeError, ConnectionResetError):
                         n = 0
                         eof = True
                     del out[:n]
+                    pacer.spent(n)
                     result.bytes_sent += n
                 if mask & selectors.EVENT_READ and key.fd == ch.rfd:
                     try:
@@ -323,7 +380,6 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
                     else:
                         result.bytes_received += len(data)
                         session.receive_data(data)
-            del events
     finally:
         sel.close()
 
@@ -377,6 +433,8 @@ def push(
     rsh: Sequence[str] | None = None,
     remote_rsync: str = "rsync",
     timeout: float = IO_TIMEOUT,
+    bwlimit: int | None = None,
+    hard_links: bool = False,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -384,6 +442,8 @@ def push(
     any argv prefix, e.g. ``["sh", "-c"]``-style wrappers are up to the caller). Raises
     :class:`~kwatch.protocols.errors.RemoteProtocolError` for an unknown module, failed auth, a read-only module,
     a protocol mismatch or a peer that closes early; per-file problems land in ``PushResult.errors``.
+    ``bwlimit`` (bytes per second) paces everything written to the peer. With ``hard_links`` (``-H``, protocol >=
+    30) the names of one inode in the list are linked on the receiver, its data sent at most once.
     """
     root = os.fsencode(src_root)
     target = parse_url(url)
@@ -400,14 +460,18 @@ def push(
         protocol=protocol,
         negotiate=negotiate,
         compress=compress,
+        hard_links=hard_links,
         user=(target.user or os.environ.get("USER") or "nobody").encode(),
         password=_read_password(password, password_file) if target.scheme == "rsync" else None,
     )
     result = PushResult()
+    for e in entries:
+        if e.inode is not None:
+            result.inodes.setdefault(e.inode, []).append(e.name)
     if target.scheme == "rsync":
         session = PushSession(entries, opts, Mode.DAEMON, target.module)
         with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
-            _run(session, _Channel(sock.fileno(), sock.fileno(), sock), root, result, timeout)
+            _run(session, _Channel(sock.fileno(), sock.fileno(), sock), root, result, timeout, _Pacer(bwlimit))
     else:
         session = PushSession(entries, opts, Mode.SHELL)
         from kwatch.protocols.rsync.client import build_server_args
@@ -421,7 +485,8 @@ def push(
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         try:
-            _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout)
+            _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout,
+                 _Pacer(bwlimit))
         except RemoteProtocolError as exc:
             proc.kill()
             err = proc.stderr.read().decode(errors="replace").strip()

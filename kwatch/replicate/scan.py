@@ -85,6 +85,9 @@ class Manifest:
     entries: dict[bytes, Entry] = field(default_factory=dict)
     errors: list[ScanError] = field(default_factory=list)
     checksum: bool = False
+    #: Whether ``nlink``/``dev``/``ino`` of the entries tell which paths are one inode. True for a local scan; a
+    #: mirror's manifest from an agent without the ``inodes`` capability has no identity (nlink 1, ino 0).
+    identities: bool = True
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -321,10 +324,13 @@ class Symlink(NamedTuple):
 
 
 class Hardlink(NamedTuple):
-    """Make ``path`` another name of ``existing`` (which is already in place when this op runs)."""
+    """Make ``path`` another name of ``existing`` (which is already in place when this op runs). With ``size`` and
+    ``mtime_ns`` the mirror links only if ``existing`` has them (what the planner believes the mirror holds)."""
 
     path: bytes
     existing: bytes
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 class SetAttr(NamedTuple):
@@ -425,6 +431,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
     replaced: set[bytes] = set()  # dst paths whose type changes: deleted, then created again
     put_paths: set[bytes] = set()
     links: dict[tuple[int, int], list[bytes]] = {}  # src hard-link groups by (dev, ino)
+    identities = dst.identities
     k_file, k_dir, k_link = Kind.FILE, Kind.DIR, Kind.SYMLINK
 
     def own(e: Entry) -> tuple[int | None, int | None]:
@@ -460,12 +467,11 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
             d = None
         kind = s.kind
         if kind == k_file:
-            if s.nlink > 1:
+            if s.nlink > 1 or (d is not None and d.nlink > 1 and identities):
+                # a source link group, or a lone file the mirror holds as one name of several: see _plan_links
                 links.setdefault((s.dev, s.ino), []).append(path)
                 continue
-            if d is None or not file_same_content(s, d) or d.nlink > 1:
-                # d.nlink > 1 while the source is a lone file: a setattr would also change the mirror's other
-                # names of that inode, so the link is broken by writing a fresh file.
+            if d is None or not file_same_content(s, d):
                 put(path, s, d)
             else:
                 sa = attr_change(path, s, d)
@@ -495,52 +501,11 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
         else:
             plan.skipped.append((path, "special file (fifo, socket or device) is not replicated"))
 
-    # Hard links: one member of each group (the leader) is a normal file; the others are links to it. Prefer a
-    # leader the mirror already has up to date, so an unchanged group costs nothing.
-    for group in links.values():
-        group.sort()
-        if len(group) == 1:
-            path = group[0]
-            s = s_entries[path]
-            d = None if path in replaced else dst_get(path)
-            if d is None or not file_same_content(s, d) or d.nlink > 1:
-                put(path, s, d)
-            else:
-                sa = attr_change(path, s, d)
-                if sa is not None:
-                    plan.setattrs.append(sa)
-            continue
-        leader = group[0]
-        for p in group:
-            dp = None if p in replaced else dst_get(p)
-            if dp is not None and file_same_content(s_entries[p], dp):
-                leader = p
-                break
-        s = s_entries[leader]
-        dl = None if leader in replaced else dst_get(leader)
-        if dl is None or not file_same_content(s, dl):
-            put(leader, s, dl)
-        else:
-            sa = attr_change(leader, s, dl)
-            if sa is not None:
-                plan.setattrs.append(sa)
-        for p in group:
-            if p == leader:
-                continue
-            dp = None if p in replaced else dst_get(p)
-            if (
-                dp is not None
-                and dl is not None
-                and leader not in put_paths
-                and dp.kind == k_file
-                and (dp.dev, dp.ino) == (dl.dev, dl.ino)
-            ):
-                continue  # already the same inode in the mirror
-            plan.hardlinks.append(Hardlink(p, leader))
-            touched.add(_parent(p))
+    protected = {e.path for e in src.errors if e.errno != errno_mod.ENOENT}
+    if links:
+        _plan_links(plan, links, src, dst, replaced, protected, delete, checksum, owner, put, attr_change, touched)
 
     # Deletes: extraneous mirror paths (delete=True), and everything under/at a replaced path whatever ``delete``.
-    protected = {e.path for e in src.errors if e.errno != errno_mod.ENOENT}
     dels: list[bytes] = []
     for path in d_entries:
         if path in s_entries and path not in replaced:
@@ -575,3 +540,108 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
             plan.dir_setattrs[i] = plan.dir_setattrs[i]._replace(mtime_ns=st.mtime_ns)
     plan.dir_setattrs.sort(key=lambda sa: sa.path, reverse=True)  # deepest first (cosmetic: utime is per inode)
     return plan
+
+
+def _plan_links(
+    plan: Plan,
+    groups: dict[tuple[int, int], list[bytes]],
+    src: Manifest,
+    dst: Manifest,
+    replaced: set[bytes],
+    protected: set[bytes],
+    delete: bool,
+    checksum: bool,
+    owner: bool,
+    put: Callable[[bytes, Entry, Entry | None], None],
+    attr_change: Callable[[bytes, Entry, Entry], SetAttr | None],
+    touched: set[bytes],
+) -> None:
+    """Plan the files that are (or should be) hard links: source groups by ``(dev, ino)``, and, when the mirror's
+    manifest has inode identities, every lone source file the mirror holds as one name of several.
+
+    Each source group ends as one inode on the mirror holding exactly the group's names. Where the mirror already has
+    an inode with the group's content that it can keep (see ``keepable``), the group's other names are linked to it
+    and no data is sent; otherwise one name (the leader) is sent and the others are linked to it. A mirror inode
+    whose names belong to several source groups is kept by the group with the most names on it; the other names are
+    linked or sent elsewhere, which breaks the mirror's link the source does not have.
+
+    Without identities (an agent without the ``inodes`` capability) nothing tells two mirror names of one inode from
+    two copies: every name but the leader gets a Hardlink (the agent does nothing for a name already on that inode),
+    and links the source does not have cannot be seen, so they stay.
+    """
+    s_entries, d_entries = src.entries, dst.entries
+    k_file = Kind.FILE
+
+    def mirror_file(p: bytes) -> Entry | None:
+        d = None if p in replaced else d_entries.get(p)
+        return d if d is not None and d.kind == k_file else None
+
+    def same(s: Entry, d: Entry) -> bool:
+        if s.size != d.size:
+            return False
+        if checksum:
+            return s.digest is not None and s.digest == d.digest
+        return s.mtime_ns == d.mtime_ns
+
+    MKey = tuple[int, int] | bytes  # a mirror inode: (dev, ino) when it has several names, else its one path
+    owner_of: dict[tuple[int, int], tuple[int, int]] = {}  # mirror inode (nlink > 1) -> the source group keeping it
+    keepable: set[tuple[int, int]] = set()
+    if dst.identities:
+        group_of = {p: key for key, names in groups.items() for p in names}
+        m_names: dict[tuple[int, int], list[bytes]] = {}
+        for p, d in d_entries.items():
+            if d.kind == k_file and d.nlink > 1:
+                m_names.setdefault((d.dev, d.ino), []).append(p)
+        for ino, names in m_names.items():
+            counts: dict[tuple[int, int], int] = {}
+            for p in names:
+                g = group_of.get(p)
+                if g is not None and p not in replaced:
+                    counts[g] = counts.get(g, 0) + 1
+            if not counts:
+                continue
+            g = min(counts, key=lambda k: (-counts[k], min(groups[k])))
+            owner_of[ino] = g
+            # Keepable: every name of the inode is the owner's, or is rewritten (a name of another group or a
+            # lone source file: sent or linked elsewhere; a type change: deleted), or is deleted as extraneous; and
+            # it has no more names outside the manifest than the source's inode has outside the scan (a subtree
+            # rescan sees only part of a group; a name elsewhere that the source lacks must not share new attrs).
+            hidden = d_entries[names[0]].nlink - len(names)
+            s0 = s_entries[groups[g][0]]
+            if hidden > s0.nlink - len(groups[g]):
+                continue
+            if all(p in s_entries or (delete and not (protected and _under_any(p, protected))) for p in names):
+                keepable.add(ino)
+
+    for key, group in groups.items():
+        group.sort()
+        on: dict[MKey, list[bytes]] = {}  # candidate mirror inodes with the group's content -> the names on them
+        for p in group:
+            dp = mirror_file(p)
+            if dp is None or not same(s_entries[p], dp):
+                continue
+            on.setdefault((dp.dev, dp.ino) if dst.identities and dp.nlink > 1 else p, []).append(p)
+        keep: list[bytes] = []
+        for m, names in sorted(on.items(), key=lambda kv: (-len(kv[1]), kv[1][0])):
+            if isinstance(m, bytes) or (owner_of.get(m) == key and m in keepable):
+                keep = names
+                break
+        if keep:
+            leader = keep[0]
+            dl = mirror_file(leader)
+            assert dl is not None
+            sa = attr_change(leader, s_entries[leader], dl)
+            if sa is not None:
+                plan.setattrs.append(sa)
+            if not dst.identities:
+                keep = [leader]  # two names with the same content may still be two inodes
+        else:
+            # sent once; under a name the mirror has a file at if any (a delta needs a basis)
+            leader = next((p for p in group if mirror_file(p) is not None), group[0])
+            put(leader, s_entries[leader], None if leader in replaced else d_entries.get(leader))
+            keep = [leader]
+        for p in group:
+            if p in keep:
+                continue
+            plan.hardlinks.append(Hardlink(p, leader))
+            touched.add(_parent(p))

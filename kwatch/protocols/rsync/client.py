@@ -43,7 +43,7 @@ from kwatch.protocols.rsync.checksum import (
     parse_name_list,
 )
 from kwatch.protocols.rsync.codec import Msg, NeedMore, Reader
-from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, sort_key
+from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, hlink_indexes, sort_key
 from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
 
 SUPPORTED_PROTOCOLS = (30, 31)
@@ -91,6 +91,7 @@ class PushOptions:
     negotiate: bool = True  # the 'v' capability: negotiate checksum names and varint flist flags
     compress: bool = False  # negotiates compression (only "none" is implemented, so data is not compressed)
     checksums: tuple[str, ...] = CHECKSUM_NAMES
+    hard_links: bool = False  # -H: entries with an ``inode`` are sent as hard links of each other (protocol >= 30)
     user: bytes = b"nobody"
     password: bytes | None = None
 
@@ -154,7 +155,7 @@ class Counters:
 
 def build_server_args(opts: PushOptions) -> list[bytes]:
     """The argument vector the remote ``rsync --server`` gets (options.c server_options, for a sender)."""
-    flags = "-lptr"
+    flags = "-l" + ("H" if opts.hard_links else "") + "ptr"  # -H where options.c server_options puts it
     if opts.fuzzy:
         flags += "y"
     if opts.compress:
@@ -487,8 +488,10 @@ class PushSession:
         if self.opts.delete or self.opts.delete_missing:
             out += codec.enc_int(0)  # exclude.c send_filter_list: the receiver wants the (empty) list
         enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
-        for e in self.entries:
-            out += enc.encode(e)
+        linking = self.opts.hard_links and self.protocol >= 30
+        hlinks = hlink_indexes(self.entries) if linking else [None] * len(self.entries)
+        for e, hlink in zip(self.entries, hlinks, strict=True):
+            out += enc.encode(e, hlink)
         out += enc.end(0)
         if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:
             pass

@@ -1,9 +1,11 @@
 """rsync file-list entries: encode and decode with the XMIT_* flags, the end-of-list marker, and the sort order.
 
 Pure. Covers what kwatch sends: regular files, directories, symlinks (``-l``), permissions (``-p``), mtimes
-with nanoseconds (``-t``, protocol 31 ``XMIT_MOD_NSEC``), and ``--delete-missing-args`` entries (mode 0 = delete
-this path). Ownership, devices, hard links, ACLs/xattrs and ``--checksum`` sums are not sent (the client never
-asks the daemon for them, so the entry layout below is complete for the options it sends).
+with nanoseconds (``-t``, protocol 31 ``XMIT_MOD_NSEC``), hard links (``-H``, protocol >= 30: the names of one
+inode are ``XMIT_HLINKED``, the first of them in list order also ``XMIT_HLINK_FIRST``, and each later one carries
+the list index of the first instead of its attributes), and ``--delete-missing-args`` entries (mode 0 = delete
+this path). Ownership, devices, ACLs/xattrs and ``--checksum`` sums are not sent (the client never asks the
+daemon for them, so the entry layout below is complete for the options it sends).
 
 Follows rsync's flist.c ``send_file_entry`` / ``recv_file_entry`` (the compression of a name against the
 previous one, and "same as previous" flags for mode and mtime), ``write_end_of_flist``, and ``f_name_cmp`` for
@@ -12,6 +14,7 @@ the order in which both sides index the list.
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from dataclasses import dataclass
 
@@ -43,6 +46,7 @@ XMIT_NO_CONTENT_DIR = 1 << 8  # directories only, protocol >= 30
 XMIT_HLINKED = 1 << 9
 XMIT_USER_NAME_FOLLOWS = 1 << 10
 XMIT_GROUP_NAME_FOLLOWS = 1 << 11
+XMIT_HLINK_FIRST = 1 << 12  # protocol >= 30, with XMIT_HLINKED (the same bit as XMIT_IO_ERROR_ENDLIST)
 XMIT_IO_ERROR_ENDLIST = 1 << 12
 XMIT_MOD_NSEC = 1 << 13
 XMIT_SAME_ATIME = 1 << 14
@@ -69,6 +73,9 @@ class FileEntry:
     link_target: bytes | None = None
     top_dir: bool = False
     content_dir: bool = True  # directories: the receiver may delete extraneous entries inside
+    #: (st_dev, st_ino) of a non-directory with several names: the names of one inode in a list are sent as hard
+    #: links of each other (``-H``); None for everything else.
+    inode: tuple[int, int] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -95,6 +102,20 @@ def sort_key(e: FileEntry) -> tuple[tuple[int, bytes], ...]:
     return tuple(key)
 
 
+def hlink_indexes(entries: list[FileEntry]) -> list[int | None]:
+    """For each entry (in list order), what :meth:`FlistEncoder.encode` needs for ``-H``: -1 for the first name of
+    an inode, the list index of that first name for a later one, None for an entry without an ``inode``."""
+    firsts: dict[tuple[int, int], int] = {}
+    out: list[int | None] = []
+    for i, e in enumerate(entries):
+        if e.inode is None or e.is_dir or not e.mode:
+            out.append(None)
+            continue
+        first = firsts.setdefault(e.inode, i)
+        out.append(-1 if first == i else first)
+    return out
+
+
 def check_name(name: bytes) -> None:
     """Reject names a receiver must never act on: empty, absolute, ``..`` components, NUL bytes."""
     if not name or len(name) >= MAXPATHLEN:
@@ -117,14 +138,29 @@ class FlistEncoder:
         self._lastname = b""
         self._mode = -1
         self._mtime: int | None = None
+        self._count = 0  # entries encoded: the list index of the next one
+        self._firsts: dict[int, FileEntry] = {}  # list index -> the first name of an inode
 
-    def encode(self, e: FileEntry) -> bytes:
+    def encode(self, e: FileEntry, hlink: int | None = None) -> bytes:
+        """One entry. ``hlink``: with ``-H``, -1 for the first name of an inode in the list, or the list index of
+        that first name for a later one (flist.c send_file_entry, protocol >= 30); None for no hard link."""
         try:
             check_name(e.name)
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None
         if e.mode != 0 and not (e.is_reg or e.is_dir or e.is_link):
             raise LocalProtocolError(f"unsupported file type {e.mode:#o} for {e.name!r}")
+        ndx = self._count
+        self._count += 1
+        if hlink is not None and hlink >= 0:
+            first = self._firsts.get(hlink)
+            if first is None:
+                raise LocalProtocolError(f"hard link of {e.name!r} to list index {hlink}, not a first name")
+            # the receiver gives this name the first one's attributes (and its "same as previous" state follows
+            # them): two stats of one inode may differ if it changed between them, the list must not
+            e = dataclasses.replace(first, name=e.name, top_dir=e.top_dir)
+        elif hlink is not None:
+            self._firsts[ndx] = e
         xflags = 0
         if e.is_dir and self.protocol >= 30:
             if e.top_dir and not e.content_dir:  # an implied parent directory (FLAG_IMPLIED_DIR)
@@ -147,6 +183,10 @@ class FlistEncoder:
             self._mtime = e.mtime
         if e.mtime_nsec and self.protocol >= 31:
             xflags |= XMIT_MOD_NSEC
+        if hlink is not None:
+            if self.protocol < 30 or e.is_dir or e.mode == 0:
+                raise LocalProtocolError(f"hard link of {e.name!r}: only non-directories, protocol >= 30")
+            xflags |= XMIT_HLINKED | (XMIT_HLINK_FIRST if hlink < 0 else 0)
         l1 = 0
         last = self._lastname
         while l1 < len(last) and l1 < len(e.name) and l1 < 255 and e.name[l1] == last[l1]:
@@ -174,6 +214,12 @@ class FlistEncoder:
         else:
             out.append(len(suffix))
         out += suffix
+        if hlink is not None and hlink >= 0:
+            # A later name of an inode: the receiver takes size, times and mode from the first name (the "same as
+            # previous" state above was still updated, as flist.c does before its ``goto the_end``).
+            out += enc_varint(hlink)
+            self._lastname = e.name
+            return bytes(out)
         out += enc_varlong30(e.size, 3, self.protocol)
         if not xflags & XMIT_SAME_TIME:
             out += enc_varlong(e.mtime, 4) if self.protocol >= 30 else enc_int(e.mtime)
@@ -203,16 +249,21 @@ class EndOfList:
 
 
 class FlistDecoder:
-    """Decodes entries sent with the options kwatch uses (``-rlpt``, no ``-o/-g/-D/-H``), for tests and for
-    validating golden captures. ``decode`` is atomic: on :class:`NeedMore` the state is unchanged."""
+    """Decodes entries sent with the options kwatch uses (``-rlpt``, ``-H`` with ``hard_links``; no ``-o/-g/-D``),
+    for tests and for validating golden captures. ``decode`` is atomic: on :class:`NeedMore` the state is
+    unchanged. A hard-linked entry's ``inode`` is ``(0, list index of the first name of its inode)``."""
 
-    def __init__(self, protocol: int, varint_flags: bool, preserve_links: bool = True) -> None:
+    def __init__(self, protocol: int, varint_flags: bool, preserve_links: bool = True,
+                 hard_links: bool = False) -> None:
         self.protocol = protocol
         self.varint_flags = varint_flags
         self.preserve_links = preserve_links
+        self.hard_links = hard_links and protocol >= 30
         self._lastname = b""
         self._mode = 0
         self._mtime = 0
+        self._count = 0
+        self._firsts: dict[int, FileEntry] = {}
 
     def decode(self, r: Reader) -> FileEntry | EndOfList:
         start = r.pos
@@ -235,7 +286,8 @@ class FlistDecoder:
                 xflags |= r.byte() << 8
                 if xflags == XMIT_EXTENDED_FLAGS | XMIT_IO_ERROR_ENDLIST:
                     return EndOfList(dec_varint(r))
-        if xflags & ~_KNOWN_FLAGS:
+        known = _KNOWN_FLAGS | (XMIT_HLINKED | XMIT_HLINK_FIRST if self.hard_links else 0)
+        if xflags & ~known:
             raise RemoteProtocolError(f"file-list flags {xflags:#x} need options this client did not send")
         l1 = r.byte() if xflags & XMIT_SAME_NAME else 0
         l2 = dec_varint30(r, self.protocol) if xflags & XMIT_LONG_NAME else r.byte()
@@ -246,6 +298,16 @@ class FlistDecoder:
             check_name(name)
         except ValueError as exc:
             raise RemoteProtocolError(str(exc)) from None
+        ndx = self._count
+        if self.hard_links and xflags & XMIT_HLINKED and not xflags & XMIT_HLINK_FIRST:
+            first_ndx = dec_varint(r)
+            first = self._firsts.get(first_ndx)
+            if first is None:
+                raise RemoteProtocolError(f"{name!r} hard-links list index {first_ndx}, not the first name of an "
+                                          f"inode before it")
+            self._lastname, self._mode, self._mtime = name, first.mode, first.mtime
+            self._count += 1
+            return dataclasses.replace(first, name=name, top_dir=False)
         size = dec_varlong30(r, 3, self.protocol)
         if size < 0:
             raise RemoteProtocolError(f"negative size for {name!r}")
@@ -266,9 +328,12 @@ class FlistDecoder:
             if not 0 < n < MAXPATHLEN:
                 raise RemoteProtocolError(f"bad symlink length {n} for {name!r}")
             target = r.take(n)
-        self._lastname, self._mode, self._mtime = name, mode, mtime
         is_dir = stat.S_ISDIR(mode)
-        return FileEntry(
+        if xflags & XMIT_HLINKED and (is_dir or not mode):
+            raise RemoteProtocolError(f"hard-linked entry {name!r} is a directory or a deletion")
+        self._lastname, self._mode, self._mtime = name, mode, mtime
+        self._count += 1
+        entry = FileEntry(
             name=name,
             mode=mode,
             size=size,
@@ -277,4 +342,8 @@ class FlistDecoder:
             link_target=target,
             top_dir=bool(xflags & XMIT_TOP_DIR) and is_dir,
             content_dir=not (is_dir and xflags & XMIT_NO_CONTENT_DIR),
+            inode=(0, ndx) if xflags & XMIT_HLINKED else None,
         )
+        if xflags & XMIT_HLINKED:
+            self._firsts[ndx] = entry
+        return entry

@@ -7,7 +7,9 @@ Run from the repository root (as root, Debian rsync installed)::
 
 It writes, for each protocol version in PROTOCOLS, ``push-pNN.c2s`` (client to daemon bytes) and
 ``push-pNN.s2c`` (daemon to client bytes), and ``tree.json`` describing the pushed tree. A fixed
-``--checksum-seed`` keeps the daemon's side deterministic apart from the stats it sends.
+``--checksum-seed`` keeps the daemon's side deterministic apart from the stats it sends. ``hlink-pNN.c2s`` is a
+push with ``-H --no-inc-recursive`` (one file list, as kwatch sends it) of HLINK_TREE, whose names ``a``, ``b``
+and ``d/c`` are one inode and ``x``, ``y`` another.
 """
 
 from __future__ import annotations
@@ -41,6 +43,28 @@ TREE: list[tuple[bytes, str, int, bytes]] = [
     (b"sub/link", "symlink", 0o777, b"../a.txt"),
     (b"caf\xe9-latin1", "file", 0o640, b"non-utf8 name\n"),
 ]
+
+
+HLINK_TREE: list[tuple[bytes, bytes | None]] = [  # (name, content; None: a hard link of the previous file)
+    (b"a", b"first inode\n"), (b"b", None), (b"d/c", None), (b"lone", b"one name\n"),
+    (b"x", b"second inode\n"), (b"y", None),
+]
+
+
+def build_hlink_tree(root: Path) -> None:
+    os.mkdir(os.path.join(bytes(root), b"d"))
+    first = b""
+    for name, data in HLINK_TREE:
+        p = os.path.join(bytes(root), name)
+        if data is None:
+            os.link(first, p)
+            continue
+        with open(p, "wb") as f:
+            f.write(data)
+        os.utime(p, (MTIME, MTIME))
+        first = p
+    os.utime(os.path.join(bytes(root), b"d"), (MTIME, MTIME))
+    os.utime(root, (MTIME, MTIME))
 
 
 def build_tree(root: Path) -> None:
@@ -82,7 +106,7 @@ def proxy_once(listener: socket.socket, upstream_port: int, c2s: bytearray, s2c:
     server.close()
 
 
-def capture(proto: int, daemon: RsyncDaemon, src: Path) -> tuple[bytes, bytes]:
+def capture(proto: int, daemon: RsyncDaemon, src: Path, options: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -91,7 +115,7 @@ def capture(proto: int, daemon: RsyncDaemon, src: Path) -> tuple[bytes, bytes]:
     t = threading.Thread(target=proxy_once, args=(listener, daemon.port, c2s, s2c))
     t.start()
     subprocess.run(
-        ["rsync", "-rlpt", "--delete", f"--protocol={proto}", "--checksum-seed=305419896",
+        ["rsync", "-rlpt", *options, "--delete", f"--protocol={proto}", "--checksum-seed=305419896",
          f"{src}/", f"rsync://127.0.0.1:{port}/push/"],
         check=True, timeout=30,
     )
@@ -112,6 +136,15 @@ def main() -> None:
                 c2s, s2c = capture(proto, daemon, src)
                 (HERE / f"push-p{proto}.c2s").write_bytes(c2s)
                 (HERE / f"push-p{proto}.s2c").write_bytes(s2c)
+        hsrc = Path(tmp) / "hsrc"
+        hsrc.mkdir()
+        build_hlink_tree(hsrc)
+        with RsyncDaemon(Path(tmp) / "hd") as daemon:
+            for proto in PROTOCOLS:
+                for p in daemon.module_path("push").iterdir():
+                    subprocess.run(["rm", "-rf", str(p)], check=True)
+                c2s, _ = capture(proto, daemon, hsrc, ("-H", "--no-inc-recursive"))
+                (HERE / f"hlink-p{proto}.c2s").write_bytes(c2s)
     (HERE / "tree.json").write_text(json.dumps(
         {"mtime": MTIME, "checksum_seed": 305419896,
          "entries": [{"name": n.hex(), "kind": k, "mode": m, "data": d.hex() if k != "file" or len(d) < 64 else None,
