@@ -689,13 +689,50 @@ static __always_inline void finish(struct kw_scratch *s, __u32 total)
  * kw_excl holds every process whose events are not reported: the ones userspace registered (with the descendants
  * they had then) and every process forked from one of them since (kw_fork below). One lookup per syscall, where
  * walking up the parents took one per generation; and a daemonized grandchild stays excluded after reparenting.
+ *
+ * Each CPU remembers its last answer (a run of calls mostly comes from one process), valid while neither the table
+ * nor the configuration changed since: the kernel bumps kw_excl_gen after each change it makes to the table (fork,
+ * exit), userspace writes the configuration (cfg_gen) after each change it makes. The generation is read before the
+ * table, so an answer cached across a change is never reused.
  */
+__u64 kw_excl_gen = 0;
+
+struct kw_excl_memo {
+	__u64 gen;
+	__u32 cfg_gen;
+	__u32 tgid;
+	__u32 excluded;
+	__u32 valid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kw_excl_memo);
+} kw_excl_memo SEC(".maps");
+
 static __always_inline int excluded(struct kw_config *cfg)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (tgid == cfg->self_tgid)
 		return 1;
-	return cfg->use_excl && bpf_map_lookup_elem(&kw_excl, &tgid);
+	if (!cfg->use_excl)
+		return 0;
+	__u64 gen = kw_excl_gen;
+	__u32 zero = 0;
+	struct kw_excl_memo *m = bpf_map_lookup_elem(&kw_excl_memo, &zero);
+	if (m && m->valid && m->tgid == tgid && m->gen == gen && m->cfg_gen == cfg->cfg_gen)
+		return m->excluded;
+	int ex = bpf_map_lookup_elem(&kw_excl, &tgid) != NULL;
+	if (m) {
+		m->gen = gen;
+		m->cfg_gen = cfg->cfg_gen;
+		m->tgid = tgid;
+		m->excluded = ex;
+		m->valid = 1;
+	}
+	return ex;
 }
 
 static __always_inline int wanted(__u32 op)
@@ -942,7 +979,8 @@ int kw_process_exit(void *ctx)
 	struct task_struct *task = KPTR(struct task_struct, bpf_get_current_task());
 	if (!task->signal->live.counter) {
 		__u32 tgid = task->tgid;
-		bpf_map_delete_elem(&kw_excl, &tgid);
+		if (!bpf_map_delete_elem(&kw_excl, &tgid))
+			__sync_fetch_and_add(&kw_excl_gen, 1);
 	}
 	struct files_struct *files = task->files;
 	if (!files || files->count.counter != 1)
@@ -962,6 +1000,7 @@ int BPF_PROG(kw_fork, struct task_struct *parent, struct task_struct *child)
 	__u8 one = 1;
 	/* the table holds 16384 processes, far above the action runner's cap; past that, events are reported */
 	bpf_map_update_elem(&kw_excl, &ctgid, &one, BPF_ANY);
+	__sync_fetch_and_add(&kw_excl_gen, 1); /* after the table: see excluded() */
 	return 0;
 }
 

@@ -449,6 +449,42 @@ def test_exclude_pid_covers_descendants(source: object) -> None:
     assert base + b"/excl" not in paths
 
 
+def test_exclusion_follows_a_running_process(source: object) -> None:
+    """One process writes before, while and after it is excluded: each CPU's memo of "not excluded" (made by its
+    first writes) must not outlive the exclusion, nor "excluded" the inclusion."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+    # the shell writes itself (a redirection, no child), so the same pid asks the kernel before and after
+    script = 'while read step; do for i in 1 2 3 4 5 6 7 8; do : > "$0/$step-$i"; done; echo done; done'
+    sh = subprocess.Popen(["sh", "-c", script, base], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert sh.stdin is not None and sh.stdout is not None
+
+    def step(name: str) -> set[bytes]:
+        sh.stdin.write(name.encode() + b"\n")  # type: ignore[union-attr]
+        sh.stdin.flush()  # type: ignore[union-attr]
+        assert sh.stdout.readline() == b"done\n"  # type: ignore[union-attr]
+        return {e.path for e in drain(source)} & {b"%s/%s-%d" % (base, name.encode(), i) for i in range(1, 9)}
+
+    # another excluded process keeps the kernel's exclusion check on throughout, so its memo is used
+    other = subprocess.Popen(["sleep", "60"])
+    source.exclude_pid(other.pid)  # type: ignore[attr-defined]
+    try:
+        before = step("before")
+        source.exclude_pid(sh.pid)  # type: ignore[attr-defined]
+        during = step("during")
+        source.include_pid(sh.pid)  # type: ignore[attr-defined]
+        after = step("after")
+    finally:
+        source.include_pid(other.pid)  # type: ignore[attr-defined]
+        other.kill()
+        other.wait()
+        sh.stdin.close()
+        sh.wait(30)
+    assert len(before) == 8
+    assert during == set()
+    assert len(after) == 8
+
+
 def test_quiet_consumer_is_woken_by_the_first_record(source: object) -> None:
     """After a quiet spell the consumer may sleep on the descriptor with no timeout: the next record must wake it."""
     import select

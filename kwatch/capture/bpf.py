@@ -255,11 +255,13 @@ class BpfSource:
         """Ignore ``pid`` and its descendants (used for the processes of actions kwatch starts).
 
         The pid goes into the kernel's table first, so any process it forks from then on is added by the kernel;
-        then the descendants it already had are added from /proc. No window lets a child slip through.
+        then the descendants it already had are added from /proc. No window lets a child slip through. The
+        configuration is written after the table (use_excl on, and a new cfg_gen: the kernel's per-CPU memo of
+        exclusion answers is only valid for the generation it was made in).
         """
         self._excluded.add(pid)
-        self._write_config()  # use_excl on; the pid's entry follows at once, before the /proc scan
         self._exclude_trees([pid])
+        self._write_config()
 
     def _exclude_trees(self, pids: Iterable[int]) -> None:
         """Put ``pids`` into the kernel's table first (their forks from then on are added by the kernel), then the
@@ -277,8 +279,7 @@ class BpfSource:
             self._excluded.discard(pid)
             if pid not in self._filter_excl:
                 self._excl.delete(pid.to_bytes(4, "little"))
-            if not self._excluded:
-                self._write_config()
+            self._write_config()  # after the table (a new cfg_gen: see exclude_pid)
 
     # ---- reading --------------------------------------------------------------------------------------------------
 
