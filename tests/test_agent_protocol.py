@@ -632,3 +632,37 @@ def test_chunk_data_is_compressed_when_negotiated() -> None:
     assert len(wire) < len(data) // 4
     r.receive_data(wire)
     assert drain(r) == [PutChunk(data)]
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 254], [255], [256], [65535], [65536], [3, 100_000], [10] * 1000,
+                                   [70_000] * 10], ids=str)
+def test_put_files_frame_is_what_msgpack_makes_of_it(sizes: list[int]) -> None:
+    """PutFiles frames are assembled without msgpack copying the data; the bytes must be packb's, exactly (the bin
+    header's three sizes included)."""
+    files = tuple(PutFile(b"d/f%d" % i, 0o644, 1_600_000_000_123_456_789 + i, bytes([i % 256]) * n,
+                          bytes(16) if i % 2 else None) for i, n in enumerate(sizes))
+    msg = PutFiles(files)
+    body = msgpack.packb([TYPE_CODES[PutFiles], [[f.relpath, f.mode, f.mtime_ns, len(f.data), f.digest]
+                                                 for f in files], b"".join(f.data for f in files), None],
+                         use_bin_type=True)
+    assert encode_frame(msg) == len(body).to_bytes(4, "big") + body
+    assert decode_frame_body(body) == msg
+
+
+@pytest.mark.parametrize("path", [b"a", b"a/b.c", b".hidden/x", b"a/..b/c.", b"...", b"a/.../b", b"x" * 255,
+                                  b"./a", b"a/.", b"a/../b", b"..", b".", b"a//b", b"/a", b"a/", b"a\0b", b"",
+                                  b"d/" + b"x" * 256, b"y/" * 200 + b"z"])
+def test_check_relpath_fast_path_agrees_with_the_component_check(path: bytes) -> None:
+    """The whole-path scans accept only what the component-by-component check accepts."""
+    from kwatch.protocols.agent import _plain_relpath
+
+    parts = path.split(b"/")
+    full_ok = (0 < len(path) < 4096 and b"\0" not in path and not path.startswith(b"/")
+               and all(p not in (b"", b".", b"..") and len(p) <= 255 for p in parts))
+    if _plain_relpath(path):
+        assert full_ok
+    if full_ok:
+        assert check_relpath(path) == path
+    else:
+        with pytest.raises(UnsafePathError):
+            check_relpath(path)

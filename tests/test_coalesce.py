@@ -191,3 +191,24 @@ def test_link_origins(events: list[FileEvent], link_from: dict[bytes, bytes]) ->
     for i, ev in enumerate(events):
         c.add(ev, float(i))
     assert c.take(100.0).link_from == link_from
+
+
+@pytest.mark.parametrize(
+    ("renames", "rel", "now_at"),
+    [
+        ([], b"a/f", b"a/f"),
+        ([(b"/r/a", b"/r/b")], b"a/f", b"b/f"),  # its directory moved
+        ([(b"/r/a/f", b"/r/g")], b"a/f", b"g"),  # the file itself
+        ([(b"/r/a", b"/r/b"), (b"/r/b/f", b"/r/c/h")], b"a/f", b"c/h"),  # in order
+        ([(b"/r/ab", b"/r/x")], b"a/f", b"a/f"),  # a name that only starts the same
+        ([(b"/r/a/f", b"/elsewhere/f")], b"a/f", b"a/f"),  # moved out: no rename to replay, the name stays
+    ],
+)
+def test_current_name_follows_renames_folded_since_the_take(renames: list, rel: bytes, now_at: bytes) -> None:
+    """A mark that belongs before the events folded since the last take (an ack's re-queue) follows their renames."""
+    c = Coalescer(b"/r")
+    c.add(FileEvent(Op.CREATE, b"/r/seen"), 0.0)
+    c.take(1.0)
+    for old, new in renames:
+        c.add(FileEvent(Op.RENAME, old, new), 2.0)
+    assert c.current_name(rel) == now_at

@@ -478,3 +478,26 @@ def test_eager_batches_reach_the_mirror_while_changes_keep_coming(tmp_path: Path
         if writer.is_alive():
             writer.join()
         rep.stop()
+
+
+def test_events_that_waited_through_a_batch_are_due_at_once(tmp_path: Path) -> None:
+    """Eagerness and settle count from an event's arrival, not from when the busy replicator folds it: what came
+    while a batch was being sent is due as soon as that batch ends; what just arrived still waits ``eager``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    opts = TargetOptions(settle=0.05, max_delay=1.0, eager=0.2)
+    rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), opts)
+    now = time.monotonic()
+    rep._queue.put((now - 0.5, [FileEvent(Op.CREATE, b(src / "old")), FileEvent(Op.MKDIR, b(src / "d"))]))
+    rep._queue.put((now - 0.3, [FileEvent(Op.CLOSE_WRITE, b(src / "old"))]))
+    rep._fold_queued()
+    assert rep._queue.empty()
+    assert rep._due_in(now) == 0.0
+    assert set(rep.coalescer.take(now).dirty) == {b"old", b"d", b""}
+    rep._first = None
+    rep._queue.put((now, [FileEvent(Op.CREATE, b(src / "new"))]))
+    rep._queue.put(None)  # a stop request taken off the queue by the fold is not lost
+    rep._fold_queued()
+    due = rep._due_in(now)
+    assert due == pytest.approx(0.05)  # settle, counted from the arrival
+    assert rep._wait_and_fold(False) is True

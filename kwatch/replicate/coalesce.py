@@ -217,6 +217,19 @@ class Coalescer:
         for k in [k for k in self._writing if _under(k, rel)]:
             del self._writing[k]
 
+    def current_name(self, rel: bytes) -> bytes:
+        """Where ``rel`` is now, after the renames folded in since the last :meth:`take`.
+
+        For marks that belong before those renames: what a batch's ack re-queues (a file changed while it was
+        read, a rename the mirror could not replay) is about the names of that batch, while events that came during
+        it may have been folded in already; a rename among them must carry the mark along, as it would have had
+        the mark come first (the mirror's copy moves with the rename, stale, and only its attributes would follow).
+        """
+        for old, new in self._batch.renames:
+            if _under(rel, old) and old:
+                rel = _rebase(rel, old, new)
+        return rel
+
     # ---- flushing ------------------------------------------------------------------------------------------------
 
     def pending(self) -> bool:

@@ -16,7 +16,7 @@ import selectors
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError
@@ -52,6 +52,9 @@ class AgentLink:
         self.bytes_out = 0
         self.bytes_in = 0
         self._out = bytearray()
+        #: called when the link is about to wait for the agent (its input full, or a reply not there yet): the
+        #: replicator folds new events meanwhile instead of all at once after the batch
+        self.on_wait: Callable[[], None] | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=20)
         try:
             self.proc = subprocess.Popen(
@@ -116,7 +119,11 @@ class AgentLink:
             if self._out:
                 self._sel.register(self._win, selectors.EVENT_WRITE)
             try:
-                ready = self._sel.select(max(0.0, deadline - time.monotonic()))
+                ready = self._sel.select(0) if self.on_wait is not None else []
+                if not ready:
+                    if self.on_wait is not None:
+                        self.on_wait()
+                    ready = self._sel.select(max(0.0, deadline - time.monotonic()))
             finally:
                 for fd in (self._rout, self._win):
                     with contextlib.suppress(KeyError):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as errno_mod
+import itertools
 import os
 import re
 import stat
@@ -95,14 +96,32 @@ def validate_path(path: bytes) -> list[bytes]:
     return parts
 
 
+def _plain_path(path: bytes) -> bool:
+    """True for a path :func:`validate_path` accepts, tested with a few scans of the whole path (the common case of
+    a batch of small files); False means "run the full check", not "refused"."""
+    if not 0 < len(path) <= _NAME_MAX or path[0] == 0x2F or path[-1] == 0x2F or b"\0" in path or b"//" in path:
+        return False
+    if b"." not in path:
+        return True
+    wrapped = b"/" + path + b"/"
+    return b"/./" not in wrapped and b"/../" not in wrapped
+
+
 def is_temp_name(name: bytes) -> bool:
     """True for a name the receiver uses for temporaries (``.<name>.kwatch-tmp-<16 hex>``)."""
     return _TEMP_RE.match(name) is not None
 
 
+_temp_ids = itertools.count(int.from_bytes(os.urandom(8), "big"))
+
+
 def temp_name(name: bytes) -> bytes:
-    """A fresh temporary name beside ``name``; long names are shortened so the result fits NAME_MAX."""
-    return b"." + name[: _NAME_MAX - _TEMP_OVERHEAD] + TEMP_MARK + os.urandom(8).hex().encode()
+    """A fresh temporary name beside ``name``; long names are shortened so the result fits NAME_MAX.
+
+    The 16 hex digits are a counter from a random start (one getrandom per process, not per file): unique among this
+    process's temporaries, unlikely to meet another run's, and a name taken anyway fails O_EXCL, never reuses a file.
+    """
+    return b"." + name[: _NAME_MAX - _TEMP_OVERHEAD] + TEMP_MARK + b"%016x" % (next(_temp_ids) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,12 +516,14 @@ class Receiver:
         try:
             for path, mode, mtime_ns, data in files:
                 try:
-                    parts = validate_path(path)
-                    parent = path[: -len(parts[-1]) - 1] if len(parts) > 1 else b""
-                    dfd = dirs.get(parent)
-                    if dfd is None:
-                        dfd = dirs[parent] = self._open_dir(path, parts[:-1])
-                    if self._put_small(path, dfd, parts[-1], mode, mtime_ns, data, replace_dirs):
+                    parent, _, name = path.rpartition(b"/")
+                    dfd = dirs.get(parent) if type(path) is bytes and _plain_path(path) else None
+                    if dfd is None:  # a new directory, or a path that needs the full check (and its error)
+                        parts = validate_path(path)
+                        dfd = dirs.get(parent)
+                        if dfd is None:
+                            dfd = dirs[parent] = self._open_dir(path, parts[:-1])
+                    if self._put_small(path, dfd, name, mode, mtime_ns, data, replace_dirs):
                         # a directory was removed: a cached fd may now be a deleted directory; resolve afresh
                         for fd in dirs.values():
                             os.close(fd)
