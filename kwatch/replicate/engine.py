@@ -4,7 +4,9 @@ Each replicator runs in its own thread with its own coalescer, so targets progre
 slow or dead target never holds back another. Its cycle:
 
 1. connect (an agent over ssh or a local pipe) and reconcile: manifest of the mirror vs a scan of the source, send
-   only what differs (quick check size+mtime, or checksums) — on start, after a reconnect, and after any loss;
+   only what differs (quick check size+mtime, or checksums) — on start, after a reconnect, and after any loss. On
+   start and after a loss the files some process holds open for writing are found in ``/proc`` (their opens were
+   not seen): they are held like the files whose open was seen, and the reconcile leaves them to a later batch;
 2. fold live events into the coalescer; when a batch is due, turn it into a plan by looking at the source *now*:
    renames first (a moved file or tree is moved on the mirror, not re-sent), then mkdirs, puts (a delta against the
    mirror's copy for large files: signatures are requested for the whole batch at once, pipelined with the small
@@ -12,7 +14,8 @@ slow or dead target never holds back another. Its cycle:
    Hard links are kept (:meth:`Replicator._plan_links`): a new name of a file becomes a link on the mirror, not a
    copy, and new data written under one name of a linked file is sent once and every other name linked to it again;
 3. read the Ack: a rename whose source the mirror did not have (created and renamed within one batch) becomes a
-   rescan of the new name; a file that changed while it was read is sent again in the next batch.
+   rescan of the new name; a file that changed while it was read, or that the events arrived meanwhile say is
+   open for writing (:meth:`Replicator._being_written`), is not landed and is sent again in a later batch.
 
 A dead target is retried with exponential backoff; meanwhile events keep folding into the (bounded) coalescer and,
 because we cannot know what the agent applied before it died, the reconnect reconciles the whole tree.
@@ -20,6 +23,7 @@ because we cannot know what the agent applied before it died, the reconnect reco
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -57,6 +61,7 @@ from kwatch.replicate.scan import (
     diff,
     scan,
 )
+from kwatch.replicate.writers import scan_writers
 
 log = logging.getLogger("kwatch.replicate")
 
@@ -194,6 +199,9 @@ class Replicator:
         self._link_leaders: dict[bytes, bytes] = {}  # this batch's hard links: path -> the name it links to
         self._batch = Batch()  # the batch being planned (its dirty flags and link origins)
         self._checked: set[bytes] = set()  # this batch's checked hard links (to a name gone from the source)
+        self._later: list[bytes] = []  # this batch's rescanned files left for later: open for writing (see _sync)
+        self._stash: collections.deque[list[FileEvent] | None] = collections.deque()  # see _being_written
+        self._opening: dict[bytes, int] = {}  # path -> opens minus closes for writing among the stashed events
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self._first: float | None = None  # monotonic time of the first event folded in since the last take
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
@@ -226,6 +234,7 @@ class Replicator:
     def _run(self) -> None:
         backoff = 0.5
         self.coalescer.rescan(b"")
+        self._seed_writers()
         stopping = False
         while not self._stop.is_set():
             try:
@@ -284,9 +293,13 @@ class Replicator:
         due = self._due_in(time.monotonic())
         timeout = 1.0 if due is None else due
         try:
-            item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
+            if self._stash:
+                item = self._stash.popleft()
+            else:
+                item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
         except queue.Empty:
             return stopping
+        lost = False
         while True:
             if item is None:
                 stopping = True
@@ -298,13 +311,47 @@ class Replicator:
                     self._first = now
                 for ev in item:
                     self.coalescer.add(ev, now)
+                    lost = lost or ev.op is Op.LOSS
+            try:
+                item = self._stash.popleft() if self._stash else self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._opening.clear()
+        if self._oldest is not None:
+            self.stats.lag_seconds = time.monotonic() - self._oldest
+        if lost:
+            self._seed_writers()  # opens and closes may be among the lost events
+        return stopping
+
+    def _being_written(self, rel: bytes) -> bool:
+        """Whether the events that arrived since this batch was taken say ``rel`` is open for writing now.
+
+        A batch is read from the source when it is sent, which can be seconds after the take (a reconcile, a big
+        batch, a slow target), and a write(2) is not atomic for a reader: the size grows folio by folio while mtime
+        and ctime were set at its start, so a writer descheduled mid-write shows a stable prefix that the size and
+        time checks around a read cannot tell from a finished file. Such a read is not landed; the file's close
+        marks it again. The events are only looked at here: they are folded after the batch, in order (see
+        _open_source for why the order matters).
+        """
+        while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-        if self._oldest is not None:
-            self.stats.lag_seconds = time.monotonic() - self._oldest
-        return stopping
+            self._stash.append(item)
+            for ev in item or ():
+                if ev.op in (Op.CREATE, Op.OPEN_WRITE):
+                    self._opening[ev.path] = self._opening.get(ev.path, 0) + 1
+                elif ev.op is Op.CLOSE_WRITE:
+                    self._opening[ev.path] = self._opening.get(ev.path, 0) - 1
+        return self._opening.get(os.path.join(self.src, rel), 0) > 0
+
+    def _seed_writers(self) -> None:
+        """Hold the files that some process has open for writing now (found in ``/proc``; see writers)."""
+        found = scan_writers(self.src, exclude_pids=(os.getpid(),))
+        self.coalescer.seed_writers(found, time.monotonic())
+        if found:
+            log.info("target %s: %d files open for writing wait for their close", self.target.spec, len(found))
 
     def _disconnect(self) -> None:
         self.stats.connected = False
@@ -340,7 +387,7 @@ class Replicator:
         plan = Plan()
         self._touched = set()
         self._groups, self._link_sets, self._link_leaders = {}, {}, {}
-        self._batch, self._checked = b, set()
+        self._batch, self._checked, self._later = b, set(), []
         renames = list(b.renames)
         made: set[bytes] = set()
         for old, new in renames:
@@ -392,8 +439,8 @@ class Replicator:
             else:  # whatever the mirror holds for this group now, do not link to it: the next write re-sends
                 for p in names:
                     self.links.discard(p)
-        for rel in changed:
-            self.coalescer.add(FileEvent(Op.CLOSE_WRITE, os.path.join(self.src, rel)), time.monotonic())
+        for rel in (*changed, *self._later):
+            self.coalescer.retry(rel, time.monotonic())
         log.info(
             "target %s: batch %d: %d puts, %d deltas, %d renames, %d deletes, %d rescans; %d literal + %d matched "
             "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,
@@ -606,7 +653,10 @@ class Replicator:
         except FileNotFoundError:
             st = None
         if st is None or not stat.S_ISDIR(st.st_mode):
-            self._plan_path(rel, CONTENT | EXIST | META, plan)
+            if rel in self._batch.writing:
+                self._later.append(rel)
+            else:
+                self._plan_path(rel, CONTENT | EXIST | META, plan)
             return
         self._ids += 1
         rid = self._ids
@@ -632,6 +682,9 @@ class Replicator:
         plan.mkdirs.extend(op._replace(path=pre + op.path) for op in sub.mkdirs)
         outside = self._rescan_links(src, pre)
         for op in sub.puts:
+            if pre + op.path in self._batch.writing:
+                self._later.append(pre + op.path)  # open for writing: sent after its close, as a live change
+                continue
             se = src.entries[op.path]
             there = outside.get((se.dev, se.ino)) if se.nlink > 1 else None
             if there:  # another name of this inode is on the mirror, outside the subtree: link, do not copy
@@ -749,8 +802,9 @@ class Replicator:
                 time.sleep(ahead)
 
     def _read_small(self, p: Put, rep: BatchReport) -> tuple[ap.PutFile | None, bool] | None:
-        """Read a small file for a PutFiles frame: (the file or None if it is gone, whether to send it again next
-        batch); None when it is no longer small (it grew since the plan), to be streamed by :meth:`_put_whole`.
+        """Read a small file for a PutFiles frame: (the file or None if it is gone or being written, whether to send
+        it again next batch); None when it is no longer small (it grew since the plan), to be streamed by
+        :meth:`_put_whole`.
 
         As with a single PutFile, the file is sent as read and a change during the read (size, mtime or ctime
         moved) sends it again next batch. One read of size + 1 bytes: a regular file's read is short only at EOF,
@@ -769,6 +823,8 @@ class Replicator:
             moved = self._changed(fd, st)
         finally:
             os.close(fd)
+        if self._being_written(p.path):
+            return None, True  # not sent: see _being_written
         rep.puts += 1
         rep.literal += len(data)
         pf = ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data, xxhash.xxh3_128_digest(data))
@@ -787,6 +843,8 @@ class Replicator:
             if st.st_size <= SMALL_FILE:
                 data = _read_upto(fd, SMALL_FILE + 1)
                 if len(data) <= SMALL_FILE:  # else it grew since the stat: stream it below
+                    if self._being_written(p.path):
+                        return True
                     # Sent as read; a change during the read (size, mtime or ctime moved) sends it again next
                     # batch. A read racing a same-size in-place rewrite may land a mix for that short while.
                     link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
@@ -817,7 +875,7 @@ class Replicator:
                 left -= len(pad)
             rep.puts += 1
             rep.literal += sent
-            if self._changed(fd, st) or sent != st.st_size:
+            if self._changed(fd, st) or sent != st.st_size or self._being_written(p.path):
                 self._drop_torn(p.path, delta=False, digest=h.digest())
                 return True
             link.send(ap.PutEnd(h.digest()))
@@ -885,7 +943,7 @@ class Replicator:
                 rep.deltas += 1
                 rep.literal += stream.stats.literal_bytes
                 rep.matched += stream.stats.copied_bytes
-                if self._changed(fd, st):
+                if self._changed(fd, st) or self._being_written(p.path):
                     self._drop_torn(p.path, delta=True, digest=stream.stats.digest)
                     return True
                 link.send(ap.DeltaEnd(stream.stats.digest))
