@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
@@ -154,6 +156,87 @@ def test_a_file_written_forever_is_sent_after_max_delay() -> None:
     c.add(e(Op.OPEN_WRITE, "/log"), now=0.0)
     assert c.take(now=0.5).dirty == {}
     assert c.take(now=1.1).dirty == {b"log": CONTENT}
+
+
+# Holds of files open for writing. Steps run in order at the given clock times: an event, ("seed", {path: fds}) as
+# the engine does with what /proc shows at start and after a loss, ("retry", path) as the engine does for a file
+# that changed while read or that a rescan left out, ("take",) to take a batch and drop it. The last take is checked:
+# (dirty paths -> flags, held paths, paths open for writing that a rescan must leave out).
+Step = tuple[float, FileEvent | tuple[Any, ...]]
+HOLD_CASES: list[tuple[str, list[Step], float, tuple[dict[bytes, int], set[bytes], set[bytes]]]] = [
+    ("held_until_closed",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.1, ("take",)), (0.2, e(Op.CLOSE_WRITE, "/a"))], 0.3,
+     ({b"a": CONTENT}, set(), set())),
+    ("still_open_stays_behind",
+     [(0.0, e(Op.OPEN_WRITE, "/a"))], 0.5,
+     ({}, {b"a"}, {b"a"})),
+    ("open_for_max_delay_is_sent",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.5, ("take",))], 1.1,
+     ({b"a": CONTENT}, set(), set())),
+    # max_delay counts per file: a batch waiting since 0.0 does not send a file whose write began at 0.95
+    ("overdue_batch_holds_a_file_opened_just_now",
+     [(0.0, e(Op.CLOSE_WRITE, "/x")), (0.95, e(Op.OPEN_WRITE, "/a"))], 1.0,
+     ({b"x": CONTENT}, {b"a"}, {b"a"})),
+    ("overdue_batch_holds_a_file_reopened_just_now",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.5, e(Op.CLOSE_WRITE, "/a")), (0.95, e(Op.OPEN_WRITE, "/a"))], 1.0,
+     ({}, {b"a"}, {b"a"})),
+    ("found_open_at_start_is_left_out_of_the_rescan",
+     [(0.0, ("seed", {b"a": 1})), (0.0, ("rescan",))], 0.1,
+     ({}, set(), {b"a"})),
+    ("found_open_waits_for_its_close",
+     [(0.0, ("seed", {b"a": 1})), (0.1, ("retry", b"a")), (0.2, ("take",)), (0.3, e(Op.CLOSE_WRITE, "/a"))], 0.4,
+     ({b"a": CONTENT}, set(), set())),
+    ("found_open_is_sent_after_max_delay",
+     [(0.0, ("seed", {b"a": 1})), (0.1, ("retry", b"a")), (0.5, ("take",))], 1.05,
+     ({b"a": CONTENT}, set(), set())),
+    ("found_open_twice_needs_two_closes",
+     [(0.0, ("seed", {b"a": 2})), (0.1, ("retry", b"a")), (0.2, e(Op.CLOSE_WRITE, "/a"))], 0.3,
+     ({}, {b"a"}, {b"a"})),
+    ("seed_drops_a_hold_whose_close_was_lost",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.5, ("seed", {}))], 0.6,
+     ({b"a": CONTENT}, set(), set())),
+    ("seed_keeps_when_a_known_hold_began",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.9, ("seed", {b"a": 1}))], 1.0,
+     ({b"a": CONTENT}, set(), set())),
+    # a file that changed while it was read is most likely still being written: looking again keeps its hold
+    ("retry_keeps_the_hold",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.1, ("take",)), (0.2, ("retry", b"a"))], 0.3,
+     ({}, {b"a"}, {b"a"})),
+    ("hold_follows_a_rename",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.1, e(Op.RENAME, "/a", "/b"))], 0.2,
+     ({b"a": EXIST, b"": META}, {b"b"}, {b"b"})),
+    ("unlink_ends_the_hold",
+     [(0.0, e(Op.OPEN_WRITE, "/a")), (0.1, e(Op.UNLINK, "/a"))], 0.2,
+     ({b"a": CONTENT | EXIST | META, b"": META}, set(), set())),
+]
+
+
+@pytest.mark.parametrize(("name", "steps", "at", "want"), HOLD_CASES, ids=[c[0] for c in HOLD_CASES])
+def test_holds(name: str, steps: list[Step], at: float,
+               want: tuple[dict[bytes, int], set[bytes], set[bytes]]) -> None:
+    c = Coalescer(R, settle=0.05, max_delay=1.0)
+    for now, step in steps:
+        if isinstance(step, FileEvent):
+            c.add(step, now)
+        elif step[0] == "seed":
+            c.seed_writers(step[1], now)
+        elif step[0] == "retry":
+            c.retry(step[1], now)
+        elif step[0] == "rescan":
+            c.rescan(b"")
+        else:
+            c.take(now)
+    b = c.take(at)
+    assert (b.dirty, b.held, b.writing) == want
+
+
+def test_held_files_are_polled_not_spun() -> None:
+    """A batch that held files back is due again after ``settle``, not at once (its first event may be old)."""
+    c = Coalescer(R, settle=0.05, max_delay=1.0)
+    c.add(e(Op.CLOSE_WRITE, "/x"), now=0.0)
+    c.add(e(Op.OPEN_WRITE, "/a"), now=0.9)
+    assert c.take(1.0).held == {b"a"}
+    assert c.due_in(1.0) == pytest.approx(0.05)
 
 
 def test_too_many_paths_collapse_into_a_rescan() -> None:

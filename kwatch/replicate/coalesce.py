@@ -7,8 +7,13 @@ replay first so that moved data is moved, not re-sent. So create + write + chmod
 is a handful of batches of dirty paths.
 
 Timing: a batch is due when no event arrived for ``settle`` seconds, or ``max_delay`` after its first event,
-whichever is first. Files still open for writing are held back until closed (or until ``max_delay``), so a file is
-sent once, finished.
+whichever is first. Files still open for writing are held back until closed, so a file is sent once, finished: a
+write(2) is not atomic for a reader (the size grows folio by folio while mtime and ctime were set at its start, so
+a writer descheduled mid-write shows a stable, partial file). The opens come from events, and at start or after a
+loss from a scan of ``/proc`` (:meth:`Coalescer.seed_writers`, see ``kwatch.replicate.writers``). A file that has
+been open for writing for ``max_delay`` is sent anyway (a log written forever must still reach the mirror): the
+mirror then shows a state the source had, possibly mid-write, until the next change is sent. The delay counts per
+file from the start of its hold; a batch that is overdue does not make a file opened a moment ago overdue too.
 
 Bounded memory: past ``max_paths`` dirty paths the batch collapses into a rescan of the whole root. A loss marker
 or a path the kernel could not resolve whole also becomes a rescan.
@@ -63,7 +68,10 @@ class Batch:
     rescans: set[bytes] = field(default_factory=set)
     events: int = 0
     first_at: float = 0.0  # clock time of the first event folded in
-    held: set[bytes] = field(default_factory=set)  # paths still open for writing when the batch was taken
+    held: set[bytes] = field(default_factory=set)  # dirty paths held back: still open for writing when taken
+    #: every path open for writing, held back at take time (dirty or not): a rescan in this batch must not send
+    #: their content either (the engine leaves them to a later batch, see Coalescer.retry)
+    writing: set[bytes] = field(default_factory=set)
     #: new name -> the name it was hard-linked from (``link(2)`` in this batch), when that name was on the mirror
     #: with its data unchanged at the time: ``ln a b; rm a`` makes ``b`` a link to the mirror's ``a`` (then ``a`` is
     #: deleted) instead of a copy. Rebased by renames like dirty paths; the planner still checks the source.
@@ -83,7 +91,8 @@ class Coalescer:
         self.max_paths = max_paths
         self._batch = Batch()
         self._last_at = 0.0
-        self._writing: dict[bytes, int] = {}  # path -> open-for-write count seen without a close
+        #: path -> (descriptors open for writing seen without a close, clock time the hold began)
+        self._writing: dict[bytes, tuple[int, float]] = {}
 
     # ---- folding events ----------------------------------------------------------------------------------------
 
@@ -126,11 +135,12 @@ class Coalescer:
         op = ev.op
         if op in _CONTENT_OPS:
             if op in _OPENERS:
-                self._writing[rel] = self._writing.get(rel, 0) + 1
+                n, since = self._writing.get(rel, (0, now))
+                self._writing[rel] = (n + 1, since)
             elif op is Op.CLOSE_WRITE:
-                n = self._writing.get(rel, 0) - 1
-                if n > 0:
-                    self._writing[rel] = n
+                n, since = self._writing.get(rel, (0, now))
+                if n > 1:
+                    self._writing[rel] = (n - 1, since)
                 else:
                     self._writing.pop(rel, None)
             self._mark(rel, CONTENT | (EXIST if op is Op.CREATE else 0))
@@ -140,6 +150,32 @@ class Coalescer:
             if op in (Op.UNLINK, Op.RMDIR):
                 self._writing.pop(rel, None)
             self._mark(rel, EXIST | META)
+
+    def seed_writers(self, found: dict[bytes, int], now: float) -> None:
+        """Take ``found`` (path relative to the root -> descriptors open for writing, from a scan of ``/proc``) as
+        what is open for writing now, replacing what events said: at start no open made before capture attached was
+        seen, and after a loss opens and closes may have been missed. A path already held keeps the time its hold
+        began; a path found with no hold begins one now.
+
+        An open that the scan saw but whose event is folded only after this call is counted twice; its hold then
+        ends by age (``max_delay``), not at its close.
+        """
+        self._writing = {rel: (n, self._writing.get(rel, (0, now))[1]) for rel, n in found.items() if n > 0}
+
+    def retry(self, rel: bytes, now: float) -> None:
+        """Look at ``rel``'s content again in a later batch (it changed while it was read, or a rescan left it out
+        because it was open for writing). Unlike a synthesized CLOSE_WRITE this keeps its hold: a file that changed
+        while read is likely still being written."""
+        b = self._batch
+        if b.events == 0:
+            b.first_at = now
+        b.events += 1
+        self._last_at = now
+        self._mark(rel, CONTENT)
+
+    def is_writing(self, rel: bytes) -> bool:
+        """Whether ``rel`` is open for writing by the events folded so far (or by the last /proc seeding)."""
+        return rel in self._writing
 
     def rescan(self, rel: bytes) -> None:
         """Reconcile the subtree ``rel`` by scanning (after a loss, an overflow, a tree moved in from outside)."""
@@ -246,19 +282,25 @@ class Coalescer:
             return None
         return max(0.0, min(self._last_at + self.settle, b.first_at + self.max_delay) - now)
 
+    def writing(self, now: float) -> set[bytes]:
+        """Paths open for writing whose hold has lasted less than ``max_delay``: their content waits."""
+        return {k for k, (_n, since) in self._writing.items() if now - since < self.max_delay}
+
     def take(self, now: float) -> Batch:
-        """Hand over the current batch. Paths still open for writing stay behind for the next batch unless the batch
-        has waited ``max_delay`` (a file written forever must still reach the mirror)."""
+        """Hand over the current batch. Paths still open for writing stay behind for the next batch until they have
+        been open for ``max_delay`` (a file written forever must still reach the mirror); the batch lists them all
+        in :attr:`Batch.writing` so that a rescan leaves them out too."""
         b = self._batch
         self._batch = Batch()
-        overdue = now - b.first_at >= self.max_delay
-        if self._writing and not overdue:
-            held = {k: b.dirty.pop(k) for k in list(b.dirty) if k in self._writing}
+        if self._writing:
+            b.writing = self.writing(now)
+            held = {k: b.dirty.pop(k) for k in b.writing if k in b.dirty}
             if held:
                 b.held = set(held)
                 nb = self._batch
                 nb.dirty.update(held)
-                nb.first_at = b.first_at
+                # polled again after ``settle`` (or at the next event): each held path has its own deadline
+                nb.first_at = now
                 nb.events = 1
                 self._last_at = now
         return b

@@ -4,7 +4,9 @@ Each replicator runs in its own thread with its own coalescer, so targets progre
 slow or dead target never holds back another. Its cycle:
 
 1. connect (an agent over ssh or a local pipe) and reconcile: manifest of the mirror vs a scan of the source, send
-   only what differs (quick check size+mtime, or checksums) — on start, after a reconnect, and after any loss;
+   only what differs (quick check size+mtime, or checksums) — on start, after a reconnect, and after any loss. On
+   start and after a loss the files some process holds open for writing are found in ``/proc`` (their opens were
+   not seen): they are held like the files whose open was seen, and the reconcile leaves them to a later batch;
 2. fold live events into the coalescer; when a batch is due, turn it into a plan by looking at the source *now*:
    renames first (a moved file or tree is moved on the mirror, not re-sent), then mkdirs, puts (a delta against the
    mirror's copy for large files: signatures are requested for the whole batch at once, pipelined with the small
@@ -12,7 +14,8 @@ slow or dead target never holds back another. Its cycle:
    Hard links are kept (:meth:`Replicator._plan_links`): a new name of a file becomes a link on the mirror, not a
    copy, and new data written under one name of a linked file is sent once and every other name linked to it again;
 3. read the Ack: a rename whose source the mirror did not have (created and renamed within one batch) becomes a
-   rescan of the new name; a file that changed while it was read is sent again in the next batch.
+   rescan of the new name; a file that changed while it was read, or that the events arrived meanwhile say is
+   open for writing (:meth:`Replicator._being_written`), is not landed and is sent again in a later batch.
 
 A dead target is retried with exponential backoff; meanwhile events keep folding into the (bounded) coalescer and,
 because we cannot know what the agent applied before it died, the reconnect reconciles the whole tree.
@@ -57,6 +60,7 @@ from kwatch.replicate.scan import (
     diff,
     scan,
 )
+from kwatch.replicate.writers import scan_writers
 
 log = logging.getLogger("kwatch.replicate")
 
@@ -195,6 +199,7 @@ class Replicator:
         self._link_leaders: dict[bytes, bytes] = {}  # this batch's hard links: path -> the name it links to
         self._batch = Batch()  # the batch being planned (its dirty flags and link origins)
         self._checked: set[bytes] = set()  # this batch's checked hard links (to a name gone from the source)
+        self._later: list[bytes] = []  # this batch's rescanned files left for later: open for writing (see _sync)
         self._oldest: float | None = None  # monotonic time of the oldest change not yet on the mirror
         self._first: float | None = None  # arrival (monotonic) of the first event folded in since the last take
         self._stop_seen = False  # the stop request was taken off the queue by _fold_queued
@@ -228,6 +233,7 @@ class Replicator:
     def _run(self) -> None:
         backoff = 0.5
         self.coalescer.rescan(b"")
+        self._seed_writers()
         stopping = False
         while not self._stop.is_set():
             try:
@@ -306,6 +312,7 @@ class Replicator:
     def _fold(self, item: tuple[float, list[FileEvent]] | None) -> bool:
         """Fold ``item`` and whatever else is queued; True when a stop request was among them."""
         stopping = False
+        lost = False
         while True:
             if item is None:
                 stopping = True
@@ -320,13 +327,36 @@ class Replicator:
                     self._first = arrived
                 for ev in events:
                     self.coalescer.add(ev, arrived)
+                    lost = lost or ev.op is Op.LOSS
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
         if self._oldest is not None:
             self.stats.lag_seconds = time.monotonic() - self._oldest
+        if lost:
+            self._seed_writers()  # opens and closes may be among the lost events
         return stopping
+
+    def _being_written(self, rel: bytes) -> bool:
+        """Whether ``rel`` (a name of this batch) is open for writing now, by the events that arrived so far.
+
+        A batch is read from the source when it is sent, which can be seconds after the take (a reconcile, a big
+        batch, a slow target), and a write(2) is not atomic for a reader: the size grows folio by folio while mtime
+        and ctime were set at its start, so a writer descheduled mid-write shows a stable prefix that the size and
+        time checks around a read cannot tell from a finished file. Such a read is not landed; the file's close
+        marks it again. What is queued is folded first (as the link does while it waits), so the coalescer's
+        open-for-writing count is current; the name is followed through renames folded since the take.
+        """
+        self._fold_queued()
+        return self.coalescer.is_writing(self.coalescer.current_name(rel))
+
+    def _seed_writers(self) -> None:
+        """Hold the files that some process has open for writing now (found in ``/proc``; see writers)."""
+        found = scan_writers(self.src, exclude_pids=(os.getpid(),))
+        self.coalescer.seed_writers(found, time.monotonic())
+        if found:
+            log.info("target %s: %d files open for writing wait for their close", self.target.spec, len(found))
 
     def _disconnect(self) -> None:
         self.stats.connected = False
@@ -363,7 +393,7 @@ class Replicator:
         plan = Plan()
         self._touched = set()
         self._groups, self._link_sets, self._link_leaders = {}, {}, {}
-        self._batch, self._checked = b, set()
+        self._batch, self._checked, self._later = b, set(), []
         renames = list(b.renames)
         made: set[bytes] = set()
         for old, new in renames:
@@ -423,10 +453,9 @@ class Replicator:
             else:  # whatever the mirror holds for this group now, do not link to it: the next write re-sends
                 for p in names:
                     self.links.discard(p)
-        for rel in changed:
+        for rel in (*changed, *self._later):
             # under its current name: events of the time the batch was sent may be folded in already (_fold_queued)
-            rel = self.coalescer.current_name(rel)
-            self.coalescer.add(FileEvent(Op.CLOSE_WRITE, os.path.join(self.src, rel)), time.monotonic())
+            self.coalescer.retry(self.coalescer.current_name(rel), time.monotonic())
         log.info(
             "target %s: batch %d: %d puts, %d deltas, %d renames, %d deletes, %d rescans; %d literal + %d matched "
             "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,
@@ -639,7 +668,10 @@ class Replicator:
         except FileNotFoundError:
             st = None
         if st is None or not stat.S_ISDIR(st.st_mode):
-            self._plan_path(rel, CONTENT | EXIST | META, plan)
+            if rel in self._batch.writing:
+                self._later.append(rel)
+            else:
+                self._plan_path(rel, CONTENT | EXIST | META, plan)
             return
         self._ids += 1
         rid = self._ids
@@ -665,6 +697,9 @@ class Replicator:
         plan.mkdirs.extend(op._replace(path=pre + op.path) for op in sub.mkdirs)
         outside = self._rescan_links(src, pre)
         for op in sub.puts:
+            if pre + op.path in self._batch.writing:
+                self._later.append(pre + op.path)  # open for writing: sent after its close, as a live change
+                continue
             se = src.entries[op.path]
             there = outside.get((se.dev, se.ino)) if se.nlink > 1 else None
             if there:  # another name of this inode is on the mirror, outside the subtree: link, do not copy
@@ -806,8 +841,9 @@ class Replicator:
                 time.sleep(ahead)
 
     def _read_small(self, p: Put, rep: BatchReport) -> tuple[ap.PutFile | None, bool] | None:
-        """Read a small file for a PutFiles frame: (the file or None if it is gone, whether to send it again next
-        batch); None when it is no longer small (it grew since the plan), to be streamed by :meth:`_put_whole`.
+        """Read a small file for a PutFiles frame: (the file or None if it is gone or being written, whether to send
+        it again next batch); None when it is no longer small (it grew since the plan), to be streamed by
+        :meth:`_put_whole`.
 
         As with a single PutFile, the file is sent as read and a change during the read (size, mtime or ctime
         moved) sends it again next batch. One read of size + 1 bytes: a regular file's read is short only at EOF,
@@ -826,6 +862,8 @@ class Replicator:
             moved = self._changed(fd, st)
         finally:
             os.close(fd)
+        if self._being_written(p.path):
+            return None, True  # not sent: see _being_written
         rep.puts += 1
         rep.literal += len(data)
         pf = ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data, xxhash.xxh3_128_digest(data))
@@ -844,6 +882,8 @@ class Replicator:
             if st.st_size <= SMALL_FILE:
                 data = _read_upto(fd, SMALL_FILE + 1)
                 if len(data) <= SMALL_FILE:  # else it grew since the stat: stream it below
+                    if self._being_written(p.path):
+                        return True
                     # Sent as read; a change during the read (size, mtime or ctime moved) sends it again next
                     # batch. A read racing a same-size in-place rewrite may land a mix for that short while.
                     link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
@@ -874,7 +914,7 @@ class Replicator:
                 left -= len(pad)
             rep.puts += 1
             rep.literal += sent
-            if self._changed(fd, st) or sent != st.st_size:
+            if self._changed(fd, st) or sent != st.st_size or self._being_written(p.path):
                 self._drop_torn(p.path, delta=False, digest=h.digest())
                 return True
             link.send(ap.PutEnd(h.digest()))
@@ -942,7 +982,7 @@ class Replicator:
                 rep.deltas += 1
                 rep.literal += stream.stats.literal_bytes
                 rep.matched += stream.stats.copied_bytes
-                if self._changed(fd, st):
+                if self._changed(fd, st) or self._being_written(p.path):
                     self._drop_torn(p.path, delta=True, digest=stream.stats.digest)
                     return True
                 link.send(ap.DeltaEnd(stream.stats.digest))
