@@ -654,12 +654,12 @@ def test_put_files_frame_is_what_msgpack_makes_of_it(sizes: list[int]) -> None:
                                   b"d/" + b"x" * 256, b"y/" * 200 + b"z"])
 def test_check_relpath_fast_path_agrees_with_the_component_check(path: bytes) -> None:
     """The whole-path scans accept only what the component-by-component check accepts."""
-    from kwatch.protocols.agent import _plain_relpath
+    from kwatch.protocols.agent import plain_relpath
 
     parts = path.split(b"/")
     full_ok = (0 < len(path) < 4096 and b"\0" not in path and not path.startswith(b"/")
                and all(p not in (b"", b".", b"..") and len(p) <= 255 for p in parts))
-    if _plain_relpath(path):
+    if plain_relpath(path):
         assert full_ok
     if full_ok:
         assert check_relpath(path) == path

@@ -113,7 +113,7 @@ class UnsafePathError(ValueError):
     """A relative path that could escape or confuse the target root."""
 
 
-def _plain_relpath(path: bytes) -> bool:
+def plain_relpath(path: bytes) -> bool:
     """The common case of :func:`check_relpath` in a few scans of the whole path instead of a loop over its
     components (it ran for every file on both ends of a tar extraction): True only for a path that the full check
     accepts; anything else (including every path longer than NAME_MAX) goes through the full check.
@@ -134,7 +134,7 @@ def check_relpath(path: object) -> bytes:
     the receiver must still refuse to follow symlinks inside the root when it resolves the path (O_NOFOLLOW /
     openat2 RESOLVE_BENEATH), which no byte check can do for it.
     """
-    if type(path) is bytes and _plain_relpath(path):
+    if type(path) is bytes and plain_relpath(path):
         return path
     if not isinstance(path, bytes):
         raise UnsafePathError(f"path must be bytes, not {type(path).__name__}")
@@ -654,7 +654,7 @@ def _put_files(items_v: object, blob: bytes) -> tuple[PutFile, ...]:
         path, mode, mtime, n, digest = f
         # the usual file passes inline tests; anything else gets the field checks (and their error messages)
         if not (
-            type(path) is bytes and _plain_relpath(path)
+            type(path) is bytes and plain_relpath(path)
             and type(mode) is int and 0 <= mode <= 0o7777
             and type(mtime) is int and _I64_MIN <= mtime <= _I64_MAX
             and type(n) is int and 0 <= n <= total - used
@@ -680,7 +680,7 @@ def _check_put_files(msg: PutFiles) -> None:
         # the usual file passes inline tests; anything else gets the field checks (and their error messages)
         path, mode, mtime, digest, data = p.relpath, p.mode, p.mtime_ns, p.digest, p.data
         if not (
-            type(path) is bytes and _plain_relpath(path)
+            type(path) is bytes and plain_relpath(path)
             and type(mode) is int and 0 <= mode <= 0o7777
             and type(mtime) is int and _I64_MIN <= mtime <= _I64_MAX
             and type(digest) is bytes and len(digest) == 16

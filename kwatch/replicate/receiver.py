@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Literal, TypeVar
 
 from kwatch.events import display_path
+from kwatch.protocols.agent import plain_relpath
 from kwatch.replicate.scan import Delete, Hardlink, Mkdir, Plan, Put, SetAttr, Symlink
 
 FsyncMode = Literal["none", "file", "batch"]
@@ -94,17 +95,6 @@ def validate_path(path: bytes) -> list[bytes]:
         if len(part) > _NAME_MAX:
             raise ReceiverError(path, f"a component is longer than {_NAME_MAX} bytes", errno_mod.ENAMETOOLONG)
     return parts
-
-
-def _plain_path(path: bytes) -> bool:
-    """True for a path :func:`validate_path` accepts, tested with a few scans of the whole path (the common case of
-    a batch of small files); False means "run the full check", not "refused"."""
-    if not 0 < len(path) <= _NAME_MAX or path[0] == 0x2F or path[-1] == 0x2F or b"\0" in path or b"//" in path:
-        return False
-    if b"." not in path:
-        return True
-    wrapped = b"/" + path + b"/"
-    return b"/./" not in wrapped and b"/../" not in wrapped
 
 
 def is_temp_name(name: bytes) -> bool:
@@ -517,7 +507,7 @@ class Receiver:
             for path, mode, mtime_ns, data in files:
                 try:
                     parent, _, name = path.rpartition(b"/")
-                    dfd = dirs.get(parent) if type(path) is bytes and _plain_path(path) else None
+                    dfd = dirs.get(parent) if type(path) is bytes and plain_relpath(path) else None
                     if dfd is None:  # a new directory, or a path that needs the full check (and its error)
                         parts = validate_path(path)
                         dfd = dirs.get(parent)

@@ -409,6 +409,16 @@ def _under_any(path: bytes, tops: set[bytes]) -> bool:
     return False
 
 
+def same_content(s: Entry, d: Entry, checksum: bool) -> bool:
+    """Whether the mirror's file ``d`` holds the source file ``s``'s data: same size and mtime (the quick check), or
+    with ``checksum`` the same strong hash."""
+    if s.size != d.size:
+        return False
+    if checksum:
+        return s.digest is not None and s.digest == d.digest
+    return s.mtime_ns == d.mtime_ns
+
+
 def diff(src: Manifest, dst: Manifest, *, delete: bool, checksum: bool, owner: bool = False) -> Plan:
     """The :class:`Plan` that turns the tree ``dst`` describes into the one ``src`` describes.
 
@@ -437,13 +447,6 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
     def own(e: Entry) -> tuple[int | None, int | None]:
         return (e.uid, e.gid) if owner else (None, None)
 
-    def file_same_content(s: Entry, d: Entry) -> bool:
-        if s.size != d.size:
-            return False
-        if checksum:
-            return s.digest is not None and s.digest == d.digest
-        return s.mtime_ns == d.mtime_ns
-
     def attr_change(path: bytes, s: Entry, d: Entry, with_mode: bool = True) -> SetAttr | None:
         mode = s.mode if with_mode and s.mode != d.mode else None
         mtime = s.mtime_ns if s.mtime_ns != d.mtime_ns else None
@@ -471,7 +474,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
                 # a source link group, or a lone file the mirror holds as one name of several: see _plan_links
                 links.setdefault((s.dev, s.ino), []).append(path)
                 continue
-            if d is None or not file_same_content(s, d):
+            if d is None or not same_content(s, d, checksum):
                 put(path, s, d)
             else:
                 sa = attr_change(path, s, d)
@@ -576,13 +579,6 @@ def _plan_links(
         d = None if p in replaced else d_entries.get(p)
         return d if d is not None and d.kind == k_file else None
 
-    def same(s: Entry, d: Entry) -> bool:
-        if s.size != d.size:
-            return False
-        if checksum:
-            return s.digest is not None and s.digest == d.digest
-        return s.mtime_ns == d.mtime_ns
-
     MKey = tuple[int, int] | bytes  # a mirror inode: (dev, ino) when it has several names, else its one path
     owner_of: dict[tuple[int, int], tuple[int, int]] = {}  # mirror inode (nlink > 1) -> the source group keeping it
     keepable: set[tuple[int, int]] = set()
@@ -618,7 +614,7 @@ def _plan_links(
         on: dict[MKey, list[bytes]] = {}  # candidate mirror inodes with the group's content -> the names on them
         for p in group:
             dp = mirror_file(p)
-            if dp is None or not same(s_entries[p], dp):
+            if dp is None or not same_content(s_entries[p], dp, checksum):
                 continue
             on.setdefault((dp.dev, dp.ino) if dst.identities and dp.nlink > 1 else p, []).append(p)
         keep: list[bytes] = []
