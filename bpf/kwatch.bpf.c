@@ -163,6 +163,20 @@ static __always_inline struct mount *real_mount(struct vfsmount *v)
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 #define KPTR(type, p) ((type *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(type)))
 
+static __always_inline int is_root_ino(struct kw_config *cfg, __u64 ino)
+{
+	if (!cfg)
+		return 0;
+	__u32 n = cfg->n_root_inos;
+	for (int k = 0; k < KW_MAX_ROOT_PATHS; k++) {
+		if (k >= n)
+			break;
+		if (cfg->root_ino[k] == ino)
+			return 1;
+	}
+	return 0;
+}
+
 static long walk_step(__u32 i, void *c)
 {
 	struct walk_ctx *w = c;
@@ -178,14 +192,7 @@ static long walk_step(__u32 i, void *c)
 		key.ino = d->d_inode->i_ino;
 		/* the first directory may be above a root (ancestors are only in kw_roots); the others are looked up
 		 * only when their inode number is a root's */
-		__u8 maybe = i == 0;
-		__u32 n = w->cfg->n_root_inos;
-		for (int k = 0; k < KW_MAX_ROOT_PATHS; k++) {
-			if (k >= n || maybe)
-				break;
-			if (w->cfg->root_ino[k] == key.ino)
-				maybe = 1;
-		}
+		__u8 maybe = i == 0 || is_root_ino(w->cfg, key.ino);
 		__u8 *v = NULL;
 		if (maybe) {
 			key.dev = d->d_sb->s_dev;
@@ -324,20 +331,6 @@ static __always_inline void pcache_put(struct kw_pcache_ent *e, struct pcache_ke
 	bpf_probe_read_kernel(e->path, len & (PCACHE_PATH - 1), path);
 }
 
-static __always_inline int is_root_ino(struct kw_config *cfg, __u64 ino)
-{
-	if (!cfg)
-		return 0;
-	__u32 n = cfg->n_root_inos;
-	for (int k = 0; k < KW_MAX_ROOT_PATHS; k++) {
-		if (k >= n)
-			break;
-		if (cfg->root_ino[k] == ino)
-			return 1;
-	}
-	return 0;
-}
-
 /*
  * Resolve (dentry, vfsmount) to an absolute path and copy it into s->data at off. A global function: the verifier
  * checks it once per program instead of once per call site (four in kw_exit), which keeps start-up fast.
@@ -359,6 +352,7 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	/* a file reached through its directory: not a directory, not a mount's root (file bind mounts), not a root */
 	__u8 child = dentry != mnt_root && (d->d_inode->i_mode & S_IFMT) != S_IFDIR && !is_root_ino(cfg, k.ino);
 	__u32 name_len = d->d_name.len;
+	struct pcache_key pk = {}; /* a child's directory: its key serves the lookup and, on a miss, the insert */
 	if (pc) {
 		for (int i = 0; i < PCACHE_EXACT; i++) {
 			struct kw_pcache_ent *e = &pc->e[i];
@@ -371,7 +365,6 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 			}
 		}
 		if (child) {
-			struct pcache_key pk = {};
 			pcache_key_of(&pk, k.parent, vfsmnt, cfg, check_roots);
 			for (int i = 0; i < PCACHE_DIRS; i++) {
 				struct kw_pcache_ent *e = &pc->d[i];
@@ -421,8 +414,6 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	if (child && len > name_len + 1) {
 		/* the directory's path is this one without "/name" ("/" itself for a file at the top) */
 		__u32 plen = len - name_len - 1;
-		struct pcache_key pk = {};
-		pcache_key_of(&pk, k.parent, vfsmnt, cfg, check_roots);
 		e = &pc->d[pc->next_d & (PCACHE_DIRS - 1)];
 		pc->next_d += 1;
 		pcache_put(e, &pk, (res & (ROOT_IN << WALK_ROOTS_SHIFT)) | (plen ? plen : 1),
@@ -762,7 +753,6 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 	if (!ap || !ap->op)
 		return 0;
 	struct kw_args a = *ap;
-	ap->op = 0;
 
 	struct kw_config *cfg = kw_config_get();
 	if (!cfg)
@@ -1052,9 +1042,8 @@ static __always_inline int handoff(void *ctx, struct kw_args *a, __u32 op_bits)
 	struct kw_args *slot = bpf_map_lookup_elem(&kw_pending, &zero);
 	if (!slot)
 		return 0;
-	*slot = *a;
+	*slot = *a; /* written before every tail call, so nothing clears it */
 	bpf_tail_call(ctx, &kw_jump, 0);
-	slot->op = 0; /* reached only if the tail call failed */
 	return 0;
 }
 
