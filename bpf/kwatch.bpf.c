@@ -619,16 +619,22 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	struct kw_scratch *s = bpf_map_lookup_elem(&kw_scratch, &zero);
 	if (!s)
 		return NULL;
-	__u64 id = bpf_get_current_pid_tgid();
-	__u64 ug = bpf_get_current_uid_gid();
+	/*
+	 * The process fields by plain loads from the task, where the bpf_get_current_{pid_tgid,uid_gid,cgroup_id}()
+	 * helpers read the same fields behind three calls (about 0.1 us per record here). uid/gid are the real ids in
+	 * the initial namespace, the cgroup is the default hierarchy's (kn->id is what bpf_get_current_cgroup_id()
+	 * returns and what /sys/fs/cgroup's inode numbers show).
+	 */
+	const struct task_struct *t = KPTR(struct task_struct, task);
+	const struct cred *cred = t->cred;
 	struct kw_event *e = &s->ev;
 	e->ts_ns = bpf_ktime_get_ns();
-	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->ppid = KPTR(struct task_struct, task)->real_parent->tgid;
-	e->uid = (__u32)ug;
-	e->gid = ug >> 32;
+	e->cgroup_id = t->cgroups->dfl_cgrp->kn->id;
+	e->pid = t->tgid;
+	e->tid = t->pid;
+	e->ppid = t->real_parent->tgid;
+	e->uid = cred->uid.val;
+	e->gid = cred->gid.val;
 	e->ret = ret;
 	e->op = op;
 	e->flags = 0;
@@ -641,7 +647,6 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	e->in_root = 0;
 	e->_pad = 0;
 	/* two plain loads where bpf_get_current_comm() is a helper call and a string copy (the decoders stop at NUL) */
-	const struct task_struct *t = KPTR(struct task_struct, task);
 	*(__u64 *)&e->comm[0] = *(const __u64 *)&t->comm[0];
 	*(__u64 *)&e->comm[8] = *(const __u64 *)&t->comm[8];
 	return s;
@@ -703,9 +708,9 @@ struct {
 	__type(value, struct kw_excl_memo);
 } kw_excl_memo SEC(".maps");
 
-static __always_inline int excluded(struct kw_config *cfg)
+static __always_inline int excluded(struct kw_config *cfg, struct task_struct *task)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 tgid = KPTR(struct task_struct, task)->tgid;
 	if (tgid == cfg->self_tgid)
 		return 1;
 	if (!cfg->use_excl)
@@ -726,12 +731,12 @@ static __always_inline int excluded(struct kw_config *cfg)
 	return ex;
 }
 
-static __always_inline int wanted(__u32 op)
+static __always_inline int wanted(__u32 op, struct task_struct *task)
 {
 	struct kw_config *cfg = kw_config_get();
 	if (!cfg || !(cfg->op_mask & (1u << op)))
 		return 0;
-	return !excluded(cfg);
+	return !excluded(cfg, task);
 }
 
 
@@ -869,7 +874,7 @@ static __always_inline int emit_close(struct task_struct *task, struct file *f)
 		return 0;
 	if (!(KPTR(struct file, f)->f_mode & FMODE_WRITE) || file_type(f) != S_IFREG)
 		return 0;
-	if (!wanted(KW_CLOSE_WRITE))
+	if (!wanted(KW_CLOSE_WRITE, task))
 		return 0;
 	struct kw_config *cfg = kw_config_get();
 	if (!cfg)
@@ -1037,7 +1042,7 @@ static __always_inline int handoff(void *ctx, struct kw_args *a, __u32 op_bits)
 {
 	__u32 zero = 0;
 	struct kw_config *cfg = kw_config_get();
-	if (!cfg || !(cfg->op_mask & op_bits) || excluded(cfg))
+	if (!cfg || !(cfg->op_mask & op_bits) || excluded(cfg, bpf_get_current_task_btf()))
 		return 0;
 	struct kw_args *slot = bpf_map_lookup_elem(&kw_pending, &zero);
 	if (!slot)

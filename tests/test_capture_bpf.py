@@ -386,6 +386,55 @@ def test_workload(source: object, case: Case) -> None:
     assert not os.path.exists(os.path.join(d, b"canary"))
 
 
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        f = line.split()
+        if f[2] == "cgroup2":
+            return Path(f[1])
+    return None
+
+
+THREAD_CHILD = """
+import os, sys, threading
+sys.stdin.readline()
+def work():
+    print(threading.get_native_id(), flush=True)
+    os.close(os.open(os.path.join(sys.argv[1], "by-thread"), os.O_WRONLY | os.O_CREAT, 0o644))
+t = threading.Thread(target=work)
+t.start()
+t.join()
+"""
+
+
+def test_record_names_the_thread_and_the_cgroup(source: object) -> None:
+    """tid is the writing thread's, not the process's; cgroup_id is the cgroup v2 the process runs in (a cgroup's
+    id is the inode number of its directory in the cgroup2 mount)."""
+    mnt = _cgroup2_mount()
+    if mnt is None:
+        pytest.skip("no cgroup2 hierarchy mounted")
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+    cg = mnt / f"kwtest-{os.getpid()}"
+    cg.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", THREAD_CHILD, base], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        cg_id = cg.stat().st_ino
+        (cg / "cgroup.procs").write_text(str(p.pid))
+        out, _ = p.communicate(b"go\n", timeout=30)
+        assert p.returncode == 0
+        events = [e for e in drain(source) if e.path == base + b"/by-thread"]
+    finally:
+        p.kill()
+        p.wait()
+        cg.rmdir()
+    tid = int(out)
+    assert tid != p.pid
+    assert [(e.op.name, e.pid, e.tid, e.cgroup_id) for e in events] == [
+        ("CREATE", p.pid, tid, cg_id),
+        ("CLOSE_WRITE", p.pid, tid, cg_id),
+    ]
+
+
 def test_events_outside_roots_are_not_delivered(source: object, tmp_path: Path) -> None:
     outside = os.fsencode(tmp_path)
     base: bytes = source.base  # type: ignore[attr-defined]
