@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from livereplicate import LiveReplicate, wait_identical
-from treecmp import assert_trees_equal
+from treecmp import assert_trees_equal, tree_differences
 
 from kwatch.events import FileEvent, Op
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
@@ -373,3 +373,63 @@ def test_a_file_open_for_writing_longer_than_max_delay_is_sent(tmp_path: Path) -
     finally:
         writer.kill()
         rep.stop()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fuzzy", [True, False], ids=["fuzzy", "plain"])
+def test_rsync_target_leaves_files_open_for_writing_until_their_close(fuzzy: bool, tmp_path: Path) -> None:
+    """rsync:// targets (a real rsync daemon): the reconcile at start (a full push with --delete) and a directory
+    sent whole leave out the files some process has open for writing; the daemon's copy stays (protected from
+    --delete) until the close, then the whole file follows."""
+    from rsyncd import RsyncDaemon
+
+    from kwatch.replicate.rsync_target import RsyncReplicator
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_bytes(b"version 1")
+    (src / "steady").write_bytes(b"never open")
+    writers: list[Writer] = []
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        mirror = d.module_path("push")
+        (mirror / "old").write_bytes(b"version 1")  # the daemon has the old version, as after an earlier run
+        writers = [Writer(src / "new"), Writer(src / "old")]  # opened before the replicator starts: found in /proc
+        rep = RsyncReplicator(os.fsencode(src), Target.parse(d.url("push")),
+                              TargetOptions(settle=0.01, max_delay=30.0, fuzzy=fuzzy))
+        try:
+            rep.start()
+
+            def batches_after(n: int) -> int:
+                deadline = time.monotonic() + 30
+                while rep.stats.batches <= n:
+                    assert time.monotonic() < deadline, f"no rsync batch after {n}: {rep.last_error}"
+                    time.sleep(0.02)
+                return rep.stats.batches
+
+            done = batches_after(0)
+            assert (mirror / "steady").read_bytes() == b"never open"
+            got = _mirror_state(mirror)
+            assert "new" not in got, f"a half-written file reached the daemon ({len(got['new'])} bytes)"
+            assert got["old"] == b"version 1", f"the daemon's copy was replaced mid-write ({len(got['old'])} bytes)"
+            # a new directory goes whole (its subtree scanned), with a file being written in it
+            (src / "sub").mkdir()
+            writers.append(Writer(src / "sub" / "w"))
+            rep.feed([FileEvent(Op.MKDIR, os.fsencode(src / "sub")),
+                      FileEvent(Op.CREATE, os.fsencode(src / "sub" / "w"))])
+            # sub/w is held at the take, its directory is sent: with the subtree it scans, but not sub/w
+            batches_after(done)
+            assert (mirror / "sub").is_dir()
+            assert not (mirror / "sub" / "w").exists(), "a half-written file in a directory sent whole reached the daemon"
+            assert (mirror / "old").read_bytes() == b"version 1"
+            for w in writers:
+                w.finish()
+            rep.feed([FileEvent(Op.CLOSE_WRITE, os.fsencode(p)) for p in (src / "new", src / "old", src / "sub/w")])
+            deadline = time.monotonic() + 30
+            while tree_differences(src, mirror, hardlinks=False):
+                assert time.monotonic() < deadline, f"no convergence: {tree_differences(src, mirror, hardlinks=False)}"
+                time.sleep(0.05)
+            assert (mirror / "new").read_bytes() == (mirror / "old").read_bytes() == _full()
+        finally:
+            for w in writers:
+                w.kill()
+            rep.stop()
