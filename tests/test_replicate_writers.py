@@ -2,7 +2,10 @@
 replicate`` is killed and restarted (it never saw the open; it finds it in /proc) or while its agent is killed (the
 reconnect's reconcile knows the open from events): the mirror keeps what it had until the close, then gets the whole
 file (live BPF capture, a real agent on a pipe). In-process: a file opened for writing after its batch was taken
-and read half-written is not landed.
+and read half-written is not landed, also while its open is still in the BPF ring buffer (the capture barrier,
+through ``kwatch replicate``'s loop and the daemon's; a control without the barrier shows the prefixes landing); a
+file opened and closed after the take waits for the next batch; a file open longer than ``max_delay`` is sent.
+rsync:// targets (a real rsync daemon) leave files open for writing out of their sessions until the close.
 """
 
 from __future__ import annotations
@@ -277,6 +280,29 @@ class _Sink:
 
     def close(self) -> None:
         pass
+
+
+def test_the_replication_sink_hands_the_barrier_to_its_replicators(tmp_path: Path) -> None:
+    """The daemon sets ReplicationSink.barrier before start (see the kwatch run test above for the loop's side)."""
+    from kwatch.metrics.stats import DaemonStats
+    from kwatch.replicate.sink import ReplicationSink
+    from kwatch.rules.model import ReplicateTarget, Where
+
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    sink = ReplicationSink([ReplicateTarget(str(mirror), {"source": str(src)}, Where("r.toml", 1))], DaemonStats())
+    assert hasattr(sink, "barrier")  # what the daemon looks for
+
+    def barrier(timeout: float) -> bool:
+        return True
+
+    sink.barrier = barrier
+    sink.start(object())  # type: ignore[arg-type]  # a source without exclude_pid
+    try:
+        assert [r.barrier for r in sink.replicators] == [barrier]
+    finally:
+        sink.close()
 
 
 @pytest.mark.root
