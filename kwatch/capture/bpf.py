@@ -332,6 +332,22 @@ class BpfSource:
         self._by_op.update(map(_OP_OF, out))
         return out
 
+    # ---- the capture barrier (see kwatch.capture.barrier) ----------------------------------------------------------
+
+    def produced(self) -> int:
+        """The ring's producer position now. A record is reserved (the position moves past it) before the syscall
+        that made it returns, so every event of an operation that has completed ends at or before this position."""
+        return self._rb.produced()
+
+    def consumed(self) -> int:
+        """The ring position up to which :meth:`read` has returned the records (it stops at one still BUSY)."""
+        return self._rb.consumed()
+
+    def check_losses(self) -> None:
+        """Read the kernel's loss counters at the next :meth:`read`, even while records flow: a failed reserve is
+        counted before its syscall returns, so that read reports it (as a LOSS marker) with what came before."""
+        self._next_loss_check = 0.0
+
     def stats(self) -> SourceStats:
         self._stats.by_op = {op.label: n for op, n in self._by_op.items()}
         return self._stats

@@ -94,6 +94,14 @@ class RingBuffer:
         """Bytes the producer has committed or reserved beyond our position."""
         return int(self._prod_pos[0] - self._pos)
 
+    def produced(self) -> int:
+        """The producer position: the end of the last record reserved (committed or still BUSY) by now."""
+        return int(self._prod_pos[0])
+
+    def consumed(self) -> int:
+        """Our position: every record before it has been returned by :meth:`drain` (a BUSY one stops it)."""
+        return self._pos
+
     def drain(self, decode: Callable[[memoryview, list[int]], list[T]], limit: int = 1 << 30) -> list[T]:
         """Decode every complete record available (up to ``limit`` records) and release them to the kernel.
 

@@ -22,7 +22,10 @@ against the current config, hands matches to the runner, and lets the runner rea
   sinks, the source and the runner are closed, and ``run`` returns 0.
 - **Event sinks** (:class:`EventSink`: ``feed(events)``, ``close()``) receive every captured batch, LOSS markers
   included; replication plugs in here. A sink may declare ``capture_roots`` (directories as bytes, or None for the
-  whole system) and ``capture_ops`` (a set of Op) to widen what is captured.
+  whole system) and ``capture_ops`` (a set of Op) to widen what is captured. A sink with a ``barrier`` attribute
+  gets the capture barrier's ``wait`` there before its ``start`` (:mod:`kwatch.capture.barrier`: a replicator
+  waits until every event made before its call was fed to it); the loop polls the barrier's eventfd and serves a
+  wait with an immediate read. After the last read at shutdown the barrier is stopped (waits return at once).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import IO, Protocol, runtime_checkable
 
 from kwatch.actions.runner import Result, Runner, Started
 from kwatch.actions.shell import ExecSpec, shell_quote
+from kwatch.capture.barrier import CaptureBarrier
 from kwatch.capture.base import CaptureFilter, Source
 from kwatch.capture.select import open_source
 from kwatch.daemon.logs import StructLog
@@ -137,6 +141,7 @@ class Daemon:
         self.exists = exists
         self.procs = ProcFS()
         self.source: Source | None = None
+        self.barrier: CaptureBarrier | None = None
         self.runner = Runner.from_config(
             config, on_start=self._on_start, on_result=self._on_result, dry_run=dry_run, stdout="inherit"
         )
@@ -202,7 +207,10 @@ class Daemon:
             self.filter, self.backend, warn=lambda m: self.log.warning("backend", msg=m)
         )
         src = self.source
+        self.barrier = CaptureBarrier(src)
         for sink in self.sinks:
+            if hasattr(sink, "barrier"):
+                sink.barrier = self.barrier.wait
             starter = getattr(sink, "start", None)
             if callable(starter):  # sinks that need the running source (replication: exclude its agents' pids)
                 starter(src)
@@ -223,11 +231,12 @@ class Daemon:
         """Run until SIGTERM/SIGINT; returns the exit status (0)."""
         if self.source is None:
             self.start()
-        assert self.source is not None
+        assert self.source is not None and self.barrier is not None
         ep = select.epoll()
         try:
             ep.register(self._wake_r, select.EPOLLIN)
             ep.register(self.source.fileno(), select.EPOLLIN)
+            ep.register(self.barrier.fileno(), select.EPOLLIN)
             ep.register(self.runner.fileno(), select.EPOLLIN)
             self.log.info("ready", pid=os.getpid())
             while not self._stopping:
@@ -247,8 +256,11 @@ class Daemon:
         rt = self.runner.timeout()
         if rt is not None:
             t = min(t, rt)
-        st = self.source.poll_within() if self.source is not None else None
-        return t if st is None else min(t, st)
+        for within in (self.source.poll_within() if self.source is not None else None,
+                       self.barrier.poll_within() if self.barrier is not None else None):
+            if within is not None:
+                t = min(t, within)
+        return t
 
     def _signals(self) -> None:
         try:
@@ -268,9 +280,12 @@ class Daemon:
 
     def _read(self) -> None:
         assert self.source is not None
+        rnd = self.barrier.begin() if self.barrier is not None else 0
         events = self.source.read(0)
         if events:
             self.handle(events)
+        if self.barrier is not None:
+            self.barrier.served(rnd)  # handle() fed the sinks
 
     def handle(self, events: list[FileEvent]) -> None:
         """Count, match and submit one captured batch; then hand it to the sinks."""
@@ -462,6 +477,8 @@ class Daemon:
         if self.source is not None:
             with contextlib.suppress(Exception):
                 self._read()
+        if self.barrier is not None:
+            self.barrier.stop()  # nothing more is read: the sinks decide by what they got
         deadline = time.monotonic() + self.grace
         self.runner.flush()
         self.runner.poll()
@@ -482,6 +499,9 @@ class Daemon:
                 sink.close()
             except Exception as e:
                 self.log.error("sink_close", sink=type(sink).__name__, msg=str(e))
+        if self.barrier is not None:
+            self.barrier.close()
+            self.barrier = None
         if self.source is not None:
             self.source.close()
             self.source = None

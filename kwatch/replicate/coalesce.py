@@ -93,6 +93,9 @@ class Coalescer:
         self._last_at = 0.0
         #: path -> (descriptors open for writing seen without a close, clock time the hold began)
         self._writing: dict[bytes, tuple[int, float]] = {}
+        #: paths opened for writing by an event folded since the last take, by the name the event gave (not rebased
+        #: by renames: the engine asks for a batch's name and its current one, see opened_since_take)
+        self._opened: set[bytes] = set()
 
     # ---- folding events ----------------------------------------------------------------------------------------
 
@@ -137,6 +140,7 @@ class Coalescer:
             if op in _OPENERS:
                 n, since = self._writing.get(rel, (0, now))
                 self._writing[rel] = (n + 1, since)
+                self._opened.add(rel)
             elif op is Op.CLOSE_WRITE:
                 n, since = self._writing.get(rel, (0, now))
                 if n > 1:
@@ -173,9 +177,16 @@ class Coalescer:
         self._last_at = now
         self._mark(rel, CONTENT)
 
-    def is_writing(self, rel: bytes) -> bool:
-        """Whether ``rel`` is open for writing by the events folded so far (or by the last /proc seeding)."""
-        return rel in self._writing
+    def is_writing(self, rel: bytes, now: float) -> bool:
+        """Whether ``rel`` is open for writing by the events folded so far (or by the last /proc seeding) with a
+        hold younger than ``max_delay``: what :meth:`take` would hold back now (a file open longer is sent anyway)."""
+        held = self._writing.get(rel)
+        return held is not None and now - held[1] < self.max_delay
+
+    def opened_since_take(self, rel: bytes) -> bool:
+        """Whether an open for writing of ``rel`` (by that name) was folded in since the last :meth:`take`: a read of
+        this batch's file may have seen that writer's partial output even if it has closed the file since."""
+        return rel in self._opened
 
     def rescan(self, rel: bytes) -> None:
         """Reconcile the subtree ``rel`` by scanning (after a loss, an overflow, a tree moved in from outside)."""
@@ -292,6 +303,7 @@ class Coalescer:
         in :attr:`Batch.writing` so that a rescan leaves them out too."""
         b = self._batch
         self._batch = Batch()
+        self._opened = set()
         if self._writing:
             b.writing = self.writing(now)
             held = {k: b.dirty.pop(k) for k in b.writing if k in b.dirty}

@@ -10,7 +10,9 @@ import sys
 import time
 from types import FrameType
 
+from kwatch.capture.barrier import CaptureBarrier, pump
 from kwatch.capture.base import CaptureError, CaptureFilter
+from kwatch.events import FileEvent
 from kwatch.replicate.engine import Target, TargetOptions, make_replicator, wait_synced
 
 
@@ -101,7 +103,10 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         except CaptureError as e:
             raise SystemExit(f"kwatch replicate: {e}") from e
     exclude = getattr(source, "exclude_pid", None)
+    barrier = CaptureBarrier(source) if source is not None else None
     reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]
+    for r in reps:
+        r.barrier = barrier.wait if barrier is not None else None
     if sys.stderr.isatty():
         for r in reps:
             r.progress = _progress_line
@@ -112,18 +117,22 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         if args.once:
             ok = wait_synced(reps, timeout=24 * 3600)
             return 0 if ok and not any(r.stats.errors for r in reps) else 1
-        assert source is not None
+        assert source is not None and barrier is not None
         print(f"kwatch: replicating {args.source} to {', '.join(args.targets)} with the {source.name} backend; "
               "Ctrl-C to stop", file=sys.stderr)
-        while True:
-            batch = source.read(1.0)
-            if batch:
-                for r in reps:
-                    r.feed(batch)
+
+        def feed(batch: list[FileEvent]) -> None:
+            for r in reps:
+                r.feed(batch)
+
+        pump(source, feed, barrier)  # until a signal; serves the replicators' barrier waits
+        return 0
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
         signal.signal(signal.SIGTERM, old)
+        if barrier is not None:
+            barrier.close()  # capture has stopped: the replicators decide by what they got
         t0 = time.monotonic()
         for r in reps:
             r.stop(timeout=max(1.0, 30 - (time.monotonic() - t0)))

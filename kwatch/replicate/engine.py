@@ -13,9 +13,18 @@ slow or dead target never holds back another. Its cycle:
    puts), symlinks, hard links, attribute changes, deletes, and directory times last; one Commit per batch.
    Hard links are kept (:meth:`Replicator._plan_links`): a new name of a file becomes a link on the mirror, not a
    copy, and new data written under one name of a linked file is sent once and every other name linked to it again;
+   A file read for the batch lands only if no writer may have had it open during the read. The agent lands a file
+   on receipt, so the check runs before its data is sent: once per PutFiles frame (after the frame's reads), and
+   before the end frame of a large put or a delta. It begins with the capture barrier (:attr:`Replicator.barrier`,
+   see ``kwatch.capture.barrier``): every event made before the check has then been fed to us, including the open
+   of any writer whose output the read saw (the BPF exit tracepoint reserves its record before open(2) returns).
+   The queue is folded, and a file the coalescer says is open for writing, or that was opened for writing since
+   the take (:meth:`Replicator._being_written`), is dropped (a frame leaves it out; a streamed put or delta ends
+   with a spoiled digest, :meth:`Replicator._drop_torn`) and sent in a later batch, after its close. A barrier
+   that times out drops every read it covers. Without a barrier (events fed by hand) the check uses what arrived;
 3. read the Ack: a rename whose source the mirror did not have (created and renamed within one batch) becomes a
-   rescan of the new name; a file that changed while it was read, or that the events arrived meanwhile say is
-   open for writing (:meth:`Replicator._being_written`), is not landed and is sent again in a later batch.
+   rescan of the new name; a file that changed while it was read, or dropped by the check above, is sent again in
+   a later batch.
 
 A dead target is retried with exponential backoff; meanwhile events keep folding into the (bounded) coalescer and,
 because we cannot know what the agent applied before it died, the reconnect reconciles the whole tree.
@@ -70,6 +79,8 @@ DELTA_OPS_PER_FRAME = 4096
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
 FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up to this much data...
 FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
+#: How long a replicator waits for the capture barrier before it treats the reads it covers as torn (sent again later)
+BARRIER_TIMEOUT = 5.0
 SSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
 
 
@@ -207,6 +218,12 @@ class Replicator:
         self.last_error: str | None = None
         #: called as progress(target, files_done, files_total, bytes_done) while a batch's files are sent
         self.progress: Callable[[str, int, int, int], None] | None = None
+        #: the capture barrier's wait (kwatch.capture.barrier), set by whoever feeds this replicator live events:
+        #: True once every event made before the call was fed to us, False after the timeout. None: events are
+        #: fed by hand (tests), a read is judged by what arrived so far
+        self.barrier: Callable[[float], bool] | None = None
+        #: name -> since when its reads are dropped because it was reopened for writing (see _being_written)
+        self._reopened: dict[bytes, float] = {}
 
     # ---- the thread -------------------------------------------------------------------------------------------------
 
@@ -338,18 +355,49 @@ class Replicator:
             self._seed_writers()  # opens and closes may be among the lost events
         return stopping
 
-    def _being_written(self, rel: bytes) -> bool:
-        """Whether ``rel`` (a name of this batch) is open for writing now, by the events that arrived so far.
+    def _unlandable(self, paths: list[bytes]) -> set[bytes]:
+        """Which of ``paths`` (names of this batch, each read already) must not land: see :meth:`_being_written`.
 
-        A batch is read from the source when it is sent, which can be seconds after the take (a reconcile, a big
-        batch, a slow target), and a write(2) is not atomic for a reader: the size grows folio by folio while mtime
-        and ctime were set at its start, so a writer descheduled mid-write shows a stable prefix that the size and
-        time checks around a read cannot tell from a finished file. Such a read is not landed; the file's close
-        marks it again. What is queued is folded first (as the link does while it waits), so the coalescer's
-        open-for-writing count is current; the name is followed through renames folded since the take.
+        A write(2) is not atomic for a reader: the size grows folio by folio while mtime and ctime were set at its
+        start, so a writer descheduled mid-write shows a stable prefix that the size and time checks around a read
+        cannot tell from a finished file. Whether some process had the file open for writing is known from events,
+        and those arrive late (the BPF ring buffer wakes the capture loop at most every ``wake_s`` while events flow).
+        So first the capture barrier: it returns once every event made before this call was fed to us. The open of
+        a writer whose output the read saw happened before the read (its event was reserved in the ring before
+        open(2) returned), so it is among them; what is queued is then folded and the coalescer asked. Without a
+        barrier (events fed by hand) this is what arrived so far. If the barrier times out, every read it covers is
+        treated as torn: never landed blindly, sent again in a later batch.
         """
+        if not paths:
+            return set()
+        if self.barrier is not None and not self.barrier(BARRIER_TIMEOUT):
+            log.warning("target %s: capture did not deliver its events within %.0fs; %d reads are sent again later",
+                        self.target.spec, BARRIER_TIMEOUT, len(paths))
+            return set(paths)
         self._fold_queued()
-        return self.coalescer.is_writing(self.coalescer.current_name(rel))
+        now = time.monotonic()
+        return {p for p in paths if self._being_written(p, now)}
+
+    def _being_written(self, rel: bytes, now: float) -> bool:
+        """Whether a read of ``rel`` (a name of this batch) made before the events folded so far may hold a
+        writer's partial output; the caller does not land it, and the file's close (or the retry) marks it again.
+
+        Two reasons, each as the coalescer holds files at the take: the file is open for writing with a hold younger
+        than ``max_delay`` (a file written forever is sent after that, as Coalescer.take does); or it was opened for
+        writing since the batch was taken (a writer that opened, wrote and closed while the read ran: the read may
+        have seen its prefix). The second holds a file for at most ``max_delay`` in a row (a file rewritten without
+        pause must still reach the mirror). The name is followed through renames folded since the take.
+        """
+        c = self.coalescer
+        cur = c.current_name(rel)
+        if c.is_writing(cur, now):
+            return True
+        if not (c.opened_since_take(rel) or c.opened_since_take(cur)):
+            self._reopened.pop(rel, None)
+            return False
+        if len(self._reopened) > 4096:  # names held once and never read again (deleted since): forget the old ones
+            self._reopened = {k: t for k, t in self._reopened.items() if now - t < self.opts.max_delay}
+        return now - self._reopened.setdefault(rel, now) < self.opts.max_delay
 
     def _seed_writers(self) -> None:
         """Hold the files that some process has open for writing now (found in ``/proc``; see writers)."""
@@ -745,12 +793,26 @@ class Replicator:
             return False  # it grew past SMALL_FILE since the plan
         pf, moved = got
         if pf is not None and many.add(pf):
-            assert self.link is not None
-            self.link.send(ap.PutFiles(many.take()))
+            self._send_files(rep, out)
         if moved:
             out.changed.append(p.path)
         self._report(rep, out.total)
         return True
+
+    def _send_files(self, rep: BatchReport, out: _Outgoing) -> None:
+        """Send the PutFiles frame being filled, without the files that must not land (see :meth:`_unlandable`:
+        one capture barrier per frame, after its reads), which are sent again in a later batch."""
+        assert self.link is not None and out.many is not None
+        files = out.many.take()
+        torn = self._unlandable([f.relpath for f in files])
+        if torn:
+            out.changed.extend(torn)
+            dropped = [f for f in files if f.relpath in torn]
+            rep.puts -= len(dropped)
+            rep.literal -= sum(len(f.data) for f in dropped)
+            files = tuple(f for f in files if f.relpath not in torn)
+        if files:
+            self.link.send(ap.PutFiles(files))
 
     def _send_plan(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> list[bytes]:
         """Send every op of ``plan`` (after what :meth:`_stream_planned` sent already, with its PutFiles frame
@@ -788,7 +850,7 @@ class Replicator:
                 changed.append(p.path)
             self._report(rep, total)
         if many is not None and many.files:
-            link.send(ap.PutFiles(many.take()))
+            self._send_files(rep, out)
         for s in plan.symlinks:
             link.send(ap.Symlink(s.path, s.target))
             link.send(ap.SetAttr(s.path, None, s.mtime_ns, s.uid, s.gid))
@@ -841,13 +903,13 @@ class Replicator:
                 time.sleep(ahead)
 
     def _read_small(self, p: Put, rep: BatchReport) -> tuple[ap.PutFile | None, bool] | None:
-        """Read a small file for a PutFiles frame: (the file or None if it is gone or being written, whether to send
-        it again next batch); None when it is no longer small (it grew since the plan), to be streamed by
-        :meth:`_put_whole`.
+        """Read a small file for a PutFiles frame: (the file or None if it is gone, whether to send it again next
+        batch); None when it is no longer small (it grew since the plan), to be streamed by :meth:`_put_whole`.
 
         As with a single PutFile, the file is sent as read and a change during the read (size, mtime or ctime
         moved) sends it again next batch. One read of size + 1 bytes: a regular file's read is short only at EOF,
-        and growth shows in that extra byte or in the fstat after.
+        and growth shows in that extra byte or in the fstat after. Whether a writer had it open is checked for the
+        whole frame before it is sent (:meth:`_send_files`).
         """
         opened = self._open_source(p.path)
         if opened is None:
@@ -862,8 +924,6 @@ class Replicator:
             moved = self._changed(fd, st)
         finally:
             os.close(fd)
-        if self._being_written(p.path):
-            return None, True  # not sent: see _being_written
         rep.puts += 1
         rep.literal += len(data)
         pf = ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data, xxhash.xxh3_128_digest(data))
@@ -882,7 +942,7 @@ class Replicator:
             if st.st_size <= SMALL_FILE:
                 data = _read_upto(fd, SMALL_FILE + 1)
                 if len(data) <= SMALL_FILE:  # else it grew since the stat: stream it below
-                    if self._being_written(p.path):
+                    if self._unlandable([p.path]):
                         return True
                     # Sent as read; a change during the read (size, mtime or ctime moved) sends it again next
                     # batch. A read racing a same-size in-place rewrite may land a mix for that short while.
@@ -914,7 +974,7 @@ class Replicator:
                 left -= len(pad)
             rep.puts += 1
             rep.literal += sent
-            if self._changed(fd, st) or sent != st.st_size or self._being_written(p.path):
+            if self._changed(fd, st) or sent != st.st_size or self._unlandable([p.path]):
                 self._drop_torn(p.path, delta=False, digest=h.digest())
                 return True
             link.send(ap.PutEnd(h.digest()))
@@ -982,7 +1042,7 @@ class Replicator:
                 rep.deltas += 1
                 rep.literal += stream.stats.literal_bytes
                 rep.matched += stream.stats.copied_bytes
-                if self._changed(fd, st) or self._being_written(p.path):
+                if self._changed(fd, st) or self._unlandable([p.path]):
                     self._drop_torn(p.path, delta=True, digest=stream.stats.digest)
                     return True
                 link.send(ap.DeltaEnd(stream.stats.digest))

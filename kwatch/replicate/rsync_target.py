@@ -9,6 +9,14 @@ data. A rescan of the whole tree is one full push with ``--delete``. Either way 
 directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
 
+Files open for writing (the batch's :attr:`~kwatch.replicate.coalesce.Batch.writing`: their opens seen in events,
+or found in ``/proc`` at start and after a loss) are left out of every session's list, as the agent path's
+reconcile leaves them: a full push or a directory sent whole does not carry them, and a protect rule keeps the
+daemon's ``--delete`` from removing the copy it has. Each one left out is marked again, so it is sent once closed
+(or once its hold is older than ``max_delay``). Unlike the agent path, a file read by a session is not checked
+against the events that arrive meanwhile (the rsync protocol has no way to drop a file already sent): a writer that
+opens a file after the batch was taken can still have its partial output sent, until the next batch after its close.
+
 ``bwlimit`` paces every byte written to the daemon (rsync_transport: as rsync's own ``--bwlimit``, so the file
 list and the token stream count, not only file data as with the agent).
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 
 from kwatch.protocols.errors import ProtocolError
 from kwatch.replicate.coalesce import Batch
@@ -60,9 +69,11 @@ class RsyncReplicator(Replicator):
         try:
             res = push(self.src, self.target.spec, paths, delete=self.opts.delete,
                        password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout,
-                       bwlimit=self.opts.bwlimit, hard_links=True)
+                       bwlimit=self.opts.bwlimit, hard_links=True, hold=b.writing)
         except (ProtocolError, OSError) as e:
             raise LinkError(f"rsync push failed: {e}") from e
+        for rel in res.held:  # open for writing: sent after its close, as a live change
+            self.coalescer.retry(self.coalescer.current_name(rel), time.monotonic())
         if paths is None:
             self.links.discard_under(b"")
         for key, names in res.inodes.items():
@@ -83,9 +94,9 @@ class RsyncReplicator(Replicator):
             st.rescans += len(b.rescans)
         for err in res.errors:
             log.warning("target %s: %s", self.target.spec, err)
-        log.info("target %s: rsync batch: %s paths, %d files sent, %d deleted; %d literal + %d matched bytes",
-                 self.target.spec, "all" if paths is None else len(paths), res.files, res.deleted,
-                 res.literal_bytes, res.matched_bytes)
+        log.info("target %s: rsync batch: %s paths, %d files sent, %d deleted, %d held open for writing; %d literal + "
+                 "%d matched bytes", self.target.spec, "all" if paths is None else len(paths), res.files, res.deleted,
+                 len(res.held), res.literal_bytes, res.matched_bytes)
         return rep
 
     def _other_names(self, paths: set[bytes]) -> set[bytes]:

@@ -38,7 +38,7 @@ import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -76,6 +76,8 @@ class PushResult:
     deleted: int = 0
     #: the names of each inode with several names that the list carried (by the source's (st_dev, st_ino))
     inodes: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
+    #: the paths of ``hold`` that the list would have carried and left out
+    held: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -435,6 +437,7 @@ def push(
     timeout: float = IO_TIMEOUT,
     bwlimit: int | None = None,
     hard_links: bool = False,
+    hold: Collection[bytes] = (),
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -444,6 +447,9 @@ def push(
     a protocol mismatch or a peer that closes early; per-file problems land in ``PushResult.errors``.
     ``bwlimit`` (bytes per second) paces everything written to the peer. With ``hard_links`` (``-H``, protocol >=
     30) the names of one inode in the list are linked on the receiver, its data sent at most once.
+    ``hold``: paths (files open for writing) the list leaves out, whatever the receiver has there staying as it
+    is (a protect rule keeps ``--delete`` from removing it); the ones the list would have carried are in
+    ``PushResult.held``.
     """
     root = os.fsencode(src_root)
     target = parse_url(url)
@@ -452,6 +458,11 @@ def push(
         missing = False
     else:
         entries, missing = scan_paths(root, paths, delete, fuzzy)
+    held: list[bytes] = []
+    if hold:
+        held = [e.name for e in entries if e.name in hold]
+        if held:
+            entries = [e for e in entries if e.name not in hold]
     opts = PushOptions(
         dest=target.path,
         delete=delete,
@@ -463,8 +474,9 @@ def push(
         hard_links=hard_links,
         user=(target.user or os.environ.get("USER") or "nobody").encode(),
         password=_read_password(password, password_file) if target.scheme == "rsync" else None,
+        protect=tuple(held),
     )
-    result = PushResult()
+    result = PushResult(held=held)
     for e in entries:
         if e.inode is not None:
             result.inodes.setdefault(e.inode, []).append(e.name)

@@ -1,15 +1,16 @@
 """Replication inside ``kwatch run``: an event sink that feeds every captured batch to the config's replicators.
 
 The daemon asks each sink for ``capture_roots`` (the sources) and ``capture_ops`` before it opens the capture
-source, then calls :meth:`ReplicationSink.start` with that source (local agents are child processes whose own writes
-must not come back as events: their pids are excluded in the kernel where the backend can), then ``feed`` per batch,
-``close`` at shutdown (pending batches are sent first).
+source, sets :attr:`ReplicationSink.barrier` (the capture barrier's ``wait``, see ``kwatch.capture.barrier``; every
+replicator gets it), then calls :meth:`ReplicationSink.start` with that source (local agents are child processes
+whose own writes must not come back as events: their pids are excluded in the kernel where the backend can), then
+``feed`` per batch, ``close`` at shutdown (pending batches are sent first).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kwatch.capture.base import Source
 from kwatch.events import FileEvent, Op
@@ -47,6 +48,8 @@ class ReplicationSink:
                       for t in targets]
         self.stats = stats
         self.replicators: list[Replicator] = []
+        #: set by the daemon before start: waits until the events made before the call were fed (None: no barrier)
+        self.barrier: Callable[[float], bool] | None = None
 
     @property
     def capture_roots(self) -> list[bytes]:
@@ -56,6 +59,7 @@ class ReplicationSink:
         exclude = getattr(source, "exclude_pid", None)
         for src, target, opts in self.specs:
             r = make_replicator(src, target, opts, on_agent=exclude)
+            r.barrier = self.barrier
             self.stats.targets[target.spec] = r.stats
             r.start()
             self.replicators.append(r)

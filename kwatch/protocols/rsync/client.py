@@ -14,7 +14,8 @@ side writes its protocol version as an int instead.)
 
 then: compat flags (varint, from the server); checksum name lists (vstrings, both ways) when the ``v``
 capability was agreed; the checksum seed (int, from the server). From here both directions are multiplexed.
-We send the filter list (only with ``--delete``: just its terminator), the file list (sorted as both sides index
+We send the filter list (only with ``--delete``: the protect rules of :attr:`PushOptions.protect`, then the
+terminator), the file list (sorted as both sides index
 it) and its end marker. The receiver's generator then sends, per file: index, item flags and, when it wants
 data, the block checksums of its basis; we answer with the same index/flags, the checksum header, the token
 stream (literal runs and block references, then 0) and the whole-file checksum. Three NDX_DONE rounds end
@@ -92,6 +93,9 @@ class PushOptions:
     compress: bool = False  # negotiates compression (only "none" is implemented, so data is not compressed)
     checksums: tuple[str, ...] = CHECKSUM_NAMES
     hard_links: bool = False  # -H: entries with an ``inode`` are sent as hard links of each other (protocol >= 30)
+    #: paths (relative to the transfer root) the receiver must not delete although the list leaves them out: sent
+    #: as anchored protect rules ("P /path") with --delete or --delete-missing-args
+    protect: tuple[bytes, ...] = ()
     user: bytes = b"nobody"
     password: bytes | None = None
 
@@ -178,6 +182,16 @@ def build_server_args(opts: PushOptions) -> list[bytes]:
     args.append(b"-@-1")
     args.append(b".")
     return args
+
+
+def protect_rule(path: bytes) -> bytes:
+    """The filter rule that keeps the receiver from deleting ``path`` (relative to the transfer root) and nothing
+    else: ``P`` (protect, a receiver-side exclude), anchored by a leading slash. A pattern with ``*``, ``?`` or ``[``
+    is a wildcard pattern, in which a backslash escapes (exclude.c add_rule sets FILTRULE_WILD, wildmatch.c); one
+    without is compared literally, backslashes included."""
+    if any(c in path for c in (b"*", b"?", b"[")):
+        path = re.sub(rb"([\\*?\[])", rb"\\\1", path)
+    return b"P /" + path
 
 
 class PushSession:
@@ -486,7 +500,11 @@ class PushSession:
         self._raw.clear()
         out = bytearray()
         if self.opts.delete or self.opts.delete_missing:
-            out += codec.enc_int(0)  # exclude.c send_filter_list: the receiver wants the (empty) list
+            # exclude.c send_filter_list / send_rules: each rule as an int length and its text, then 0
+            for path in self.opts.protect:
+                rule = protect_rule(path)
+                out += codec.enc_int(len(rule)) + rule
+            out += codec.enc_int(0)
         enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
         linking = self.opts.hard_links and self.protocol >= 30
         hlinks = hlink_indexes(self.entries) if linking else [None] * len(self.entries)
