@@ -459,3 +459,34 @@ def test_rsync_target_leaves_files_open_for_writing_until_their_close(fuzzy: boo
             for w in writers:
                 w.kill()
             rep.stop()
+
+
+@pytest.mark.parametrize("backend", ["fanotify", "inotify"])
+def test_a_rewrite_in_progress_is_held_on_backends_without_open_events(backend: str, tmp_path: Path) -> None:
+    """fanotify and inotify report no open for writing of an existing file, only its writes (MODIFY) and its close:
+    the first MODIFY holds the file, so a rewriter stalled mid-file does not get its prefix onto the mirror while
+    later changes flow past it."""
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    (src / "old").write_bytes(b"version 1")
+    live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--max-delay", "30", "--backend", backend])
+    writer: Writer | None = None
+    with live:
+        wait_identical(src, mirror, CONVERGE, what="before the writer", live=live)
+        try:
+            writer = Writer(src / "old")
+            offset = live.log_size()
+            # a change queued after the rewriter's MODIFY: once it is on the mirror, a batch taken after the MODIFY
+            # was folded has been sent
+            (src / "later").write_bytes(b"a change after the rewrite began")
+            _wait_file(mirror / "later", b"a change after the rewrite began", live, offset)
+            got = (mirror / "old").read_bytes()
+            assert got == b"version 1", f"the mirror's copy was replaced mid-write ({len(got)} bytes)"
+            writer.finish()
+        finally:
+            if writer is not None:
+                writer.kill()
+        wait_identical(src, mirror, 15.0, what="after the writer closed", live=live)
+        assert (mirror / "old").read_bytes() == _full()
+        assert live.stop() == 0

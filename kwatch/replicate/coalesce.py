@@ -10,7 +10,10 @@ Timing: a batch is due when no event arrived for ``settle`` seconds, or ``max_de
 whichever is first. Files still open for writing are held back until closed, so a file is sent once, finished: a
 write(2) is not atomic for a reader (the size grows folio by folio while mtime and ctime were set at its start, so
 a writer descheduled mid-write shows a stable, partial file). The opens come from events, and at start or after a
-loss from a scan of ``/proc`` (:meth:`Coalescer.seed_writers`, see ``kwatch.replicate.writers``). A file that has
+loss from a scan of ``/proc`` (:meth:`Coalescer.seed_writers`, see ``kwatch.replicate.writers``). fanotify and
+inotify report no open for writing of an existing file: a MODIFY of a file not held begins its hold there (their
+only sign of a rewrite in progress), ended by its CLOSE_WRITE; a truncate(2) by name, MODIFY too, is held until
+``max_delay``. A file that has
 been open for writing for ``max_delay`` is sent anyway (a log written forever must still reach the mirror): the
 mirror then shows a state the source had, possibly mid-write, until the next change is sent. The delay counts per
 file from the start of its hold; a batch that is overdue does not make a file opened a moment ago overdue too.
@@ -137,7 +140,7 @@ class Coalescer:
             return
         op = ev.op
         if op in _CONTENT_OPS:
-            if op in _OPENERS:
+            if op in _OPENERS or (op is Op.MODIFY and rel not in self._writing):
                 n, since = self._writing.get(rel, (0, now))
                 self._writing[rel] = (n + 1, since)
                 self._opened.add(rel)
