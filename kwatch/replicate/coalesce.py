@@ -13,10 +13,10 @@ a writer descheduled mid-write shows a stable, partial file). The opens come fro
 loss from a scan of ``/proc`` (:meth:`Coalescer.seed_writers`, see ``kwatch.replicate.writers``). fanotify and
 inotify report no open for writing of an existing file: a MODIFY of a file not held begins its hold there (their
 only sign of a rewrite in progress), ended by its CLOSE_WRITE; a truncate(2) by name, MODIFY too, is held until
-``max_delay``. A file that has
-been open for writing for ``max_delay`` is sent anyway (a log written forever must still reach the mirror): the
-mirror then shows a state the source had, possibly mid-write, until the next change is sent. The delay counts per
-file from the start of its hold; a batch that is overdue does not make a file opened a moment ago overdue too.
+``max_delay``. A file that has been open for writing for ``max_delay`` is sent anyway (a log written forever must
+still reach the mirror): the mirror then shows a state the source had, possibly mid-write, until the next change is
+sent. The delay counts per file from the start of its hold; a batch that is overdue does not make a file opened a
+moment ago overdue too.
 
 Bounded memory: past ``max_paths`` dirty paths the batch collapses into a rescan of the whole root. A loss marker
 or a path the kernel could not resolve whole also becomes a rescan.
