@@ -17,6 +17,7 @@ Workloads: ``untar`` (the fixed kernel-source subset extracted ``repeat`` times 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from bench.common import (
     scratch_dir,
     tmpfs,
 )
+from bench.hookcost import hook_cost
 from bench.observers import Observer, RunCtx, all_observers
 from bench.throughput import decode_bench, e2e_bench
 from bench.workloads import ChurnWorkload, TarWorkload, run_churn, subset_tar, untar_argv
@@ -112,6 +114,8 @@ def one_run(
     run: Run,
 ) -> None:
     empty_dir(watch)
+    # the last run's deletes and writeback (ext4 with discard) must not land inside this run's timing
+    os.sync()
     ctx = RunCtx(runner, watch, tmp, f"{run.workload}-{run.run}")
     obs.start(ctx)
     try:
@@ -227,6 +231,13 @@ def run_suite(p: Params, log: Callable[[str], None] = print) -> dict[str, Any]:
             log("capture: decode micro-benchmark")
             throughput["decode"] = decode_bench(50_000 if p.quick else 500_000, 3 if p.quick else 5)
             log(f"capture: decode {throughput['decode']}")
+            log("capture: hook cost micro-benchmark")
+            try:
+                throughput["hooks"] = hook_cost(runner, tmp, n=20_000 if p.quick else 200_000,
+                                                runs=1 if p.quick else 5)
+            except BenchError as e:
+                throughput["hooks"] = {"error": str(e)}
+            log(f"capture: hooks {throughput['hooks']}")
             if not any(o.name == "kwatch-bpf-count" for o in usable):
                 throughput["e2e"] = {"error": skipped.get("kwatch-bpf-count", "BPF consumer not selected")}
             else:

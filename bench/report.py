@@ -16,6 +16,7 @@ from bench.common import OUT, REPO
 
 README_START = "<!-- bench:capture:start -->"
 README_END = "<!-- bench:capture:end -->"
+HOOK_LABELS = {"tp": "tp/syscalls/sys_exit_fchmod", "raw_tp": "raw_tp/sys_exit", "tp_btf": "tp_btf/sys_exit"}
 
 
 def _f(x: float | None, fmt: str = "{:.3f}") -> str:
@@ -88,6 +89,14 @@ def capture_markdown(res: dict[str, Any]) -> str:
                     f"{_n(m.get('best_records_per_s'))} best, {_n(m.get('records_per_cpu_s'))} per CPU-s"
                     + (f"; with the ring walk {_n(whole)} records/s" if whole else "") + " |"
                 )
+        hooks = tp.get("hooks") or {}
+        if "error" in hooks:
+            lines.append(f"| empty BPF program per syscall | not measured: {hooks['error']} |")
+        for name, h in (hooks.get("over_none_ns") or {}).items():
+            lines.append(
+                f"| empty BPF program on `{HOOK_LABELS.get(name, name)}` | +{h['watched_call']:.0f} ns per watched "
+                f"call (fchmod), +{h['other_call']:.0f} ns per other syscall (pwrite) |"
+            )
         e2e = tp.get("e2e") or {}
         if "error" in e2e:
             lines.append(f"| BpfSource end to end | not measured: {e2e['error']} |")

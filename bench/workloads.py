@@ -26,6 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,20 +165,31 @@ def untar_argv(tar: TarWorkload, dest: Path) -> list[str]:
 CHURN_SRC = BENCH_DIR / "churn.c"
 
 
-def churn_binary() -> Path:
-    """``bench/cache/churn``, (re)compiled when ``bench/churn.c`` is newer."""
+def built(src: Path, name: str, argv: Callable[[Path], list[str]]) -> Path:
+    """``bench/cache/NAME`` built from ``src`` by ``argv(output)`` (a compiler command), again when ``src`` is newer."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    exe = CACHE / "churn"
-    if exe.exists() and exe.stat().st_mtime >= CHURN_SRC.stat().st_mtime:
-        return exe
+    out = CACHE / name
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    part = out.with_name(name + ".part")
+    r = subprocess.run(argv(part), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BenchError(f"cannot compile {src}: {r.stderr.strip()}")
+    os.replace(part, out)
+    return out
+
+
+def c_program(src: Path, name: str) -> Path:
+    """A bench helper program compiled by the system C compiler."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        raise BenchError("no C compiler for bench/churn.c: apt-get install gcc")
-    r = subprocess.run([cc, "-O2", "-Wall", "-o", str(exe) + ".part", str(CHURN_SRC)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BenchError(f"cannot compile {CHURN_SRC}: {r.stderr.strip()}")
-    os.replace(str(exe) + ".part", exe)
-    return exe
+        raise BenchError(f"no C compiler for {src}: apt-get install gcc")
+    return built(src, name, lambda out: [cc, "-O2", "-Wall", "-o", str(out), str(src)])
+
+
+def churn_binary() -> Path:
+    """``bench/cache/churn``, (re)compiled when ``bench/churn.c`` is newer."""
+    return c_program(CHURN_SRC, "churn")
 
 
 @dataclass(frozen=True)
