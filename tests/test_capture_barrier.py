@@ -76,7 +76,7 @@ class Waiting:
 
 def _until_registered(barrier: CaptureBarrier, n: int) -> None:
     deadline = time.monotonic() + 30
-    while barrier.waits < n:
+    while barrier.stats.waits < n:
         assert time.monotonic() < deadline, "the wait did not register"
         time.sleep(0.001)
 
@@ -88,7 +88,8 @@ def test_nothing_produced_since_the_last_fed_read_returns_at_once() -> None:
     ring.prod = ring.cons = 64
     b.served(b.begin())  # a read fed everything up to 64
     assert b.wait(0.0)
-    assert b.waits == 0, "the fast path needs no loop"
+    assert b.stats.waits == 0, "the fast path needs no loop"
+    assert b.stats.calls == 2 and b.stats.wait_seconds == 0.0
     b.close()
 
 
@@ -130,7 +131,8 @@ def test_a_timeout_is_false_and_stop_releases_everyone() -> None:
     b = CaptureBarrier(ring)
     ring.prod = 8
     assert b.wait(0.01) is False
-    assert b.timeouts == 1
+    assert b.stats.timeouts == 1
+    assert b.stats.waits == 1 and b.stats.wait_seconds >= 0.005
     w = Waiting(b)
     _until_registered(b, 2)
     b.stop()  # the loop reads no more (shutdown): decide by what was delivered

@@ -618,5 +618,11 @@ def test_replicate_rule_keeps_a_mirror(tmp_path: Path, start: Callable[..., Daem
     assert matched >= (1 << 20) - 8192  # the edit of big went as a delta
     assert literal < 200 * 300 + (1 << 20) + 17 + 64 * 1024  # files once, the edit small; nothing re-sent
     assert d.metric("kwatch_replication_connected", target=target) == 1
+    barrier = {name.removeprefix("kwatch_capture_barrier_"): v for (name, _), v in d.scrape().items()
+               if name.startswith("kwatch_capture_barrier_")}
+    assert barrier.keys() == {"calls_total", "waits_total", "timeouts_total", "wait_seconds_total"}
+    assert barrier["calls_total"] >= 1, "every frame of files checked the capture barrier first"
+    assert barrier["waits_total"] <= barrier["calls_total"] and barrier["timeouts_total"] == 0
+    assert (barrier["wait_seconds_total"] > 0) == (barrier["waits_total"] > 0)
     assert (src / "dir" / "sub" / "f7").as_posix().encode() + b"\n" in log.read_bytes()  # the action ran too
     assert d.stop() == 0

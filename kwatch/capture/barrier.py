@@ -34,11 +34,13 @@ import contextlib
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from kwatch.capture.base import Source
 from kwatch.events import FileEvent
+from kwatch.metrics.stats import BarrierStats
 
 #: While a waiter waits for a record still being written (BUSY), the loop reads again this often.
 RETRY_S = 0.0005
@@ -67,7 +69,7 @@ class _Waiter:
 class CaptureBarrier:
     """See the module docstring. :meth:`wait` is called from any thread; the other methods by the reading loop."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, stats: BarrierStats | None = None) -> None:
         self._positions = source if isinstance(source, Positioned) else None
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
@@ -75,15 +77,16 @@ class CaptureBarrier:
         self._round = 0  # reads begun by the loop
         self._fed = self._positions.consumed() if self._positions is not None else 0
         self.stopped = False
-        self.waits = 0  # waits that needed the loop (the fast path not counted)
-        self.timeouts = 0
+        self.stats = stats if stats is not None else BarrierStats()
 
     # ---- the waiting side ------------------------------------------------------------------------------------------
 
     def wait(self, timeout: float) -> bool:
         """Return once every event produced before this call has been handed to every sink (True), or after
         ``timeout`` seconds (False). True at once after :meth:`stop`."""
+        st = self.stats
         with self._lock:
+            st.calls += 1
             if self.stopped:
                 return True
             mark = self._positions.produced() if self._positions is not None else None
@@ -91,15 +94,16 @@ class CaptureBarrier:
                 return True
             w = _Waiter(mark, self._round)
             self._waiters.append(w)
-            self.waits += 1
+            st.waits += 1
             os.eventfd_write(self._fd, 1)  # under the lock: close() cannot have closed the descriptor
-        if w.done.wait(timeout):
-            return True
+        t0 = time.monotonic()
+        done = w.done.wait(timeout)
         with self._lock:
-            if w.done.is_set():
+            st.wait_seconds += time.monotonic() - t0
+            if done or w.done.is_set():
                 return True
             self._waiters.remove(w)
-            self.timeouts += 1
+            st.timeouts += 1
         return False
 
     # ---- the reading loop's side ----------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ class Daemon:
             self.filter, self.backend, warn=lambda m: self.log.warning("backend", msg=m)
         )
         src = self.source
-        self.barrier = CaptureBarrier(src)
+        self.barrier = CaptureBarrier(src, self.stats.barrier)
         for sink in self.sinks:
             if hasattr(sink, "barrier"):
                 sink.barrier = self.barrier.wait

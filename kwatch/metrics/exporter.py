@@ -45,6 +45,17 @@ class KwatchCollector(Collector):
         yield GaugeMetricFamily(
             "kwatch_config_reload_errors", "SIGHUP reloads refused (the config had errors)", value=s.reload_errors
         )
+        b = s.barrier
+        barrier = {
+            "calls": ("Replicator checks that every event made before them was read", b.calls),
+            "waits": ("Barrier checks that had to wake the capture loop", b.waits),
+            "timeouts": ("Barrier checks that timed out (the reads they covered are sent again later)", b.timeouts),
+            "wait_seconds": ("Seconds replicators spent waiting on the capture barrier", b.wait_seconds),
+        }
+        for name, (doc, value) in barrier.items():
+            c = CounterMetricFamily(f"kwatch_capture_barrier_{name}", doc)
+            c.add_metric([], value)
+            yield c
         yield from self._targets()
 
     def _targets(self) -> Iterator[Metric]:

@@ -53,6 +53,16 @@ class TargetStats:
 
 
 @dataclass
+class BarrierStats:
+    """The capture barrier's counters (``kwatch.capture.barrier``), updated by the replicators' threads."""
+
+    calls: int = 0  # every wait, the fast path included
+    waits: int = 0  # waits that had to wake the capture loop
+    timeouts: int = 0  # waits that gave up: the reads they covered were sent again later
+    wait_seconds: float = 0.0  # time spent in the waits that woke the loop
+
+
+@dataclass
 class DaemonStats:
     events: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, backend)
     lost: Counter[str] = field(default_factory=Counter)  # backend
@@ -63,3 +73,4 @@ class DaemonStats:
     targets: dict[str, TargetStats] = field(default_factory=dict)
     reloads: int = 0
     reload_errors: int = 0
+    barrier: BarrierStats = field(default_factory=BarrierStats)
