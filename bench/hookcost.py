@@ -2,13 +2,14 @@
 
 Owns :func:`hook_cost`: the empty programs of ``bench/hookcost.bpf.c`` (a syscall exit tracepoint, the kind kwatch
 uses; the raw ``sys_exit`` tracepoint; the same with BTF arguments) attached one at a time, alternating with no
-program, while ``bench/hookloop`` times a fchmod(2) loop and a pwrite(2) loop. The figures are nanoseconds per call
+program, while ``bench/hookloop`` times a fchmod(2) loop and a pwrite(2) loop; and the exit tracepoint writing the
+least possible record (a clock read in a 16-byte ring record). The figures are nanoseconds per call
 over no program: for fchmod, what one watched call pays for its hook; for pwrite, what the hook costs every syscall
 that is not watched (attaching any syscall hook sends every syscall of every task through the slow path, and a raw
 tracepoint runs its program for all of them).
 
 Together with the untar's calls per file (five watched: openat, fchown, fchmod, utimensat, close) this bounds from
-below what any tracepoint-based capture costs on that workload, whatever its programs do.
+below what any tracepoint-based capture that writes one record per operation costs on that workload.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ HOOKS = {
     "tp": "hook_tp",  # tp/syscalls/sys_exit_fchmod
     "raw_tp": "hook_raw",  # raw_tp/sys_exit
     "tp_btf": "hook_btf",  # tp_btf/sys_exit
+    "tp_record": "hook_tp_record",  # tp/syscalls/sys_exit_fchmod writing a clock read into a 16-byte ring record
 }
 
 
@@ -74,6 +76,9 @@ def hook_cost(runner: Runner, scratch: Path, n: int = 200_000, runs: int = 5) ->
         obj = _attached(obj_path, HOOKS[name])
         try:
             samples[name].append(_loop(runner, exe, target, n))
+            lost = obj.map("hook_lost").lookup(bytes(4), 8)
+            if lost and int.from_bytes(lost, "little"):
+                raise BenchError(f"hook cost: {int.from_bytes(lost, 'little')} records did not fit the ring")
         finally:
             obj.close()
     target.unlink(missing_ok=True)

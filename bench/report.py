@@ -16,7 +16,12 @@ from bench.common import OUT, REPO
 
 README_START = "<!-- bench:capture:start -->"
 README_END = "<!-- bench:capture:end -->"
-HOOK_LABELS = {"tp": "tp/syscalls/sys_exit_fchmod", "raw_tp": "raw_tp/sys_exit", "tp_btf": "tp_btf/sys_exit"}
+HOOK_LABELS = {
+    "tp": "empty BPF program on `tp/syscalls/sys_exit_fchmod` (the kind kwatch uses)",
+    "raw_tp": "empty BPF program on `raw_tp/sys_exit`",
+    "tp_btf": "empty BPF program on `tp_btf/sys_exit`",
+    "tp_record": "`tp/syscalls/sys_exit_fchmod` program writing the least record (clock + 16-byte ring record)",
+}
 
 
 def _f(x: float | None, fmt: str = "{:.3f}") -> str:
@@ -94,7 +99,7 @@ def capture_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| empty BPF program per syscall | not measured: {hooks['error']} |")
         for name, h in (hooks.get("over_none_ns") or {}).items():
             lines.append(
-                f"| empty BPF program on `{HOOK_LABELS.get(name, name)}` | +{h['watched_call']:.0f} ns per watched "
+                f"| {HOOK_LABELS.get(name, name)} | +{h['watched_call']:.0f} ns per watched "
                 f"call (fchmod), +{h['other_call']:.0f} ns per other syscall (pwrite) |"
             )
         e2e = tp.get("e2e") or {}
