@@ -148,6 +148,31 @@ def test_weak_sums_match_rsync_reference(length: int) -> None:
     ]
 
 
+def _weak_reference(data: bytes, length: int) -> list[int]:
+    """get_checksum1 of each full block with plain int64 arithmetic (the definition, vectorised per block)."""
+    rows = np.frombuffer(data, dtype=np.uint8)[: len(data) // length * length].reshape(-1, length).astype(np.int64)
+    a = rows.sum(axis=1)
+    b = (rows * np.arange(length, 0, -1, dtype=np.int64)).sum(axis=1)
+    return [int(x) for x in (a & 0xFFFF) | ((b & 0xFFFF) << 16)]
+
+
+@pytest.mark.parametrize(
+    ("name", "length", "blocks"),
+    [
+        ("pieces, partial last piece", 32768, 70),  # 32 blocks per 1 MiB piece: 32 + 32 + 6
+        ("one block per piece", 1 << 20, 3),
+        ("block larger than a piece", BLOCK_MAX * 16, 2),
+        ("small aligned blocks, many pieces", 1024, 2500),
+        ("unaligned block size", 700 * 3, 900),
+    ],
+)
+def test_block_weak_sums_equal_definition(name: str, length: int, blocks: int) -> None:
+    data = random.Random(length).randbytes(length * blocks)
+    assert [int(w) for w in _block_weak(np.frombuffer(data, dtype=np.uint8), length)] == _weak_reference(
+        data, length
+    ), name
+
+
 def test_weak_sums_high_bytes_wrap_like_rsync() -> None:
     data = b"\xff" * 131072
     arr = np.frombuffer(data, dtype=np.uint8)
