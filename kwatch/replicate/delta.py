@@ -43,6 +43,7 @@ __all__ = [
     "BLOCK_MAX",
     "BLOCK_MIN",
     "CHUNK_SIZE",
+    "COPY_RUN_MAX",
     "LITERAL_MAX",
     "STRONG_LEN",
     "Copy",
@@ -71,6 +72,10 @@ BLOCK_LIMIT: Final = 1 << 24
 CHUNK_SIZE: Final = 8 << 20
 #: Literal ops are cut at this size so a transport can frame each one.
 LITERAL_MAX: Final = 1 << 20
+#: Copy runs are cut at about this many bytes, so a stream consumer can hand the patcher work while the scan goes
+#: on: an unchanged GiB would otherwise come out as one op at the very end, and the receiver's copying (as long as
+#: the scan itself) could only start after it.
+COPY_RUN_MAX: Final = CHUNK_SIZE
 #: Length of one strong hash (xxh3_128 digest).
 STRONG_LEN: Final = 16
 
@@ -425,10 +430,12 @@ class _Index:
 
 
 class _Emitter:
-    """Coalesces adjacent copies into runs and adjacent literals into ops of up to :data:`LITERAL_MAX` bytes."""
+    """Coalesces adjacent copies into runs of up to :data:`COPY_RUN_MAX` bytes and adjacent literals into ops of
+    up to :data:`LITERAL_MAX` bytes."""
 
-    def __init__(self, stats: DeltaStats) -> None:
+    def __init__(self, stats: DeltaStats, block_size: int = 1) -> None:
         self.stats = stats
+        self.run_max = max(1, COPY_RUN_MAX // block_size)  # blocks per copy run
         self.run_start = -1
         self.run_count = 0
         self.lit = bytearray()
@@ -448,7 +455,7 @@ class _Emitter:
     def copy(self, block: int, nbytes: int) -> None:
         self._flush_lit()
         self.stats.copied_bytes += nbytes
-        if self.run_count and block == self.run_start + self.run_count:
+        if self.run_count and block == self.run_start + self.run_count and self.run_count < self.run_max:
             self.run_count += 1
             return
         self._flush_copy()
@@ -495,7 +502,7 @@ class DeltaStream(Iterator[DeltaOp]):
     def _run(self) -> Iterator[DeltaOp]:
         sig, stats = self.sig, self.stats
         hasher = xxhash.xxh3_128(seed=sig.seed)
-        emit = _Emitter(stats)
+        emit = _Emitter(stats, sig.block_size)
         if sig.count == 0:  # empty basis: everything is literal
             while data := _read_full(self._file, self._chunk):
                 hasher.update(data)
@@ -607,7 +614,8 @@ def delta(sig: Signature, new: Source, *, chunk_size: int = CHUNK_SIZE) -> Delta
     """Ops that turn the basis described by ``sig`` into ``new`` (bytes, or a binary file read to EOF).
 
     Consumes ``new`` lazily while the returned stream is iterated; adjacent copies come out as one :class:`Copy`
-    run. Memory: about two chunks of ``chunk_size`` plus the signature's index.
+    run of at most :data:`COPY_RUN_MAX` bytes, so ops keep coming out while ``new`` is read (about a chunk and a
+    run behind the read), not all at its end. Memory: about two chunks of ``chunk_size`` plus the signature's index.
     """
     return DeltaStream(sig, new, chunk_size)
 
