@@ -29,6 +29,7 @@ from kwatch.protocols.agent import (
     TYPE_CODES,
     Ack,
     Commit,
+    Copy,
     Delete,
     DeltaBegin,
     DeltaChunk,
@@ -400,3 +401,52 @@ def test_property_byte_soup_is_refused_cleanly(junk: bytes, prop_base: Path) -> 
 def test_literal_helper_is_the_protocol_literal() -> None:
     assert Literal(b"x").data == b"x"  # the handcrafted delta chunk above relies on the op layout staying simple
     assert DeltaChunk((Literal(b"x"),)).ops[0] == Literal(b"x")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# delta copies against a basis that changes under the agent (in-process AgentServer, real Receiver)
+
+
+def _delta_session(root: Path, basis_change: Any, length: int) -> tuple[list[Any], bytes]:
+    """Ask for the signature of ``big`` (blocks of 4 KiB) and begin a delta, let ``basis_change`` act on the mirror's
+    copy, then send ops copying all its ``length`` bytes (one run, several agent reads) plus a literal; returns the replies and
+    the bytes the mirror then holds under ``big``."""
+    server = AgentServer(Receiver(os.fsencode(root)))
+    server.start()
+    nblocks = -(-length // 4096)
+    replies = decode_all(server.feed(HELLO + encode_frame(SigRequest(1, b"big", 4096))
+                                     + encode_frame(DeltaBegin(b"big", 1, length + 4, 0o644))))
+    basis_change()  # the agent has opened the basis and begun the put
+    frames = (encode_frame(DeltaChunk((Copy(0, nblocks),))) + encode_frame(DeltaChunk((Literal(b"tail"),)))
+              + encode_frame(DeltaEnd(None)) + encode_frame(Commit(1)))
+    replies += decode_all(server.feed(frames))
+    server.close()
+    return replies, (root / "big").read_bytes()
+
+
+def decode_all(out: bytes) -> list[Any]:
+    events: list[Any] = []
+    while len(out) >= 4:
+        (n,) = struct.unpack(">I", out[:4])
+        events.append(decode_frame_body(out[4 : 4 + n]))
+        out = out[4 + n :]
+    return events
+
+
+def test_delta_copy_run_longer_than_one_read(tmp_path: Path) -> None:
+    basis = os.urandom(3 * (1 << 20) + 1000)  # a run of 769 blocks, read in several pieces
+    (tmp_path / "big").write_bytes(basis)
+    replies, data = _delta_session(tmp_path, lambda: None, len(basis))
+    assert data == basis + b"tail"
+    assert [a.errors for a in replies if isinstance(a, Ack)] == [()]
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+def test_delta_basis_shrinking_while_patched_keeps_the_old_file(tmp_path: Path) -> None:
+    basis = os.urandom(3 * (1 << 20) + 1000)
+    (tmp_path / "big").write_bytes(basis)
+    replies, data = _delta_session(tmp_path, lambda: os.truncate(tmp_path / "big", 1 << 20), len(basis))
+    assert data == basis[: 1 << 20], "the mirror's file was replaced by a partial one"
+    (errors,) = [a.errors for a in replies if isinstance(a, Ack)]
+    assert [e.relpath for e in errors] == [b"big"] and "shrank" in errors[0].message, errors
+    assert sorted(os.listdir(tmp_path)) == ["big"], "a temporary was left behind"

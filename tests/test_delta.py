@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from kwatch.replicate.delta import (
     BLOCK_MAX,
     BLOCK_MIN,
+    COPY_RUN_MAX,
     LITERAL_MAX,
     Copy,
     DeltaOp,
@@ -54,7 +56,7 @@ def roundtrip(
     assert stream.stats.literal_bytes + stream.stats.copied_bytes == len(new)
     for a, b in itertools.pairwise(ops):  # coalescing: no two adjacent ops that could have been one
         if isinstance(a, Copy) and isinstance(b, Copy):
-            assert b.start != a.start + a.count
+            assert b.start != a.start + a.count or a.count == max(1, COPY_RUN_MAX // sig.block_size)
         if isinstance(a, Literal) and isinstance(b, Literal):
             assert len(a.data) == LITERAL_MAX
     return ops, stream.stats, sig
@@ -125,6 +127,51 @@ def test_chunk_boundaries_do_not_matter() -> None:
     assert results[0] == results[1] == results[2]
 
 
+def test_copy_runs_are_capped() -> None:
+    # an unchanged stretch longer than COPY_RUN_MAX comes out as consecutive runs of at most COPY_RUN_MAX bytes
+    bs = 64 << 10
+    basis = random.Random(3).randbytes(2 * COPY_RUN_MAX + 5 * bs + 100)
+    ops, _, sig = roundtrip(basis, basis, bs, chunk_size=1 << 20)
+    per = COPY_RUN_MAX // bs
+    assert ops == [Copy(0, per), Copy(per, per), Copy(2 * per, sig.count - 2 * per)]
+
+
+class _CountingReader(io.RawIOBase):
+    """A file that records how far it has been read (to see when the delta stream hands out its ops)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_copies_come_out_while_the_new_file_is_read() -> None:
+    # a receiver can copy unchanged blocks while the sender still scans: the first copy op is out long before EOF
+    bs = 64 << 10
+    basis = random.Random(4).randbytes(4 * COPY_RUN_MAX)
+    new = basis[:100] + b"edit" + basis[104:]
+    reader = _CountingReader(new)
+    stream = delta(signature(basis, bs), reader, chunk_size=1 << 20)
+    ops: list[DeltaOp] = []
+    read_at_first_copy = -1
+    for op in stream:
+        if isinstance(op, Copy) and read_at_first_copy < 0:
+            read_at_first_copy = reader.pos
+        ops.append(op)
+    assert 0 < read_at_first_copy <= COPY_RUN_MAX + 2 * (1 << 20) < len(new)
+    out = io.BytesIO()
+    patch(io.BytesIO(basis), ops, out, bs)
+    assert out.getvalue() == new
+
+
 def test_literal_ops_are_capped() -> None:
     new = os.urandom(LITERAL_MAX * 2 + 5)
     ops, _, _ = roundtrip(b"x" * 4096, new, B)
@@ -146,6 +193,31 @@ def test_weak_sums_match_rsync_reference(length: int) -> None:
     assert [int(w) for w in blocks] == [
         rsync_checksum1(data[i * length : (i + 1) * length]) for i in range(4)
     ]
+
+
+def _weak_reference(data: bytes, length: int) -> list[int]:
+    """get_checksum1 of each full block with plain int64 arithmetic (the definition, vectorised per block)."""
+    rows = np.frombuffer(data, dtype=np.uint8)[: len(data) // length * length].reshape(-1, length).astype(np.int64)
+    a = rows.sum(axis=1)
+    b = (rows * np.arange(length, 0, -1, dtype=np.int64)).sum(axis=1)
+    return [int(x) for x in (a & 0xFFFF) | ((b & 0xFFFF) << 16)]
+
+
+@pytest.mark.parametrize(
+    ("name", "length", "blocks"),
+    [
+        ("pieces, partial last piece", 32768, 70),  # 32 blocks per 1 MiB piece: 32 + 32 + 6
+        ("one block per piece", 1 << 20, 3),
+        ("block larger than a piece", BLOCK_MAX * 16, 2),
+        ("small aligned blocks, many pieces", 1024, 2500),
+        ("unaligned block size", 700 * 3, 900),
+    ],
+)
+def test_block_weak_sums_equal_definition(name: str, length: int, blocks: int) -> None:
+    data = random.Random(length).randbytes(length * blocks)
+    assert [int(w) for w in _block_weak(np.frombuffer(data, dtype=np.uint8), length)] == _weak_reference(
+        data, length
+    ), name
 
 
 def test_weak_sums_high_bytes_wrap_like_rsync() -> None:

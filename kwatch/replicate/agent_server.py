@@ -33,7 +33,7 @@ from kwatch.replicate.scan import Kind, Manifest, scan
 
 MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
 SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
-READ_SIZE = 1 << 18
+READ_SIZE = 1 << 20
 
 _T = TypeVar("_T")
 _KIND = {Kind.FILE: ap.EntryType.FILE, Kind.DIR: ap.EntryType.DIR, Kind.SYMLINK: ap.EntryType.SYMLINK,
@@ -51,6 +51,7 @@ class _Put:
     basis_size: int = 0
     block_size: int = 0
     size: int = 0
+    buf: memoryview | None = None  # reused for reading basis blocks (see _basis_blocks)
 
 
 @dataclass
@@ -292,7 +293,7 @@ class AgentServer:
             except (ReceiverError, OSError) as e2:
                 self._fail(path, e2)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         put = self._put
         if put is None or put.handle is None:
             return
@@ -317,7 +318,7 @@ class AgentServer:
             if put.handle is None:
                 return
 
-    def _basis_blocks(self, put: _Put, start: int, count: int) -> Iterator[bytes]:
+    def _basis_blocks(self, put: _Put, start: int, count: int) -> Iterator[memoryview]:
         bs = put.block_size
         offset = start * bs
         if put.basis is None or bs <= 0 or start < 0 or offset + (count - 1) * bs >= put.basis_size:
@@ -325,15 +326,20 @@ class AgentServer:
             self._abort_put(keep_error=True)
             return
         remaining = min(count * bs, put.basis_size - offset)
-        put.basis.seek(offset)
+        # One buffer per put, read into with pread: a copy run is up to 8 MiB and a large file's delta is almost
+        # all copies, so fresh bytes objects per read were measurable (each slice is written before the next read).
+        if put.buf is None:
+            put.buf = memoryview(bytearray(READ_SIZE))
+        fd = put.basis.fileno()
         while remaining > 0:
-            data = put.basis.read(min(READ_SIZE, remaining))
-            if not data:
+            n = os.preadv(fd, [put.buf[: min(READ_SIZE, remaining)]], offset)
+            if not n:
                 self._fail(put.path, ReceiverError(put.path, "the mirror's copy shrank while being patched"))
                 self._abort_put(keep_error=True)
                 return
-            remaining -= len(data)
-            yield data
+            remaining -= n
+            offset += n
+            yield put.buf[:n]
 
     def _end(self, digest: bytes | None) -> None:
         put, self._put = self._put, None

@@ -104,6 +104,11 @@ class AgentLink:
         if len(self._out) >= WRITE_HIGH_WATER:
             self.pump(until=lambda: len(self._out) < WRITE_HIGH_WATER // 2, what="the agent to read")
 
+    def write_now(self) -> None:
+        """Write what the agent's input takes right now, without waiting (frames that give the agent work)."""
+        if self._out:
+            self._write()
+
     def flush(self) -> None:
         self.pump(until=lambda: not self._out, what="the agent to read")
 
