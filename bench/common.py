@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+T = TypeVar("T")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -40,10 +41,18 @@ class BenchError(RuntimeError):
 # ---- statistics ------------------------------------------------------------------------------------------------
 
 
-def alternate(configs: Sequence[str], runs: int) -> Iterator[tuple[int, str]]:
-    """(run index, config) in the order A B C A B C ...: drift of the machine spreads over every config alike."""
+def rotated(configs: Sequence[T], i: int) -> list[T]:
+    """``configs`` started at position ``i`` (mod its length): round ``i``'s order."""
+    k = i % len(configs) if configs else 0
+    return [*configs[k:], *configs[:k]]
+
+
+def alternate(configs: Sequence[T], runs: int) -> Iterator[tuple[int, T]]:
+    """(run index, config) in the order A B C, B C A, C A B, ...: drift of the machine spreads over every config
+    alike, and no config is always the first of a round (the first run after another tool's clean-up was measured
+    to pay for cold memory: the bigfile replication's first tool, whichever it was)."""
     for i in range(runs):
-        for c in configs:
+        for c in rotated(configs, i):
             yield i, c
 
 

@@ -67,6 +67,7 @@ from bench.common import (
     machine,
     median,
     ratio,
+    rotated,
     tmpfs,
     wait_until,
 )
@@ -881,7 +882,7 @@ def run_suite(p: Params, log: Callable[[str], None] = _log_default) -> dict[str,
         given_up: dict[tuple[str, str], str] = {}
         # run i of every workload before run i+1 of any: a time limit leaves fewer runs, not missing workloads
         for i, w in alternate(workloads, p.runs):
-            for _, tname in alternate([t.name for t in usable], 1):
+            for tname in rotated([t.name for t in usable], i):
                 tool = next(t for t in usable if t.name == tname)
                 if time.monotonic() > deadline:
                     out_of_time = True
