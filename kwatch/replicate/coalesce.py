@@ -96,6 +96,8 @@ class Coalescer:
         self._last_at = 0.0
         #: path -> (descriptors open for writing seen without a close, clock time the hold began)
         self._writing: dict[bytes, tuple[int, float]] = {}
+        #: directories made since the last take (their events may not say they are directories)
+        self._new_dirs: set[bytes] = set()
         #: paths opened for writing by an event folded since the last take, by the name the event gave (not rebased
         #: by renames: the engine asks for a batch's name and its current one, see opened_since_take)
         self._opened: set[bytes] = set()
@@ -140,7 +142,10 @@ class Coalescer:
             return
         op = ev.op
         if op in _CONTENT_OPS:
-            if op in _OPENERS or (op is Op.MODIFY and rel not in self._writing):
+            # A MODIFY of a directory is no rewrite (a utimensat(2) setting only mtime is MODIFY on fanotify, and
+            # tar does that to every directory it made): holding it would leave its children without a parent.
+            is_dir = ev.is_dir or rel in self._new_dirs
+            if op in _OPENERS or (op is Op.MODIFY and rel not in self._writing and not is_dir):
                 n, since = self._writing.get(rel, (0, now))
                 self._writing[rel] = (n + 1, since)
                 self._opened.add(rel)
@@ -156,6 +161,9 @@ class Coalescer:
         elif op in (Op.MKDIR, Op.SYMLINK, Op.UNLINK, Op.RMDIR):
             if op in (Op.UNLINK, Op.RMDIR):
                 self._writing.pop(rel, None)
+                self._new_dirs.discard(rel)
+            elif op is Op.MKDIR:
+                self._new_dirs.add(rel)
             self._mark(rel, EXIST | META)
 
     def seed_writers(self, found: dict[bytes, int], now: float) -> None:
@@ -169,7 +177,7 @@ class Coalescer:
         """
         self._writing = {rel: (n, self._writing.get(rel, (0, now))[1]) for rel, n in found.items() if n > 0}
 
-    def retry(self, rel: bytes, now: float) -> None:
+    def retry(self, rel: bytes, now: float, flags: int = CONTENT) -> None:
         """Look at ``rel``'s content again in a later batch (it changed while it was read, or a rescan left it out
         because it was open for writing). Unlike a synthesized CLOSE_WRITE this keeps its hold: a file that changed
         while read is likely still being written."""
@@ -178,7 +186,7 @@ class Coalescer:
             b.first_at = now
         b.events += 1
         self._last_at = now
-        self._mark(rel, CONTENT)
+        self._mark(rel, flags)
 
     def is_writing(self, rel: bytes, now: float) -> bool:
         """Whether ``rel`` is open for writing by the events folded so far (or by the last /proc seeding) with a
@@ -248,6 +256,7 @@ class Coalescer:
             b.dirty[_rebase(k, old, new)] = v
         for k in [k for k in self._writing if _under(k, old)]:
             self._writing[_rebase(k, old, new)] = self._writing.pop(k)
+        self._new_dirs = {_rebase(k, old, new) if _under(k, old) else k for k in self._new_dirs}
         b.rescans = {_rebase(r, old, new) if _under(r, old) and r else r for r in b.rescans}
         # both directories changed; the new name must exist on the mirror afterwards
         self._mark(old, EXIST)
@@ -266,6 +275,7 @@ class Coalescer:
             del b.dirty[k]
         for k in [k for k in self._writing if _under(k, rel)]:
             del self._writing[k]
+        self._new_dirs = {k for k in self._new_dirs if not _under(k, rel)}
 
     def current_name(self, rel: bytes) -> bytes:
         """Where ``rel`` is now, after the renames folded in since the last :meth:`take`.
@@ -307,6 +317,7 @@ class Coalescer:
         b = self._batch
         self._batch = Batch()
         self._opened = set()
+        self._new_dirs = set()  # made in the batch handed over: on the mirror before anything the next one sends
         if self._writing:
             b.writing = self.writing(now)
             held = {k: b.dirty.pop(k) for k in b.writing if k in b.dirty}

@@ -356,6 +356,23 @@ class Replicator:
             self._seed_writers()  # opens and closes may be among the lost events
         return stopping
 
+    def _renamed_away(self, rel: bytes, flags: int) -> bool:
+        """Whether ``rel`` (a name of this batch, gone from the source) was renamed, or an ancestor was, since the
+        take; its content is then looked at again under its new name in a later batch, not deleted.
+
+        Without this a file made just before its directory was renamed (tar, then ``mv`` of a directory it made) is
+        lost: this batch finds its old name gone, the mirror never had it, and the next batch's rename moves a
+        directory without it (seen on fanotify, whose events come later than the BPF ring's). The capture barrier
+        first, so that a rename made before the lstat that failed has been folded."""
+        if self.barrier is not None:
+            self.barrier(BARRIER_TIMEOUT)  # a timeout leaves the delete: the rescan after a loss repairs the rest
+        self._fold_queued()
+        cur = self.coalescer.current_name(rel)
+        if cur == rel:
+            return False
+        self.coalescer.retry(cur, time.monotonic(), flags)  # with EXIST: a directory is made there
+        return True
+
     def _unlandable(self, paths: list[bytes]) -> set[bytes]:
         """Which of ``paths`` (names of this batch, each read already) must not land: see :meth:`_being_written`.
 
@@ -531,6 +548,8 @@ class Replicator:
         try:
             st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError):
+            if rel and self._renamed_away(rel, flags):
+                return
             if rel and self.opts.delete:
                 plan.deletes.append(Delete(rel, Kind.OTHER))
             return
