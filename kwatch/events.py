@@ -55,6 +55,9 @@ FT_UNKNOWN = 0
 FT_REG = 0o100000
 FT_DIR = 0o040000
 FT_LNK = 0o120000
+#: names of the S_IFMT values, as JSON output gives them
+FT_NAMES = {FT_REG: "file", FT_DIR: "dir", FT_LNK: "symlink", 0o010000: "fifo", 0o140000: "socket", 0o020000: "chardev",
+            0o060000: "blockdev"}
 
 
 class FileEvent(NamedTuple):

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import IO
 
 from kwatch.capture.base import Source
-from kwatch.events import FileEvent, Op, display_path, json_path
+from kwatch.events import FT_NAMES, FileEvent, Op, display_path, json_path
 
 
 def compile_path_regex(pattern: str) -> re.Pattern[bytes]:
@@ -89,7 +89,7 @@ def to_json(ev: FileEvent) -> dict[str, object]:
         d["new_path"] = json_path(ev.new_path)
     if ev.target is not None:
         d["target"] = json_path(ev.target)
-    for name in ("pid", "tid", "ppid", "uid", "gid", "cgroup_id", "ts_ns", "mode", "lost"):
+    for name in ("pid", "tid", "ppid", "uid", "gid", "cgroup_id", "ts_ns", "ret", "mode", "lost"):
         v = getattr(ev, name)
         if v is not None:
             d[name] = v
@@ -99,6 +99,8 @@ def to_json(ev: FileEvent) -> dict[str, object]:
         d["owner"] = list(ev.owner)
     if ev.flags:
         d["flags"] = ev.flags
+    if ev.ftype in FT_NAMES:  # absent: the backend does not know (fanotify for most events, inotify's files)
+        d["ftype"] = FT_NAMES[ev.ftype]
     if ev.truncated:
         d["truncated"] = True
     return d

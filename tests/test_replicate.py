@@ -335,6 +335,46 @@ def test_files_of_a_directory_renamed_after_the_take_are_sent_under_the_new_name
         rep.stop()
 
 
+def test_a_directory_missing_on_the_mirror_is_repaired_by_the_next_batches(tmp_path: Path) -> None:
+    """Events that should have made d and d/sub never came (lost, or the mirror's copy deleted by hand): the put of
+    d/sub/f fails with ENOENT. The next batches rescan upwards from its directory until the mirror has the tree."""
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    (src / "d" / "sub").mkdir(parents=True)
+    (src / "d" / "sub" / "f").write_bytes(b"its directories never announced")
+    (src / "d" / "g").write_bytes(b"a sibling the rescan brings along")
+    mirror.mkdir()
+    rep = Replicator(os.fsencode(src), Target.parse(str(mirror)), TargetOptions(settle=0.01, max_delay=30.0))
+    try:
+        rep.coalescer.add(FileEvent(Op.CLOSE_WRITE, os.fsencode(src / "d" / "sub" / "f")), time.monotonic())
+        first = rep.sync_now(rep.coalescer.take(time.monotonic()))
+        assert {e.code for e in first.errors} == {"ENOENT"}, first.errors
+        assert b"d/sub/f" in {e.relpath for e in first.errors}, first.errors
+        for _ in range(4):
+            if rep.coalescer.pending():
+                rep.sync_now(rep.coalescer.take(time.monotonic()))
+        assert_trees_equal(src, mirror)
+        assert not rep._repairing, "a clean batch ends the repair"
+    finally:
+        rep.stop()
+
+
+def test_a_repair_climbs_to_the_root_then_waits_for_a_clean_batch(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "c").write_bytes(b"x")
+    rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), TargetOptions())
+    rescans = []
+    for _ in range(5):
+        rep._repair_missing([b"a/b/c"])
+        rescans.append(rep.coalescer.take(time.monotonic()).rescans)
+    assert rescans == [{b"a/b"}, {b"a"}, {b""}, set(), set()]
+    rep._repair_missing([b"gone/from/the/source"])
+    assert rep.coalescer.take(time.monotonic()).rescans == set(), "a name the source lost too needs no repair"
+    rep._repair_missing([])
+    rep._repair_missing([b"a/b/c"])
+    assert rep.coalescer.take(time.monotonic()).rescans == {b"a/b"}, "a clean batch starts over"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "ssh"])
 def test_4k_edit_of_a_large_file_sends_about_the_edit(kind: str, tmp_path: Path,

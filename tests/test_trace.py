@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kwatch.events import FileEvent, Op
+from kwatch.events import FT_DIR, FT_REG, FileEvent, Op
 from kwatch.trace import TraceMatcher, compile_path_regex, format_json, format_text, to_json
 
 EV = FileEvent(Op.RENAME, b"/d/a\nb", b"/d/\xff.jpg", pid=7, ppid=1, uid=0, gid=0, comm=b"mv", backend="bpf")
@@ -39,6 +39,15 @@ def test_json_round_trips_non_utf8_paths() -> None:
     assert d["new_path"].encode("utf-8", "surrogateescape") == b"/d/\xff.jpg"
     assert "\n" not in format_json(EV)
     assert to_json(FileEvent(Op.LOSS, b"/", lost=5, backend="bpf"))["lost"] == 5
+
+
+def test_json_names_the_file_type_and_return_value_when_known() -> None:
+    d = to_json(FileEvent(Op.MKDIR, b"/d/new", ftype=FT_DIR, ret=0, backend="bpf"))
+    assert d["ftype"] == "dir" and d["ret"] == 0
+    d = to_json(FileEvent(Op.OPEN_WRITE, b"/d/f", ftype=FT_REG, ret=3, backend="bpf"))
+    assert d["ftype"] == "file" and d["ret"] == 3
+    d = to_json(FileEvent(Op.MODIFY, b"/d/f", backend="fanotify"))
+    assert "ftype" not in d and "ret" not in d, "unknown fields are left out, not invented"
 
 
 def test_text_is_one_line_per_event() -> None:

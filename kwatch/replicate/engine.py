@@ -50,7 +50,7 @@ from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import TargetStats
 from kwatch.protocols import agent as ap
 from kwatch.replicate import delta as dl
-from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch, Coalescer
+from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch, Coalescer, parent
 from kwatch.replicate.link import AgentLink, LinkError
 from kwatch.replicate.linkindex import Key, LinkIndex
 from kwatch.replicate.scan import (
@@ -225,6 +225,8 @@ class Replicator:
         self.barrier: Callable[[float], bool] | None = None
         #: name -> since when its reads are dropped because it was reopened for writing (see _being_written)
         self._reopened: dict[bytes, float] = {}
+        #: directories rescanned to repair a missing name on the mirror since the last batch without such an error
+        self._repairing: set[bytes] = set()
 
     # ---- the thread -------------------------------------------------------------------------------------------------
 
@@ -492,6 +494,7 @@ class Replicator:
         rename_sources = {old: new for old, new in renames}
         torn, self._torn = self._torn, set()
         checked, self._checked = self._checked, set()
+        missing: list[bytes] = []
         resent = [rename_sources[e.relpath] for e in ack.errors
                   if e.relpath in rename_sources and e.code in ("ENOENT", "ENOTDIR")]
         for err in ack.errors:
@@ -512,6 +515,9 @@ class Replicator:
                 continue
             rep.errors.append(err)
             log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
+            if err.code == "ENOENT":
+                missing.append(err.relpath)
+        self._repair_missing(missing)
         failed = {e.relpath for e in ack.errors}
         for key, names in self._link_sets.items():
             if not names & failed:
@@ -539,6 +545,31 @@ class Replicator:
         if b.rescans:
             st.rescans += len(b.rescans)
         return rep
+
+    def _repair_missing(self, paths: list[bytes]) -> None:
+        """Rescan the directory of each name the mirror lacked (ENOENT: its parent, or the directory whose attributes
+        were set, is not there) while the source still has it, so that the mirror converges without a restart.
+
+        A missing directory should not happen (events bring directories before their contents), but a lost or
+        misread event, or someone deleting on the mirror, must not leave a hole until the next reconcile. When the
+        same directory fails again the repair goes one level up; once the root's rescan has failed too it stops (the
+        errors stay counted and logged) until a batch applies without such an error."""
+        if not paths:
+            self._repairing.clear()
+            return
+        for rel in paths:
+            rel = self.coalescer.current_name(rel)
+            if not os.path.lexists(os.path.join(self.src, rel)):
+                continue  # gone from the source too: nothing to bring back
+            top = parent(rel)
+            while top in self._repairing and top:
+                top = parent(top)
+            if top in self._repairing:
+                continue  # the root's rescan failed already: wait for a clean batch before trying again
+            self._repairing.add(top)
+            log.warning("target %s: %s is missing on the mirror; rescanning %s", self.target.spec,
+                        os.fsdecode(rel), os.fsdecode(top) or "the root")
+            self.coalescer.rescan(top)
 
     def _plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
         full = os.path.join(self.src, rel) if rel else self.src
