@@ -618,6 +618,9 @@ def test_replicate_rule_keeps_a_mirror(tmp_path: Path, start: Callable[..., Daem
     assert matched >= (1 << 20) - 8192  # the edit of big went as a delta
     assert literal < 200 * 300 + (1 << 20) + 17 + 64 * 1024  # files once, the edit small; nothing re-sent
     assert d.metric("kwatch_replication_connected", target=target) == 1
+    # nothing failed, so nothing waits for a retry (the series exist from the start: alerts need no absent())
+    assert d.metric("kwatch_replication_retries_total", target=target) == 0
+    assert d.metric("kwatch_replication_failed_paths", target=target) == 0
     barrier = {name.removeprefix("kwatch_capture_barrier_"): v for (name, _), v in d.scrape().items()
                if name.startswith("kwatch_capture_barrier_")}
     assert barrier.keys() == {"calls_total", "waits_total", "timeouts_total", "wait_seconds_total"}

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from treecmp import assert_trees_equal, snapshot, tree_differences
 
 from kwatch.replicate import delta as delta_mod
 from kwatch.replicate.receiver import (
@@ -34,7 +35,6 @@ from kwatch.replicate.receiver import (
     validate_path,
 )
 from kwatch.replicate.scan import diff, scan
-from tests.treecmp import assert_trees_equal, snapshot, tree_differences
 
 MT = 1_600_000_000_123_456_789
 

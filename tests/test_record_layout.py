@@ -8,9 +8,9 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import BPF_OBJECT
 
 from kwatch.capture import record
-from tests.conftest import BPF_OBJECT
 
 STRUCTS = [
     ("kw_event", record.KwEvent),

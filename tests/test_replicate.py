@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +20,10 @@ from pathlib import Path
 import pytest
 from livereplicate import KWATCH, ODD_NAMES, LiveReplicate, build_tarball, untar, wait_identical
 from sshd import Sshd
-from treecmp import assert_trees_equal
+from treecmp import assert_trees_equal, tree_differences
 
 from kwatch.events import FileEvent, Op
-from kwatch.replicate.coalesce import Batch
+from kwatch.replicate.coalesce import CONTENT, Batch
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
 
 pytestmark = pytest.mark.root
@@ -373,6 +374,60 @@ def test_a_repair_climbs_to_the_root_then_waits_for_a_clean_batch(tmp_path: Path
     rep._repair_missing([])
     rep._repair_missing([b"a/b/c"])
     assert rep.coalescer.take(time.monotonic()).rescans == {b"a/b"}, "a clean batch starts over"
+
+
+@pytest.mark.slow
+def test_a_full_mirror_disk_is_retried_until_space_is_freed(tmp_path: Path) -> None:
+    """The mirror's filesystem fills up: the file that does not fit fails with ENOSPC (nothing half-written), the
+    rest lands, and once space is freed the failed file is sent again by itself (not only at its next change). Its
+    attribute error after the failed put is no missing directory to repair."""
+    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    src.mkdir()
+    mirror.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kwatch-test-full", str(mirror)], check=True)
+    try:
+        with LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log") as live:
+            offset = live.log_size()
+            (src / "a").write_bytes(os.urandom(600_000))
+            (src / "b").write_bytes(os.urandom(600_000))
+            (src / "d").mkdir()
+            (src / "d" / "small").write_bytes(b"fits")
+            deadline = time.monotonic() + CONVERGE
+            while "ENOSPC" not in live.log_text(offset):
+                assert time.monotonic() < deadline, live.log_text(offset)
+                time.sleep(0.1)
+            assert tree_differences(src, mirror), "both files fit: the test did not fill the mirror"
+            subprocess.run(["mount", "-o", "remount,size=8m", str(mirror)], check=True)
+            wait_identical(src, mirror, CONVERGE, what="after space was freed", live=live)
+            log = live.log_text(offset)
+            assert live.stop() == 0
+        assert "sent again in 2 s" in log, log
+        assert "is missing on the mirror" not in log, log
+    finally:
+        subprocess.run(["umount", "-l", str(mirror)], check=False)
+
+
+def test_transient_errors_back_off_and_a_landing_starts_over(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "f").write_bytes(b"x")
+    rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), TargetOptions())
+    waits = []
+    for _ in range(8):
+        rep._schedule_retries([b"f"], {b"f"}, Batch())
+        waits.append(rep._retry_wait[b"f"])
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    rep._schedule_retries([b"gone"], {b"gone"}, Batch())
+    assert b"gone" not in rep._retry_at, "a name the source lost is not retried"
+    rep._mark_due_retries(time.monotonic() + 61)
+    assert rep.stats.retries == 1 and rep.stats.failed_paths == 0
+    batch = rep.coalescer.take(time.monotonic())
+    assert batch.dirty.get(b"f", 0) & CONTENT, batch
+    rep._schedule_retries([], set(), batch)  # f was in the batch and did not fail: it landed
+    assert b"f" not in rep._retry_wait
+    rep._schedule_retries([b"d"], {b"d"}, Batch())
+    rep._mark_due_retries(time.monotonic() + 3)
+    assert rep.coalescer.take(time.monotonic()).rescans == {b"d"}, "a directory is retried with what is in it"
 
 
 @pytest.mark.slow

@@ -63,6 +63,7 @@ class KwatchCollector(Collector):
         gauges = {
             "lag_seconds": "Seconds the mirror is behind the oldest unsent change",
             "pending_paths": "Paths waiting to be sent",
+            "failed_paths": "Paths waiting to be sent again after a transient error of the mirror (ENOSPC, EIO...)",
         }
         for attr, doc in gauges.items():
             g = GaugeMetricFamily(f"kwatch_replication_{attr}", doc, labels=["target"])
@@ -87,6 +88,7 @@ class KwatchCollector(Collector):
             "reconnects": "Transport reconnects",
             "batches": "Batches committed",
             "rescans": "Subtree rescans",
+            "retries": "Paths sent again after a transient error of the mirror",
         }
         for attr, doc in counters.items():
             c = CounterMetricFamily(f"kwatch_replication_{attr}", doc, labels=["target"])

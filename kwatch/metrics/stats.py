@@ -39,6 +39,7 @@ class TargetStats:
     name: str
     lag_seconds: float = 0.0
     pending_paths: int = 0
+    failed_paths: int = 0  # waiting to be sent again after a transient error of the mirror (ENOSPC...)
     bytes_literal: int = 0
     bytes_matched: int = 0
     bytes_wire: int = 0
@@ -49,6 +50,7 @@ class TargetStats:
     reconnects: int = 0
     batches: int = 0
     rescans: int = 0
+    retries: int = 0
     connected: bool = False
 
 

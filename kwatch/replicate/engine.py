@@ -82,6 +82,12 @@ FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up t
 FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
 #: How long a replicator waits for the capture barrier before it treats the reads it covers as torn (sent again later)
 BARRIER_TIMEOUT = 5.0
+#: Per-path errors of the mirror that may pass by themselves (space freed, quota raised, a read-only remount undone,
+#: a busy file): the path is sent again after RETRY_FIRST seconds, the wait doubling up to RETRY_MAX, until it lands
+#: or the source loses it. Other errors (EACCES, ENAMETOOLONG...) wait for the path's next change.
+TRANSIENT = frozenset({"ENOSPC", "EDQUOT", "EIO", "EROFS", "ENOMEM", "EAGAIN", "EBUSY", "ETXTBSY", "EMFILE", "ENFILE"})
+RETRY_FIRST = 2.0
+RETRY_MAX = 60.0
 SSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
 
 
@@ -227,6 +233,9 @@ class Replicator:
         self._reopened: dict[bytes, float] = {}
         #: directories rescanned to repair a missing name on the mirror since the last batch without such an error
         self._repairing: set[bytes] = set()
+        #: path -> when it is sent again after a transient error; path -> the last wait (doubles while it fails)
+        self._retry_at: dict[bytes, float] = {}
+        self._retry_wait: dict[bytes, float] = {}
 
     # ---- the thread -------------------------------------------------------------------------------------------------
 
@@ -262,6 +271,7 @@ class Replicator:
                     backoff = 0.5
                 stopping = self._wait_and_fold(stopping)
                 now = time.monotonic()
+                self._mark_due_retries(now)
                 due = self._due_in(now)
                 if due is None:
                     self.synced.set()
@@ -311,8 +321,11 @@ class Replicator:
     def _wait_and_fold(self, stopping: bool) -> bool:
         """Wait for events (until a batch is due) and fold them in; True once a stop was requested."""
         stopping = stopping or self._stop_seen
-        due = self._due_in(time.monotonic())
+        now = time.monotonic()
+        due = self._due_in(now)
         timeout = 1.0 if due is None else due
+        if self._retry_at:
+            timeout = max(0.0, min(timeout, min(self._retry_at.values()) - now))
         try:
             item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
         except queue.Empty:
@@ -495,6 +508,8 @@ class Replicator:
         torn, self._torn = self._torn, set()
         checked, self._checked = self._checked, set()
         missing: list[bytes] = []
+        transient: list[bytes] = []
+        first_errors: set[bytes] = set()
         resent = [rename_sources[e.relpath] for e in ack.errors
                   if e.relpath in rename_sources and e.code in ("ENOENT", "ENOTDIR")]
         for err in ack.errors:
@@ -515,10 +530,16 @@ class Replicator:
                 continue
             rep.errors.append(err)
             log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
+            if err.relpath in first_errors:
+                continue  # a consequence of the path's first error (its attributes, after its put failed)
+            first_errors.add(err.relpath)
             if err.code == "ENOENT":
                 missing.append(err.relpath)
+            elif err.code in TRANSIENT:
+                transient.append(err.relpath)
         self._repair_missing(missing)
         failed = {e.relpath for e in ack.errors}
+        self._schedule_retries(transient, failed, b)
         for key, names in self._link_sets.items():
             if not names & failed:
                 self.links.add(key, names)
@@ -542,6 +563,7 @@ class Replicator:
         st.bytes_matched += rep.matched
         st.bytes_wire = link.bytes_out
         st.pending_paths = self.coalescer.pending_paths()
+        st.failed_paths = len(self._retry_at)
         if b.rescans:
             st.rescans += len(b.rescans)
         return rep
@@ -570,6 +592,34 @@ class Replicator:
             log.warning("target %s: %s is missing on the mirror; rescanning %s", self.target.spec,
                         os.fsdecode(rel), os.fsdecode(top) or "the root")
             self.coalescer.rescan(top)
+
+    def _schedule_retries(self, transient: list[bytes], failed: set[bytes], b: Batch) -> None:
+        """Send ``transient`` (names that failed with a :data:`TRANSIENT` error) again later, each after twice its last
+        wait (RETRY_FIRST the first time, at most RETRY_MAX); a name of batch ``b`` that did not fail again landed,
+        and its next failure waits RETRY_FIRST again."""
+        for rel in [r for r in self._retry_wait if r in b.dirty and r not in failed]:
+            del self._retry_wait[rel]
+        now = time.monotonic()
+        for rel in transient:
+            rel = self.coalescer.current_name(rel)
+            if not os.path.lexists(os.path.join(self.src, rel)):
+                continue
+            wait = min(self._retry_wait.get(rel, RETRY_FIRST / 2) * 2, RETRY_MAX)
+            self._retry_wait[rel] = wait
+            self._retry_at[rel] = now + wait
+            log.warning("target %s: %s: sent again in %.0f s", self.target.spec, os.fsdecode(rel), wait)
+
+    def _mark_due_retries(self, now: float) -> None:
+        """Put the names whose retry is due into the next batch: a file whole (content, existence, attributes), a
+        directory as a rescan (what was put into it failed too, for want of it)."""
+        for rel in [r for r, at in self._retry_at.items() if at <= now]:
+            del self._retry_at[rel]
+            if os.path.isdir(os.path.join(self.src, rel)) and not os.path.islink(os.path.join(self.src, rel)):
+                self.coalescer.rescan(rel)
+            else:
+                self.coalescer.retry(rel, now, CONTENT | EXIST | META)
+            self.stats.retries += 1
+        self.stats.failed_paths = len(self._retry_at)
 
     def _plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
         full = os.path.join(self.src, rel) if rel else self.src
