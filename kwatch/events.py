@@ -10,6 +10,7 @@ no process at all. Nothing is invented.
 from __future__ import annotations
 
 import enum
+import stat
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -56,8 +57,8 @@ FT_REG = 0o100000
 FT_DIR = 0o040000
 FT_LNK = 0o120000
 #: names of the S_IFMT values, as JSON output gives them
-FT_NAMES = {FT_REG: "file", FT_DIR: "dir", FT_LNK: "symlink", 0o010000: "fifo", 0o140000: "socket", 0o020000: "chardev",
-            0o060000: "blockdev"}
+FT_NAMES = {FT_REG: "file", FT_DIR: "dir", FT_LNK: "symlink", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
+            stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev"}
 
 
 class FileEvent(NamedTuple):

@@ -233,9 +233,11 @@ class Replicator:
         self._reopened: dict[bytes, float] = {}
         #: directories rescanned to repair a missing name on the mirror since the last batch without such an error
         self._repairing: set[bytes] = set()
-        #: path -> when it is sent again after a transient error; path -> the last wait (doubles while it fails)
+        #: path -> when it is sent again after a transient error; path -> the last wait (doubles while it fails);
+        #: the earliest of the times (inf: none), so that the loop looks at the table only when one is due
         self._retry_at: dict[bytes, float] = {}
         self._retry_wait: dict[bytes, float] = {}
+        self._retry_next = float("inf")
 
     # ---- the thread -------------------------------------------------------------------------------------------------
 
@@ -324,8 +326,7 @@ class Replicator:
         now = time.monotonic()
         due = self._due_in(now)
         timeout = 1.0 if due is None else due
-        if self._retry_at:
-            timeout = max(0.0, min(timeout, min(self._retry_at.values()) - now))
+        timeout = max(0.0, min(timeout, self._retry_next - now))
         try:
             item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
         except queue.Empty:
@@ -563,7 +564,6 @@ class Replicator:
         st.bytes_matched += rep.matched
         st.bytes_wire = link.bytes_out
         st.pending_paths = self.coalescer.pending_paths()
-        st.failed_paths = len(self._retry_at)
         if b.rescans:
             st.rescans += len(b.rescans)
         return rep
@@ -579,10 +579,7 @@ class Replicator:
         if not paths:
             self._repairing.clear()
             return
-        for rel in paths:
-            rel = self.coalescer.current_name(rel)
-            if not os.path.lexists(os.path.join(self.src, rel)):
-                continue  # gone from the source too: nothing to bring back
+        for rel in filter(None, map(self._in_source, paths)):
             top = parent(rel)
             while top in self._repairing and top:
                 top = parent(top)
@@ -600,26 +597,37 @@ class Replicator:
         for rel in [r for r in self._retry_wait if r in b.dirty and r not in failed]:
             del self._retry_wait[rel]
         now = time.monotonic()
-        for rel in transient:
-            rel = self.coalescer.current_name(rel)
-            if not os.path.lexists(os.path.join(self.src, rel)):
-                continue
+        for rel in filter(None, map(self._in_source, transient)):
             wait = min(self._retry_wait.get(rel, RETRY_FIRST / 2) * 2, RETRY_MAX)
             self._retry_wait[rel] = wait
             self._retry_at[rel] = now + wait
+            self._retry_next = min(self._retry_next, now + wait)
             log.warning("target %s: %s: sent again in %.0f s", self.target.spec, os.fsdecode(rel), wait)
+        self.stats.failed_paths = len(self._retry_at)
 
     def _mark_due_retries(self, now: float) -> None:
         """Put the names whose retry is due into the next batch: a file whole (content, existence, attributes), a
         directory as a rescan (what was put into it failed too, for want of it)."""
+        if now < self._retry_next:
+            return
         for rel in [r for r, at in self._retry_at.items() if at <= now]:
             del self._retry_at[rel]
-            if os.path.isdir(os.path.join(self.src, rel)) and not os.path.islink(os.path.join(self.src, rel)):
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.src, rel)).st_mode)
+            except OSError:
+                is_dir = False  # gone meanwhile: the batch plans its delete
+            if is_dir:
                 self.coalescer.rescan(rel)
             else:
                 self.coalescer.retry(rel, now, CONTENT | EXIST | META)
             self.stats.retries += 1
+        self._retry_next = min(self._retry_at.values(), default=float("inf"))
         self.stats.failed_paths = len(self._retry_at)
+
+    def _in_source(self, rel: bytes) -> bytes | None:
+        """``rel``'s current name (after the renames folded since the take) if the source still has it, else None."""
+        cur = self.coalescer.current_name(rel)
+        return cur if os.path.lexists(os.path.join(self.src, cur)) else None
 
     def _plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
         full = os.path.join(self.src, rel) if rel else self.src
