@@ -10,7 +10,7 @@ against the current config, hands matches to the runner, and lets the runner rea
   without kernel exclusion, whose session is an action's: every action runs in a session of its own). A rule that
   sets ``retrigger = true`` opts out. A finished action's pid stays excluded for ``linger`` seconds (events it made
   may still be queued), then ``include_pid`` lets the number be used again. Event sinks see what capture delivers,
-  so files written by actions are not seen by them either (DESIGN: "never trigger rules or replication again").
+  so files written by actions are not seen by them either (docs/design.md, "Self-feedback").
 - **Capture scope** comes from the rules (:mod:`kwatch.daemon.roots`) and ``Config.ops``, plus what event sinks ask
   for; a root that does not exist yet is watched through its nearest existing ancestor and narrowed when it appears.
 - **SIGHUP** reloads the config file. A broken file is logged (every error, with file and line), counted, and the

@@ -4,7 +4,7 @@ This module owns every write a mirror receives, whoever sends it: the kwatch age
 wire) and local mirrors (:func:`apply_plan`, which reads the source tree directly). It does no networking and speaks
 no protocol.
 
-Safety rules (DESIGN.md, "Receiver safety"), enforced here and nowhere else:
+Safety rules (docs/design.md, "Receiver safety"), enforced here and nowhere else:
 
 - A path is relative ``bytes``; :func:`validate_path` refuses absolute paths, ``.``/``..``, NUL bytes and empty
   components before anything touches the disk.

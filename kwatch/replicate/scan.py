@@ -1,6 +1,6 @@
 """Tree scanning and diffing: what a tree holds (:func:`scan`) and what to do to make a mirror equal it (:func:`diff`).
 
-This module owns the *reconciliation* half of replication (DESIGN.md, "Restart and loss recovery"): on start, and
+This module owns the *reconciliation* half of replication (docs/design.md, "Restart and loss recovery"): on start, and
 after any event loss, the source and the mirror are each scanned into a :class:`Manifest` and compared into a
 :class:`Plan` of operations. Applying a plan is the receiver's job (``kwatch.replicate.receiver``); sending it over a
 wire is the transports' job.
