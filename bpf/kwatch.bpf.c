@@ -3,8 +3,9 @@
  * kwatch capture: syscall tracepoints -> one kw_event per successful file operation -> ring buffer.
  *
  * Why syscall tracepoints: on the kernels kwatch must run on, fentry/fexit and BPF LSM may be refused and kprobes may
- * be absent, while syscall tracepoints always attach (docs/design.md, "Why syscall tracepoints"). The price is that the path must be assembled here
- * from the dirfd/cwd and the name the process passed, instead of taken from the VFS after lookup.
+ * be absent, while syscall tracepoints always attach (docs/design.md, "Why syscall tracepoints"). The price is that
+ * the path must be assembled here from the dirfd/cwd and the name the process passed, instead of taken from the VFS
+ * after lookup.
  *
  * Flow: sys_exit_X drops failed calls, reads the call's arguments from the thread's saved user registers (still the
  * ones the syscall was given: the kernel does not write them back), checks the op and process filters, and hands
