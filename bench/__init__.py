@@ -14,7 +14,7 @@ Where everything lives:
 - ``bench.linecount``  counts the lines a printing observer writes (its stdout is piped here instead of a terminal).
 - ``bench.throughput`` decode micro-benchmark of the BPF record decoder and end-to-end BpfSource events/s.
 - ``bench.capture``    the capture overhead suite (ties the above together).
-- ``bench.report``     Markdown/JSON/PNG output and the README section between the ``bench:capture`` markers.
+- ``bench.report``     Markdown/JSON/PNG output and the generated sections of docs/benchmarks.md.
 - ``bench.replicate``  the replication suite (with ``bench.netcount``, its counting loopback proxy); owned separately,
                        reached through ``bench.run`` as ``replicate.main(args, out)``.
 - ``bench.delta_bench`` the delta engine micro-benchmark (standalone script, owned separately).

@@ -2,8 +2,8 @@
 ``rsync -a --delete``, on the same bursts, alternating, medians and ratios.
 
 Owns the tools (how each is started, known ready, measured and stopped), the workloads of this suite, the per-run
-procedure, the summary with the issue's targets, and the output (``bench/out/replicate.{md,json}``, the README section
-between ``<!-- bench:replicate:start -->`` and ``<!-- bench:replicate:end -->``).
+procedure, the summary with the issue's targets, and the output (``bench/out/replicate.{md,json}``, the section of
+docs/benchmarks.md between ``<!-- bench:replicate:start -->`` and ``<!-- bench:replicate:end -->``).
 
 One run of (workload, tool), everything on one tmpfs:
 
@@ -814,19 +814,11 @@ def write(res: dict[str, Any], out: Path = OUT) -> dict[str, str]:
     return {"markdown": str(out / "replicate.md"), "json": str(out / "replicate.json")}
 
 
-def update_readme(res: dict[str, Any], readme: Path = REPO / "README.md") -> str:
-    """Put the table into README.md between the replicate markers (atomically); returns what happened."""
-    from bench.report import replace_section
+def update_readme(res: dict[str, Any]) -> str:
+    """Put the table into docs/benchmarks.md between the replicate markers (atomically); returns what happened."""
+    from bench.report import update_section
 
-    if not readme.exists():
-        return f"{readme} does not exist; not written"
-    new = replace_section(readme.read_text(), markdown(res), README_START, README_END)
-    if new is None:
-        return f"{readme} has no {README_START} ... {README_END} section; not written"
-    tmp = readme.with_name(readme.name + ".bench-tmp")
-    tmp.write_text(new)
-    os.replace(tmp, readme)
-    return f"updated the replicate section of {readme}"
+    return update_section(markdown(res), README_START, README_END)
 
 
 # ---- the suite -------------------------------------------------------------------------------------------------------

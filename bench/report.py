@@ -1,8 +1,9 @@
-"""Benchmark output: Markdown tables, JSON, the ratio chart, and the README section between the capture markers.
+"""Benchmark output: Markdown tables, JSON, the ratio chart, and the generated sections of docs/benchmarks.md.
 
-Pure formatting apart from the file writes at the end (:func:`write_capture`, :func:`update_readme`). The README is
-touched only between ``<!-- bench:capture:start -->`` and ``<!-- bench:capture:end -->``; without both markers it is
-left alone.
+Pure formatting apart from the file writes at the end (:func:`write_capture`, :func:`update_section`). ``--write-readme``
+rewrites :data:`BENCH_DOC` (docs/benchmarks.md, not the README: the README keeps a short, hand-written targets
+table), and only between a suite's markers, e.g. ``<!-- bench:capture:start -->`` and ``<!-- bench:capture:end -->``;
+without both markers the file is left alone. Every suite writes through :func:`update_section`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from bench.common import OUT, REPO
 
+#: The file whose generated sections ``--write-readme`` rewrites.
+BENCH_DOC = REPO / "docs" / "benchmarks.md"
 README_START = "<!-- bench:capture:start -->"
 README_END = "<!-- bench:capture:end -->"
 HOOK_LABELS = {
@@ -171,18 +174,22 @@ def replace_section(text: str, body: str, start: str = README_START, end: str = 
     return text[: i + len(start)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
 
 
-def update_readme(res: dict[str, Any], readme: Path = REPO / "README.md") -> str:
-    """Put the capture table into README.md between the markers (atomically); returns what happened."""
-    if not readme.exists():
-        return f"{readme} does not exist; not written"
-    text = readme.read_text()
-    new = replace_section(text, capture_markdown(res))
+def update_section(body: str, start: str, end: str, doc: Path = BENCH_DOC) -> str:
+    """Put ``body`` into ``doc`` between the markers ``start`` and ``end`` (atomically); returns what happened."""
+    if not doc.exists():
+        return f"{doc} does not exist; not written"
+    new = replace_section(doc.read_text(), body, start, end)
     if new is None:
-        return f"{readme} has no {README_START} ... {README_END} section; not written"
-    tmp = readme.with_name(readme.name + ".bench-tmp")
+        return f"{doc} has no {start} ... {end} section; not written"
+    tmp = doc.with_name(doc.name + ".bench-tmp")
     tmp.write_text(new)
-    os.replace(tmp, readme)
-    return f"updated the capture section of {readme}"
+    os.replace(tmp, doc)
+    return f"updated {start} ... {end} in {doc}"
+
+
+def update_readme(res: dict[str, Any], doc: Path = BENCH_DOC) -> str:
+    """Put the capture table into docs/benchmarks.md (the name is the ``--write-readme`` option's)."""
+    return update_section(capture_markdown(res), README_START, README_END, doc)
 
 
 def replicate_chart(res: dict[str, Any], path: Path) -> str | None:

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import alternate, machine, median, scratch_dir
-from bench.report import machine_line, replace_section
+from bench.report import machine_line, update_section
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
 START, END = "<!-- bench:rsync:start -->", "<!-- bench:rsync:end -->"
 
 
@@ -129,10 +128,7 @@ def main(args: argparse.Namespace, out: Path) -> int:
     (out / "rsync.json").write_text(__import__("json").dumps(result, indent=2))
     print(md)
     if getattr(args, "write_readme", False) and not args.quick:
-        text = README.read_text()
-        new = replace_section(text, md, START, END)
-        if new is not None:
-            README.write_text(new)
+        print(update_section(md, START, END), file=sys.stderr)
     return 0
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, median, proc_rss_peak_kib, tmpfs
-from bench.report import machine_line, replace_section
+from bench.report import machine_line, update_section
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
 START, END = "<!-- bench:startup:start -->", "<!-- bench:startup:end -->"
 KWATCH = [sys.executable, "-m", "kwatch"]
 READY_TIMEOUT = 600.0
@@ -118,7 +117,5 @@ def main(args: argparse.Namespace, out: Path) -> int:
     (out / "startup.json").write_text(json.dumps(result, indent=2))
     print(md)
     if getattr(args, "write_readme", False) and not args.quick:
-        new = replace_section(README.read_text(), md, START, END)
-        if new is not None:
-            README.write_text(new)
+        print(update_section(md, START, END), file=sys.stderr)
     return 0 if all(r["probe_seen"] for r in result["rows"].values()) else 1

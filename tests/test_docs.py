@@ -191,3 +191,30 @@ def test_table_reader_sees_a_missing_row() -> None:
     text = "| option | meaning |\n|---|---|\n| `--a X` | a |\n| `-b`, `--bee` | b |\n"
     assert code_words(table_column(text, 0)) == {"--a", "-b", "--bee"}
     assert code_words(table_column(text, 0)) != {"--a", "-b", "--bee", "--new"}
+
+
+# -- benchmarks: `make bench` rewrites docs/benchmarks.md, never the README ------------------------------------------
+
+SUITE_MARKERS = ["capture", "replicate", "rsync", "startup"]
+
+
+@pytest.mark.parametrize("suite", SUITE_MARKERS)
+def test_bench_sections_live_in_benchmarks_md(suite: str) -> None:
+    from bench.report import BENCH_DOC
+
+    start, end = f"<!-- bench:{suite}:start -->", f"<!-- bench:{suite}:end -->"
+    assert BENCH_DOC == DOCS / "benchmarks.md"
+    text = BENCH_DOC.read_text()
+    assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
+    assert start not in (DOCS.parent / "README.md").read_text(), "the README keeps a short hand-written table only"
+
+
+def test_bench_update_section_rewrites_only_between_markers(tmp_path: Path) -> None:
+    from bench.report import update_section
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# hand\n<!-- bench:x:start -->\nold\n<!-- bench:x:end -->\nhand too\n")
+    msg = update_section("new table\n", "<!-- bench:x:start -->", "<!-- bench:x:end -->", doc)
+    assert doc.read_text() == "# hand\n<!-- bench:x:start -->\nnew table\n<!-- bench:x:end -->\nhand too\n", msg
+    assert "not written" in update_section("t", "<!-- bench:y:start -->", "<!-- bench:y:end -->", doc)
+    assert "new table" in doc.read_text()
