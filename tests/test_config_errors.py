@@ -88,7 +88,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
             "k.toml:3: a rule needs on/run or [[...action]] tables",
             "k.toml:8: a rule needs 'match' (a regex for the path)",
             "k.toml:15: unknown key 'debounse' in a rule (allowed: name, match, ignore, on, run, action, concurrency, "
-            "debounce, debounce_max, timeout, kill_grace, batch, batch_window, batch_max, retrigger)",
+            "debounce, debounce_max, timeout, kill_grace, batch, batch_window, batch_max, retrigger, user, group)",
         ],
     ),
     "toml batch misuse": (

@@ -845,6 +845,9 @@ class ExecSpec:
     env: Mapping[bytes, bytes]
     stdin: bytes | None = None  # batch "stdin" mode: NUL-terminated paths; None: /dev/null
     files: tuple[bytes, ...] = ()
+    uid: int | None = None  # credentials set in the child before exec (None: the daemon's)
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None  # supplementary groups
 
 
 def exec_spec(
