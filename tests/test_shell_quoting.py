@@ -200,6 +200,8 @@ COMPILED: dict[str, tuple[str, str]] = {
         'n="$(wc -c < "${KWATCH_FILE}")"; echo $((n+1))',
     ),
     "string test": ("[[ _FILE_ == *.jpg ]]", '[[ "${KWATCH_FILE}" == *.jpg ]]'),
+    "brackets in an argument": ("echo x[_FILE_]=1", 'echo x["${KWATCH_FILE}"]=1'),
+    "redirection with &": ("read x 2>&1 < _FILE_", 'read x 2>&1 < "${KWATCH_FILE}"'),
 }
 
 
@@ -208,6 +210,8 @@ def test_compiled_text(case: str) -> None:
     src, want = COMPILED[case]
     assert compile_command(src).script == want
 
+
+A = "bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"
 
 REFUSED: dict[str, tuple[str, int, str]] = {
     "dollar before": ("echo $_FILE_", 6, "_FILE_ directly after '$' reads as a shell variable; write \\$_FILE_ for a literal '$'"),
@@ -228,6 +232,10 @@ REFUSED: dict[str, tuple[str, int, str]] = {
                           "assigned to them (a name like a[$(cmd)] runs cmd)"),
     "length of a placeholder": ("echo ${#_FILE_}", 8,
                                 "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)"),
+    "subscript after an assignment": ("x=1 a[_FILE_]=2 cmd", 6, f"_FILE_ inside an array subscript is refused: {A}"),
+    "let after a pipe from a redirection": (
+        "echo 2>&1 | let n=_FILE_", 18, "a placeholder in the arguments of let is refused: let evaluates its "
+        "arguments as arithmetic, so a name like a[$(cmd)] would run cmd; assign it to a variable first (f=_FILE_)"),
     "files quoted": ('echo "_FILES_"', 6, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'),
     "files adjacent": ("echo x_FILES_", 6, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'),
     "unterminated single": ("echo 'abc", 5, "unterminated single quote"),

@@ -162,7 +162,7 @@ class _Word:
     start: int
     hit0: int  # the word holds hits[hit0:hit1]
     hit1: int = -1  # set when the word ends
-    literal: str = ""  # the unquoted, unexpanded text (only meaningful while ``pure``)
+    literal: str = ""  # the plain text the word starts with (all of it while ``pure``): ``x=`` of ``x="$y"``
     pure: bool = True  # the whole word so far is plain text: it can be a command name or a keyword
     redirect: bool = False  # the target of a redirection (< > >> ...), not an argument
 
@@ -238,7 +238,7 @@ class _Scanner:
 
     def begin_word(self) -> _Word:
         if self.word is None:
-            if self.cond_end < 0 and not self.in_pattern():
+            if self.cond_end < 0 and not self.in_pattern() and all(_ASSIGNMENT.match(w.literal) for w in self.words):
                 self.check_subscript_assignment()
             self.word = _Word(self.pos, len(self.shared.hits), redirect=self.redirect_next)
             self.redirect_next = False
@@ -303,7 +303,7 @@ class _Scanner:
             self.cond_end = -1
         args = [w for w in words if not w.redirect]
         i = 0
-        while i < len(args) and args[i].pure and _ASSIGNMENT.match(args[i].literal):
+        while i < len(args) and _ASSIGNMENT.match(args[i].literal):
             i += 1
         while i < len(args) and args[i].pure and args[i].literal in _PREFIX_COMMANDS:
             i += 1
@@ -452,8 +452,17 @@ class _Scanner:
             if c in "<>" and not in_cond:
                 self.end_word()
                 self.redirect_next = True
-                self.out.append(c)
-                self.pos += 1
+                # the operator: < > >> <> >& <& >| (the '&' or '|' of a redirection ends no command)
+                n = 2 if text[self.pos + 1 : self.pos + 2] in ("<", ">", "&", "|") else 1
+                self.out.append(text[self.pos : self.pos + n])
+                self.pos += n
+                continue
+            if c == "&" and text.startswith("&>", self.pos) and not in_cond:  # bash: &> and &>> redirect both
+                self.end_word()
+                self.redirect_next = True
+                n = 3 if text.startswith("&>>", self.pos) else 2
+                self.out.append(text[self.pos : self.pos + n])
+                self.pos += n
                 continue
             if c in ";&|" and not in_cond:
                 self.end_word()
