@@ -142,10 +142,9 @@ _EVALUATING = {
     "mapfile": "mapfile takes a variable name (with an arithmetic subscript)",
     "readarray": "readarray takes a variable name (with an arithmetic subscript)",
 }
-# Operators of [[ ]] and test whose operands bash evaluates as arithmetic (-eq ...) or as variable names (-v, -R).
-_EVAL_TEST_OPS = frozenset({"-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-v", "-R"})
-_NAME_TEST_OPS = frozenset({"-v", "-R"})  # test/[ compare numbers as integers; only these name a variable there
+# Operators of [[ ]] whose operands bash evaluates as arithmetic (-eq ...) or as variable names (-v, -R).
 _COND_OP_RE = re.compile(r"(?<![^\s(!])-(?:eq|ne|lt|le|gt|ge|v|R)(?![^\s)])")
+_NAME_TEST_OPS = frozenset({"-v", "-R"})  # test/[ compare numbers as integers; only these name a variable there
 _COND_END_RE = re.compile(r"(?<=\s)\]\](?=[\s;&|)]|\Z)")
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\+?=")
 _SUBSCRIPT_START = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)?\[")
