@@ -48,7 +48,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
     "placeholder in arithmetic": (
         "c.conf",
         "RULE ^/a\nUNLINK echo $((_FILE_))\n",
-        ["c.conf:2: command: _FILE_ inside $((...)) arithmetic is refused (its value would be evaluated) (column 16)"],
+        ["c.conf:2: command: _FILE_ inside $((...)) arithmetic is refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd) (column 16)"],
     ),
     "unterminated quote": ("c.conf", "RULE ^/a\nUNLINK echo 'x\n", ["c.conf:2: command: unterminated single quote (column 13)"]),
     "continuation keeps the first line number": (
@@ -76,7 +76,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
             "k.toml:5: batch must be false, \"args\" or \"stdin\", not 'yes'",
             "k.toml:7: bad regex '(': missing ), unterminated subpattern at position 0",
             f"k.toml:9: unknown operation 'CHMOD' (expected one of {KW}, or op:<event op>)",
-            "k.toml:9: command: _FILE_ inside $((...)) arithmetic is refused (its value would be evaluated) (column 9)",
+            "k.toml:9: command: _FILE_ inside $((...)) arithmetic is refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd) (column 9)",
         ],
     ),
     "toml rule problems in several rule sets": (
@@ -88,7 +88,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
             "k.toml:3: a rule needs on/run or [[...action]] tables",
             "k.toml:8: a rule needs 'match' (a regex for the path)",
             "k.toml:15: unknown key 'debounse' in a rule (allowed: name, match, ignore, on, run, action, concurrency, "
-            "debounce, debounce_max, timeout, kill_grace, batch, batch_window, batch_max, retrigger)",
+            "debounce, debounce_max, timeout, kill_grace, batch, batch_window, batch_max, retrigger, user, group)",
         ],
     ),
     "toml batch misuse": (

@@ -188,6 +188,20 @@ COMPILED: dict[str, tuple[str, str]] = {
     "files": ("tar -cf /t.tar _FILES_", 'tar -cf /t.tar "$@"'),
     "files in substitution not quoted": ("ls $(echo _FILES_)", 'ls $(echo "$@")'),
     "arithmetic without placeholder": ("echo $((1+2))", "echo $((1+2))"),
+    "case pattern in substitution": (
+        "echo $(case _FILE_ in *) echo _FILE_;; esac)",
+        'echo "$(case "${KWATCH_FILE}" in *) echo "${KWATCH_FILE}";; esac)"',
+    ),
+    "hash after substitution": ("echo $(echo a)#_FILE_", 'echo $(echo a)#"${KWATCH_FILE}"'),
+    "hash in length": ("echo ${#x}_FILE_ # c _FILE_", 'echo ${#x}"${KWATCH_FILE}" # c _FILE_'),
+    "redirect target of read": ("read -r l < _FILE_", 'read -r l < "${KWATCH_FILE}"'),
+    "arithmetic on a derived number": (
+        "n=$(wc -c < _FILE_); echo $((n+1))",
+        'n="$(wc -c < "${KWATCH_FILE}")"; echo $((n+1))',
+    ),
+    "string test": ("[[ _FILE_ == *.jpg ]]", '[[ "${KWATCH_FILE}" == *.jpg ]]'),
+    "brackets in an argument": ("echo x[_FILE_]=1", 'echo x["${KWATCH_FILE}"]=1'),
+    "redirection with &": ("read x 2>&1 < _FILE_", 'read x 2>&1 < "${KWATCH_FILE}"'),
 }
 
 
@@ -197,10 +211,31 @@ def test_compiled_text(case: str) -> None:
     assert compile_command(src).script == want
 
 
+A = "bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"
+
 REFUSED: dict[str, tuple[str, int, str]] = {
     "dollar before": ("echo $_FILE_", 6, "_FILE_ directly after '$' reads as a shell variable; write \\$_FILE_ for a literal '$'"),
     "parameter name": ("echo ${_FILE_}", 7, "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)"),
-    "arithmetic": ("echo $((_FILE_ + 1))", 8, "_FILE_ inside $((...)) arithmetic is refused (its value would be evaluated)"),
+    "arithmetic": ("echo $((_FILE_ + 1))", 8, "_FILE_ inside $((...)) arithmetic is refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"),
+    "arithmetic command": ("(( $(basename _FILE_) > 0 ))", 14, "_FILE_ inside (( )) arithmetic is refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"),
+    "old arithmetic": ("echo $[_FILE_]", 7, "_FILE_ inside $[...] arithmetic is refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"),
+    "let": ("let n=_FILE_", 6, "a placeholder in the arguments of let is refused: let evaluates its arguments as "
+            "arithmetic, so a name like a[$(cmd)] would run cmd; assign it to a variable first (f=_FILE_)"),
+    "numeric test": ("[[ _FILE_ -gt 0 ]]", 3, "_FILE_ inside a [[ ]] test with -eq/-ne/-lt/-le/-gt/-ge/-v/-R is "
+                     "refused: bash evaluates those operands as arithmetic or variable names, so a name like "
+                     "a[$(cmd)] would run cmd; compare the file name in a [[ ]] of its own"),
+    "subscript": ("a[_FILE_]=1", 2, "_FILE_ inside an array subscript is refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"),
+    "substring offset": ("echo ${x:_FILE_}", 9, "a placeholder inside the ${name:offset:length} of a substring is "
+                         "refused: bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"),
+    "integer attribute": ("typeset -i n; n=_FILE_", 16, "placeholders are refused in a command that declares integer "
+                          "or nameref variables (declare/typeset/local -i or -n, column 1): bash evaluates what is "
+                          "assigned to them (a name like a[$(cmd)] runs cmd)"),
+    "length of a placeholder": ("echo ${#_FILE_}", 8,
+                                "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)"),
+    "subscript after an assignment": ("x=1 a[_FILE_]=2 cmd", 6, f"_FILE_ inside an array subscript is refused: {A}"),
+    "let after a pipe from a redirection": (
+        "echo 2>&1 | let n=_FILE_", 18, "a placeholder in the arguments of let is refused: let evaluates its "
+        "arguments as arithmetic, so a name like a[$(cmd)] would run cmd; assign it to a variable first (f=_FILE_)"),
     "files quoted": ('echo "_FILES_"', 6, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'),
     "files adjacent": ("echo x_FILES_", 6, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'),
     "unterminated single": ("echo 'abc", 5, "unterminated single quote"),

@@ -16,8 +16,10 @@ How the daemon drives it (single-threaded, next to the capture Source)::
 - ``fileno`` is an epoll descriptor holding a pidfd of every running action: readable when one exits, so the
   daemon sleeps until an event, a child exit, or ``timeout()`` (the next debounce or kill deadline).
 
-Each action runs as ``/bin/sh -c SCRIPT kwatch [FILES...]`` (see :mod:`kwatch.actions.shell`) with the daemon's
-environment plus the KWATCH_* variables, as bytes, in a **new session**: its pid is also its process group and
+Each action runs as ``/bin/sh -c SCRIPT kwatch [FILES...]`` (see :mod:`kwatch.actions.shell`) with an allowlist of
+the daemon's environment (:func:`~kwatch.actions.privileges.action_environment`: never its secrets such as
+``RSYNC_PASSWORD``) plus the KWATCH_* variables, as bytes, as the action's ``user``/``group`` if it has them
+(set in the child before exec, with the user's groups, ``HOME``, ``USER`` and ``LOGNAME``), in a **new session**: its pid is also its process group and
 session id, shared by all its descendants. A timeout sends SIGTERM to the whole group, then SIGKILL after
 ``kill_grace``; when a timed-out leader has exited, the rest of its group is killed before the leader is reaped
 (the unreaped zombie keeps the group id from being reused, so the kill cannot hit a stranger). A leader that exits
@@ -44,9 +46,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
+from kwatch.actions.privileges import action_environment, popen_credentials, resolve_run_as, user_environment
 from kwatch.actions.schedule import Job, Scheduler
 from kwatch.actions.shell import ExecSpec, chunk_args, exec_spec, nul_list, placeholder_env
 from kwatch.events import display_path
@@ -143,7 +146,8 @@ class Runner:
         self.on_start = on_start
         self.on_result = on_result
         self.dry_run = dry_run
-        self.env: dict[bytes, bytes] = dict(os.environb if env is None else env)
+        # env: the environment actions start from, as given; by default the allowlisted part of the daemon's own
+        self.env: dict[bytes, bytes] = action_environment(os.environb) if env is None else dict(env)
         self.arg_max = arg_max if arg_max is not None else os.sysconf("SC_ARG_MAX")
         self.stdout = stdout
         self.scheduler = Scheduler(max_concurrency, split=self._split)
@@ -189,26 +193,27 @@ class Runner:
         return out
 
     def spec(self, job: Job) -> ExecSpec:
+        """What ``job`` runs. Raises LookupError when its user or group no longer exists."""
         action = job.action
+        run_as = resolve_run_as(action.options.user, action.options.group)
+        env = user_environment(self.env, run_as)
         mode = action.options.batch
         if mode is BatchMode.OFF:
             m = job.matches[-1]
             kw = placeholder_env(m.file, m.old_file, m.new_file, m.op, m.event.pid)
             # $1 is the file too, so _FILES_ ("$@") means the same in single and batch actions.
-            return exec_spec(action.command, self.env, kw, args=[m.file], shell=self.shell, files=[m.file])
-        files = job.files
-        if mode is BatchMode.ARGS:
-            return exec_spec(
-                action.command, self.env, self._batch_env(job), args=files, shell=self.shell, files=files
+            spec = exec_spec(action.command, env, kw, args=[m.file], shell=self.shell, files=[m.file])
+        elif mode is BatchMode.ARGS:
+            files = job.files
+            spec = exec_spec(action.command, env, self._batch_env(job), args=files, shell=self.shell, files=files)
+        else:
+            files = job.files
+            spec = exec_spec(
+                action.command, env, self._batch_env(job), stdin=nul_list(files), shell=self.shell, files=files
             )
-        return exec_spec(
-            action.command,
-            self.env,
-            self._batch_env(job),
-            stdin=nul_list(files),
-            shell=self.shell,
-            files=files,
-        )
+        if run_as is None:
+            return spec
+        return replace(spec, uid=run_as.uid, gid=run_as.gid, groups=run_as.groups)
 
     def plan(self, m: Match) -> ExecSpec:
         """The ExecSpec one match would run with if it were alone (``kwatch run --dry-run``)."""
@@ -327,7 +332,13 @@ class Runner:
     # -- one process -----------------------------------------------------------------------------------------------
 
     def _start(self, job: Job, now: float) -> Result | None:
-        spec = self.spec(job)
+        try:
+            spec = self.spec(job)
+        except LookupError as e:
+            return Result(
+                job.rule, job.action, ExecSpec((), {}), job.files, job.coalesced, started=now, ended=now,
+                error=str(e.args[0]),
+            )
         if self.dry_run:
             return Result(
                 job.rule, job.action, spec, spec.files, job.coalesced, started=now, ended=now, dry_run=True
@@ -348,6 +359,7 @@ class Runner:
             stdout = stdout_file
         elif self.stdout == "null":
             stdout = subprocess.DEVNULL
+        user, group, extra_groups = popen_credentials(spec.uid, spec.gid, spec.groups)
         try:
             proc = subprocess.Popen(
                 list(spec.argv),
@@ -357,6 +369,9 @@ class Runner:
                 stderr=stderr,
                 start_new_session=True,  # setsid: pid == pgid == sid for the whole action tree
                 close_fds=True,
+                user=user,
+                group=group,
+                extra_groups=extra_groups,
             )
         except OSError as e:
             stderr.close()

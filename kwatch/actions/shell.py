@@ -36,24 +36,42 @@ How each context is rewritten (``V`` stands for the variable):
 - a backslash before the leading ``_`` (``\\_FILE_``) keeps the text literal: a way to write ``_FILE_`` itself.
 
 Refused, with the offset and a reason (the config loaders turn these into config errors with file and line):
-placeholders inside ``$((...))`` arithmetic (bash would evaluate a name like ``a[$(cmd)]`` as code), directly after
-``$`` or as a parameter name (``$_FILE_``, ``${_FILE_}`` are shell variables; write ``\\$_FILE_`` for a literal ``$``),
-inside a here-document with a quoted delimiter (nothing expands there), ``_FILES_`` anywhere but as an unquoted word,
-and unterminated quotes or substitutions.
+
+- placeholders where bash evaluates a value as arithmetic or as a variable name, because there a name such as
+  ``a[$(cmd)]`` runs ``cmd`` (its subscript is evaluated): ``(( ))`` and ``for (( ))``, ``$(( ))``, ``$[ ]``,
+  arguments of ``let``, ``declare``/``typeset``/``local``, ``read``, ``unset``, ``mapfile``/``readarray``, the
+  name after ``printf -v``, a ``[[ ]]`` that uses ``-eq -ne -lt -le -gt -ge -v -R``, ``test``/``[`` with ``-v``/
+  ``-R``, array subscripts (``a[_FILE_]=``, ``${a[_FILE_]}``, ``a=([_FILE_]=x)``), the offset and length of
+  ``${x:offset:length}``, and anywhere in a command that gives a variable the integer or nameref attribute
+  (``declare -i``, ``local -n``...). A placeholder inside a command substitution in those places counts too: its
+  output is derived from the name. dash evaluates none of these, but the same config may run under bash. Write
+  the name into a variable first (``f=_FILE_``) and keep the arithmetic on numbers the command computes
+  (``n=$(stat -c %s _FILE_); echo $((n + 1))`` is accepted);
+- placeholders directly after ``$`` or as a parameter name (``$_FILE_``, ``${_FILE_}``, ``${#_FILE_}`` are shell
+  variables; write ``\\$_FILE_`` for a literal ``$``);
+- placeholders inside a here-document with a quoted delimiter (nothing expands there);
+- ``_FILES_`` anywhere but as an unquoted word; unterminated quotes or substitutions.
+
+To know where those places are, the scanner follows the shell's grammar at the level of commands: words, the
+command name (after assignments and ``command``/``builtin``/``exec``), redirection targets, ``case`` patterns
+(whose ``)`` does not close a ``$(...)``), ``[[ ]]``, comments (a ``#`` only where a word starts: not after
+``$(...)`` or in ``${#x}``) and here-documents.
 
 The worst a misjudged context could do is split a name into several words: the value itself is never parsed as
-code, because it is only ever reached through a parameter expansion.
+code, because it is only ever reached through a parameter expansion, except where bash evaluates it (above).
 
-Known limits of the scanner (documented, not guessed around): a ``)`` that closes a ``case`` pattern inside
-``$(...)`` ends the substitution early for the scanner (write ``(pattern)``, which POSIX allows); ``$"..."`` (bash
-locale strings) is not special in ``/bin/sh`` and is treated as ``$`` then ``"..."``.
+Known limits of the scanner (documented, not guessed around): it follows placeholders, not variables, so
+``f=_FILE_; echo $((f))`` is the admin's own arithmetic on a name; commands that hand their arguments to another
+shell (``ssh``, ``eval``, ``sh -c``) get a warning, and want ``_QFILE_``; ``$"..."`` (bash locale strings) is not
+special in ``/bin/sh`` and is treated as ``$`` then ``"..."``; aliases and functions named like the builtins above
+are not told apart from them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: placeholder -> the environment variable carrying its value (``_FILES_`` uses the positional parameters instead).
 PLACEHOLDER_VARS: dict[str, str] = {
@@ -102,30 +120,92 @@ class CompiledCommand:
 
 
 # Quoting contexts the scanner can be in.
-_TOP = "top"  # unquoted command text
+_TOP = "top"  # unquoted command text (commands, words, redirections)
+_PARAM = "param"  # the word of an unquoted ${name:-word}: quoting as at the top, but no commands or comments
 _DQ = "dq"  # inside "..."
+_PARAM_DQ = "param-dq"  # the word of a ${name:-word} inside "...": double-quote context up to the '}'
 _HEREDOC = "heredoc"  # body of a here-document with an unquoted delimiter
+
+# Reserved words after which the next word is a command again.
+_LEADING_RESERVED = frozenset({"if", "then", "else", "elif", "do", "while", "until", "{", "!", "time"})
+# Words that run the next word as the command.
+_PREFIX_COMMANDS = frozenset({"command", "builtin", "exec", "nohup"})
+# bash builtins whose arguments are evaluated as arithmetic or read as variable names (whose subscripts are
+# arithmetic): a placeholder there hands the name to bash's evaluator.
+_EVALUATING = {
+    "let": "let evaluates its arguments as arithmetic",
+    "declare": "declare reads its arguments as variable names (with arithmetic subscripts) or integer values",
+    "typeset": "typeset reads its arguments as variable names (with arithmetic subscripts) or integer values",
+    "local": "local reads its arguments as variable names (with arithmetic subscripts) or integer values",
+    "read": "read takes variable names (with arithmetic subscripts)",
+    "unset": "unset takes variable names (with arithmetic subscripts)",
+    "mapfile": "mapfile takes a variable name (with an arithmetic subscript)",
+    "readarray": "readarray takes a variable name (with an arithmetic subscript)",
+}
+# Operators of [[ ]] whose operands bash evaluates as arithmetic (-eq ...) or as variable names (-v, -R).
+_COND_OP_RE = re.compile(r"(?<![^\s(!])-(?:eq|ne|lt|le|gt|ge|v|R)(?![^\s)])")
+_NAME_TEST_OPS = frozenset({"-v", "-R"})  # test/[ compare numbers as integers; only these name a variable there
+_COND_END_RE = re.compile(r"(?<=\s)\]\](?=[\s;&|)]|\Z)")
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\+?=")
+_SUBSCRIPT_START = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)?\[")
+_PARAM_NAME = re.compile(r"[#!]?(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!-])")
+_ATTR_OPTION = re.compile(r"[-+][A-Za-z]*[in][A-Za-z]*")
+
+_ARITH_WHY = "bash evaluates it as arithmetic (a name like a[$(cmd)] runs cmd)"
+
+
+@dataclass
+class _Word:
+    """A word of the command being scanned: where it starts, the placeholders in it, its literal text."""
+
+    start: int
+    hit0: int  # the word holds hits[hit0:hit1]
+    hit1: int = -1  # set when the word ends
+    literal: str = ""  # the plain text the word starts with (all of it while ``pure``): ``x=`` of ``x="$y"``
+    pure: bool = True  # the whole word so far is plain text: it can be a command name or a keyword
+    redirect: bool = False  # the target of a redirection (< > >> ...), not an argument
+
+
+@dataclass
+class _Shared:
+    """State of one compilation shared by the scanners of its substitutions."""
+
+    hits: list[int] = field(default_factory=list)  # offsets of every placeholder (a backtick's: its start)
+    attributes_at: int | None = None  # where declare/typeset/local gives a variable the integer or nameref attribute
 
 
 class _Scanner:
-    """One pass over a command text (or the inside of a substitution), producing the rewritten text."""
+    """One pass over a command text (or the inside of a substitution), producing the rewritten text.
 
-    def __init__(self, text: str, base: int, found: set[str]) -> None:
+    In command context it also follows the shell's grammar far enough to know where a command starts, which word
+    is its name, and where ``case`` patterns, ``[[ ]]`` tests and ``(( ))`` arithmetic are: bash evaluates a value
+    as code in arithmetic and in variable names, so a placeholder is refused there (see the module docstring).
+    """
+
+    def __init__(self, text: str, base: int, found: set[str], shared: _Shared | None = None) -> None:
         self.text = text
         self.base = base  # offset of text[0] in the whole command, for error messages
         self.found = found
+        self.shared = shared if shared is not None else _Shared()
         self.pos = 0
         self.out: list[str] = []
         self.heredocs: list[tuple[str, bool, bool]] = []  # (delimiter, quoted, strip tabs) awaiting a newline
+        # command structure (context _TOP only)
+        self.depth = 0  # unquoted parentheses opened inside a $(...) body
+        self.word: _Word | None = None  # the word being read
+        self.words: list[_Word] = []  # the words of the current simple command
+        self.redirect_next = False
+        self.cond_end = -1  # inside [[ ... ]] up to this offset: ( ) < > & | are operands, not syntax
+        self.case: list[str] = []  # per open case: "subject", "in", "pattern" or "body"
 
     def error(self, at: int, reason: str) -> ShellSyntaxError:
         return ShellSyntaxError(self.base + at, reason)
 
-    def at_word_start(self) -> bool:
-        if not self.out:
-            return True
-        last = self.out[-1]
-        return not last or last[-1] in _WORD_BREAK
+    def refuse_in(self, start: int, end: int, what: str, why: str = _ARITH_WHY) -> None:
+        """Refuse a placeholder anywhere in text[start:end] (nested substitutions included)."""
+        m = _PLACEHOLDER_RE.search(self.text, start, end)
+        if m is not None:
+            raise self.error(m.start(), f"{m.group(0)} inside {what} is refused: {why}")
 
     # -- placeholders -------------------------------------------------------------------------------------------
 
@@ -137,36 +217,311 @@ class _Scanner:
         name = m.group(0)
         start, end = m.start(), m.end()
         self.found.add(name)
+        self.shared.hits.append(self.base + start)
         if name == FILES:
             nxt = self.text[end] if end < len(self.text) else ""
-            whole_word = self.at_word_start() and (nxt == "" or nxt in _WORD_BREAK)
+            whole_word = self.word is not None and self.word.start == start and (nxt == "" or nxt in _WORD_BREAK)
             if ctx != _TOP or not whole_word:
                 raise self.error(start, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")')
             self.out.append('"$@"')
         else:
             var = PLACEHOLDER_VARS[name]
-            if ctx == _TOP:
+            if ctx in (_TOP, _PARAM):
                 self.out.append(f'"${{{var}}}"')
             else:
                 self.out.append(f"${{{var}}}")
         self.pos = end
         return True
 
+    # -- words and commands (context _TOP) ------------------------------------------------------------------------
+
+    def begin_word(self) -> _Word:
+        if self.word is None:
+            if self.cond_end < 0 and not self.in_pattern() and all(_ASSIGNMENT.match(w.literal) for w in self.words):
+                self.check_subscript_assignment()
+            self.word = _Word(self.pos, len(self.shared.hits), redirect=self.redirect_next)
+            self.redirect_next = False
+        return self.word
+
+    def impure(self) -> None:
+        self.begin_word().pure = False
+
+    def in_pattern(self) -> bool:
+        return bool(self.case) and self.case[-1] in ("subject", "in", "pattern")
+
+    def command_position(self) -> bool:
+        return not self.words and not self.in_pattern()
+
+    def end_word(self) -> None:
+        w = self.word
+        if w is None:
+            return
+        self.word = None
+        w.hit1 = len(self.shared.hits)
+        word = w.literal if w.pure else None
+        if self.case:
+            state = self.case[-1]
+            if state == "subject":
+                self.case[-1] = "in"
+                return
+            if state == "in":
+                self.case[-1] = "pattern" if word == "in" else "in"
+                return
+            if state == "pattern":
+                if word == "esac":
+                    self.case.pop()
+                return
+            if word == "esac" and not self.words:
+                self.case.pop()
+                return
+        if not self.words and word is not None:
+            if word == "case":
+                self.case.append("subject")
+                return
+            if word in _LEADING_RESERVED:
+                return
+            if word == "[[":
+                m = _COND_END_RE.search(self.text, self.pos)
+                end = m.end() if m is not None else len(self.text)
+                if _COND_OP_RE.search(self.text, self.pos, end) is not None:
+                    self.refuse_in(
+                        self.pos,
+                        end,
+                        "a [[ ]] test with -eq/-ne/-lt/-le/-gt/-ge/-v/-R",
+                        "bash evaluates those operands as arithmetic or variable names, so a name like "
+                        "a[$(cmd)] would run cmd; compare the file name in a [[ ]] of its own",
+                    )
+                self.cond_end = end
+        self.words.append(w)
+
+    def end_command(self) -> None:
+        self.end_word()
+        words, self.words = self.words, []
+        self.redirect_next = False
+        if self.pos >= self.cond_end:
+            self.cond_end = -1
+        args = [w for w in words if not w.redirect]
+        i = 0
+        while i < len(args) and _ASSIGNMENT.match(args[i].literal):
+            i += 1
+        while i < len(args) and args[i].pure and args[i].literal in _PREFIX_COMMANDS:
+            i += 1
+        if i >= len(args) or not args[i].pure:
+            return
+        name, rest = args[i].literal, args[i + 1 :]
+        hits = self.shared.hits
+
+        def first_hit(ws: list[_Word]) -> int | None:
+            for w in ws:
+                if w.hit1 > w.hit0:
+                    return hits[w.hit0]
+            return None
+
+        attribute = any(w.pure and _ATTR_OPTION.fullmatch(w.literal) for w in rest)
+        if name in ("declare", "typeset", "local") and attribute and self.shared.attributes_at is None:
+            self.shared.attributes_at = self.base + args[i].start
+        if name in _EVALUATING:
+            at = first_hit(rest)
+            if at is not None:
+                raise ShellSyntaxError(
+                    at, f"a placeholder in the arguments of {name} is refused: {_EVALUATING[name]}, so a name "
+                    "like a[$(cmd)] would run cmd; assign it to a variable first (f=_FILE_)"
+                )
+        if name in ("test", "[") and any(w.pure and w.literal in _NAME_TEST_OPS for w in rest):
+            at = first_hit(rest)
+            if at is not None:
+                raise ShellSyntaxError(
+                    at, f"a placeholder in a {name} with -v/-R is refused: bash reads that operand as a variable "
+                    "name, so a name like a[$(cmd)] would run cmd"
+                )
+        if name == "printf":
+            for k, w in enumerate(rest[:-1]):
+                if w.pure and w.literal == "-v":
+                    at = first_hit([rest[k + 1]])
+                    if at is not None:
+                        raise ShellSyntaxError(
+                            at, "a placeholder after printf -v is refused: it names a variable (with an arithmetic "
+                            "subscript), so a name like a[$(cmd)] would run cmd"
+                        )
+
+    def check_subscript_assignment(self) -> None:
+        """``name[subscript]=value`` (and ``[subscript]=value`` in ``name=(...)``): bash evaluates the subscript."""
+        m = _SUBSCRIPT_START.match(self.text, self.pos)
+        if m is None:
+            return
+        end = self.bracket_end(m.end())
+        if end is not None and self.text.startswith(("]=", "]+="), end):
+            self.refuse_in(m.end(), end, "an array subscript")
+
+    def bracket_end(self, start: int) -> int | None:
+        """Offset of the ']' closing a '[' just before ``start`` (None: not closed on this line)."""
+        depth = 0
+        text = self.text
+        for i in range(start, len(text)):
+            c = text[i]
+            if c == "\n":
+                return None
+            if c == "[":
+                depth += 1
+            elif c == "]":
+                if depth == 0:
+                    return i
+                depth -= 1
+        return None
+
     # -- contexts -----------------------------------------------------------------------------------------------
 
     def run(self, ctx: str, closer: str | None = None) -> str:
-        """Scan in ``ctx`` up to and including ``closer`` (or the closing ``"`` in _DQ), or to the end of the text."""
+        """Scan in ``ctx`` up to and including ``closer`` (the closing ``"`` in _DQ), or to the end of the text."""
+        if ctx != _TOP:
+            return self.run_word(ctx)
         text = self.text
-        depth = 0  # unquoted parentheses opened inside a $(...) body
         while self.pos < len(text):
             c = text[self.pos]
-            if ctx == _TOP and closer == ")" and c == ")" and depth == 0:
+            in_cond = self.pos < self.cond_end
+            if self.case and self.case[-1] == "pattern" and not in_cond:
+                if c == ")":
+                    self.end_word()  # may be "esac", which closes the case: then ')' is the shell's again
+                if c == ")" and self.case and self.case[-1] == "pattern":
+                    self.case[-1] = "body"
+                    self.out.append(c)
+                    self.pos += 1
+                    continue
+                if c in "(|" and self.word is None:
+                    self.out.append(c)  # the optional '(' before a pattern, and '|' between patterns
+                    self.pos += 1
+                    continue
+            if closer == ")" and c == ")" and self.depth == 0 and not in_cond:
+                self.end_command()
                 self.pos += 1
                 return "".join(self.out)
-            if ctx == _TOP and closer == "}" and c == "}":
+            if c == "_" and _PLACEHOLDER_RE.match(text, self.pos):
+                self.impure()
+                self.placeholder(_TOP)
+                continue
+            if c == "\\":
+                if text.startswith("\\\n", self.pos):  # a line continuation: no character at all
+                    self.out.append("\\\n")
+                    self.pos += 2
+                    continue
+                self.impure()
+                self.out.append(text[self.pos : self.pos + 2])
+                self.pos += 2
+                continue
+            if c == "$":
+                self.impure()
+                self.dollar(_TOP)
+                continue
+            if c == "`":
+                self.impure()
+                self.backtick(_TOP)
+                continue
+            if c == "'":
+                self.impure()
+                self.single_quote()
+                continue
+            if c == '"':
+                self.impure()
+                self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
+                continue
+            if c == "#" and self.word is None:
+                end = text.find("\n", self.pos)
+                end = len(text) if end < 0 else end
+                self.out.append(text[self.pos : end])
+                self.pos = end
+                continue
+            if c in " \t":
+                self.end_word()
+                self.out.append(c)
                 self.pos += 1
-                return "".join(self.out)
+                continue
+            if c == "\n":
+                self.end_word()
+                self.out.append("\n")
+                self.pos += 1
+                if self.heredocs:
+                    self.heredoc_bodies()
+                if not in_cond and not self.in_pattern():
+                    self.end_command()
+                continue
+            if c == "<" and text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos) and not in_cond:
+                self.end_word()
+                self.heredoc_operator()
+                continue
+            if c in "<>" and not in_cond:
+                self.end_word()
+                self.redirect_next = True
+                # the operator: < > >> <> >& <& >| (the '&' or '|' of a redirection ends no command)
+                n = 2 if text[self.pos + 1 : self.pos + 2] in ("<", ">", "&", "|") else 1
+                self.out.append(text[self.pos : self.pos + n])
+                self.pos += n
+                continue
+            if c == "&" and text.startswith("&>", self.pos) and not in_cond:  # bash: &> and &>> redirect both
+                self.end_word()
+                self.redirect_next = True
+                n = 3 if text.startswith("&>>", self.pos) else 2
+                self.out.append(text[self.pos : self.pos + n])
+                self.pos += n
+                continue
+            if c in ";&|" and not in_cond:
+                self.end_word()
+                if self.case and self.case[-1] == "body" and text.startswith(";;", self.pos):
+                    self.end_command()
+                    n = 3 if text.startswith(";;&", self.pos) else 2
+                    self.out.append(text[self.pos : self.pos + n])
+                    self.pos += n
+                    self.case[-1] = "pattern"
+                    continue
+                if self.case and self.case[-1] == "body" and text.startswith(";&", self.pos):
+                    self.end_command()
+                    self.out.append(";&")
+                    self.pos += 2
+                    self.case[-1] = "pattern"
+                    continue
+                self.end_command()
+                self.out.append(c)
+                self.pos += 1
+                continue
+            if c in "()" and not in_cond:
+                self.end_word()
+                if c == "(" and (self.command_position() or self.after_for()) and text.startswith("((", self.pos):
+                    close = self.arith_command_end(self.pos + 2)
+                    if close is not None:
+                        self.refuse_in(self.pos + 2, close, "(( )) arithmetic")
+                        self.out.append(text[self.pos : close + 2])
+                        self.pos = close + 2
+                        self.end_command()
+                        continue
+                if closer == ")":
+                    self.depth += 1 if c == "(" else -1
+                self.end_command()
+                self.out.append(c)
+                self.pos += 1
+                continue
+            w = self.begin_word()
+            if w.pure:
+                w.literal += c
+            self.out.append(c)
+            self.pos += 1
+        if closer is not None:
+            raise self.error(self.pos, f"unterminated substitution: missing '{closer}'")
+        if self.heredocs:
+            raise self.error(self.pos, f"here-document delimited by {self.heredocs[0][0]!r} has no body")
+        self.end_command()
+        return "".join(self.out)
+
+    def after_for(self) -> bool:
+        return len(self.words) == 1 and self.words[0].pure and self.words[0].literal == "for"
+
+    def run_word(self, ctx: str) -> str:
+        """Scan a double-quoted string (to its closing quote) or the word of a ``${...}`` (to its '}')."""
+        text = self.text
+        while self.pos < len(text):
+            c = text[self.pos]
             if ctx == _DQ and c == '"':
+                self.pos += 1
+                return "".join(self.out)
+            if ctx in (_PARAM, _PARAM_DQ) and c == "}":
                 self.pos += 1
                 return "".join(self.out)
             if c == "_" and self.placeholder(ctx):
@@ -181,41 +536,18 @@ class _Scanner:
             if c == "`":
                 self.backtick(ctx)
                 continue
-            if ctx == _TOP:
-                if c == "'":
-                    self.single_quote()
-                    continue
-                if c == '"':
-                    self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
-                    continue
-                if c == "#" and self.at_word_start():
-                    end = text.find("\n", self.pos)
-                    end = len(text) if end < 0 else end
-                    self.out.append(text[self.pos : end])
-                    self.pos = end
-                    continue
-                if c == "<" and text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos):
-                    self.heredoc_operator()
-                    continue
-                if c == "\n" and self.heredocs:
-                    self.out.append("\n")
-                    self.pos += 1
-                    self.heredoc_bodies()
-                    continue
-                if closer == ")":
-                    if c == "(":
-                        depth += 1
-                    elif c == ")":
-                        depth -= 1
+            if ctx == _PARAM and c == "'":
+                self.single_quote()
+                continue
+            if ctx in (_PARAM, _PARAM_DQ) and c == '"':
+                # Nested quotes inside ${...}: dash and bash both open a fresh quoted string.
+                self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
+                continue
             self.out.append(c)
             self.pos += 1
         if ctx == _DQ:
             raise self.error(self.pos, "unterminated double quote")
-        if closer is not None:
-            raise self.error(self.pos, f"unterminated substitution: missing '{closer}'")
-        if self.heredocs:
-            raise self.error(self.pos, f"here-document delimited by {self.heredocs[0][0]!r} has no body")
-        return "".join(self.out)
+        raise self.error(self.pos, "unterminated substitution: missing '}'")
 
     def single_quote(self) -> None:
         text = self.text
@@ -238,15 +570,16 @@ class _Scanner:
                     start + 1 + m.start(), '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'
                 )
             self.found.add(name)
+            self.shared.hits.append(self.base + start + 1 + m.start())
             parts.append(f"'\"${{{PLACEHOLDER_VARS[name]}}}\"'")
             i = m.end()
         parts.append("'")
         self.out.append("".join(parts))
         self.pos = end + 1
 
-    def sub(self, start: int, ctx: str, closer: str | None) -> str:
+    def sub(self, start: int, ctx: str, closer: str | None, found: set[str] | None = None) -> str:
         """Compile text[start:] in ``ctx`` up to ``closer``; advance pos past it; return the rewritten inside."""
-        inner = _Scanner(self.text, self.base, self.found)
+        inner = _Scanner(self.text, self.base, self.found if found is None else found, self.shared)
         inner.pos = start
         body = inner.run(ctx, closer)
         self.pos = inner.pos
@@ -257,32 +590,25 @@ class _Scanner:
         p = self.pos
         if text.startswith("$((", p):
             end = self.arith_end(p + 3)
-            body = text[p + 3 : end]
-            m = _PLACEHOLDER_RE.search(body)
-            if m is not None:
-                raise self.error(
-                    p + 3 + m.start(),
-                    f"{m.group(0)} inside $((...)) arithmetic is refused (its value would be evaluated)",
-                )
+            self.refuse_in(p + 3, end, "$((...)) arithmetic")
             self.out.append(text[p : end + 2])
             self.pos = end + 2
             return
+        if text.startswith("$[", p):  # bash's old arithmetic; dash prints it as it is
+            bracket = self.bracket_end(p + 2)
+            if bracket is not None:
+                self.refuse_in(p + 2, bracket, "$[...] arithmetic")
+                self.out.append(text[p : bracket + 1])
+                self.pos = bracket + 1
+                return
         if text.startswith("$(", p):
-            inner = _Scanner(text, self.base, set())
-            inner.pos = p + 2
-            body = inner.run(_TOP, ")")
-            self.pos = inner.pos
-            self.found.update(inner.found)
-            self.out.append(_quote_derived(f"$({body})", ctx, inner.found))
+            used: set[str] = set()
+            body = self.sub(p + 2, _TOP, ")", used)
+            self.found.update(used)
+            self.out.append(_quote_derived(f"$({body})", ctx, used))
             return
         if text.startswith("${", p):
-            if _PLACEHOLDER_RE.match(text, p + 2):
-                raise self.error(
-                    p + 2, "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)"
-                )
-            # The word inside ${name:-word} is expanded in the context around it.
-            body = self.sub(p + 2, _TOP, "}") if ctx == _TOP else self.param_in_dq(p + 2)
-            self.out.append("${" + body + "}")
+            self.parameter(ctx)
             return
         m = _PLACEHOLDER_RE.match(text, p + 1)
         if m is not None:
@@ -293,37 +619,42 @@ class _Scanner:
         self.out.append("$")
         self.pos = p + 1
 
-    def param_in_dq(self, start: int) -> str:
-        # Inside "...${x:-word}...", the word is double-quote context and ends at the first unescaped '}'.
-        inner = _Scanner(self.text, self.base, self.found)
-        inner.pos = start
+    def parameter(self, ctx: str) -> None:
+        """``${...}``: the name, a subscript, then an operator and a word in the context around it."""
         text = self.text
-        while inner.pos < len(text):
-            c = text[inner.pos]
-            if c == "}":
-                self.pos = inner.pos + 1
-                return "".join(inner.out)
-            if c == "_" and inner.placeholder(_DQ):
-                continue
-            if c == "\\":
-                inner.out.append(text[inner.pos : inner.pos + 2])
-                inner.pos += 2
-                continue
-            if c == "$":
-                inner.dollar(_DQ)
-                continue
-            if c == "`":
-                inner.backtick(_DQ)
-                continue
-            if c == '"':
-                # Nested quotes inside ${...} within "...": dash and bash both open a fresh quoted string.
-                inner.out.append('"' + inner.sub(inner.pos + 1, _DQ, None) + '"')
-                continue
-            inner.out.append(c)
-            inner.pos += 1
-        raise self.error(len(text), "unterminated substitution: missing '}'")
+        p = self.pos
+        q = p + 2
+        if _PLACEHOLDER_RE.match(text, q) or (text[q : q + 1] in ("#", "!") and _PLACEHOLDER_RE.match(text, q + 1)):
+            raise self.error(
+                q + (0 if _PLACEHOLDER_RE.match(text, q) else 1),
+                "a placeholder cannot be a parameter name (${_FILE_} is a shell variable)",
+            )
+        m = _PARAM_NAME.match(text, q)
+        q = m.end() if m is not None else q
+        if text.startswith("[", q):
+            end = self.bracket_end(q + 1)
+            if end is not None:
+                self.refuse_in(q + 1, end, "an array subscript")
+                q = end + 1
+        # ${name:offset} and ${name:offset:length} (a ':' not followed by - = ? +) are arithmetic in bash
+        arithmetic = text.startswith(":", q) and text[q + 1 : q + 2] not in ("-", "=", "?", "+")
+        h0 = len(self.shared.hits)
+        body = self.sub(p + 2, _PARAM if ctx in (_TOP, _PARAM) else _PARAM_DQ, "}")
+        if arithmetic and len(self.shared.hits) > h0:
+            at = self.shared.hits[h0]
+            raise ShellSyntaxError(
+                at, f"a placeholder inside the ${{name:offset:length}} of a substring is refused: {_ARITH_WHY}"
+            )
+        self.out.append("${" + body + "}")
 
     def arith_end(self, start: int) -> int:
+        end = self.arith_command_end(start)
+        if end is None:
+            raise self.error(start - 3, "unterminated $((...))")
+        return end
+
+    def arith_command_end(self, start: int) -> int | None:
+        """Offset of the '))' closing an arithmetic expression that starts at ``start``, None if there is none."""
         depth = 0
         text = self.text
         i = start
@@ -334,8 +665,10 @@ class _Scanner:
                 depth += 1
             elif text[i] == ")":
                 depth -= 1
+                if depth < 0:
+                    return None  # '((a) ...)': two subshells, not arithmetic
             i += 1
-        raise self.error(start - 3, "unterminated $((...))")
+        return None
 
     def backtick(self, ctx: str) -> None:
         text = self.text
@@ -350,7 +683,7 @@ class _Scanner:
                 nxt = text[i + 1]
                 # Inside backticks a backslash escapes only $ ` \ (and " when the backticks are inside "..."):
                 # those lose the backslash before the inner command is parsed; others keep it.
-                if nxt in "$`\\" or (nxt == '"' and ctx != _TOP):
+                if nxt in "$`\\" or (nxt == '"' and ctx not in (_TOP, _PARAM)):
                     raw.append(nxt)
                 else:
                     raw.append(c + nxt)
@@ -365,6 +698,8 @@ class _Scanner:
             inner = compile_command(inner_text)
         except ShellSyntaxError as e:
             raise self.error(start + 1, f"inside backticks: {e.reason}") from None
+        if inner.placeholders:
+            self.shared.hits.append(self.base + start)
         self.found.update(inner.placeholders)
         # Redo the escapes so that the shell's unescaping gives back exactly the compiled inner text.
         # A plain "$" needs no escape: the shell keeps it and the inner parse expands it.
@@ -436,7 +771,7 @@ class _Scanner:
         self.heredocs = []
 
     def heredoc_line(self, start: int, end: int) -> str:
-        inner = _Scanner(self.text[:end], self.base, self.found)
+        inner = _Scanner(self.text[:end], self.base, self.found, self.shared)
         inner.pos = start
         text = inner.text
         while inner.pos < end:
@@ -467,7 +802,7 @@ def _quote_derived(subst: str, ctx: str, used: Iterable[str]) -> str:
     pair and needs no change. A substitution that only uses ``_FILES_`` is left as written: its output is a list on
     purpose.
     """
-    if ctx == _TOP and any(p != FILES for p in used):
+    if ctx in (_TOP, _PARAM) and any(p != FILES for p in used):
         return f'"{subst}"'
     return subst
 
@@ -477,6 +812,14 @@ def compile_command(text: str) -> CompiledCommand:
     found: set[str] = set()
     scanner = _Scanner(text, 0, found)
     script = scanner.run(_TOP)
+    shared = scanner.shared
+    if shared.attributes_at is not None and shared.hits:
+        raise ShellSyntaxError(
+            shared.hits[0],
+            "placeholders are refused in a command that declares integer or nameref variables (declare/typeset/"
+            f"local -i or -n, column {shared.attributes_at + 1}): bash evaluates what is assigned to them "
+            "(a name like a[$(cmd)] runs cmd)",
+        )
     return CompiledCommand(text, script, frozenset(found))
 
 
@@ -510,6 +853,9 @@ class ExecSpec:
     env: Mapping[bytes, bytes]
     stdin: bytes | None = None  # batch "stdin" mode: NUL-terminated paths; None: /dev/null
     files: tuple[bytes, ...] = ()
+    uid: int | None = None  # credentials set in the child before exec (None: the daemon's)
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None  # supplementary groups
 
 
 def exec_spec(

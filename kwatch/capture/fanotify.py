@@ -37,10 +37,13 @@ What fanotify delivers, and so what this backend reports (measured on Linux 6.18
   resolved can still give a wrong or unknown path (counted as lost, with an ``Op.LOSS`` marker). A path is the one
   seen through the mount of the watched root whose filesystem it is on, whatever mount the change came through.
 - io_uring operations are seen (unlike syscall tracepoints).
-- Queue overflow (``FAN_Q_OVERFLOW``, only possible without ``FAN_UNLIMITED_QUEUE``): one ``Op.LOSS`` with
-  ``lost=None`` (fanotify does not say how many).
+- The queue is bounded (``fs.fanotify.max_queued_events``, 16384 records by default). ``FAN_UNLIMITED_QUEUE`` is
+  not used: the mark covers a whole filesystem, so any user who can write on it could grow kernel memory without
+  bound and make the backlog (and our lag) as long as they like. An overflow (``FAN_Q_OVERFLOW``) is one
+  ``Op.LOSS`` with ``lost=None`` (fanotify does not say how many), counted in ``SourceStats.overflows``: the same
+  marker as a full BPF ring buffer, so a replication target rescans its tree. Raise the sysctl for bursty trees.
 
-Needs CAP_SYS_ADMIN (FAN_MARK_FILESYSTEM, FAN_UNLIMITED_QUEUE) and CAP_DAC_READ_SEARCH (open_by_handle_at).
+Needs CAP_SYS_ADMIN (FAN_MARK_FILESYSTEM) and CAP_DAC_READ_SEARCH (open_by_handle_at).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, is_under, j
 FAN_CLOEXEC = 0x1
 FAN_NONBLOCK = 0x2
 FAN_CLASS_NOTIF = 0x0
-FAN_UNLIMITED_QUEUE = 0x10
+FAN_UNLIMITED_QUEUE = 0x10  # not used: see the module docstring
 FAN_REPORT_FID = 0x200
 FAN_REPORT_DIR_FID = 0x400
 FAN_REPORT_NAME = 0x800
@@ -477,8 +480,8 @@ class FanotifySource:
 
     ``filt``: the roots to watch (each one's whole filesystem is marked; the filter keeps what is under the roots),
     the ops and the pids to drop (kwatch's own pid is always dropped). No roots: the filesystem holding "/" only.
-    ``unlimited_queue``: FAN_UNLIMITED_QUEUE (default), else the kernel's queue limit
-    (``/proc/sys/fs/fanotify/max_queued_events``) applies and an overflow becomes an ``Op.LOSS`` marker.
+    The kernel's queue limit (``/proc/sys/fs/fanotify/max_queued_events``) applies; an overflow becomes an
+    ``Op.LOSS`` marker.
     """
 
     name = "fanotify"
@@ -488,7 +491,6 @@ class FanotifySource:
         self,
         filt: CaptureFilter | None = None,
         *,
-        unlimited_queue: bool = True,
         buffer_bytes: int = DEFAULT_BUFFER,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
@@ -503,8 +505,7 @@ class FanotifySource:
         mount_fds: dict[bytes, list[int]] = {}
         self._resolver = _Resolver(mount_fds)
         lib = _lib()
-        flags = INIT_FLAGS | (FAN_UNLIMITED_QUEUE if unlimited_queue else 0)
-        fd = lib.fanotify_init(flags, os.O_RDONLY | os.O_LARGEFILE)
+        fd = lib.fanotify_init(INIT_FLAGS, os.O_RDONLY | os.O_LARGEFILE)
         if fd < 0:
             err = ctypes.get_errno()
             if err == errno.EPERM:
@@ -532,6 +533,10 @@ class FanotifySource:
                 if fsid not in marked:
                     if lib.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, MARK_MASK, AT_FDCWD, root) != 0:
                         err = ctypes.get_errno()
+                        if err == errno.EPERM:
+                            # without FAN_UNLIMITED_QUEUE an unprivileged fanotify_init succeeds (Linux >= 5.13);
+                            # the filesystem mark is what needs the capability
+                            raise CaptureError("fanotify needs CAP_SYS_ADMIN: run as root, or use the inotify backend")
                         hint = {
                             errno.ENODEV: "the filesystem has no file handles (fanotify FID mode needs them)",
                             errno.EXDEV: "the filesystem has no unique fsid (e.g. a subvolume or overlay)",

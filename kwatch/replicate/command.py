@@ -83,6 +83,15 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     src = os.fsencode(os.path.abspath(args.source))
     if not os.path.isdir(src):
         raise SystemExit(f"kwatch replicate: {args.source} is not a directory")
+    if args.password_file is not None:
+        from kwatch.rules.filesafety import unsafe_file
+
+        try:
+            problem = unsafe_file(args.password_file, secret=True)
+        except OSError as e:
+            problem = f"cannot read {args.password_file}: {e.strerror or e}"
+        if problem is not None:
+            raise SystemExit(f"kwatch replicate: --password-file: {problem}")
     opts = TargetOptions(
         delete=not args.no_delete, excludes=tuple(os.fsencode(x) for x in args.exclude), settle=args.settle,
         max_delay=args.max_delay, eager=args.eager or None, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,

@@ -132,6 +132,7 @@ class Target:
             if not u.hostname or not u.path:
                 raise ValueError(f"target {spec!r}: expected ssh://[user@]host[:port]/path")
             who = f"{u.username}@{u.hostname}" if u.username else u.hostname
+            _check_host(spec, who)
             return cls(spec, "ssh", urllib.parse.unquote_to_bytes(u.path), who, u.port)
         host, sep, path = spec.partition(":")
         if not sep or not host or "/" in host:
@@ -139,6 +140,7 @@ class Target:
                 f"target {spec!r}: expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or "
                 "rsync://host/module/path"
             )
+        _check_host(spec, host)
         return cls(spec, "ssh", os.fsencode(path or "."), host)
 
     def agent_argv(self, opts: TargetOptions) -> list[str]:
@@ -154,7 +156,15 @@ class Target:
             # enables by default, in our order; the server picks the first it accepts. A command-line -c overrides
             # ssh_config's Ciphers: give -e its own -c to choose (then this is left out).
             ssh[1:1] = ["-c", SSH_CIPHERS]
-        return [*ssh, *port, "-o", "BatchMode=yes", self.host, shlex.join(remote)]
+        # "--": whatever the host string says, ssh takes it as the destination, never as an option (parse refuses
+        # a leading "-" already; this holds for a Target built by hand too)
+        return [*ssh, *port, "-o", "BatchMode=yes", "--", self.host, shlex.join(remote)]
+
+
+def _check_host(spec: str, host: str) -> None:
+    # "-oProxyCommand=...:/p" would reach ssh as an option and run a local command; no host name starts with "-"
+    if host.startswith("-"):
+        raise ValueError(f"target {spec!r}: a host cannot start with '-' (ssh would read {host!r} as an option)")
 
 
 def _agent_entry(e: ap.Entry) -> Entry:

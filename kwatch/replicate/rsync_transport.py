@@ -95,6 +95,9 @@ def parse_url(url: str) -> RsyncURL:
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("rsync", "ssh") or not u.hostname:
         raise ValueError(f"not an rsync:// or ssh:// URL: {url!r}")
+    if u.hostname.startswith("-") or (u.username or "").startswith("-"):
+        # ssh would read "-oProxyCommand=..." as an option; no host or user name starts with "-"
+        raise ValueError(f"{url!r}: a host or user name cannot start with '-'")
     path = urllib.parse.unquote_to_bytes(u.path)
     if u.scheme == "rsync":
         parts = path.lstrip(b"/").split(b"/", 1)
@@ -491,7 +494,7 @@ def push(
         remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(target.path or b".")]
         if rsh is None:
             who = f"{target.user}@{target.host}" if target.user else target.host
-            argv = ["ssh", "-p", str(target.port), who, shlex.join(remote)]
+            argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
         else:
             argv = [*rsh, *remote]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -6,7 +6,9 @@
 - ``build``         checks shared by both formats (commands, batch options). Pure.
 - ``match``         RuleSet.match(event) -> Match(rule, action, placeholder values). Pure.
 - ``errors``        ConfigError (file, line, reason) and ConfigErrors.
-- ``load``          reading files: load_config, check_config, load_default_config (embedded ``default.conf``).
+- ``load``          reading files: load_config, check_config, load_default_config (embedded ``default.conf``);
+                    the checks of files, accounts and password files a config needs before it is trusted.
+- ``filesafety``    whether a config, include or password file can be changed (or read) by others.
 - ``procfs``        process ancestry from /proc for process filters (the daemon passes it to match).
 """
 

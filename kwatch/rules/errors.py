@@ -37,3 +37,11 @@ class ConfigErrors(ValueError):
     def __init__(self, errors: list[ConfigError]) -> None:
         self.errors = in_order(errors)
         super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class UnsafeFileError(PermissionError):
+    """A file kwatch must trust (a config, an include, a password file) can be changed by others; ``strerror``
+    names the file, who can change it, and the fix (see :mod:`kwatch.rules.filesafety`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(1, reason)  # EPERM

@@ -4,6 +4,11 @@
 - :func:`check_config` returns that list (empty: the config is fine) for ``kwatch check-config``.
 - :func:`load_default_config` reads the embedded ``default.conf``.
 
+A config decides what kwatch runs with its privileges, so files are checked before they are trusted: the config
+and every file it includes must be changeable by no one but root or kwatch's own user
+(:mod:`kwatch.rules.filesafety`), a replication target's ``password_file`` must not be readable by every user, and
+every ``user``/``group`` of an action must exist and be one kwatch can switch to (only root can switch at all).
+
 The format is TOML when the name ends in ``.toml``; otherwise changedfiles, unless the first statement is
 clearly TOML (a ``[table]`` header or ``key = value``) and not a changedfiles keyword.
 """
@@ -14,9 +19,11 @@ import os
 import re
 from importlib import resources
 
+from kwatch.actions.privileges import resolve_run_as, switch_problem
 from kwatch.rules.build import KEYWORDS
 from kwatch.rules.changedfiles import parse_changedfiles
-from kwatch.rules.errors import ConfigError, ConfigErrors, in_order
+from kwatch.rules.errors import ConfigError, ConfigErrors, UnsafeFileError, in_order
+from kwatch.rules.filesafety import unsafe_file
 from kwatch.rules.model import Config
 from kwatch.rules.tomlconf import parse_toml
 
@@ -26,8 +33,61 @@ _TOMLISH = re.compile(r"\s*(\[|[A-Za-z0-9_.\"'-]+\s*=)")
 
 
 def _read(path: str) -> str:
+    problem = unsafe_file(path)
+    if problem is not None:
+        raise UnsafeFileError(problem)
     with open(path, "rb") as f:
         return f.read().decode("utf-8", "surrogateescape")
+
+
+def check_privileges(config: Config) -> list[ConfigError]:
+    """Problems with the accounts actions run as and with the replication password files (reads the account
+    databases and the files' metadata)."""
+    errs: list[ConfigError] = []
+    seen: set[tuple[str | None, str | None]] = set()
+    for rs in config.rulesets:
+        for rule in rs.rules:
+            for action in rule.actions:
+                key = (action.options.user, action.options.group)
+                if key in seen or key == (None, None):
+                    continue
+                seen.add(key)
+                where = action.where
+                try:
+                    run_as = resolve_run_as(*key)
+                except LookupError as e:
+                    errs.append(ConfigError(where.file, where.line, f"{e.args[0]} (user/group of this action)"))
+                    continue
+                problem = switch_problem(run_as) if run_as is not None else None
+                if problem is not None:
+                    errs.append(ConfigError(where.file, where.line, f"{problem}: run kwatch as root, or drop user/group"))
+    for t in config.replicate:
+        pf = t.options.get("password_file")
+        if not isinstance(pf, str):
+            continue
+        try:
+            problem = unsafe_file(pf, secret=True)
+        except OSError as e:
+            problem = f"cannot read the password file {pf}: {e.strerror or e}"
+        if problem is not None:
+            errs.append(ConfigError(t.where.file, t.where.line, f"password_file: {problem}"))
+    return errs
+
+
+def _load(p: str) -> tuple[Config | None, list[ConfigError]]:
+    try:
+        text = _read(p)
+    except UnsafeFileError as e:
+        return None, [ConfigError(p, 0, f"refusing to load {e.strerror}")]
+    except OSError as e:
+        return None, [ConfigError(p, 0, f"cannot read: {e.strerror or e}")]
+    cfg, errs = parse_config(text, p)
+    if cfg is None:
+        return None, errs
+    problems = check_privileges(cfg)
+    if problems:
+        return None, in_order(errs + problems)
+    return cfg, errs
 
 
 def looks_like_toml(path: str, text: str) -> bool:
@@ -59,22 +119,12 @@ def parse_config(
 
 def check_config(path: str | os.PathLike[str]) -> list[ConfigError]:
     """Every error and warning in the config at ``path`` (and the files it includes), in file/line order."""
-    p = os.fspath(path)
-    try:
-        text = _read(p)
-    except OSError as e:
-        return [ConfigError(p, 0, f"cannot read: {e.strerror or e}")]
-    return parse_config(text, p)[1]
+    return _load(os.fspath(path))[1]
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """The config at ``path``; raises ConfigErrors (all of them) when it has any error."""
-    p = os.fspath(path)
-    try:
-        text = _read(p)
-    except OSError as e:
-        raise ConfigErrors([ConfigError(p, 0, f"cannot read: {e.strerror or e}")]) from None
-    cfg, errs = parse_config(text, p)
+    cfg, errs = _load(os.fspath(path))
     if cfg is None:
         raise ConfigErrors(errs)
     return cfg

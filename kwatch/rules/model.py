@@ -90,6 +90,8 @@ class ActionOptions:
     batch_window: float = 1.0  # a batch collects files this long after its first one
     batch_max: int = 5000  # files per batch; a full batch starts at once
     retrigger: bool = False  # events caused by this action's processes may trigger rules again
+    user: str | None = None  # run as this user (a name or a uid), with its groups; None: as the daemon
+    group: str | None = None  # primary group (a name or a gid); None: the user's (or the daemon's)
 
 
 @dataclass(frozen=True)

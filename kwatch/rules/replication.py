@@ -33,12 +33,22 @@ _FALSE = {"off", "no", "false", "0"}
 
 def check_target(target: str) -> str | None:
     """None when ``target`` has a form kwatch replicates to, else the reason."""
-    if target.startswith(("rsync://", "ssh://", "/")):
+    if target.startswith("/"):
         return None
-    host, sep, _ = target.partition(":")
-    if sep and host and "/" not in host:
-        return None
-    return f"target {target!r}: expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or rsync://host/module/path"
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme in ("rsync", "ssh"):
+        host = rest
+    else:
+        host, sep, _ = target.partition(":")
+        if not sep or not host or "/" in host:
+            return (
+                f"target {target!r}: expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or "
+                "rsync://host/module/path"
+            )
+    if host.startswith("-"):
+        # ssh would take "-oProxyCommand=...:/p" for an option and run that command (as root)
+        return f"target {target!r}: a host cannot start with '-' (ssh would read it as an option)"
+    return None
 
 
 def check_options(opts: Mapping[str, object]) -> list[str]:

@@ -12,6 +12,8 @@ Schema (every key optional unless marked)::
     debounce_max = 10.0          # longest wait under a continuous stream (default 10 x debounce)
     timeout = 600                # seconds; then SIGTERM to the process group, SIGKILL after kill_grace
     kill_grace = 5
+    user = "www-data"            # run actions as this user (name or uid) with its groups; default: as kwatch
+    group = "www-data"           # primary group (name or gid); default: the user's
     concurrency = 4              # actions of one rule running at once
     batch = false                # false | "args" (files are _FILES_) | "stdin" (NUL-separated paths)
     batch_window = 1.0           # a batch collects files this long
@@ -21,6 +23,7 @@ Schema (every key optional unless marked)::
     [[ruleset]]
     name = "images"
     changedfiles = "legacy.conf" # rules from a changedfiles file (relative to this file), before the rules below
+    user = "images"              # user/group here: the default of this rule set's rules and its changedfiles file
 
     [ruleset.process]            # which processes' events this rule set sees
     uid = [1000]                 # only these uids
@@ -58,7 +61,7 @@ from typing import Any
 
 from kwatch.rules.build import make_action
 from kwatch.rules.changedfiles import parse_changedfiles
-from kwatch.rules.errors import ConfigError, in_order
+from kwatch.rules.errors import ConfigError, UnsafeFileError, in_order
 from kwatch.rules.model import (
     COMM_LEN,
     Action,
@@ -84,6 +87,8 @@ _OPTION_KEYS = (
     "batch_window",
     "batch_max",
     "retrigger",
+    "user",
+    "group",
 )
 _RULE_LEVEL = ("concurrency",)
 _TOP_KEYS = ("runner", "defaults", "ruleset", "rule", "replicate")
@@ -226,6 +231,8 @@ class _Loader:
             else:
                 self.err((*path, "retrigger"), f"retrigger must be true or false, not {v!r}")
         return ActionOptions(
+            user=self.account(table, "user", path, base.user),
+            group=self.account(table, "group", path, base.group),
             debounce=debounce if debounce is not None else base.debounce,
             debounce_max=debounce_max,
             timeout=timeout,
@@ -235,6 +242,18 @@ class _Loader:
             batch_max=batch_max,
             retrigger=retrigger,
         )
+
+    def account(self, table: dict[str, Any], key: str, path: Path, default: str | None) -> str | None:
+        """A user or group: a name, or a numeric id (kept as its decimal string)."""
+        if key not in table:
+            return default
+        v = table[key]
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return str(v)
+        if isinstance(v, str) and v and not v.startswith("-") and ":" not in v and not v.isspace():
+            return v
+        self.err((*path, key), f"{key} must be a {key} name or a numeric id, not {v!r}")
+        return default
 
     def string_list(self, table: dict[str, Any], key: str, path: Path) -> list[str]:
         if key not in table:
@@ -385,7 +404,9 @@ class _Loader:
     def ruleset(
         self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, name: str
     ) -> RuleSet | None:
-        self.check_keys(table, path, ("name", "changedfiles", "process", "rule"), "a ruleset")
+        self.check_keys(table, path, ("name", "changedfiles", "process", "rule", "user", "group"), "a ruleset")
+        # user/group of a rule set: its rules' and its changedfiles file's default (that format cannot say it)
+        base = self.options({k: table[k] for k in ("user", "group") if k in table}, path, base)
         rules: list[Rule] = []
         ok = True
         include = table.get("changedfiles")
@@ -423,6 +444,9 @@ class _Loader:
             return False
         try:
             text = self.read(full)
+        except UnsafeFileError as e:
+            self.err(path, f"refusing to include {e.strerror}")
+            return False
         except OSError as e:
             self.err(path, f"cannot read {full}: {e.strerror or e}")
             return False
