@@ -9,6 +9,7 @@ start it); the hypothesis properties drive :class:`AgentServer` in-process for s
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from kwatch.protocols.agent import (
     PutBegin,
     PutChunk,
     PutEnd,
+    PutFile,
     PutFiles,
     Rename,
     Role,
@@ -450,3 +452,72 @@ def test_delta_basis_shrinking_while_patched_keeps_the_old_file(tmp_path: Path) 
     (errors,) = [a.errors for a in replies if isinstance(a, Ack)]
     assert [e.relpath for e in errors] == [b"big"] and "shrank" in errors[0].message, errors
     assert sorted(os.listdir(tmp_path)) == ["big"], "a temporary was left behind"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setuid/setgid: the mirror never holds such a file unless owner and group were set from the source (--owner),
+# whatever the sender's frames ask for (in-process AgentServer, real Receiver; the tests run as root)
+
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def _setid_frames(path: bytes, mode: int, owner: tuple[int, int] | None) -> bytes:
+    """Frames putting ``path`` with ``mode`` by every way a sender has, then a SetAttr with ``owner``."""
+    uid, gid = owner if owner is not None else (None, None)
+    return {
+        b"putfile": encode_frame(PutFile(path, mode, None, b"#!/bin/sh\n", None)),
+        b"putbegin": encode_frame(PutBegin(path, 3, mode)) + encode_frame(PutChunk(b"abc")) + encode_frame(PutEnd(None)),
+        b"putfiles": encode_frame(PutFiles((PutFile(path, mode, None, b"x", None),))),
+    }[path.split(b"-")[0]] + encode_frame(SetAttr(path, mode, None, uid, gid))
+
+
+SETID_CASES: list[tuple[str, bool, int, tuple[int, int] | None, int]] = [
+    # (name, agent --owner, mode sent, owner sent in SetAttr, mode the mirror must hold)
+    ("04755 without --owner", False, 0o4755, None, 0o755),
+    ("06755 and owner root:root without --owner", False, 0o6755, (0, 0), 0o755),
+    ("02750 without --owner", False, 0o2750, None, 0o750),
+    ("04755 with --owner but no owner sent", True, 0o4755, None, 0o755),
+    ("04755 with --owner and owner 1000:1000", True, 0o4755, (1000, 1000), 0o4755),
+    ("06755 with --owner and owner 0:0", True, 0o6755, (0, 0), 0o6755),
+    ("01777 sticky is kept", False, 0o1777, None, 0o1777),
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent's rule matters (and chown works) as root")
+@pytest.mark.parametrize(("name", "owner_opt", "mode", "owner", "want"), SETID_CASES, ids=[c[0] for c in SETID_CASES])
+def test_setid_bits_need_the_sources_owner_and_group(name: str, owner_opt: bool, mode: int,
+                                                      owner: tuple[int, int] | None, want: int,
+                                                      tmp_path: Path) -> None:
+    server = AgentServer(Receiver(os.fsencode(tmp_path), preserve_owner=owner_opt))
+    server.start()
+    paths = [b"putfile-a", b"putbegin-a", b"putfiles-a"]
+    frames = HELLO + b"".join(_setid_frames(p, mode, owner) for p in paths)
+    # a file put without owner, then only a mode: its setuid bits must not come back later either
+    frames += encode_frame(PutFile(b"putfile-late", 0o755, None, b"x", None))
+    frames += encode_frame(SetAttr(b"putfile-late", mode, None, None, None))
+    replies = decode_all(server.feed(frames + encode_frame(Commit(1))))
+    server.close()
+    assert [a.errors for a in replies if isinstance(a, Ack)] == [()], replies
+    for p in paths:
+        st = os.lstat(tmp_path / os.fsdecode(p))
+        assert stat.S_IMODE(st.st_mode) == want, (p, oct(st.st_mode))
+        if owner is not None and owner_opt:
+            assert (st.st_uid, st.st_gid) == owner
+    late = stat.S_IMODE(os.lstat(tmp_path / "putfile-late").st_mode)
+    assert not late & SETID, oct(late)
+
+
+def test_setid_bits_on_directories_and_chown_alone(tmp_path: Path) -> None:
+    """A directory keeps setgid (it only picks the group of new entries); a chown alone clears a file's bits."""
+    server = AgentServer(Receiver(os.fsencode(tmp_path), preserve_owner=True))
+    server.start()
+    frames = HELLO + encode_frame(Mkdir(b"d", 0o2775)) + encode_frame(SetAttr(b"d", 0o2775, None, None, None))
+    frames += encode_frame(PutFile(b"f", 0o4755, None, b"x", None)) + encode_frame(SetAttr(b"f", 0o4755, None, 7, 7))
+    frames += encode_frame(SetAttr(b"f", None, None, 0, 0))  # now root's: the kernel drops setuid on chown
+    replies = decode_all(server.feed(frames + encode_frame(Commit(1))))
+    server.close()
+    assert [a.errors for a in replies if isinstance(a, Ack)] == [()], replies
+    assert stat.S_IMODE(os.lstat(tmp_path / "d").st_mode) == 0o2775
+    st = os.lstat(tmp_path / "f")
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (0, 0) and not st.st_mode & stat.S_ISUID, oct(st.st_mode)

@@ -1058,7 +1058,8 @@ class Replicator:
                     link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
                                          xxhash.xxh3_128_digest(data)))
                     if p.uid is not None or p.gid is not None:
-                        link.send(ap.SetAttr(p.path, None, None, p.uid, p.gid))
+                        # the mode again: setuid/setgid bits stay only once owner and group are set (agent rule)
+                        link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), None, p.uid, p.gid))
                     rep.puts += 1
                     rep.literal += len(data)
                     self._throttle(len(data), started, len(data))

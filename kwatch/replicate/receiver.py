@@ -352,17 +352,32 @@ class Receiver:
             finally:
                 os.close(fd)
 
+    def _safe_mode(self, mode: int, uid: int | None, gid: int | None, *, is_dir: bool = False) -> int:
+        """``mode`` as the mirror may hold it: setuid/setgid only on a file whose owner and group are the source's.
+
+        Without both (no ``preserve_owner``, not root, or the sender left one out) the file belongs to whoever runs
+        the receiver, often root: keeping the bits would turn a user's 04755 file into a root one. The sender
+        cannot ask for them otherwise, whatever its frames say. A directory keeps setgid: there it only picks the
+        group of new entries, and only kwatch writes into the mirror.
+        """
+        mode &= 0o7777
+        if is_dir or (self.preserve_owner and uid is not None and gid is not None):
+            return mode
+        return mode & ~(stat.S_ISUID | stat.S_ISGID)
+
     def _attrs_at(
         self, dir_fd: int, name: bytes, st: os.stat_result, mode: int | None, mtime_ns: int | None,
         uid: int | None, gid: int | None,
     ) -> None:
-        """Set metadata on ``name`` without following it. chown first: it clears setuid/setgid bits."""
+        """Set metadata on ``name`` without following it. chown first: it clears setuid/setgid bits (the kernel
+        does so for root too), so a chown alone never leaves them on a file of another owner."""
         if self.preserve_owner and (uid is not None or gid is not None):
             os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dir_fd,
                      follow_symlinks=False)
         if mode is not None and not stat.S_ISLNK(st.st_mode):  # a symlink's mode is fixed (0777) on Linux
             # fchmodat(AT_SYMLINK_NOFOLLOW): glibc does it through an O_PATH fd, so a symlink is never followed.
-            os.chmod(name, mode & 0o7777, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(name, self._safe_mode(mode, uid, gid, is_dir=stat.S_ISDIR(st.st_mode)), dir_fd=dir_fd,
+                     follow_symlinks=False)
         if mtime_ns is not None:
             # atime is set to mtime: Python's utime has no UTIME_OMIT, and a mirror's atime carries no meaning.
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
@@ -444,7 +459,7 @@ class Receiver:
         try:
             if self.preserve_owner and (h.uid is not None or h.gid is not None):
                 os.fchown(h.fd, -1 if h.uid is None else h.uid, -1 if h.gid is None else h.gid)
-            os.fchmod(h.fd, h.mode & 0o7777)
+            os.fchmod(h.fd, self._safe_mode(h.mode, h.uid, h.gid))
             if h.mtime_ns is not None:
                 os.utime(h.fd, ns=(h.mtime_ns, h.mtime_ns))
             if self.fsync == "file":
@@ -550,7 +565,7 @@ class Receiver:
                     n = os.write(fd, view)
                     view = view[n:]
                 if not exact:
-                    os.fchmod(fd, mode & 0o7777)
+                    os.fchmod(fd, self._safe_mode(mode, None, None))  # no owner in these: never setuid/setgid
                 if mtime_ns is not None:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
                 if self.fsync == "file":
