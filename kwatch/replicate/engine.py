@@ -936,7 +936,7 @@ class Replicator:
         wholes: list[Put] = []
         deltas: list[Put] = []
         for p in plan.puts:
-            if p.basis and delta_ok:
+            if p.basis and delta_ok and len(deltas) < ap.MAX_OPEN_SIGS:  # past the agent's bound: sent whole
                 self._ids += 1
                 sig_ids[p.path] = self._ids
                 link.send(ap.SigRequest(self._ids, p.path))
