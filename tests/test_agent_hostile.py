@@ -686,3 +686,64 @@ def test_agent_stops_reading_while_its_replies_are_not_read(tmp_path: Path) -> N
         proc.kill()
         proc.wait()
         writer.join(10)
+
+
+# The sender against a hostile agent: a fake agent (its Hello, then the attack) on the other end of the real
+# AgentLink, the real Replicator taking a signature from it, all under the same limit.
+_HOSTILE_AGENT = """
+import os, sys, threading
+from kwatch.protocols.agent import CAPABILITIES, Hello, Role, Signature, encode_frame
+out = sys.stdout.buffer
+out.write(encode_frame(Hello(1, CAPABILITIES, Role.RECEIVER)))
+out.flush()
+buf = b""
+def frames(b):
+    n = 0
+    while len(b) >= 4 and len(b) >= 4 + int.from_bytes(b[:4], "big"):
+        b, n = b[4 + int.from_bytes(b[:4], "big"):], n + 1
+    return n
+while frames(buf) < 2:  # the sender's Hello and its SigRequest
+    buf += os.read(0, 1 << 16)
+threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(0, 1 << 20), b"")], daemon=True).start()
+if sys.argv[1] == "arrays":
+    per = (8 << 20) // 8 - 5
+    body = b"\\x98" + (b"\\xdd" + per.to_bytes(4, "big") + b"\\x90" * per) * 8
+    out.write(len(body).to_bytes(4, "big") + body)
+else:  # a signature of 2^40 bytes in blocks of 1, streamed for as long as the sender reads it
+    piece = encode_frame(Signature(1, 1, 1 << 40, 0, b"w" * 4 * 8192, b"s" * 16 * 8192, False))
+    while True:
+        out.write(piece)
+out.flush()
+"""
+
+_SENDER = """
+import sys
+from kwatch.protocols import agent as ap
+from kwatch.replicate.engine import Replicator, Target
+from kwatch.replicate.link import AgentLink, LinkError
+src, mirror, agent, attack = sys.argv[2:]  # argv[1] is this code
+rep = Replicator(src.encode(), Target.parse(mirror))
+rep.link = AgentLink([sys.executable, "-c", agent, attack], timeout=60)
+rep._ids = 1
+rep.link.send(ap.SigRequest(1, b"f"))
+try:
+    rep._take_signature(1)
+except LinkError as e:
+    print("refused:", e)
+rep.link.kill()
+"""
+
+
+@pytest.mark.parametrize(("attack", "message"), [("arrays", "msgpack objects"), ("signature", "blocks")])
+def test_sender_memory_against_a_hostile_agent(attack: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "m").mkdir()
+    argv = [sys.executable, "-c", _PEAK.replace("runpy.run_module('kwatch', run_name='__main__', alter_sys=True)",
+                                                 "exec(compile(sys.argv[1], 'sender', 'exec'))"),
+            _SENDER, str(tmp_path / "src"), str(tmp_path / "m"), _HOSTILE_AGENT, attack]
+    r = run_limited(argv, b"", timeout=300)
+    assert "MemoryError" not in r.err and r.code == 0, (r.code, r.err[-2000:])
+    assert b"refused:" in r.out and message.encode() in r.out, r.out[-2000:]
+    peak = peak_rss(r.err)
+    assert peak < 200 << 20, f"sender peak RSS {peak >> 20} MiB"
+    print(f"sender vs agent sending {attack}: peak RSS {peak >> 20} MiB")
