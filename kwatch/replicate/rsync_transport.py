@@ -41,6 +41,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kwatch.fsutil import open_regular
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync.client import (
     NEED_DATA,
@@ -389,13 +390,15 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
 def _send_one(session: PushSession, ev: FileRequested, root: bytes, result: PushResult) -> None:
     path = os.path.join(root, ev.entry.name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # beneath the root with no symlink in the path (a directory swapped for one since the file list was built
+        # is refused, not followed), a regular file only, never blocking on a FIFO (see kwatch.fsutil)
+        fd, st = open_regular(root, ev.entry.name)
     except OSError as exc:
         result.errors.append(f"{path!r}: {exc.strerror}")
         session.skip_file(ev.ndx)
         return
     try:
-        size = os.fstat(fd).st_size
+        size = st.st_size
         if size == 0:
             session.send_file(ev.ndx, b"")
         else:
