@@ -25,6 +25,7 @@ import os
 import stat
 
 __all__ = [
+    "READ_FLAGS",
     "RESOLVE_BENEATH",
     "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_NO_SYMLINKS",

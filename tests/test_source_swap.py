@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 from rsyncd import RsyncDaemon
 
 from kwatch.events import FileEvent, Op
 from kwatch.replicate import rsync_transport
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
+from kwatch.replicate.scan import scan
 
 CANARY = b"root-only canary: must never be replicated\n"
 
@@ -158,3 +160,26 @@ def test_rsync_path_reads_only_beneath_the_source(name: str, swap: Callable[[Pat
         assert res.errors, "the swapped file was sent as if nothing happened"
         assert leaked(mirror) == [], "bytes of a file outside the source reached the mirror"
     assert (canary / "f").read_bytes() == CANARY
+
+
+def test_scan_does_not_descend_into_a_directory_swapped_during_the_walk(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root is listed (``d`` is a directory, stat'ed as one), then ``d`` becomes a symlink to the canary as the
+    walk goes into it: the scan lists nothing of the canary (names, sizes or checksums)."""
+    src, canary = make_world(tmp_path)
+    (canary / "only-in-canary").write_bytes(b"x")
+    real = os.scandir
+    calls = [0]
+
+    def listing(path: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:  # going into d
+            swap_to_link(src, canary)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    man = scan(os.fsencode(src), checksum=True)
+    monkeypatch.undo()
+    canary_digest = xxhash.xxh3_128_digest(CANARY)
+    assert all(e.digest != canary_digest and e.size != len(CANARY) for e in man.entries.values()), man.entries
+    assert b"d/only-in-canary" not in man.entries, sorted(man.entries)

@@ -204,13 +204,11 @@ class AgentServer:
 
     def _manifest(self, m: ap.ManifestRequest) -> None:
         root = self.receiver.root
-        base = root if not m.relpath else os.path.join(root, m.relpath)
         prefix = b"" if not m.relpath else m.relpath + b"/"
         entries: list[ap.Entry] = []
         try:
-            # the scan follows nothing below base; base itself is checked to be a real directory under the root
-            real = not m.relpath or self._is_real_dir(m.relpath)
-            man = scan(base, checksum=m.hashes) if real else None
+            # the scan opens relpath and everything below it beneath the root, following no symlink
+            man = scan(root, checksum=m.hashes, sub=m.relpath or b"")
         except OSError:
             man = None
         inodes = _inode_ids(man) if man is not None and "inodes" in self.conn.capabilities else {}
@@ -228,14 +226,6 @@ class AgentServer:
                     self._emit(ap.ManifestEntries(m.id, tuple(entries), False))
                     entries = []
         self._emit(ap.ManifestEntries(m.id, tuple(entries), True))
-
-    def _is_real_dir(self, rel: bytes) -> bool:
-        try:
-            fd = self.receiver.open_dir(rel)
-        except (ReceiverError, OSError):
-            return False
-        os.close(fd)
-        return True
 
     def _signature(self, m: ap.SigRequest) -> None:
         f = self._open_basis(m.relpath)

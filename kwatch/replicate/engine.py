@@ -834,7 +834,8 @@ class Replicator:
         self._ids += 1
         rid = self._ids
         self.link.send(ap.ManifestRequest(rid, rel or None, self.opts.checksum))
-        src = scan(full, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum)
+        # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
+        src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
         dst = Manifest(checksum=self.opts.checksum, identities="inodes" in self.link.conn.capabilities)
         prefix_len = len(rel) + 1 if rel else 0
         while True:
