@@ -183,3 +183,27 @@ def test_scan_does_not_descend_into_a_directory_swapped_during_the_walk(tmp_path
     canary_digest = xxhash.xxh3_128_digest(CANARY)
     assert all(e.digest != canary_digest and e.size != len(CANARY) for e in man.entries.values()), man.entries
     assert b"d/only-in-canary" not in man.entries, sorted(man.entries)
+
+
+def test_rsync_file_list_does_not_descend_into_a_directory_swapped_during_the_walk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same swap as above while the rsync:// path builds its file list (names, sizes and link targets would go
+    to the daemon)."""
+    src, canary = make_world(tmp_path)
+    (canary / "only-in-canary").write_bytes(b"x")
+    os.symlink(b"/root/secret-target", canary / "canary-link")
+    real = os.scandir
+    calls = [0]
+
+    def listing(path: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:  # going into d
+            swap_to_link(src, canary)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    entries = rsync_transport.scan_tree(os.fsencode(src))
+    monkeypatch.undo()
+    names = {e.name for e in entries}
+    assert not names & {b"d/only-in-canary", b"d/canary-link"}, sorted(names)
+    assert all(e.link_target != b"/root/secret-target" for e in entries)
