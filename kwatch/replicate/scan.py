@@ -26,6 +26,7 @@ import gc
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
@@ -232,7 +233,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
     # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
     intern: dict[int, int] = {}
     ix = intern.setdefault
-    fsencode = os.fsencode
+    fs_enc = sys.getfilesystemencoding()  # os.fsencode's own steps, without its call per name
     # Explicit stack instead of recursion: deep trees must not hit the recursion limit. Each item is the rel
     # prefix (trailing slash, or empty for the top). A directory is opened when its turn comes, beneath the root
     # (fds are not held for the whole stack: a wide tree would run out of them).
@@ -263,7 +264,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                 except OSError as e:  # getdents failing mid-directory (EIO, directory removed)
                     errors.append(ScanError(prefix[:-1], e.errno, f"error while listing directory: {e.strerror}"))
                     break
-                name = fsencode(de.name)
+                name = de.name.encode(fs_enc, "surrogateescape")
                 rel = prefix + name
                 if excluded(name, rel):
                     continue
