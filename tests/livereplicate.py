@@ -156,13 +156,13 @@ class LiveReplicate:
 
 
 def wait_identical(src: Path | bytes, mirror: Path | bytes, timeout: float, *, what: str = "",
-                   live: LiveReplicate | None = None) -> float:
+                   live: LiveReplicate | None = None, setid: bool = True) -> float:
     """Poll until ``mirror`` equals ``src`` (treecmp); returns the seconds it took, fails with the differences."""
     t0 = time.monotonic()
     diffs: list[str] = []
     while True:
         try:
-            diffs = tree_differences(src, mirror)
+            diffs = tree_differences(src, mirror, setid=setid)
         except FileNotFoundError as e:  # a file vanished between listdir and lstat: the mirror is moving
             diffs = [f"tree changed while compared: {e}"]
         if not diffs:

@@ -8,11 +8,17 @@ start it); the hypothesis properties drive :class:`AgentServer` in-process for s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import stat
 import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ from kwatch.protocols.agent import (
     PutBegin,
     PutChunk,
     PutEnd,
+    PutFile,
     PutFiles,
     Rename,
     Role,
@@ -278,7 +285,7 @@ def test_delta_cannot_copy_blocks_from_outside(tmp_path: Path) -> None:
     """A delta against ``esc-file`` (a link to the secret) has no basis: its copy ops are refused, nothing leaks."""
     w = World.make(tmp_path)
     before = w.outside()
-    frames = (encode_frame(SigRequest(1, b"esc-file", 4))
+    frames = (encode_frame(SigRequest(1, b"esc-file", 512))
               + tamper(DeltaBegin(P, 1, 8, 0o644), P=b"esc-file"))
     # handcrafted chunk: copy block 0 (the secret's first bytes, had the basis been followed) + a literal
     body = msgpack.packb([11, [[0, 1], 4], b"tail", None], use_bin_type=True)
@@ -450,3 +457,293 @@ def test_delta_basis_shrinking_while_patched_keeps_the_old_file(tmp_path: Path) 
     (errors,) = [a.errors for a in replies if isinstance(a, Ack)]
     assert [e.relpath for e in errors] == [b"big"] and "shrank" in errors[0].message, errors
     assert sorted(os.listdir(tmp_path)) == ["big"], "a temporary was left behind"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setuid/setgid: the mirror never holds such a file unless owner and group were set from the source (--owner),
+# whatever the sender's frames ask for (in-process AgentServer, real Receiver; the tests run as root)
+
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def _setid_frames(path: bytes, mode: int, owner: tuple[int, int] | None) -> bytes:
+    """Frames putting ``path`` with ``mode`` by every way a sender has, then a SetAttr with ``owner``."""
+    uid, gid = owner if owner is not None else (None, None)
+    return {
+        b"putfile": encode_frame(PutFile(path, mode, None, b"#!/bin/sh\n", None)),
+        b"putbegin": encode_frame(PutBegin(path, 3, mode)) + encode_frame(PutChunk(b"abc")) + encode_frame(PutEnd(None)),
+        b"putfiles": encode_frame(PutFiles((PutFile(path, mode, None, b"x", None),))),
+    }[path.split(b"-")[0]] + encode_frame(SetAttr(path, mode, None, uid, gid))
+
+
+SETID_CASES: list[tuple[str, bool, int, tuple[int, int] | None, int]] = [
+    # (name, agent --owner, mode sent, owner sent in SetAttr, mode the mirror must hold)
+    ("04755 without --owner", False, 0o4755, None, 0o755),
+    ("06755 and owner root:root without --owner", False, 0o6755, (0, 0), 0o755),
+    ("02750 without --owner", False, 0o2750, None, 0o750),
+    ("04755 with --owner but no owner sent", True, 0o4755, None, 0o755),
+    ("04755 with --owner and owner 1000:1000", True, 0o4755, (1000, 1000), 0o4755),
+    ("06755 with --owner and owner 0:0", True, 0o6755, (0, 0), 0o6755),
+    ("01777 sticky is kept", False, 0o1777, None, 0o1777),
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent's rule matters (and chown works) as root")
+@pytest.mark.parametrize(("name", "owner_opt", "mode", "owner", "want"), SETID_CASES, ids=[c[0] for c in SETID_CASES])
+def test_setid_bits_need_the_sources_owner_and_group(name: str, owner_opt: bool, mode: int,
+                                                      owner: tuple[int, int] | None, want: int,
+                                                      tmp_path: Path) -> None:
+    server = AgentServer(Receiver(os.fsencode(tmp_path), preserve_owner=owner_opt))
+    server.start()
+    paths = [b"putfile-a", b"putbegin-a", b"putfiles-a"]
+    frames = HELLO + b"".join(_setid_frames(p, mode, owner) for p in paths)
+    # a file put without owner, then only a mode: its setuid bits must not come back later either
+    frames += encode_frame(PutFile(b"putfile-late", 0o755, None, b"x", None))
+    frames += encode_frame(SetAttr(b"putfile-late", mode, None, None, None))
+    replies = decode_all(server.feed(frames + encode_frame(Commit(1))))
+    server.close()
+    assert [a.errors for a in replies if isinstance(a, Ack)] == [()], replies
+    for p in paths:
+        st = os.lstat(tmp_path / os.fsdecode(p))
+        assert stat.S_IMODE(st.st_mode) == want, (p, oct(st.st_mode))
+        if owner is not None and owner_opt:
+            assert (st.st_uid, st.st_gid) == owner
+    late = stat.S_IMODE(os.lstat(tmp_path / "putfile-late").st_mode)
+    assert not late & SETID, oct(late)
+
+
+def test_setid_bits_on_directories_and_chown_alone(tmp_path: Path) -> None:
+    """A directory keeps setgid (it only picks the group of new entries); a chown alone clears a file's bits."""
+    server = AgentServer(Receiver(os.fsencode(tmp_path), preserve_owner=True))
+    server.start()
+    frames = HELLO + encode_frame(Mkdir(b"d", 0o2775)) + encode_frame(SetAttr(b"d", 0o2775, None, None, None))
+    frames += encode_frame(PutFile(b"f", 0o4755, None, b"x", None)) + encode_frame(SetAttr(b"f", 0o4755, None, 7, 7))
+    frames += encode_frame(SetAttr(b"f", None, None, 0, 0))  # now root's: the kernel drops setuid on chown
+    replies = decode_all(server.feed(frames + encode_frame(Commit(1))))
+    server.close()
+    assert [a.errors for a in replies if isinstance(a, Ack)] == [()], replies
+    assert stat.S_IMODE(os.lstat(tmp_path / "d").st_mode) == 0o2775
+    st = os.lstat(tmp_path / "f")
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (0, 0) and not st.st_mode & stat.S_ISUID, oct(st.st_mode)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory from a hostile peer: each attack against the real agent (and the real sender) under a 512 MiB address
+# space limit ends in an Error frame or throttles; never MemoryError, never the kernel's OOM killer
+
+AS_LIMIT = 512 << 20
+F_GETPIPE_SZ = 1032
+
+
+@dataclass
+class Limited:
+    code: int
+    out: bytes
+    err: str
+
+
+def run_limited(argv: list[str], payload: bytes, timeout: float = 120) -> Limited:
+    """Run ``argv`` under ``prlimit --as`` with ``payload`` on stdin (one pid: prlimit execs it)."""
+    proc = subprocess.Popen(["prlimit", f"--as={AS_LIMIT}", "--", *argv], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # prlimit execs: one pid
+    assert proc.stdin and proc.stdout and proc.stderr
+    out: list[bytes] = []
+    err: list[bytes] = []
+
+    def write() -> None:
+        assert proc.stdin
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(payload)
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+
+    threads = [threading.Thread(target=write), threading.Thread(target=lambda: out.append(proc.stdout.read())),
+               threading.Thread(target=lambda: err.append(proc.stderr.read()))]
+    for t in threads:
+        t.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        proc.wait()
+    finally:
+        timer.cancel()
+    for t in threads:
+        t.join()
+    return Limited(proc.returncode, b"".join(out), b"".join(err).decode(errors="replace"))
+
+
+def empty_arrays_frame(size: int = 8 << 20) -> bytes:
+    """One frame of ``size`` bytes that is nothing but empty msgpack arrays (1 byte each on the wire)."""
+    per = (size - 1) // 8 - 5
+    inner = b"\xdd" + struct.pack(">I", per) + b"\x90" * per  # array32 of ``per`` empty arrays
+    body = b"\x98" + inner * 8
+    return struct.pack(">I", len(body)) + body
+
+
+# ``python -m kwatch`` with one addition: at exit, its own peak RSS (VmHWM, per address space: not the forking
+# parent's, which wait4's ru_maxrss would include) goes to stderr.
+_PEAK = ("import atexit, runpy, sys\n"
+         "def peak():\n"
+         "    with open('/proc/self/status') as f:\n"
+         "        sys.stderr.write(next(x for x in f if x.startswith('VmHWM:')))\n"
+         "atexit.register(peak)\n"
+         "sys.argv[0] = 'kwatch'\n"
+         "runpy.run_module('kwatch', run_name='__main__', alter_sys=True)\n")
+
+
+def agent_argv(root: Path) -> list[str]:
+    return [sys.executable, "-c", _PEAK, "agent", "--root", str(root)]
+
+
+def peak_rss(stderr: str) -> int:
+    """The VmHWM line _PEAK wrote, in bytes."""
+    lines = [x for x in stderr.splitlines() if x.startswith("VmHWM:")]
+    assert lines, f"no peak RSS reported: {stderr[-2000:]}"
+    return int(lines[-1].split()[1]) << 10
+
+
+def _sig_request_block_1(root: Path) -> bytes:
+    (root / "big").write_bytes(os.urandom(4 << 20))
+    return _raw(TYPE_CODES[SigRequest], 1, b"big", 1)
+
+
+AGENT_ATTACKS: list[tuple[str, Any, str]] = [
+    ("8 MiB frame of empty arrays", lambda root: empty_arrays_frame(), "msgpack objects"),
+    ("signature of a 4 MiB file in blocks of 1", _sig_request_block_1, "block size 1 outside"),
+    ("signature in blocks of 16 MiB", lambda root: _raw(TYPE_CODES[SigRequest], 1, b"big", 1 << 24),
+     "block size 16777216 outside"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "message"), AGENT_ATTACKS, ids=[c[0] for c in AGENT_ATTACKS])
+def test_agent_memory_attacks_get_an_error_frame(name: str, make: Any, message: str, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    r = run_limited(agent_argv(root), HELLO + make(root))
+    assert "MemoryError" not in r.err and r.code != -9, (r.code, r.err[-2000:])
+    events = decode_all(r.out)
+    errors = [e for e in events if isinstance(e, Error)]
+    assert r.code == 2 and errors and message in errors[-1].message, (r.code, events[-3:], r.err[-2000:])
+    peak = peak_rss(r.err)
+    assert peak < 160 << 20, f"peak RSS {peak >> 20} MiB"
+    print(f"{name}: agent peak RSS {peak >> 20} MiB")
+
+
+def _pipe_bytes(fd: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def test_agent_stops_reading_while_its_replies_are_not_read(tmp_path: Path) -> None:
+    """Many ManifestRequests of the root in a small input (each about 9 bytes, each answered with the whole tree):
+    the agent answers while its output is read and stops reading its input while it is not, with flat memory."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(300):
+        (root / f"file-with-a-longish-name-{i:05d}").write_bytes(b"x")
+    n = 600_000
+    payload = HELLO + b"".join(encode_frame(ManifestRequest(i, None, False)) for i in range(1, n + 1))
+    proc = subprocess.Popen(["prlimit", f"--as={AS_LIMIT}", "--", *agent_argv(root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin and proc.stdout and proc.stderr
+    written = threading.Event()
+
+    def write() -> None:
+        assert proc.stdin
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            proc.stdin.write(payload)
+            proc.stdin.flush()
+            written.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        out_fd = proc.stdout.fileno()
+        full = fcntl.fcntl(out_fd, F_GETPIPE_SZ)
+        deadline = time.monotonic() + 120
+        # the condition: the agent has filled its output pipe (it now blocks in write), or it died
+        while _pipe_bytes(out_fd) < full and proc.poll() is None:
+            assert time.monotonic() < deadline, "the agent neither filled its output nor exited"
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
+        status = (Path("/proc") / str(proc.pid) / "status").read_text()
+        hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) << 10
+        assert hwm < 200 << 20, f"agent peak RSS {hwm >> 20} MiB while its output was not read"
+        assert not written.is_set(), "the agent took all its input although it could not write its replies"
+        print(f"many ManifestRequests: agent peak RSS {hwm >> 20} MiB with its output blocked")
+        # it still answers, in order, once read
+        data = os.read(out_fd, full)
+        got = []
+        while len(data) >= 4 and len(data) >= 4 + struct.unpack(">I", data[:4])[0]:  # the complete frames
+            (size,) = struct.unpack(">I", data[:4])
+            got.append(decode_frame_body(data[4 : 4 + size]))
+            data = data[4 + size :]
+        manifests = [e for e in got if isinstance(e, ManifestEntries)]
+        assert manifests and manifests[0].id == 1 and len(manifests[0].entries) == 300, got[:2]
+    finally:
+        proc.kill()
+        proc.wait()
+        writer.join(10)
+
+
+# The sender against a hostile agent: a fake agent (its Hello, then the attack) on the other end of the real
+# AgentLink, the real Replicator taking a signature from it, all under the same limit.
+_HOSTILE_AGENT = """
+import os, sys, threading
+from kwatch.protocols.agent import CAPABILITIES, Hello, Role, Signature, encode_frame
+out = sys.stdout.buffer
+out.write(encode_frame(Hello(1, CAPABILITIES, Role.RECEIVER)))
+out.flush()
+buf = b""
+def frames(b):
+    n = 0
+    while len(b) >= 4 and len(b) >= 4 + int.from_bytes(b[:4], "big"):
+        b, n = b[4 + int.from_bytes(b[:4], "big"):], n + 1
+    return n
+while frames(buf) < 2:  # the sender's Hello and its SigRequest
+    buf += os.read(0, 1 << 16)
+threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(0, 1 << 20), b"")], daemon=True).start()
+if sys.argv[1] == "arrays":
+    per = (8 << 20) // 8 - 5
+    body = b"\\x98" + (b"\\xdd" + per.to_bytes(4, "big") + b"\\x90" * per) * 8
+    out.write(len(body).to_bytes(4, "big") + body)
+else:  # a signature of 2^40 bytes in blocks of 1, streamed for as long as the sender reads it
+    piece = encode_frame(Signature(1, 1, 1 << 40, 0, b"w" * 4 * 8192, b"s" * 16 * 8192, False))
+    while True:
+        out.write(piece)
+out.flush()
+"""
+
+_SENDER = """
+import sys
+from kwatch.protocols import agent as ap
+from kwatch.replicate.engine import Replicator, Target
+from kwatch.replicate.link import AgentLink, LinkError
+src, mirror, agent, attack = sys.argv[2:]  # argv[1] is this code
+rep = Replicator(src.encode(), Target.parse(mirror))
+rep.link = AgentLink([sys.executable, "-c", agent, attack], timeout=60)
+rep._ids = 1
+rep.link.send(ap.SigRequest(1, b"f"))
+try:
+    rep._take_signature(1)
+except LinkError as e:
+    print("refused:", e)
+rep.link.kill()
+"""
+
+
+@pytest.mark.parametrize(("attack", "message"), [("arrays", "msgpack objects"), ("signature", "blocks")])
+def test_sender_memory_against_a_hostile_agent(attack: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "m").mkdir()
+    argv = [sys.executable, "-c", _PEAK.replace("runpy.run_module('kwatch', run_name='__main__', alter_sys=True)",
+                                                 "exec(compile(sys.argv[1], 'sender', 'exec'))"),
+            _SENDER, str(tmp_path / "src"), str(tmp_path / "m"), _HOSTILE_AGENT, attack]
+    r = run_limited(argv, b"", timeout=300)
+    assert "MemoryError" not in r.err and r.code == 0, (r.code, r.err[-2000:])
+    assert b"refused:" in r.out and message.encode() in r.out, r.out[-2000:]
+    peak = peak_rss(r.err)
+    assert peak < 200 << 20, f"sender peak RSS {peak >> 20} MiB"
+    print(f"sender vs agent sending {attack}: peak RSS {peak >> 20} MiB")

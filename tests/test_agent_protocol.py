@@ -16,6 +16,8 @@ from kwatch.protocols.agent import (
     MAX_FILES_PER_FRAME,
     MAX_FRAME,
     NEED_DATA,
+    SIG_BLOCK_MAX,
+    SIG_BLOCK_MIN,
     TYPE_CODES,
     Ack,
     AgentConnection,
@@ -566,7 +568,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(lambda fs: PutFiles(tuple(fs)),
               st.lists(st.builds(PutFile, relpaths, modes, st.none() | i64, st.binary(max_size=300), digests),
                        max_size=4)),
-    st.builds(SigRequest, u63, relpaths, st.none() | st.integers(1, 1 << 24)),
+    st.builds(SigRequest, u63, relpaths, st.none() | st.integers(SIG_BLOCK_MIN, SIG_BLOCK_MAX)),
     st.builds(
         lambda i, bs, fs, seed, n, done: Signature(i, bs, fs, seed, b"w" * 4 * n, b"s" * 16 * n, done),
         u63,

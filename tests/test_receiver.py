@@ -213,7 +213,8 @@ def test_put_files(env: Env) -> None:
         (b"missing-dir/x", 0o644, MT, b"x"),  # fails alone: the others still land
         (b"d/old", 0o644, MT, b"new"),  # replaces
         (b"in-the-way", 0o644, MT, b"file"),  # a directory there: refused without replace_dirs
-        (b"d/c", 0o4755, MT, b"c"),  # special bits: always set by fchmod
+        (b"d/c", 0o1755, MT, b"c"),  # special bits: always set by fchmod
+        (b"d/s", 0o6755, MT, b"s"),  # setuid/setgid: dropped (these carry no owner; see _safe_mode)
         (b"d/w", 0o666, MT, b"w"),  # bits a usual umask (022) removes: set by fchmod
         (b"d/n", 0o000, MT, b"n"),  # no permission at all: still written
     ]
@@ -223,7 +224,8 @@ def test_put_files(env: Env) -> None:
         if path in (b"missing-dir/x", b"in-the-way"):
             continue
         st_ = os.lstat(env.root + b"/" + path)
-        assert stat.S_IMODE(st_.st_mode) == mode and Path(os.fsdecode(env.root + b"/" + path)).read_bytes() == data, path
+        want = mode & ~0o6000
+        assert stat.S_IMODE(st_.st_mode) == want and Path(os.fsdecode(env.root + b"/" + path)).read_bytes() == data, path
         assert mtime is None or st_.st_mtime_ns == mtime
     assert os.path.isdir(env.root + b"/in-the-way")
     assert env.rx.put_files([(b"in-the-way", 0o644, MT, b"file"), (b"d/e/b", 0o644, MT, b"b2")],

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync import codec
 from kwatch.protocols.rsync.checksum import checksum1, file_checksum, rolling_checksums
-from kwatch.protocols.rsync.client import PushOptions, build_server_args
+from kwatch.protocols.rsync.client import MAX_BLOCK_COUNT, PushOptions, PushSession, build_server_args
 from kwatch.protocols.rsync.codec import NeedMore, Reader
 from kwatch.protocols.rsync.flist import (
     EndOfList,
@@ -23,6 +23,7 @@ from kwatch.protocols.rsync.flist import (
     hlink_indexes,
     sort_key,
 )
+from kwatch.protocols.rsync.match import MAX_SAME_WEAK, Literal, SumHead, match_blocks
 
 DATA = Path(__file__).parent / "data" / "rsync"
 
@@ -345,3 +346,52 @@ def test_server_args(name: str, opts: PushOptions, expect: list[bytes]) -> None:
     # -@-1 always: without it the receiver compares whole seconds and leaves a directory, a symlink or a
     # same-size file whose mtime differs only in nanoseconds untouched (util1.c same_time).
     assert build_server_args(opts) == expect
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a hostile daemon sends: block checksums are bounded before they are buffered, and equal weak sums do not
+# make matching quadratic
+
+
+def _sum_head(count: int, blength: int = 1024, s2length: int = 16) -> bytes:
+    return codec.enc_int(count) + codec.enc_int(blength) + codec.enc_int(s2length) + codec.enc_int(0)
+
+
+@pytest.mark.parametrize(("count", "refused"), [(MAX_BLOCK_COUNT, False), (MAX_BLOCK_COUNT + 1, True),
+                                                 ((1 << 29), True)])
+def test_block_checksum_count_is_bounded_before_buffering(count: int, refused: bool) -> None:
+    session = PushSession([], PushOptions(), module=b"m")
+    r = Reader(_sum_head(count))
+    if refused:
+        with pytest.raises(RemoteProtocolError, match="block count"):
+            session._read_sums(r)
+    else:
+        with pytest.raises(NeedMore):  # waits for the sums themselves: count * 20 bytes at most
+            session._read_sums(r)
+
+
+class _Counted(bytes):
+    """A strong sum that counts the comparisons made against it (and stops a quadratic run early)."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _Counted.compared += 1
+        if _Counted.compared > 2_000_000:
+            raise AssertionError("matching compares every block with every offset")
+        return bytes.__eq__(self, other)
+
+    __hash__ = bytes.__hash__
+
+
+def test_equal_weak_sums_do_not_make_matching_quadratic() -> None:
+    """100000 blocks with one weak sum (that of every window of the data) and strong sums that never match."""
+    blength = 512
+    data = bytes(16 << 10)
+    weak = checksum1(bytes(blength))
+    n = 100_000
+    sums = SumHead(n, blength, 16, 0, (weak,) * n, tuple(_Counted(i.to_bytes(16, "big")) for i in range(n)))
+    _Counted.compared = 0
+    tokens = list(match_blocks(data, sums, lambda b: b"\xff" * 16))
+    assert tokens == [Literal(0, len(data))]
+    assert _Counted.compared <= len(data) * MAX_SAME_WEAK, _Counted.compared

@@ -155,18 +155,19 @@ def test_scan_default_excludes_receiver_temps(tmp_path: Path) -> None:
 
 
 class _VanishingScandir:
-    """Wraps os.scandir: lists the directory, then removes ``victim`` before anyone stats the entries."""
+    """Wraps os.scandir: lists the directory, then removes the entry named ``victim`` before anyone stats it (the
+    scanner lists a directory fd: entries are looked at relative to it)."""
 
     def __init__(self, real: Any, victim: bytes) -> None:
         self.real = real
         self.victim = victim
 
-    def __call__(self, path: bytes) -> _VanishingScandir:
-        with self.real(path) as it:
+    def __call__(self, dir_fd: int) -> _VanishingScandir:
+        with self.real(dir_fd) as it:
             self.items = list(it)
         for de in self.items:
-            if de.path == self.victim:
-                os.unlink(de.path)
+            if os.fsencode(de.name) == self.victim:
+                os.unlink(de.name, dir_fd=dir_fd)
         self.it: Iterator[Any] = iter(self.items)
         return self
 
@@ -184,7 +185,7 @@ def test_scan_vanished_file_is_reported_not_raised(tmp_path: Path, monkeypatch: 
     r = os.fsencode(tmp_path)
     (tmp_path / "stays").write_bytes(b"1")
     (tmp_path / "goes").write_bytes(b"2")
-    monkeypatch.setattr(os, "scandir", _VanishingScandir(os.scandir, r + b"/goes"))
+    monkeypatch.setattr(os, "scandir", _VanishingScandir(os.scandir, b"goes"))
     m = scan(r)
     assert set(m) == {b"stays"}
     assert m.errors == [ScanError(b"goes", errno.ENOENT, "vanished during scan")]

@@ -71,6 +71,11 @@ def _link_groups(tree: dict[bytes, os.stat_result]) -> set[frozenset[bytes]]:
     return {frozenset(group) for group in by_inode.values() if len(group) > 1}
 
 
+def _unset(st: os.stat_result, setid: bool) -> int:
+    """Mode bits a mirror leaves out: setuid/setgid of a non-directory when owners are not replicated."""
+    return 0 if setid or stat.S_ISDIR(st.st_mode) else stat.S_ISUID | stat.S_ISGID
+
+
 def tree_differences(
     a: AnyPath,
     b: AnyPath,
@@ -79,8 +84,13 @@ def tree_differences(
     mtime: bool = True,
     hardlinks: bool = True,
     ignore: Iterable[bytes] = (),
+    setid: bool = True,
 ) -> list[str]:
-    """Human-readable differences between the trees at ``a`` and ``b`` (empty list: identical)."""
+    """Human-readable differences between the trees at ``a`` and ``b`` (empty list: identical).
+
+    ``setid=False``: ``b`` is a mirror made without the source's owners, so its files must carry no setuid/setgid
+    bits; ``a``'s are compared without them (directories keep theirs).
+    """
     ra = os.fsencode(a)
     rb = os.fsencode(b)
     ignored = list(ignore)
@@ -108,8 +118,9 @@ def tree_differences(
             lb = os.readlink(rb + b"/" + path)
             if la != lb:
                 out.append(f"{shown}: symlink target {display_path(la)!r} != {display_path(lb)!r}")
-        elif stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
-            out.append(f"{shown}: mode {stat.S_IMODE(sa.st_mode):04o} != {stat.S_IMODE(sb.st_mode):04o}")
+        elif stat.S_IMODE(sa.st_mode) & ~_unset(sa, setid) != stat.S_IMODE(sb.st_mode):
+            out.append(f"{shown}: mode {stat.S_IMODE(sa.st_mode):04o} != {stat.S_IMODE(sb.st_mode):04o}"
+                       + ("" if setid else " (setuid/setgid bits dropped)"))
         if mtime and sa.st_mtime_ns != sb.st_mtime_ns:
             out.append(f"{shown}: mtime_ns {sa.st_mtime_ns} != {sb.st_mtime_ns}")
         if owner and (sa.st_uid, sa.st_gid) != (sb.st_uid, sb.st_gid):

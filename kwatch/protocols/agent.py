@@ -45,8 +45,13 @@ __all__ = [
     "CAPABILITIES",
     "MAX_FILES_PER_FRAME",
     "MAX_FRAME",
+    "MAX_FRAME_OBJECTS",
+    "MAX_OPEN_SIGS",
+    "MAX_SIG_BLOCKS",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "SIG_BLOCK_MAX",
+    "SIG_BLOCK_MIN",
     "Ack",
     "AgentConnection",
     "Commit",
@@ -104,8 +109,23 @@ _U64: Final = (1 << 64) - 1
 _I64_MIN: Final = -(1 << 63)
 _I64_MAX: Final = (1 << 63) - 1
 _U32: Final = (1 << 32) - 1
+#: Block sizes a SigRequest may ask for. rsync's receiver never picks blocks under 700 bytes (BLOCK_SIZE) nor over
+#: 128 KiB (MAX_BLOCK_SIZE, protocol >= 30); 512 keeps a peer from asking for a signature that is a byte-by-byte
+#: image of the file (20 bytes of sums per byte: a 4 MiB file became an 80 MiB reply with blocks of 1).
+SIG_BLOCK_MIN: Final = 512
+SIG_BLOCK_MAX: Final = 1 << 17
+#: Most blocks one signature may have (20 bytes each on the wire and in memory: 40 MiB). A receiver with a larger
+#: file answers with larger blocks (Signature's block size may go up to 16 MiB).
+MAX_SIG_BLOCKS: Final = 1 << 21
+#: Most signature ids requested and not yet used by a DeltaBegin: each one is state kept on both ends.
+MAX_OPEN_SIGS: Final = 1 << 18
 _MAX_TEXT: Final = 64 << 10
 _MAX_ITEMS: Final = 1 << 20
+#: Most msgpack objects one frame may decode to. A frame is decoded whole before its type is known, and an object
+#: costs far more in memory than on the wire (an empty array: 1 byte, about 64 in Python; an 8 MiB frame of them
+#: took 643 MiB). The largest legitimate frames (an Ack listing many failed paths, a ManifestEntries chunk, a
+#: PutFiles or DeltaChunk frame) stay well under this.
+MAX_FRAME_OBJECTS: Final = 1 << 20
 _HEADER = struct.Struct(">I")
 
 
@@ -749,7 +769,7 @@ def _decode(cls: type[Any], f: list[Any]) -> Message:
         return PutEnd(_digest(f[0]))
     if cls is SigRequest:
         _need(f, 3, name)
-        return SigRequest(_int(f[0], "id"), _path(f[1]), _opt_int(f[2], "block size", 1, 1 << 24))
+        return SigRequest(_int(f[0], "id"), _path(f[1]), _opt_int(f[2], "block size", SIG_BLOCK_MIN, SIG_BLOCK_MAX))
     if cls is Signature:
         _need(f, 7, name)
         weak = _bytes(f[4], "weak sums")
@@ -875,10 +895,24 @@ def _unpack(body: bytes) -> object:
     def no_ext(code: int, data: bytes) -> object:
         raise _Invalid(f"msgpack extension type {code} is not used by this protocol")
 
+    # unpackb reads one buffer, the frame, whose size MAX_FRAME bounds before any of it is read (what
+    # max_buffer_size does for a streaming Unpacker); the per-type limits below bound each object.
+    count = 0
+
+    def budget(items: list[Any]) -> list[Any]:
+        # Called as each array is complete: its elements and itself count. What is built before the limit trips is
+        # bounded by MAX_FRAME_OBJECTS plus one array of max_array_len elements.
+        nonlocal count
+        count += len(items) + 1
+        if count > MAX_FRAME_OBJECTS:
+            raise _Invalid(f"frame holds more than {MAX_FRAME_OBJECTS} msgpack objects")
+        return items
+
     return msgpack.unpackb(
         body,
         raw=False,
         use_list=True,
+        list_hook=budget,
         strict_map_key=True,
         max_bin_len=MAX_FRAME,
         max_str_len=_MAX_TEXT,
@@ -1227,12 +1261,17 @@ class AgentConnection:
         elif isinstance(msg, SigRequest):
             if msg.id in self._sigs:
                 raise _Invalid(f"signature id {msg.id} was used already")
+            if len(self._sigs) >= MAX_OPEN_SIGS:
+                raise _Invalid(f"more than {MAX_OPEN_SIGS} signature requests open (not yet used by a delta)")
             self._sigs[msg.id] = None
         elif isinstance(msg, Signature):
             if msg.id not in self._sigs:
                 raise _Invalid(f"signature for id {msg.id}, which was not requested")
             prog = self._sigs[msg.id]
             if prog is None:
+                if -(-msg.file_size // msg.block_size) > MAX_SIG_BLOCKS:
+                    raise _Invalid(f"signature id {msg.id}: {msg.file_size} bytes in blocks of {msg.block_size} "
+                                   f"is more than {MAX_SIG_BLOCKS} blocks")
                 prog = self._sigs[msg.id] = _SigProgress(msg.block_size, msg.file_size, msg.seed)
             elif prog.done:
                 raise _Invalid(f"signature id {msg.id} is already complete")

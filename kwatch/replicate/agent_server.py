@@ -25,12 +25,15 @@ import xxhash
 
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
-from kwatch.replicate.delta import signature
+from kwatch.replicate.delta import BLOCK_LIMIT, block_size_for, signature
 from kwatch.replicate.link import grow_pipe
 from kwatch.replicate.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.replicate.scan import Entry as ScanEntry
 from kwatch.replicate.scan import Kind, Manifest, scan
 
+#: Replies waiting to be written above which the agent stops taking frames (and so stops reading): one request
+#: can ask for a lot (a ManifestRequest of the root is the whole tree), and a stream of them must not queue up.
+OUT_HIGH = 4 << 20
 MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
 SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
 READ_SIZE = 1 << 20
@@ -65,15 +68,34 @@ class AgentServer:
     _put: _Put | None = None
     _sigs: dict[int, int] = field(default_factory=dict)  # sig id -> block size we answered with
     _out: bytearray = field(default_factory=bytearray)
+    _backlog: bool = False
 
     def start(self) -> bytes:
         self.receiver.cleanup_temps()  # leftovers of a crash: never visible under a final name, now gone too
         return self.conn.send(self.conn.hello())
 
     def feed(self, data: bytes) -> bytes:
-        """Process bytes from the sender (``b""`` at EOF); return what to write back."""
+        """Process bytes from the sender (``b""`` at EOF); return what to write back.
+
+        At most about :data:`OUT_HIGH` bytes of replies are made per call (plus one request's): frames left then
+        stay buffered and :attr:`backlog` is True; call :meth:`pump` after writing the reply, and read nothing more
+        until :attr:`backlog` is False, so a sender that does not read its replies stops being served.
+        """
         self.conn.receive_data(data)
+        return self.pump()
+
+    @property
+    def backlog(self) -> bool:
+        """Whether frames already received wait for :meth:`pump` (the last call stopped at the output bound)."""
+        return self._backlog
+
+    def pump(self) -> bytes:
+        """Process frames already received, until more input is needed or OUT_HIGH bytes of replies are made."""
+        self._backlog = False
         while True:
+            if len(self._out) >= OUT_HIGH:
+                self._backlog = True
+                break
             try:
                 ev = self.conn.next_event()
             except RemoteProtocolError as e:
@@ -182,13 +204,11 @@ class AgentServer:
 
     def _manifest(self, m: ap.ManifestRequest) -> None:
         root = self.receiver.root
-        base = root if not m.relpath else os.path.join(root, m.relpath)
         prefix = b"" if not m.relpath else m.relpath + b"/"
         entries: list[ap.Entry] = []
         try:
-            # the scan follows nothing below base; base itself is checked to be a real directory under the root
-            real = not m.relpath or self._is_real_dir(m.relpath)
-            man = scan(base, checksum=m.hashes) if real else None
+            # the scan opens relpath and everything below it beneath the root, following no symlink
+            man = scan(root, checksum=m.hashes, sub=m.relpath or b"")
         except OSError:
             man = None
         inodes = _inode_ids(man) if man is not None and "inodes" in self.conn.capabilities else {}
@@ -207,14 +227,6 @@ class AgentServer:
                     entries = []
         self._emit(ap.ManifestEntries(m.id, tuple(entries), True))
 
-    def _is_real_dir(self, rel: bytes) -> bool:
-        try:
-            fd = self.receiver.open_dir(rel)
-        except (ReceiverError, OSError):
-            return False
-        os.close(fd)
-        return True
-
     def _signature(self, m: ap.SigRequest) -> None:
         f = self._open_basis(m.relpath)
         if f is None:
@@ -222,7 +234,10 @@ class AgentServer:
             self._sigs[m.id] = m.block_size or 1024
             return
         with f:
-            sig = signature(f, m.block_size)
+            size = os.fstat(f.fileno()).st_size
+            # never more than MAX_SIG_BLOCKS blocks, whatever was asked: a huge file gets larger blocks
+            bs = max(m.block_size or block_size_for(size), -(-size // ap.MAX_SIG_BLOCKS), 1)
+            sig = signature(f, min(bs, BLOCK_LIMIT))
         self._sigs[m.id] = sig.block_size
         weak, strong = sig.weak_bytes(), sig.strong
         n = sig.count
@@ -405,9 +420,11 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO, *, fsync: str = "none", pre
     try:
         _write_all(wfd, server.start())
         while not server.closed:
-            data = os.read(rfd, 1 << 20)
+            # backpressure: with replies pending above OUT_HIGH, write them (blocking while the sender does not
+            # read) before taking any more input
+            data = None if server.backlog else os.read(rfd, 1 << 20)
             try:
-                reply = server.feed(data)
+                reply = server.pump() if data is None else server.feed(data)
             except ProtocolError as e:
                 with contextlib.suppress(OSError):
                     _write_all(wfd, bytes(server._out))

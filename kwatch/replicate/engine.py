@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from kwatch.events import FileEvent, Op
+from kwatch.fsutil import open_regular
 from kwatch.metrics.stats import TargetStats
 from kwatch.protocols import agent as ap
 from kwatch.replicate import delta as dl
@@ -843,7 +844,8 @@ class Replicator:
         self._ids += 1
         rid = self._ids
         self.link.send(ap.ManifestRequest(rid, rel or None, self.opts.checksum))
-        src = scan(full, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum)
+        # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
+        src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
         dst = Manifest(checksum=self.opts.checksum, identities="inodes" in self.link.conn.capabilities)
         prefix_len = len(rel) + 1 if rel else 0
         while True:
@@ -946,7 +948,7 @@ class Replicator:
         wholes: list[Put] = []
         deltas: list[Put] = []
         for p in plan.puts:
-            if p.basis and delta_ok:
+            if p.basis and delta_ok and len(deltas) < ap.MAX_OPEN_SIGS:  # past the agent's bound: sent whole
                 self._ids += 1
                 sig_ids[p.path] = self._ids
                 link.send(ap.SigRequest(self._ids, p.path))
@@ -990,19 +992,17 @@ class Replicator:
             self.progress(self.target.spec, rep.puts + rep.deltas, total, rep.literal + rep.matched)
 
     def _open_source(self, rel: bytes) -> tuple[int, os.stat_result] | None:
+        """The regular file ``rel`` beneath the source root and its fstat, which is what gets sent (size, mode,
+        mtime, owner): a directory in the path swapped for a symlink since the plan is refused, not followed, and a
+        FIFO or device found there is not opened for reading (see kwatch.fsutil)."""
         try:
-            fd = os.open(os.path.join(self.src, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            return open_regular(self.src, rel)
         except OSError:
             # Vanished or replaced since the plan. The caller re-marks the path dirty (CONTENT): if it was renamed,
             # the rename event still queued moves that mark to the new name; otherwise the replayed rename would
             # carry the mirror's stale copy there and only its attributes would follow (stale data, fresh mtime,
             # which a quick-check rescan cannot see).
             return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        return fd, st
 
     def _changed(self, fd: int, before: os.stat_result) -> bool:
         after = os.fstat(fd)
@@ -1068,7 +1068,8 @@ class Replicator:
                     link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
                                          xxhash.xxh3_128_digest(data)))
                     if p.uid is not None or p.gid is not None:
-                        link.send(ap.SetAttr(p.path, None, None, p.uid, p.gid))
+                        # the mode again: setuid/setgid bits stay only once owner and group are set (agent rule)
+                        link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), None, *_owner(p, st)))
                     rep.puts += 1
                     rep.literal += len(data)
                     self._throttle(len(data), started, len(data))
@@ -1097,7 +1098,7 @@ class Replicator:
                 self._drop_torn(p.path, delta=False, digest=h.digest())
                 return True
             link.send(ap.PutEnd(h.digest()))
-            link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.uid, p.gid))
+            link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, *_owner(p, st)))
             return False
         finally:
             os.close(fd)
@@ -1172,7 +1173,7 @@ class Replicator:
                     self._drop_torn(p.path, delta=True, digest=stream.stats.digest)
                     return True
                 link.send(ap.DeltaEnd(stream.stats.digest))
-            link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.uid, p.gid))
+            link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, *_owner(p, st)))
             return False
         finally:
             os.close(fd)
@@ -1204,6 +1205,13 @@ class _ManyFiles:
         out = tuple(self.files)
         self.files, self.nbytes = [], 0
         return out
+
+
+def _owner(p: Put, st: os.stat_result) -> tuple[int | None, int | None]:
+    """The owner to send for ``p``: the opened file's (its fstat), when owners are sent at all."""
+    if p.uid is None and p.gid is None:
+        return None, None
+    return st.st_uid, st.st_gid
 
 
 def _read_upto(fd: int, limit: int) -> bytes:

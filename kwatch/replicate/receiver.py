@@ -8,9 +8,9 @@ Safety rules (docs/design.md, "Receiver safety"), enforced here and nowhere else
 
 - A path is relative ``bytes``; :func:`validate_path` refuses absolute paths, ``.``/``..``, NUL bytes and empty
   components before anything touches the disk.
-- The parent directory is opened with ``openat2(root_fd, parent, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` (Linux
-  5.6, called through ctypes because Python has no binding), or, where openat2 is missing, by walking one component
-  at a time with ``O_PATH | O_NOFOLLOW | O_DIRECTORY``. Either way a symlink anywhere in the parent chain is refused,
+- The parent directory is opened with :func:`kwatch.fsutil.open_beneath` (``openat2(root_fd, parent,
+  RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``, or, where openat2 is missing, a walk of one component at a time with
+  ``O_PATH | O_NOFOLLOW | O_DIRECTORY``). Either way a symlink anywhere in the parent chain is refused,
   never followed, so nothing outside the root can be reached through a link planted inside it.
 - The last component is only ever used with ``*at`` calls that do not follow it (``O_NOFOLLOW``, ``unlinkat``,
   ``renameat``, ``linkat`` without ``AT_SYMLINK_FOLLOW``, ``AT_SYMLINK_NOFOLLOW``): a symlink there is replaced or
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Literal, TypeVar
 
 from kwatch.events import display_path
+from kwatch.fsutil import have_openat2, open_beneath, open_regular
 from kwatch.protocols.agent import plain_relpath
 from kwatch.replicate.scan import Delete, Hardlink, Mkdir, Plan, Put, SetAttr, Symlink
 
@@ -115,54 +116,9 @@ def temp_name(name: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# openat2 through ctypes (include/uapi/linux/openat2.h)
-
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-# openat2 came after the syscall tables were unified (5.1), so it is number 437 on every architecture.
-_SYS_OPENAT2 = 437
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
-
+# libc bits (openat2 and the walk beneath a root live in kwatch.fsutil, shared with the reading side)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-
-
-def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
-    """The openat2(2) system call; raises ``OSError`` like ``os.open``."""
-    how = _OpenHow(flags, mode, resolve)
-    fd = _syscall(
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(path),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return int(fd)
-
-
-_openat2_ok: bool | None = None
-
-
-def have_openat2() -> bool:
-    """Whether openat2 with RESOLVE_BENEATH works here (not before 5.6; seccomp filters may return ENOSYS/EPERM)."""
-    global _openat2_ok
-    if _openat2_ok is None:
-        try:
-            os.close(openat2(-100, b"/", _O_PATH_DIR, RESOLVE_NO_SYMLINKS))  # -100: AT_FDCWD
-            _openat2_ok = True
-        except OSError:
-            _openat2_ok = False
-    return _openat2_ok
 
 
 def _umask() -> int | None:
@@ -283,27 +239,10 @@ class Receiver:
         """An O_PATH fd for the directory ``parts`` below the root; symlinks anywhere in it are refused."""
         if not parts:
             return os.dup(self._root_fd)
-        if self.use_openat2:
-            try:
-                return openat2(
-                    self._root_fd,
-                    b"/".join(parts),
-                    _O_PATH_DIR,
-                    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-                )
-            except OSError as e:
-                raise self._resolve_error(path, parts, e) from e
-        fd = os.dup(self._root_fd)
         try:
-            for part in parts:
-                # O_NOFOLLOW|O_DIRECTORY: a symlink component fails (ENOTDIR/ELOOP) instead of being followed.
-                nfd = os.open(part, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
+            return open_beneath(self._root_fd, b"/".join(parts), _O_PATH_DIR, use_openat2=self.use_openat2)
         except OSError as e:
-            os.close(fd)
             raise self._resolve_error(path, parts, e) from e
-        return fd
 
     def _resolve_error(self, path: bytes, parts: list[bytes], e: OSError) -> ReceiverError:
         """Say which component stopped the lookup and why (only runs on the error path)."""
@@ -352,17 +291,32 @@ class Receiver:
             finally:
                 os.close(fd)
 
+    def _safe_mode(self, mode: int, uid: int | None, gid: int | None, *, is_dir: bool = False) -> int:
+        """``mode`` as the mirror may hold it: setuid/setgid only on a file whose owner and group are the source's.
+
+        Without both (no ``preserve_owner``, not root, or the sender left one out) the file belongs to whoever runs
+        the receiver, often root: keeping the bits would turn a user's 04755 file into a root one. The sender
+        cannot ask for them otherwise, whatever its frames say. A directory keeps setgid: there it only picks the
+        group of new entries, and only kwatch writes into the mirror.
+        """
+        mode &= 0o7777
+        if is_dir or (self.preserve_owner and uid is not None and gid is not None):
+            return mode
+        return mode & ~(stat.S_ISUID | stat.S_ISGID)
+
     def _attrs_at(
         self, dir_fd: int, name: bytes, st: os.stat_result, mode: int | None, mtime_ns: int | None,
         uid: int | None, gid: int | None,
     ) -> None:
-        """Set metadata on ``name`` without following it. chown first: it clears setuid/setgid bits."""
+        """Set metadata on ``name`` without following it. chown first: it clears setuid/setgid bits (the kernel
+        does so for root too), so a chown alone never leaves them on a file of another owner."""
         if self.preserve_owner and (uid is not None or gid is not None):
             os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dir_fd,
                      follow_symlinks=False)
         if mode is not None and not stat.S_ISLNK(st.st_mode):  # a symlink's mode is fixed (0777) on Linux
             # fchmodat(AT_SYMLINK_NOFOLLOW): glibc does it through an O_PATH fd, so a symlink is never followed.
-            os.chmod(name, mode & 0o7777, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(name, self._safe_mode(mode, uid, gid, is_dir=stat.S_ISDIR(st.st_mode)), dir_fd=dir_fd,
+                     follow_symlinks=False)
         if mtime_ns is not None:
             # atime is set to mtime: Python's utime has no UTIME_OMIT, and a mirror's atime carries no meaning.
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
@@ -444,7 +398,7 @@ class Receiver:
         try:
             if self.preserve_owner and (h.uid is not None or h.gid is not None):
                 os.fchown(h.fd, -1 if h.uid is None else h.uid, -1 if h.gid is None else h.gid)
-            os.fchmod(h.fd, h.mode & 0o7777)
+            os.fchmod(h.fd, self._safe_mode(h.mode, h.uid, h.gid))
             if h.mtime_ns is not None:
                 os.utime(h.fd, ns=(h.mtime_ns, h.mtime_ns))
             if self.fsync == "file":
@@ -550,7 +504,7 @@ class Receiver:
                     n = os.write(fd, view)
                     view = view[n:]
                 if not exact:
-                    os.fchmod(fd, mode & 0o7777)
+                    os.fchmod(fd, self._safe_mode(mode, None, None))  # no owner in these: never setuid/setgid
                 if mtime_ns is not None:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
                 if self.fsync == "file":
@@ -906,13 +860,12 @@ def apply_plan(receiver: Receiver, plan: Plan, src_root: bytes) -> list[Receiver
 
 def _copy_file(receiver: Receiver, base: bytes, op: Put) -> ReceiverError | None:
     try:
-        fd = os.open(base + op.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+        # beneath the source root, no symlink anywhere in the path: a directory swapped for a link since the plan
+        # is refused, not followed
+        fd, st = open_regular(base, op.path)
     except OSError as e:
         raise ReceiverError(op.path, f"cannot read source file: {e.strerror}", e.errno) from e
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ReceiverError(op.path, "source is no longer a regular file")
         h = receiver.put_begin(
             op.path,
             mode=stat.S_IMODE(st.st_mode),

@@ -29,6 +29,7 @@ While the bucket is empty nothing is written and no more file data is generated 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import selectors
@@ -38,9 +39,10 @@ import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from kwatch.fsutil import open_beneath, open_regular
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync.client import (
     NEED_DATA,
@@ -111,11 +113,33 @@ def parse_url(url: str) -> RsyncURL:
 # --- the source side: scanning -------------------------------------------------------------------------------
 
 
-def _entry(root: bytes, rel: bytes, st: os.stat_result, **kw: bool) -> FileEntry | None:
+_O_LIST_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _children(root: bytes, rel: bytes) -> Iterator[tuple[bytes, os.stat_result, int]]:
+    """(name, lstat, directory fd) of each entry of the directory ``rel``, opened beneath ``root`` with no symlink
+    in its path (kwatch.fsutil): a directory swapped for a symlink since it was planned is never listed through.
+    The fd is valid while the entry is being looked at (for readlink)."""
+    fd = open_beneath(root, b"" if rel == b"." else rel, _O_LIST_DIR)
+    try:
+        with os.scandir(fd) as it:  # str names (surrogate-escaped) from an fd; fsencode gives the bytes back
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield os.fsencode(de.name), st, fd
+    finally:
+        os.close(fd)
+
+
+def _entry(root: bytes, rel: bytes, st: os.stat_result, dir_fd: int | None = None, **kw: bool) -> FileEntry | None:
     mode = st.st_mode
     target = None
     if stat.S_ISLNK(mode):
-        target = os.readlink(os.path.join(root, rel))
+        # by the listed directory's fd when there is one: the path's directories may have changed since
+        target = os.readlink(rel.rpartition(b"/")[2], dir_fd=dir_fd) if dir_fd is not None else \
+            os.readlink(os.path.join(root, rel))
         size = len(target)
     elif stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         size = st.st_size
@@ -139,20 +163,25 @@ def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntr
     stack = [rel]
     while stack:
         d = stack.pop()
-        with os.scandir(os.path.join(root, d)) as it:
-            for de in it:
-                name = de.name if d == b"." else d + b"/" + de.name
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                ce = _entry(root, name, st)
-                if ce is None:
-                    continue
-                out.append(ce)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(name)
+        try:
+            children = list(_children_entries(root, d, content_dir=True))
+        except OSError as exc:  # the directory was replaced (by a symlink, say) or removed since it was listed
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            continue
+        for name, ce in children:
+            out.append(ce)
+            if ce.is_dir:
+                stack.append(name)
     return out
+
+
+def _children_entries(root: bytes, d: bytes, content_dir: bool) -> Iterator[tuple[bytes, FileEntry]]:
+    for child, st, fd in _children(root, d):
+        name = child if d == b"." else d + b"/" + child
+        ce = _entry(root, name, st, fd) if content_dir else _entry(root, name, st, fd, content_dir=False)
+        if ce is not None:
+            yield name, ce
 
 
 def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
@@ -164,16 +193,7 @@ def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
     top = _entry(root, rel, st, top_dir=rel == b".")
     assert top is not None
     out = [top]
-    with os.scandir(os.path.join(root, rel)) as it:
-        for de in it:
-            name = de.name if rel == b"." else rel + b"/" + de.name
-            try:
-                cst = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            ce = _entry(root, name, cst, content_dir=False)
-            if ce is not None:
-                out.append(ce)
+    out.extend(ce for _name, ce in _children_entries(root, rel, content_dir=False))
     return out
 
 
@@ -233,8 +253,10 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
             continue  # sent with its whole subtree already
         try:
             listed = _list_dir(root, d)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # gone since the lstat: the next batch has it
+        except OSError as exc:  # gone or replaced (by a symlink: ELOOP) since the lstat: the next batch has it
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            continue
         for i, e in enumerate(listed):
             if i == 0 or e.name not in by_name:
                 by_name[e.name] = e
@@ -392,13 +414,15 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
 def _send_one(session: PushSession, ev: FileRequested, root: bytes, result: PushResult) -> None:
     path = os.path.join(root, ev.entry.name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # beneath the root with no symlink in the path (a directory swapped for one since the file list was built
+        # is refused, not followed), a regular file only, never blocking on a FIFO (see kwatch.fsutil)
+        fd, st = open_regular(root, ev.entry.name)
     except OSError as exc:
         result.errors.append(f"{path!r}: {exc.strerror}")
         session.skip_file(ev.ndx)
         return
     try:
-        size = os.fstat(fd).st_size
+        size = st.st_size
         if size == 0:
             session.send_file(ev.ndx, b"")
         else:

@@ -18,6 +18,7 @@ numbers are in ``tests/test_scan.py::test_scan_large_tree_memory`` (run with ``-
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno as errno_mod
 import fnmatch
@@ -25,11 +26,14 @@ import gc
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 import xxhash
+
+from kwatch.fsutil import READ_FLAGS, open_beneath
 
 #: Temporaries the receiver writes (``.<name>.kwatch-tmp-<hex>``); never part of a tree, so excluded by default.
 TEMP_PATTERN = b".*.kwatch-tmp-*"
@@ -145,14 +149,17 @@ class Excluder:
 
 
 def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
-    """xxh3_128 of a regular file's content, read in 1 MiB chunks. Never follows a symlink (O_NOFOLLOW)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    """xxh3_128 of a regular file's content, read in 1 MiB chunks. Never follows a symlink (O_NOFOLLOW), never
+    blocks opening a FIFO swapped in since the stat (O_NONBLOCK; anything but a regular file raises EINVAL)."""
+    flags = READ_FLAGS
     try:
         # O_NOATIME: hashing a whole tree should not dirty every inode; it needs ownership or CAP_FOWNER.
         fd = os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
     except PermissionError:
         fd = os.open(path, flags, dir_fd=dir_fd)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno_mod.EINVAL, "not a regular file", path)
         h = xxhash.xxh3_128()
         buf = bytearray(_HASH_CHUNK)
         view = memoryview(buf)
@@ -167,16 +174,21 @@ def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
-def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False) -> Manifest:
-    """Walk ``root`` (without following symlinks) into a :class:`Manifest` keyed by relative path.
+def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False, *,
+         sub: bytes = b"") -> Manifest:
+    """Walk ``root`` (or its subdirectory ``sub``) without following symlinks into a :class:`Manifest` keyed by
+    path relative to what was walked.
 
+    Every directory is opened beneath ``root`` with no symlink anywhere in its path (kwatch.fsutil.open_beneath;
+    ``root`` itself may be a symlink: the caller named it), and entries are looked at relative to that directory's
+    fd: a directory swapped for a symlink during the walk is an error for that path, never a way out of the tree.
     ``excludes`` are glob patterns (see :class:`Excluder`); the default skips receiver temporaries. With
-    ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root that
-    cannot be opened as a directory raises ``OSError``.
+    ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root (or
+    ``sub``) that cannot be opened as a directory raises ``OSError``.
     """
-    if not isinstance(root, bytes):
-        raise TypeError("root must be bytes")
-    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", excludes, checksum))
+    if not isinstance(root, bytes) or not isinstance(sub, bytes):
+        raise TypeError("root and sub must be bytes")
+    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), excludes, checksum))
 
 
 def _without_gc(fn: Callable[[], _R]) -> _R:
@@ -191,10 +203,28 @@ def _without_gc(fn: Callable[[], _R]) -> _R:
             gc.enable()
 
 
-def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
-    st_root = os.stat(root)  # follows a symlinked root on purpose: the caller named it
-    if not stat.S_ISDIR(st_root.st_mode):
-        raise NotADirectoryError(errno_mod.ENOTDIR, "scan root is not a directory", root)
+def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
+    try:
+        root_fd = os.open(root, _O_LIST_DIR)  # follows a symlinked root on purpose: the caller named it
+    except NotADirectoryError:
+        raise NotADirectoryError(errno_mod.ENOTDIR, "scan root is not a directory", root) from None
+    try:
+        top = open_beneath(root_fd, sub, _O_LIST_DIR) if sub else root_fd
+        try:
+            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", excludes, checksum)
+        finally:
+            if top != root_fd:
+                os.close(top)
+    finally:
+        os.close(root_fd)
+
+
+_O_LIST_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_O_LIST_SUBDIR = _O_LIST_DIR | os.O_NOFOLLOW
+
+
+def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
+    """The walk of :func:`scan` from the open directory ``top_fd`` (``base``: its path beneath ``root_fd``)."""
     man = Manifest(checksum=checksum)
     entries = man.entries
     errors = man.errors
@@ -203,22 +233,29 @@ def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
     # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
     intern: dict[int, int] = {}
     ix = intern.setdefault
-    base = b"" if root == b"/" else root
-    # Explicit stack instead of recursion: deep trees must not hit the recursion limit. Each item is (abs dir, rel
-    # prefix with trailing slash or empty for the root).
-    stack: list[tuple[bytes, bytes]] = [(base or b"/", b"")]
+    fs_enc = sys.getfilesystemencoding()  # os.fsencode's own steps, without its call per name
+    # Explicit stack instead of recursion: deep trees must not hit the recursion limit. Each item is the rel
+    # prefix (trailing slash, or empty for the top). A directory is opened when its turn comes, beneath the root
+    # (fds are not held for the whole stack: a wide tree would run out of them).
+    stack: list[bytes] = [b""]
     s_isdir, s_isreg, s_islnk = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
     k_file, k_dir, k_link, k_other = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
     while stack:
-        dpath, prefix = stack.pop()
+        prefix = stack.pop()
         try:
-            it = os.scandir(dpath)
+            dfd = os.dup(top_fd) if not prefix else open_beneath(root_fd, base + prefix[:-1], _O_LIST_SUBDIR)
         except OSError as e:
-            if prefix:  # the root itself was checked above; a subdirectory failing is per-path
+            errors.append(ScanError(prefix[:-1], e.errno, f"cannot open directory: {e.strerror}"))
+            continue
+        try:
+            it = os.scandir(dfd)  # names come back as str (surrogate-escaped); fsencode gives the bytes back
+        except OSError as e:
+            os.close(dfd)
+            if prefix:  # the top itself failing raises: an empty manifest would look like an empty tree
                 errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
                 continue
             raise
-        with it:
+        with it, _closing(dfd):
             while True:
                 try:
                     de = next(it)
@@ -227,7 +264,7 @@ def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
                 except OSError as e:  # getdents failing mid-directory (EIO, directory removed)
                     errors.append(ScanError(prefix[:-1], e.errno, f"error while listing directory: {e.strerror}"))
                     break
-                name = de.name
+                name = de.name.encode(fs_enc, "surrogateescape")
                 rel = prefix + name
                 if excluded(name, rel):
                     continue
@@ -245,18 +282,18 @@ def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
                     size = st.st_size
                     if checksum:
                         try:
-                            digest = hash_file(de.path)
+                            digest = hash_file(name, dir_fd=dfd)
                         except OSError as e:
                             errors.append(ScanError(rel, e.errno, f"cannot hash: {e.strerror}"))
                 elif s_isdir(m):
                     kind = k_dir
                     size = 0
-                    stack.append((de.path, rel + b"/"))
+                    stack.append(rel + b"/")
                 elif s_islnk(m):
                     kind = k_link
                     size = st.st_size
                     try:
-                        target = os.readlink(de.path)
+                        target = os.readlink(name, dir_fd=dfd)
                     except OSError as e:
                         errors.append(ScanError(rel, e.errno, f"cannot read symlink: {e.strerror}"))
                         continue
@@ -277,6 +314,14 @@ def _scan(root: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
                     digest,
                 )
     return man
+
+
+@contextlib.contextmanager
+def _closing(fd: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------

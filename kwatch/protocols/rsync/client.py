@@ -49,7 +49,10 @@ from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
 
 SUPPORTED_PROTOCOLS = (30, 31)
 MAX_BLOCK_SIZE = 1 << 17  # rsync.h MAX_BLOCK_SIZE (protocol >= 30)
-MAX_BLOCK_COUNT = 1 << 29
+#: Most block checksums we take for one file. rsync's receiver sizes blocks at about sqrt(file size), up to
+#: MAX_BLOCK_SIZE (generator.c sum_sizes_sqroot), so 2^20 covers a basis of 128 GiB; each costs about 100 bytes
+#: here once parsed, and all of them are buffered before parsing: a daemon cannot make us hold gigabytes.
+MAX_BLOCK_COUNT = 1 << 20
 
 ITEM_BASIS_TYPE_FOLLOWS = 1 << 11
 ITEM_XNAME_FOLLOWS = 1 << 12

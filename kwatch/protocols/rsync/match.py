@@ -21,6 +21,10 @@ import numpy as np
 from kwatch.protocols.rsync.checksum import checksum1, rolling_checksums
 
 SCAN_CHUNK = 1 << 20  # offsets per numpy pass
+#: Blocks kept per weak sum. Every offset whose weak sum hits is compared with each block of that sum: a receiver
+#: sending one weak sum for all its blocks would make that quadratic. Blocks beyond these still match as long as
+#: one of the kept ones has the same strong sum (equal blocks: the usual reason for equal weak sums).
+MAX_SAME_WEAK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,9 @@ def match_blocks(data: bytes | memoryview, sums: SumHead, strong: Callable[[byte
     by_weak: dict[int, list[int]] = {}
     full_blocks = sums.count - (1 if sums.remainder else 0)
     for i in range(full_blocks):
-        by_weak.setdefault(sums.sum1[i], []).append(i)
+        same = by_weak.setdefault(sums.sum1[i], [])
+        if len(same) < MAX_SAME_WEAK:
+            same.append(i)
     weak_keys = np.fromiter(by_weak.keys(), dtype=np.uint32, count=len(by_weak))
     weak_keys.sort()
 

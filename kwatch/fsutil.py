@@ -1,0 +1,144 @@
+"""Opening paths beneath a root without following any symlink: the one helper both ends of replication use.
+
+kwatch runs as root and reads trees that other users write (the source) or writes trees only it should write (the
+mirror). A path string is only a hint there: between the moment a path was planned and the moment it is opened,
+a user who owns a directory in it can swap that directory for a symlink (``renameat2(RENAME_EXCHANGE)``), and a
+plain ``open`` (even with ``O_NOFOLLOW``, which guards the last component only) would follow it anywhere.
+
+:func:`open_beneath` resolves a relative path under a root fd with ``openat2(RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`` (Linux 5.6, called through ctypes: Python has no binding), or,
+where openat2 is missing (ENOSYS, or a seccomp filter's EPERM), by walking one component at a time with
+``O_PATH | O_DIRECTORY | O_NOFOLLOW``. Either way a symlink anywhere in the path fails (ELOOP or ENOTDIR),
+``..`` cannot climb out, and what was opened is what the caller then inspects with ``fstat``.
+
+:func:`open_regular` is the reading side's use of it: a regular file only, opened ``O_NONBLOCK`` so a FIFO or
+device swapped in is refused instead of hanging the reader, with the ``fstat`` of the descriptor it returned.
+
+Pure I/O helpers: no policy, no logging.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import os
+import stat
+
+__all__ = [
+    "READ_FLAGS",
+    "RESOLVE_BENEATH",
+    "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
+    "RESOLVE_NO_XDEV",
+    "have_openat2",
+    "open_beneath",
+    "open_regular",
+    "openat2",
+]
+
+# include/uapi/linux/openat2.h
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+# openat2 came after the syscall tables were unified (5.1), so it is number 437 on every architecture.
+_SYS_OPENAT2 = 437
+_AT_FDCWD = -100
+_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+#: How a regular file is opened for reading: never the target of a final symlink, never a controlling tty, and
+#: never blocking in open (a FIFO without a writer would block a plain O_RDONLY open forever).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """The openat2(2) system call; raises ``OSError`` like ``os.open``."""
+    how = _OpenHow(flags, mode, resolve)
+    fd = _syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+_openat2_ok: bool | None = None
+
+
+def have_openat2() -> bool:
+    """Whether openat2 with RESOLVE_BENEATH works here (not before 5.6; seccomp filters may return ENOSYS/EPERM)."""
+    global _openat2_ok
+    if _openat2_ok is None:
+        try:
+            os.close(openat2(_AT_FDCWD, b"/", _O_PATH_DIR, RESOLVE_NO_SYMLINKS))
+            _openat2_ok = True
+        except OSError:
+            _openat2_ok = False
+    return _openat2_ok
+
+
+def open_beneath(root: int | bytes, rel: bytes, flags: int, mode: int = 0, *, use_openat2: bool | None = None) -> int:
+    """Open ``rel`` (relative, ``/``-separated; ``b""`` is the root itself) beneath ``root``, following no symlink.
+
+    ``root`` is a directory fd, or a path opened here for the call (the root itself may be reached through a
+    symlink: the operator named it; nothing below it may). ``flags`` apply to the last component, which is opened
+    ``O_NOFOLLOW`` in the fallback walk (openat2's RESOLVE_NO_SYMLINKS covers it otherwise). Raises ``OSError``:
+    ELOOP or ENOTDIR for a symlink in the way, EXDEV for a path leaving the root.
+    """
+    if isinstance(root, bytes):
+        root_fd = os.open(root, _O_PATH_DIR)
+        try:
+            return open_beneath(root_fd, rel, flags, mode, use_openat2=use_openat2)
+        finally:
+            os.close(root_fd)
+    rel = rel.strip(b"/")
+    if not rel:
+        return os.open(b".", flags | os.O_CLOEXEC, mode, dir_fd=root)
+    if have_openat2() if use_openat2 is None else use_openat2:
+        return openat2(root, rel, flags | os.O_CLOEXEC, _BENEATH, mode)
+    parts = rel.split(b"/")
+    if b".." in parts:  # RESOLVE_BENEATH refuses a climb out of the root; the walk refuses every ".."
+        raise OSError(errno_mod.EXDEV, "path leaves the root", rel)
+    fd = os.dup(root)
+    try:
+        for part in parts[:-1]:
+            # O_NOFOLLOW|O_DIRECTORY: a symlink component fails (ELOOP/ENOTDIR) instead of being followed.
+            nfd = os.open(part, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_regular(root: int | bytes, rel: bytes, *, use_openat2: bool | None = None) -> tuple[int, os.stat_result]:
+    """A read-only fd of the regular file ``rel`` beneath ``root`` (see :func:`open_beneath`) and its ``fstat``.
+
+    Size, mode, owner and mtime are to be taken from that ``fstat``: it describes what was opened, whatever the
+    path names by now. Anything but a regular file raises ``OSError`` (EINVAL when something else is there; the
+    open itself never blocks). The fd is left non-blocking, which regular files ignore.
+    """
+    fd = open_beneath(root, rel, READ_FLAGS, use_openat2=use_openat2)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno_mod.EINVAL, "not a regular file", rel)
+    return fd, st
