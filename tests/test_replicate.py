@@ -263,7 +263,7 @@ def test_rename_of_a_10000_file_directory_sends_no_data(kind: str, tmp_path: Pat
         offset = live.log_size()
         os.rename(big, src / "moved-big")
         took = wait_identical(src, mirror, CONVERGE, what="after the rename", live=live)
-        after = live.batches(offset)
+        after = live.wait_batches(offset)  # the line is written after the mirror shows the batch
         live.stop()
     assert os.stat(mirror / "moved-big" / "d050" / "f050").st_ino == ino, "the mirror re-created instead of moving"
     assert sum(x.renames for x in after) == 1, after
@@ -286,7 +286,7 @@ def test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_back
     src, mirror = tmp_path / "src", tmp_path / "mirror"
     src.mkdir()
     mirror.mkdir()
-    with LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--backend", backend]) as live:
+    with LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", backend=backend) as live:
         untar(tarball, src)
         wait_identical(src, mirror, CONVERGE, what=f"after the untar ({backend})", live=live)
         offset = live.log_size()
@@ -450,7 +450,7 @@ def test_4k_edit_of_a_large_file_sends_about_the_edit(kind: str, tmp_path: Path,
             f.seek(33_333_333)
             f.write(os.urandom(4096))
         wait_identical(src, mirror, CONVERGE, what="after the 4 KiB edit", live=live)
-        after = live.batches(offset)
+        after = live.wait_batches(offset)  # the line is written after the mirror shows the batch
         live.stop()
     literal = sum(x.literal for x in after)
     matched = sum(x.matched for x in after)

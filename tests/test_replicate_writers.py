@@ -470,7 +470,7 @@ def test_a_rewrite_in_progress_is_held_on_backends_without_open_events(backend: 
     src.mkdir()
     mirror.mkdir()
     (src / "old").write_bytes(b"version 1")
-    live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--max-delay", "30", "--backend", backend])
+    live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--max-delay", "30"], backend=backend)
     writer: Writer | None = None
     with live:
         wait_identical(src, mirror, CONVERGE, what="before the writer", live=live)
