@@ -161,13 +161,17 @@ def step_hostile_names(src: Path, tarball: Path) -> None:
     os.rename(s + b"/dir " + ODD_NAMES[1], s + b"/dir renamed \xfe")
 
 
-def step_type_changes(src: Path, tarball: Path) -> None:
+def step_types_made(src: Path, tarball: Path) -> None:
     s = b(src) + b"/types"
     os.makedirs(s + b"/d1/sub")
     with open(s + b"/f1", "wb") as f:
         f.write(b"file")
     os.symlink(b"f1", s + b"/l1")
-    time.sleep(1.5)  # let them reach the mirror first, so the changes below replace existing objects
+
+
+def step_type_changes(src: Path, tarball: Path) -> None:
+    """After step_types_made reached the mirror: the changes replace existing objects there."""
+    s = b(src) + b"/types"
     shutil.rmtree(s + b"/d1")
     with open(s + b"/d1", "wb") as f:  # dir -> file
         f.write(b"now a file")
@@ -200,6 +204,7 @@ STEPS: list[tuple[str, Callable[[Path, Path], None]]] = [
     ("modes", step_modes),
     ("mtimes", step_mtimes),
     ("hostile-names", step_hostile_names),
+    ("types-made", step_types_made),
     ("type-changes", step_type_changes),
     ("hard-links", step_hard_links),
 ]
@@ -502,8 +507,10 @@ def test_ssh_target_down_is_retried_and_converges(tmp_path: Path) -> None:
                 os.kill(pid, 9)
             for i in range(100):
                 (src / f"while-down-{i}").write_bytes(b"%d" % i)
-            time.sleep(2.5)
-            assert "retrying in" in live.log_text(), live.log_text()
+            deadline = time.monotonic() + CONVERGE  # the engine says it failed and waits to retry
+            while "retrying in" not in live.log_text():
+                assert time.monotonic() < deadline, live.log_text()
+                time.sleep(0.05)
             assert not (mirror / "while-down-5").exists()
             d.start()  # same port
             wait_identical(src, mirror, CONVERGE, what="after sshd came back", live=live)
@@ -624,7 +631,8 @@ def test_eager_batches_reach_the_mirror_while_changes_keep_coming(tmp_path: Path
         assert _wait(lambda: (mirror / "done.txt").exists(), 10.0), "no batch while the burst goes on"
         assert (mirror / "done.txt").read_bytes() == b"complete"
         assert _wait(lambda: (mirror / "busy-0").exists(), 10.0)
-        time.sleep(0.5)  # several more eager batches
+        seen = rep.stats.batches
+        assert _wait(lambda: rep.stats.batches >= seen + 3, 30.0), "no more eager batches"
         assert not (mirror / "open.txt").exists(), "a file still open for writing was sent before its close"
         (src / "open.txt").write_bytes(b"first half, second half")
         rep.feed([FileEvent(Op.CLOSE_WRITE, b(src / "open.txt"))])
