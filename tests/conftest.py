@@ -52,6 +52,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         lines = [f"{len(bad)} tests skipped that must run here (--no-skips; allowed: tests/conftest.py ALLOWED_SKIPS):"]
         lines += [f"  {n}: {r}" for n, r in bad]
         if tr is not None:
+            tr.ensure_newline()
             tr.write_line("\n".join(lines), red=True, bold=True)
         if session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
