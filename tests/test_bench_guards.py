@@ -37,7 +37,7 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str | None]] = [
     ("consumer_lost_events", _results(lost=3), "capture consumer CPU"),
     ("c_decoder_twice_as_slow", _results(c_rate=2e6), "decoder speed-up"),
     ("replication_twice_as_slow", _results(pipe=2.0, ssh=1.2), "replication vs one-shot"),
-    ("first_sync_twice_as_slow", _results(push=1.2), "first sync vs rsync"),
+    ("first_sync_twice_as_slow", _results(push=1.9), "first sync vs rsync"),
     ("a_suite_missing", {k: v for k, v in _results().items() if k != "rsync"}, "first sync vs rsync"),
     ("a_value_missing", {**_results(), "replicate": {"summary": []}}, "replication vs one-shot"),
 ]
