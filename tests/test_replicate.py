@@ -534,10 +534,24 @@ def test_file_changed_while_read_is_sent_again(new_size: int, tmp_path: Path) ->
         rep.sync_now(Batch())  # the agent is up before the timed part
         rep.coalescer.rescan(b"")
         batch = rep.coalescer.take(time.monotonic())
-        writer = threading.Timer(0.3, lambda: path.write_bytes(b"b" * new_size))
+        mid_read = threading.Event()
+
+        def write_mid_read() -> None:
+            # the signal that the read is under way: this process holds the file open, its offset past the start
+            # and short of the end (the sender reads it in this process, paced by bwlimit)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if _read_offset(path) is not None:
+                    path.write_bytes(b"b" * new_size)
+                    mid_read.set()
+                    return
+                time.sleep(0.002)
+
+        writer = threading.Thread(target=write_mid_read)
         writer.start()
         first = rep.sync_now(batch)
         writer.join()
+        assert mid_read.is_set(), "the write did not happen while the file was read"
         assert first.puts == 1
         assert not first.errors, "a put dropped on purpose is not an error"
         data = (mirror / "growing.bin").read_bytes() if (mirror / "growing.bin").exists() else b""
@@ -551,6 +565,21 @@ def test_file_changed_while_read_is_sent_again(new_size: int, tmp_path: Path) ->
         assert_trees_equal(src, mirror)
     finally:
         rep.stop()
+
+
+def _read_offset(path: Path) -> int | None:
+    """The offset of a descriptor of this process open on ``path`` for reading, if one is mid-file."""
+    want = os.stat(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{fd}")
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                pos = int(f.readline().split()[1])
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino) and 0 < pos < want.st_size:
+            return pos
+    return None
 
 
 def test_batch_with_nothing_pending_is_a_plain_commit(tmp_path: Path) -> None:
