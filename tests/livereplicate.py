@@ -179,7 +179,8 @@ class LiveReplicate:
     def kill9(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        # its BPF programs and maps are torn down before it is reaped: over 10 s on a loaded machine
+        self.proc.wait(START_TIMEOUT)
         self.proc = None
 
     def stop(self, timeout: float = 40.0) -> int:
