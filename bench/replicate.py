@@ -85,7 +85,7 @@ APPEND = 1 << 20
 RENAMED_FILE_SIZE = 4096
 
 _BATCH_RE = re.compile(r"batch \d+: .*?; (\d+) literal \+ (\d+) matched bytes")
-_RSYNC_BATCH_RE = re.compile(r"rsync batch: .*?; (\d+) literal \+ (\d+) matched bytes")
+_RSYNC_BATCH_RE = re.compile(r"rsync batch \d+: .*?; (\d+) literal \+ (\d+) matched bytes")
 _AGENT_RE = re.compile(r"agent up \(pid (\d+)")
 
 

@@ -1,8 +1,9 @@
 """Entry point of the benchmarks: ``python -m bench.run [--all | --quick] [capture] [replicate] [options]``.
 
 Owns argument parsing, which suites run in which mode, and where results go (``bench/out/<suite>.{md,json,png}``;
-``--write-readme`` also updates the README section of a suite). ``--quick`` is a smoke test for CI: one run of tiny
-workloads, checks that the suite works, not the numbers. A suite whose module does not exist yet (``replicate``) is
+``--write-readme`` also updates the README section of a suite). ``--quick`` is CI's run: one run of tiny workloads,
+checks that each suite works, then the guard rails on speed (bench/guards.py: coarse bounds on ratios measured in
+the run, so a 2x regression fails). A suite whose module does not exist yet (``replicate``) is
 reported as not available; asking for it alone is an error, ``--all`` just says so and goes on.
 """
 
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = 0
     for name in suites:
         t0 = time.monotonic()
+        if args.quick:  # the guards read this run's results, never an older run's
+            (args.out / f"{name}.json").unlink(missing_ok=True)
         try:
             r = RUNNERS[name](args, args.out)
         except BenchError as e:
@@ -135,7 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         _log(f"bench: {name}: done in {time.monotonic() - t0:.0f} s (rc {r})")
         rc = rc or r
+    if args.quick:
+        rc = rc or check_guards(suites, args.out)
     return rc
+
+
+def check_guards(suites: list[str], out: Path) -> int:
+    """The guard rails of the suites that ran (their JSON results in ``out``); 1 if any failed or is missing."""
+    from bench.guards import GUARDS, check_all
+
+    results = {}
+    for name in suites:
+        path = out / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+    guards = tuple(g for g in GUARDS if g.suite in suites)
+    ok, lines = check_all(results, guards)
+    for line in lines:
+        _log(f"bench: guard: {line}")
+    if not ok:
+        _log("bench: guard rails FAILED (bounds and how they were chosen: bench/guards.py)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

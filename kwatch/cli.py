@@ -50,9 +50,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         src = open_source(filt, args.backend, warn=_warn)
     except CaptureError as e:
         raise SystemExit(f"kwatch trace: {e}") from e
-    if not args.json:
-        where = ", ".join(roots) if roots else "the whole system"
-        _warn(f"tracing {where} with the {src.name} backend; Ctrl-C to stop")
+    # the ready line (stderr, so JSON output stays clean): capture is attached, events from now on are seen
+    where = ", ".join(roots) if roots else "the whole system"
+    _warn(f"tracing {where} with the {src.name} backend; Ctrl-C to stop")
     try:
         return run_trace(src, match, json_lines=args.json, count=args.count, duration=args.duration)
     finally:

@@ -2,6 +2,11 @@
 
 - :class:`LiveReplicate` starts ``kwatch replicate SRC TARGET...`` with its log in a file, waits until capture is
   attached and every target finished its initial reconcile, and can stop it cleanly or ``kill -9`` it (or its agents).
+  The capture backend is pinned (``bpf`` unless the test names another) and checked against the ready line, so a
+  BPF test never passes on a silent fallback.
+- Batch lines (agent: ``batch N: ...``, rsync: ``rsync batch N: ...``) carry a sequence number per target:
+  :meth:`LiveReplicate.wait_batches` waits for the next batch lines after a log offset, or for batch N, because a
+  batch line is written after the mirror already shows the batch (a test that reads it at once races the logger).
 - :func:`wait_identical` polls :func:`treecmp.tree_differences` (bounded) until a mirror equals the source.
 - :func:`build_tarball` makes a source tree of a few thousand files with odd names (spaces, newlines, non-UTF-8 bytes,
   shell metacharacters, 255-byte names), symlinks, odd modes and old mtimes, and packs it with GNU tar.
@@ -29,31 +34,43 @@ _BATCH_RE = re.compile(
     r"renames, (?P<deletes>\d+) deletes, (?P<rescans>\d+) rescans; (?P<literal>\d+) literal \+ (?P<matched>\d+) "
     r"matched bytes; (?P<errors>\d+) errors"
 )
+_RSYNC_BATCH_RE = re.compile(
+    r"target (?P<target>.+?): rsync batch (?P<seq>\d+): (?:all|\d+) paths, (?P<puts>\d+) files sent, (?P<deletes>\d+) "
+    r"deleted, \d+ held open for writing; (?P<literal>\d+) literal \+ (?P<matched>\d+) matched bytes"
+)
+_READY_RE = re.compile(r"kwatch: replicating .* with the (?P<backend>\w+) backend; Ctrl-C to stop")
+BATCH_TIMEOUT = 60.0
 _AGENT_RE = re.compile(r"target (?P<target>.+?): agent up \(pid (?P<pid>\d+)")
 
 
 @dataclass(frozen=True)
 class BatchLine:
+    """One batch line of either path; an rsync session reports no deltas, renames, rescans or errors (0 here)."""
+
     target: str
     seq: int
     puts: int
-    deltas: int
-    renames: int
     deletes: int
-    rescans: int
     literal: int
     matched: int
-    errors: int
+    deltas: int = 0
+    renames: int = 0
+    rescans: int = 0
+    errors: int = 0
+    rsync: bool = False
 
 
 class LiveReplicate:
     """One ``kwatch replicate`` process; the log (stderr) goes to ``log_path``."""
 
-    def __init__(self, src: Path, targets: list[str], log_path: Path, extra: list[str] | None = None) -> None:
+    def __init__(self, src: Path, targets: list[str], log_path: Path, extra: list[str] | None = None,
+                 backend: str = "bpf") -> None:
         self.src = src
         self.targets = targets
         self.log_path = log_path
         self.extra = extra or []
+        assert "--backend" not in self.extra, "name the backend with backend=, so it is pinned and checked"
+        self.backend = backend
         self.proc: subprocess.Popen[bytes] | None = None
         self.started: list[subprocess.Popen[bytes]] = []  # every process this object started, for the cleanup
         self.starts = 0
@@ -61,7 +78,7 @@ class LiveReplicate:
     def start(self, *, wait_targets: bool = True) -> LiveReplicate:
         offset = self.log_size()
         argv = [KWATCH, "replicate", str(self.src), *self.targets, "--settle", "0.05", "--max-delay", "1",
-                *self.extra]
+                "--backend", self.backend, *self.extra]
         with open(self.log_path, "ab") as log:
             log.write(f"==== start {self.starts}: {' '.join(argv)}\n".encode())
             log.flush()
@@ -79,7 +96,10 @@ class LiveReplicate:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             text = self.log_text(offset)
-            live = "Ctrl-C to stop" in text
+            ready = _READY_RE.search(text)
+            if ready is not None and ready["backend"] != self.backend:
+                raise AssertionError(f"asked for the {self.backend} backend, got {ready['backend']}:\n{text[-3000:]}")
+            live = ready is not None
             done = {b.target for b in self.batches(offset)}
             if live and (not wait_targets or all(t in done for t in self.targets)):
                 return self
@@ -103,13 +123,49 @@ class LiveReplicate:
             return ""
 
     def batches(self, offset: int = 0, target: str | None = None) -> list[BatchLine]:
-        out = []
-        for m in _BATCH_RE.finditer(self.log_text(offset)):
-            d = m.groupdict()
-            b = BatchLine(d.pop("target"), **{k: int(v) for k, v in d.items()})
-            if target is None or b.target == target:
-                out.append(b)
-        return out
+        """The batch lines (agent and rsync) from ``offset`` on, in log order."""
+        text = self.log_text(offset)
+        found: list[tuple[int, BatchLine]] = []
+        for rx, rsync in ((_BATCH_RE, False), (_RSYNC_BATCH_RE, True)):
+            for m in rx.finditer(text):
+                d = m.groupdict()
+                name = d.pop("target")
+                b = BatchLine(name, rsync=rsync, **{k: int(v) for k, v in d.items()})
+                if target is None or b.target == target:
+                    found.append((m.start(), b))
+        return [b for _, b in sorted(found, key=lambda x: x[0])]
+
+    def last_seq(self, target: str | None = None) -> int:
+        """The sequence number of the latest batch line (0: none yet) of ``target`` (default: the only one)."""
+        lines = self.batches(0, target or self._one_target())
+        return lines[-1].seq if lines else 0
+
+    def wait_batches(self, offset: int = 0, *, seq: int | None = None, target: str | None = None,
+                     timeout: float = BATCH_TIMEOUT) -> list[BatchLine]:
+        """Wait until the log holds, after ``offset``, a batch line of ``target`` (default: the only target) with a
+        sequence number of at least ``seq`` (default: any); returns the batch lines after ``offset``.
+
+        The line of a batch is written once its session ended, after the mirror may already show the batch: a test
+        that measures a step waits here for the step's line before it reads it, or before it takes the offset of
+        the next step (else the first step's line is counted against the second).
+        """
+        name = target or self._one_target()
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.batches(offset, name)
+            if lines and (seq is None or lines[-1].seq >= seq):
+                return lines
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"kwatch replicate exited ({self.proc.returncode}) before batch "
+                                     f"{seq or 'any'}:\n{self.log_text(offset)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no batch line {seq or ''} of {name} within {timeout}s after offset {offset}:\n"
+                                     f"{self.log_text(offset)[-3000:]}")
+            time.sleep(0.05)
+
+    def _one_target(self) -> str:
+        assert len(self.targets) == 1, "several targets: name one"
+        return self.targets[0]
 
     def agent_pids(self, offset: int = 0) -> dict[str, int]:
         """The latest agent pid of each target (as the log tells it)."""
@@ -123,7 +179,8 @@ class LiveReplicate:
     def kill9(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        # its BPF programs and maps are torn down before it is reaped: over 10 s on a loaded machine
+        self.proc.wait(START_TIMEOUT)
         self.proc = None
 
     def stop(self, timeout: float = 40.0) -> int:

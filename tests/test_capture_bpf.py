@@ -458,11 +458,12 @@ def test_path_cache_follows_a_new_filter(tmp_path: Path) -> None:
     with BpfSource(CaptureFilter.make(roots=[inside])) as src:
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD_PRELUDE + "fd = os.open(d + b'/f', W | C, 0o644); os.fchmod(fd, 0o600)\n"
-             "sys.stdin.readline(); os.fchmod(fd, 0o640); os.close(fd)", outside],
-            stdin=subprocess.PIPE,
+             "print('done', flush=True); sys.stdin.readline(); os.fchmod(fd, 0o640); os.close(fd)", outside],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         try:
-            time.sleep(0.5)
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"done\n"  # its first calls are made (and were not delivered)
             assert [e for e in drain(src, 0.2) if e.op is not Op.LOSS] == []
             src.set_filter(CaptureFilter.make(roots=[inside, outside]))
             child.communicate(b"go\n", timeout=30)
@@ -599,8 +600,14 @@ def test_burst_nothing_lost_with_bulk_consumer() -> None:
     from kwatch.capture.bpf import BpfSource
 
     d = tempfile.mkdtemp(prefix="kwatch-burst-", dir="/tmp").encode()
-    n = 70_000  # 210,000 events
-    with BpfSource(CaptureFilter.make(roots=[d]), ringbuf_bytes=64 << 20) as src:
+    n = 70_000  # 210,000 events of at least 96 + 8 bytes each: over 20 MiB
+    # A ring of 8 MiB holds well under half the burst, so only a consumer that keeps up loses nothing (with the
+    # default 64 MiB the whole burst fits and a consumer that reads nothing until the end would pass too). The same
+    # ring without a reader must lose (half the burst is still over 10 MiB), or the second half proves nothing.
+    ring = 8 << 20
+    with BpfSource(CaptureFilter.make(roots=[d]), ringbuf_bytes=ring) as src:
+        delivered, lost = _burst(src, d, n // 2, read_while_running=False)
+        assert lost > 0 and src.stats().lost == lost, (delivered, lost)
         delivered, lost = _burst(src, d, n, read_while_running=True)
     shutil.rmtree(d)
     assert (delivered, lost) == (3 * n, 0)

@@ -136,6 +136,19 @@ class DaemonProc:
 
         wait_until(seen, timeout, f"{needle!r} in the daemon log")
 
+    def settle(self, poke: Callable[[], object], seen: Callable[[], object], timeout: float = 60.0) -> None:
+        """Wait until every event made before now is handled, instead of waiting for time to pass.
+
+        ``poke`` makes one event that a rule turns into a visible action (``seen``). The daemon reads events in the
+        order they were made, so once the marker's action is seen every earlier event was read, and once no action
+        runs or waits every action those events asked for has ended: a late duplicate or a loop would show now.
+        """
+        poke()
+        wait_until(seen, timeout, "the marker's action")
+        wait_until(lambda: self.metric("kwatch_queue_depth", queue="actions_running") == 0
+                   and self.metric("kwatch_queue_depth", queue="actions_waiting") == 0, timeout,
+                   "no action running or waiting")
+
     def scrape(self) -> Samples:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             text = r.read().decode()
@@ -191,21 +204,32 @@ def write(path: Path, data: bytes = b"x\n") -> None:
 
 @pytest.fixture
 def made_dirs() -> Iterator[Callable[[str], Path]]:
-    """Unique directories at fixed places the verbatim regexes need (/export/home/..., /home/mike/...), removed after."""
-    created: list[str] = []
+    """Unique directories at fixed places the verbatim regexes need (/export/home/..., /home/mike/...), removed after.
+
+    Only the unique leaf is removed whole; the shared ancestors this made (/export/home) are removed only if empty,
+    so a run of the suite at the same time (another checkout) keeps the ones its own directories are in.
+    """
+    created: list[tuple[Path, Path]] = []
 
     def make(path: str) -> Path:
         p = Path(path)
         top = p
         while not top.parent.exists():
             top = top.parent
-        created.append(str(top if top != p else p))
+        created.append((p, top))
         p.mkdir(parents=True)
         return p
 
     yield make
-    for c in reversed(created):
-        shutil.rmtree(c, ignore_errors=True)
+    for leaf, top in reversed(created):
+        shutil.rmtree(leaf, ignore_errors=True)
+        d = leaf.parent
+        while d != top.parent and d != d.parent:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (another run uses it) or gone
+                break
+            d = d.parent
 
 
 # The brief's two example rules, verbatim, except that UNLINK records its argument here instead of ssh-ing.
@@ -260,8 +284,9 @@ def test_example_rules_hot_folder_and_unlink(
         p.unlink()
     wait_until(lambda: len(records(record)) >= 2, 30, "two unlinks recorded")
 
-    time.sleep(1.5)  # anything further (a loop, a late duplicate) would show up now
-    assert sorted(records(record)) == sorted(os.fsencode(p) for p in victims)
+    marker = mike / "marker"
+    d.settle(lambda: (write(marker), marker.unlink()), lambda: os.fsencode(marker) in records(record))
+    assert sorted(records(record)) == sorted(os.fsencode(p) for p in [*victims, marker])
     names = sorted(p.name for p in hot.iterdir())
     assert names == sorted([HOSTILE, HOSTILE2, pngs[0].name, pngs[1].name])  # no canary, no stray file
     for p in pngs:
@@ -278,13 +303,13 @@ def test_example_rules_hot_folder_and_unlink(
     assert val("kwatch_actions_total", rule="kwatch.conf:1", result="started") == 2
     assert val("kwatch_actions_total", rule="kwatch.conf:1", result="ok") == 2
     assert val("kwatch_rule_matches_total", rule="kwatch.conf:1") == 2
-    assert val("kwatch_actions_total", rule="kwatch.conf:3", result="ok") == 2
-    assert val("kwatch_rule_matches_total", rule="kwatch.conf:3") == 2
+    assert val("kwatch_actions_total", rule="kwatch.conf:3", result="ok") == 3  # the two victims and the marker
+    assert val("kwatch_rule_matches_total", rule="kwatch.conf:3") == 3
     cw = ("kwatch_events_total", frozenset({("op", "close_write"), ("backend", "bpf")}))
     assert after[cw] > before.get(cw, 0.0)
-    assert val("kwatch_events_total", op="unlink", backend="bpf") >= 4
-    assert val("kwatch_action_latency_seconds_count") == 4
-    assert val("kwatch_action_latency_seconds_bucket", le="+Inf") == 4
+    assert val("kwatch_events_total", op="unlink", backend="bpf") >= 5
+    assert val("kwatch_action_latency_seconds_count") == 5
+    assert val("kwatch_action_latency_seconds_bucket", le="+Inf") == 5
     assert 0 < val("kwatch_action_latency_seconds_sum") < 20
     assert val("kwatch_events_lost_total", backend="bpf") == 0
     assert ("kwatch_queue_depth", frozenset({("queue", "actions_waiting")})) in after
@@ -328,9 +353,10 @@ def test_actions_do_not_retrigger_unless_asked(tmp_path: Path, start: Callable[.
     write(base / "again" / "b.txt")
     wait_until(lambda: (base / "loop" / "a.txt").read_bytes() == b"x\nx\n", 20, "one append")
     wait_until(lambda: (base / "again" / "b.txt").read_bytes() == b"x\nx\nx\n", 20, "retriggered appends")
-    time.sleep(2.0)
+    marker = base / "loop" / "marker.txt"  # made after the appends' own writes: read after them
+    d.settle(lambda: write(marker), lambda: marker.read_bytes() == b"x\nx\n")
     assert (base / "loop" / "a.txt").read_bytes() == b"x\nx\n"
-    assert d.metric("kwatch_actions_total", rule="append", result="started") == 1
+    assert d.metric("kwatch_actions_total", rule="append", result="started") == 2  # a.txt and the marker
     assert d.metric("kwatch_actions_total", rule="retrigger", result="started") >= 2
     assert (base / "again" / "b.txt").read_bytes() == b"x\nx\nx\n"
 
@@ -386,12 +412,14 @@ def test_tar_extraction_under_a_batch_rule(tmp_path: Path, start: Callable[..., 
     subprocess.run(["tar", "xf", str(archive), "-C", str(dest)], check=True, timeout=120)
     expected = {os.fsencode(dest / name) for name in names}
     wait_until(lambda: set(records(record)) >= expected, 60, "every extracted file recorded")
-    time.sleep(1.5)  # a late duplicate batch would show up now
+    marker = dest / "marker"  # a late duplicate batch of the tar's events would run before the marker's ends
+    d.settle(lambda: write(marker), lambda: os.fsencode(marker) in records(record))
     got = Counter(records(record))
-    assert set(got) == expected
+    assert set(got) == expected | {os.fsencode(marker)}
     assert max(got.values()) == 1, [p for p, c in got.items() if c > 1][:5]
     nruns = len(runs.read_text().split())
-    assert 3 <= nruns <= 12, nruns  # batch_max 1000 -> at least 3; a window of 0.5 s bounds the rest
+    # batch_max 1000 -> at least 3; a window of 0.5 s bounds the rest; the marker may add one
+    assert 3 <= nruns <= 13, nruns
     assert d.metric("kwatch_actions_total", rule="batch", result="ok") == nruns
     assert d.metric("kwatch_actions_total", rule="batch", result="started") == nruns
     assert d.metric("kwatch_rule_matches_total", rule="batch") >= n
@@ -434,10 +462,11 @@ def test_sighup_reload(tmp_path: Path, start: Callable[..., DaemonProc]) -> None
     t = threading.Thread(target=writer)
     t.start()
     try:
-        time.sleep(0.3)
+        wait_until(lambda: len(written) >= 50, 30, "writes before the reload")
         d.proc.send_signal(signal.SIGHUP)
         d.wait_log("event=reload ")
-        time.sleep(0.3)
+        after_reload = len(written)
+        wait_until(lambda: len(written) >= min(after_reload + 50, 2000), 30, "writes after the reload")
     finally:
         stop.set()
         t.join(10)
@@ -537,13 +566,16 @@ def test_dry_run_prints_and_runs_nothing(tmp_path: Path, start: Callable[..., Da
     subprocess.run([CONVERT, "-size", "8x8", "xc:red", str(made)], check=True, timeout=60)
     os.rename(made, jpg)  # one event: a finished file published under its final name
     wait_until(lambda: b"dry-run:" in d.out, 20, "a dry-run line")
-    time.sleep(1.0)
-    assert [p.name for p in hot.iterdir()] == [jpg.name]  # nothing ran
+    marker, made2 = hot / "marker.jpg", tmp_path / "made2.jpg"
+    made2.write_bytes(jpg.read_bytes())
+    # a convert started for the first file by mistake would have ended (and written its png) once this settles
+    d.settle(lambda: os.rename(made2, marker), lambda: d.out.count(b"dry-run:") >= 2)
+    assert sorted(p.name for p in hot.iterdir()) == sorted([jpg.name, marker.name])  # nothing ran
     out = d.out
-    assert out.count(b"dry-run:") == 1
+    assert out.count(b"dry-run:") == 2
     assert b"command=/usr/bin/convert _FILE_ `dirname _FILE_`/`basename _FILE_ .jpg`.png" in out
     assert b"KWATCH_FILE='" + os.fsencode(jpg).replace(b"'", b"'\\''") + b"'" in out
-    assert d.metric("kwatch_actions_total", rule="dry.conf:1", result="dry_run") == 1
+    assert d.metric("kwatch_actions_total", rule="dry.conf:1", result="dry_run") == 2
     assert d.metric("kwatch_actions_total", rule="dry.conf:1", result="started") == 0
     # --log-json: every line is one JSON object with ts/level/event
     lines = [json.loads(line) for line in d.err.splitlines() if line.strip()]

@@ -161,13 +161,17 @@ def step_hostile_names(src: Path, tarball: Path) -> None:
     os.rename(s + b"/dir " + ODD_NAMES[1], s + b"/dir renamed \xfe")
 
 
-def step_type_changes(src: Path, tarball: Path) -> None:
+def step_types_made(src: Path, tarball: Path) -> None:
     s = b(src) + b"/types"
     os.makedirs(s + b"/d1/sub")
     with open(s + b"/f1", "wb") as f:
         f.write(b"file")
     os.symlink(b"f1", s + b"/l1")
-    time.sleep(1.5)  # let them reach the mirror first, so the changes below replace existing objects
+
+
+def step_type_changes(src: Path, tarball: Path) -> None:
+    """After step_types_made reached the mirror: the changes replace existing objects there."""
+    s = b(src) + b"/types"
     shutil.rmtree(s + b"/d1")
     with open(s + b"/d1", "wb") as f:  # dir -> file
         f.write(b"now a file")
@@ -200,6 +204,7 @@ STEPS: list[tuple[str, Callable[[Path, Path], None]]] = [
     ("modes", step_modes),
     ("mtimes", step_mtimes),
     ("hostile-names", step_hostile_names),
+    ("types-made", step_types_made),
     ("type-changes", step_type_changes),
     ("hard-links", step_hard_links),
 ]
@@ -264,7 +269,7 @@ def test_rename_of_a_10000_file_directory_sends_no_data(kind: str, tmp_path: Pat
         offset = live.log_size()
         os.rename(big, src / "moved-big")
         took = wait_identical(src, mirror, CONVERGE, what="after the rename", live=live)
-        after = live.batches(offset)
+        after = live.wait_batches(offset)  # the line is written after the mirror shows the batch
         live.stop()
     assert os.stat(mirror / "moved-big" / "d050" / "f050").st_ino == ino, "the mirror re-created instead of moving"
     assert sum(x.renames for x in after) == 1, after
@@ -287,7 +292,7 @@ def test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_back
     src, mirror = tmp_path / "src", tmp_path / "mirror"
     src.mkdir()
     mirror.mkdir()
-    with LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--backend", backend]) as live:
+    with LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", backend=backend) as live:
         untar(tarball, src)
         wait_identical(src, mirror, CONVERGE, what=f"after the untar ({backend})", live=live)
         offset = live.log_size()
@@ -451,7 +456,7 @@ def test_4k_edit_of_a_large_file_sends_about_the_edit(kind: str, tmp_path: Path,
             f.seek(33_333_333)
             f.write(os.urandom(4096))
         wait_identical(src, mirror, CONVERGE, what="after the 4 KiB edit", live=live)
-        after = live.batches(offset)
+        after = live.wait_batches(offset)  # the line is written after the mirror shows the batch
         live.stop()
     literal = sum(x.literal for x in after)
     matched = sum(x.matched for x in after)
@@ -503,8 +508,10 @@ def test_ssh_target_down_is_retried_and_converges(tmp_path: Path) -> None:
                 os.kill(pid, 9)
             for i in range(100):
                 (src / f"while-down-{i}").write_bytes(b"%d" % i)
-            time.sleep(2.5)
-            assert "retrying in" in live.log_text(), live.log_text()
+            deadline = time.monotonic() + CONVERGE  # the engine says it failed and waits to retry
+            while "retrying in" not in live.log_text():
+                assert time.monotonic() < deadline, live.log_text()
+                time.sleep(0.05)
             assert not (mirror / "while-down-5").exists()
             d.start()  # same port
             wait_identical(src, mirror, CONVERGE, what="after sshd came back", live=live)
@@ -528,10 +535,24 @@ def test_file_changed_while_read_is_sent_again(new_size: int, tmp_path: Path) ->
         rep.sync_now(Batch())  # the agent is up before the timed part
         rep.coalescer.rescan(b"")
         batch = rep.coalescer.take(time.monotonic())
-        writer = threading.Timer(0.3, lambda: path.write_bytes(b"b" * new_size))
+        mid_read = threading.Event()
+
+        def write_mid_read() -> None:
+            # the signal that the read is under way: this process holds the file open, its offset past the start
+            # and short of the end (the sender reads it in this process, paced by bwlimit)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if _read_offset(path) is not None:
+                    path.write_bytes(b"b" * new_size)
+                    mid_read.set()
+                    return
+                time.sleep(0.002)
+
+        writer = threading.Thread(target=write_mid_read)
         writer.start()
         first = rep.sync_now(batch)
         writer.join()
+        assert mid_read.is_set(), "the write did not happen while the file was read"
         assert first.puts == 1
         assert not first.errors, "a put dropped on purpose is not an error"
         data = (mirror / "growing.bin").read_bytes() if (mirror / "growing.bin").exists() else b""
@@ -545,6 +566,21 @@ def test_file_changed_while_read_is_sent_again(new_size: int, tmp_path: Path) ->
         assert_trees_equal(src, mirror)
     finally:
         rep.stop()
+
+
+def _read_offset(path: Path) -> int | None:
+    """The offset of a descriptor of this process open on ``path`` for reading, if one is mid-file."""
+    want = os.stat(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{fd}")
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                pos = int(f.readline().split()[1])
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino) and 0 < pos < want.st_size:
+            return pos
+    return None
 
 
 def test_batch_with_nothing_pending_is_a_plain_commit(tmp_path: Path) -> None:
@@ -625,7 +661,8 @@ def test_eager_batches_reach_the_mirror_while_changes_keep_coming(tmp_path: Path
         assert _wait(lambda: (mirror / "done.txt").exists(), 10.0), "no batch while the burst goes on"
         assert (mirror / "done.txt").read_bytes() == b"complete"
         assert _wait(lambda: (mirror / "busy-0").exists(), 10.0)
-        time.sleep(0.5)  # several more eager batches
+        seen = rep.stats.batches
+        assert _wait(lambda: rep.stats.batches >= seen + 3, 30.0), "no more eager batches"
         assert not (mirror / "open.txt").exists(), "a file still open for writing was sent before its close"
         (src / "open.txt").write_bytes(b"first half, second half")
         rep.feed([FileEvent(Op.CLOSE_WRITE, b(src / "open.txt"))])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,7 +63,6 @@ CASES: list[tuple[str, Callable[[Path], None], Callable[[Path], None]]] = [
 ]
 
 
-_RSYNC_BATCH = re.compile(r"rsync batch: .*?; (\d+) literal \+ (\d+) matched bytes")
 
 
 @contextlib.contextmanager
@@ -91,23 +89,20 @@ def test_bwlimit_paces_file_data(name: str, prepare: Callable[[Path], None], wri
     with _target(kind, tmp_path) as (target, mirror):
         live = LiveReplicate(src, [target], tmp_path / "replicate.log", extra)
         try:
-            # an rsync:// target logs no agent batch lines: wait for its mirror instead
-            live.start(wait_targets=kind == "agent")
+            live.start()
             wait_identical(src, mirror, CONVERGE, what="initial", live=live)
             offset = live.log_size()
             t0 = time.monotonic()
             write(src)
             wait_identical(src, mirror, CONVERGE, what=f"after writing 4 MiB ({name})", live=live)
             took = time.monotonic() - t0
+            sent = live.wait_batches(offset)
             assert live.stop() == 0
         finally:
             live.kill_all()
-    if kind == "agent":
-        sent = live.batches(offset)
-        assert all(x.errors == 0 for x in sent), sent
-        literal = sum(x.literal for x in sent)
-    else:
-        literal = sum(int(m[1]) for m in _RSYNC_BATCH.finditer(live.log_text(offset)))
+    sent = live.batches(offset)  # all of them, the process has ended
+    assert all(x.errors == 0 for x in sent), sent
+    literal = sum(x.literal for x in sent)
     assert literal >= 4 * MIB - 64 * 1024, f"the 4 MiB of new data was not sent as literal data: {literal}"
     print(f"{name} ({kind}, {'limited' if limited else 'unlimited'}): {literal} literal bytes in {took:.2f}s")
     if limited:

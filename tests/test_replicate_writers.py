@@ -103,7 +103,11 @@ def test_a_file_open_for_writing_is_not_sent_mid_write_by_a_reconcile(kill: str,
             _wait_file(mirror / "later", b"a change after the kill", live, offset)
             if kill == "agent":
                 assert "agent up" in live.log_text(offset)
-            time.sleep(0.5)  # a few more batches
+            seq = live.last_seq()
+            for i in range(2):  # two more batches, each one made and seen, while the writers still write
+                (src / f"marker-{i}").write_bytes(b"%d" % i)
+                _wait_file(mirror / f"marker-{i}", b"%d" % i, live, offset)
+            live.wait_batches(offset, seq=seq + 2)
             got = _mirror_state(mirror)
             assert "new" not in got, f"a half-written file reached the mirror ({len(got['new'])} bytes)"
             assert got["old"] == b"version 1", f"the mirror's copy was replaced mid-write ({len(got['old'])} bytes)"
@@ -470,7 +474,7 @@ def test_a_rewrite_in_progress_is_held_on_backends_without_open_events(backend: 
     src.mkdir()
     mirror.mkdir()
     (src / "old").write_bytes(b"version 1")
-    live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--max-delay", "30", "--backend", backend])
+    live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log", ["--max-delay", "30"], backend=backend)
     writer: Writer | None = None
     with live:
         wait_identical(src, mirror, CONVERGE, what="before the writer", live=live)

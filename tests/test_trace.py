@@ -60,19 +60,27 @@ def test_text_is_one_line_per_event() -> None:
 def test_trace_command_json(tmp_path: Path) -> None:
     d = tmp_path / "w"
     d.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kwatch", "trace", str(d), "--json", "--backend", "bpf", "--rule", r"keep",
-         "--ignore", r"\.tmp$", "--count", "3", "--duration", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    time.sleep(3)  # the BPF programs attach in well under a second; leave room on a loaded machine
+    err_path = tmp_path / "trace.err"
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kwatch", "trace", str(d), "--json", "--backend", "bpf", "--rule", r"keep",
+             "--ignore", r"\.tmp$", "--count", "3", "--duration", "120"],
+            stdout=subprocess.PIPE, stderr=err_file,
+        )
+    # the ready line is written once the programs are attached: events from then on are seen
+    deadline = time.monotonic() + 60
+    while b"with the bpf backend; Ctrl-C to stop" not in err_path.read_bytes():
+        assert proc.poll() is None, err_path.read_bytes()
+        assert time.monotonic() < deadline, f"trace not ready within 60s: {err_path.read_bytes()!r}"
+        time.sleep(0.05)
     name = os.fsencode(d) + b"/keep \xff"
     with open(name, "wb") as f:
         f.write(b"x")
     (d / "keep.tmp").write_bytes(b"y")
     (d / "other").write_bytes(b"z")
     os.rename(name, os.fsencode(d) + b"/keep2")
-    out, err = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=120)
+    err = err_path.read_bytes()
     assert proc.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     got = [(e["op"], e["path"].encode("utf-8", "surrogateescape")) for e in events]

@@ -94,9 +94,11 @@ class RsyncReplicator(Replicator):
             st.rescans += len(b.rescans)
         for err in res.errors:
             log.warning("target %s: %s", self.target.spec, err)
-        log.info("target %s: rsync batch: %s paths, %d files sent, %d deleted, %d held open for writing; %d literal + "
-                 "%d matched bytes", self.target.spec, "all" if paths is None else len(paths), res.files, res.deleted,
-                 len(res.held), res.literal_bytes, res.matched_bytes)
+        # numbered per target like the agent's batch lines, so a reader of the log can wait for batch N
+        self._seq += 1
+        log.info("target %s: rsync batch %d: %s paths, %d files sent, %d deleted, %d held open for writing; %d "
+                 "literal + %d matched bytes", self.target.spec, self._seq, "all" if paths is None else len(paths),
+                 res.files, res.deleted, len(res.held), res.literal_bytes, res.matched_bytes)
         return rep
 
     def _other_names(self, paths: set[bytes]) -> set[bytes]:

@@ -1,0 +1,56 @@
+"""The speed guard rails (bench/guards.py): a value past its bound fails, a missing value fails, typical ones pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.guards import GUARDS, check_all
+
+
+def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4e6, py_rate: float = 4.5e5,
+             pipe: float = 1.0, ssh: float = 0.6, oneshot: float = 0.6, push: float = 0.6, rsync: float = 0.9,
+             lost: int = 0) -> dict[str, dict[str, Any]]:
+    return {
+        "capture": {
+            "summary": [{"workload": "churn", "observer": "kwatch-bpf-count", "cpu_ratio": cpu_ratio}],
+            "throughput": {
+                "decode": {"churn": {"records_per_cpu_s": c_rate},
+                           "python": {"churn": {"records_per_cpu_s": py_rate}}},
+                "e2e": {"churn_flat_out_1": {"consumer_cpu_s": consumer, "workload_cpu_s": 1.5, "lost": lost}},
+            },
+        },
+        "replicate": {"summary": [{"workload": "untar", "tool": "kwatch-pipe", "identical_s": pipe},
+                                  {"workload": "untar", "tool": "kwatch-ssh", "identical_s": ssh},
+                                  {"workload": "untar", "tool": "oneshot", "identical_s": oneshot}]},
+        "rsync": {"rows": [{"batch": "whole tree", "tool": "kwatch", "best_seconds": push},
+                           {"batch": "whole tree", "tool": "rsync", "best_seconds": rsync}]},
+    }
+
+
+# (name, results, the guard that must fail, or None: all pass)
+CASES: list[tuple[str, dict[str, dict[str, Any]], str | None]] = [
+    ("typical_values_pass", _results(), None),
+    ("capture_overhead_doubled", _results(cpu_ratio=2.2), "capture overhead"),
+    ("consumer_twice_as_slow", _results(consumer=0.6), "capture consumer CPU"),
+    ("consumer_lost_events", _results(lost=3), "capture consumer CPU"),
+    ("c_decoder_twice_as_slow", _results(c_rate=2e6), "decoder speed-up"),
+    ("replication_twice_as_slow", _results(pipe=2.0, ssh=1.2), "replication vs one-shot"),
+    ("first_sync_twice_as_slow", _results(push=1.9), "first sync vs rsync"),
+    ("a_suite_missing", {k: v for k, v in _results().items() if k != "rsync"}, "first sync vs rsync"),
+    ("a_value_missing", {**_results(), "replicate": {"summary": []}}, "replication vs one-shot"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_guards(case: tuple[str, dict[str, dict[str, Any]], str | None]) -> None:
+    _name, results, failing = case
+    ok, lines = check_all(results)
+    failed = [line for line in lines if not line.endswith(" ok")]
+    assert len(lines) == len(GUARDS)
+    if failing is None:
+        assert ok and not failed, lines
+    else:
+        assert not ok
+        assert [line for line in failed if line.startswith(failing)], lines
