@@ -8,6 +8,7 @@ behind the records inside the directory (see kwatch/capture/fanotify.py).
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -364,3 +365,54 @@ def test_path_walk_rewinds_renames_and_finds_removed_dirs() -> None:
         walk.step(batch[i], i)
     assert [ev.path for ev in batch] == [b"/w/q", b"/w/q/r", b"/w/q/r/f"]
     assert _rmdir_positions(batch) == {0: 2, 1: 2}
+
+
+
+
+# A child (our own pid is excluded) makes (unless they are there) 20 nested directories of 250-byte names by
+# descriptor, so the deepest path passes PATH_MAX, writes a file there, then one file at the top.
+_DEEP = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for _ in range(20):
+    if not os.path.exists(f"/proc/self/fd/{fd}/" + "d" * 250):
+        os.mkdir(b"d" * 250, dir_fd=fd)
+    nfd = os.open(b"d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    os.close(fd)
+    fd = nfd
+w = os.open(b"f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+os.write(w, b"x")
+os.close(w)
+if len(sys.argv) > 2:
+    open(sys.argv[2], "wb").close()
+"""
+
+
+@root_only
+@pytest.mark.parametrize("made_while_watched", [True, False], ids=["named_by_its_mkdirs", "unnamed"])
+def test_a_directory_deeper_than_path_max(layout: Layout, made_while_watched: bool) -> None:
+    """Any user can make a directory whose path is longer than PATH_MAX on the marked filesystem. Its records are
+    reported with their whole path when the batch's own mkdir records name it, else they are a counted LOSS (a
+    replication target rescans); either way the source keeps reading (the path lookup raised ENAMETOOLONG before)."""
+    deep = Path(layout.root) / "deep"
+    deep.mkdir()
+    after = Path(layout.root) / "after"
+    if not made_while_watched:
+        subprocess.run([sys.executable, "-c", _DEEP, str(deep)], check=True)
+    try:
+        with _source(layout) as src:
+            subprocess.run([sys.executable, "-c", _DEEP, str(deep), str(after)], check=True)
+            events = collect(src)
+            stats = src.stats()
+        got = triples(events)
+        assert (Op.CREATE, os.fsencode(after), None) in got, "the events after the deep ones are read"
+        deep_file = os.fsencode(deep) + (b"/" + b"d" * 250) * 20 + b"/f"
+        if made_while_watched:
+            assert (Op.CLOSE_WRITE, deep_file, None) in got
+            assert not [e for e in events if e.op is Op.LOSS]
+        else:
+            assert [e for e in events if e.op is Op.LOSS], "unnamed records must be a loss marker, not silence"
+            assert stats.lost >= 1
+            assert not [t for t in got if t[1].startswith(os.fsencode(deep) + b"/")]
+    finally:
+        shutil.rmtree(deep)

@@ -319,3 +319,51 @@ def test_current_name_follows_renames_folded_since_the_take(renames: list, rel: 
     for old, new in renames:
         c.add(FileEvent(Op.RENAME, old, new), 2.0)
     assert c.current_name(rel) == now_at
+
+
+# Losses: (name, [(clock, event or "take")...], the rescans of the last take). Full rescans caused by losses or cut
+# paths come at most once per full_rescan_every (30 s here); one asked for sooner is deferred, never dropped.
+LOSS_CASES = [
+    ("loss_below_one_directory_rescans_it", [(0.0, FileEvent(Op.LOSS, R + b"/d/e"))], {b"d/e"}),
+    ("loss_of_the_root_rescans_everything", [(0.0, FileEvent(Op.LOSS, R))], {b""}),
+    ("loss_above_the_root_rescans_everything", [(0.0, FileEvent(Op.LOSS, b"/"))], {b""}),
+    ("loss_without_a_place_rescans_everything", [(0.0, FileEvent(Op.LOSS, b""))], {b""}),
+    ("loss_in_another_tree_is_not_ours", [(0.0, FileEvent(Op.LOSS, b"/srcother/d"))], set()),
+    ("a_cut_path_inside_rescans_everything", [(0.0, FileEvent(Op.CLOSE_WRITE, R + b"/x", truncated=True))], {b""}),
+    ("second_loss_within_the_interval_waits",
+     [(0.0, FileEvent(Op.LOSS, b"/")), (0.1, "take"), (5.0, FileEvent(Op.LOSS, b"/")), (5.0, e(Op.CLOSE_WRITE, "/a"))],
+     set()),
+    ("deferred_full_rescan_comes_at_the_end_of_the_interval",
+     [(0.0, FileEvent(Op.LOSS, b"/")), (0.1, "take"), (5.0, FileEvent(Op.LOSS, b"/")), (30.1, e(Op.CLOSE_WRITE, "/a"))],
+     {b""}),
+    ("loss_after_the_interval_rescans_at_once",
+     [(0.0, FileEvent(Op.LOSS, b"/")), (0.1, "take"), (31.0, FileEvent(Op.LOSS, b"/"))], {b""}),
+    ("subtree_losses_are_not_rate_limited",
+     [(0.0, FileEvent(Op.LOSS, b"/")), (0.1, "take"), (1.0, FileEvent(Op.LOSS, R + b"/d"))], {b"d"}),
+]
+
+
+@pytest.mark.parametrize(("steps", "rescans"), [c[1:] for c in LOSS_CASES], ids=[c[0] for c in LOSS_CASES])
+def test_losses(steps: list, rescans: set[bytes]) -> None:
+    c = Coalescer(R, full_rescan_every=30.0)
+    now = 0.0
+    for now, step in steps:
+        if step == "take":
+            c.take(now)
+        else:
+            c.add(step, now)
+    assert c.take(now + 0.01).rescans == rescans
+
+
+def test_a_deferred_full_rescan_keeps_the_target_due() -> None:
+    """While a full rescan waits for its interval the coalescer is not idle: due_in names when it comes."""
+    c = Coalescer(R, full_rescan_every=30.0)
+    c.add(FileEvent(Op.LOSS, b"/"), 0.0)
+    c.take(0.1)
+    assert c.due_in(1.0) is None
+    c.add(FileEvent(Op.LOSS, b"/"), 2.0)
+    assert not c.pending()
+    assert c.due_in(2.0) == pytest.approx(28.1)
+    assert c.take(10.0).rescans == set()
+    assert c.take(30.1).rescans == {b""}
+    assert c.due_in(30.2) is None

@@ -287,6 +287,10 @@ class _Resolver:
             return None
         try:
             path = os.readlink(f"/proc/self/fd/{fd}".encode())
+        except OSError:
+            # ENAMETOOLONG: a directory deeper than PATH_MAX, which any user on the marked filesystem can make, has
+            # no path to give; its records count as unresolved (a LOSS marker), never an error out of read()
+            return None
         finally:
             os.close(fd)
         # An unlinked directory still open somewhere reads as "/x (deleted)"; it has no path any more.

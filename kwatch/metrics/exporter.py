@@ -87,7 +87,6 @@ class KwatchCollector(Collector):
             "errors": "Per-path errors",
             "reconnects": "Transport reconnects",
             "batches": "Batches committed",
-            "rescans": "Subtree rescans",
             "retries": "Paths sent again after a transient error of the mirror",
         }
         for attr, doc in counters.items():
@@ -95,6 +94,12 @@ class KwatchCollector(Collector):
             for t in ts:
                 c.add_metric([t.name], getattr(t, attr))
             yield c
+        rescans = CounterMetricFamily("kwatch_replication_rescans", "Reconciles by scan: the whole tree or a subtree",
+                                      labels=["target", "scope"])
+        for t in ts:
+            rescans.add_metric([t.name, "full"], t.rescans_full)
+            rescans.add_metric([t.name, "subtree"], t.rescans_subtree)
+        yield rescans
 
 
 def serve(stats: DaemonStats, address: str) -> CollectorRegistry:

@@ -49,9 +49,16 @@ class TargetStats:
     errors: int = 0
     reconnects: int = 0
     batches: int = 0
-    rescans: int = 0
+    rescans_full: int = 0  # batches that reconciled the whole tree
+    rescans_subtree: int = 0  # subtrees reconciled (a tree moved in, a loss below one directory, a repair)
     retries: int = 0
     connected: bool = False
+
+    def count_rescans(self, rescans: set[bytes]) -> None:
+        """Count a batch's rescans (relative paths, ``b""`` for the whole tree) by scope."""
+        if b"" in rescans:
+            self.rescans_full += 1
+        self.rescans_subtree += len(rescans) - (b"" in rescans)
 
 
 @dataclass

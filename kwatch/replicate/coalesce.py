@@ -18,15 +18,21 @@ still reach the mirror): the mirror then shows a state the source had, possibly 
 sent. The delay counts per file from the start of its hold; a batch that is overdue does not make a file opened a
 moment ago overdue too.
 
-Bounded memory: past ``max_paths`` dirty paths the batch collapses into a rescan of the whole root. A loss marker
-or a path the kernel could not resolve whole also becomes a rescan.
+Bounded memory: past ``max_paths`` dirty paths the batch collapses into a rescan of the whole root.
+
+Losses: a loss marker that names a directory inside the tree (inotify: a directory it could not watch) is a rescan
+of that directory only. A loss of unknown place (a full ring buffer, a queue overflow: the marker names ``/``) or a
+path the kernel could not resolve whole (a suffix: where it lies is unknown) is a rescan of the whole tree, at most
+once per ``full_rescan_every`` seconds: anyone who can write in a watched tree can cause losses, and must not be able
+to make both ends walk the whole tree again and again. A full rescan asked for sooner is deferred to the end of that
+interval (:meth:`Coalescer.due_in` counts it, so the target is not "synced" meanwhile); live events keep flowing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
+from kwatch.events import RENAME_EXCHANGE, FileEvent, Op, is_under
 
 CONTENT = 1  # data may differ: compare and send (whole or delta)
 META = 2  # mode / owner / mtime may differ
@@ -36,6 +42,8 @@ LINKED = 8  # a name of an inode that got a new hard link (link(2)); the data di
 _CONTENT_OPS = {Op.CREATE, Op.OPEN_WRITE, Op.MODIFY, Op.TRUNCATE, Op.CLOSE_WRITE}
 _META_OPS = {Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.XATTR, Op.ATTRIB}
 _OPENERS = {Op.CREATE, Op.OPEN_WRITE}
+#: seconds between two full rescans caused by losses or cut paths (see the module docstring)
+FULL_RESCAN_EVERY = 30.0
 
 
 def relative(root: bytes, path: bytes) -> bytes | None:
@@ -86,12 +94,17 @@ class Batch:
 
 class Coalescer:
     def __init__(
-        self, root: bytes, *, settle: float = 0.05, max_delay: float = 1.0, max_paths: int = 200_000
+        self, root: bytes, *, settle: float = 0.05, max_delay: float = 1.0, max_paths: int = 200_000,
+        full_rescan_every: float = FULL_RESCAN_EVERY,
     ) -> None:
         self.root = root
         self.settle = settle
         self.max_delay = max_delay
         self.max_paths = max_paths
+        self.full_rescan_every = full_rescan_every
+        #: clock time of the last take that carried a full rescan; when a deferred full rescan is due (None: none)
+        self._last_full: float | None = None
+        self._full_due: float | None = None
         self._batch = Batch()
         self._last_at = 0.0
         #: path -> (descriptors open for writing seen without a close, clock time the hold began)
@@ -111,7 +124,7 @@ class Coalescer:
         b.events += 1
         self._last_at = now
         if ev.op is Op.LOSS or ev.truncated:
-            self.rescan(b"")
+            self._lost(ev, now)
             return
         if b"" in b.rescans:
             return  # the whole tree will be reconciled anyway
@@ -165,6 +178,20 @@ class Coalescer:
             elif op is Op.MKDIR:
                 self._new_dirs.add(rel)
             self._mark(rel, EXIST | META)
+
+    def _lost(self, ev: FileEvent, now: float) -> None:
+        """Events were lost, or ``ev``'s path is cut: rescan what may be affected (see the module docstring)."""
+        if ev.op is Op.LOSS and ev.path and not ev.truncated:
+            rel = relative(self.root, ev.path)
+            if rel:
+                self.rescan(rel)  # a loss below one directory of the tree
+                return
+            if rel is None and not is_under(self.root, ev.path):
+                return  # a loss in another tree (neither inside this one nor above it)
+        if self._last_full is None or now - self._last_full >= self.full_rescan_every:
+            self.rescan(b"")
+        elif self._full_due is None:
+            self._full_due = self._last_full + self.full_rescan_every
 
     def seed_writers(self, found: dict[bytes, int], now: float) -> None:
         """Take ``found`` (path relative to the root -> descriptors open for writing, from a scan of ``/proc``) as
@@ -293,6 +320,7 @@ class Coalescer:
     # ---- flushing ------------------------------------------------------------------------------------------------
 
     def pending(self) -> bool:
+        """Whether the current batch holds anything (a deferred full rescan does not count: :meth:`due_in` does)."""
         return not self._batch.empty()
 
     def pending_paths(self) -> int:
@@ -303,8 +331,11 @@ class Coalescer:
         """Seconds until the batch should be flushed (0: now); None when nothing is pending."""
         b = self._batch
         if b.empty():
-            return None
-        return max(0.0, min(self._last_at + self.settle, b.first_at + self.max_delay) - now)
+            return None if self._full_due is None else max(0.0, self._full_due - now)
+        due = min(self._last_at + self.settle, b.first_at + self.max_delay)
+        if self._full_due is not None:
+            due = min(due, self._full_due)
+        return max(0.0, due - now)
 
     def writing(self, now: float) -> set[bytes]:
         """Paths open for writing whose hold has lasted less than ``max_delay``: their content waits."""
@@ -314,7 +345,13 @@ class Coalescer:
         """Hand over the current batch. Paths still open for writing stay behind for the next batch until they have
         been open for ``max_delay`` (a file written forever must still reach the mirror); the batch lists them all
         in :attr:`Batch.writing` so that a rescan leaves them out too."""
+        if self._full_due is not None and now >= self._full_due:
+            self._full_due = None
+            self.rescan(b"")
         b = self._batch
+        if b"" in b.rescans:
+            self._last_full = now
+            self._full_due = None  # this one covers every loss folded so far
         self._batch = Batch()
         self._opened = set()
         self._new_dirs = set()  # made in the batch handed over: on the mirror before anything the next one sends

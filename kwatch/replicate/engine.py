@@ -575,8 +575,7 @@ class Replicator:
         st.bytes_matched += rep.matched
         st.bytes_wire = link.bytes_out
         st.pending_paths = self.coalescer.pending_paths()
-        if b.rescans:
-            st.rescans += len(b.rescans)
+        st.count_rescans(b.rescans)
         return rep
 
     def _repair_missing(self, paths: list[bytes]) -> None:

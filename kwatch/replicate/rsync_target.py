@@ -90,8 +90,7 @@ class RsyncReplicator(Replicator):
         st.bytes_matched += res.matched_bytes
         st.bytes_wire += res.bytes_sent
         st.errors += len(res.errors)
-        if b.rescans:
-            st.rescans += len(b.rescans)
+        st.count_rescans(b.rescans)
         for err in res.errors:
             log.warning("target %s: %s", self.target.spec, err)
         # numbered per target like the agent's batch lines, so a reader of the log can wait for batch N
