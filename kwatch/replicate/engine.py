@@ -939,6 +939,11 @@ class Replicator:
         ``out``); returns paths whose source changed while being read (to send again)."""
         link = self.link
         assert link is not None
+        # a type change on the mirror (a file where the source has a symlink...) is cleared before the create
+        clearing, deletes = plan.clearing_deletes()
+        for d in clearing:
+            link.send(ap.Delete(d.path, recursive=True))
+            rep.deletes += 1
         for op in plan.mkdirs:
             link.send(ap.Mkdir(op.path, op.mode))
         # signatures for every delta candidate first: the agent computes them while we stream the whole files
@@ -979,7 +984,7 @@ class Replicator:
         for a in plan.setattrs:
             link.send(ap.SetAttr(a.path, a.mode, a.mtime_ns, a.uid, a.gid))
         # deletes after the puts (the mirror keeps serving old data until the new is there), children first
-        for d in sorted(plan.deletes, key=lambda d: -d.path.count(b"/")):
+        for d in sorted(deletes, key=lambda d: -d.path.count(b"/")):
             link.send(ap.Delete(d.path, recursive=True))
             rep.deletes += 1
         for a in sorted(plan.dir_setattrs, key=lambda a: -a.path.count(b"/")):

@@ -419,6 +419,23 @@ class Plan:
         yield from self.setattrs
         yield from self.dir_setattrs
 
+    def clearing_deletes(self) -> tuple[list[Delete], list[Delete]]:
+        """``deletes`` split into those at or under a path this plan creates (the mirror has an object of another
+        type there: they must go before the creates, or they remove the new object) and the rest, which a sender may
+        keep for the end so that the mirror serves the old data until the new is in place. Each list keeps its order
+        (children first)."""
+        made = {op.path for ops in (self.mkdirs, self.puts, self.symlinks, self.hardlinks) for op in ops}
+        if not made:
+            return [], list(self.deletes)
+        first: list[Delete] = []
+        last: list[Delete] = []
+        for d in self.deletes:
+            p = d.path
+            while p and p not in made:
+                p = _parent(p)
+            (first if p else last).append(d)
+        return first, last
+
     def __len__(self) -> int:
         return (
             len(self.deletes)
