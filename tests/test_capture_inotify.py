@@ -153,6 +153,21 @@ def test_scan_and_event_report_a_file_once(layout: Layout, monkeypatch: pytest.M
     assert [bool(e.extra) for e in events] == [False, True, False, False]
 
 
+def test_a_tree_renamed_before_its_new_directories_were_watched(layout: Layout) -> None:
+    """mkdir t/sub, write t/sub/f, then rename t to t2, all before the source reads: sub's IN_CREATE is read after
+    the rename, so its path is gone when it is to be watched. The rename then watches it under its new name and
+    reports what it holds; later writes in it are seen (before, the whole subtree stayed unwatched)."""
+    (layout.root / "t").mkdir()
+    with _source(layout) as src:
+        run_child(Workload("mk", 'os.mkdir("t/sub"); open("t/sub/f", "w").close(); os.rename("t", "t2")'), layout)
+        first = {(op, p) for op, p, _n in triples(collect(src))}
+        run_child(Workload("in", 'open("t2/sub/g", "w").close()'), layout)
+        later = triples(collect(src))
+    root = os.fsencode(layout.root)
+    assert (Op.CREATE, root + b"/t2/sub/f") in first, first
+    assert (Op.CREATE, root + b"/t2/sub/g", None) in later, later
+
+
 def test_moved_out_directory_is_no_longer_watched(layout: Layout) -> None:
     (layout.root / "t").mkdir()
     with _source(layout) as src:

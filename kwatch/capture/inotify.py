@@ -187,6 +187,10 @@ class InotifySource:
         # Names the scan of a new directory reported, per wd: their own IN_CREATE (if queued) is not reported again.
         # Two generations; one that lived through a whole drain of the queue can no longer match and is dropped.
         self._seen_cur: dict[int, set[bytes]] = {}
+        #: new directories that could not be watched because their path was gone (ENOENT/ENOTDIR) when their IN_CREATE
+        #: was read: deleted, or moved with an ancestor. The event that says which is queued already: a directory
+        #: rename below (``_moved_dir``) watches them under their new name; a read that empties the queue forgets the rest.
+        self._gone_new_dirs: set[bytes] = set()
         self._seen_prev: dict[int, set[bytes]] = {}
         #: Directories that could not be watched at start (path, errno); their subtrees are blind.
         self.unwatched: list[tuple[bytes, int]] = []
@@ -253,6 +257,7 @@ class InotifySource:
             self._pending.clear()
         if drained:
             self._seen_prev, self._seen_cur = self._seen_cur, {}
+            self._gone_new_dirs.clear()
         result: list[FileEvent] = []
         for fe in out:
             if fe is None:
@@ -342,10 +347,7 @@ class InotifySource:
                 return
             out[p.slot] = self._event(Op.RENAME, p.path, new_path=path, ftype=ftype)
             if is_dir:
-                self._rebase(p.path, path)
-                if path not in self._path_wd:
-                    # Renamed before its IN_CREATE was read, so never watched: watch it now and report its contents.
-                    self._watch_tree(path, out, report=True)
+                self._moved_dir(p.path, path, out)
         elif mask & IN_MODIFY:
             out.append(self._event(Op.MODIFY, path, ftype=ftype))
         elif mask & IN_CLOSE_WRITE:
@@ -404,6 +406,19 @@ class InotifySource:
                     del self._path_wd[path]
                 self._path_wd[moved] = wd
 
+    def _moved_dir(self, old: bytes, new: bytes, out: list[FileEvent | None]) -> None:
+        """A watched directory was renamed: its watches follow, and the directories below it that were made but not
+        watched (renamed, or an ancestor was, before their IN_CREATE was read) are watched now under their new names
+        and their contents reported; without this a tree renamed right after its creation stays unwatched, and
+        everything made in it is missed."""
+        self._rebase(old, new)
+        gone = sorted(d for d in self._gone_new_dirs if is_under(d, old))
+        self._gone_new_dirs.difference_update(gone)
+        for d in [old, *gone]:
+            moved = new + d[len(old) :]
+            if moved not in self._path_wd:
+                self._watch_tree(moved, out, report=True)
+
     def _appeared(self, path: bytes, is_dir: bool, out: list[FileEvent | None], *, scan: bool) -> None:
         """Report a new name; a new directory is watched, then scanned for what was made before the watch."""
         extra: dict[str, object] = {"scan": True} if scan else {}
@@ -440,7 +455,9 @@ class InotifySource:
                 err = self._add_watch(d)
                 if err:
                     if err in (errno.ENOENT, errno.ENOTDIR):
-                        continue  # gone already; its removal has its own event
+                        if out is not None:
+                            self._gone_new_dirs.add(d)  # deleted (its removal has its own event) or moved: see above
+                        continue
                     if out is None:
                         self.unwatched.append((d, err))
                     else:
