@@ -5,12 +5,13 @@ loop. ``write`` (the daemon's thread) only appends lines to a bounded in-memory 
 queue is full the records are dropped, counted, and announced by a marker record. The publisher thread:
 
 1. moves the queue into the spool as batches (:mod:`kwatch.outputs.fleet`), numbering the records; when the spool
-   is full, records are dropped, counted in ``lost``, and a marker record is spooled as soon as there is room again;
+   is full, records are dropped and counted in ``lost`` until the server has taken half of the spool; then a marker
+   record saying how many were lost is spooled, and records again after it;
 2. while connected, sends the spool's oldest batch and waits for JetStream's acknowledgement before it removes it
    and sends the next (one batch in flight keeps a host's records in order through a leader change);
 3. after any failure or reconnect, first asks the stream for the host's last stored message, and drops spooled
    batches it already holds (the acknowledgement was lost, or a restarted daemon's spool was already sent);
-   JetStream's duplicate window (message id ``boot:seq``) catches the rest.
+   JetStream's duplicate window (message id ``host:boot:seq``) catches the rest.
 
 When the server is unreachable, batches wait in the spool (bounded by ``spool_max_bytes``); a daemon stopped meanwhile
 leaves them there for the next start. ``close`` sends what it can for up to ``close_timeout`` seconds.
@@ -112,6 +113,11 @@ class NatsOutput:
                 lines = lines[: max(room, 0)]
             self._queue.extend(lines)
         self._poke()
+
+    @property
+    def queued(self) -> int:
+        """Records handed to ``write`` that the publisher thread has not spooled yet."""
+        return len(self._queue)
 
     def _poke(self) -> None:
         loop, wake = self._loop, self._wake
@@ -221,7 +227,11 @@ class NatsOutput:
         if self._spool_lost_reason and self._append([self.loss_marker(0, self._spool_lost_reason).line]):
             self._spool_lost_reason = ""
         if self._spool_lost:
-            if self._append([self.loss_marker(self._spool_lost, "the spool was full").line]):
+            # once full, the spool takes records again only when the server has taken half of it: one marker per
+            # outage, not one per batch squeezed into the last free bytes
+            if self.spool.bytes <= self.spool.max_bytes // 2 and self._append(
+                [self.loss_marker(self._spool_lost, "the spool was full").line]
+            ):
                 self._spool_lost = 0
             else:
                 self._spool_lost += len(lines)

@@ -3,8 +3,10 @@
 Each host publishes to the subject ``<prefix>.<host>``. One message carries a batch of consecutive records of one
 host (their JSON lines, in order; a batch is at most :data:`BATCH_BYTES`), with headers:
 
-- ``Nats-Msg-Id``: ``<boot id>:<first sequence number>``. JetStream drops a message whose id it has already stored
-  within the stream's duplicate window, so a batch sent again after a lost acknowledgement is stored once;
+- ``Nats-Msg-Id``: ``<host>:<boot id>:<first sequence number>``. JetStream drops a message whose id it has already
+  stored within the stream's duplicate window (one window for the whole stream: hence the host in the id, as hosts
+  cloned from one image, or two publishers on one machine, can share a boot id), so a batch sent again after a lost
+  acknowledgement is stored once;
 - ``Kwatch-Host``, ``Kwatch-Boot``, ``Kwatch-Seq`` (first record's sequence number), ``Kwatch-Count``.
 
 Sequence numbers count a host's records from 1 within one boot id (the kernel's ``boot_id``), and go on across
@@ -38,12 +40,11 @@ class Batch:
     def last_seq(self) -> int:
         return self.first_seq + self.count - 1
 
-    @property
-    def msg_id(self) -> str:
-        return f"{self.boot}:{self.first_seq}"
+    def msg_id(self, host: str) -> str:
+        return f"{host}:{self.boot}:{self.first_seq}"
 
     def headers(self, host: str) -> dict[str, str]:
-        return {H_MSG_ID: self.msg_id, H_HOST: host, H_BOOT: self.boot, H_SEQ: str(self.first_seq),
+        return {H_MSG_ID: self.msg_id(host), H_HOST: host, H_BOOT: self.boot, H_SEQ: str(self.first_seq),
                 H_COUNT: str(self.count)}
 
 
