@@ -87,7 +87,7 @@ def stored_records(servers: list[str]) -> dict[str, list[dict[str, Any]]]:
     for headers, body in run(_stored(servers)):
         got = fleet.unpack(headers, body)
         assert got is not None
-        host, _, first, lines = got
+        host, _, _, lines = got
         assert int(headers[fleet.H_COUNT]) == len(lines)
         by_host.setdefault(host, []).extend(json.loads(ln) for ln in lines)
     return by_host
@@ -262,7 +262,7 @@ def test_cluster_loses_its_leader_mid_stream(tmp_path: Path) -> None:
         outs = {h: open_output(tmp_path, c.urls, h, replicas=3) for h in hosts}
         collector = None
         try:
-            for h, (out, st) in outs.items():
+            for h, (out, _) in outs.items():
                 out.write(recs(h, 0, per_step))
             wait_for(lambda: all(st.records == per_step for _, st in outs.values()), what="the stream created")
             collector = subprocess.Popen(
@@ -275,7 +275,7 @@ def test_cluster_loses_its_leader_mid_stream(tmp_path: Path) -> None:
                 if step == steps // 2:
                     leader = run(_leader(c.urls))
                     c.by_name(leader).kill()
-            for h, (out, st) in outs.items():
+            for h, (_, st) in outs.items():
                 wait_for(lambda st=st: st.records == total, what=f"every record of {h} stored")  # type: ignore[misc]
                 assert st.lost == 0
         finally:
