@@ -338,7 +338,7 @@ class Daemon:
         """A rule's alert: a warning in the log, and a record to every sink that takes alerts (the outputs)."""
         for a in self.config.alerts(ev, self.procs):
             self.stats.alerts[a.rule.name] += 1
-            self.log.warning("alert", rule=a.rule.name, level=a.level, message=a.message, op=ev.op.label,
+            self.log.warning("alert", rule=a.rule.name, alert_level=a.level, message=a.message, op=ev.op.label,
                              file=a.file, pid=ev.pid, uid=ev.uid, comm=ev.comm)
             for sink in self.sinks:
                 take = getattr(sink, "alert", None)

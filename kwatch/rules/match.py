@@ -4,7 +4,8 @@ Semantics, in the order they are checked:
 
 - a ``LOSS`` marker and a ``truncated`` path (a suffix, not a whole path) never start an action;
 - the rule set's process filter must accept the event (:class:`ProcessTree` answers ancestry questions; without one,
-  ``exclude_descendants_of`` can only see the event's own pid and comm);
+  ``exclude_descendants_of`` can only see the event's own pid and comm; for a process that has exited, the
+  event's own pid and comm and then its parent's ancestry, from ``ppid``, are checked);
 - a rule matches when its regex finds the path (or, for rename/link, either path) and no IGNORE regex finds it;
 - an action fires when the event's op is among its ops, or, for ``OPENW``, when a rename moved a file from a path
   the rule does not match to one it does (a finished file published under its final name);
@@ -86,7 +87,10 @@ def process_accepts(pf: ProcessFilter, ev: FileEvent, procs: ProcessTree | None)
     if pf.exclude_descendants_of and ev.pid is not None:
         chain: Sequence[tuple[int, bytes]] = procs.ancestry(ev.pid) if procs is not None else ()
         if not chain:
-            chain = [(ev.pid, comm or b"")]
+            # the process has exited (a short-lived child, e.g. a package's maintainer script): its own pid and
+            # comm, then its parent's ancestry when the parent is still there
+            parents = procs.ancestry(ev.ppid) if procs is not None and ev.ppid else ()
+            chain = [(ev.pid, comm or b""), *parents]
         for pid, name in chain:
             for x in pf.exclude_descendants_of:
                 if (isinstance(x, int) and x == pid) or (isinstance(x, bytes) and x == name[:COMM_LEN]):

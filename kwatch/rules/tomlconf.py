@@ -294,7 +294,7 @@ class _Loader:
             t.upper() if not t.startswith("op:") else t for t in self.string_list(table, "on", path)
         )
         if "on" not in table or not triggers:
-            self.err(path, "an alert needs 'on' (the operations that raise it)")
+            self.err((*path, "alert"), "an alert needs 'on' (the operations that raise it)")
             return None
         msg, level = table["alert"], table.get("level", "warning")
         if not isinstance(msg, str) or not msg:
