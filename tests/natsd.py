@@ -9,7 +9,9 @@ on exit, whatever happened.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -19,6 +21,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from kwatch.outputs import fleet
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 START_TIMEOUT = 60.0
@@ -132,3 +137,36 @@ class NatsCluster:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         for s in self.servers:
             s.kill()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _stored(servers: list[str], stream: str) -> list[tuple[dict[str, str], bytes]]:
+    """Every message of the stream, in stream order: (headers, body)."""
+    import nats
+
+    nc = await nats.connect(servers)
+    try:
+        jsm = nc.jsm()
+        info = await jsm.stream_info(stream)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            m = await jsm.get_msg(stream, seq)
+            out.append((m.headers or {}, m.data or b""))
+        return out
+    finally:
+        await nc.close()
+
+
+def stored_records(servers: list[str], stream: str = "KWATCH") -> dict[str, list[dict[str, Any]]]:
+    """The stream's records by host, in stream order; also checks each message's sequence numbers."""
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for headers, body in run(_stored(servers, stream)):
+        got = fleet.unpack(headers, body)
+        assert got is not None
+        host, _, _, lines = got
+        assert int(headers[fleet.H_COUNT]) == len(lines)
+        by_host.setdefault(host, []).extend(json.loads(ln) for ln in lines)
+    return by_host

@@ -9,19 +9,16 @@ namespace of its own (``systemd-journald NS``: socket ``/run/systemd/journal.NS/
 from __future__ import annotations
 
 import array
-import contextlib
 import fcntl
-import json
 import os
-import shutil
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from journald import JOURNALD, Journald
 
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import OutputStats
@@ -29,7 +26,6 @@ from kwatch.outputs.config import OutputSpec
 from kwatch.outputs.journal import JournalWriter, encode_entry, record_fields
 from kwatch.outputs.record import Record, alert_record, event_record, output_loss_record
 
-JOURNALD = "/lib/systemd/systemd-journald"
 T0 = 1_700_000_000_000_000_000
 EV = FileEvent(Op.RENAME, b"/etc/a\xffb", b"/etc/passwd", pid=42, uid=0, comm=b"mv", backend="bpf")
 
@@ -166,41 +162,16 @@ def test_missing_socket_counts_the_loss_and_announces_it(bound_socket: tuple[soc
 
 
 @pytest.fixture
-def journald() -> Iterator[tuple[str, str]]:
-    """(namespace, socket path) of a systemd-journald instance of the test's own."""
+def journald() -> Iterator[Journald]:
     if os.geteuid() != 0 or not os.path.exists(JOURNALD):
         pytest.skip("needs root and systemd-journald")
-    ns = f"kwtest{os.getpid()}"
-    sock = f"/run/systemd/journal.{ns}/socket"
-    with open("/etc/machine-id") as f:
-        mid = f.read().strip()
-    proc = subprocess.Popen([JOURNALD, ns], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, what="journald's socket")
-        if proc.poll() is not None:
-            pytest.fail(f"systemd-journald exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        yield ns, sock
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for d in (f"/var/log/journal/{mid}.{ns}", f"/run/log/journal/{mid}.{ns}", f"/run/systemd/journal.{ns}"):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def journal_json(ns: str) -> list[dict[str, object]]:
-    out = subprocess.run(["journalctl", f"--namespace={ns}", "-o", "json", "--all", "--no-pager",
-                          "SYSLOG_IDENTIFIER=kwtest"],
-                         capture_output=True, check=False).stdout
-    return [json.loads(ln) for ln in out.splitlines()]
+    with Journald() as j:
+        yield j
 
 
 @pytest.mark.root
-def test_journalctl_shows_the_structured_fields(journald: tuple[str, str]) -> None:
-    ns, sock = journald
+def test_journalctl_shows_the_structured_fields(journald: Journald) -> None:
+    sock = journald.socket
     st = OutputStats("journal", "journal")
     w = JournalWriter(OutputSpec(kind="journal", name="journal", socket=sock, identifier="kwtest"), st,
                       loss_marker=marker)
@@ -208,8 +179,8 @@ def test_journalctl_shows_the_structured_fields(journald: tuple[str, str]) -> No
     w.send(encode_entry([(b"MESSAGE", b"big one"), (b"SYSLOG_IDENTIFIER", b"kwtest"),
                          (b"KWATCH_BLOB", b"Z" * (1 << 20))]))
     w.close()
-    wait_for(lambda: len(journal_json(ns)) >= 3, what="the entries in journalctl -o json")
-    entries = journal_json(ns)
+    wait_for(lambda: len(journald.entries("kwtest")) >= 3, what="the entries in journalctl -o json")
+    entries = journald.entries("kwtest")
     ev, alert, big = entries[:3]
     # journalctl -o json shows a value that is not UTF-8 as an array of its bytes (and, without --all, a value
     # over 4096 bytes as null)

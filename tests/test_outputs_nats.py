@@ -9,14 +9,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,7 +28,7 @@ from kwatch.outputs.record import Record, event_record, output_loss_record
 from kwatch.outputs.spool import Spool, decode_frames, encode_frame
 
 sys.path.insert(0, str(Path(__file__).parent))
-from natsd import NatsCluster, NatsServer
+from natsd import NatsCluster, NatsServer, run, stored_records
 
 KWATCH = [sys.executable, "-c", "import sys; from kwatch.cli import main; sys.exit(main())"]
 T0 = 1_700_000_000_000_000_000
@@ -58,39 +56,6 @@ def open_output(tmp: Path, servers: list[str], host: str, **kw: object) -> tuple
     out = NatsOutput(spec, st, host=host, boot=read_boot_id(),
                      loss_marker=lambda n, why: output_loss_record(spec.name, n, why, T0, host))
     return out, st
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def _stored(servers: list[str]) -> list[tuple[dict[str, str], bytes]]:
-    """Every message of the stream, in stream order: (headers, body)."""
-    import nats
-
-    nc = await nats.connect(servers)
-    try:
-        jsm = nc.jsm()
-        info = await jsm.stream_info(STREAM)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            m = await jsm.get_msg(STREAM, seq)
-            out.append((m.headers or {}, m.data or b""))
-        return out
-    finally:
-        await nc.close()
-
-
-def stored_records(servers: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The stream's records by host, in stream order; also checks each message's sequence numbers."""
-    by_host: dict[str, list[dict[str, Any]]] = {}
-    for headers, body in run(_stored(servers)):
-        got = fleet.unpack(headers, body)
-        assert got is not None
-        host, _, _, lines = got
-        assert int(headers[fleet.H_COUNT]) == len(lines)
-        by_host.setdefault(host, []).extend(json.loads(ln) for ln in lines)
-    return by_host
 
 
 # -- pure -----------------------------------------------------------------------------------------------------------
