@@ -168,7 +168,7 @@ def test_live_ruleset_on_bpf(tmp_path: Path) -> None:
     log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
     daemon = subprocess.Popen([*KWATCH, "run", "-c", str(conf), "--backend", "bpf", "--no-metrics", "--log-json"],
                               stdout=log, stderr=log)
-    held: subprocess.Popen[bytes] | None = None
+    held: list[subprocess.Popen[bytes]] = []
     try:
         wait_for(lambda: b'"event":"ready"' in (tmp_path / "daemon.log").read_bytes() or daemon.poll() is not None,
                  what="the daemon ready")
@@ -179,9 +179,12 @@ def test_live_ruleset_on_bpf(tmp_path: Path) -> None:
 
         sh(f"echo x >> {p}/etc/passwd")
         sh(f"echo x >> {p}/etc/shadow", str(fake / "dpkg"))
-        # a short-lived child of the "package manager", judged after it exited: its parent is still there
-        held = subprocess.Popen([str(fake / "dpkg"), "-c", f"cp {p}/etc/passwd {p}/etc/group; read x"],
-                                stdin=subprocess.PIPE)
+        # short-lived children of the "package manager" and of "logrotate", judged after they exited: their parent
+        # is still there (it waits on its stdin until the end; ending the script with the command instead would
+        # let the shell exec it, and the child would be the parent)
+        held.append(subprocess.Popen([str(fake / "dpkg"), "-c", f"cp {p}/etc/passwd {p}/etc/group; read x"],
+                                     stdin=subprocess.PIPE))
+        wait_for(lambda: (root / "etc/group").read_bytes() == (root / "etc/passwd").read_bytes(), what="the cp")
         sh(f"echo x > {p}/etc/sudoers.d/evil")
         sh(f"echo x > {p}/etc/sudo.conf")
         sh(f"echo key >> {p}/home/alice/.ssh/authorized_keys")
@@ -195,7 +198,9 @@ def test_live_ruleset_on_bpf(tmp_path: Path) -> None:
         sh(f"echo '<?php' > {p}/var/www/html/shell.php")
         subprocess.run(["cp", "/etc/hostname", f"{p}/var/www/html/index.html"], check=True)
         subprocess.run(["rm", f"{p}/var/log/auth.log"], check=True)
-        sh(f"rm {p}/var/log/syslog.1", str(fake / "logrotate"))
+        held.append(subprocess.Popen([str(fake / "logrotate"), "-c", f"rm {p}/var/log/syslog.1; read x"],
+                                     stdin=subprocess.PIPE))
+        wait_for(lambda: not (root / "var/log/syslog.1").exists(), what="the rm")
         sh(f"echo x >> {p}/var/log/syslog")
         sh(f"echo sentinel >> {p}/etc/gshadow")  # the last one: every earlier event was handled before it
         wait_for(lambda: daemon.poll() is not None
@@ -206,8 +211,8 @@ def test_live_ruleset_on_bpf(tmp_path: Path) -> None:
                if a["kind"] == "alert"}
         assert all(a["kind"] == "alert" and a["level"] in ("warning", "err") for a in read_alerts(alerts_file))
     finally:
-        if held is not None:
-            held.communicate(b"\n", timeout=30)
+        for h in held:
+            h.communicate(b"\n", timeout=30)
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(90)
