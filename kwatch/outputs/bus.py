@@ -164,7 +164,9 @@ class NatsOutput:
                         retry_at = time.monotonic() + backoff
                         backoff = min(backoff * 2, RETRY_MAX)
                         log.debug("publish failed: %s: %s", type(e).__name__, e)
-                wait = RETRY_MAX if not self.spool.records else max(0.01, retry_at - time.monotonic())
+                connected = self._nc is not None and self._nc.is_connected
+                # idle, or disconnected (a reconnect wakes the loop): wait for news; else until the retry is due
+                wait = RETRY_MAX if not self.spool.records or not connected else max(0.01, retry_at - time.monotonic())
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
                 with contextlib.suppress(TimeoutError):

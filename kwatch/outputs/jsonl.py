@@ -214,12 +214,18 @@ class JsonlWriter:
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.spec.fsync_interval):
-            with self._lock:
-                if self._fd >= 0:
-                    try:
-                        self._fsync()
-                    except OSError:
-                        self.stats.errors += 1
+            with self._lock:  # a descriptor of its own: the fsync must not hold up writes, nor meet a rotation's close
+                if self._fd < 0 or not self._dirty:
+                    continue
+                fd = os.dup(self._fd)
+                self._dirty = False
+            try:
+                os.fsync(fd)
+                self.stats.fsyncs += 1
+            except OSError:
+                self.stats.errors += 1
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         self._stop.set()
