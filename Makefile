@@ -11,11 +11,12 @@ EXT := kwatch/capture/_recordc.so
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 # Debian packages: the BPF toolchain, and the real peers the tests start themselves.
-DEB_PKGS := clang llvm libbpf-dev bpftool python3-dev rsync openssh-server openssh-client inotify-tools imagemagick
+DEB_PKGS := clang llvm libbpf-dev bpftool python3-dev rsync openssh-server openssh-client inotify-tools imagemagick \
+  nats-server systemd
 # ... and the anchors the benchmarks compare against (gcc builds the churn workload)
 BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
 
-.PHONY: all deps bench-deps venv bpf ext mounts test test-loaded run check lint typecheck bench bench-quick bench-capture bench-replicate clean
+.PHONY: all deps bench-deps venv bpf ext mounts test test-loaded run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
 
 all: bpf ext venv
 
@@ -109,6 +110,29 @@ bench-capture: deps venv bpf ext mounts bench-deps
 
 bench-replicate: deps venv bpf ext mounts bench-deps
 	$(VPY) -m bench.run replicate --write-readme
+
+# make install [DESTDIR=/staging] [PREFIX=/usr/local]: kwatch in a venv of its own under $(LIBDIR) (with the BPF object
+# and the C decoder built here), $(PREFIX)/bin/kwatch, the systemd unit, /etc/kwatch/ with the example security
+# ruleset (kwatch.toml only when absent: a config of one's own is never overwritten).
+PREFIX ?= /usr/local
+LIBDIR ?= /opt/kwatch
+SYSCONFDIR ?= /etc
+UNITDIR ?= /etc/systemd/system
+install: deps bpf ext
+	$(PY) -m venv $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade pip
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q .
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/kwatch
+	ln -sfn $(LIBDIR)/bin/kwatch $(DESTDIR)$(PREFIX)/bin/kwatch
+	sed -e 's|^ExecStart=/usr/local/bin/kwatch |ExecStart=$(PREFIX)/bin/kwatch |' \
+	  -e 's|/etc/kwatch/kwatch.toml|$(SYSCONFDIR)/kwatch/kwatch.toml|' \
+	  kwatch/daemon/kwatch.service > $(DESTDIR)$(UNITDIR)/kwatch.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/kwatch.service
+	install -m 640 kwatch/rules/security.toml $(DESTDIR)$(SYSCONFDIR)/kwatch/security.toml
+	[ -e $(DESTDIR)$(SYSCONFDIR)/kwatch/kwatch.toml ] || \
+	  install -m 640 kwatch/rules/security.toml $(DESTDIR)$(SYSCONFDIR)/kwatch/kwatch.toml
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed: $(PREFIX)/bin/kwatch, $(UNITDIR)/kwatch.service, $(SYSCONFDIR)/kwatch/; start with: systemctl enable --now kwatch"
 
 clean:
 	rm -rf $(BUILD) $(BPF_OBJ) $(EXT) .pytest_cache .mypy_cache .ruff_cache

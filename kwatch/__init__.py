@@ -10,9 +10,11 @@ Where everything lives (data flows one way, top to bottom):
 - ``kwatch.actions``     the bounded, injection-safe shell action runner.
 - ``kwatch.replicate``   coalescer, planner, scanner, delta engine, and the transports that drive the protocols.
 - ``kwatch.protocols``   sans-IO protocol state machines: the kwatch agent protocol and the rsync protocol.
+- ``kwatch.outputs``     durable outputs of records (JSON-lines file, the systemd journal, NATS JetStream with an
+                         on-disk spool) and ``kwatch collect``; alerts raised by rules go to every output.
 - ``kwatch.metrics``     Prometheus collectors, read at scrape time from a registry passed in.
-- ``kwatch.cli``         the command line (trace, run, replicate, agent, check-config); wires the rest together and is
-                         imported by nothing.
+- ``kwatch.cli``         the command line (trace, run, replicate, agent, check-config, collect); wires the rest
+                         together and is imported by nothing.
 """
 
 __version__ = "0.1.0"

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kwatch.capture.base import CaptureError, CaptureFilter
 from kwatch.events import OP_BY_LABEL, Op
+
+if TYPE_CHECKING:
+    from kwatch.outputs.sink import Outputs
 
 
 def _parse_ops(names: Sequence[str]) -> set[Op]:
@@ -45,18 +50,81 @@ def cmd_trace(args: argparse.Namespace) -> int:
         )
     except Exception as e:  # re.error
         raise SystemExit(f"kwatch trace: bad regex: {e}") from e
+    outputs = _open_outputs(args.output)
     filt = CaptureFilter.make(roots=roots, ops=ops, exclude_pids=[os.getpid()])
     try:
         src = open_source(filt, args.backend, warn=_warn)
     except CaptureError as e:
+        if outputs is not None:
+            outputs.close()
         raise SystemExit(f"kwatch trace: {e}") from e
     # the ready line (stderr, so JSON output stays clean): capture is attached, events from now on are seen
     where = ", ".join(roots) if roots else "the whole system"
     _warn(f"tracing {where} with the {src.name} backend; Ctrl-C to stop")
     try:
-        return run_trace(src, match, json_lines=args.json, count=args.count, duration=args.duration)
+        return run_trace(src, match, json_lines=args.json, count=args.count, duration=args.duration,
+                         sink=outputs.feed if outputs is not None else None, quiet=args.quiet)
     finally:
         src.close()
+        if outputs is not None:
+            outputs.close()
+
+
+def _open_outputs(options: Sequence[str]) -> Outputs | None:
+    """The durable outputs of ``--output`` options (None: none given); bad options exit with every problem."""
+    if not options:
+        return None
+    from kwatch.outputs.config import parse_output_option
+    from kwatch.outputs.sink import Outputs
+
+    specs, problems = [], []
+    for text in options:
+        spec, errs = parse_output_option(text)
+        problems += [f"--output {text}: {e}" for e in errs]
+        if spec is not None:
+            specs.append(spec)
+    if problems:
+        raise SystemExit("kwatch trace: " + "\n".join(problems))
+    try:
+        return Outputs(specs)
+    except (OSError, ImportError) as e:
+        raise SystemExit(f"kwatch trace: cannot open an output: {type(e).__name__}: {e}") from e
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from kwatch.outputs.collect import run_collect
+
+    write: Callable[[list[bytes]], None]
+    archive = None
+    if args.archive:
+        from kwatch.metrics.stats import OutputStats
+        from kwatch.outputs.config import parse_output_option
+        from kwatch.outputs.jsonl import JsonlWriter
+        from kwatch.outputs.record import output_loss_record
+
+        spec, errs = parse_output_option(f"file:{args.archive}" + "".join(f",{o}" for o in args.archive_option))
+        if spec is None:
+            raise SystemExit("kwatch collect: " + "; ".join(errs))
+        archive = JsonlWriter(spec, OutputStats(spec.name, "file"), loss_marker=lambda n, why: output_loss_record(
+            spec.name, n, why, time.time_ns(), "collect"))
+        write = archive.write_lines
+    else:
+        out = sys.stdout.buffer
+
+        def write(lines: list[bytes]) -> None:
+            out.write(b"".join(lines))
+            out.flush()
+
+    try:
+        run_collect(args.server, args.stream, args.durable, write, subject_prefix=args.subject_prefix,
+                    create_stream=args.create_stream, replicas=args.replicas, count=args.count,
+                    duration=args.duration)
+    except ImportError as e:
+        raise SystemExit(f"kwatch collect: {e} (pip install nats-py)") from e
+    finally:
+        if archive is not None:
+            archive.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
     t.add_argument("--count", type=int, help="stop after this many events")
     t.add_argument("--duration", type=float, help="stop after this many seconds")
+    t.add_argument("--output", action="append", default=[], metavar="SPEC",
+                   help="also write records to a durable output: file:PATH[,max_bytes=100M,keep=10,fsync=interval], "
+                   "journal[:SOCKET], nats:URL,spool=DIR[,stream=KWATCH] (repeatable)")
+    t.add_argument("-q", "--quiet", action="store_true", help="print no events (with --output)")
     t.set_defaults(func=cmd_trace)
+
+    c = sub.add_parser("collect", help="read a fleet's records from NATS JetStream; print or archive them",
+                       description="A durable JetStream consumer: prints the records of every host (JSON lines, "
+                       "each host in order) or appends them to an archive file; goes on where it stopped.")
+    c.add_argument("--server", action="append", required=True, metavar="URL", help="nats://host:port (repeatable)")
+    c.add_argument("--stream", default="KWATCH")
+    c.add_argument("--subject-prefix", default="kwatch")
+    c.add_argument("--durable", default="kwatch-collect", help="the consumer's name on the server")
+    c.add_argument("--create-stream", action="store_true", help="create the stream when it is missing")
+    c.add_argument("--replicas", type=int, default=1, help="replicas of a stream created here")
+    c.add_argument("--archive", metavar="PATH", help="append to this JSON-lines file instead of printing")
+    c.add_argument("--archive-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="max_bytes=, keep=, fsync= for the archive (as a file output's)")
+    c.add_argument("--count", type=int, help="stop after at least this many records")
+    c.add_argument("--duration", type=float, help="stop after this many seconds")
+    c.set_defaults(func=cmd_collect)
 
     # Each further command registers its own parser: add_commands(subparsers) in its module.
     from kwatch import daemon

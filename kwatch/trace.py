@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO
@@ -128,8 +128,12 @@ def run_trace(
     err: IO[str] = sys.stderr,
     count: int | None = None,
     duration: float | None = None,
+    sink: Callable[[list[FileEvent]], None] | None = None,
+    quiet: bool = False,
 ) -> int:
-    """Print matching events until Ctrl-C/SIGTERM, ``count`` events, or ``duration`` seconds; then a summary."""
+    """Print matching events until Ctrl-C/SIGTERM, ``count`` events, or ``duration`` seconds; then a summary.
+
+    ``sink`` (the durable outputs) gets the matching events of each batch; ``quiet`` prints none of them."""
     fmt = format_json if json_lines else format_text
     shown = 0
     deadline = None if duration is None else time.monotonic() + duration
@@ -140,11 +144,13 @@ def run_trace(
             if deadline is not None and timeout == 0:
                 break
             batch = src.read(timeout if timeout is not None else 1.0)
-            lines = _lines(batch, match, fmt, None if count is None else count - shown)
-            if lines:
-                out.write("\n".join(lines) + "\n")
+            matched = _matching(batch, match, None if count is None else count - shown)
+            if matched and sink is not None:
+                sink(matched)
+            if matched and not quiet:
+                out.write("\n".join(map(fmt, matched)) + "\n")
                 out.flush()
-                shown += len(lines)
+            shown += len(matched)
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
@@ -155,11 +161,11 @@ def run_trace(
     return 0
 
 
-def _lines(batch: Iterable[FileEvent], match: TraceMatcher, fmt: object, room: int | None) -> list[str]:
+def _matching(batch: Iterable[FileEvent], match: TraceMatcher, room: int | None) -> list[FileEvent]:
     out = []
     for ev in batch:
         if match(ev):
-            out.append(fmt(ev))  # type: ignore[operator]
+            out.append(ev)
             if room is not None and len(out) >= room:
                 break
     return out

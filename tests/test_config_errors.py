@@ -87,8 +87,9 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
         [
             "k.toml:3: a rule needs on/run or [[...action]] tables",
             "k.toml:8: a rule needs 'match' (a regex for the path)",
-            "k.toml:15: unknown key 'debounse' in a rule (allowed: name, match, ignore, on, run, action, concurrency, "
-            "debounce, debounce_max, timeout, kill_grace, batch, batch_window, batch_max, retrigger, user, group)",
+            "k.toml:15: unknown key 'debounse' in a rule (allowed: name, match, ignore, on, run, alert, level, action, "
+            "concurrency, debounce, debounce_max, timeout, kill_grace, batch, batch_window, batch_max, retrigger, user, "
+            "group)",
         ],
     ),
     "toml batch misuse": (
@@ -119,7 +120,7 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
     "toml both on/run and action tables": (
         "k.toml",
         "[[rule]]\nmatch = '/'\non = 'ANY'\nrun = 'true'\n[[rule.action]]\non = 'ANY'\nrun = 'true'\n",
-        ["k.toml:1: a rule has either on/run or [[...action]] tables, not both"],
+        ["k.toml:1: a rule has either on/run/alert or [[...action]] tables, not both"],
     ),
     "toml replicate without target": ("k.toml", "[[replicate]]\ndelete = true\n", ["k.toml:1: a [[replicate]] table needs 'target' (a string)"]),
     "toml shell must be absolute": (

@@ -23,14 +23,22 @@ DEMO_HINT = (
 
 
 def make_sinks(config: Config, log: StructLog, stats: DaemonStats) -> list[EventSink]:
-    """Event sinks for this config: one ReplicationSink when it has replication targets."""
+    """Event sinks for this config: the durable outputs ([[output]]), one ReplicationSink for replication targets."""
+    sinks: list[EventSink] = []
+    if config.outputs:
+        from kwatch.outputs.sink import Outputs
+
+        for o in config.outputs:
+            log.info("output", name=o.name, kind=o.kind, records=o.records)
+        sinks.append(Outputs(config.outputs, stats.outputs))
     if not config.replicate:
-        return []
+        return sinks
     from kwatch.replicate.sink import ReplicationSink
 
     for t in config.replicate:
         log.info("replicate", source=str(t.options["source"]), target=t.target, where=str(t.where))
-    return [ReplicationSink(config.replicate, stats)]
+    sinks.append(ReplicationSink(config.replicate, stats))
+    return sinks
 
 
 def _setup_logging(log: StructLog) -> None:
@@ -60,6 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in config.warnings:
         log.warning("config_warning", where=f"{w.file}:{w.line}", reason=w.reason)
     stats = DaemonStats()
+    try:
+        sinks = make_sinks(config, log, stats)
+    except (OSError, ImportError) as e:  # an output's file or spool cannot be opened
+        log.error("output_error", msg=f"{type(e).__name__}: {e}")
+        return 2
     daemon = Daemon(
         config,
         log=log,
@@ -68,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         backend=args.backend,
         dry_run=args.dry_run,
         grace=args.grace,
-        sinks=make_sinks(config, log, stats),
+        sinks=sinks,
     )
     daemon.install_signals()  # before anything slow: a SIGHUP/SIGTERM sent during start-up must not kill us
     if not args.no_metrics:

@@ -297,6 +297,7 @@ class Daemon:
         now_ns = time.monotonic_ns()
         debug = self.log.enabled("debug")
         own = os.getpid()
+        alerting = self.config.has_alerts
         for ev in events:
             stats.events[(ev.op.label, ev.backend)] += 1
             if ev.op is Op.LOSS:
@@ -325,11 +326,24 @@ class Daemon:
                         comm=ev.comm,
                     )
                 submit(m)
+            if alerting:
+                self._alert(ev)
         for sink in self.sinks:
             try:
                 sink.feed(events)
             except Exception as e:  # a broken sink must not stop the rules
                 self.log.error("sink_error", sink=type(sink).__name__, msg=f"{type(e).__name__}: {e}")
+
+    def _alert(self, ev: FileEvent) -> None:
+        """A rule's alert: a warning in the log, and a record to every sink that takes alerts (the outputs)."""
+        for a in self.config.alerts(ev, self.procs):
+            self.stats.alerts[a.rule.name] += 1
+            self.log.warning("alert", rule=a.rule.name, alert_level=a.level, message=a.message, op=ev.op.label,
+                             file=a.file, pid=ev.pid, uid=ev.uid, comm=ev.comm)
+            for sink in self.sinks:
+                take = getattr(sink, "alert", None)
+                if callable(take):
+                    take(a)
 
     def _caused_by_action(self, ev: FileEvent) -> bool:
         pids = self._action_pids

@@ -34,12 +34,12 @@ def existing_ancestor(path: bytes, exists: Callable[[bytes], bool]) -> bytes:
 def wanted_roots(config: Config) -> tuple[bytes, ...] | None:
     """The trees the rules of ``config`` need (maybe not existing yet); None: the whole system.
 
-    Rules without actions cannot start anything and are skipped; a config without any action needs nothing: ``()``.
+    Rules without actions or alerts cannot start anything and are skipped; a config without any needs nothing: ``()``.
     """
     roots: set[bytes] = set()
     for rs in config.rulesets:
         for rule in rs.rules:
-            if not rule.actions:
+            if not rule.actions and not rule.alerts:
                 continue
             root = rule_root(rule.pattern)
             if root is None:

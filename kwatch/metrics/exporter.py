@@ -57,6 +57,7 @@ class KwatchCollector(Collector):
             c.add_metric([], value)
             yield c
         yield from self._targets()
+        yield from self._outputs()
 
     def _targets(self) -> Iterator[Metric]:
         ts = sorted(self.stats.targets.values(), key=lambda t: t.name)
@@ -100,6 +101,39 @@ class KwatchCollector(Collector):
             rescans.add_metric([t.name, "full"], t.rescans_full)
             rescans.add_metric([t.name, "subtree"], t.rescans_subtree)
         yield rescans
+
+
+    def _outputs(self) -> Iterator[Metric]:
+        al = CounterMetricFamily("kwatch_alerts", "Alert records raised by rules", labels=["rule"])
+        for rule, n in sorted(self.stats.alerts.items()):
+            al.add_metric([rule], n)
+        yield al
+        outs = sorted(self.stats.outputs.values(), key=lambda o: o.name)
+        counters = {
+            "records": "Records written to the output (nats: stored by the server)",
+            "bytes": "Bytes written to the output",
+            "errors": "Failed writes, sends or publishes",
+            "lost": "Records that never reached the output (each loss also announced by a marker record)",
+            "skipped": "Records of the output's own server's file operations, left out to avoid feedback",
+            "rotations": "File rotations",
+            "fsyncs": "fsync calls",
+            "repaired_bytes": "Bytes of a torn last line cut off when the file was opened again",
+        }
+        for attr, doc in counters.items():
+            c = CounterMetricFamily(f"kwatch_output_{attr}", doc, labels=["output", "kind"])
+            for o in outs:
+                c.add_metric([o.name, o.kind], getattr(o, attr))
+            yield c
+        up = GaugeMetricFamily("kwatch_output_connected", "1 while the output can be written", labels=["output", "kind"])
+        backlog = GaugeMetricFamily("kwatch_output_backlog", "Records waiting to be sent", labels=["output", "kind"])
+        spool = GaugeMetricFamily("kwatch_output_spool_bytes", "Bytes in the on-disk spool", labels=["output", "kind"])
+        for o in outs:
+            up.add_metric([o.name, o.kind], 1.0 if o.connected else 0.0)
+            backlog.add_metric([o.name, o.kind], o.backlog() if o.backlog is not None else 0)
+            spool.add_metric([o.name, o.kind], o.backlog_bytes() if o.backlog_bytes is not None else 0)
+        yield up
+        yield backlog
+        yield spool
 
 
 def serve(stats: DaemonStats, address: str) -> CollectorRegistry:

@@ -72,6 +72,25 @@ class BarrierStats:
 
 
 @dataclass
+class OutputStats:
+    """One durable output (``kwatch.outputs``): updated by its writer, read at scrape time."""
+
+    name: str
+    kind: str  # file | journal | nats
+    records: int = 0  # records written (file, journal) or stored by the server (nats)
+    bytes: int = 0
+    errors: int = 0  # failed writes, sends or publishes (each retried or counted as lost)
+    lost: int = 0  # records that never reached the output; each loss is also announced by a marker record
+    skipped: int = 0  # records left out on purpose: the output's own server's file operations (feedback)
+    rotations: int = 0
+    fsyncs: int = 0
+    repaired_bytes: int = 0  # bytes of a torn last line cut off when the file was opened again
+    connected: bool = True
+    backlog: Callable[[], int] | None = None  # records waiting (queue + spool), read at scrape time
+    backlog_bytes: Callable[[], int] | None = None  # bytes of the on-disk spool
+
+
+@dataclass
 class DaemonStats:
     events: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, backend)
     lost: Counter[str] = field(default_factory=Counter)  # backend
@@ -83,3 +102,5 @@ class DaemonStats:
     reloads: int = 0
     reload_errors: int = 0
     barrier: BarrierStats = field(default_factory=BarrierStats)
+    outputs: dict[str, OutputStats] = field(default_factory=dict)
+    alerts: Counter[str] = field(default_factory=Counter)  # rule name

@@ -4,10 +4,12 @@ Semantics, in the order they are checked:
 
 - a ``LOSS`` marker and a ``truncated`` path (a suffix, not a whole path) never start an action;
 - the rule set's process filter must accept the event (:class:`ProcessTree` answers ancestry questions; without one,
-  ``exclude_descendants_of`` can only see the event's own pid and comm);
+  ``exclude_descendants_of`` can only see the event's own pid and comm; for a process that has exited, the
+  event's own pid and comm and then its parent's ancestry, from ``ppid``, are checked);
 - a rule matches when its regex finds the path (or, for rename/link, either path) and no IGNORE regex finds it;
 - an action fires when the event's op is among its ops, or, for ``OPENW``, when a rename moved a file from a path
-  the rule does not match to one it does (a finished file published under its final name).
+  the rule does not match to one it does (a finished file published under its final name);
+- a rule's alerts (:class:`AlertMatch`, :func:`match_alerts`) fire by the same rules as its actions.
 
 Placeholder values: ``_FILE_`` is the matched path (rename/link: the new path when it matches, else the old one);
 ``_OLD_FILE_`` the event's path; ``_NEW_FILE_`` the new path of a rename/link, else empty.
@@ -15,7 +17,7 @@ Placeholder values: ``_FILE_`` is the matched path (rename/link: the new path wh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,7 +25,7 @@ from kwatch.events import FileEvent, Op
 from kwatch.rules.model import COMM_LEN
 
 if TYPE_CHECKING:
-    from kwatch.rules.model import Action, ProcessFilter, Rule, RuleSet
+    from kwatch.rules.model import Action, Alert, ProcessFilter, Rule, RuleSet
 
 
 class ProcessTree(Protocol):
@@ -50,6 +52,28 @@ class Match:
         return self.event.op.label
 
 
+@dataclass(frozen=True)
+class AlertMatch:
+    """One alert raised by one event."""
+
+    rule: Rule
+    alert: Alert
+    event: FileEvent
+    file: bytes
+
+    @property
+    def rule_name(self) -> str:
+        return self.rule.name
+
+    @property
+    def message(self) -> str:
+        return self.alert.message
+
+    @property
+    def level(self) -> str:
+        return self.alert.level
+
+
 def process_accepts(pf: ProcessFilter, ev: FileEvent, procs: ProcessTree | None) -> bool:
     if pf.uids is not None and (ev.uid is None or ev.uid not in pf.uids):
         return False
@@ -63,7 +87,10 @@ def process_accepts(pf: ProcessFilter, ev: FileEvent, procs: ProcessTree | None)
     if pf.exclude_descendants_of and ev.pid is not None:
         chain: Sequence[tuple[int, bytes]] = procs.ancestry(ev.pid) if procs is not None else ()
         if not chain:
-            chain = [(ev.pid, comm or b"")]
+            # the process has exited (a short-lived child, e.g. a package's maintainer script): its own pid and
+            # comm, then its parent's ancestry when the parent is still there
+            parents = procs.ancestry(ev.ppid) if procs is not None and ev.ppid else ()
+            chain = [(ev.pid, comm or b""), *parents]
         for pid, name in chain:
             for x in pf.exclude_descendants_of:
                 if (isinstance(x, int) and x == pid) or (isinstance(x, bytes) and x == name[:COMM_LEN]):
@@ -71,22 +98,36 @@ def process_accepts(pf: ProcessFilter, ev: FileEvent, procs: ProcessTree | None)
     return True
 
 
-def match_ruleset(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
+def _hits(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None) -> Iterator[tuple[Rule, bytes, bool, bool]]:
+    """(rule, matched file, old path matched, new path matched) of every rule that matches the event."""
     if ev.op is Op.LOSS or ev.truncated:
-        return []
+        return
     if not rs.process.empty and not process_accepts(rs.process, ev, procs):
-        return []
-    out: list[Match] = []
+        return
     for rule in rs.rules:
         old_hit = rule.matches(ev.path)
         new_hit = ev.new_path is not None and rule.matches(ev.new_path)
-        if not (old_hit or new_hit):
-            continue
-        file = ev.new_path if new_hit and ev.new_path is not None else ev.path
+        if old_hit or new_hit:
+            yield rule, ev.new_path if new_hit and ev.new_path is not None else ev.path, old_hit, new_hit
+
+
+def _fires(trigger: Action | Alert, ev: FileEvent, old_hit: bool, new_hit: bool) -> bool:
+    return ev.op in trigger.ops or (trigger.on_finished_write and ev.op is Op.RENAME and new_hit and not old_hit)
+
+
+def match_ruleset(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
+    out: list[Match] = []
+    for rule, file, old_hit, new_hit in _hits(rs, ev, procs):
         for action in rule.actions:
-            fires = ev.op in action.ops or (
-                action.on_finished_write and ev.op is Op.RENAME and new_hit and not old_hit
-            )
-            if fires:
+            if _fires(action, ev, old_hit, new_hit):
                 out.append(Match(rule, action, ev, file, ev.path, ev.new_path or b""))
+    return out
+
+
+def match_alerts(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:
+    out: list[AlertMatch] = []
+    for rule, file, old_hit, new_hit in _hits(rs, ev, procs):
+        for alert in rule.alerts:
+            if _fires(alert, ev, old_hit, new_hit):
+                out.append(AlertMatch(rule, alert, ev, file))
     return out

@@ -34,7 +34,8 @@ from kwatch.events import ATTRIB_OPS, FileEvent, Op
 from kwatch.rules.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kwatch.rules.match import Match, ProcessTree
+    from kwatch.outputs.config import OutputSpec
+    from kwatch.rules.match import AlertMatch, Match, ProcessTree
 
 KEYWORD_OPS: dict[str, frozenset[Op]] = {
     "OPENW": frozenset({Op.CLOSE_WRITE}),  # plus rename-into-place, see the module docstring and match.py
@@ -110,6 +111,26 @@ class Action:
         return "OPENW" in self.triggers
 
 
+#: levels an alert can have: syslog's, as the journal's PRIORITY field takes them
+ALERT_LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A rule's alert: a structured record at ``level`` to every output (and a warning in the daemon's log) when one
+    of ``ops`` happens on a path the rule matches. The same triggers as an action; no command runs."""
+
+    triggers: tuple[str, ...]
+    ops: frozenset[Op]
+    message: str
+    level: str
+    where: Where
+
+    @property
+    def on_finished_write(self) -> bool:
+        return "OPENW" in self.triggers
+
+
 @dataclass(frozen=True)
 class Rule:
     """A path regex, the regexes that exclude paths from it, and its actions.
@@ -126,6 +147,7 @@ class Rule:
     concurrency: int = 4  # actions of this rule running at once
     regex: re.Pattern[bytes] = field(default=re.compile(b""), compare=False, repr=False)
     ignore_res: tuple[re.Pattern[bytes], ...] = field(default=(), compare=False, repr=False)
+    alerts: tuple[Alert, ...] = ()
 
     @classmethod
     def make(
@@ -136,6 +158,7 @@ class Rule:
         actions: tuple[Action, ...],
         where: Where,
         concurrency: int = 4,
+        alerts: tuple[Alert, ...] = (),
     ) -> Rule:
         """Build a rule and compile its regexes (raises re.error for a bad one)."""
         return cls(
@@ -147,6 +170,7 @@ class Rule:
             concurrency,
             compile_regex(pattern),
             tuple(compile_regex(i) for i in ignores),
+            alerts,
         )
 
     def matches(self, path: bytes) -> bool:
@@ -196,6 +220,12 @@ class RuleSet:
 
         return match_ruleset(self, event, procs)
 
+    def alerts(self, event: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:
+        """Every alert this event raises (same matching as actions)."""
+        from kwatch.rules.match import match_alerts
+
+        return match_alerts(self, event, procs)
+
 
 @dataclass(frozen=True)
 class ReplicateTarget:
@@ -216,6 +246,7 @@ class Config:
     shell: str = "/bin/sh"
     files: tuple[str, ...] = ()  # every file read, for reload-on-change
     warnings: tuple[ConfigError, ...] = ()
+    outputs: tuple[OutputSpec, ...] = ()  # [[output]] tables (kwatch.outputs)
 
     def match(self, event: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
         """Matches over every rule set, in config order."""
@@ -224,13 +255,24 @@ class Config:
             out.extend(rs.match(event, procs))
         return out
 
+    def alerts(self, event: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:
+        out: list[AlertMatch] = []
+        for rs in self.rulesets:
+            out.extend(rs.alerts(event, procs))
+        return out
+
+    @property
+    def has_alerts(self) -> bool:
+        return any(rule.alerts for rs in self.rulesets for rule in rs.rules)
+
     @property
     def ops(self) -> frozenset[Op]:
         """Every op some action fires on: what the capture filter needs (RENAME too when OPENW is used)."""
         ops: set[Op] = set()
         for rs in self.rulesets:
             for rule in rs.rules:
-                for a in rule.actions:
+                triggers: tuple[Action | Alert, ...] = (*rule.actions, *rule.alerts)
+                for a in triggers:
                     ops |= a.ops
                     if a.on_finished_write:
                         ops.add(Op.RENAME)

@@ -42,7 +42,17 @@ Schema (every key optional unless marked)::
     on = ["UNLINK"]
     run = "ssh faustus rm -f /mirrors/otto_QFILE_"
 
+    [[ruleset.rule]]             # an alert: a structured record to every output (and a warning in the log)
+    match = '^/etc/shadow$'
+    on = ["OPENW", "UNLINK"]
+    alert = "the shadow password file changed"    # with or instead of run; also in [[...action]] tables
+    level = "warning"            # syslog level: emerg alert crit err warning notice info debug
+
     [[rule]]                     # top-level rules form a rule set named "default"
+
+    [[output]]                   # durable outputs: see kwatch.outputs.config
+    type = "file"
+    path = "/var/log/kwatch/audit.jsonl"
 
     [[replicate]]
     target = "ssh://mirror/srv/data"   # required; every other key is kept as an option for kwatch.replicate
@@ -59,13 +69,17 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from kwatch.rules.build import make_action
+from kwatch.events import Op
+from kwatch.outputs.config import OutputSpec, parse_output
+from kwatch.rules.build import make_action, parse_trigger
 from kwatch.rules.changedfiles import parse_changedfiles
 from kwatch.rules.errors import ConfigError, UnsafeFileError, in_order
 from kwatch.rules.model import (
+    ALERT_LEVELS,
     COMM_LEN,
     Action,
     ActionOptions,
+    Alert,
     BatchMode,
     Config,
     ProcessFilter,
@@ -91,7 +105,7 @@ _OPTION_KEYS = (
     "group",
 )
 _RULE_LEVEL = ("concurrency",)
-_TOP_KEYS = ("runner", "defaults", "ruleset", "rule", "replicate")
+_TOP_KEYS = ("runner", "defaults", "ruleset", "rule", "replicate", "output")
 
 
 # -- where keys are: tomllib keeps no positions, so a light scan of the text finds the line of each key ------------
@@ -294,13 +308,36 @@ class _Loader:
         self.errors.extend(problems)
         return action
 
+    def alert(self, table: dict[str, Any], path: Path) -> Alert | None:
+        triggers = tuple(
+            t.upper() if not t.startswith("op:") else t for t in self.string_list(table, "on", path)
+        )
+        if "on" not in table or not triggers:
+            self.err((*path, "alert"), "an alert needs 'on' (the operations that raise it)")
+            return None
+        msg, level = table["alert"], table.get("level", "warning")
+        if not isinstance(msg, str) or not msg:
+            self.err((*path, "alert"), f"alert must be a message (a non-empty string), not {msg!r}")
+            return None
+        if level not in ALERT_LEVELS:
+            self.err((*path, "level"), f"level must be one of {', '.join(ALERT_LEVELS)}, not {level!r}")
+            return None
+        ops: set[Op] = set()
+        for t in triggers:
+            got = parse_trigger(t)
+            if got is None:
+                self.err((*path, "on"), f"unknown operation {t!r}")
+                return None
+            ops |= got
+        return Alert(triggers, frozenset(ops), msg, level, self.where((*path, "alert")))
+
     def rule(
         self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, index: int
     ) -> Rule | None:
         self.check_keys(
             table,
             path,
-            ("name", "match", "ignore", "on", "run", "action", *_RULE_LEVEL, *_OPTION_KEYS),
+            ("name", "match", "ignore", "on", "run", "alert", "level", "action", *_RULE_LEVEL, *_OPTION_KEYS),
             "a rule",
         )
         ok = True
@@ -319,24 +356,37 @@ class _Loader:
         opts = self.options(table, path, base)
         conc = self.integer(table, "concurrency", path, concurrency)
         actions: list[Action] = []
+        alerts: list[Alert] = []
         sub = table.get("action")
-        has_inline = "on" in table or "run" in table
+        has_inline = "on" in table or "run" in table or "alert" in table
         if sub is not None and has_inline:
-            self.err(path, "a rule has either on/run or [[...action]] tables, not both")
+            self.err(path, "a rule has either on/run/alert or [[...action]] tables, not both")
             ok = False
         elif has_inline:
-            a = self.action({k: table[k] for k in ("on", "run") if k in table}, path, opts)
-            ok = ok and a is not None
-            if a is not None:
-                actions.append(a)
-        elif isinstance(sub, list) and all(isinstance(x, dict) for x in sub):
-            for i, at in enumerate(sub):
-                apath = (*path, "action", i)
-                self.check_keys(at, apath, ("on", "run", *_OPTION_KEYS), "an action")
-                a = self.action(at, apath, self.options(at, apath, opts))
+            if "run" in table or "alert" not in table:
+                a = self.action({k: table[k] for k in ("on", "run") if k in table}, path, opts)
                 ok = ok and a is not None
                 if a is not None:
                     actions.append(a)
+            if "alert" in table:
+                al = self.alert(table, path)
+                ok = ok and al is not None
+                if al is not None:
+                    alerts.append(al)
+        elif isinstance(sub, list) and all(isinstance(x, dict) for x in sub):
+            for i, at in enumerate(sub):
+                apath = (*path, "action", i)
+                self.check_keys(at, apath, ("on", "run", "alert", "level", *_OPTION_KEYS), "an action")
+                if "run" in at or "alert" not in at:
+                    a = self.action(at, apath, self.options(at, apath, opts))
+                    ok = ok and a is not None
+                    if a is not None:
+                        actions.append(a)
+                if "alert" in at:
+                    al = self.alert(at, apath)
+                    ok = ok and al is not None
+                    if al is not None:
+                        alerts.append(al)
         elif sub is not None:
             self.err((*path, "action"), "action must be an array of tables ([[...action]])")
             ok = False
@@ -351,7 +401,7 @@ class _Loader:
         rule_name = (
             name if isinstance(name, str) else f"{os.path.basename(self.filename)}:{self.loc.line(path)}"
         )
-        return Rule.make(rule_name, pattern, tuple(ignores), tuple(actions), self.where(path), conc)
+        return Rule.make(rule_name, pattern, tuple(ignores), tuple(actions), self.where(path), conc, tuple(alerts))
 
     def process(self, table: Any, path: Path) -> ProcessFilter:
         if not isinstance(table, dict):
@@ -516,12 +566,26 @@ class _Loader:
                 ok = False
                 continue
             targets.append(ReplicateTarget(target, opts, self.where(("replicate", i))))
+        outputs: list[OutputSpec] = []
+        outs = doc.get("output", [])
+        if not isinstance(outs, list) or not all(isinstance(x, dict) for x in outs):
+            self.err(("output",), "output must be an array of tables ([[output]])")
+            outs = []
+        for i, ot in enumerate(outs):
+            spec, problems = parse_output(ot)
+            for problem in problems:
+                self.err(("output", i), problem)
+            if spec is not None:
+                if any(o.name == spec.name for o in outputs):
+                    self.err(("output", i), f"two outputs are named {spec.name!r}; give one a 'name'")
+                outputs.append(spec)
         if not any(k in doc for k in ("rule", "ruleset", "replicate")):
             self.err((), "the config has no rules and no replication targets", "warning")
         if not ok or any(e.severity == "error" for e in self.errors):
             return None
         warnings = tuple(e for e in self.errors if e.severity != "error")
-        return Config(tuple(rulesets), tuple(targets), max_conc, shell, tuple(self.files), warnings)
+        return Config(tuple(rulesets), tuple(targets), max_conc, shell, tuple(self.files), warnings,
+                      outputs=tuple(outputs))
 
 
 _AT_LINE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
