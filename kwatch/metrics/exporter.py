@@ -111,6 +111,7 @@ class KwatchCollector(Collector):
         outs = sorted(self.stats.outputs.values(), key=lambda o: o.name)
         counters = {
             "records": "Records written to the output (nats: stored by the server)",
+            "already_stored": "Records found stored after a lost acknowledgement (nats), not sent again",
             "bytes": "Bytes written to the output",
             "errors": "Failed writes, sends or publishes",
             "lost": "Records that never reached the output (each loss also announced by a marker record)",

@@ -78,6 +78,7 @@ class OutputStats:
     name: str
     kind: str  # file | journal | nats
     records: int = 0  # records written (file, journal) or stored by the server (nats)
+    already_stored: int = 0  # nats: of ``records``, those found in the stream after a lost acknowledgement, not resent
     bytes: int = 0
     errors: int = 0  # failed writes, sends or publishes (each retried or counted as lost)
     lost: int = 0  # records that never reached the output; each loss is also announced by a marker record

@@ -271,7 +271,12 @@ class NatsOutput:
             if batch is None:
                 return
             if fleet.already_stored(batch, self._upto):
+                # the server stored it and its acknowledgement was lost (a leader change, a daemon killed before
+                # the ack): stored is stored, and the records total must reach what was written
                 self.spool.pop()
+                self.stats.records += batch.count
+                self.stats.already_stored += batch.count
+                self.stats.bytes += len(batch.body)
                 continue
             await js.publish(self.subject, batch.body, timeout=PUBLISH_TIMEOUT, headers=batch.headers(self.host))
             self.spool.pop()
