@@ -207,3 +207,48 @@ def test_rsync_file_list_does_not_descend_into_a_directory_swapped_during_the_wa
     names = {e.name for e in entries}
     assert not names & {b"d/only-in-canary", b"d/canary-link"}, sorted(names)
     assert all(e.link_target != b"/root/secret-target" for e in entries)
+
+
+SHRINK_CHILD = r"""
+import os, sys
+from kwatch.replicate import rsync_transport
+src, url, when = os.fsencode(sys.argv[1]), sys.argv[2], sys.argv[3]
+real_open, real_send = rsync_transport.open_regular, rsync_transport.PushSession.send_file
+
+def opening(root, rel):
+    fd, st = real_open(root, rel)
+    if when == "opened":
+        os.truncate(os.path.join(root, rel), 0)  # the file's owner, right after kwatch took its size
+    return fd, st
+
+def sending(self, ndx, data):
+    if when == "reading":
+        os.truncate(os.path.join(src, b"big"), 0)  # while kwatch reads it
+    return real_send(self, ndx, data)
+
+rsync_transport.open_regular = opening
+rsync_transport.PushSession.send_file = sending
+res = rsync_transport.push(src, url, [b"big"], timeout=60)
+print("errors", res.errors, "files", res.files)
+"""
+
+
+@pytest.mark.parametrize("when", ["opened", "reading"])
+def test_rsync_path_survives_a_file_shrunk_while_it_is_read(when: str, tmp_path: Path) -> None:
+    """A user truncates their own file after the sender opened it: the sender must not die (an exception, or SIGBUS
+    on a mapping past the new end of file) and the mirror never holds bytes the file did not have at some point.
+    A child process runs the push: SIGBUS would take pytest down with it."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(4 << 20)
+    (src / "big").write_bytes(data)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        r = subprocess.run([sys.executable, "-c", SHRINK_CHILD, str(src), d.url("push"), when], capture_output=True,
+                           timeout=120)
+        assert r.returncode == 0, f"the sender died ({r.returncode}): {r.stderr.decode(errors='replace')[-2000:]}"
+        got = d.module_path("push") / "big"
+        if got.exists():
+            assert got.read_bytes() in (b"", data), "the mirror holds bytes the file never had"

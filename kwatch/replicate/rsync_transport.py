@@ -422,19 +422,54 @@ def _send_one(session: PushSession, ev: FileRequested, root: bytes, result: Push
         session.skip_file(ev.ndx)
         return
     try:
-        size = st.st_size
-        if size == 0:
-            session.send_file(ev.ndx, b"")
-        else:
-            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-                mv = memoryview(m)
-                try:
-                    session.send_file(ev.ndx, mv)
-                finally:
-                    mv.release()
+        with _snapshot(fd, st.st_size) as data:
+            session.send_file(ev.ndx, data)
     finally:
         os.close(fd)
     result.files += 1
+
+
+SMALL_FILE = 1 << 20
+
+
+@contextlib.contextmanager
+def _snapshot(fd: int, size: int) -> Iterator[bytes | memoryview]:
+    """The file's content as the sender reads it, immune to the file changing meanwhile.
+
+    A mapping of the source file itself is not: its owner can truncate it while the matcher reads the mapping and
+    the daemon dies of SIGBUS. Small files are read into memory; larger ones are copied in the kernel (sendfile)
+    into a memfd only this process holds, which is mapped instead. A file that shrank is sent as it was read (the
+    file checksum covers it; the next event brings the rest), as rsync does.
+    """
+    if size <= SMALL_FILE:
+        parts, got = [], 0
+        while got < size:
+            part = os.pread(fd, size - got, got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        yield b"".join(parts)
+        return
+    mfd = os.memfd_create("kwatch-send", os.MFD_CLOEXEC)
+    try:
+        got = 0
+        while got < size:
+            n = os.sendfile(mfd, fd, got, size - got)
+            if n == 0:
+                break
+            got += n
+        if got == 0:
+            yield b""
+            return
+        with mmap.mmap(mfd, got, prot=mmap.PROT_READ) as m:
+            mv = memoryview(m)
+            try:
+                yield mv
+            finally:
+                mv.release()
+    finally:
+        os.close(mfd)
 
 
 def _read_password(password: str | bytes | None, password_file: str | None) -> bytes | None:
