@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from kwatch.capture.base import CaptureError, CaptureFilter
 from kwatch.events import OP_BY_LABEL, Op
 
 if TYPE_CHECKING:
+    from kwatch.context import Resolver
     from kwatch.outputs.sink import Outputs
 
 
@@ -33,6 +35,7 @@ def _warn(msg: str) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from kwatch.capture.select import open_source
+    from kwatch.context import Resolver
     from kwatch.trace import TraceMatcher, compile_path_regex, run_trace
 
     roots = [os.path.abspath(p) for p in args.paths]
@@ -40,6 +43,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if not os.path.isdir(r):
             raise SystemExit(f"kwatch trace: {r} is not a directory")
     ops = _parse_ops(args.op) if args.op else None
+    resolver = Resolver()
     try:
         match = TraceMatcher(
             rules=[compile_path_regex(r) for r in args.rule],
@@ -47,10 +51,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
             pids=frozenset(args.pid),
             uids=frozenset(args.uid),
             comms=frozenset(c.encode() for c in args.comm),
+            exes=[compile_path_regex(r) for r in args.exe],
+            auids=frozenset(args.auid),
+            users=frozenset(args.user),
+            containers=tuple(args.container),
+            cgroups=[re.compile(r) for r in args.cgroup],
+            resolve=resolver,
         )
     except Exception as e:  # re.error
         raise SystemExit(f"kwatch trace: bad regex: {e}") from e
-    outputs = _open_outputs(args.output)
+    outputs = _open_outputs(args.output, resolver)
     filt = CaptureFilter.make(roots=roots, ops=ops, exclude_pids=[os.getpid()])
     try:
         src = open_source(filt, args.backend, warn=_warn)
@@ -63,14 +73,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     _warn(f"tracing {where} with the {src.name} backend; Ctrl-C to stop")
     try:
         return run_trace(src, match, json_lines=args.json, count=args.count, duration=args.duration,
-                         sink=outputs.feed if outputs is not None else None, quiet=args.quiet)
+                         sink=outputs.feed if outputs is not None else None, quiet=args.quiet,
+                         resolve=None if args.no_context else resolver)
     finally:
         src.close()
         if outputs is not None:
             outputs.close()
 
 
-def _open_outputs(options: Sequence[str]) -> Outputs | None:
+def _open_outputs(options: Sequence[str], resolver: Resolver | None = None) -> Outputs | None:
     """The durable outputs of ``--output`` options (None: none given); bad options exit with every problem."""
     if not options:
         return None
@@ -86,7 +97,7 @@ def _open_outputs(options: Sequence[str]) -> Outputs | None:
     if problems:
         raise SystemExit("kwatch trace: " + "\n".join(problems))
     try:
-        return Outputs(specs)
+        return Outputs(specs, resolver=resolver)
     except (OSError, ImportError) as e:
         raise SystemExit(f"kwatch trace: cannot open an output: {type(e).__name__}: {e}") from e
 
@@ -139,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pid", action="append", type=int, default=[])
     t.add_argument("--uid", action="append", type=int, default=[])
     t.add_argument("--comm", action="append", default=[])
+    t.add_argument("--exe", action="append", default=[], metavar="REGEX", help="executable path matching")
+    t.add_argument("--auid", action="append", type=int, default=[], help="login uid (audit auid)")
+    t.add_argument("--user", action="append", default=[], help="user name")
+    t.add_argument("--container", action="append", default=[], metavar="ID|RUNTIME",
+                   help="container id (or a prefix of it) or runtime (docker, containerd, crio, podman, lxc)")
+    t.add_argument("--cgroup", action="append", default=[], metavar="REGEX", help="cgroup path matching")
+    t.add_argument("--no-context", action="store_true",
+                   help="print only what the capture recorded (no exe, login uid, names, container)")
     t.add_argument("--json", action="store_true", help="JSON lines")
     t.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
     t.add_argument("--count", type=int, help="stop after this many events")

@@ -17,7 +17,10 @@ from types import FrameType
 from typing import IO
 
 from kwatch.capture.base import Source
+from kwatch.context import ProcInfo
 from kwatch.events import FT_NAMES, FileEvent, Op, display_path, json_path
+
+Resolve = Callable[[FileEvent], "ProcInfo | None"]
 
 
 def compile_path_regex(pattern: str) -> re.Pattern[bytes]:
@@ -27,13 +30,26 @@ def compile_path_regex(pattern: str) -> re.Pattern[bytes]:
 
 @dataclass
 class TraceMatcher:
-    """Userspace selection for trace: path regexes (any path of the event) and process fields."""
+    """Userspace selection for trace: path regexes (any path of the event), process fields, and the process context
+    (:mod:`kwatch.context`: exe regex, login uid, user name, container id or prefix, cgroup path regex), which is
+    looked up only when one of those is asked for. Each kind of filter given must match (AND); values of one kind
+    are alternatives (OR)."""
 
     rules: list[re.Pattern[bytes]] = field(default_factory=list)
     ignores: list[re.Pattern[bytes]] = field(default_factory=list)
     pids: frozenset[int] = frozenset()
     uids: frozenset[int] = frozenset()
     comms: frozenset[bytes] = frozenset()
+    exes: list[re.Pattern[bytes]] = field(default_factory=list)
+    auids: frozenset[int] = frozenset()
+    users: frozenset[str] = frozenset()
+    containers: tuple[str, ...] = ()
+    cgroups: list[re.Pattern[str]] = field(default_factory=list)
+    resolve: Resolve | None = None
+
+    @property
+    def wants_context(self) -> bool:
+        return bool(self.exes or self.auids or self.users or self.containers or self.cgroups)
 
     def __call__(self, ev: FileEvent) -> bool:
         if ev.op is Op.LOSS:
@@ -47,7 +63,26 @@ class TraceMatcher:
             return False
         if self.uids and ev.uid not in self.uids:
             return False
-        return not (self.comms and ev.comm not in self.comms)
+        if self.comms and ev.comm not in self.comms:
+            return False
+        if not self.wants_context:
+            return True
+        info = self.resolve(ev) if self.resolve is not None else None
+        return info is not None and context_matches(self, info)
+
+
+def context_matches(m: TraceMatcher, info: ProcInfo) -> bool:
+    """The context filters of ``m`` against one process's context (an unknown field matches no filter on it)."""
+    if m.exes and (info.exe is None or not any(r.search(info.exe) for r in m.exes)):
+        return False
+    if m.auids and info.auid not in m.auids:
+        return False
+    if m.users and info.user not in m.users:
+        return False
+    if m.containers and (info.container is None
+                         or not any(info.container.startswith(c) or info.runtime == c for c in m.containers)):
+        return False
+    return not (m.cgroups and (info.cgroup is None or not any(r.search(info.cgroup) for r in m.cgroups)))
 
 
 def _clock(ev: FileEvent) -> str:
@@ -57,7 +92,7 @@ def _clock(ev: FileEvent) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
-def format_text(ev: FileEvent) -> str:
+def format_text(ev: FileEvent, info: ProcInfo | None = None) -> str:
     if ev.op is Op.LOSS:
         n = "unknown number of" if ev.lost is None else str(ev.lost)
         return f"{_clock(ev)} LOSS        {n} events lost (backend {ev.backend}); affected trees need a rescan"
@@ -75,6 +110,17 @@ def format_text(ev: FileEvent) -> str:
         who.append(f"uid={ev.uid}")
     if ev.comm is not None:
         who.append(f"comm={display_path(ev.comm)}")
+    if info is not None:
+        if info.exe is not None:
+            who.append(f"exe={display_path(info.exe)}")
+        if info.auid is not None:
+            who.append(f"auid={info.auid}")
+        if info.user is not None:
+            who.append(f"user={info.user}")
+        if info.container is not None:
+            who.append(f"container={info.runtime}:{info.container[:12]}")
+        elif info.unit is not None:
+            who.append(f"unit={info.unit}")
     if ev.op is Op.CHMOD and ev.mode is not None:
         who.append(f"mode={ev.mode:o}")
     if ev.op is Op.CHOWN and ev.owner is not None:
@@ -106,9 +152,12 @@ def to_json(ev: FileEvent) -> dict[str, object]:
     return d
 
 
-def format_json(ev: FileEvent) -> str:
+def format_json(ev: FileEvent, info: ProcInfo | None = None) -> str:
     # ensure_ascii keeps lone surrogates as \\udcXX escapes: the output is always valid UTF-8
-    return json.dumps(to_json(ev), ensure_ascii=True, separators=(",", ":"))
+    d = to_json(ev)
+    if info is not None:
+        d.update(info.fields())
+    return json.dumps(d, ensure_ascii=True, separators=(",", ":"))
 
 
 class _Stop(Exception):
@@ -130,6 +179,7 @@ def run_trace(
     duration: float | None = None,
     sink: Callable[[list[FileEvent]], None] | None = None,
     quiet: bool = False,
+    resolve: Resolve | None = None,
 ) -> int:
     """Print matching events until Ctrl-C/SIGTERM, ``count`` events, or ``duration`` seconds; then a summary.
 
@@ -148,7 +198,7 @@ def run_trace(
             if matched and sink is not None:
                 sink(matched)
             if matched and not quiet:
-                out.write("\n".join(map(fmt, matched)) + "\n")
+                out.write("\n".join(fmt(ev, resolve(ev) if resolve is not None else None) for ev in matched) + "\n")
                 out.flush()
             shown += len(matched)
     except (KeyboardInterrupt, _Stop):

@@ -22,6 +22,7 @@ import json
 import time
 from json.encoder import encode_basestring_ascii as _quote
 
+from kwatch.context import ProcInfo
 from kwatch.events import FT_NAMES, FileEvent, Op, json_path
 from kwatch.trace import to_json
 
@@ -66,8 +67,9 @@ def rfc3339(wall_ns: int) -> str:
     return f"{_second[1]}.{ns // 1000:06d}Z"
 
 
-def event_line(ev: FileEvent, time_text: str, host: str) -> bytes:
-    """The JSON line of an event record, the same bytes as ``encode`` of its dict (kind, time, host, to_json)."""
+def event_line(ev: FileEvent, time_text: str, host: str, info: ProcInfo | None = None) -> bytes:
+    """The JSON line of an event record, the same bytes as ``encode`` of its dict (kind, time, host, to_json, and
+    the process context's fields)."""
     parts = ['{"kind":"event","time":"', time_text, '","host":', _quote(host), ',"op":"', ev.op.label,
              '","path":', _quote(json_path(ev.path)), ',"backend":', _quote(ev.backend)]
     if ev.new_path is not None:
@@ -104,6 +106,8 @@ def event_line(ev: FileEvent, time_text: str, host: str) -> bytes:
         parts += (',"ftype":"', FT_NAMES[ev.ftype], '"')
     if ev.truncated:
         parts.append(',"truncated":true')
+    if info is not None:
+        parts.append(info.fragment)  # encoded once per process
     parts.append("}\n")
     return "".join(parts).encode("ascii")
 
@@ -124,26 +128,31 @@ def make(kind: str, priority: int, data: dict[str, object]) -> Record:
     return Record(kind, priority, data, encode(data))
 
 
-def event_record(ev: FileEvent, wall_ns: int, host: str) -> Record:
-    """An event's record; a capture LOSS marker becomes a ``loss`` record."""
+def event_record(ev: FileEvent, wall_ns: int, host: str, info: ProcInfo | None = None) -> Record:
+    """An event's record (with its process context when given); a capture LOSS marker becomes a ``loss`` record."""
     if ev.op is Op.LOSS:
         data: dict[str, object] = {"kind": KIND_LOSS, "time": rfc3339(wall_ns), "host": host}
         data.update(to_json(ev))
         return make(KIND_LOSS, LEVELS["warning"], data)
-    return Record(KIND_EVENT, _INFO, None, event_line(ev, rfc3339(wall_ns), host))
+    return Record(KIND_EVENT, _INFO, None, event_line(ev, rfc3339(wall_ns), host, info))
 
 
-def event_data(ev: FileEvent, wall_ns: int, host: str) -> dict[str, object]:
+def event_data(ev: FileEvent, wall_ns: int, host: str, info: ProcInfo | None = None) -> dict[str, object]:
     """The object of an event record, built the slow way (what :func:`event_line` must agree with)."""
     data: dict[str, object] = {"kind": KIND_EVENT, "time": rfc3339(wall_ns), "host": host}
     data.update(to_json(ev))
+    if info is not None:
+        data.update(info.fields())
     return data
 
 
-def alert_record(ev: FileEvent, rule: str, message: str, level: str, wall_ns: int, host: str) -> Record:
+def alert_record(ev: FileEvent, rule: str, message: str, level: str, wall_ns: int, host: str,
+                 info: ProcInfo | None = None) -> Record:
     data: dict[str, object] = {"kind": KIND_ALERT, "time": rfc3339(wall_ns), "host": host, "rule": rule,
                                "message": message, "level": level}
     data.update(to_json(ev))
+    if info is not None:
+        data.update(info.fields())
     return make(KIND_ALERT, LEVELS.get(level, LEVELS["warning"]), data)
 
 

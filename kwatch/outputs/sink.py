@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from kwatch.context import ProcInfo, Resolver
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import OutputStats
 from kwatch.outputs import record as rec
@@ -78,8 +79,10 @@ class _Alert(Protocol):
 
 class Outputs:
     def __init__(self, specs: Sequence[OutputSpec], stats: dict[str, OutputStats] | None = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, resolver: Callable[[FileEvent], ProcInfo | None] | None = None) -> None:
         self.host = host or socket.gethostname()
+        # who did it (kwatch.context): exe, login uid, container...; shared with ``kwatch trace``'s own lines
+        self.resolver = resolver if resolver is not None else Resolver()
         self.stats = stats if stats is not None else {}
         self.outputs: list[tuple[OutputSpec, Output, OutputStats, frozenset[bytes]]] = []
         self._alerts: dict[int, list[Record]] = {}
@@ -97,17 +100,20 @@ class Outputs:
         """An alert about an event of the batch about to be fed; its record follows the event's."""
         ev = a.event
         now_w, now_m = time.time_ns(), time.monotonic_ns()
-        r = rec.alert_record(ev, a.rule_name, a.message, a.level, rec.event_wall_ns(ev, now_w, now_m), self.host)
+        r = rec.alert_record(ev, a.rule_name, a.message, a.level, rec.event_wall_ns(ev, now_w, now_m), self.host,
+                             self.resolver(ev))
         self._alerts.setdefault(id(ev), []).append(r)
 
     def feed(self, events: Sequence[FileEvent]) -> None:
         now_w, now_m = time.time_ns(), time.monotonic_ns()
         want_all = any(spec.records == "all" for spec, _, _, _ in self.outputs)
         alerts = self._alerts
+        resolve = self.resolver
         records: list[tuple[Record, bytes | None]] = []
         for ev in events:
             if want_all or ev.op is Op.LOSS:
-                records.append((rec.event_record(ev, rec.event_wall_ns(ev, now_w, now_m), self.host), ev.comm))
+                records.append((rec.event_record(ev, rec.event_wall_ns(ev, now_w, now_m), self.host, resolve(ev)),
+                                ev.comm))
             if alerts:
                 for r in alerts.pop(id(ev), ()):
                     records.append((r, ev.comm))
