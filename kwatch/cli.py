@@ -35,7 +35,7 @@ def _warn(msg: str) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from kwatch.capture.select import open_source
-    from kwatch.context import Resolver
+    from kwatch.context import ContextFilter, Resolver
     from kwatch.trace import TraceMatcher, compile_path_regex, run_trace
 
     roots = [os.path.abspath(p) for p in args.paths]
@@ -51,11 +51,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
             pids=frozenset(args.pid),
             uids=frozenset(args.uid),
             comms=frozenset(c.encode() for c in args.comm),
-            exes=[compile_path_regex(r) for r in args.exe],
-            auids=frozenset(args.auid),
-            users=frozenset(args.user),
-            containers=tuple(args.container),
-            cgroups=[re.compile(r) for r in args.cgroup],
+            context=ContextFilter(
+                exes=tuple(compile_path_regex(r) for r in args.exe),
+                auids=frozenset(args.auid),
+                users=frozenset(args.user),
+                containers=tuple(args.container),
+                cgroups=tuple(re.compile(r) for r in args.cgroup),
+            ),
             resolve=resolver,
         )
     except Exception as e:  # re.error

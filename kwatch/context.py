@@ -126,6 +126,51 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ContextFilter:
+    """Which processes' context passes: ``kwatch trace --exe/--auid/--user/--container/--cgroup`` and a rule set's
+    ``[ruleset.process]`` ``exe``, ``exclude_exe``, ``auid``, ``user``, ``container``, ``cgroup``.
+
+    Each include filter given must match (values of one are alternatives); an include filter needs the value, so a
+    process whose context is unknown (exited before it was looked up, or a backend that records no process) does
+    not pass it. ``exclude_exe`` drops only what it recognises.
+    """
+
+    exes: tuple[re.Pattern[bytes], ...] = ()
+    exclude_exes: tuple[re.Pattern[bytes], ...] = ()
+    auids: frozenset[int] = frozenset()
+    users: frozenset[str] = frozenset()
+    containers: tuple[str, ...] = ()  # a container id, a prefix of one, or a runtime name
+    cgroups: tuple[re.Pattern[str], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self == ContextFilter()
+
+    @property
+    def includes(self) -> bool:
+        return bool(self.exes or self.auids or self.users or self.containers or self.cgroups)
+
+    def accepts(self, info: ProcInfo | None) -> bool:
+        if info is None:
+            return not self.includes
+        exe = info.exe
+        if self.exes and (exe is None or not any(r.search(exe) for r in self.exes)):
+            return False
+        if exe is not None and any(r.search(exe) for r in self.exclude_exes):
+            return False
+        if self.auids and info.auid not in self.auids:
+            return False
+        if self.users and info.user not in self.users:
+            return False
+        cid = info.container
+        if self.containers and (cid is None or not any(cid.startswith(c) or info.runtime == c
+                                                       for c in self.containers)):
+            return False
+        cg = info.cgroup
+        return not (self.cgroups and (cg is None or not any(r.search(cg) for r in self.cgroups)))
+
+
 def _read(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:

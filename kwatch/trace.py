@@ -17,7 +17,7 @@ from types import FrameType
 from typing import IO
 
 from kwatch.capture.base import Source
-from kwatch.context import ProcInfo
+from kwatch.context import ContextFilter, ProcInfo
 from kwatch.events import FT_NAMES, FileEvent, Op, display_path, json_path
 
 Resolve = Callable[[FileEvent], "ProcInfo | None"]
@@ -40,16 +40,8 @@ class TraceMatcher:
     pids: frozenset[int] = frozenset()
     uids: frozenset[int] = frozenset()
     comms: frozenset[bytes] = frozenset()
-    exes: list[re.Pattern[bytes]] = field(default_factory=list)
-    auids: frozenset[int] = frozenset()
-    users: frozenset[str] = frozenset()
-    containers: tuple[str, ...] = ()
-    cgroups: list[re.Pattern[str]] = field(default_factory=list)
+    context: ContextFilter = field(default_factory=ContextFilter)
     resolve: Resolve | None = None
-
-    @property
-    def wants_context(self) -> bool:
-        return bool(self.exes or self.auids or self.users or self.containers or self.cgroups)
 
     def __call__(self, ev: FileEvent) -> bool:
         if ev.op is Op.LOSS:
@@ -65,24 +57,9 @@ class TraceMatcher:
             return False
         if self.comms and ev.comm not in self.comms:
             return False
-        if not self.wants_context:
+        if self.context.empty:
             return True
-        info = self.resolve(ev) if self.resolve is not None else None
-        return info is not None and context_matches(self, info)
-
-
-def context_matches(m: TraceMatcher, info: ProcInfo) -> bool:
-    """The context filters of ``m`` against one process's context (an unknown field matches no filter on it)."""
-    if m.exes and (info.exe is None or not any(r.search(info.exe) for r in m.exes)):
-        return False
-    if m.auids and info.auid not in m.auids:
-        return False
-    if m.users and info.user not in m.users:
-        return False
-    if m.containers and (info.container is None
-                         or not any(info.container.startswith(c) or info.runtime == c for c in m.containers)):
-        return False
-    return not (m.cgroups and (info.cgroup is None or not any(r.search(info.cgroup) for r in m.cgroups)))
+        return self.context.accepts(self.resolve(ev) if self.resolve is not None else None)
 
 
 def _clock(ev: FileEvent) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from kwatch.context import ProcInfo, Resolver, cgroup2_root, container_of, unit_of
+from kwatch.context import ContextFilter, ProcInfo, Resolver, cgroup2_root, container_of, unit_of
 from kwatch.events import FileEvent, Op
 from kwatch.outputs.record import event_data, event_line, rfc3339
+from kwatch.rules.tomlconf import parse_toml
 from kwatch.trace import TraceMatcher, compile_path_regex, format_json
 
 H = "0123456789abcdef" * 4
@@ -88,22 +90,72 @@ def test_context_filters_need_the_context_and_match_it() -> None:
     info = ProcInfo(exe=b"/usr/bin/dash", auid=1000, user="mike", cgroup="/system.slice/x.service",
                     container=H, runtime="docker")
     cases = [
-        (TraceMatcher(exes=[compile_path_regex("dash$")]), True),
-        (TraceMatcher(exes=[compile_path_regex("bash$")]), False),
-        (TraceMatcher(auids=frozenset({1000})), True),
-        (TraceMatcher(auids=frozenset({0})), False),
-        (TraceMatcher(users=frozenset({"mike"})), True),
-        (TraceMatcher(containers=(H[:12],)), True),
-        (TraceMatcher(containers=("docker",)), True),
-        (TraceMatcher(containers=("podman",)), False),
-        (TraceMatcher(auids=frozenset({1000}), users=frozenset({"root"})), False),
+        (ContextFilter(exes=(compile_path_regex("dash$"),)), True),
+        (ContextFilter(exes=(compile_path_regex("bash$"),)), False),
+        (ContextFilter(exclude_exes=(compile_path_regex("^/usr/bin/"),)), False),
+        (ContextFilter(auids=frozenset({1000})), True),
+        (ContextFilter(auids=frozenset({0})), False),
+        (ContextFilter(users=frozenset({"mike"})), True),
+        (ContextFilter(containers=(H[:12],)), True),
+        (ContextFilter(containers=("docker",)), True),
+        (ContextFilter(containers=("podman",)), False),
+        (ContextFilter(cgroups=(re.compile(r"^/system\.slice/"),)), True),
+        (ContextFilter(auids=frozenset({1000}), users=frozenset({"root"})), False),
     ]
-    for m, want in cases:
-        m.resolve = lambda e: info
-        assert m(ev) is want, m
-    unknown = TraceMatcher(auids=frozenset({1000}), resolve=lambda e: ProcInfo())
-    assert unknown(ev) is False, "an unknown login uid matches no --auid"
+    for f, want in cases:
+        assert TraceMatcher(context=f, resolve=lambda e: info)(ev) is want, f
+    assert TraceMatcher(context=ContextFilter(auids=frozenset({1000})), resolve=lambda e: ProcInfo())(ev) is False, \
+        "an unknown login uid matches no --auid"
+    assert ContextFilter(auids=frozenset({1000})).accepts(None) is False, "a process looked up too late: unknown"
+    assert ContextFilter(exclude_exes=(compile_path_regex("x"),)).accepts(None) is True, "excludes drop what they see"
     assert "exe" not in json.loads(format_json(ev)) and json.loads(format_json(ev, info))["exe"] == "/usr/bin/dash"
+
+
+RULES = """
+[[ruleset]]
+name = "web"
+[ruleset.process]
+exe = ['/(ba|da)?sh$']
+exclude_exe = ['^/usr/sbin/']
+container = ["docker"]
+[[ruleset.rule]]
+name = "webroot"
+match = '^/srv/www/'
+on = ["OPENW"]
+alert = "a shell wrote into a web root"
+"""
+
+
+class Procs:
+    def __init__(self, info: ProcInfo | None) -> None:
+        self.info = info
+
+    def ancestry(self, pid: int) -> list[tuple[int, bytes]]:
+        return []
+
+    def context(self, ev: FileEvent) -> ProcInfo | None:
+        return self.info
+
+
+def test_rules_filter_on_the_process_context() -> None:
+    cfg, errs = parse_toml(RULES, "r.toml")
+    assert cfg is not None and not errs, errs
+    ev = FileEvent(Op.CLOSE_WRITE, b"/srv/www/index.php", pid=9, comm=b"sh", backend="bpf")
+    shell_in_docker = ProcInfo(exe=b"/usr/bin/dash", container=H, runtime="docker")
+    assert [a.rule_name for a in cfg.alerts(ev, Procs(shell_in_docker))] == ["webroot"]
+    assert cfg.alerts(ev, Procs(ProcInfo(exe=b"/usr/bin/dash"))) == [], "not in a container"
+    assert cfg.alerts(ev, Procs(ProcInfo(exe=b"/usr/bin/php", container=H, runtime="docker"))) == [], "not a shell"
+    assert cfg.alerts(ev, Procs(ProcInfo(exe=b"/usr/sbin/sh", container=H, runtime="docker"))) == [], "excluded"
+    assert cfg.alerts(ev, Procs(None)) == [], "an unknown context passes no include filter"
+
+
+def test_rules_context_filter_errors_name_the_line() -> None:
+    text = RULES.replace("exclude_exe = ['^/usr/sbin/']", "exclude_exe = ['(']").replace(
+        'container = ["docker"]', "container = 5")
+    cfg, errs = parse_toml(text, "r.toml")
+    msgs = [(e.line, e.reason) for e in errs]
+    assert any(line == 6 and "bad regex" in m for line, m in msgs), msgs
+    assert any(line == 7 and "container" in m for line, m in msgs), msgs
 
 
 def test_resolver_looks_a_process_up_once_and_again_after_an_exec() -> None:

@@ -25,14 +25,19 @@ from kwatch.events import FileEvent, Op
 from kwatch.rules.model import COMM_LEN
 
 if TYPE_CHECKING:
+    from kwatch.context import ProcInfo
     from kwatch.rules.model import Action, Alert, ProcessFilter, Rule, RuleSet
 
 
 class ProcessTree(Protocol):
-    """Process ancestry, supplied by the daemon (``kwatch.rules.procfs.ProcFS`` reads /proc)."""
+    """Process ancestry and context, supplied by the daemon (``kwatch.rules.procfs.ProcFS`` reads /proc)."""
 
     def ancestry(self, pid: int) -> Sequence[tuple[int, bytes]]:
         """(pid, comm) of ``pid`` itself, then its parent, and so on up to pid 1; empty when unknown."""
+        ...
+
+    def context(self, ev: FileEvent) -> ProcInfo | None:
+        """The event's process context (exe, login uid, container...: :mod:`kwatch.context`); None when unknown."""
         ...
 
 
@@ -95,6 +100,8 @@ def process_accepts(pf: ProcessFilter, ev: FileEvent, procs: ProcessTree | None)
             for x in pf.exclude_descendants_of:
                 if (isinstance(x, int) and x == pid) or (isinstance(x, bytes) and x == name[:COMM_LEN]):
                     return False
+    if not pf.context.empty:
+        return pf.context.accepts(procs.context(ev) if procs is not None else None)
     return True
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kwatch.actions.shell import CompiledCommand
+from kwatch.context import ContextFilter
 from kwatch.events import ATTRIB_OPS, FileEvent, Op
 from kwatch.rules.errors import ConfigError
 
@@ -186,7 +187,8 @@ class ProcessFilter:
     """Which processes' events a rule set sees. Empty: all of them.
 
     An include filter (``uids``, ``comms``) needs the value: an event whose backend does not know its uid/comm
-    (inotify) does not pass it. Exclude filters drop only what they can recognise.
+    (inotify) does not pass it. Exclude filters drop only what they can recognise. ``context`` filters on the
+    process context (exe, login uid, user name, container, cgroup: :class:`kwatch.context.ContextFilter`).
     """
 
     uids: frozenset[int] | None = None
@@ -196,6 +198,7 @@ class ProcessFilter:
     exclude_descendants_of: tuple[
         int | bytes, ...
     ] = ()  # pids or process names; the process itself counts too
+    context: ContextFilter = field(default_factory=ContextFilter)
 
     @property
     def empty(self) -> bool:

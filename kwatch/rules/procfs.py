@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kwatch.context import ProcInfo, Resolver
+from kwatch.events import FileEvent
+
 
 class ProcFS:
     def __init__(self, root: str = "/proc", max_depth: int = 64) -> None:
         self.root = root
         self.max_depth = max_depth
+        self._resolver: Resolver | None = None  # made on first use: most configs filter on no context
+
+    def context(self, ev: FileEvent) -> ProcInfo | None:
+        if self._resolver is None:
+            self._resolver = Resolver(self.root)
+        return self._resolver(ev)
 
     def _stat(self, pid: int) -> tuple[bytes, int] | None:
         try:

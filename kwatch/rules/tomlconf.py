@@ -31,6 +31,12 @@ Schema (every key optional unless marked)::
     comm = ["cp", "scp"]         # only these process names (first 15 bytes, as the kernel keeps them)
     exclude_comm = ["backup"]
     exclude_descendants_of = ["rsync", 1234]   # process names or pids; their whole subtree is ignored
+    exe = ['^/usr/bin/']         # the process context (kwatch.context): executable path regexes
+    exclude_exe = ['^/usr/bin/dpkg$']
+    auid = [1000]                # login uids (kept through sudo and su)
+    user = ["mike"]              # user names
+    container = ["docker"]       # container ids, prefixes of ids, or runtimes
+    cgroup = ['^/system\\.slice/nginx\\.service$']   # cgroup v2 path regexes
 
     [[ruleset.rule]]
     match = '^/export/home/image-converter.*\\.jpg$'   # required
@@ -69,6 +75,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
+from kwatch.context import ContextFilter
 from kwatch.events import Op
 from kwatch.outputs.config import OutputSpec, parse_output
 from kwatch.rules.build import make_action, parse_trigger
@@ -408,7 +415,8 @@ class _Loader:
             self.err(path, "process must be a table")
             return ProcessFilter()
         self.check_keys(
-            table, path, ("uid", "exclude_uid", "comm", "exclude_comm", "exclude_descendants_of"), "process"
+            table, path, ("uid", "exclude_uid", "comm", "exclude_comm", "exclude_descendants_of", "exe",
+                          "exclude_exe", "auid", "user", "container", "cgroup"), "process"
         )
 
         def ints(key: str) -> frozenset[int] | None:
@@ -423,6 +431,10 @@ class _Loader:
                 return frozenset(v)
             self.err((*path, key), f"{key} must be a list of uids (integers), not {v!r}")
             return None
+
+        def regexes(key: str) -> tuple[re.Pattern[bytes], ...]:
+            return tuple(re.compile(p.encode("utf-8", "surrogateescape"))
+                         for p in self.string_list(table, key, path) if self.regex(p, (*path, key)))
 
         def names(key: str) -> frozenset[bytes] | None:
             if key not in table:
@@ -443,12 +455,26 @@ class _Loader:
                     (*path, "exclude_descendants_of"),
                     f"exclude_descendants_of takes pids or process names, not {x!r}",
                 )
+        cgroups = []
+        for p in self.string_list(table, "cgroup", path):
+            try:
+                cgroups.append(re.compile(p))
+            except re.error as e:
+                self.err((*path, "cgroup"), f"bad regex {p!r}: {e}")
         return ProcessFilter(
             uids=ints("uid"),
             exclude_uids=ints("exclude_uid") or frozenset(),
             comms=names("comm"),
             exclude_comms=names("exclude_comm") or frozenset(),
             exclude_descendants_of=tuple(desc),
+            context=ContextFilter(
+                exes=regexes("exe"),
+                exclude_exes=regexes("exclude_exe"),
+                auids=ints("auid") or frozenset(),
+                users=frozenset(self.string_list(table, "user", path)),
+                containers=tuple(self.string_list(table, "container", path)),
+                cgroups=tuple(cgroups),
+            ),
         )
 
     def ruleset(
