@@ -152,7 +152,7 @@ def test_rules_filter_on_the_process_context() -> None:
 def test_rules_context_filter_errors_name_the_line() -> None:
     text = RULES.replace("exclude_exe = ['^/usr/sbin/']", "exclude_exe = ['(']").replace(
         'container = ["docker"]', "container = 5")
-    cfg, errs = parse_toml(text, "r.toml")
+    _cfg, errs = parse_toml(text, "r.toml")
     msgs = [(e.line, e.reason) for e in errs]
     assert any(line == 6 and "bad regex" in m for line, m in msgs), msgs
     assert any(line == 7 and "container" in m for line, m in msgs), msgs
