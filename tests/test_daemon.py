@@ -21,6 +21,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -113,7 +114,9 @@ class DaemonProc:
         self.port = free_port()
         self.out_path = tmp / f"daemon-{self.port}.out"
         self.err_path = tmp / f"daemon-{self.port}.err"
-        args = [*KWATCH, "run", "--backend", "bpf", "--metrics", f"127.0.0.1:{self.port}", *extra]
+        self.status_socket = tmp / f"status-{self.port}.sock"
+        args = [*KWATCH, "run", "--backend", "bpf", "--metrics", f"127.0.0.1:{self.port}",
+                "--status-socket", str(self.status_socket), *extra]
         if config is not None:
             args += ["-c", str(config)]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -661,3 +664,69 @@ def test_replicate_rule_keeps_a_mirror(tmp_path: Path, start: Callable[..., Daem
     assert (barrier["wait_seconds_total"] > 0) == (barrier["waits_total"] > 0)
     assert (src / "dir" / "sub" / "f7").as_posix().encode() + b"\n" in log.read_bytes()  # the action ran too
     assert d.stop() == 0
+
+
+STATUS_TOML = """
+[[rule]]
+name = "secrets"
+match = '^{src}/secret'
+on = ["CLOSEW"]
+alert = "a secret changed"
+
+[[output]]
+type = "file"
+path = "{tmp}/audit.jsonl"
+records = "alerts"
+
+[[replicate]]
+source = "{src}"
+target = "{dst}"
+"""
+
+
+def kwatch_status(sock: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KWATCH, "status", "--socket", str(sock), *extra], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.root
+def test_status_reads_the_running_daemon(tmp_path: Path, start: Callable[..., DaemonProc]) -> None:
+    """``kwatch status`` shows what the daemon is doing: the capture backend, events by op, rules hit and alerts,
+    the output and its backlog, the replication target and its counters; exit 3 when no daemon answers."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    conf = tmp_path / "k.toml"
+    conf.write_text(STATUS_TOML.format(src=src, dst=dst, tmp=tmp_path))
+    d = start(conf)
+    d.wait_log("event=status")
+    assert (os.stat(d.status_socket).st_mode & 0o777) == 0o600, "the status names paths: root's only"
+    for i in range(20):
+        (src / f"f{i}").write_bytes(b"x")
+    (src / "secret").write_bytes(b"s")
+
+    def status() -> dict[str, Any]:
+        r = kwatch_status(d.status_socket, "--json")
+        assert r.returncode == 0, r.stderr
+        return cast(dict[str, Any], json.loads(r.stdout))
+
+    wait_until(lambda: status()["targets"][0]["files"] >= 21 and status()["outputs"][0]["records"] >= 1, 60,
+               "the files replicated and the alert written")
+    st = status()
+    assert st["pid"] == d.proc.pid and st["backend"] == "bpf" and st["config"] == str(conf)
+    assert st["events"]["close_write"] >= 21 and st["events_total"] >= 21 and st["lost_total"] == 0
+    assert st["alerts"]["secrets"] >= 1
+    (out,) = st["outputs"]
+    assert (out["kind"], out["connected"], out["lost"], out["backlog"]) == ("file", True, 0, 0)
+    (t,) = st["targets"]
+    assert t["name"] == str(dst) and t["connected"] is True and t["errors"] == 0 and t["batches"] >= 1
+    text = kwatch_status(d.status_socket)
+    assert text.returncode == 0, text.stderr
+    first = text.stdout.splitlines()[0]
+    assert first.startswith(f"kwatch run (pid {d.proc.pid}), up ") and f"config {conf}" in first
+    assert "capture: bpf" in text.stdout and "alerts: secrets 1" in text.stdout
+    assert f"target {dst}: connected" in text.stdout and "output " in text.stdout
+    assert d.stop() == 0
+    assert not d.status_socket.exists(), "the socket goes with the daemon"
+    gone = kwatch_status(d.status_socket)
+    assert gone.returncode == 3 and "no running kwatch" in gone.stderr

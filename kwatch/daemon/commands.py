@@ -6,13 +6,19 @@ import argparse
 import logging
 import os
 import sys
+import time
+from typing import TYPE_CHECKING
 
 from kwatch.capture.base import CaptureError
 from kwatch.daemon.core import Daemon, EventSink
 from kwatch.daemon.logs import LEVELS, LogHandler, StructLog
 from kwatch.daemon.roots import capture_roots, wanted_roots
+from kwatch.daemon.status import NOT_RUNNING, default_socket
 from kwatch.metrics.stats import DaemonStats
 from kwatch.rules import Config, ConfigErrors, check_config, load_config, load_default_config
+
+if TYPE_CHECKING:
+    from kwatch.daemon.status import StatusServer
 
 DEFAULT_METRICS = "127.0.0.1:9465"
 DEMO_DIR = "/tmp/kwatch-demo"  # what the embedded default config watches (kwatch/rules/default.conf)
@@ -100,9 +106,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("capture_error", msg=str(e))
         daemon.restore_signals()
         return 2
+    server = None if args.no_status else _serve_status(daemon, args, log)
     if args.config is None:
         log.info("hint", msg=DEMO_HINT)
-    return daemon.run()
+    try:
+        return daemon.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve_status(daemon: Daemon, args: argparse.Namespace, log: StructLog) -> StatusServer | None:
+    """The status socket of ``kwatch status``; a daemon that cannot serve it still runs (and says why)."""
+    from kwatch.daemon.status import StatusServer, snapshot
+
+    src = daemon.source
+    info = {
+        "pid": os.getpid(),
+        "config": args.config or "<default>",
+        "backend": src.name if src is not None else None,
+        "blind_spots": list(getattr(src, "blind_spots", ()) or ()),
+        "started": time.time(),
+    }
+    path = args.status_socket or default_socket()
+    try:
+        server = StatusServer(path, lambda: snapshot(daemon.stats, info))
+    except OSError as e:
+        log.warning("status_error", socket=path, msg=str(e))
+        return None
+    log.info("status", socket=path)
+    return server
 
 
 def _summary(config: Config) -> str:
@@ -164,6 +197,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help=f"Prometheus endpoint (default {DEFAULT_METRICS})",
     )
     r.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint")
+    r.add_argument("--status-socket", metavar="PATH",
+                   help=f"where kwatch status reads this daemon's state (default {default_socket()})")
+    r.add_argument("--no-status", action="store_true", help="serve no status socket")
     r.add_argument("--log-json", action="store_true", help="log JSON objects instead of key=value lines")
     r.add_argument(
         "--log-level", default="info", choices=list(LEVELS), help="least level logged (debug: every match)"
@@ -186,3 +222,30 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "file", nargs="?", metavar="FILE", help="config file (default: the embedded default config)"
     )
     c.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser(
+        "status",
+        help="what the running daemon is doing: capture, events, losses, rules, outputs, replication targets",
+        description="Read the state of a running kwatch run from its status socket. Exit status 3 when none runs.",
+    )
+    s.add_argument("--socket", metavar="PATH", help=f"the daemon's status socket (default {default_socket()})")
+    s.add_argument("--json", action="store_true", help="the daemon's JSON object as is")
+    s.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from kwatch.daemon.status import fetch, format_status
+
+    path = args.socket or default_socket()
+    try:
+        st = fetch(path)
+    except (OSError, ValueError) as e:
+        print(f"kwatch status: no running kwatch answers on {path}: {e}", file=sys.stderr)
+        return NOT_RUNNING
+    if args.json:
+        print(json.dumps(st, indent=1))
+    else:
+        format_status(st, sys.stdout)
+    return 0
