@@ -89,7 +89,7 @@ test-loaded: deps venv bpf ext mounts
 	$(VPY) tests/cpuhog.py -- $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check kwatch tests bench
+	$(VENV)/bin/ruff check kwatch tests bench setup.py
 
 typecheck: venv
 	$(VENV)/bin/mypy
