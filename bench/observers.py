@@ -148,13 +148,15 @@ class _Procs(Observer):
 
 
 class KwatchTrace(_Procs):
-    """``kwatch trace DIR --json --backend B > /dev/null``: the user-facing command, JSON formatting included."""
+    """``kwatch trace DIR --json --backend B > /dev/null``: the user-facing command, JSON formatting included
+    (with the process context: exe, login uid, names, cgroup; ``context=False``: ``--no-context``)."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, context: bool = True) -> None:
         super().__init__()
         self.backend = backend
-        self.name = f"kwatch-{backend}-trace"
-        self.label = f"kwatch trace --json ({backend})"
+        self.context = context
+        self.name = f"kwatch-{backend}-trace" + ("" if context else "-nocontext")
+        self.label = f"kwatch trace --json ({backend})" + ("" if context else " --no-context")
         self.scope = "tree"
 
     def unavailable(self) -> str | None:
@@ -166,7 +168,8 @@ class KwatchTrace(_Procs):
         self.err = ctx.tmp / f"{self.name}-{ctx.run_id}.err"
         with self.err.open("wb") as err:
             c = ctx.runner.start(
-                [_python(), "-m", "kwatch.cli", "trace", str(ctx.watch), "--json", "--backend", self.backend],
+                [_python(), "-m", "kwatch.cli", "trace", str(ctx.watch), "--json", "--backend", self.backend,
+                 *([] if self.context else ["--no-context"])],
                 stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
             )
         self.children.append(c)
@@ -182,6 +185,120 @@ class KwatchTrace(_Procs):
             raise BenchError(f"{self.label}: no summary line on stderr: {text.strip()[-300:]}")
         return ObsResult(events=int(m[1]), lost=int(m[3]), cpu_s=cpu, rss_kib=rss,
                          extra={"captured": int(m[2])})
+
+
+class KwatchAudit(_Procs):
+    """``kwatch trace DIR -q --backend bpf --output KIND``: the audit pipeline, every record (with its process
+    context) written to a JSON-lines file (fsync each second), to a journald of its own, or to a NATS JetStream
+    server of its own through the spool. Its server's CPU counts as the observer's. ``lost`` is the capture's loss
+    plus the output's (and records not sent when kwatch stopped); ``events`` the records the output took."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.name = f"kwatch-bpf-audit-{kind}"
+        self.label = {"file": "kwatch trace -q --output file (bpf)", "journal": "kwatch trace -q --output journal (bpf)",
+                      "nats": "kwatch trace -q --output nats (bpf)"}[kind]
+        self.scope = "tree"
+        self.note = "records written by the output; CPU = kwatch + its server (journald, nats-server)"
+
+    def unavailable(self) -> str | None:
+        if self.kind == "nats" and not shutil.which("nats-server"):
+            return "nats-server not installed (apt-get install nats-server)"
+        if self.kind == "journal" and not Path(JOURNALD).exists():
+            return f"{JOURNALD} not installed"
+        return _backend_unavailable("bpf")
+
+    def _server(self, ctx: RunCtx) -> str:
+        """Start this run's server; the --output option that writes to it."""
+        if self.kind == "file":
+            self.path = ctx.tmp / f"audit-{ctx.run_id}.jsonl"
+            return f"file:{self.path},fsync=interval"
+        if self.kind == "journal":
+            ns = f"kwbench{ctx.run_id.replace('-', '')}"[:60]
+            sock = Path(f"/run/systemd/journal.{ns}/socket")
+            self.journal_ns = ns
+            with (ctx.tmp / f"journald-{ctx.run_id}.err").open("wb") as err:
+                srv = ctx.runner.start([JOURNALD, ns], stdout=subprocess.DEVNULL, stderr=err)
+            self.children.append(srv)
+            _wait_ready(srv, sock.exists, "systemd-journald")
+            return f"journal:{sock}"
+        port = _free_port()
+        store = ctx.tmp / f"nats-{ctx.run_id}"
+        store.mkdir()
+        with (ctx.tmp / f"nats-{ctx.run_id}.err").open("wb") as err:
+            srv = ctx.runner.start(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+                                   stdout=subprocess.DEVNULL, stderr=err)
+        self.children.append(srv)
+        _wait_ready(srv, lambda: _connects(port), "nats-server")
+        return f"nats:nats://127.0.0.1:{port},spool={ctx.tmp / f'spool-{ctx.run_id}'}"
+
+    def start(self, ctx: RunCtx) -> None:
+        self.ctx = ctx
+        self.children = []
+        try:
+            output = self._server(ctx)
+            self.err = ctx.tmp / f"{self.name}-{ctx.run_id}.err"
+            with self.err.open("wb") as err:
+                c = ctx.runner.start(
+                    [_python(), "-m", "kwatch.cli", "trace", str(ctx.watch), "-q", "--backend", "bpf",
+                     "--output", output], stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+            # kwatch first: _finish stops it before its server, which must take the last records
+            self.children.insert(0, c)
+            # its ready line (an epoll descriptor is no sign here: the NATS client's event loop has one before BPF
+            # is attached)
+            _wait_ready(c, lambda: b"with the bpf backend" in self.err.read_bytes(), self.label)
+        except BaseException:
+            self.abort()
+            raise
+        self._baseline()
+
+    def _finish(self, sig: int = signal.SIGTERM) -> tuple[float, int | None]:
+        rss = proc_rss_peak_kib(self.children[0].pid) if self.children else None
+        cpu = 0.0
+        for c in self.children:  # kwatch (it sends what is left), then its server
+            cpu += c.stop(sig, grace=30.0).cpu
+        return max(0.0, cpu - getattr(self, "cpu0", 0.0)), rss
+
+    def stop(self) -> ObsResult:
+        cpu, rss = self._finish(signal.SIGTERM)
+        text = self.err.read_text(errors="replace")
+        m = re.search(r"(\d+) events shown, (\d+) captured, (\d+) lost", text)
+        o = re.search(r"output \S+ \(\w+\): (\d+) records, (\d+) lost, (\d+) not sent", text)
+        if not m or not o:
+            raise BenchError(f"{self.label}: no summary lines on stderr: {text.strip()[-300:]}")
+        shown, records = int(m[1]), int(o[1])
+        lost = int(m[3]) + int(o[2]) + int(o[3])
+        if self.kind == "file":
+            lines = sum(1 for _ in self.path.open("rb"))
+            if lines != records:
+                raise BenchError(f"{self.label}: the file holds {lines} lines, the output says {records}")
+        if self.kind == "journal":
+            with contextlib.suppress(OSError):
+                shutil.rmtree(next(Path("/var/log/journal").glob(f"*.{self.journal_ns}")), ignore_errors=True)
+        return ObsResult(events=records, lost=lost, cpu_s=cpu, rss_kib=rss,
+                         extra={"captured": int(m[2]), "shown": shown})
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _connects(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 class KwatchCount(_Procs):
@@ -441,7 +558,9 @@ class Auditd(Observer):
 
 
 def all_observers(fanotify: bool = True) -> list[Observer]:
-    obs: list[Observer] = [Observer(), KwatchCount("bpf", attached_only=True), KwatchCount("bpf"), KwatchTrace("bpf")]
+    obs: list[Observer] = [Observer(), KwatchCount("bpf", attached_only=True), KwatchCount("bpf"), KwatchTrace("bpf"),
+                           KwatchTrace("bpf", context=False), KwatchAudit("file"), KwatchAudit("journal"),
+                           KwatchAudit("nats")]
     if fanotify:
         obs += [KwatchCount("fanotify"), KwatchTrace("fanotify")]
     obs += [Inotifywait(), Fatrace(), Auditd(), Bpftrace()]

@@ -80,7 +80,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     finally:
         src.close()
         if outputs is not None:
-            outputs.close()
+            outputs.close()  # sends what it can first (the NATS spool: for up to its close timeout)
+            for st in outputs.stats.values():
+                backlog = st.backlog() if st.backlog is not None else 0
+                _warn(f"output {st.name} ({st.kind}): {st.records} records, {st.lost} lost, {backlog} not sent yet"
+                      + (" (kept in the spool)" if backlog else ""))
 
 
 def _open_outputs(options: Sequence[str], resolver: Resolver | None = None) -> Outputs | None:

@@ -131,10 +131,10 @@ def to_json(ev: FileEvent) -> dict[str, object]:
 
 def format_json(ev: FileEvent, info: ProcInfo | None = None) -> str:
     # ensure_ascii keeps lone surrogates as \\udcXX escapes: the output is always valid UTF-8
-    d = to_json(ev)
-    if info is not None:
-        d.update(info.fields())
-    return json.dumps(d, ensure_ascii=True, separators=(",", ":"))
+    text = json.dumps(to_json(ev), ensure_ascii=True, separators=(",", ":"))
+    if info is None or not info.fragment:
+        return text
+    return text[:-1] + info.fragment + "}"  # the context's members, encoded once per process
 
 
 class _Stop(Exception):
