@@ -114,7 +114,8 @@ CASES: dict[str, tuple[str, str, list[str]]] = {
         [
             "k.toml:3: uid must be a list of uids (integers), not ['root']",
             "k.toml:4: exclude_descendants_of takes pids or process names, not 0",
-            "k.toml:5: unknown key 'pid' in process (allowed: uid, exclude_uid, comm, exclude_comm, exclude_descendants_of)",
+            "k.toml:5: unknown key 'pid' in process (allowed: uid, exclude_uid, comm, exclude_comm, exclude_descendants_of, "
+            "exe, exclude_exe, auid, user, container, cgroup)",
         ],
     ),
     "toml both on/run and action tables": (
