@@ -39,6 +39,8 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from kwatch.protocols.agent.messages import Copy, DeltaOp, Literal
+
 __all__ = [
     "BLOCK_MAX",
     "BLOCK_MIN",
@@ -348,22 +350,6 @@ def signature(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """Copy ``count`` consecutive basis blocks starting at block ``start`` (the last one may be short)."""
-
-    start: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Literal:
-    """Bytes of the new file that are not in the basis (at most :data:`LITERAL_MAX` per op)."""
-
-    data: bytes
-
-
-DeltaOp = Copy | Literal
 
 
 @dataclass(slots=True)

@@ -41,7 +41,7 @@ from typing import BinaryIO, Literal, TypeVar
 
 from kwatch.events import display_path
 from kwatch.fsutil import have_openat2, open_beneath, open_regular
-from kwatch.protocols.agent import plain_relpath
+from kwatch.paths import plain_relpath
 from kwatch.replicate.scan import Delete, Hardlink, Mkdir, Plan, Put, SetAttr, Symlink
 
 FsyncMode = Literal["none", "file", "batch"]
