@@ -12,9 +12,9 @@ All three stream: memory is bounded by a few chunks of :data:`CHUNK_SIZE` plus t
 block, i.e. ~640 KiB for a 1 GiB file), never by the file size. Nothing loops in Python per byte: weak sums come
 from vectorised block sums and prefix sums, Python loops run per block or per weak-sum candidate only.
 
-The weak checksum is rsync's (``checksum.c: get_checksum1``): for a window ``x[0..L)``, ``a = sum x_i`` and
-``b = sum (L - i) * x_i``, both mod 2^16, packed as ``a | b << 16``. It is kept bit-for-bit so that its known
-behaviour (and weaknesses on low-entropy data) are the well-studied ones.
+The weak checksum is rsync's (``checksum.c: get_checksum1``, over signed chars), the one implementation in
+:mod:`kwatch.protocols.rsync.checksum` that the rsync client also uses, so that its known behaviour (and
+weaknesses on low-entropy data) are the well-studied ones.
 
 Why xxh3_128 is a strong enough block hash: the strong hash only has to separate blocks that already share a 32-bit
 weak sum, and the threat is *accidental* collision (the sender already controls the new file's content, so it gains
@@ -40,6 +40,7 @@ import numpy.typing as npt
 import xxhash
 
 from kwatch.protocols.agent.messages import Copy, DeltaOp, Literal
+from kwatch.protocols.rsync.checksum import as_schar, block_checksums, window_checksums
 
 __all__ = [
     "BLOCK_MAX",
@@ -81,21 +82,16 @@ COPY_RUN_MAX: Final = CHUNK_SIZE
 #: Length of one strong hash (xxh3_128 digest).
 STRONG_LEN: Final = 16
 
-# Block sizes are multiples of _ALIGN: the per-block weighted sum is computed as float32 dot products over 256-byte
-# sub-blocks, which is exact because 255 * (0 + 1 + ... + 255) < 2^24, and is vectorised by numpy's einsum loop.
+# Block sizes are multiples of _ALIGN: the weak checksum's fast path (rsync/checksum.py block_checksums) works on
+# 256-byte sub-blocks.
 _ALIGN: Final = 256
 # Blocks of 8 KiB and more are rounded to a multiple of the 4 KiB page: writers (databases, VM images, editors
 # saving in place) dirty whole pages, and a page-aligned 4 KiB write then dirties exactly one block, not two.
 _PAGE: Final = 4096
-# Sub-chunk for numpy temporaries: small enough to stay in cache (the float32 conversion is ~5x faster that way).
-_PIECE: Final = 1 << 20
-_SUB: Final = 256
-# Largest region whose window sums are computed at once: ~1 MiB keeps the prefix sums in cache (measured faster than
-# 8 MiB by about a third) while the per-call overhead stays negligible.
+# Largest region whose window sums are computed at once: ~1 MiB keeps the prefix sums in cache (bench/delta_bench.py)
+# while the per-call overhead stays negligible.
 _ROLL_MAX: Final = 1 << 20
-_SUB_WEIGHTS: Final = np.arange(_SUB, dtype=np.float32)
 
-U8 = npt.NDArray[np.uint8]
 U32 = npt.NDArray[np.uint32]
 I64 = npt.NDArray[np.int64]
 
@@ -113,94 +109,6 @@ def block_size_for(size: int) -> int:
     align = _PAGE if length >= 2 * _PAGE else _ALIGN
     length -= length % align
     return max(BLOCK_MIN, min(BLOCK_MAX, length))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weak checksums, vectorised
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _pack(a: npt.NDArray[np.integer], b: npt.NDArray[np.integer]) -> U32:
-    """Pack rsync's two 16-bit halves as ``get_checksum1`` does: ``a`` low, ``b`` high."""
-    return ((a.astype(np.uint32) & np.uint32(0xFFFF)) | (b.astype(np.uint32) << np.uint32(16))).astype(
-        np.uint32
-    )
-
-
-def _block_weak(blocks: U8, length: int) -> U32:
-    """Weak checksums of consecutive full blocks: ``blocks`` is a 1-D array whose size is a multiple of ``length``.
-
-    Sums are exact integers reduced mod 2^16 at the end, so the result equals the rolling form of :func:`_window_weak`.
-    """
-    count = blocks.size // length
-    if count == 0:
-        return np.zeros(0, dtype=np.uint32)
-    out = np.empty(count, dtype=np.uint32)
-    # Process whole blocks in pieces of ~_PIECE bytes so temporaries stay cache-sized.
-    per = max(1, _PIECE // length)
-    if length % _SUB == 0:
-        m = length // _SUB
-        wsub = length - _SUB * np.arange(m, dtype=np.int64)
-        # One float32 buffer reused for every piece: converting into it (copyto) costs no allocation and no page
-        # faults, and both sums below read it while it is still in cache.
-        buf = np.empty((min(count, per) * m, _SUB), dtype=np.float32)
-    else:
-        ramp = np.arange(length, 0, -1, dtype=np.int64)  # weight L - i for byte i
-    for first in range(0, count, per):
-        last = min(count, first + per)
-        piece = blocks[first * length : last * length]
-        n = last - first
-        if length % _SUB == 0:
-            subs = buf[: n * m]
-            np.copyto(subs, piece.reshape(-1, _SUB), casting="unsafe")
-            # Per 256-byte sub-block j: t_j = sum_t t * x_{j,t} and s_j = sum_t x_{j,t}, both exact in float32
-            # (< 2^24). einsum for both, not ``@`` nor ``sum(dtype=int64)``: matmul goes to OpenBLAS, whose worker
-            # threads spin and collapse throughput ~15x when the other CPUs are busy (measured on a loaded 2-CPU
-            # VM), and an integer reduction along a 256-long axis was half of this function's time (measured:
-            # 0.67 s per GiB before, 0.37 s after, on the benchmark VM).
-            t = np.einsum("ij,j->i", subs, _SUB_WEIGHTS).astype(np.int64).reshape(n, m)
-            s = np.einsum("ij->i", subs).astype(np.int64).reshape(n, m)
-            # For byte i = j*SUB + t the weight is L - j*SUB - t: split into the sub-block sum times (L - j*SUB)
-            # minus the in-sub-block weighted sum. Exact in int64 for any block size up to BLOCK_LIMIT.
-            a = s.sum(axis=1)
-            b = np.einsum("ij,j->i", s, wsub) - t.sum(axis=1)
-        else:
-            rows = piece.reshape(n, length).astype(np.int64)
-            a = rows.sum(axis=1)
-            b = rows @ ramp
-        out[first:last] = _pack(a, b)
-    return out
-
-
-def _window_weak(seg: U8, length: int) -> U32:
-    """Weak checksums of every window ``seg[k:k+length]``, all at once (the rolling checksum, without rolling).
-
-    With prefix sums ``C[j] = sum_{i<j} x_i`` and ``E[j] = sum_{m<=j} C[m]``:
-    ``a_k = C[k+L] - C[k]`` and ``b_k = E[k+L] - E[k] - L*C[k]``. Everything is taken mod 2^32 by uint32
-    wrap-around, which is consistent with the final mod 2^16.
-    """
-    n = seg.size - length + 1
-    if n <= 0:
-        return np.zeros(0, dtype=np.uint32)
-    c = np.empty(seg.size + 1, dtype=np.uint32)
-    c[0] = 0
-    np.cumsum(seg, dtype=np.uint32, out=c[1:])
-    e = np.cumsum(c, dtype=np.uint32)
-    # In-place arithmetic: this runs over every byte of unmatched regions, so temporaries cost real time.
-    a = np.subtract(c[length:], c[:-length])
-    b = np.subtract(e[length:], e[:-length])
-    np.multiply(c[:-length], np.uint32(length & 0xFFFFFFFF), out=e[:n])
-    b -= e[:n]
-    a &= np.uint32(0xFFFF)
-    b <<= np.uint32(16)
-    a |= b
-    return a
-
-
-def weak_checksum(data: bytes) -> int:
-    """rsync's ``get_checksum1`` of one block (reference form; used by tests and for single short blocks)."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    return int(_block_weak(arr, arr.size)[0]) if arr.size else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,14 +240,14 @@ def signature(
         if not data:
             break
         total += len(data)
-        arr = np.frombuffer(data, dtype=np.uint8)
+        arr = as_schar(data)
         full = len(data) // block_size
-        weaks.append(_block_weak(arr[: full * block_size], block_size))
+        weaks.append(block_checksums(arr[: full * block_size], block_size))
         view = memoryview(data)
         for off in range(0, len(data), block_size):
             strong += xxhash.xxh3_128_digest(view[off : off + block_size], seed)
         if full * block_size < len(data):  # the short last block; only possible at EOF
-            weaks.append(_block_weak(arr[full * block_size :], len(data) - full * block_size))
+            weaks.append(block_checksums(arr[full * block_size :], len(data) - full * block_size))
             break
     weak = np.concatenate(weaks) if weaks else np.zeros(0, dtype=np.uint32)
     return Signature(block_size, total, weak, bytes(strong), seed)
@@ -528,7 +436,7 @@ class DeltaStream(Iterator[DeltaOp]):
         sig, stats = self.sig, self.stats
         length = sig.block_size
         view = memoryview(buf)
-        arr = np.frombuffer(buf, dtype=np.uint8)
+        arr = as_schar(buf)
         n = len(buf)
         lit_start = 0  # first byte not yet emitted
         pos = 0  # first window start not yet examined
@@ -550,7 +458,7 @@ class DeltaStream(Iterator[DeltaOp]):
                 break
             # (B) rolling search over windows [pos, end)
             end = min(n - length + 1, pos + piece)
-            weak = _window_weak(arr[pos : end + length - 1], length)
+            weak = window_checksums(arr[pos : end + length - 1], length)
             cands = index.candidates(weak)
             stats.weak_candidates += int(cands.size)
             # A false-candidate budget bounds the strong hashing per region to a few times its size, so
