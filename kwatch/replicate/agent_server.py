@@ -17,15 +17,15 @@ import errno as errno_mod
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import xxhash
 
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
-from kwatch.replicate.delta import BLOCK_LIMIT, block_size_for, signature
+from kwatch.replicate.delta import BLOCK_LIMIT, Patcher, PatchError, block_size_for, signature
 from kwatch.replicate.link import grow_pipe
 from kwatch.replicate.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.replicate.scan import Entry as ScanEntry
@@ -36,9 +36,7 @@ from kwatch.replicate.scan import Kind, Manifest, scan
 OUT_HIGH = 4 << 20
 MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
 SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
-READ_SIZE = 1 << 20
 
-_T = TypeVar("_T")
 _KIND = {Kind.FILE: ap.EntryType.FILE, Kind.DIR: ap.EntryType.DIR, Kind.SYMLINK: ap.EntryType.SYMLINK,
          Kind.OTHER: ap.EntryType.OTHER}
 
@@ -51,10 +49,8 @@ class _Put:
     handle: PutHandle | None  # None once it failed: later chunks are dropped
     hasher: xxhash.xxh3_128
     basis: BinaryIO | None = None
-    basis_size: int = 0
-    block_size: int = 0
+    patcher: Patcher | None = None  # a delta's
     size: int = 0
-    buf: memoryview | None = None  # reused for reading basis blocks (see _basis_blocks)
 
 
 @dataclass
@@ -292,10 +288,9 @@ class AgentServer:
         put = _Put(path, None, xxhash.xxh3_128())
         self._put = put
         if sig_id is not None:
-            put.block_size = self._sigs.pop(sig_id, 0)
             put.basis = self._open_basis(path)
-            if put.basis is not None:
-                put.basis_size = put.basis.seek(0, os.SEEK_END)
+            # no basis (gone, or not a regular file): an empty one, on which every copy fails
+            put.patcher = Patcher(put.basis, self._sigs.pop(sig_id, 0))
         try:
             put.handle = self.receiver.put_begin(path, mode=mode)
         except ReceiverError as e:
@@ -320,41 +315,18 @@ class AgentServer:
             put.handle = None
             self._fail(put.path, e)
 
-    def _delta(self, ops: tuple[ap.Copy | ap.Literal, ...]) -> None:
+    def _delta(self, ops: tuple[ap.DeltaOp, ...]) -> None:
         put = self._put
-        if put is None or put.handle is None:
+        if put is None or put.handle is None or put.patcher is None:
             return
-        for op in ops:
-            if isinstance(op, ap.Literal):
-                self._write(op.data)
-                continue
-            for chunk in self._basis_blocks(put, op.start, op.count):
-                self._write(chunk)
-            if put.handle is None:
-                return
-
-    def _basis_blocks(self, put: _Put, start: int, count: int) -> Iterator[memoryview]:
-        bs = put.block_size
-        offset = start * bs
-        if put.basis is None or bs <= 0 or start < 0 or offset + (count - 1) * bs >= put.basis_size:
-            self._fail(put.path, ReceiverError(put.path, "delta refers to blocks the mirror's copy does not have"))
+        try:
+            for piece in put.patcher.apply(ops):
+                self._write(piece)
+                if put.handle is None:
+                    return
+        except PatchError as e:
+            self._fail(put.path, ReceiverError(put.path, str(e)))
             self._abort_put(keep_error=True)
-            return
-        remaining = min(count * bs, put.basis_size - offset)
-        # One buffer per put, read into with pread: a copy run is up to 8 MiB and a large file's delta is almost
-        # all copies, so fresh bytes objects per read were measurable (each slice is written before the next read).
-        if put.buf is None:
-            put.buf = memoryview(bytearray(READ_SIZE))
-        fd = put.basis.fileno()
-        while remaining > 0:
-            n = os.preadv(fd, [put.buf[: min(READ_SIZE, remaining)]], offset)
-            if not n:
-                self._fail(put.path, ReceiverError(put.path, "the mirror's copy shrank while being patched"))
-                self._abort_put(keep_error=True)
-                return
-            remaining -= n
-            offset += n
-            yield put.buf[:n]
 
     def _end(self, digest: bytes | None) -> None:
         put, self._put = self._put, None

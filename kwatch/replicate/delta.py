@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
@@ -531,46 +532,81 @@ class PatchResult:
     literal_bytes: int = 0
 
 
+class Patcher:
+    """Applies delta ops to a basis, giving the new file's bytes in order: what the mirror runs (the agent writes
+    them into the put's temporary as they come) and what :func:`patch` writes to a file object.
+
+    The basis is read with ``pread`` where it has a descriptor (the agent's case), into one buffer reused for the
+    whole file: a copy run is up to :data:`COPY_RUN_MAX` bytes and a large file's delta is almost all copies. So a
+    piece handed out is valid only until the next one is asked for. Every copy is checked against the basis size
+    before any byte of it is given out (ops come from a peer), and a basis that ends early (it shrank while being
+    patched) stops the patch: :class:`PatchError` either way.
+    """
+
+    def __init__(self, basis: BinaryIO | None, block_size: int) -> None:
+        self.block_size = block_size
+        self._basis = basis
+        self.basis_size = 0 if basis is None else basis.seek(0, io.SEEK_END)
+        self.blocks = -(-self.basis_size // block_size) if 1 <= block_size <= BLOCK_LIMIT else 0
+        try:
+            self._fd: int | None = None if basis is None else basis.fileno()
+        except (OSError, io.UnsupportedOperation):
+            self._fd = None
+        self._buf: memoryview | None = None
+        self.copied = 0  # bytes given out from the basis
+        self.literal = 0  # bytes given out from literals
+
+    def apply(self, ops: Iterable[DeltaOp]) -> Iterator[bytes | memoryview]:
+        for op in ops:
+            if isinstance(op, Literal):
+                self.literal += len(op.data)
+                yield op.data
+            elif isinstance(op, Copy):
+                yield from self._copy(op)
+            else:
+                raise PatchError(f"not a delta op: {op!r}")
+
+    def _copy(self, op: Copy) -> Iterator[memoryview]:
+        if op.start < 0 or op.count < 1 or op.start + op.count > self.blocks:
+            raise PatchError(
+                f"delta copies blocks {op.start}..{op.start + op.count - 1}, which the mirror's copy does not have "
+                f"({self.basis_size} bytes in blocks of {self.block_size}): it was computed against another file"
+            )
+        offset = op.start * self.block_size
+        remaining = min(op.count * self.block_size, self.basis_size - offset)
+        if self._buf is None:
+            self._buf = memoryview(bytearray(min(CHUNK_SIZE, max(remaining, 1 << 16))))
+        buf = self._buf
+        while remaining > 0:
+            n = self._read_at(buf[: min(len(buf), remaining)], offset)
+            if not n:
+                raise PatchError(f"the mirror's copy shrank while being patched (it ended at offset {offset})")
+            remaining -= n
+            offset += n
+            self.copied += n
+            yield buf[:n]
+
+    def _read_at(self, into: memoryview, offset: int) -> int:
+        if self._fd is not None:
+            return os.preadv(self._fd, [into], offset)
+        assert self._basis is not None
+        self._basis.seek(offset)
+        data = self._basis.read(len(into))
+        into[: len(data)] = data
+        return len(data)
+
+
 def patch(
     basis: BinaryIO, ops: Iterable[DeltaOp], out: BinaryIO, block_size: int, *, seed: int = 0
 ) -> PatchResult:
-    """Write the file described by ``ops`` to ``out``, copying blocks from the seekable ``basis``.
-
-    ``block_size`` is the signature's. Every copy is checked against the basis size before any byte of it is
-    written (:class:`PatchError`), since ops may come from a peer. ``out`` must not be ``basis``.
+    """Write the file described by ``ops`` to ``out``, copying blocks from the seekable ``basis`` (a
+    :class:`Patcher`). ``block_size`` is the signature's. ``out`` must not be ``basis``.
     """
     if not 1 <= block_size <= BLOCK_LIMIT:
         raise PatchError(f"block size {block_size} outside 1..{BLOCK_LIMIT}")
-    basis_size = basis.seek(0, io.SEEK_END)
-    nblocks = -(-basis_size // block_size)
     hasher = xxhash.xxh3_128(seed=seed)
-    size = copied = literal = 0
-    step = max(1, CHUNK_SIZE // block_size) * block_size
-    for op in ops:
-        if isinstance(op, Literal):
-            out.write(op.data)
-            hasher.update(op.data)
-            size += len(op.data)
-            literal += len(op.data)
-            continue
-        if not isinstance(op, Copy):
-            raise PatchError(f"not a delta op: {op!r}")
-        if op.start < 0 or op.count < 1 or op.start + op.count > nblocks:
-            raise PatchError(
-                f"copy of blocks {op.start}..{op.start + op.count - 1} does not fit a basis of {nblocks} blocks "
-                f"({basis_size} bytes in blocks of {block_size}); the delta was computed against another file"
-            )
-        offset = op.start * block_size
-        remaining = min(op.count * block_size, basis_size - offset)
-        basis.seek(offset)
-        while remaining:
-            data = _read_full(basis, min(step, remaining))
-            if not data:
-                raise PatchError(f"basis ended early at offset {offset} (it changed while being patched?)")
-            out.write(data)
-            hasher.update(data)
-            offset += len(data)
-            remaining -= len(data)
-            size += len(data)
-            copied += len(data)
-    return PatchResult(size, hasher.digest(), copied, literal)
+    patcher = Patcher(basis, block_size)
+    for piece in patcher.apply(ops):
+        out.write(piece)
+        hasher.update(piece)
+    return PatchResult(patcher.copied + patcher.literal, hasher.digest(), patcher.copied, patcher.literal)

@@ -37,7 +37,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from kwatch.events import display_path
 from kwatch.fsutil import have_openat2, open_beneath, open_regular
@@ -56,7 +56,6 @@ _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _O_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 class ReceiverError(Exception):
@@ -528,72 +527,6 @@ class Receiver:
             _unlink_quiet(dir_fd, tmp)
             raise
         return removed
-
-    def apply_delta(
-        self,
-        path: bytes,
-        ops: Iterable[_T],
-        patch: Callable[[BinaryIO, Iterable[_T], BinaryIO], _R],
-        *,
-        check: Callable[[_R], str | None] | None = None,
-        mode: int | None = None,
-        mtime_ns: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-    ) -> _R:
-        """Rebuild ``path`` from its current content (the basis) and delta ``ops``.
-
-        ``patch(basis, ops, out)`` writes the new content to ``out``, a temporary that replaces ``path`` only if
-        ``check(result)`` (when given) returns None; a string is the reason to refuse (e.g. a whole-file digest
-        mismatch), and the mirror keeps the old file. With ``kwatch.replicate.delta``:
-        ``patch=lambda b, o, out: delta.patch(b, o, out, block_size)`` and a check comparing ``result.digest``.
-        ``mode=None`` keeps the basis' mode. The basis must be a regular file, never reached through a symlink.
-        A ``ValueError`` from ``patch`` (the delta engine's PatchError) becomes a :class:`ReceiverError`.
-        """
-        at = self._at(path)
-        try:
-            try:
-                # O_NONBLOCK: opening a fifo planted at the path must not hang the receiver (it is refused below).
-                bfd = os.open(
-                    at.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, dir_fd=at.fd
-                )
-            except OSError as e:
-                if e.errno == errno_mod.ELOOP:
-                    raise ReceiverError(path, "refused: the delta basis is a symlink", e.errno) from e
-                raise self._fail(path, "cannot open the delta basis", e) from e
-            bst = os.fstat(bfd)
-            if not stat.S_ISREG(bst.st_mode):
-                os.close(bfd)
-                raise ReceiverError(path, "the delta basis is not a regular file")
-            os.set_blocking(bfd, True)
-            basis = os.fdopen(bfd, "rb")
-        except BaseException:
-            os.close(at.fd)
-            raise
-        with basis:
-            h = self._begin_at(
-                path, at.fd, at.name, stat.S_IMODE(bst.st_mode) if mode is None else mode, mtime_ns, uid, gid
-            )
-            try:
-                with os.fdopen(h.fd, "wb", closefd=False) as out:
-                    result = patch(basis, ops, out)
-                    out.flush()
-                    h.written = out.tell()
-                refusal = check(result) if check is not None else None
-            except OSError as e:
-                self.put_abort(h)
-                raise self._fail(path, "writing the patched file failed; nothing was put", e) from e
-            except ValueError as e:
-                self.put_abort(h)
-                raise ReceiverError(path, f"delta does not apply to the mirror's file: {e}") from e
-            except BaseException:
-                self.put_abort(h)
-                raise
-            if refusal is not None:
-                self.put_abort(h)
-                raise ReceiverError(path, f"patched file refused, old file kept: {refusal}")
-        self.put_end(h)
-        return result
 
     def rename(self, old: bytes, new: bytes) -> None:
         """Move ``old`` to ``new`` inside the mirror (replacing a file or empty directory there, as rename(2))."""
