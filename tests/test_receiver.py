@@ -1,4 +1,4 @@
-"""kwatch.replicate.receiver: each operation, plan round trips between real trees, hostile paths, full disk.
+"""kwatch.mirror.receiver: each operation, plan round trips between real trees, hostile paths, full disk.
 
 Every test that can runs twice: with openat2 (RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS) and with the fallback
 component-by-component O_NOFOLLOW walk, so both resolvers are held to the same rules.
@@ -24,10 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treecmp import assert_trees_equal, snapshot, tree_differences
 
-from kwatch.protocols import agent as ap
-from kwatch.replicate import delta as delta_mod
-from kwatch.replicate.agent_server import AgentServer
-from kwatch.replicate.receiver import (
+from kwatch.mirror.receiver import (
     Receiver,
     ReceiverError,
     apply_plan,
@@ -36,6 +33,9 @@ from kwatch.replicate.receiver import (
     temp_name,
     validate_path,
 )
+from kwatch.mirror.server import AgentServer
+from kwatch.protocols import agent as ap
+from kwatch.replicate import delta as delta_mod
 from kwatch.replicate.scan import diff, scan
 
 MT = 1_600_000_000_123_456_789
