@@ -9,6 +9,7 @@ serve both: :func:`is_under` treats ``b""`` and ``b"/"`` as the top of everythin
 
 from __future__ import annotations
 
+import errno
 from typing import Final
 
 __all__ = [
@@ -27,7 +28,12 @@ NAME_MAX: Final = 255
 
 
 class UnsafePathError(ValueError):
-    """A relative path that could escape or confuse the target root."""
+    """A relative path that could escape or confuse the target root; ``errno`` says how (ENAMETOOLONG for a name
+    or path too long for Linux, EINVAL otherwise)."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 def plain_relpath(path: bytes) -> bool:
@@ -58,17 +64,17 @@ def check_relpath(path: object) -> bytes:
     if not path:
         raise UnsafePathError("empty path")
     if len(path) >= PATH_MAX:
-        raise UnsafePathError(f"path of {len(path)} bytes is longer than PATH_MAX: {path[:64]!r}...")
+        raise UnsafePathError(f"path of {len(path)} bytes is longer than PATH_MAX: {path[:64]!r}...", errno.ENAMETOOLONG)
     if b"\0" in path:
         raise UnsafePathError(f"NUL byte in path {path!r}")
     if path.startswith(b"/"):
         raise UnsafePathError(f"absolute path {path!r} (paths are relative to the target root)")
     for part in path.split(b"/"):
         if part in (b"", b".", b".."):
-            what = "empty component" if not part else f"{part.decode()!r} component"
+            what = "empty component (double or trailing slash)" if not part else f"{part.decode()!r} component"
             raise UnsafePathError(f"{what} in path {path!r}")
         if len(part) > NAME_MAX:
-            raise UnsafePathError(f"component longer than NAME_MAX in path {path[:64]!r}...")
+            raise UnsafePathError(f"component longer than NAME_MAX in path {path[:64]!r}...", errno.ENAMETOOLONG)
     return path
 
 

@@ -95,8 +95,8 @@ INVALID = [
     (b"a/../../b", "'..'"),
     (b"a/./b", "'.'"),
     (b"x\0y", "NUL"),
-    (b"a//b", "empty path component"),
-    (b"a/", "empty path component"),
+    (b"a//b", "empty component"),
+    (b"a/", "empty component"),
     (b"x" * 256, "longer than"),
 ]
 

@@ -41,14 +41,13 @@ from typing import Literal, TypeVar
 
 from kwatch.events import display_path
 from kwatch.fsutil import have_openat2, open_beneath, open_regular
-from kwatch.paths import plain_relpath
+from kwatch.paths import NAME_MAX, UnsafePathError, check_relpath, plain_relpath
 from kwatch.replicate.scan import Delete, Hardlink, Mkdir, Plan, Put, SetAttr, Symlink
 
 FsyncMode = Literal["none", "file", "batch"]
 
 TEMP_MARK = b".kwatch-tmp-"
 _TEMP_RE = re.compile(rb"\A\..*\.kwatch-tmp-[0-9a-f]{16}\Z", re.DOTALL)
-_NAME_MAX = 255
 _TEMP_OVERHEAD = 1 + len(TEMP_MARK) + 16
 _COPY_CHUNK = 1 << 20
 
@@ -77,24 +76,14 @@ class ReceiverError(Exception):
 
 
 def validate_path(path: bytes) -> list[bytes]:
-    """Split a mirror-relative path into components, or raise :class:`ReceiverError` saying what is wrong."""
-    if not isinstance(path, bytes):
-        raise ReceiverError(repr(path).encode(), "path must be bytes")
-    if not path:
-        raise ReceiverError(path, "empty path refused (the mirror root itself is not a target)")
-    if b"\0" in path:
-        raise ReceiverError(path, "path contains a NUL byte: refused")
-    if path.startswith(b"/"):
-        raise ReceiverError(path, "absolute path refused: paths must be relative to the mirror root")
-    parts = path.split(b"/")
-    for part in parts:
-        if part == b"":
-            raise ReceiverError(path, "empty path component (double or trailing slash) refused")
-        if part in (b".", b".."):
-            raise ReceiverError(path, f"'{part.decode()}' component refused: paths must not leave or re-enter")
-        if len(part) > _NAME_MAX:
-            raise ReceiverError(path, f"a component is longer than {_NAME_MAX} bytes", errno_mod.ENAMETOOLONG)
-    return parts
+    """Split a mirror-relative path into components, or raise :class:`ReceiverError` saying what is wrong
+    (:func:`kwatch.paths.check_relpath`: the same check the protocol runs on every frame)."""
+    try:
+        check_relpath(path)
+    except UnsafePathError as e:
+        name = path if isinstance(path, bytes) else repr(path).encode()
+        raise ReceiverError(name, f"refused: {e}", e.errno) from None
+    return path.split(b"/")
 
 
 def is_temp_name(name: bytes) -> bool:
@@ -111,7 +100,7 @@ def temp_name(name: bytes) -> bytes:
     The 16 hex digits are a counter from a random start (one getrandom per process, not per file): unique among this
     process's temporaries, unlikely to meet another run's, and a name taken anyway fails O_EXCL, never reuses a file.
     """
-    return b"." + name[: _NAME_MAX - _TEMP_OVERHEAD] + TEMP_MARK + b"%016x" % (next(_temp_ids) & 0xFFFF_FFFF_FFFF_FFFF)
+    return b"." + name[: NAME_MAX - _TEMP_OVERHEAD] + TEMP_MARK + b"%016x" % (next(_temp_ids) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 # ---------------------------------------------------------------------------------------------------------------
