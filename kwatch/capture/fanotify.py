@@ -58,7 +58,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
-from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, is_under, join
+from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
+from kwatch.paths import is_under, rebase
 
 # --- include/uapi/linux/fanotify.h -------------------------------------------------------------------------------
 FAN_CLOEXEC = 0x1
@@ -328,10 +329,6 @@ def _is_rmdir(ev: RawEvent) -> bool:
     return bool(ev.mask & FAN_DELETE and ev.mask & FAN_ONDIR)
 
 
-def _rebase(path: bytes, old: bytes, new: bytes) -> bytes:
-    return new + path[len(old) :]
-
-
 class _PathWalk:
     """Assigns paths to one batch of records by walking it backwards from the present.
 
@@ -395,7 +392,7 @@ class _PathWalk:
         if path is not None:
             for old, new in self.undo:
                 if is_under(path, new):
-                    path = _rebase(path, new, old)
+                    path = rebase(path, new, old)
         else:
             path = self._named(key)
             if path is None:
@@ -416,7 +413,7 @@ class _PathWalk:
                 old, new = ev.path, ev.new_path
                 for k, p in self.known.items():
                     if is_under(p, new):
-                        self.known[k] = _rebase(p, new, old)
+                        self.known[k] = rebase(p, new, old)
                 if ev.obj_key is not None:
                     self.known[ev.obj_key] = old
                 self.undo.append((old, new))

@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass
 
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
-from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, is_under, join
+from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
+from kwatch.paths import is_under, rebase
 
 # --- include/uapi/linux/inotify.h ----------------------------------------------------------------------------------
 IN_MODIFY = 0x2
@@ -400,7 +401,7 @@ class InotifySource:
     def _rebase(self, old: bytes, new: bytes) -> None:
         for wd, path in list(self._wd_path.items()):
             if is_under(path, old):
-                moved = new + path[len(old) :]
+                moved = rebase(path, old, new)
                 self._wd_path[wd] = moved
                 if self._path_wd.get(path) == wd:
                     del self._path_wd[path]
