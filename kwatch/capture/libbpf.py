@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from kwatch import libc
 from kwatch.capture.base import CaptureError
 
 
@@ -23,16 +24,13 @@ class BpfError(CaptureError):
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 _lib: ctypes.CDLL | None = None
-_libc = ctypes.CDLL(None, use_errno=True)
 _log: list[str] = []
 _print_cb: Any = None  # keep the callback alive as long as libbpf may call it
 
 
 def _on_print(level: int, fmt: bytes | None, args: int | None) -> int:
     # libbpf hands us a printf format and a va_list; let libc format it.
-    buf = ctypes.create_string_buffer(4096)
-    _libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), fmt, ctypes.c_void_p(args))
-    line = buf.value.decode("utf-8", "replace").rstrip("\n")
+    line = libc.vsnprintf(fmt or b"", args).decode("utf-8", "replace").rstrip("\n")
     if line:
         _log.append(line)
         del _log[:-400]

@@ -29,7 +29,6 @@ root between the parent lookup and the final ``*at`` call). The mirror root is a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as errno_mod
 import itertools
 import os
@@ -41,6 +40,7 @@ from typing import Literal, TypeVar
 
 from kwatch.events import display_path
 from kwatch.fsutil import have_openat2, open_beneath, open_regular
+from kwatch.libc import syncfs
 from kwatch.paths import NAME_MAX, UnsafePathError, check_relpath, plain_relpath
 from kwatch.replicate.scan import Delete, Hardlink, Mkdir, Plan, Put, SetAttr, Symlink
 
@@ -104,9 +104,7 @@ def temp_name(name: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# libc bits (openat2 and the walk beneath a root live in kwatch.fsutil, shared with the reading side)
-
-_libc = ctypes.CDLL(None, use_errno=True)
+# process state
 
 
 def _umask() -> int | None:
@@ -120,12 +118,6 @@ def _umask() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _syncfs(fd: int) -> None:
-    if _libc.syncfs(ctypes.c_int(fd)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +207,7 @@ class Receiver:
         if self.fsync == "batch":
             fd = os.open(b".", _O_READ_DIR, dir_fd=self._root_fd)
             try:
-                _syncfs(fd)
+                syncfs(fd)
             except OSError as e:
                 raise ReceiverError(b"", f"syncfs failed: {e.strerror}", e.errno) from e
             finally:
