@@ -61,8 +61,6 @@ def lib() -> ctypes.CDLL:
         "bpf_link__destroy": (i, [p]),
         "bpf_map__fd": (i, [p]),
         "bpf_map__set_max_entries": (i, [p, u32]),
-        "bpf_map__value_size": (u32, [p]),
-        "bpf_map__key_size": (u32, [p]),
         "bpf_map_update_elem": (i, [i, p, p, u64]),
         "bpf_map_lookup_elem": (i, [i, p, p]),
         "bpf_map_delete_elem": (i, [i, p]),
@@ -107,14 +105,6 @@ class BpfMap:
     @property
     def fd(self) -> int:
         return _check(lib().bpf_map__fd(self._h), f"map {self.name}: fd")
-
-    @property
-    def key_size(self) -> int:
-        return int(lib().bpf_map__key_size(self._h))
-
-    @property
-    def value_size(self) -> int:
-        return int(lib().bpf_map__value_size(self._h))
 
     def set_max_entries(self, n: int) -> None:
         _check(lib().bpf_map__set_max_entries(self._h, n), f"map {self.name}: set_max_entries({n})")
@@ -213,6 +203,3 @@ def possible_cpus() -> int:
     n = lib().libbpf_num_possible_cpus()
     return int(_check(n, "count possible CPUs"))
 
-
-def recent_log() -> list[str]:
-    return list(_log)

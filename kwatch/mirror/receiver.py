@@ -639,10 +639,6 @@ class Receiver:
             except OSError as e:
                 raise self._fail(path, "cannot open for reading", e) from e
 
-    def open_dir(self, path: bytes) -> int:
-        """An O_PATH fd of the directory ``path`` under the root; symlinks anywhere in it are refused."""
-        return self._open_dir(path, validate_path(path))
-
     def cleanup_temps(self) -> list[bytes]:
         """Remove temporaries left by an interrupted run (not those of puts open in this receiver).
 

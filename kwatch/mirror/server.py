@@ -142,12 +142,12 @@ class AgentServer:
         elif isinstance(m, (ap.PutEnd, ap.DeltaEnd)):
             self._end(m.digest)
         elif isinstance(m, ap.Mkdir):
-            self._forced(m.relpath, lambda: r.mkdir(m.relpath, m.mode), want_dir=True)
+            self._forced(m.relpath, lambda: r.mkdir(m.relpath, m.mode))
         elif isinstance(m, ap.Symlink):
-            self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target), want_dir=False)
+            self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target))
         elif isinstance(m, ap.Hardlink):
             expect = None if m.size is None or m.mtime_ns is None else (m.size, m.mtime_ns)
-            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target, expect=expect), want_dir=False)
+            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target, expect=expect))
         elif isinstance(m, ap.Rename):
             self._call(m.src, lambda: r.rename(m.src, m.dst))
         elif isinstance(m, ap.Delete):
@@ -181,7 +181,7 @@ class AgentServer:
             if e.errno not in (errno_mod.ENOENT, errno_mod.ENOTDIR):
                 raise
 
-    def _forced(self, path: bytes, fn: Callable[[], object], *, want_dir: bool) -> None:
+    def _forced(self, path: bytes, fn: Callable[[], object]) -> None:
         """Run ``fn``; if an entry of the other type is in the way, remove it and run ``fn`` again."""
         try:
             fn()
@@ -269,7 +269,7 @@ class AgentServer:
         def put() -> None:
             r.put(m.relpath, (m.data,), mode=m.mode, mtime_ns=m.mtime_ns)
 
-        self._forced(m.relpath, put, want_dir=False)
+        self._forced(m.relpath, put)
 
     def _put_files(self, m: ap.PutFiles) -> None:
         good: list[tuple[bytes, int, int | None, bytes]] = []

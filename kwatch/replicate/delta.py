@@ -94,7 +94,6 @@ _PAGE: Final = 4096
 _ROLL_MAX: Final = 1 << 20
 
 U32 = npt.NDArray[np.uint32]
-I64 = npt.NDArray[np.int64]
 
 
 def block_size_for(size: int) -> int:

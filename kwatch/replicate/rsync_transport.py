@@ -28,7 +28,6 @@ While the bucket is empty nothing is written and no more file data is generated 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -283,11 +282,6 @@ class _Channel:
         if self.sock is not None:
             return self.sock.send(data)
         return os.write(self.wfd, data)
-
-    def shutdown_write(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
 
 
 class _Pacer:

@@ -206,7 +206,7 @@ class AgentConnection:
         )
         frame = encode_frame(msg, compress)  # validates the fields first, with no side effects
         try:
-            self._track(msg, outgoing=True)
+            self._track(msg)
         except Invalid as e:
             raise LocalProtocolError(str(e)) from None
         self.our_state = new
@@ -292,7 +292,7 @@ class AgentConnection:
                 )
             self._their_hello = msg
         try:
-            self._track(msg, outgoing=False)
+            self._track(msg)
         except Invalid as e:
             raise RemoteProtocolError(str(e)) from None
         self.their_state = new
@@ -327,7 +327,7 @@ class AgentConnection:
                                f"{e.nlink}")
             seen[e.link] = (attrs, prev[1] + 1)
 
-    def _track(self, msg: Message, *, outgoing: bool) -> None:
+    def _track(self, msg: Message) -> None:
         """Check and record ids and sequence numbers; raises Invalid (mapped to the right error by the caller).
 
         The same rules run on both sides, so the sender refuses to send what the receiver would reject.

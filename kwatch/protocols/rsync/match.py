@@ -38,11 +38,6 @@ class SumHead:
     sum1: tuple[int, ...]
     sum2: tuple[bytes, ...]
 
-    def block_len(self, i: int) -> int:
-        if i == self.count - 1 and self.remainder:
-            return self.remainder
-        return self.blength
-
 
 @dataclass(frozen=True, slots=True)
 class Literal:
