@@ -41,7 +41,8 @@ import numpy.typing as npt
 import xxhash
 
 from kwatch.protocols.agent.messages import Copy, DeltaOp, Literal
-from kwatch.protocols.rsync.checksum import as_schar, block_checksums, window_checksums
+from kwatch.protocols.rsync.checksum import as_schar, block_checksums
+from kwatch.protocols.rsync.match import BlockIndex, MatchCounters, scan
 
 __all__ = [
     "BLOCK_MAX",
@@ -89,9 +90,6 @@ _ALIGN: Final = 256
 # Blocks of 8 KiB and more are rounded to a multiple of the 4 KiB page: writers (databases, VM images, editors
 # saving in place) dirty whole pages, and a page-aligned 4 KiB write then dirties exactly one block, not two.
 _PAGE: Final = 4096
-# Largest region whose window sums are computed at once: ~1 MiB keeps the prefix sums in cache (bench/delta_bench.py)
-# while the per-call overhead stays negligible.
-_ROLL_MAX: Final = 1 << 20
 
 U32 = npt.NDArray[np.uint32]
 
@@ -261,66 +259,16 @@ def signature(
 
 
 @dataclass(slots=True)
-class DeltaStats:
-    """Filled in while a :class:`DeltaStream` is consumed; complete once it is exhausted."""
+class DeltaStats(MatchCounters):
+    """Filled in while a :class:`DeltaStream` is consumed; complete once it is exhausted (with the matcher's
+    counters: weak_candidates, false_candidates, gave_up_regions)."""
 
     new_size: int = 0
     literal_bytes: int = 0
     copied_bytes: int = 0
     copy_ops: int = 0
     literal_ops: int = 0
-    weak_candidates: int = 0
-    false_candidates: int = 0  # weak sum matched, strong hash did not
-    gave_up_regions: int = 0  # regions where the false-candidate budget ran out (then sent as literal)
     digest: bytes = b""  # xxh3_128 (with the signature's seed) of the whole new file
-
-
-class _Index:
-    """Lookup structures over a signature: strong digest -> block, and a bit filter over weak sums.
-
-    The filter plays the role of rsync's 16-bit tag table (``match.c: build_hash_table``): most windows are rejected
-    by one vectorised gather, and only the survivors are checked exactly against the sorted weak sums.
-    """
-
-    def __init__(self, sig: Signature) -> None:
-        self.sig = sig
-        length = sig.block_size
-        full = sig.count if sig.last_len == length else sig.count - 1
-        self.full = full
-        by_digest: dict[bytes, int] = {}
-        for i in range(full):
-            by_digest.setdefault(sig.digest(i), i)
-        self.by_digest = by_digest
-        weak_full = sig.weak[:full]
-        self.sorted_weak = np.unique(weak_full)
-        bits = max(12, min(26, (max(1, full) * 32 - 1).bit_length()))
-        self.shift = np.uint32(32 - bits)
-        self.filter = np.zeros(1 << bits, dtype=np.bool_)
-        self.filter[self._slot(weak_full)] = True
-
-    def _slot(self, weak: U32) -> U32:
-        # Fibonacci hashing: multiply by 2^32/phi and keep the top bits, so structured weak sums spread evenly.
-        slot = weak * np.uint32(0x9E3779B1)
-        slot >>= self.shift
-        return slot
-
-    def candidates(self, weak: U32) -> npt.NDArray[np.intp]:
-        """Offsets into ``weak`` whose value is the weak sum of some full basis block."""
-        maybe = np.flatnonzero(np.take(self.filter, self._slot(weak)))
-        if maybe.size == 0 or self.sorted_weak.size == 0:
-            return maybe
-        vals = weak[maybe]
-        pos = np.searchsorted(self.sorted_weak, vals)
-        pos[pos == self.sorted_weak.size] = 0
-        hits: npt.NDArray[np.intp] = maybe[self.sorted_weak[pos] == vals]
-        return hits
-
-    def lookup(self, digest: bytes, prefer: int) -> int:
-        """The basis block with this digest, preferring ``prefer`` (the block after the last match) like
-        ``match.c: hash_search`` prefers ``want_i``, so duplicate blocks still coalesce into runs. -1 if none."""
-        if 0 <= prefer < self.full and self.sig.digest(prefer) == digest:
-            return prefer
-        return self.by_digest.get(digest, -1)
 
 
 class _Emitter:
@@ -329,13 +277,17 @@ class _Emitter:
 
     def __init__(self, stats: DeltaStats, block_size: int = 1) -> None:
         self.stats = stats
+        self.view = memoryview(b"")  # the buffer being scanned: offsets given to literal() point into it
         self.run_max = max(1, COPY_RUN_MAX // block_size)  # blocks per copy run
         self.run_start = -1
         self.run_count = 0
         self.lit = bytearray()
         self.out: list[DeltaOp] = []
 
-    def literal(self, data: bytes | memoryview) -> None:
+    def literal(self, start: int, end: int) -> None:
+        self.literal_bytes(self.view[start:end])
+
+    def literal_bytes(self, data: bytes | memoryview) -> None:
         if not len(data):
             return
         self._flush_copy()
@@ -346,7 +298,7 @@ class _Emitter:
             self.stats.literal_ops += 1
             del self.lit[:LITERAL_MAX]
 
-    def copy(self, block: int, nbytes: int) -> None:
+    def copy(self, block: int, offset: int, nbytes: int) -> None:
         self._flush_lit()
         self.stats.copied_bytes += nbytes
         if self.run_count and block == self.run_start + self.run_count and self.run_count < self.run_max:
@@ -401,10 +353,15 @@ class DeltaStream(Iterator[DeltaOp]):
             while data := _read_full(self._file, self._chunk):
                 hasher.update(data)
                 stats.new_size += len(data)
-                emit.literal(data)
+                emit.literal_bytes(data)
                 yield from emit.take()
         else:
-            index = _Index(sig)
+            index = BlockIndex(sig.weak, sig.digest, sig.block_size, sig.last_len, check_weak=False)
+            seed = sig.seed
+
+            def strong(window: memoryview) -> bytes:
+                return xxhash.xxh3_128_digest(window, seed)
+
             carry = b""
             prev = -1  # last matched block, for hash_search-style preference of prev + 1
             while True:
@@ -413,7 +370,8 @@ class DeltaStream(Iterator[DeltaOp]):
                 stats.new_size += len(data)
                 eof = not data
                 buf = carry + data if carry else data
-                consumed, prev = self._scan(index, buf, eof, prev, emit)
+                emit.view = memoryview(buf)
+                consumed, prev = scan(index, buf, eof, prev, emit, strong, stats)
                 carry = buf[consumed:]
                 yield from emit.take()
                 if eof:
@@ -421,87 +379,6 @@ class DeltaStream(Iterator[DeltaOp]):
         emit.flush()
         stats.digest = hasher.digest()
         yield from emit.take()
-
-    def _scan(self, index: _Index, buf: bytes, eof: bool, prev: int, emit: _Emitter) -> tuple[int, int]:
-        """Match what can be decided in ``buf``; return (bytes consumed, last matched block).
-
-        Alternates two phases, like rsync's ``match.c: hash_search`` but in bulk:
-        (A) block-aligned from the current position: hash whole blocks and look them up (an unchanged or
-            in-place-edited file is matched here, one xxh3 call per block, no weak sums needed);
-        (B) at the first miss, roll: compute the weak sums of all windows of the next region at once, keep the
-            ones present in the signature, verify those with the strong hash in order, and return to (A) right
-            after the first verified match (the new alignment after an insertion or deletion).
-        Unless at EOF, the last ``block_size - 1`` bytes are left for the next call (a window may cross chunks).
-        """
-        sig, stats = self.sig, self.stats
-        length = sig.block_size
-        view = memoryview(buf)
-        arr = as_schar(buf)
-        n = len(buf)
-        lit_start = 0  # first byte not yet emitted
-        pos = 0  # first window start not yet examined
-        piece = 2 * length  # rolling region size; doubles on consecutive misses
-        failures = 0
-        budget = 256
-        while n - pos >= length:
-            # (A) aligned blocks from pos
-            while n - pos >= length:
-                blk = index.lookup(xxhash.xxh3_128_digest(view[pos : pos + length], sig.seed), prev + 1)
-                if blk < 0:
-                    break
-                emit.literal(view[lit_start:pos])
-                emit.copy(blk, length)
-                prev, pos = blk, pos + length
-                lit_start = pos
-                piece = 2 * length
-            if n - pos < length:
-                break
-            # (B) rolling search over windows [pos, end)
-            end = min(n - length + 1, pos + piece)
-            weak = window_checksums(arr[pos : end + length - 1], length)
-            cands = index.candidates(weak)
-            stats.weak_candidates += int(cands.size)
-            # A false-candidate budget bounds the strong hashing per region to a few times its size, so
-            # low-entropy data where weak sums collide all the time cannot make this quadratic.
-            budget += 4 * (end - pos) // length + 16
-            found = -1
-            for c in cands.tolist():
-                if failures >= budget:
-                    stats.gave_up_regions += 1
-                    break
-                k = pos + c
-                blk = index.lookup(xxhash.xxh3_128_digest(view[k : k + length], sig.seed), prev + 1)
-                if blk >= 0:
-                    found = k
-                    break
-                failures += 1
-                stats.false_candidates += 1
-            if found >= 0:
-                emit.literal(view[lit_start:found])
-                emit.copy(blk, length)
-                prev, pos = blk, found + length
-                lit_start = pos
-                piece = 2 * length
-            else:
-                pos = end
-                piece = min(piece * 2, _ROLL_MAX)
-        if not eof:
-            # Windows starting before pos were all examined; bytes before pos that are not copied are literal.
-            keep = min(pos, n)
-            emit.literal(view[lit_start:keep])
-            return keep, prev
-        # EOF: the remaining tail (< block_size) may be the basis's short last block (rsync also matches the
-        # short final block only where the new data ends).
-        last = sig.count - 1
-        tail = sig.last_len
-        if tail < length and n - lit_start >= tail > 0:
-            start = n - tail
-            if xxhash.xxh3_128_digest(view[start:n], sig.seed) == sig.digest(last):
-                emit.literal(view[lit_start:start])
-                emit.copy(last, tail)
-                return n, last
-        emit.literal(view[lit_start:n])
-        return n, prev
 
 
 def delta(sig: Signature, new: Source, *, chunk_size: int = CHUNK_SIZE) -> DeltaStream:
