@@ -259,10 +259,17 @@ class AgentServer:
 
     # ---- puts and deltas -----------------------------------------------------------------------------------------
 
+    def _digest_ok(self, path: bytes, data: bytes | None, want: bytes | None, got: bytes | None = None) -> bool:
+        """Whether content (``data``, or its digest ``got``) is what the sender hashed; a mismatch is a path error
+        and nothing is put."""
+        if want is None or (got if got is not None else xxhash.xxh3_128_digest(data or b"")) == want:
+            return True
+        self.errors.append(ap.PathError(path, "digest-mismatch",
+                                        "content does not match the sender's digest; nothing was put"))
+        return False
+
     def _put_file(self, m: ap.PutFile) -> None:
-        if m.digest is not None and xxhash.xxh3_128_digest(m.data) != m.digest:
-            self.errors.append(ap.PathError(m.relpath, "digest-mismatch",
-                                            "content does not match the sender's digest; nothing was put"))
+        if not self._digest_ok(m.relpath, m.data, m.digest):
             return
         r = self.receiver
 
@@ -274,10 +281,7 @@ class AgentServer:
     def _put_files(self, m: ap.PutFiles) -> None:
         good: list[tuple[bytes, int, int | None, bytes]] = []
         for f in m.files:
-            if f.digest is not None and xxhash.xxh3_128_digest(f.data) != f.digest:
-                self.errors.append(ap.PathError(f.relpath, "digest-mismatch",
-                                                "content does not match the sender's digest; nothing was put"))
-            else:
+            if self._digest_ok(f.relpath, f.data, f.digest):
                 good.append((f.relpath, f.mode, f.mtime_ns, f.data))
         # the source has a file at each of these paths: a directory in the way goes (as _forced does for PutFile)
         for e in self.receiver.put_files(good, replace_dirs=True):
@@ -336,10 +340,8 @@ class AgentServer:
             put.basis.close()
         if put.handle is None:
             return
-        if digest is not None and put.hasher.digest() != digest:
+        if not self._digest_ok(put.path, None, digest, put.hasher.digest()):
             self.receiver.put_abort(put.handle)
-            self.errors.append(ap.PathError(put.path, "digest-mismatch",
-                                            "content does not match the sender's digest; nothing was put"))
             return
         try:
             self.receiver.put_end(put.handle)
