@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treecmp import assert_trees_equal, snapshot, tree_differences
@@ -827,3 +828,33 @@ def test_full_disk_delta_leaves_old_file(tiny_fs: bytes) -> None:
         errors = _delta_via_agent(rx, b"f", os.urandom(40 * 65536))
         assert [(e.relpath, e.code) for e in errors] == [(b"f", "ENOSPC")], errors
         assert _files(tiny_fs) == [b"f"] and Path(os.fsdecode(tiny_fs + b"/f")).read_bytes() == b"basis"
+
+
+@pytest.mark.parametrize("how", ["PutFile", "PutFiles", "PutEnd"])
+def test_agent_refuses_content_that_does_not_match_its_digest(env: Env, how: str) -> None:
+    """Every way a sender puts a whole file carries an xxh3-128 digest; the agent checks it before anything is put,
+    reports digest-mismatch for that path and goes on with the rest."""
+    env.rx.put(b"f", [b"old"])
+    server = AgentServer(env.rx)
+    sender = ap.AgentConnection(ap.Role.SENDER)
+    hello = sender.send(sender.hello())
+    sender.receive_data(server.start())
+    assert isinstance(sender.next_event(), ap.Hello)
+    wrong = b"\1" * 16
+    ok = xxhash.xxh3_128_digest(b"fine")
+    if how == "PutFile":
+        frames = sender.send(ap.PutFile(b"f", 0o644, MT, b"new", wrong))
+    elif how == "PutFiles":
+        frames = sender.send(ap.PutFiles((ap.PutFile(b"f", 0o644, MT, b"new", wrong),
+                                          ap.PutFile(b"g", 0o644, MT, b"fine", ok))))
+    else:
+        frames = (sender.send(ap.PutBegin(b"f", 3, 0o644)) + sender.send(ap.PutChunk(b"new"))
+                  + sender.send(ap.PutEnd(wrong)))
+    sender.receive_data(server.feed(hello + frames + sender.send(ap.Commit(1))))
+    events = []
+    while not isinstance(ev := sender.next_event(), ap.NeedData):
+        events.append(ev)
+    (ack,) = [e for e in events if isinstance(e, ap.Ack)]
+    assert [(e.relpath, e.code) for e in ack.errors] == [(b"f", "digest-mismatch")]
+    assert Path(os.fsdecode(env.root + b"/f")).read_bytes() == b"old"
+    assert sorted(_files(env.root)) == ([b"f", b"g"] if how == "PutFiles" else [b"f"])
