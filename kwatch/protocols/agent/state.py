@@ -7,6 +7,7 @@ what the peer would reject. No I/O, no clock.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -332,86 +333,117 @@ class AgentConnection:
 
         The same rules run on both sides, so the sender refuses to send what the receiver would reject.
         """
-        if isinstance(msg, ManifestRequest):
-            if msg.id in self._manifests:
-                raise Invalid(f"manifest request id {msg.id} is already open")
-            self._manifests.add(msg.id)
-        elif isinstance(msg, ManifestEntries):
-            if msg.id not in self._manifests:
-                raise Invalid(f"manifest entries for id {msg.id}, which was not requested or is finished")
-            self._track_inodes(msg)
-            if msg.done:
-                self._manifests.discard(msg.id)
-                self._inodes.pop(msg.id, None)
-        elif isinstance(msg, Hardlink):
-            if msg.size is not None and "linkcheck" not in self.capabilities:
-                raise Invalid(f"Hardlink of {msg.relpath!r} with an expected size and mtime, but linkcheck "
-                               "was not negotiated")
-        elif isinstance(msg, SigRequest):
-            if msg.id in self._sigs:
-                raise Invalid(f"signature id {msg.id} was used already")
-            if len(self._sigs) >= MAX_OPEN_SIGS:
-                raise Invalid(f"more than {MAX_OPEN_SIGS} signature requests open (not yet used by a delta)")
-            self._sigs[msg.id] = None
-        elif isinstance(msg, Signature):
-            if msg.id not in self._sigs:
-                raise Invalid(f"signature for id {msg.id}, which was not requested")
-            prog = self._sigs[msg.id]
-            if prog is None:
-                if -(-msg.file_size // msg.block_size) > MAX_SIG_BLOCKS:
-                    raise Invalid(f"signature id {msg.id}: {msg.file_size} bytes in blocks of {msg.block_size} "
-                                   f"is more than {MAX_SIG_BLOCKS} blocks")
-                prog = self._sigs[msg.id] = _SigProgress(msg.block_size, msg.file_size, msg.seed)
-            elif prog.done:
-                raise Invalid(f"signature id {msg.id} is already complete")
-            elif (prog.block_size, prog.file_size, prog.seed) != (msg.block_size, msg.file_size, msg.seed):
-                raise Invalid(f"signature id {msg.id} changed block size, file size or seed between pieces")
-            prog.blocks += len(msg.weak) // 4
-            expected = -(-prog.file_size // prog.block_size)
-            if prog.blocks > expected or (msg.done and prog.blocks != expected):
-                raise Invalid(
-                    f"signature id {msg.id}: {prog.blocks} blocks for {prog.file_size} bytes in blocks of "
-                    f"{prog.block_size} (expected {expected})"
-                )
-            prog.done = msg.done
-        elif isinstance(msg, DeltaBegin):
-            prog = self._sigs.pop(msg.sig_id, None)
-            if prog is None or not prog.done:
-                raise Invalid(
-                    f"delta for {msg.relpath!r} refers to signature id {msg.sig_id}, which is not complete"
-                )
-            self._delta_blocks = -(-prog.file_size // prog.block_size)
-            self._put_left = msg.size
-        elif isinstance(msg, DeltaChunk):
-            for op in msg.ops:
-                if isinstance(op, Copy) and op.start + op.count > self._delta_blocks:
-                    raise Invalid(
-                        f"delta copies blocks {op.start}..{op.start + op.count - 1} of a basis of {self._delta_blocks}"
-                    )
-        elif isinstance(msg, PutBegin):
-            self._put_left = msg.size
-        elif isinstance(msg, PutChunk):
-            left = self._put_left or 0
-            if len(msg.data) > left:
-                raise Invalid(f"put carries more data than the {left} bytes announced")
-            self._put_left = left - len(msg.data)
-        elif isinstance(msg, PutEnd):
-            if self._put_left:
-                raise Invalid(f"put ended {self._put_left} bytes short of the size announced")
-            self._put_left = None
-        elif isinstance(msg, DeltaEnd):
-            self._put_left = None
-        elif isinstance(msg, Commit):
-            if msg.seq <= self._last_commit:
-                raise Invalid(f"commit seq {msg.seq} does not increase (last was {self._last_commit})")
-            self._last_commit = msg.seq
-            self._commits.append(msg.seq)
-        elif isinstance(msg, Ack):
-            if not self._commits or self._commits[0] != msg.seq:
-                want = self._commits[0] if self._commits else "none outstanding"
-                raise Invalid(f"ack of seq {msg.seq}, expected {want} (acks come in commit order)")
-            self._commits.pop(0)
+        check = _TRACKERS.get(type(msg))
+        if check is not None:
+            check(self, msg)
 
+    def _manifest_request(self, msg: ManifestRequest) -> None:
+        if msg.id in self._manifests:
+            raise Invalid(f"manifest request id {msg.id} is already open")
+        self._manifests.add(msg.id)
+
+    def _manifest_entries(self, msg: ManifestEntries) -> None:
+        if msg.id not in self._manifests:
+            raise Invalid(f"manifest entries for id {msg.id}, which was not requested or is finished")
+        self._track_inodes(msg)
+        if msg.done:
+            self._manifests.discard(msg.id)
+            self._inodes.pop(msg.id, None)
+
+    def _hardlink(self, msg: Hardlink) -> None:
+        if msg.size is not None and "linkcheck" not in self.capabilities:
+            raise Invalid(f"Hardlink of {msg.relpath!r} with an expected size and mtime, but linkcheck "
+                          "was not negotiated")
+
+    def _sig_request(self, msg: SigRequest) -> None:
+        if msg.id in self._sigs:
+            raise Invalid(f"signature id {msg.id} was used already")
+        if len(self._sigs) >= MAX_OPEN_SIGS:
+            raise Invalid(f"more than {MAX_OPEN_SIGS} signature requests open (not yet used by a delta)")
+        self._sigs[msg.id] = None
+
+    def _signature(self, msg: Signature) -> None:
+        if msg.id not in self._sigs:
+            raise Invalid(f"signature for id {msg.id}, which was not requested")
+        prog = self._sigs[msg.id]
+        if prog is None:
+            if -(-msg.file_size // msg.block_size) > MAX_SIG_BLOCKS:
+                raise Invalid(f"signature id {msg.id}: {msg.file_size} bytes in blocks of {msg.block_size} "
+                              f"is more than {MAX_SIG_BLOCKS} blocks")
+            prog = self._sigs[msg.id] = _SigProgress(msg.block_size, msg.file_size, msg.seed)
+        elif prog.done:
+            raise Invalid(f"signature id {msg.id} is already complete")
+        elif (prog.block_size, prog.file_size, prog.seed) != (msg.block_size, msg.file_size, msg.seed):
+            raise Invalid(f"signature id {msg.id} changed block size, file size or seed between pieces")
+        prog.blocks += len(msg.weak) // 4
+        expected = -(-prog.file_size // prog.block_size)
+        if prog.blocks > expected or (msg.done and prog.blocks != expected):
+            raise Invalid(
+                f"signature id {msg.id}: {prog.blocks} blocks for {prog.file_size} bytes in blocks of "
+                f"{prog.block_size} (expected {expected})"
+            )
+        prog.done = msg.done
+
+    def _delta_begin(self, msg: DeltaBegin) -> None:
+        prog = self._sigs.pop(msg.sig_id, None)
+        if prog is None or not prog.done:
+            raise Invalid(f"delta for {msg.relpath!r} refers to signature id {msg.sig_id}, which is not complete")
+        self._delta_blocks = -(-prog.file_size // prog.block_size)
+        self._put_left = msg.size
+
+    def _delta_chunk(self, msg: DeltaChunk) -> None:
+        for op in msg.ops:
+            if isinstance(op, Copy) and op.start + op.count > self._delta_blocks:
+                raise Invalid(
+                    f"delta copies blocks {op.start}..{op.start + op.count - 1} of a basis of {self._delta_blocks}"
+                )
+
+    def _put_begin(self, msg: PutBegin) -> None:
+        self._put_left = msg.size
+
+    def _put_chunk(self, msg: PutChunk) -> None:
+        left = self._put_left or 0
+        if len(msg.data) > left:
+            raise Invalid(f"put carries more data than the {left} bytes announced")
+        self._put_left = left - len(msg.data)
+
+    def _put_end(self, msg: PutEnd) -> None:
+        if self._put_left:
+            raise Invalid(f"put ended {self._put_left} bytes short of the size announced")
+        self._put_left = None
+
+    def _delta_end(self, msg: DeltaEnd) -> None:
+        self._put_left = None
+
+    def _commit(self, msg: Commit) -> None:
+        if msg.seq <= self._last_commit:
+            raise Invalid(f"commit seq {msg.seq} does not increase (last was {self._last_commit})")
+        self._last_commit = msg.seq
+        self._commits.append(msg.seq)
+
+    def _ack(self, msg: Ack) -> None:
+        if not self._commits or self._commits[0] != msg.seq:
+            want = self._commits[0] if self._commits else "none outstanding"
+            raise Invalid(f"ack of seq {msg.seq}, expected {want} (acks come in commit order)")
+        self._commits.pop(0)
+
+
+#: The conversation-level check of each message that has one (the others are checked by their frame alone).
+_TRACKERS: Final[dict[type[Any], Callable[[AgentConnection, Any], None]]] = {
+    ManifestRequest: AgentConnection._manifest_request,
+    ManifestEntries: AgentConnection._manifest_entries,
+    Hardlink: AgentConnection._hardlink,
+    SigRequest: AgentConnection._sig_request,
+    Signature: AgentConnection._signature,
+    DeltaBegin: AgentConnection._delta_begin,
+    DeltaChunk: AgentConnection._delta_chunk,
+    PutBegin: AgentConnection._put_begin,
+    PutChunk: AgentConnection._put_chunk,
+    PutEnd: AgentConnection._put_end,
+    DeltaEnd: AgentConnection._delta_end,
+    Commit: AgentConnection._commit,
+    Ack: AgentConnection._ack,
+}
 
 def error_for(exc: ProtocolError) -> Error:
     """The :class:`Error` to send to the peer before closing, for a protocol error we hit."""
