@@ -2,13 +2,17 @@
 
 Where everything lives (data flows one way, top to bottom):
 
-- ``kwatch.events``      the one event model (FileEvent, Op) and path helpers; pure.
+- ``kwatch.events``      the one event model (FileEvent, Op); pure.
+- ``kwatch.paths``       relative paths as bytes: the safety check, is under / rebase / parent; pure.
+- ``kwatch.libc``        the one typed ctypes binding of libc (syscalls Python lacks).
 - ``kwatch.capture``     backends that produce FileEvents: ``bpf`` (libbpf CO-RE via ctypes, ring buffer read by
                          mmap; the kernel side is ``bpf/kwatch.bpf.c``), ``fanotify``, ``inotify``; ``open_source``
                          picks one.
 - ``kwatch.rules``       config parsing (changedfiles format and TOML) into one model; rule matching; pure.
 - ``kwatch.actions``     the bounded, injection-safe shell action runner.
-- ``kwatch.replicate``   coalescer, planner, scanner, delta engine, and the transports that drive the protocols.
+- ``kwatch.replicate``   the sending side: coalescer, planner, scanner, delta engine, and the transports that
+                         drive the protocols.
+- ``kwatch.mirror``      the mirror end (``kwatch agent``): the agent server and the confined receiver.
 - ``kwatch.protocols``   sans-IO protocol state machines: the kwatch agent protocol and the rsync protocol.
 - ``kwatch.outputs``     durable outputs of records (JSON-lines file, the systemd journal, NATS JetStream with an
                          on-disk spool) and ``kwatch collect``; alerts raised by rules go to every output.

@@ -135,13 +135,6 @@ def join(base: bytes, name: bytes) -> bytes:
     return normalize(base + b"/" + name)
 
 
-def is_under(path: bytes, root: bytes) -> bool:
-    """True when ``path`` is ``root`` or inside it (both normalised, absolute)."""
-    if root == b"/":
-        return True
-    return path == root or (path.startswith(root) and path[len(root) : len(root) + 1] == b"/")
-
-
 def display_path(path: bytes) -> str:
     """A path for humans: undecodable bytes as ``\\xNN``, control characters escaped so one event is one line."""
     text = path.decode("utf-8", "backslashreplace")

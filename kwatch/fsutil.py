@@ -6,7 +6,7 @@ a user who owns a directory in it can swap that directory for a symlink (``renam
 plain ``open`` (even with ``O_NOFOLLOW``, which guards the last component only) would follow it anywhere.
 
 :func:`open_beneath` resolves a relative path under a root fd with ``openat2(RESOLVE_BENEATH |
-RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`` (Linux 5.6, called through ctypes: Python has no binding), or,
+RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`` (Linux 5.6, through :mod:`kwatch.libc`: Python has no binding), or,
 where openat2 is missing (ENOSYS, or a seccomp filter's EPERM), by walking one component at a time with
 ``O_PATH | O_DIRECTORY | O_NOFOLLOW``. Either way a symlink anywhere in the path fails (ELOOP or ENOTDIR),
 ``..`` cannot climb out, and what was opened is what the caller then inspects with ``fstat``.
@@ -19,10 +19,11 @@ Pure I/O helpers: no policy, no logging.
 
 from __future__ import annotations
 
-import ctypes
 import errno as errno_mod
 import os
 import stat
+
+from kwatch.libc import openat2
 
 __all__ = [
     "READ_FLAGS",
@@ -33,7 +34,6 @@ __all__ = [
     "have_openat2",
     "open_beneath",
     "open_regular",
-    "openat2",
 ]
 
 # include/uapi/linux/openat2.h
@@ -42,38 +42,11 @@ RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 _BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-# openat2 came after the syscall tables were unified (5.1), so it is number 437 on every architecture.
-_SYS_OPENAT2 = 437
 _AT_FDCWD = -100
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 #: How a regular file is opened for reading: never the target of a final symlink, never a controlling tty, and
 #: never blocking in open (a FIFO without a writer would block a plain O_RDONLY open forever).
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-
-
-def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
-    """The openat2(2) system call; raises ``OSError`` like ``os.open``."""
-    how = _OpenHow(flags, mode, resolve)
-    fd = _syscall(
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(path),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return int(fd)
 
 
 _openat2_ok: bool | None = None

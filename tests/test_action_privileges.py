@@ -18,6 +18,7 @@ import pytest
 from kwatch.actions.runner import Result, Runner
 from kwatch.events import FileEvent, Op
 from kwatch.rules import Config, check_config, load_config, parse_config
+from kwatch.rules.match import match_config
 from kwatch.rules.tomlconf import parse_toml
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -34,7 +35,7 @@ def _config(text: str) -> Config:
 def _run(cfg: Config, env: dict[bytes, bytes] | None = None) -> list[Result]:
     runner = Runner.from_config(cfg, stdout="capture", env=env)
     try:
-        runner.submit_all(cfg.match(FileEvent(Op.CLOSE_WRITE, b"/w/a b", pid=1)))
+        runner.submit_all(match_config(cfg, FileEvent(Op.CLOSE_WRITE, b"/w/a b", pid=1)))
         results: list[Result] = []
         end = time.monotonic() + 60  # only turns a hang into a failure
         while not runner.idle or not results:
@@ -112,7 +113,7 @@ def test_environment_without_user_keeps_the_daemons_home(monkeypatch: pytest.Mon
     monkeypatch.setenv("HOME", "/home/kw")
     monkeypatch.delenv("PATH")
     cfg = _config('[[rule]]\nmatch = "^/w/"\non = ["CLOSEW"]\nrun = "true"\n')
-    spec = Runner(dry_run=True).plan(cfg.match(FileEvent(Op.CLOSE_WRITE, b"/w/x"))[0])
+    spec = Runner(dry_run=True).plan(match_config(cfg, FileEvent(Op.CLOSE_WRITE, b"/w/x"))[0])
     assert b"RSYNC_PASSWORD" not in spec.env
     assert spec.env[b"HOME"] == b"/home/kw"
     assert spec.env[b"PATH"] == b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

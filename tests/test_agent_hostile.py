@@ -29,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treecmp import snapshot
 
+from kwatch.mirror.receiver import Receiver
+from kwatch.mirror.server import AgentServer
 from kwatch.protocols.agent import (
     CAPABILITIES,
     MAX_FRAME,
@@ -64,8 +66,6 @@ from kwatch.protocols.agent import (
     encode_frame,
 )
 from kwatch.protocols.errors import RemoteProtocolError
-from kwatch.replicate.agent_server import AgentServer
-from kwatch.replicate.receiver import Receiver
 
 P = b"PLACEHOLDER-PATH"  # replaced in the encoded frame by the hostile path
 HELLO = encode_frame(Hello(1, CAPABILITIES, Role.SENDER))

@@ -7,6 +7,7 @@ import pytest
 from kwatch.events import ATTRIB_OPS, FT_REG, FileEvent, Op
 from kwatch.rules import BatchMode, load_default_config, parse_config
 from kwatch.rules.changedfiles import logical_lines, parse_changedfiles
+from kwatch.rules.match import match_config, match_ruleset
 from kwatch.rules.model import KEYWORD_OPS
 
 VERBATIM = r"""RULE ^/export/home/image-converter.*\.jpg$
@@ -90,7 +91,7 @@ def test_matching(case: str) -> None:
     cfg, _ = parse_config(VERBATIM, "changedfiles.conf")
     assert cfg is not None
     ev, want = MATCHES[case]
-    got = [(m.rule.where.line, m.action.triggers[0], m.file, m.old_file, m.new_file) for m in cfg.match(ev)]
+    got = [(m.rule.where.line, m.action.triggers[0], m.file, m.old_file, m.new_file) for m in match_config(cfg, ev)]
     assert got == want
 
 
@@ -121,7 +122,7 @@ def test_every_keyword(case: str) -> None:
     assert cfg is not None, errs
     op, want = KEYWORD_CASES[case]
     ev = FileEvent(op, b"/w/f", new_path=b"/w/g" if op in (Op.RENAME, Op.LINK) else None, ftype=FT_REG)
-    assert {m.action.triggers[0] for m in cfg.match(ev)} == want
+    assert {m.action.triggers[0] for m in match_config(cfg, ev)} == want
 
 
 def test_attrib_keyword_is_attrib_ops() -> None:
@@ -162,21 +163,21 @@ def test_non_utf8_regex_matches_bytes() -> None:
     text = b"RULE ^/srv/caf\xe9/\nUNLINK echo _FILE_\n".decode("utf-8", "surrogateescape")
     rs, errs = parse_changedfiles(text, "latin1.conf")
     assert rs is not None and errs == []
-    assert [m.file for m in rs.match(FileEvent(Op.UNLINK, b"/srv/caf\xe9/x"))] == [b"/srv/caf\xe9/x"]
-    assert rs.match(FileEvent(Op.UNLINK, "/srv/café/x".encode())) == []
+    assert [m.file for m in match_ruleset(rs, FileEvent(Op.UNLINK, b"/srv/caf\xe9/x"))] == [b"/srv/caf\xe9/x"]
+    assert match_ruleset(rs, FileEvent(Op.UNLINK, "/srv/café/x".encode())) == []
 
 
 def test_several_actions_for_one_op_fire_in_order() -> None:
     cfg, _ = parse_config("RULE /x$\nUNLINK echo one\nUNLINK echo two\nANY echo three\n", "o.conf")
     assert cfg is not None
-    got = [m.action.command.source for m in cfg.match(FileEvent(Op.UNLINK, b"/a/x"))]
+    got = [m.action.command.source for m in match_config(cfg, FileEvent(Op.UNLINK, b"/a/x"))]
     assert got == ["echo one", "echo two", "echo three"]
 
 
 def test_several_rules_can_match_one_event() -> None:
     cfg, _ = parse_config("RULE ^/a\nUNLINK echo 1\nRULE x$\nUNLINK echo 2\n", "m.conf")
     assert cfg is not None
-    assert [m.rule.where.line for m in cfg.match(FileEvent(Op.UNLINK, b"/a/x"))] == [1, 3]
+    assert [m.rule.where.line for m in match_config(cfg, FileEvent(Op.UNLINK, b"/a/x"))] == [1, 3]
 
 
 def test_capture_ops_needed() -> None:
@@ -188,9 +189,9 @@ def test_capture_ops_needed() -> None:
 def test_default_config_is_harmless_and_visible() -> None:
     cfg = load_default_config()
     assert cfg.warnings == ()
-    got = cfg.match(FileEvent(Op.CLOSE_WRITE, b"/tmp/kwatch-demo/a"))
+    got = match_config(cfg, FileEvent(Op.CLOSE_WRITE, b"/tmp/kwatch-demo/a"))
     assert [m.action.command.source.split()[0] for m in got] == ["printf"]
-    assert cfg.match(FileEvent(Op.CLOSE_WRITE, b"/tmp/kwatch-demonstration")) == []
-    assert cfg.match(FileEvent(Op.CLOSE_WRITE, b"/etc/passwd")) == []
-    renamed = cfg.match(FileEvent(Op.RENAME, b"/tmp/kwatch-demo/a", new_path=b"/tmp/kwatch-demo/b"))
+    assert match_config(cfg, FileEvent(Op.CLOSE_WRITE, b"/tmp/kwatch-demonstration")) == []
+    assert match_config(cfg, FileEvent(Op.CLOSE_WRITE, b"/etc/passwd")) == []
+    renamed = match_config(cfg, FileEvent(Op.RENAME, b"/tmp/kwatch-demo/a", new_path=b"/tmp/kwatch-demo/b"))
     assert len(renamed) == 2

@@ -11,6 +11,7 @@ from test_config_changedfiles import MATCHES, VERBATIM
 
 from kwatch.events import FileEvent, Op
 from kwatch.rules import ActionOptions, BatchMode, ProcessFilter, load_config, parse_config
+from kwatch.rules.match import match_config, match_ruleset
 from kwatch.rules.procfs import ProcFS
 
 SAME_AS_VERBATIM = r"""
@@ -45,7 +46,7 @@ def test_same_matches_as_changedfiles(case: str) -> None:
     ev = MATCHES[case][0]
 
     def view(cfg: object) -> list[tuple[tuple[str, ...], bytes, bytes, bytes]]:
-        return [(m.action.triggers, m.file, m.old_file, m.new_file) for m in cfg.match(ev)]  # type: ignore[attr-defined]
+        return [(m.action.triggers, m.file, m.old_file, m.new_file) for m in match_config(cfg, ev)]
 
     assert view(modern) == view(legacy)
 
@@ -168,7 +169,7 @@ def test_process_filter(case: str) -> None:
     assert cfg is not None
     fields, want = PROCESS_CASES[case]
     ev = FileEvent(Op.CLOSE_WRITE, b"/x/a.jpg", **fields)  # type: ignore[arg-type]
-    assert bool(cfg.rulesets[1].match(ev, TREE)) is want
+    assert bool(match_ruleset(cfg.rulesets[1], ev, TREE)) is want
 
 
 def test_exclude_filters() -> None:
@@ -176,10 +177,10 @@ def test_exclude_filters() -> None:
     cfg, errs = parse_config(text, "x.toml")
     assert cfg is not None, errs
     ok = FileEvent(Op.UNLINK, b"/a", uid=1000, comm=b"rm")
-    assert cfg.match(ok)
-    assert not cfg.match(FileEvent(Op.UNLINK, b"/a", uid=0, comm=b"rm"))
-    assert not cfg.match(FileEvent(Op.UNLINK, b"/a", uid=5, comm=b"backup"))
-    assert cfg.match(FileEvent(Op.UNLINK, b"/a"))  # nothing known: exclude filters cannot drop it
+    assert match_config(cfg, ok)
+    assert not match_config(cfg, FileEvent(Op.UNLINK, b"/a", uid=0, comm=b"rm"))
+    assert not match_config(cfg, FileEvent(Op.UNLINK, b"/a", uid=5, comm=b"backup"))
+    assert match_config(cfg, FileEvent(Op.UNLINK, b"/a"))  # nothing known: exclude filters cannot drop it
 
 
 def test_procfs_ancestry_of_this_process() -> None:
@@ -203,8 +204,8 @@ def test_include_changedfiles(tmp_path: Path) -> None:
     assert rs.rules[0].actions[0].options.debounce == 2.0  # TOML defaults reach included rules
     assert cfg.files == (str(tmp_path / "k.toml"), str(tmp_path / "legacy.conf"))
     assert [str(w) for w in cfg.warnings] == [f"{tmp_path}/legacy.conf:5: warning: " + cfg.warnings[0].reason]
-    assert rs.match(FileEvent(Op.UNLINK, b"/home/mike/test/a", uid=1000))
-    assert not rs.match(FileEvent(Op.UNLINK, b"/home/mike/test/a", uid=0))
+    assert match_ruleset(rs, FileEvent(Op.UNLINK, b"/home/mike/test/a", uid=1000))
+    assert not match_ruleset(rs, FileEvent(Op.UNLINK, b"/home/mike/test/a", uid=0))
 
 
 def test_format_detection(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import pytest
 from kwatch.context import ContextFilter, ProcInfo, Resolver, cgroup2_root, container_of, unit_of
 from kwatch.events import FileEvent, Op
 from kwatch.outputs.record import event_data, event_line, rfc3339
+from kwatch.rules.match import config_alerts
 from kwatch.rules.tomlconf import parse_toml
 from kwatch.trace import TraceMatcher, compile_path_regex, format_json
 
@@ -142,11 +143,11 @@ def test_rules_filter_on_the_process_context() -> None:
     assert cfg is not None and not errs, errs
     ev = FileEvent(Op.CLOSE_WRITE, b"/srv/www/index.php", pid=9, comm=b"sh", backend="bpf")
     shell_in_docker = ProcInfo(exe=b"/usr/bin/dash", container=H, runtime="docker")
-    assert [a.rule_name for a in cfg.alerts(ev, Procs(shell_in_docker))] == ["webroot"]
-    assert cfg.alerts(ev, Procs(ProcInfo(exe=b"/usr/bin/dash"))) == [], "not in a container"
-    assert cfg.alerts(ev, Procs(ProcInfo(exe=b"/usr/bin/php", container=H, runtime="docker"))) == [], "not a shell"
-    assert cfg.alerts(ev, Procs(ProcInfo(exe=b"/usr/sbin/sh", container=H, runtime="docker"))) == [], "excluded"
-    assert cfg.alerts(ev, Procs(None)) == [], "an unknown context passes no include filter"
+    assert [a.rule_name for a in config_alerts(cfg, ev, Procs(shell_in_docker))] == ["webroot"]
+    assert config_alerts(cfg, ev, Procs(ProcInfo(exe=b"/usr/bin/dash"))) == [], "not in a container"
+    assert config_alerts(cfg, ev, Procs(ProcInfo(exe=b"/usr/bin/php", container=H, runtime="docker"))) == [], "not a shell"
+    assert config_alerts(cfg, ev, Procs(ProcInfo(exe=b"/usr/sbin/sh", container=H, runtime="docker"))) == [], "excluded"
+    assert config_alerts(cfg, ev, Procs(None)) == [], "an unknown context passes no include filter"
 
 
 def test_rules_context_filter_errors_name_the_line() -> None:

@@ -26,8 +26,9 @@ from typing import Any, cast
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kwatch.daemon.roots import capture_roots, literal_prefix, rule_root, wanted_roots
+from kwatch.daemon.roots import capture_roots, wanted_roots
 from kwatch.rules import parse_config
+from kwatch.rules.prefix import literal_prefix, rule_root
 
 KWATCH = [sys.executable, "-c", "import sys; from kwatch.cli import main; sys.exit(main())"]
 CONVERT = "/usr/bin/convert"

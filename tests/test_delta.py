@@ -13,6 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kwatch.protocols.rsync.checksum import as_schar
+from kwatch.protocols.rsync.checksum import block_checksums as _block_weak
+from kwatch.protocols.rsync.checksum import window_checksums as _window_weak
 from kwatch.replicate.delta import (
     BLOCK_MAX,
     BLOCK_MIN,
@@ -24,8 +27,6 @@ from kwatch.replicate.delta import (
     Literal,
     PatchError,
     Signature,
-    _block_weak,
-    _window_weak,
     block_size_for,
     delta,
     patch,
@@ -34,10 +35,11 @@ from kwatch.replicate.delta import (
 
 
 def rsync_checksum1(block: bytes) -> int:
-    """Reference of rsync's checksum.c get_checksum1 (CHAR_OFFSET 0), one byte at a time (tests only)."""
-    a = sum(block) & 0xFFFF
-    n = len(block)
-    b = sum((n - i) * x for i, x in enumerate(block)) & 0xFFFF
+    """Reference of rsync's checksum.c get_checksum1 (schar, CHAR_OFFSET 0), one byte at a time (tests only)."""
+    x = [v - 256 if v > 127 else v for v in block]
+    a = sum(x) & 0xFFFF
+    n = len(x)
+    b = sum((n - i) * v for i, v in enumerate(x)) & 0xFFFF
     return a | (b << 16)
 
 
@@ -186,7 +188,7 @@ def test_seed_changes_strong_hashes() -> None:
 @pytest.mark.parametrize("length", [1, 2, 3, 7, 255, 256, 700, 1024, 4096])
 def test_weak_sums_match_rsync_reference(length: int) -> None:
     data = random.Random(length).randbytes(length * 4 + 5)
-    arr = np.frombuffer(data, dtype=np.uint8)
+    arr = as_schar(data)
     windows = _window_weak(arr, length)
     assert [int(w) for w in windows] == [rsync_checksum1(data[k : k + length]) for k in range(len(windows))]
     blocks = _block_weak(arr[: 4 * length], length)
@@ -197,7 +199,7 @@ def test_weak_sums_match_rsync_reference(length: int) -> None:
 
 def _weak_reference(data: bytes, length: int) -> list[int]:
     """get_checksum1 of each full block with plain int64 arithmetic (the definition, vectorised per block)."""
-    rows = np.frombuffer(data, dtype=np.uint8)[: len(data) // length * length].reshape(-1, length).astype(np.int64)
+    rows = as_schar(data)[: len(data) // length * length].reshape(-1, length).astype(np.int64)
     a = rows.sum(axis=1)
     b = (rows * np.arange(length, 0, -1, dtype=np.int64)).sum(axis=1)
     return [int(x) for x in (a & 0xFFFF) | ((b & 0xFFFF) << 16)]
@@ -215,14 +217,14 @@ def _weak_reference(data: bytes, length: int) -> list[int]:
 )
 def test_block_weak_sums_equal_definition(name: str, length: int, blocks: int) -> None:
     data = random.Random(length).randbytes(length * blocks)
-    assert [int(w) for w in _block_weak(np.frombuffer(data, dtype=np.uint8), length)] == _weak_reference(
+    assert [int(w) for w in _block_weak(as_schar(data), length)] == _weak_reference(
         data, length
     ), name
 
 
 def test_weak_sums_high_bytes_wrap_like_rsync() -> None:
     data = b"\xff" * 131072
-    arr = np.frombuffer(data, dtype=np.uint8)
+    arr = as_schar(data)
     assert int(_block_weak(arr, len(data))[0]) == rsync_checksum1(data)
     assert int(_window_weak(arr, len(data))[0]) == rsync_checksum1(data)
 
@@ -354,3 +356,12 @@ def test_property_edited_versions(
     basis: bytes, changes: list[tuple[str, int, bytes]], block_size: int, chunk_size: int
 ) -> None:
     roundtrip(basis, apply_edits(basis, changes), block_size, chunk_size=chunk_size)
+
+
+def test_weak_checksum_is_rsyncs_over_signed_chars() -> None:
+    """rsync sums ``schar``: bytes(range(256)) gives 0x6a80ff80 (the value a real rsync daemon sends: see
+    test_rsync_daemon.py); summed unsigned it would be 0xaa807f80. The delta engine's signature uses it."""
+    data = bytes(range(256))
+    assert rsync_checksum1(data) == 0x6A80FF80
+    assert int(signature(data).weak[0]) == 0x6A80FF80
+    assert int(_window_weak(as_schar(data), 256)[0]) == 0x6A80FF80

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kwatch.capture.base import CaptureFilter
-from kwatch.events import FileEvent, Op, is_under, join, normalize
+from kwatch.events import FileEvent, Op, join, normalize
+from kwatch.paths import is_under
 
 JOIN = [
     ("plain_name", b"/a/b", b"c", b"/a/b/c"),

@@ -13,6 +13,7 @@ from kwatch.metrics.stats import OutputStats
 from kwatch.outputs.config import OutputSpec
 from kwatch.outputs.sink import FEEDBACK_COMMS, Outputs
 from kwatch.rules import parse_config
+from kwatch.rules.match import config_alerts
 
 
 def read(path: Path) -> list[dict[str, object]]:
@@ -32,7 +33,7 @@ def test_alerts_follow_their_events_and_selection_by_output(tmp_path: Path) -> N
                                records="alerts")], stats, host="h")
     try:
         for e in evs:
-            for a in cfg.alerts(e):
+            for a in config_alerts(cfg, e):
                 outs.alert(a)
         outs.feed(evs)
     finally:

@@ -1,4 +1,4 @@
-"""kwatch.replicate.receiver: each operation, plan round trips between real trees, hostile paths, full disk.
+"""kwatch.mirror.receiver: each operation, plan round trips between real trees, hostile paths, full disk.
 
 Every test that can runs twice: with openat2 (RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS) and with the fallback
 component-by-component O_NOFOLLOW walk, so both resolvers are held to the same rules.
@@ -17,15 +17,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treecmp import assert_trees_equal, snapshot, tree_differences
 
-from kwatch.replicate import delta as delta_mod
-from kwatch.replicate.receiver import (
+from kwatch.mirror.receiver import (
     Receiver,
     ReceiverError,
     apply_plan,
@@ -34,6 +34,9 @@ from kwatch.replicate.receiver import (
     temp_name,
     validate_path,
 )
+from kwatch.mirror.server import AgentServer
+from kwatch.protocols import agent as ap
+from kwatch.replicate import delta as delta_mod
 from kwatch.replicate.scan import diff, scan
 
 MT = 1_600_000_000_123_456_789
@@ -93,8 +96,8 @@ INVALID = [
     (b"a/../../b", "'..'"),
     (b"a/./b", "'.'"),
     (b"x\0y", "NUL"),
-    (b"a//b", "empty path component"),
-    (b"a/", "empty path component"),
+    (b"a//b", "empty component"),
+    (b"a/", "empty component"),
     (b"x" * 256, "longer than"),
 ]
 
@@ -245,54 +248,68 @@ def test_put_files_after_replacing_a_parent_directory(env: Env) -> None:
     assert env.rx.cleanup_temps() == []
 
 
-def _delta_ops(old: bytes, new: bytes) -> tuple[int, list[Any], bytes]:
-    sig = delta_mod.signature(old)
-    stream = delta_mod.delta(sig, new)
-    ops = list(stream)
-    return sig.block_size, ops, stream.stats.digest
+def _delta_via_agent(rx: Receiver, path: bytes, new: bytes, *, mode: int = 0o604,
+                     bad_digest: bool = False) -> tuple[ap.PathError, ...]:
+    """Patch ``path`` on the mirror to ``new`` the way production does: an in-process AgentServer over ``rx``
+    answers a SigRequest (blocks of 1 KiB) and applies the delta frames a sender makes against that signature.
+    Returns the errors of the Ack."""
+    server = AgentServer(rx)
+    sender = ap.AgentConnection(ap.Role.SENDER)
+    hello = sender.send(sender.hello())
+    sender.receive_data(server.start())
+    assert isinstance(sender.next_event(), ap.Hello)
+    sender.receive_data(server.feed(hello + sender.send(ap.SigRequest(1, path, 1024))))
+    weak, strong, sig = b"", b"", None
+    while not isinstance(ev := sender.next_event(), ap.NeedData):
+        if isinstance(ev, ap.Signature):
+            weak, strong, sig = weak + ev.weak, strong + ev.strong, ev
+    assert sig is not None and sig.done
+    stream = delta_mod.delta(delta_mod.Signature.from_wire(sig.block_size, sig.file_size, weak, strong, sig.seed),
+                             new)
+    frames = sender.send(ap.DeltaBegin(path, 1, len(new), mode))
+    frames += b"".join(sender.send(ap.DeltaChunk((op,))) for op in stream)
+    frames += sender.send(ap.DeltaEnd(b"\0" * 16 if bad_digest else stream.stats.digest))
+    frames += sender.send(ap.Commit(1))
+    sender.receive_data(server.feed(frames))
+    acks = []
+    while not isinstance(ev := sender.next_event(), ap.NeedData):
+        if isinstance(ev, ap.Ack):
+            acks.append(ev)
+    assert len(acks) == 1
+    return acks[0].errors
 
 
-def test_apply_delta(env: Env) -> None:
+def test_delta_applied_by_the_agent(env: Env) -> None:
     old = os.urandom(300_000)
     new = old[:100_000] + b"inserted" + old[100_000:250_000] + os.urandom(1000)
-    env.rx.put(b"big", [old], mode=0o604)
-    bs, ops, digest = _delta_ops(old, new)
-
-    def patch(b: BinaryIO, o: Any, out: BinaryIO) -> delta_mod.PatchResult:
-        return delta_mod.patch(b, o, out, bs)
-
-    res = env.rx.apply_delta(b"big", ops, patch, check=lambda r: None if r.digest == digest else "digest mismatch",
-                             mtime_ns=MT)
-    assert res.size == len(new) and res.literal_bytes < 20_000
+    env.rx.put(b"big", [old], mode=0o600)
+    assert _delta_via_agent(env.rx, b"big", new, mode=0o604) == ()
     assert Path(os.fsdecode(env.root + b"/big")).read_bytes() == new
-    st_ = os.lstat(env.root + b"/big")
-    assert (stat.S_IMODE(st_.st_mode), st_.st_mtime_ns) == (0o604, MT)  # mode kept from the basis
+    assert stat.S_IMODE(os.lstat(env.root + b"/big").st_mode) == 0o604
     assert _files(env.root) == [b"big"]
 
 
-def test_apply_delta_refused_by_check_keeps_old(env: Env) -> None:
-    env.rx.put(b"f", [b"old content"])
-    bs, ops, _digest = _delta_ops(b"old content", b"new content")
-    with pytest.raises(ReceiverError, match="old file kept: digest mismatch"):
-        env.rx.apply_delta(b"f", ops, lambda b, o, out: delta_mod.patch(b, o, out, bs), check=lambda r: "digest mismatch")
-    assert Path(os.fsdecode(env.root + b"/f")).read_bytes() == b"old content" and _files(env.root) == [b"f"]
+def test_delta_with_a_wrong_digest_keeps_old(env: Env) -> None:
+    env.rx.put(b"f", [b"old content " * 100])
+    errors = _delta_via_agent(env.rx, b"f", b"new content " * 100, bad_digest=True)
+    assert [(e.relpath, e.code) for e in errors] == [(b"f", "digest-mismatch")]
+    assert Path(os.fsdecode(env.root + b"/f")).read_bytes() == b"old content " * 100 and _files(env.root) == [b"f"]
 
 
-def test_apply_delta_bad_ops_and_bad_basis(env: Env) -> None:
-    env.rx.put(b"f", [b"short"])
-    bad = [delta_mod.Copy(0, 99)]
-    with pytest.raises(ReceiverError, match="delta does not apply"):
-        env.rx.apply_delta(b"f", bad, lambda b, o, out: delta_mod.patch(b, o, out, 4))
-    assert _files(env.root) == [b"f"]
-    os.symlink(env.outside + b"/file", env.root + b"/link")
-    with pytest.raises(ReceiverError, match="basis is a symlink"):
-        env.rx.apply_delta(b"link", [], lambda b, o, out: delta_mod.patch(b, o, out, 4))
-    os.mkdir(env.root + b"/d")
-    with pytest.raises(ReceiverError, match="not a regular file"):
-        env.rx.apply_delta(b"d", [], lambda b, o, out: delta_mod.patch(b, o, out, 4))
-    with pytest.raises(ReceiverError, match="cannot open the delta basis"):
-        env.rx.apply_delta(b"missing", [], lambda b, o, out: delta_mod.patch(b, o, out, 4))
-    assert sorted(_files(env.root)) == [b"d", b"f", b"link"]
+@pytest.mark.parametrize("what", ["symlink", "directory", "missing"])
+def test_delta_without_a_regular_basis_copies_nothing(env: Env, what: str) -> None:
+    """A basis that is a symlink (to a file outside), a directory or nothing has no blocks: the signature is
+    empty, so the delta is all literal, and no byte of anything else reaches the mirror."""
+    if what == "symlink":
+        os.symlink(env.outside + b"/file", env.root + b"/p")
+    elif what == "directory":
+        os.mkdir(env.root + b"/p")
+    outside = snapshot(Path(os.fsdecode(env.outside)))
+    errors = _delta_via_agent(env.rx, b"p", b"new data")
+    assert errors == () or what == "directory", errors
+    if not errors:
+        assert Path(os.fsdecode(env.root + b"/p")).read_bytes() == b"new data"
+    assert snapshot(Path(os.fsdecode(env.outside))) == outside
 
 
 def test_rename(env: Env) -> None:
@@ -654,10 +671,7 @@ HOSTILE = [
     Hostile("hardlink out of the root", lambda rx: rx.hardlink(b"h", b"esc/file"), "symlink"),
     Hostile("hardlink into a symlinked dir", lambda rx: rx.hardlink(b"esc/h", b"a/f"), "symlink"),
     Hostile("setattr through a symlink", lambda rx: rx.setattr(b"esc/file", mode=0o777), "symlink"),
-    Hostile("delta basis through a symlink", lambda rx: rx.apply_delta(b"esc/file", [], lambda b, o, out: None),
-            "symlink"),
-    Hostile("delta basis is a symlink", lambda rx: rx.apply_delta(b"esc-file", [], lambda b, o, out: None),
-            "basis is a symlink"),
+    Hostile("delta basis through a symlink", lambda rx: rx.open_read(b"esc/file"), "symlink"),
     Hostile("put through a file used as a dir", _put(b"a/f/x"), "not a directory"),
     Hostile("put_files ../../etc/passwd", _put_files(b"../../etc/passwd"), "'..'"),
     Hostile("put_files /etc/passwd", _put_files(b"/etc/passwd"), "absolute"),
@@ -742,8 +756,11 @@ def _run_op(rx: Receiver, op: str, p: bytes, q: bytes) -> None:
     elif op == "put_files":
         rx.put_files([(p, 0o777, MT, b"pwned"), (q, 0o777, None, b"pwned"), (p + b"/x", 0o777, MT, b"pwned")],
                      replace_dirs=True)
-    else:
-        rx.apply_delta(p, [], lambda b, o, out: out.write(b"pwned"))
+    else:  # a delta: the basis is opened for reading, the new content put
+        fd = rx.open_read(p)
+        if fd is not None:
+            os.close(fd)
+        rx.put(p, [b"pwned"], mode=0o777)
 
 
 @pytest.mark.parametrize("resolver", RESOLVERS)
@@ -808,12 +825,36 @@ def test_full_disk_put_leaves_nothing(tiny_fs: bytes, use_openat2: bool) -> None
 def test_full_disk_delta_leaves_old_file(tiny_fs: bytes) -> None:
     with Receiver(tiny_fs) as rx:
         rx.put(b"f", [b"basis"])
-
-        def patch(b: BinaryIO, o: object, out: BinaryIO) -> None:
-            for _ in range(40):
-                out.write(b"\0" * 65536)
-
-        with pytest.raises(ReceiverError) as ei:
-            rx.apply_delta(b"f", [], patch)
-        assert ei.value.errno == errno.ENOSPC
+        errors = _delta_via_agent(rx, b"f", os.urandom(40 * 65536))
+        assert [(e.relpath, e.code) for e in errors] == [(b"f", "ENOSPC")], errors
         assert _files(tiny_fs) == [b"f"] and Path(os.fsdecode(tiny_fs + b"/f")).read_bytes() == b"basis"
+
+
+@pytest.mark.parametrize("how", ["PutFile", "PutFiles", "PutEnd"])
+def test_agent_refuses_content_that_does_not_match_its_digest(env: Env, how: str) -> None:
+    """Every way a sender puts a whole file carries an xxh3-128 digest; the agent checks it before anything is put,
+    reports digest-mismatch for that path and goes on with the rest."""
+    env.rx.put(b"f", [b"old"])
+    server = AgentServer(env.rx)
+    sender = ap.AgentConnection(ap.Role.SENDER)
+    hello = sender.send(sender.hello())
+    sender.receive_data(server.start())
+    assert isinstance(sender.next_event(), ap.Hello)
+    wrong = b"\1" * 16
+    ok = xxhash.xxh3_128_digest(b"fine")
+    if how == "PutFile":
+        frames = sender.send(ap.PutFile(b"f", 0o644, MT, b"new", wrong))
+    elif how == "PutFiles":
+        frames = sender.send(ap.PutFiles((ap.PutFile(b"f", 0o644, MT, b"new", wrong),
+                                          ap.PutFile(b"g", 0o644, MT, b"fine", ok))))
+    else:
+        frames = (sender.send(ap.PutBegin(b"f", 3, 0o644)) + sender.send(ap.PutChunk(b"new"))
+                  + sender.send(ap.PutEnd(wrong)))
+    sender.receive_data(server.feed(hello + frames + sender.send(ap.Commit(1))))
+    events = []
+    while not isinstance(ev := sender.next_event(), ap.NeedData):
+        events.append(ev)
+    (ack,) = [e for e in events if isinstance(e, ap.Ack)]
+    assert [(e.relpath, e.code) for e in ack.errors] == [(b"f", "digest-mismatch")]
+    assert Path(os.fsdecode(env.root + b"/f")).read_bytes() == b"old"
+    assert sorted(_files(env.root)) == ([b"f", b"g"] if how == "PutFiles" else [b"f"])

@@ -23,7 +23,7 @@ import pytest
 from livereplicate import KWATCH, LiveReplicate, wait_identical
 from sshd import Sshd
 
-from kwatch.replicate.receiver import is_temp_name
+from kwatch.mirror.receiver import is_temp_name
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -403,3 +403,37 @@ def test_pacer(steps: list[tuple[float, int]], allowances: list[int]) -> None:
     assert got == allowances
     assert pacer.delay(BURST) == pytest.approx((BURST - pacer.allowance()) / 1000, abs=1e-3)
     assert _Pacer(None).allowance() > 1 << 40 and _Pacer(None).delay(1 << 30) == 0.0
+
+
+def test_weak_checksum_is_the_one_real_rsync_sends(tmp_path: Path, daemon: RsyncDaemon, module: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real rsync daemon, as the receiver of a push, sends the block checksums of its copy: the first one is
+    get_checksum1 over signed chars. kwatch's one weak checksum, used by the rsync client and by its own delta
+    engine (the signature a kwatch agent sends), must give the same value: the delta engine summed unsigned bytes
+    (0xaa807f80 for bytes(range(256)) where rsync gives 0x6a80ff80)."""
+    from kwatch.protocols.rsync import client
+    from kwatch.protocols.rsync.checksum import checksum1
+    from kwatch.replicate.delta import signature
+
+    basis = bytes(range(256))
+    (module / "f").write_bytes(basis)
+    os.utime(module / "f", ns=(MTIME_NS, MTIME_NS))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(basis + b"changed")
+    seen: list[client.SumHead] = []
+    real = client.PushSession._read_sums
+
+    def spy(self: client.PushSession, r: client.Reader) -> client.SumHead:
+        sums = real(self, r)
+        seen.append(sums)
+        return sums
+
+    monkeypatch.setattr(client.PushSession, "_read_sums", spy)
+    push(os.fsencode(src), daemon.url("push"))
+    assert (module / "f").read_bytes() == basis + b"changed"
+    assert [(s.count, s.remainder) for s in seen] == [(1, 256)]
+    rsync_value = seen[0].sum1[0]
+    assert rsync_value == 0x6A80FF80
+    assert checksum1(basis) == rsync_value
+    assert int(signature(basis).weak[0]) == rsync_value

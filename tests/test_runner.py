@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from kwatch.actions.runner import Result, Runner, Started
-from kwatch.actions.shell import chunk_args
 from kwatch.events import FileEvent, Op
 from kwatch.rules import Config, parse_config
+from kwatch.rules.match import match_config
+from kwatch.rules.shell import chunk_args
 
 
 class FakeClock:
@@ -43,7 +44,7 @@ def rule(match: str, run: str, on: str = "CLOSEW", **opts: object) -> str:
 
 
 def submit(runner: Runner, cfg: Config, path: bytes, op: Op = Op.CLOSE_WRITE, pid: int | None = None) -> None:
-    matches = cfg.match(FileEvent(op, path, pid=pid))
+    matches = match_config(cfg, FileEvent(op, path, pid=pid))
     assert matches, path
     runner.submit_all(matches)
 
@@ -328,7 +329,7 @@ def test_hot_folder_convert_verbatim_rule() -> None:
         cfg, errs = parse_config(CONVERT_RULE, "changedfiles.conf", toml=False)
         assert cfg is not None and errs == []
         r = Runner.from_config(cfg)
-        ms = cfg.match(FileEvent(Op.CLOSE_WRITE, bytes(jpg), pid=1234))
+        ms = match_config(cfg, FileEvent(Op.CLOSE_WRITE, bytes(jpg), pid=1234))
         assert len(ms) == 1
         r.submit_all(ms)
         (res,) = r.run_until_idle()

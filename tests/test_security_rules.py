@@ -24,6 +24,7 @@ import pytest
 
 from kwatch.events import FileEvent, Op
 from kwatch.rules import Config, parse_config
+from kwatch.rules.match import config_alerts
 
 KWATCH = [sys.executable, "-c", "import sys; from kwatch.cli import main; sys.exit(main())"]
 P = "/T"  # the prefix of the pure cases
@@ -115,7 +116,7 @@ PURE_CASES: dict[str, tuple[str, FileEvent, bool]] = {
 @pytest.mark.parametrize("name", list(PURE_CASES))
 def test_rule(name: str) -> None:
     rule, event, raises = PURE_CASES[name]
-    got = {a.rule.name for a in config(P).alerts(event, TREE)}
+    got = {a.rule.name for a in config_alerts(config(P), event, TREE)}
     assert got == ({rule} if raises else set())
 
 

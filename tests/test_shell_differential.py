@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from kwatch.actions.runner import Runner
 from kwatch.events import FileEvent, Op
 from kwatch.rules import parse_config
+from kwatch.rules.match import match_config
 
 SHELLS = ("/usr/bin/dash", "/usr/bin/bash")
 PWN = "pwn"  # what the hostile names try to create, relative to the shell's working directory
@@ -179,7 +180,7 @@ def _run(command: str, name: bytes, out: Path, shell: str, cwd: Path) -> list[by
         assert errs and all("refused" in e or "parameter name" in e for e in errs), errs
         return None
     path = b"/p/" + name
-    matches = cfg.match(FileEvent(Op.CLOSE_WRITE, path, pid=1))  # type: ignore[attr-defined]
+    matches = match_config(cfg, FileEvent(Op.CLOSE_WRITE, path, pid=1))  # type: ignore[attr-defined]
     env = {b"PATH": b"/usr/bin:/bin", b"KW_OUT": bytes(out), b"KW_LEN": b"abc"}
     spec = Runner(dry_run=True, env=env, shell=shell).plan(matches[0])
     if out.exists():

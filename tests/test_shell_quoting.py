@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwatch.actions.runner import Runner
-from kwatch.actions.shell import ShellSyntaxError, compile_command, shell_quote
 from kwatch.events import FileEvent, Op
 from kwatch.rules import parse_config
+from kwatch.rules.match import match_config
+from kwatch.rules.shell import ShellSyntaxError, compile_command, shell_quote
 
 CANARY = "/tmp/kwatch-canary-quoting"
 
@@ -89,7 +90,7 @@ def run_action(command: str, path: bytes, out: Path, op: Op = Op.CLOSE_WRITE, ne
     else:
         cfg, errs = parse_config(f"RULE ^/\n{kw} {command}\n", "quoting.conf", toml=False)
     assert cfg is not None, errs
-    matches = cfg.match(FileEvent(op, path, new_path=new_path, pid=42))
+    matches = match_config(cfg, FileEvent(op, path, new_path=new_path, pid=42))
     assert len(matches) == 1
     env = {b"PATH": b"/usr/bin:/bin", b"KW_OUT": bytes(out)}
     spec = Runner(dry_run=True, env=env).plan(matches[0])
@@ -147,7 +148,7 @@ def test_stale_kwatch_variables_are_not_inherited(argv_script: tuple[str, Path])
     script, out = argv_script
     cfg, _ = parse_config(f'RULE ^/\nUNLINK {script} "$KWATCH_NEW_FILE"\n', "t.conf", toml=False)
     assert cfg is not None
-    m = cfg.match(FileEvent(Op.UNLINK, b"/gone"))[0]
+    m = match_config(cfg, FileEvent(Op.UNLINK, b"/gone"))[0]
     spec = Runner(dry_run=True, env={b"KWATCH_NEW_FILE": b"stale", b"KW_OUT": bytes(out)}).plan(m)
     assert spec.env[b"KWATCH_NEW_FILE"] == b""
 
@@ -160,7 +161,7 @@ def test_dry_run_argv_is_exact() -> None:
         toml=False,
     )
     assert cfg is not None
-    m = cfg.match(FileEvent(Op.CLOSE_WRITE, b"/export/home/image-converter/a b.jpg", pid=7))[0]
+    m = match_config(cfg, FileEvent(Op.CLOSE_WRITE, b"/export/home/image-converter/a b.jpg", pid=7))[0]
     spec = Runner(dry_run=True, env={b"PATH": b"/bin"}).plan(m)
     assert spec.argv == (
         b"/bin/sh",

@@ -6,7 +6,7 @@ How the daemon drives it (single-threaded, next to the capture Source)::
     while True:
         ready = select([source, runner], [], [], runner.timeout())
         for ev in source.read(0):
-            for m in config.match(ev, procs):
+            for m in match_config(config, ev, procs):
                 runner.submit(m)
         for result in runner.poll():
             ...                                   # already logged; metrics can count result.ok
@@ -16,7 +16,7 @@ How the daemon drives it (single-threaded, next to the capture Source)::
 - ``fileno`` is an epoll descriptor holding a pidfd of every running action: readable when one exits, so the
   daemon sleeps until an event, a child exit, or ``timeout()`` (the next debounce or kill deadline).
 
-Each action runs as ``/bin/sh -c SCRIPT kwatch [FILES...]`` (see :mod:`kwatch.actions.shell`) with an allowlist of
+Each action runs as ``/bin/sh -c SCRIPT kwatch [FILES...]`` (see :mod:`kwatch.rules.shell`) with an allowlist of
 the daemon's environment (:func:`~kwatch.actions.privileges.action_environment`: never its secrets such as
 ``RSYNC_PASSWORD``) plus the KWATCH_* variables, as bytes, as the action's ``user``/``group`` if it has them
 (set in the child before exec, with the user's groups, ``HOME``, ``USER`` and ``LOGNAME``), in a **new session**: its pid is also its process group and
@@ -49,12 +49,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import IO
 
-from kwatch.actions.privileges import action_environment, popen_credentials, resolve_run_as, user_environment
+from kwatch.actions.privileges import action_environment, popen_credentials, user_environment
 from kwatch.actions.schedule import Job, Scheduler
-from kwatch.actions.shell import ExecSpec, chunk_args, exec_spec, nul_list, placeholder_env
 from kwatch.events import display_path
 from kwatch.rules.match import Match
 from kwatch.rules.model import Action, BatchMode, Config, Rule
+from kwatch.rules.runas import resolve_run_as
+from kwatch.rules.shell import ExecSpec, chunk_args, exec_spec, nul_list, placeholder_env
 
 log = logging.getLogger("kwatch.actions")
 

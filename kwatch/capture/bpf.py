@@ -15,13 +15,13 @@ increase into one ``Op.LOSS`` marker event, so no loss is silent.
 from __future__ import annotations
 
 import collections
-import ctypes
 import operator
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from kwatch import libc
 from kwatch.capture import libbpf
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
 from kwatch.capture.record import (
@@ -64,13 +64,13 @@ def _ismount(path: Path) -> bool:
 
 def ensure_mounts() -> None:
     """Mount tracefs (libbpf resolves tracepoint ids there) and bpffs when they are absent."""
-    libc = ctypes.CDLL(None, use_errno=True)
     for fstype, where in (("tracefs", TRACEFS), ("bpf", BPFFS)):
         if not where.is_dir() or _ismount(where):
             continue
-        if libc.mount(fstype.encode(), str(where).encode(), fstype.encode(), 0, None) != 0:
-            err = ctypes.get_errno()
-            raise CaptureError(f"cannot mount {fstype} on {where}: {os.strerror(err)}")
+        try:
+            libc.mount(fstype.encode(), os.fsencode(where), fstype.encode())
+        except OSError as e:
+            raise CaptureError(f"cannot mount {fstype} on {where}: {os.strerror(e.errno or 0)}") from e
 
 
 def kernel_dev(st_dev: int) -> int:

@@ -1,7 +1,6 @@
 """The fanotify backend: whole-filesystem marks with directory file handles and names, parsed without libraries.
 
-Owns: the ctypes binding of ``fanotify_init``/``fanotify_mark``/``open_by_handle_at``/``statfs``, the parser of the
-event stream (``struct fanotify_event_metadata`` followed by info records), the translation of directory file handles
+Owns (the calls themselves are in :mod:`kwatch.libc`): the parser of the event stream (``struct fanotify_event_metadata`` followed by info records), the translation of directory file handles
 back to paths, and :class:`FanotifySource`.
 
 How it works. ``fanotify_init(FAN_CLASS_NOTIF | FAN_REPORT_DFID_NAME | FAN_REPORT_FID | FAN_REPORT_TARGET_FID ...)``
@@ -57,8 +56,10 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kwatch import libc
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
-from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, is_under, join
+from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
+from kwatch.paths import is_under, rebase
 
 # --- include/uapi/linux/fanotify.h -------------------------------------------------------------------------------
 FAN_CLOEXEC = 0x1
@@ -125,64 +126,14 @@ _REWALKS = 3
 _MAX_CHAIN = 200
 
 
-class _StatFs(ctypes.Structure):
-    # struct statfs for LP64 Linux (x86_64, arm64, ...): seven longs, then f_fsid; checked in _fsid_of.
-    _fields_ = [
-        ("f_type", ctypes.c_long),
-        ("f_bsize", ctypes.c_long),
-        ("f_blocks", ctypes.c_ulong),
-        ("f_bfree", ctypes.c_ulong),
-        ("f_bavail", ctypes.c_ulong),
-        ("f_files", ctypes.c_ulong),
-        ("f_ffree", ctypes.c_ulong),
-        ("f_fsid", ctypes.c_int * 2),
-        ("f_namelen", ctypes.c_long),
-        ("f_frsize", ctypes.c_long),
-        ("f_flags", ctypes.c_long),
-        ("f_spare", ctypes.c_long * 4),
-    ]
-
-
-class _Libc:
-    """The four libc calls this backend needs, typed once."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            self.fanotify_init = libc.fanotify_init
-            self.fanotify_mark = libc.fanotify_mark
-            self.open_by_handle_at = libc.open_by_handle_at
-            self.statfs = libc.statfs
-        except AttributeError as e:
-            raise CaptureError(f"fanotify: libc lacks {e}; glibc >= 2.14 is needed") from e
-        self.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-        self.fanotify_init.restype = ctypes.c_int
-        self.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-        self.fanotify_mark.restype = ctypes.c_int
-        self.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self.open_by_handle_at.restype = ctypes.c_int
-        self.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
-        self.statfs.restype = ctypes.c_int
-
-
-_libc: _Libc | None = None
-
-
-def _lib() -> _Libc:
-    global _libc
-    if _libc is None:
-        _libc = _Libc()
-    return _libc
-
-
 def _fsid_of(path: bytes) -> bytes:
     """The 8-byte ``__kernel_fsid_t`` fanotify puts in its records for the filesystem holding ``path``."""
     if ctypes.sizeof(ctypes.c_long) != 8:
         raise CaptureError("fanotify backend: only LP64 Linux is supported (struct statfs layout)")
-    buf = _StatFs()
-    if _lib().statfs(path, ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise CaptureError(f"fanotify: statfs({path!r}) failed: {os.strerror(err)}")
+    try:
+        buf = libc.statfs(path)
+    except OSError as e:
+        raise CaptureError(f"fanotify: statfs({path!r}) failed: {os.strerror(e.errno or 0)}") from e
     return struct.pack("=ii", buf.f_fsid[0], buf.f_fsid[1])
 
 
@@ -274,8 +225,10 @@ class _Resolver:
         fds = self.mount_fds.get(key[:8])
         if not fds:
             return None
-        fd: int = _lib().open_by_handle_at(fds[0], key[8:], flags | os.O_CLOEXEC)
-        return fd if fd >= 0 else None
+        try:
+            return libc.open_by_handle_at(fds[0], key[8:], flags | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     def now(self, key: bytes) -> bytes | None:
         """The current path of a directory handle (cached), or None when it no longer exists."""
@@ -326,10 +279,6 @@ def _is_dir_rename(ev: RawEvent) -> bool:
 
 def _is_rmdir(ev: RawEvent) -> bool:
     return bool(ev.mask & FAN_DELETE and ev.mask & FAN_ONDIR)
-
-
-def _rebase(path: bytes, old: bytes, new: bytes) -> bytes:
-    return new + path[len(old) :]
 
 
 class _PathWalk:
@@ -395,7 +344,7 @@ class _PathWalk:
         if path is not None:
             for old, new in self.undo:
                 if is_under(path, new):
-                    path = _rebase(path, new, old)
+                    path = rebase(path, new, old)
         else:
             path = self._named(key)
             if path is None:
@@ -416,7 +365,7 @@ class _PathWalk:
                 old, new = ev.path, ev.new_path
                 for k, p in self.known.items():
                     if is_under(p, new):
-                        self.known[k] = _rebase(p, new, old)
+                        self.known[k] = rebase(p, new, old)
                 if ev.obj_key is not None:
                     self.known[ev.obj_key] = old
                 self.undo.append((old, new))
@@ -508,20 +457,20 @@ class FanotifySource:
         self._fd = -1
         mount_fds: dict[bytes, list[int]] = {}
         self._resolver = _Resolver(mount_fds)
-        lib = _lib()
-        fd = lib.fanotify_init(INIT_FLAGS, os.O_RDONLY | os.O_LARGEFILE)
-        if fd < 0:
-            err = ctypes.get_errno()
+        try:
+            fd = libc.fanotify_init(INIT_FLAGS, os.O_RDONLY | os.O_LARGEFILE)
+        except OSError as e:
+            err = e.errno or errno.EIO
             if err == errno.EPERM:
-                raise CaptureError("fanotify needs CAP_SYS_ADMIN: run as root, or use the inotify backend")
+                raise CaptureError("fanotify needs CAP_SYS_ADMIN: run as root, or use the inotify backend") from e
             if err == errno.EINVAL:
                 raise CaptureError(
                     "fanotify: this kernel rejects FAN_REPORT_DFID_NAME|FAN_REPORT_TARGET_FID (Linux >= 5.17 is "
                     "needed); use the bpf or inotify backend"
-                )
+                ) from e
             if err == errno.ENOSYS:
-                raise CaptureError("fanotify: kernel built without CONFIG_FANOTIFY; use the inotify backend")
-            raise CaptureError(f"fanotify_init failed: {os.strerror(err)}")
+                raise CaptureError("fanotify: kernel built without CONFIG_FANOTIFY; use the inotify backend") from e
+            raise CaptureError(f"fanotify_init failed: {os.strerror(err)}") from e
         self._fd = fd
         try:
             roots = self.filter.roots or (b"/",)
@@ -535,19 +484,21 @@ class FanotifySource:
                     raise CaptureError(f"fanotify: watched root {root!r} is not a directory")
                 fsid = _fsid_of(root)
                 if fsid not in marked:
-                    if lib.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, MARK_MASK, AT_FDCWD, root) != 0:
-                        err = ctypes.get_errno()
+                    try:
+                        libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, MARK_MASK, AT_FDCWD, root)
+                    except OSError as e:
+                        err = e.errno or errno.EIO
                         if err == errno.EPERM:
                             # without FAN_UNLIMITED_QUEUE an unprivileged fanotify_init succeeds (Linux >= 5.13);
                             # the filesystem mark is what needs the capability
-                            raise CaptureError("fanotify needs CAP_SYS_ADMIN: run as root, or use the inotify backend")
+                            raise CaptureError("fanotify needs CAP_SYS_ADMIN: run as root, or use the inotify backend") from e
                         hint = {
                             errno.ENODEV: "the filesystem has no file handles (fanotify FID mode needs them)",
                             errno.EXDEV: "the filesystem has no unique fsid (e.g. a subvolume or overlay)",
                             errno.EOPNOTSUPP: "the filesystem does not support file handles",
                             errno.EINVAL: "the kernel rejects the event mask (FAN_RENAME needs Linux >= 5.17)",
                         }.get(err, os.strerror(err))
-                        raise CaptureError(f"fanotify_mark(FAN_MARK_FILESYSTEM, {root!r}) failed: {hint}")
+                        raise CaptureError(f"fanotify_mark(FAN_MARK_FILESYSTEM, {root!r}) failed: {hint}") from e
                     marked.add(fsid)
                 mount_fds.setdefault(fsid, []).append(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         except BaseException:

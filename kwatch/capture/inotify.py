@@ -1,7 +1,6 @@
 """The inotify backend: the unprivileged fallback, one watch per directory under the given roots.
 
-Owns: the ctypes binding of ``inotify_init1``/``inotify_add_watch``/``inotify_rm_watch``, the parser of
-``struct inotify_event`` records, the watch table (wd <-> directory path, kept true across directory renames), rename
+Owns (the calls themselves are in :mod:`kwatch.libc`): the parser of ``struct inotify_event`` records, the watch table (wd <-> directory path, kept true across directory renames), rename
 pairing by cookie, the scan that closes the new-directory race, and :class:`InotifySource`.
 
 What it reports, and what it cannot know:
@@ -35,7 +34,7 @@ What it reports, and what it cannot know:
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import os
 import select
@@ -44,8 +43,10 @@ import struct
 import time
 from dataclasses import dataclass
 
+from kwatch import libc
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
-from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, is_under, join
+from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
+from kwatch.paths import is_under, rebase
 
 # --- include/uapi/linux/inotify.h ----------------------------------------------------------------------------------
 IN_MODIFY = 0x2
@@ -92,30 +93,6 @@ _FIELDS = frozenset({"ftype", "target", "lost"})
 DEFAULT_BUFFER = 256 * 1024
 DEFAULT_MOVE_WINDOW = 0.05
 DEFAULT_MAX_BATCH = 200_000
-
-
-class _Libc:
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.init1 = libc.inotify_init1
-        self.init1.argtypes = [ctypes.c_int]
-        self.init1.restype = ctypes.c_int
-        self.add_watch = libc.inotify_add_watch
-        self.add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        self.add_watch.restype = ctypes.c_int
-        self.rm_watch = libc.inotify_rm_watch
-        self.rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-        self.rm_watch.restype = ctypes.c_int
-
-
-_libc: _Libc | None = None
-
-
-def _lib() -> _Libc:
-    global _libc
-    if _libc is None:
-        _libc = _Libc()
-    return _libc
 
 
 def parse(buf: bytes | memoryview) -> list[tuple[int, int, int, bytes]]:
@@ -194,12 +171,11 @@ class InotifySource:
         self._seen_prev: dict[int, set[bytes]] = {}
         #: Directories that could not be watched at start (path, errno); their subtrees are blind.
         self.unwatched: list[tuple[bytes, int]] = []
-        fd: int = _lib().init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            hint = " (fs.inotify.max_user_instances reached)" if err == errno.EMFILE else ""
-            raise CaptureError(f"inotify_init1 failed: {os.strerror(err)}{hint}")
-        self._fd = fd
+        try:
+            self._fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        except OSError as e:
+            hint = " (fs.inotify.max_user_instances reached)" if e.errno == errno.EMFILE else ""
+            raise CaptureError(f"inotify_init1 failed: {os.strerror(e.errno or 0)}{hint}") from e
         try:
             for root in filt.roots:
                 err = self._add_watch(root)
@@ -372,15 +348,17 @@ class InotifySource:
         out[p.slot] = self._event(Op.RMDIR if p.is_dir else Op.UNLINK, p.path, ftype=FT_DIR if p.is_dir else 0)
         if p.is_dir:
             for wd in [wd for wd, path in self._wd_path.items() if is_under(path, p.path)]:
-                _lib().rm_watch(self._fd, wd)
+                with contextlib.suppress(OSError):  # gone with its directory already
+                    libc.inotify_rm_watch(self._fd, wd)
                 self._forget_wd(wd)
 
     # --- watches --------------------------------------------------------------------------------------------------
     def _add_watch(self, path: bytes) -> int:
         """Watch one directory; 0 or the errno."""
-        wd: int = _lib().add_watch(self._fd, path, WATCH_MASK)
-        if wd < 0:
-            return ctypes.get_errno()
+        try:
+            wd = libc.inotify_add_watch(self._fd, path, WATCH_MASK)
+        except OSError as e:
+            return e.errno or errno.EIO
         old = self._wd_path.get(wd)
         if old is not None and old != path:
             # The same directory reached by two paths (a bind mount inside the tree): keep the first name.
@@ -400,7 +378,7 @@ class InotifySource:
     def _rebase(self, old: bytes, new: bytes) -> None:
         for wd, path in list(self._wd_path.items()):
             if is_under(path, old):
-                moved = new + path[len(old) :]
+                moved = rebase(path, old, new)
                 self._wd_path[wd] = moved
                 if self._path_wd.get(path) == wd:
                     del self._path_wd[path]

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from kwatch import libc
 from kwatch.capture.base import CaptureError
 
 
@@ -23,16 +24,13 @@ class BpfError(CaptureError):
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 _lib: ctypes.CDLL | None = None
-_libc = ctypes.CDLL(None, use_errno=True)
 _log: list[str] = []
 _print_cb: Any = None  # keep the callback alive as long as libbpf may call it
 
 
 def _on_print(level: int, fmt: bytes | None, args: int | None) -> int:
     # libbpf hands us a printf format and a va_list; let libc format it.
-    buf = ctypes.create_string_buffer(4096)
-    _libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), fmt, ctypes.c_void_p(args))
-    line = buf.value.decode("utf-8", "replace").rstrip("\n")
+    line = libc.vsnprintf(fmt or b"", args).decode("utf-8", "replace").rstrip("\n")
     if line:
         _log.append(line)
         del _log[:-400]
@@ -63,8 +61,6 @@ def lib() -> ctypes.CDLL:
         "bpf_link__destroy": (i, [p]),
         "bpf_map__fd": (i, [p]),
         "bpf_map__set_max_entries": (i, [p, u32]),
-        "bpf_map__value_size": (u32, [p]),
-        "bpf_map__key_size": (u32, [p]),
         "bpf_map_update_elem": (i, [i, p, p, u64]),
         "bpf_map_lookup_elem": (i, [i, p, p]),
         "bpf_map_delete_elem": (i, [i, p]),
@@ -109,14 +105,6 @@ class BpfMap:
     @property
     def fd(self) -> int:
         return _check(lib().bpf_map__fd(self._h), f"map {self.name}: fd")
-
-    @property
-    def key_size(self) -> int:
-        return int(lib().bpf_map__key_size(self._h))
-
-    @property
-    def value_size(self) -> int:
-        return int(lib().bpf_map__value_size(self._h))
 
     def set_max_entries(self, n: int) -> None:
         _check(lib().bpf_map__set_max_entries(self._h, n), f"map {self.name}: set_max_entries({n})")
@@ -215,6 +203,3 @@ def possible_cpus() -> int:
     n = lib().libbpf_num_possible_cpus()
     return int(_check(n, "count possible CPUs"))
 
-
-def recent_log() -> list[str]:
-    return list(_log)

@@ -41,7 +41,6 @@ from types import FrameType
 from typing import IO, Protocol, runtime_checkable
 
 from kwatch.actions.runner import Result, Runner, Started
-from kwatch.actions.shell import ExecSpec, shell_quote
 from kwatch.capture.barrier import CaptureBarrier
 from kwatch.capture.base import CaptureFilter, Source
 from kwatch.capture.select import open_source
@@ -50,8 +49,10 @@ from kwatch.daemon.roots import capture_roots, minimal, wanted_roots
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import DaemonStats
 from kwatch.rules import ConfigErrors, load_config, load_default_config
+from kwatch.rules.match import config_alerts, match_config
 from kwatch.rules.model import Action, Config, Rule
 from kwatch.rules.procfs import ProcFS
+from kwatch.rules.shell import ExecSpec, shell_quote
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HOUSEKEEPING = 1.0  # seconds between checks of lingering pids and not-yet-existing roots
@@ -290,7 +291,7 @@ class Daemon:
     def handle(self, events: list[FileEvent]) -> None:
         """Count, match and submit one captured batch; then hand it to the sinks."""
         stats = self.stats
-        match = self.config.match
+        config = self.config
         procs = self.procs
         submit = self.runner.submit
         pending = self._pending_ts
@@ -312,7 +313,7 @@ class Daemon:
             if ev.pid == own or (self._action_pids and self._caused_by_action(ev)):
                 self.self_events += 1
                 continue
-            for m in match(ev, procs):
+            for m in match_config(config, ev, procs):
                 stats.rule_matches[m.rule.name] += 1
                 pending.setdefault((id(m.action), m.file), ev.ts_ns if ev.ts_ns is not None else now_ns)
                 if debug:
@@ -336,7 +337,7 @@ class Daemon:
 
     def _alert(self, ev: FileEvent) -> None:
         """A rule's alert: a warning in the log, and a record to every sink that takes alerts (the outputs)."""
-        for a in self.config.alerts(ev, self.procs):
+        for a in config_alerts(self.config, ev, self.procs):
             self.stats.alerts[a.rule.name] += 1
             self.log.warning("alert", rule=a.rule.name, alert_level=a.level, message=a.message, op=ev.op.label,
                              file=a.file, pid=ev.pid, uid=ev.uid, comm=ev.comm)

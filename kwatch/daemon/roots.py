@@ -20,9 +20,9 @@ import os
 from collections.abc import Callable, Iterable
 
 from kwatch.rules.model import Config
-from kwatch.rules.prefix import literal_prefix, rule_root
+from kwatch.rules.prefix import rule_root
 
-__all__ = ["capture_roots", "existing_ancestor", "literal_prefix", "minimal", "rule_root", "wanted_roots"]
+__all__ = ["capture_roots", "existing_ancestor", "minimal", "wanted_roots"]
 
 def existing_ancestor(path: bytes, exists: Callable[[bytes], bool]) -> bytes:
     """``path`` if it is an existing directory, else its nearest existing ancestor (``/`` at worst)."""

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kwatch.events import RENAME_EXCHANGE, FileEvent, Op, is_under
+from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
+from kwatch.paths import is_under
 
 CONTENT = 1  # data may differ: compare and send (whole or delta)
 META = 2  # mode / owner / mtime may differ

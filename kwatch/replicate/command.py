@@ -47,7 +47,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from kwatch.replicate.agent_server import serve
+    from kwatch.mirror.server import serve
 
     root = os.fsencode(args.root)
     if not os.path.isdir(root):

@@ -12,9 +12,9 @@ All three stream: memory is bounded by a few chunks of :data:`CHUNK_SIZE` plus t
 block, i.e. ~640 KiB for a 1 GiB file), never by the file size. Nothing loops in Python per byte: weak sums come
 from vectorised block sums and prefix sums, Python loops run per block or per weak-sum candidate only.
 
-The weak checksum is rsync's (``checksum.c: get_checksum1``): for a window ``x[0..L)``, ``a = sum x_i`` and
-``b = sum (L - i) * x_i``, both mod 2^16, packed as ``a | b << 16``. It is kept bit-for-bit so that its known
-behaviour (and weaknesses on low-entropy data) are the well-studied ones.
+The weak checksum is rsync's (``checksum.c: get_checksum1``, over signed chars), the one implementation in
+:mod:`kwatch.protocols.rsync.checksum` that the rsync client also uses, so that its known behaviour (and
+weaknesses on low-entropy data) are the well-studied ones.
 
 Why xxh3_128 is a strong enough block hash: the strong hash only has to separate blocks that already share a 32-bit
 weak sum, and the threat is *accidental* collision (the sender already controls the new file's content, so it gains
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
@@ -38,6 +39,10 @@ from typing import BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 import xxhash
+
+from kwatch.protocols.agent.messages import Copy, DeltaOp, Literal
+from kwatch.protocols.rsync.checksum import as_schar, block_checksums
+from kwatch.protocols.rsync.match import BlockIndex, MatchCounters, scan
 
 __all__ = [
     "BLOCK_MAX",
@@ -79,23 +84,14 @@ COPY_RUN_MAX: Final = CHUNK_SIZE
 #: Length of one strong hash (xxh3_128 digest).
 STRONG_LEN: Final = 16
 
-# Block sizes are multiples of _ALIGN: the per-block weighted sum is computed as float32 dot products over 256-byte
-# sub-blocks, which is exact because 255 * (0 + 1 + ... + 255) < 2^24, and is vectorised by numpy's einsum loop.
+# Block sizes are multiples of _ALIGN: the weak checksum's fast path (rsync/checksum.py block_checksums) works on
+# 256-byte sub-blocks.
 _ALIGN: Final = 256
 # Blocks of 8 KiB and more are rounded to a multiple of the 4 KiB page: writers (databases, VM images, editors
 # saving in place) dirty whole pages, and a page-aligned 4 KiB write then dirties exactly one block, not two.
 _PAGE: Final = 4096
-# Sub-chunk for numpy temporaries: small enough to stay in cache (the float32 conversion is ~5x faster that way).
-_PIECE: Final = 1 << 20
-_SUB: Final = 256
-# Largest region whose window sums are computed at once: ~1 MiB keeps the prefix sums in cache (measured faster than
-# 8 MiB by about a third) while the per-call overhead stays negligible.
-_ROLL_MAX: Final = 1 << 20
-_SUB_WEIGHTS: Final = np.arange(_SUB, dtype=np.float32)
 
-U8 = npt.NDArray[np.uint8]
 U32 = npt.NDArray[np.uint32]
-I64 = npt.NDArray[np.int64]
 
 
 def block_size_for(size: int) -> int:
@@ -111,94 +107,6 @@ def block_size_for(size: int) -> int:
     align = _PAGE if length >= 2 * _PAGE else _ALIGN
     length -= length % align
     return max(BLOCK_MIN, min(BLOCK_MAX, length))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weak checksums, vectorised
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _pack(a: npt.NDArray[np.integer], b: npt.NDArray[np.integer]) -> U32:
-    """Pack rsync's two 16-bit halves as ``get_checksum1`` does: ``a`` low, ``b`` high."""
-    return ((a.astype(np.uint32) & np.uint32(0xFFFF)) | (b.astype(np.uint32) << np.uint32(16))).astype(
-        np.uint32
-    )
-
-
-def _block_weak(blocks: U8, length: int) -> U32:
-    """Weak checksums of consecutive full blocks: ``blocks`` is a 1-D array whose size is a multiple of ``length``.
-
-    Sums are exact integers reduced mod 2^16 at the end, so the result equals the rolling form of :func:`_window_weak`.
-    """
-    count = blocks.size // length
-    if count == 0:
-        return np.zeros(0, dtype=np.uint32)
-    out = np.empty(count, dtype=np.uint32)
-    # Process whole blocks in pieces of ~_PIECE bytes so temporaries stay cache-sized.
-    per = max(1, _PIECE // length)
-    if length % _SUB == 0:
-        m = length // _SUB
-        wsub = length - _SUB * np.arange(m, dtype=np.int64)
-        # One float32 buffer reused for every piece: converting into it (copyto) costs no allocation and no page
-        # faults, and both sums below read it while it is still in cache.
-        buf = np.empty((min(count, per) * m, _SUB), dtype=np.float32)
-    else:
-        ramp = np.arange(length, 0, -1, dtype=np.int64)  # weight L - i for byte i
-    for first in range(0, count, per):
-        last = min(count, first + per)
-        piece = blocks[first * length : last * length]
-        n = last - first
-        if length % _SUB == 0:
-            subs = buf[: n * m]
-            np.copyto(subs, piece.reshape(-1, _SUB), casting="unsafe")
-            # Per 256-byte sub-block j: t_j = sum_t t * x_{j,t} and s_j = sum_t x_{j,t}, both exact in float32
-            # (< 2^24). einsum for both, not ``@`` nor ``sum(dtype=int64)``: matmul goes to OpenBLAS, whose worker
-            # threads spin and collapse throughput ~15x when the other CPUs are busy (measured on a loaded 2-CPU
-            # VM), and an integer reduction along a 256-long axis was half of this function's time (measured:
-            # 0.67 s per GiB before, 0.37 s after, on the benchmark VM).
-            t = np.einsum("ij,j->i", subs, _SUB_WEIGHTS).astype(np.int64).reshape(n, m)
-            s = np.einsum("ij->i", subs).astype(np.int64).reshape(n, m)
-            # For byte i = j*SUB + t the weight is L - j*SUB - t: split into the sub-block sum times (L - j*SUB)
-            # minus the in-sub-block weighted sum. Exact in int64 for any block size up to BLOCK_LIMIT.
-            a = s.sum(axis=1)
-            b = np.einsum("ij,j->i", s, wsub) - t.sum(axis=1)
-        else:
-            rows = piece.reshape(n, length).astype(np.int64)
-            a = rows.sum(axis=1)
-            b = rows @ ramp
-        out[first:last] = _pack(a, b)
-    return out
-
-
-def _window_weak(seg: U8, length: int) -> U32:
-    """Weak checksums of every window ``seg[k:k+length]``, all at once (the rolling checksum, without rolling).
-
-    With prefix sums ``C[j] = sum_{i<j} x_i`` and ``E[j] = sum_{m<=j} C[m]``:
-    ``a_k = C[k+L] - C[k]`` and ``b_k = E[k+L] - E[k] - L*C[k]``. Everything is taken mod 2^32 by uint32
-    wrap-around, which is consistent with the final mod 2^16.
-    """
-    n = seg.size - length + 1
-    if n <= 0:
-        return np.zeros(0, dtype=np.uint32)
-    c = np.empty(seg.size + 1, dtype=np.uint32)
-    c[0] = 0
-    np.cumsum(seg, dtype=np.uint32, out=c[1:])
-    e = np.cumsum(c, dtype=np.uint32)
-    # In-place arithmetic: this runs over every byte of unmatched regions, so temporaries cost real time.
-    a = np.subtract(c[length:], c[:-length])
-    b = np.subtract(e[length:], e[:-length])
-    np.multiply(c[:-length], np.uint32(length & 0xFFFFFFFF), out=e[:n])
-    b -= e[:n]
-    a &= np.uint32(0xFFFF)
-    b <<= np.uint32(16)
-    a |= b
-    return a
-
-
-def weak_checksum(data: bytes) -> int:
-    """rsync's ``get_checksum1`` of one block (reference form; used by tests and for single short blocks)."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    return int(_block_weak(arr, arr.size)[0]) if arr.size else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,14 +238,14 @@ def signature(
         if not data:
             break
         total += len(data)
-        arr = np.frombuffer(data, dtype=np.uint8)
+        arr = as_schar(data)
         full = len(data) // block_size
-        weaks.append(_block_weak(arr[: full * block_size], block_size))
+        weaks.append(block_checksums(arr[: full * block_size], block_size))
         view = memoryview(data)
         for off in range(0, len(data), block_size):
             strong += xxhash.xxh3_128_digest(view[off : off + block_size], seed)
         if full * block_size < len(data):  # the short last block; only possible at EOF
-            weaks.append(_block_weak(arr[full * block_size :], len(data) - full * block_size))
+            weaks.append(block_checksums(arr[full * block_size :], len(data) - full * block_size))
             break
     weak = np.concatenate(weaks) if weaks else np.zeros(0, dtype=np.uint32)
     return Signature(block_size, total, weak, bytes(strong), seed)
@@ -348,85 +256,19 @@ def signature(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """Copy ``count`` consecutive basis blocks starting at block ``start`` (the last one may be short)."""
-
-    start: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Literal:
-    """Bytes of the new file that are not in the basis (at most :data:`LITERAL_MAX` per op)."""
-
-    data: bytes
-
-
-DeltaOp = Copy | Literal
 
 
 @dataclass(slots=True)
-class DeltaStats:
-    """Filled in while a :class:`DeltaStream` is consumed; complete once it is exhausted."""
+class DeltaStats(MatchCounters):
+    """Filled in while a :class:`DeltaStream` is consumed; complete once it is exhausted (with the matcher's
+    counters: weak_candidates, false_candidates, gave_up_regions)."""
 
     new_size: int = 0
     literal_bytes: int = 0
     copied_bytes: int = 0
     copy_ops: int = 0
     literal_ops: int = 0
-    weak_candidates: int = 0
-    false_candidates: int = 0  # weak sum matched, strong hash did not
-    gave_up_regions: int = 0  # regions where the false-candidate budget ran out (then sent as literal)
     digest: bytes = b""  # xxh3_128 (with the signature's seed) of the whole new file
-
-
-class _Index:
-    """Lookup structures over a signature: strong digest -> block, and a bit filter over weak sums.
-
-    The filter plays the role of rsync's 16-bit tag table (``match.c: build_hash_table``): most windows are rejected
-    by one vectorised gather, and only the survivors are checked exactly against the sorted weak sums.
-    """
-
-    def __init__(self, sig: Signature) -> None:
-        self.sig = sig
-        length = sig.block_size
-        full = sig.count if sig.last_len == length else sig.count - 1
-        self.full = full
-        by_digest: dict[bytes, int] = {}
-        for i in range(full):
-            by_digest.setdefault(sig.digest(i), i)
-        self.by_digest = by_digest
-        weak_full = sig.weak[:full]
-        self.sorted_weak = np.unique(weak_full)
-        bits = max(12, min(26, (max(1, full) * 32 - 1).bit_length()))
-        self.shift = np.uint32(32 - bits)
-        self.filter = np.zeros(1 << bits, dtype=np.bool_)
-        self.filter[self._slot(weak_full)] = True
-
-    def _slot(self, weak: U32) -> U32:
-        # Fibonacci hashing: multiply by 2^32/phi and keep the top bits, so structured weak sums spread evenly.
-        slot = weak * np.uint32(0x9E3779B1)
-        slot >>= self.shift
-        return slot
-
-    def candidates(self, weak: U32) -> npt.NDArray[np.intp]:
-        """Offsets into ``weak`` whose value is the weak sum of some full basis block."""
-        maybe = np.flatnonzero(np.take(self.filter, self._slot(weak)))
-        if maybe.size == 0 or self.sorted_weak.size == 0:
-            return maybe
-        vals = weak[maybe]
-        pos = np.searchsorted(self.sorted_weak, vals)
-        pos[pos == self.sorted_weak.size] = 0
-        hits: npt.NDArray[np.intp] = maybe[self.sorted_weak[pos] == vals]
-        return hits
-
-    def lookup(self, digest: bytes, prefer: int) -> int:
-        """The basis block with this digest, preferring ``prefer`` (the block after the last match) like
-        ``match.c: hash_search`` prefers ``want_i``, so duplicate blocks still coalesce into runs. -1 if none."""
-        if 0 <= prefer < self.full and self.sig.digest(prefer) == digest:
-            return prefer
-        return self.by_digest.get(digest, -1)
 
 
 class _Emitter:
@@ -435,13 +277,17 @@ class _Emitter:
 
     def __init__(self, stats: DeltaStats, block_size: int = 1) -> None:
         self.stats = stats
+        self.view = memoryview(b"")  # the buffer being scanned: offsets given to literal() point into it
         self.run_max = max(1, COPY_RUN_MAX // block_size)  # blocks per copy run
         self.run_start = -1
         self.run_count = 0
         self.lit = bytearray()
         self.out: list[DeltaOp] = []
 
-    def literal(self, data: bytes | memoryview) -> None:
+    def literal(self, start: int, end: int) -> None:
+        self.literal_bytes(self.view[start:end])
+
+    def literal_bytes(self, data: bytes | memoryview) -> None:
         if not len(data):
             return
         self._flush_copy()
@@ -452,7 +298,7 @@ class _Emitter:
             self.stats.literal_ops += 1
             del self.lit[:LITERAL_MAX]
 
-    def copy(self, block: int, nbytes: int) -> None:
+    def copy(self, block: int, offset: int, nbytes: int) -> None:
         self._flush_lit()
         self.stats.copied_bytes += nbytes
         if self.run_count and block == self.run_start + self.run_count and self.run_count < self.run_max:
@@ -507,10 +353,15 @@ class DeltaStream(Iterator[DeltaOp]):
             while data := _read_full(self._file, self._chunk):
                 hasher.update(data)
                 stats.new_size += len(data)
-                emit.literal(data)
+                emit.literal_bytes(data)
                 yield from emit.take()
         else:
-            index = _Index(sig)
+            index = BlockIndex(sig.weak, sig.digest, sig.block_size, sig.last_len, check_weak=False)
+            seed = sig.seed
+
+            def strong(window: memoryview) -> bytes:
+                return xxhash.xxh3_128_digest(window, seed)
+
             carry = b""
             prev = -1  # last matched block, for hash_search-style preference of prev + 1
             while True:
@@ -519,7 +370,8 @@ class DeltaStream(Iterator[DeltaOp]):
                 stats.new_size += len(data)
                 eof = not data
                 buf = carry + data if carry else data
-                consumed, prev = self._scan(index, buf, eof, prev, emit)
+                emit.view = memoryview(buf)
+                consumed, prev = scan(index, buf, eof, prev, emit, strong, stats)
                 carry = buf[consumed:]
                 yield from emit.take()
                 if eof:
@@ -527,87 +379,6 @@ class DeltaStream(Iterator[DeltaOp]):
         emit.flush()
         stats.digest = hasher.digest()
         yield from emit.take()
-
-    def _scan(self, index: _Index, buf: bytes, eof: bool, prev: int, emit: _Emitter) -> tuple[int, int]:
-        """Match what can be decided in ``buf``; return (bytes consumed, last matched block).
-
-        Alternates two phases, like rsync's ``match.c: hash_search`` but in bulk:
-        (A) block-aligned from the current position: hash whole blocks and look them up (an unchanged or
-            in-place-edited file is matched here, one xxh3 call per block, no weak sums needed);
-        (B) at the first miss, roll: compute the weak sums of all windows of the next region at once, keep the
-            ones present in the signature, verify those with the strong hash in order, and return to (A) right
-            after the first verified match (the new alignment after an insertion or deletion).
-        Unless at EOF, the last ``block_size - 1`` bytes are left for the next call (a window may cross chunks).
-        """
-        sig, stats = self.sig, self.stats
-        length = sig.block_size
-        view = memoryview(buf)
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        n = len(buf)
-        lit_start = 0  # first byte not yet emitted
-        pos = 0  # first window start not yet examined
-        piece = 2 * length  # rolling region size; doubles on consecutive misses
-        failures = 0
-        budget = 256
-        while n - pos >= length:
-            # (A) aligned blocks from pos
-            while n - pos >= length:
-                blk = index.lookup(xxhash.xxh3_128_digest(view[pos : pos + length], sig.seed), prev + 1)
-                if blk < 0:
-                    break
-                emit.literal(view[lit_start:pos])
-                emit.copy(blk, length)
-                prev, pos = blk, pos + length
-                lit_start = pos
-                piece = 2 * length
-            if n - pos < length:
-                break
-            # (B) rolling search over windows [pos, end)
-            end = min(n - length + 1, pos + piece)
-            weak = _window_weak(arr[pos : end + length - 1], length)
-            cands = index.candidates(weak)
-            stats.weak_candidates += int(cands.size)
-            # A false-candidate budget bounds the strong hashing per region to a few times its size, so
-            # low-entropy data where weak sums collide all the time cannot make this quadratic.
-            budget += 4 * (end - pos) // length + 16
-            found = -1
-            for c in cands.tolist():
-                if failures >= budget:
-                    stats.gave_up_regions += 1
-                    break
-                k = pos + c
-                blk = index.lookup(xxhash.xxh3_128_digest(view[k : k + length], sig.seed), prev + 1)
-                if blk >= 0:
-                    found = k
-                    break
-                failures += 1
-                stats.false_candidates += 1
-            if found >= 0:
-                emit.literal(view[lit_start:found])
-                emit.copy(blk, length)
-                prev, pos = blk, found + length
-                lit_start = pos
-                piece = 2 * length
-            else:
-                pos = end
-                piece = min(piece * 2, _ROLL_MAX)
-        if not eof:
-            # Windows starting before pos were all examined; bytes before pos that are not copied are literal.
-            keep = min(pos, n)
-            emit.literal(view[lit_start:keep])
-            return keep, prev
-        # EOF: the remaining tail (< block_size) may be the basis's short last block (rsync also matches the
-        # short final block only where the new data ends).
-        last = sig.count - 1
-        tail = sig.last_len
-        if tail < length and n - lit_start >= tail > 0:
-            start = n - tail
-            if xxhash.xxh3_128_digest(view[start:n], sig.seed) == sig.digest(last):
-                emit.literal(view[lit_start:start])
-                emit.copy(last, tail)
-                return n, last
-        emit.literal(view[lit_start:n])
-        return n, prev
 
 
 def delta(sig: Signature, new: Source, *, chunk_size: int = CHUNK_SIZE) -> DeltaStream:
@@ -637,46 +408,81 @@ class PatchResult:
     literal_bytes: int = 0
 
 
+class Patcher:
+    """Applies delta ops to a basis, giving the new file's bytes in order: what the mirror runs (the agent writes
+    them into the put's temporary as they come) and what :func:`patch` writes to a file object.
+
+    The basis is read with ``pread`` where it has a descriptor (the agent's case), into one buffer reused for the
+    whole file: a copy run is up to :data:`COPY_RUN_MAX` bytes and a large file's delta is almost all copies. So a
+    piece handed out is valid only until the next one is asked for. Every copy is checked against the basis size
+    before any byte of it is given out (ops come from a peer), and a basis that ends early (it shrank while being
+    patched) stops the patch: :class:`PatchError` either way.
+    """
+
+    def __init__(self, basis: BinaryIO | None, block_size: int) -> None:
+        self.block_size = block_size
+        self._basis = basis
+        self.basis_size = 0 if basis is None else basis.seek(0, io.SEEK_END)
+        self.blocks = -(-self.basis_size // block_size) if 1 <= block_size <= BLOCK_LIMIT else 0
+        try:
+            self._fd: int | None = None if basis is None else basis.fileno()
+        except (OSError, io.UnsupportedOperation):
+            self._fd = None
+        self._buf: memoryview | None = None
+        self.copied = 0  # bytes given out from the basis
+        self.literal = 0  # bytes given out from literals
+
+    def apply(self, ops: Iterable[DeltaOp]) -> Iterator[bytes | memoryview]:
+        for op in ops:
+            if isinstance(op, Literal):
+                self.literal += len(op.data)
+                yield op.data
+            elif isinstance(op, Copy):
+                yield from self._copy(op)
+            else:
+                raise PatchError(f"not a delta op: {op!r}")
+
+    def _copy(self, op: Copy) -> Iterator[memoryview]:
+        if op.start < 0 or op.count < 1 or op.start + op.count > self.blocks:
+            raise PatchError(
+                f"delta copies blocks {op.start}..{op.start + op.count - 1}, which the mirror's copy does not have "
+                f"({self.basis_size} bytes in blocks of {self.block_size}): it was computed against another file"
+            )
+        offset = op.start * self.block_size
+        remaining = min(op.count * self.block_size, self.basis_size - offset)
+        if self._buf is None:
+            self._buf = memoryview(bytearray(min(CHUNK_SIZE, max(remaining, 1 << 16))))
+        buf = self._buf
+        while remaining > 0:
+            n = self._read_at(buf[: min(len(buf), remaining)], offset)
+            if not n:
+                raise PatchError(f"the mirror's copy shrank while being patched (it ended at offset {offset})")
+            remaining -= n
+            offset += n
+            self.copied += n
+            yield buf[:n]
+
+    def _read_at(self, into: memoryview, offset: int) -> int:
+        if self._fd is not None:
+            return os.preadv(self._fd, [into], offset)
+        assert self._basis is not None
+        self._basis.seek(offset)
+        data = self._basis.read(len(into))
+        into[: len(data)] = data
+        return len(data)
+
+
 def patch(
     basis: BinaryIO, ops: Iterable[DeltaOp], out: BinaryIO, block_size: int, *, seed: int = 0
 ) -> PatchResult:
-    """Write the file described by ``ops`` to ``out``, copying blocks from the seekable ``basis``.
-
-    ``block_size`` is the signature's. Every copy is checked against the basis size before any byte of it is
-    written (:class:`PatchError`), since ops may come from a peer. ``out`` must not be ``basis``.
+    """Write the file described by ``ops`` to ``out``, copying blocks from the seekable ``basis`` (a
+    :class:`Patcher`). ``block_size`` is the signature's. ``out`` must not be ``basis``.
     """
     if not 1 <= block_size <= BLOCK_LIMIT:
         raise PatchError(f"block size {block_size} outside 1..{BLOCK_LIMIT}")
-    basis_size = basis.seek(0, io.SEEK_END)
-    nblocks = -(-basis_size // block_size)
     hasher = xxhash.xxh3_128(seed=seed)
-    size = copied = literal = 0
-    step = max(1, CHUNK_SIZE // block_size) * block_size
-    for op in ops:
-        if isinstance(op, Literal):
-            out.write(op.data)
-            hasher.update(op.data)
-            size += len(op.data)
-            literal += len(op.data)
-            continue
-        if not isinstance(op, Copy):
-            raise PatchError(f"not a delta op: {op!r}")
-        if op.start < 0 or op.count < 1 or op.start + op.count > nblocks:
-            raise PatchError(
-                f"copy of blocks {op.start}..{op.start + op.count - 1} does not fit a basis of {nblocks} blocks "
-                f"({basis_size} bytes in blocks of {block_size}); the delta was computed against another file"
-            )
-        offset = op.start * block_size
-        remaining = min(op.count * block_size, basis_size - offset)
-        basis.seek(offset)
-        while remaining:
-            data = _read_full(basis, min(step, remaining))
-            if not data:
-                raise PatchError(f"basis ended early at offset {offset} (it changed while being patched?)")
-            out.write(data)
-            hasher.update(data)
-            offset += len(data)
-            remaining -= len(data)
-            size += len(data)
-            copied += len(data)
-    return PatchResult(size, hasher.digest(), copied, literal)
+    patcher = Patcher(basis, block_size)
+    for piece in patcher.apply(ops):
+        out.write(piece)
+        hasher.update(piece)
+    return PatchResult(patcher.copied + patcher.literal, hasher.digest(), patcher.copied, patcher.literal)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from kwatch.paths import is_under
+
 Key = tuple[int, int]  # (st_dev, st_ino) on the source
-
-
-def _under(path: bytes, top: bytes) -> bool:
-    return top == b"" or path == top or path.startswith(top + b"/")
 
 
 class LinkIndex:
@@ -61,14 +59,14 @@ class LinkIndex:
             self._by_key.clear()
             self._by_path.clear()
             return
-        for p in [p for p in self._by_path if _under(p, top)]:
+        for p in [p for p in self._by_path if is_under(p, top)]:
             self.discard(p)
 
     def rename(self, old: bytes, new: bytes) -> None:
         """Follow ``rename(old, new)``: names at or below ``old`` move below ``new``; what was at ``new`` is gone."""
         if old == new or old == b"":
             return
-        moved = [(p, self._by_path[p]) for p in self._by_path if _under(p, old)]
+        moved = [(p, self._by_path[p]) for p in self._by_path if is_under(p, old)]
         self.discard_under(new)
         for p, _ in moved:
             self.discard(p)

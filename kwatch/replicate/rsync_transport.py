@@ -284,11 +284,6 @@ class _Channel:
             return self.sock.send(data)
         return os.write(self.wfd, data)
 
-    def shutdown_write(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-
 
 class _Pacer:
     """A token bucket: ``rate`` bytes per second, at most :data:`BURST` at once; ``rate`` None: no limit."""

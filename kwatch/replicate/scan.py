@@ -2,7 +2,7 @@
 
 This module owns the *reconciliation* half of replication (docs/design.md, "Restart and loss recovery"): on start, and
 after any event loss, the source and the mirror are each scanned into a :class:`Manifest` and compared into a
-:class:`Plan` of operations. Applying a plan is the receiver's job (``kwatch.replicate.receiver``); sending it over a
+:class:`Plan` of operations. Applying a plan is the receiver's job (``kwatch.mirror.receiver``); sending it over a
 wire is the transports' job.
 
 - Paths are relative ``bytes`` (no leading slash, ``/``-separated), never decoded. The root itself is not an entry.

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
-from kwatch.actions.shell import FILES, ShellSyntaxError, compile_command
 from kwatch.events import OP_BY_LABEL, Op
 from kwatch.rules.errors import ConfigError
 from kwatch.rules.model import KEYWORD_OPS, Action, ActionOptions, BatchMode, Where
+from kwatch.rules.shell import FILES, ShellSyntaxError, compile_command
 
 KEYWORDS = tuple(KEYWORD_OPS)
 

@@ -11,7 +11,7 @@ Grammar, one statement per logical line::
 
 Keywords: OPENW MKDIR SYMLINK UNLINK RMDIR RENAME (the original set) and CLOSEW CREATE ATTRIB LINK TRUNCATE ANY;
 what each fires on is in :mod:`kwatch.rules.model` (OPENW fires once the writer has closed the file). The command
-is shell code with the placeholders ``_FILE_``, ``_OLD_FILE_``, ``_NEW_FILE_`` (see :mod:`kwatch.actions.shell`).
+is shell code with the placeholders ``_FILE_``, ``_OLD_FILE_``, ``_NEW_FILE_`` (see :mod:`kwatch.rules.shell`).
 
 A line that ends in an odd number of backslashes continues on the next one; the backslash and the newline are
 removed, as ``sh`` does, so write the space before the backslash. The statement's line is the one it starts on.

@@ -19,12 +19,12 @@ import os
 import re
 from importlib import resources
 
-from kwatch.actions.privileges import resolve_run_as, switch_problem
 from kwatch.rules.build import KEYWORDS
 from kwatch.rules.changedfiles import parse_changedfiles
 from kwatch.rules.errors import ConfigError, ConfigErrors, UnsafeFileError, in_order
 from kwatch.rules.filesafety import unsafe_file
 from kwatch.rules.model import Config
+from kwatch.rules.runas import resolve_run_as, switch_problem
 from kwatch.rules.tomlconf import parse_toml
 
 DEFAULT_CONFIG = "default.conf"

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from kwatch.events import FileEvent, Op
-from kwatch.rules.model import COMM_LEN
+from kwatch.rules.model import COMM_LEN, Action, Alert, Config, ProcessFilter, Rule, RuleSet
 
 if TYPE_CHECKING:
     from kwatch.context import ProcInfo
-    from kwatch.rules.model import Action, Alert, ProcessFilter, Rule, RuleSet
 
 
 class ProcessTree(Protocol):
@@ -129,6 +128,16 @@ def match_ruleset(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None = None) 
             if _fires(action, ev, old_hit, new_hit):
                 out.append(Match(rule, action, ev, file, ev.path, ev.new_path or b""))
     return out
+
+
+def match_config(config: Config, ev: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
+    """Matches over every rule set, in config order."""
+    return [m for rs in config.rulesets for m in match_ruleset(rs, ev, procs)]
+
+
+def config_alerts(config: Config, ev: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:
+    """Alerts over every rule set, in config order."""
+    return [a for rs in config.rulesets for a in match_alerts(rs, ev, procs)]
 
 
 def match_alerts(rs: RuleSet, ev: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:

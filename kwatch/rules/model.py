@@ -29,14 +29,13 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kwatch.actions.shell import CompiledCommand
 from kwatch.context import ContextFilter
-from kwatch.events import ATTRIB_OPS, FileEvent, Op
+from kwatch.events import ATTRIB_OPS, Op
 from kwatch.rules.errors import ConfigError
+from kwatch.rules.shell import CompiledCommand
 
 if TYPE_CHECKING:
     from kwatch.outputs.config import OutputSpec
-    from kwatch.rules.match import AlertMatch, Match, ProcessTree
 
 KEYWORD_OPS: dict[str, frozenset[Op]] = {
     "OPENW": frozenset({Op.CLOSE_WRITE}),  # plus rename-into-place, see the module docstring and match.py
@@ -215,20 +214,6 @@ class RuleSet:
     where: Where = Where("", 0)
     replicate: tuple[ReplicateTarget, ...] = ()  # REPLICATE lines of a changedfiles file
 
-    def match(self, event: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
-        """Every (rule, action) this event starts, with the placeholder values; see :mod:`kwatch.rules.match`."""
-        from kwatch.rules.match import (
-            match_ruleset,  # match.py needs these classes; import here avoids a cycle
-        )
-
-        return match_ruleset(self, event, procs)
-
-    def alerts(self, event: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:
-        """Every alert this event raises (same matching as actions)."""
-        from kwatch.rules.match import match_alerts
-
-        return match_alerts(self, event, procs)
-
 
 @dataclass(frozen=True)
 class ReplicateTarget:
@@ -250,19 +235,6 @@ class Config:
     files: tuple[str, ...] = ()  # every file read, for reload-on-change
     warnings: tuple[ConfigError, ...] = ()
     outputs: tuple[OutputSpec, ...] = ()  # [[output]] tables (kwatch.outputs)
-
-    def match(self, event: FileEvent, procs: ProcessTree | None = None) -> list[Match]:
-        """Matches over every rule set, in config order."""
-        out: list[Match] = []
-        for rs in self.rulesets:
-            out.extend(rs.match(event, procs))
-        return out
-
-    def alerts(self, event: FileEvent, procs: ProcessTree | None = None) -> list[AlertMatch]:
-        out: list[AlertMatch] = []
-        for rs in self.rulesets:
-            out.extend(rs.alerts(event, procs))
-        return out
 
     @property
     def has_alerts(self) -> bool:

@@ -18,6 +18,7 @@ import dataclasses
 import stat
 from dataclasses import dataclass
 
+from kwatch.paths import UnsafePathError, check_relpath
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync.codec import (
     Reader,
@@ -117,16 +118,13 @@ def hlink_indexes(entries: list[FileEntry]) -> list[int | None]:
 
 
 def check_name(name: bytes) -> None:
-    """Reject names a receiver must never act on: empty, absolute, ``..`` components, NUL bytes."""
-    if not name or len(name) >= MAXPATHLEN:
-        raise ValueError(f"bad file-list name length: {name!r}")
+    """Reject names a receiver must never act on (:func:`kwatch.paths.check_relpath`); ``.`` is the transfer root."""
     if name == b".":
         return
-    if name.startswith(b"/") or b"\0" in name:
-        raise ValueError(f"unsafe file-list name: {name!r}")
-    for part in name.split(b"/"):
-        if part in (b"", b".", b".."):
-            raise ValueError(f"unsafe file-list name: {name!r}")
+    try:
+        check_relpath(name)
+    except UnsafePathError as e:
+        raise ValueError(f"unsafe file-list name: {e}") from None
 
 
 class FlistEncoder:

@@ -1,30 +1,196 @@
-"""The sender side of rsync's block matching: find the receiver's blocks in our data; the rest is literal.
+"""Block matching, the sender's half of the rsync algorithm: find the receiver's blocks in our data; the rest is
+literal. The one matcher: the rsync client (:func:`match_blocks`, against the block sums an rsync receiver sends)
+and kwatch's own delta engine (``kwatch.replicate.delta``, against an agent's signature) both run :func:`scan`.
 
-Pure (numpy). Same result shape as rsync's match.c ``hash_search``/``matched``: a sequence of literal runs and
-block matches that the token stream carries. It is computed in bulk rather than byte by byte:
+Pure (numpy). Same result as rsync's match.c ``hash_search``/``matched``: literal runs and block matches, greedily
+left to right, preferring the block after the last match (``want_i``) so that runs of equal blocks stay runs. It is
+computed in bulk rather than byte by byte, alternating two phases:
 
-1. every block-aligned window is checked first (an unchanged or appended file matches here, no rolling);
-2. the rolling weak checksum is then computed with numpy for a whole chunk of offsets at once, and only the
-   offsets whose weak sum is one of the receiver's are checked with the strong sum (xxhash/md5), greedily left
-   to right, resuming after each match as rsync does.
+(A) block-aligned from the current position: look the whole block up by its strong sum (an unchanged or
+    in-place-edited file is matched here, one hash per block, no rolling);
+(B) at the first miss, roll: compute the weak sums of all windows of the next region at once, keep those that are
+    some block's weak sum (a bit filter, then an exact search: rsync's 16-bit tag table, ``build_hash_table``), check
+    those with the strong sum in order, and go back to (A) right after the first match.
 
-The receiver's last block may be short (``remainder``); like rsync it can only match at the very end of our data.
+A block matches when its strong sum does, and, where strong sums are short (rsync truncates them to 2..16 bytes,
+``generator.c sum_sizes_sqroot``), its weak sum too. A budget of strong checks that fail bounds the work per region,
+so low-entropy data whose weak sums collide all the time cannot make matching quadratic. The receiver's last block
+may be short; like rsync, it can only match at the very end of the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from kwatch.protocols.rsync.checksum import checksum1, rolling_checksums
+from kwatch.protocols.rsync.checksum import U32, as_schar, checksum1, window_checksums
 
-SCAN_CHUNK = 1 << 20  # offsets per numpy pass
-#: Blocks kept per weak sum. Every offset whose weak sum hits is compared with each block of that sum: a receiver
-#: sending one weak sum for all its blocks would make that quadratic. Blocks beyond these still match as long as
-#: one of the kept ones has the same strong sum (equal blocks: the usual reason for equal weak sums).
-MAX_SAME_WEAK = 64
+#: Largest region whose window sums are computed at once: the prefix sums stay in cache (bench/delta_bench.py)
+#: while the per-call overhead stays negligible.
+ROLL_MAX = 1 << 20
+
+
+@dataclass(slots=True)
+class MatchCounters:
+    """What :func:`scan` did, for statistics and tests."""
+
+    weak_candidates: int = 0
+    false_candidates: int = 0  # weak sum matched, strong sum did not
+    gave_up_regions: int = 0  # regions where the failed-check budget ran out (then sent as literal)
+
+
+class BlockIndex:
+    """The receiver's blocks: a bit filter and a sorted array over their weak sums, and a table from strong sum
+    (with the weak sum, when ``check_weak``) to the first block that has it."""
+
+    def __init__(self, weak: U32, digest: Callable[[int], bytes], block_size: int, last_len: int, *,
+                 check_weak: bool) -> None:
+        self.block_size = block_size
+        self.count = len(weak)
+        self.last_len = last_len
+        self.weak = weak
+        self.digest = digest
+        self.check_weak = check_weak
+        full = self.count if last_len == block_size else self.count - 1
+        self.full = full
+        by_key: dict[object, int] = {}
+        for i in range(full):
+            by_key.setdefault(self._key(int(weak[i]), digest(i)), i)
+        self.by_key = by_key
+        weak_full = weak[:full]
+        self.sorted_weak = np.unique(weak_full)
+        bits = max(12, min(26, (max(1, full) * 32 - 1).bit_length()))
+        self.shift = np.uint32(32 - bits)
+        self.filter = np.zeros(1 << bits, dtype=np.bool_)
+        self.filter[self._slot(weak_full)] = True
+
+    def _key(self, weak: int, digest: bytes) -> object:
+        return (weak, digest) if self.check_weak else digest
+
+    def _slot(self, weak: U32) -> U32:
+        # Fibonacci hashing: multiply by 2^32/phi and keep the top bits, so structured weak sums spread evenly.
+        slot = weak * np.uint32(0x9E3779B1)
+        slot >>= self.shift
+        return slot
+
+    def candidates(self, weak: U32) -> npt.NDArray[np.intp]:
+        """Offsets into ``weak`` whose value is the weak sum of some full block."""
+        maybe = np.flatnonzero(np.take(self.filter, self._slot(weak)))
+        if maybe.size == 0 or self.sorted_weak.size == 0:
+            return maybe
+        vals = weak[maybe]
+        pos = np.searchsorted(self.sorted_weak, vals)
+        pos[pos == self.sorted_weak.size] = 0
+        hits: npt.NDArray[np.intp] = maybe[self.sorted_weak[pos] == vals]
+        return hits
+
+    def lookup(self, window: memoryview, strong: Callable[[memoryview], bytes], prefer: int, weak: int = -1) -> int:
+        """The full block equal to ``window``, preferring block ``prefer``; -1 if none. ``weak``: the window's weak
+        sum when already known."""
+        digest = strong(window)
+        if self.check_weak and weak < 0:
+            weak = checksum1(window)
+        if 0 <= prefer < self.full and self.digest(prefer) == digest and (
+            not self.check_weak or int(self.weak[prefer]) == weak
+        ):
+            return prefer
+        return self.by_key.get(self._key(weak, digest), -1)
+
+    def last_block_is(self, tail: memoryview, strong: Callable[[memoryview], bytes]) -> bool:
+        last = self.count - 1
+        if strong(tail) != self.digest(last):
+            return False
+        return not self.check_weak or checksum1(tail) == int(self.weak[last])
+
+
+class Emit(Protocol):
+    """Where :func:`scan` puts its result, as offsets into the buffer it scans."""
+
+    def literal(self, start: int, end: int) -> None: ...
+
+    def copy(self, block: int, offset: int, nbytes: int) -> None: ...
+
+
+def scan(index: BlockIndex, buf: bytes | memoryview, eof: bool, prev: int, emit: Emit,
+         strong: Callable[[memoryview], bytes], counters: MatchCounters) -> tuple[int, int]:
+    """Match what can be decided in ``buf``; return (bytes consumed, last matched block).
+
+    Unless at ``eof``, the last ``block_size - 1`` bytes are left for the next call (a window may cross the end of
+    a buffer); ``prev`` carries the last matched block over.
+    """
+    length = index.block_size
+    view = memoryview(buf)
+    arr = as_schar(buf)
+    n = len(buf)
+    lit_start = 0  # first byte not yet emitted
+    pos = 0  # first window start not yet examined
+    piece = 2 * length  # rolling region size; doubles on consecutive misses
+    failures = 0
+    budget = 256
+    while n - pos >= length:
+        # (A) aligned blocks from pos
+        while n - pos >= length:
+            blk = index.lookup(view[pos : pos + length], strong, prev + 1)
+            if blk < 0:
+                break
+            emit.literal(lit_start, pos)
+            emit.copy(blk, pos, length)
+            prev, pos = blk, pos + length
+            lit_start = pos
+            piece = 2 * length
+        if n - pos < length:
+            break
+        # (B) rolling search over windows [pos, end)
+        end = min(n - length + 1, pos + piece)
+        weak = window_checksums(arr[pos : end + length - 1], length)
+        cands = index.candidates(weak)
+        counters.weak_candidates += int(cands.size)
+        # the failed-check budget: a few strong checks per window of the region, at most
+        budget += 4 * (end - pos) // length + 16
+        found = -1
+        for c in cands.tolist():
+            if failures >= budget:
+                counters.gave_up_regions += 1
+                break
+            k = pos + c
+            blk = index.lookup(view[k : k + length], strong, prev + 1, int(weak[c]))
+            if blk >= 0:
+                found = k
+                break
+            failures += 1
+            counters.false_candidates += 1
+        if found >= 0:
+            emit.literal(lit_start, found)
+            emit.copy(blk, found, length)
+            prev, pos = blk, found + length
+            lit_start = pos
+            piece = 2 * length
+        else:
+            pos = end
+            piece = min(piece * 2, ROLL_MAX)
+    if not eof:
+        # Windows starting before pos were all examined; bytes before pos that are not copied are literal.
+        keep = min(pos, n)
+        emit.literal(lit_start, keep)
+        return keep, prev
+    # At the end: the remaining tail may be the basis's short last block.
+    tail = index.last_len
+    if index.count and tail < length and n - lit_start >= tail > 0:
+        start = n - tail
+        if index.last_block_is(view[start:n], strong):
+            emit.literal(lit_start, start)
+            emit.copy(index.count - 1, start, tail)
+            return n, index.count - 1
+    emit.literal(lit_start, n)
+    return n, prev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rsync client's use of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +203,6 @@ class SumHead:
     remainder: int
     sum1: tuple[int, ...]
     sum2: tuple[bytes, ...]
-
-    def block_len(self, i: int) -> int:
-        if i == self.count - 1 and self.remainder:
-            return self.remainder
-        return self.blength
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,78 +221,29 @@ class Match:
 Token = Literal | Match
 
 
+class _Tokens:
+    def __init__(self) -> None:
+        self.out: list[Token] = []
+
+    def literal(self, start: int, end: int) -> None:
+        if end > start:
+            self.out.append(Literal(start, end))
+
+    def copy(self, block: int, offset: int, nbytes: int) -> None:
+        self.out.append(Match(block, offset, nbytes))
+
+
 def match_blocks(data: bytes | memoryview, sums: SumHead, strong: Callable[[bytes], bytes]) -> Iterator[Token]:
-    """Yield literals and matches covering ``data`` in order."""
+    """Literals and matches covering ``data`` in order; ``strong`` is the negotiated block hash (its first
+    ``s2length`` bytes are compared)."""
     n = len(data)
-    mv = memoryview(data)
     if sums.count == 0 or sums.blength == 0 or n == 0:
         if n:
             yield Literal(0, n)
         return
-    blen = sums.blength
     s2len = sums.s2length
-    by_weak: dict[int, list[int]] = {}
-    full_blocks = sums.count - (1 if sums.remainder else 0)
-    for i in range(full_blocks):
-        same = by_weak.setdefault(sums.sum1[i], [])
-        if len(same) < MAX_SAME_WEAK:
-            same.append(i)
-    weak_keys = np.fromiter(by_weak.keys(), dtype=np.uint32, count=len(by_weak))
-    weak_keys.sort()
-
-    def find(k: int, length: int, weak: int, candidates: list[int] | None) -> int:
-        if not candidates:
-            return -1
-        digest = strong(bytes(mv[k : k + length]))[:s2len]
-        want_next = -1
-        for i in candidates:
-            if sums.sum2[i] == digest:
-                if want_next < 0:
-                    want_next = i
-                if i == k // blen:  # prefer the block at the same position (match.c want_i)
-                    return i
-        return want_next
-
-    lit_start = 0
-    p = 0
-    last_full = n - blen  # last offset where a whole block fits
-    while p <= last_full:
-        # Fast path: the window right here matches (unchanged or shifted-by-whole-blocks data); no rolling.
-        w0 = checksum1(bytes(mv[p : p + blen]))
-        i0 = find(p, blen, w0, by_weak.get(w0))
-        if i0 >= 0:
-            if p > lit_start:
-                yield Literal(lit_start, p)
-            yield Match(i0, p, blen)
-            p = lit_start = p + blen
-            continue
-        stop = min(last_full + 1, p + SCAN_CHUNK)
-        weaks = rolling_checksums(mv, p, stop, blen)
-        hits = np.flatnonzero(np.isin(weaks, weak_keys, assume_unique=False))
-        base = p
-        resume = p
-        for h in hits:
-            k = base + int(h)
-            if k < resume:
-                continue
-            w = int(weaks[h])
-            i = find(k, blen, w, by_weak.get(w))
-            if i < 0:
-                continue
-            if k > lit_start:
-                yield Literal(lit_start, k)
-            yield Match(i, k, blen)
-            resume = lit_start = k + blen
-        p = max(stop, resume)
-    # rsync's window shrinks at the end of the data: the short last block can match only there.
-    if sums.remainder and n - sums.remainder >= lit_start:
-        k = n - sums.remainder
-        last = sums.count - 1
-        tail = bytes(mv[k:n])
-        if checksum1(tail) == sums.sum1[last] and strong(tail)[:s2len] == sums.sum2[last]:
-            if k > lit_start:
-                yield Literal(lit_start, k)
-            yield Match(last, k, sums.remainder)
-            lit_start = n
-    if lit_start < n:
-        yield Literal(lit_start, n)
+    index = BlockIndex(np.array(sums.sum1, dtype=np.uint32), sums.sum2.__getitem__, sums.blength,
+                       sums.remainder or sums.blength, check_weak=True)
+    tokens = _Tokens()
+    scan(index, data, True, -1, tokens, lambda w: strong(bytes(w))[:s2len], MatchCounters())
+    yield from tokens.out

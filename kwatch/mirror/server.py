@@ -17,17 +17,17 @@ import errno as errno_mod
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import xxhash
 
+from kwatch.mirror.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
-from kwatch.replicate.delta import BLOCK_LIMIT, block_size_for, signature
+from kwatch.replicate.delta import BLOCK_LIMIT, Patcher, PatchError, block_size_for, signature
 from kwatch.replicate.link import grow_pipe
-from kwatch.replicate.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.replicate.scan import Entry as ScanEntry
 from kwatch.replicate.scan import Kind, Manifest, scan
 
@@ -36,9 +36,7 @@ from kwatch.replicate.scan import Kind, Manifest, scan
 OUT_HIGH = 4 << 20
 MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
 SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
-READ_SIZE = 1 << 20
 
-_T = TypeVar("_T")
 _KIND = {Kind.FILE: ap.EntryType.FILE, Kind.DIR: ap.EntryType.DIR, Kind.SYMLINK: ap.EntryType.SYMLINK,
          Kind.OTHER: ap.EntryType.OTHER}
 
@@ -51,10 +49,8 @@ class _Put:
     handle: PutHandle | None  # None once it failed: later chunks are dropped
     hasher: xxhash.xxh3_128
     basis: BinaryIO | None = None
-    basis_size: int = 0
-    block_size: int = 0
+    patcher: Patcher | None = None  # a delta's
     size: int = 0
-    buf: memoryview | None = None  # reused for reading basis blocks (see _basis_blocks)
 
 
 @dataclass
@@ -146,12 +142,12 @@ class AgentServer:
         elif isinstance(m, (ap.PutEnd, ap.DeltaEnd)):
             self._end(m.digest)
         elif isinstance(m, ap.Mkdir):
-            self._forced(m.relpath, lambda: r.mkdir(m.relpath, m.mode), want_dir=True)
+            self._forced(m.relpath, lambda: r.mkdir(m.relpath, m.mode))
         elif isinstance(m, ap.Symlink):
-            self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target), want_dir=False)
+            self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target))
         elif isinstance(m, ap.Hardlink):
             expect = None if m.size is None or m.mtime_ns is None else (m.size, m.mtime_ns)
-            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target, expect=expect), want_dir=False)
+            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target, expect=expect))
         elif isinstance(m, ap.Rename):
             self._call(m.src, lambda: r.rename(m.src, m.dst))
         elif isinstance(m, ap.Delete):
@@ -185,7 +181,7 @@ class AgentServer:
             if e.errno not in (errno_mod.ENOENT, errno_mod.ENOTDIR):
                 raise
 
-    def _forced(self, path: bytes, fn: Callable[[], object], *, want_dir: bool) -> None:
+    def _forced(self, path: bytes, fn: Callable[[], object]) -> None:
         """Run ``fn``; if an entry of the other type is in the way, remove it and run ``fn`` again."""
         try:
             fn()
@@ -263,25 +259,29 @@ class AgentServer:
 
     # ---- puts and deltas -----------------------------------------------------------------------------------------
 
+    def _digest_ok(self, path: bytes, data: bytes | None, want: bytes | None, got: bytes | None = None) -> bool:
+        """Whether content (``data``, or its digest ``got``) is what the sender hashed; a mismatch is a path error
+        and nothing is put."""
+        if want is None or (got if got is not None else xxhash.xxh3_128_digest(data or b"")) == want:
+            return True
+        self.errors.append(ap.PathError(path, "digest-mismatch",
+                                        "content does not match the sender's digest; nothing was put"))
+        return False
+
     def _put_file(self, m: ap.PutFile) -> None:
-        if m.digest is not None and xxhash.xxh3_128_digest(m.data) != m.digest:
-            self.errors.append(ap.PathError(m.relpath, "digest-mismatch",
-                                            "content does not match the sender's digest; nothing was put"))
+        if not self._digest_ok(m.relpath, m.data, m.digest):
             return
         r = self.receiver
 
         def put() -> None:
             r.put(m.relpath, (m.data,), mode=m.mode, mtime_ns=m.mtime_ns)
 
-        self._forced(m.relpath, put, want_dir=False)
+        self._forced(m.relpath, put)
 
     def _put_files(self, m: ap.PutFiles) -> None:
         good: list[tuple[bytes, int, int | None, bytes]] = []
         for f in m.files:
-            if f.digest is not None and xxhash.xxh3_128_digest(f.data) != f.digest:
-                self.errors.append(ap.PathError(f.relpath, "digest-mismatch",
-                                                "content does not match the sender's digest; nothing was put"))
-            else:
+            if self._digest_ok(f.relpath, f.data, f.digest):
                 good.append((f.relpath, f.mode, f.mtime_ns, f.data))
         # the source has a file at each of these paths: a directory in the way goes (as _forced does for PutFile)
         for e in self.receiver.put_files(good, replace_dirs=True):
@@ -292,10 +292,9 @@ class AgentServer:
         put = _Put(path, None, xxhash.xxh3_128())
         self._put = put
         if sig_id is not None:
-            put.block_size = self._sigs.pop(sig_id, 0)
             put.basis = self._open_basis(path)
-            if put.basis is not None:
-                put.basis_size = put.basis.seek(0, os.SEEK_END)
+            # no basis (gone, or not a regular file): an empty one, on which every copy fails
+            put.patcher = Patcher(put.basis, self._sigs.pop(sig_id, 0))
         try:
             put.handle = self.receiver.put_begin(path, mode=mode)
         except ReceiverError as e:
@@ -320,41 +319,18 @@ class AgentServer:
             put.handle = None
             self._fail(put.path, e)
 
-    def _delta(self, ops: tuple[ap.Copy | ap.Literal, ...]) -> None:
+    def _delta(self, ops: tuple[ap.DeltaOp, ...]) -> None:
         put = self._put
-        if put is None or put.handle is None:
+        if put is None or put.handle is None or put.patcher is None:
             return
-        for op in ops:
-            if isinstance(op, ap.Literal):
-                self._write(op.data)
-                continue
-            for chunk in self._basis_blocks(put, op.start, op.count):
-                self._write(chunk)
-            if put.handle is None:
-                return
-
-    def _basis_blocks(self, put: _Put, start: int, count: int) -> Iterator[memoryview]:
-        bs = put.block_size
-        offset = start * bs
-        if put.basis is None or bs <= 0 or start < 0 or offset + (count - 1) * bs >= put.basis_size:
-            self._fail(put.path, ReceiverError(put.path, "delta refers to blocks the mirror's copy does not have"))
+        try:
+            for piece in put.patcher.apply(ops):
+                self._write(piece)
+                if put.handle is None:
+                    return
+        except PatchError as e:
+            self._fail(put.path, ReceiverError(put.path, str(e)))
             self._abort_put(keep_error=True)
-            return
-        remaining = min(count * bs, put.basis_size - offset)
-        # One buffer per put, read into with pread: a copy run is up to 8 MiB and a large file's delta is almost
-        # all copies, so fresh bytes objects per read were measurable (each slice is written before the next read).
-        if put.buf is None:
-            put.buf = memoryview(bytearray(READ_SIZE))
-        fd = put.basis.fileno()
-        while remaining > 0:
-            n = os.preadv(fd, [put.buf[: min(READ_SIZE, remaining)]], offset)
-            if not n:
-                self._fail(put.path, ReceiverError(put.path, "the mirror's copy shrank while being patched"))
-                self._abort_put(keep_error=True)
-                return
-            remaining -= n
-            offset += n
-            yield put.buf[:n]
 
     def _end(self, digest: bytes | None) -> None:
         put, self._put = self._put, None
@@ -364,10 +340,8 @@ class AgentServer:
             put.basis.close()
         if put.handle is None:
             return
-        if digest is not None and put.hasher.digest() != digest:
+        if not self._digest_ok(put.path, None, digest, put.hasher.digest()):
             self.receiver.put_abort(put.handle)
-            self.errors.append(ap.PathError(put.path, "digest-mismatch",
-                                            "content does not match the sender's digest; nothing was put"))
             return
         try:
             self.receiver.put_end(put.handle)

@@ -513,6 +513,24 @@ class _Scanner:
     def after_for(self) -> bool:
         return len(self.words) == 1 and self.words[0].pure and self.words[0].literal == "for"
 
+    def expansion(self, c: str, ctx: str) -> bool:
+        """What a double-quoted string, a ``${...}`` word and an unquoted here-document line treat alike: a
+        placeholder, a backslash escape (kept as written), ``$`` and a backtick. True when ``c`` was one of them and
+        has been consumed."""
+        if c == "_" and self.placeholder(ctx):
+            return True
+        if c == "\\":
+            self.out.append(self.text[self.pos : self.pos + 2])
+            self.pos += 2
+            return True
+        if c == "$":
+            self.dollar(ctx)
+            return True
+        if c == "`":
+            self.backtick(ctx)
+            return True
+        return False
+
     def run_word(self, ctx: str) -> str:
         """Scan a double-quoted string (to its closing quote) or the word of a ``${...}`` (to its '}')."""
         text = self.text
@@ -524,17 +542,7 @@ class _Scanner:
             if ctx in (_PARAM, _PARAM_DQ) and c == "}":
                 self.pos += 1
                 return "".join(self.out)
-            if c == "_" and self.placeholder(ctx):
-                continue
-            if c == "\\":
-                self.out.append(text[self.pos : self.pos + 2])
-                self.pos += 2
-                continue
-            if c == "$":
-                self.dollar(ctx)
-                continue
-            if c == "`":
-                self.backtick(ctx)
+            if self.expansion(c, ctx):
                 continue
             if ctx == _PARAM and c == "'":
                 self.single_quote()
@@ -776,17 +784,7 @@ class _Scanner:
         text = inner.text
         while inner.pos < end:
             c = text[inner.pos]
-            if c == "_" and inner.placeholder(_HEREDOC):
-                continue
-            if c == "\\":
-                inner.out.append(text[inner.pos : inner.pos + 2])
-                inner.pos += 2
-                continue
-            if c == "$":
-                inner.dollar(_HEREDOC)
-                continue
-            if c == "`":
-                inner.backtick(_HEREDOC)
+            if inner.expansion(c, _HEREDOC):
                 continue
             inner.out.append(c)
             inner.pos += 1

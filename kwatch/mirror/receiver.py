@@ -29,7 +29,6 @@ root between the parent lookup and the final ``*at`` call). The mirror root is a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as errno_mod
 import itertools
 import os
@@ -37,18 +36,18 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from kwatch.events import display_path
 from kwatch.fsutil import have_openat2, open_beneath, open_regular
-from kwatch.protocols.agent import plain_relpath
+from kwatch.libc import syncfs
+from kwatch.paths import NAME_MAX, UnsafePathError, check_relpath, plain_relpath
 from kwatch.replicate.scan import Delete, Hardlink, Mkdir, Plan, Put, SetAttr, Symlink
 
 FsyncMode = Literal["none", "file", "batch"]
 
 TEMP_MARK = b".kwatch-tmp-"
 _TEMP_RE = re.compile(rb"\A\..*\.kwatch-tmp-[0-9a-f]{16}\Z", re.DOTALL)
-_NAME_MAX = 255
 _TEMP_OVERHEAD = 1 + len(TEMP_MARK) + 16
 _COPY_CHUNK = 1 << 20
 
@@ -56,7 +55,6 @@ _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _O_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 class ReceiverError(Exception):
@@ -78,24 +76,14 @@ class ReceiverError(Exception):
 
 
 def validate_path(path: bytes) -> list[bytes]:
-    """Split a mirror-relative path into components, or raise :class:`ReceiverError` saying what is wrong."""
-    if not isinstance(path, bytes):
-        raise ReceiverError(repr(path).encode(), "path must be bytes")
-    if not path:
-        raise ReceiverError(path, "empty path refused (the mirror root itself is not a target)")
-    if b"\0" in path:
-        raise ReceiverError(path, "path contains a NUL byte: refused")
-    if path.startswith(b"/"):
-        raise ReceiverError(path, "absolute path refused: paths must be relative to the mirror root")
-    parts = path.split(b"/")
-    for part in parts:
-        if part == b"":
-            raise ReceiverError(path, "empty path component (double or trailing slash) refused")
-        if part in (b".", b".."):
-            raise ReceiverError(path, f"'{part.decode()}' component refused: paths must not leave or re-enter")
-        if len(part) > _NAME_MAX:
-            raise ReceiverError(path, f"a component is longer than {_NAME_MAX} bytes", errno_mod.ENAMETOOLONG)
-    return parts
+    """Split a mirror-relative path into components, or raise :class:`ReceiverError` saying what is wrong
+    (:func:`kwatch.paths.check_relpath`: the same check the protocol runs on every frame)."""
+    try:
+        check_relpath(path)
+    except UnsafePathError as e:
+        name = path if isinstance(path, bytes) else repr(path).encode()
+        raise ReceiverError(name, f"refused: {e}", e.errno) from None
+    return path.split(b"/")
 
 
 def is_temp_name(name: bytes) -> bool:
@@ -112,13 +100,11 @@ def temp_name(name: bytes) -> bytes:
     The 16 hex digits are a counter from a random start (one getrandom per process, not per file): unique among this
     process's temporaries, unlikely to meet another run's, and a name taken anyway fails O_EXCL, never reuses a file.
     """
-    return b"." + name[: _NAME_MAX - _TEMP_OVERHEAD] + TEMP_MARK + b"%016x" % (next(_temp_ids) & 0xFFFF_FFFF_FFFF_FFFF)
+    return b"." + name[: NAME_MAX - _TEMP_OVERHEAD] + TEMP_MARK + b"%016x" % (next(_temp_ids) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# libc bits (openat2 and the walk beneath a root live in kwatch.fsutil, shared with the reading side)
-
-_libc = ctypes.CDLL(None, use_errno=True)
+# process state
 
 
 def _umask() -> int | None:
@@ -132,12 +118,6 @@ def _umask() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _syncfs(fd: int) -> None:
-    if _libc.syncfs(ctypes.c_int(fd)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +207,7 @@ class Receiver:
         if self.fsync == "batch":
             fd = os.open(b".", _O_READ_DIR, dir_fd=self._root_fd)
             try:
-                _syncfs(fd)
+                syncfs(fd)
             except OSError as e:
                 raise ReceiverError(b"", f"syncfs failed: {e.strerror}", e.errno) from e
             finally:
@@ -529,72 +509,6 @@ class Receiver:
             raise
         return removed
 
-    def apply_delta(
-        self,
-        path: bytes,
-        ops: Iterable[_T],
-        patch: Callable[[BinaryIO, Iterable[_T], BinaryIO], _R],
-        *,
-        check: Callable[[_R], str | None] | None = None,
-        mode: int | None = None,
-        mtime_ns: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-    ) -> _R:
-        """Rebuild ``path`` from its current content (the basis) and delta ``ops``.
-
-        ``patch(basis, ops, out)`` writes the new content to ``out``, a temporary that replaces ``path`` only if
-        ``check(result)`` (when given) returns None; a string is the reason to refuse (e.g. a whole-file digest
-        mismatch), and the mirror keeps the old file. With ``kwatch.replicate.delta``:
-        ``patch=lambda b, o, out: delta.patch(b, o, out, block_size)`` and a check comparing ``result.digest``.
-        ``mode=None`` keeps the basis' mode. The basis must be a regular file, never reached through a symlink.
-        A ``ValueError`` from ``patch`` (the delta engine's PatchError) becomes a :class:`ReceiverError`.
-        """
-        at = self._at(path)
-        try:
-            try:
-                # O_NONBLOCK: opening a fifo planted at the path must not hang the receiver (it is refused below).
-                bfd = os.open(
-                    at.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, dir_fd=at.fd
-                )
-            except OSError as e:
-                if e.errno == errno_mod.ELOOP:
-                    raise ReceiverError(path, "refused: the delta basis is a symlink", e.errno) from e
-                raise self._fail(path, "cannot open the delta basis", e) from e
-            bst = os.fstat(bfd)
-            if not stat.S_ISREG(bst.st_mode):
-                os.close(bfd)
-                raise ReceiverError(path, "the delta basis is not a regular file")
-            os.set_blocking(bfd, True)
-            basis = os.fdopen(bfd, "rb")
-        except BaseException:
-            os.close(at.fd)
-            raise
-        with basis:
-            h = self._begin_at(
-                path, at.fd, at.name, stat.S_IMODE(bst.st_mode) if mode is None else mode, mtime_ns, uid, gid
-            )
-            try:
-                with os.fdopen(h.fd, "wb", closefd=False) as out:
-                    result = patch(basis, ops, out)
-                    out.flush()
-                    h.written = out.tell()
-                refusal = check(result) if check is not None else None
-            except OSError as e:
-                self.put_abort(h)
-                raise self._fail(path, "writing the patched file failed; nothing was put", e) from e
-            except ValueError as e:
-                self.put_abort(h)
-                raise ReceiverError(path, f"delta does not apply to the mirror's file: {e}") from e
-            except BaseException:
-                self.put_abort(h)
-                raise
-            if refusal is not None:
-                self.put_abort(h)
-                raise ReceiverError(path, f"patched file refused, old file kept: {refusal}")
-        self.put_end(h)
-        return result
-
     def rename(self, old: bytes, new: bytes) -> None:
         """Move ``old`` to ``new`` inside the mirror (replacing a file or empty directory there, as rename(2))."""
         po = validate_path(old)
@@ -724,10 +638,6 @@ class Receiver:
                 return None
             except OSError as e:
                 raise self._fail(path, "cannot open for reading", e) from e
-
-    def open_dir(self, path: bytes) -> int:
-        """An O_PATH fd of the directory ``path`` under the root; symlinks anywhere in it are refused."""
-        return self._open_dir(path, validate_path(path))
 
     def cleanup_temps(self) -> list[bytes]:
         """Remove temporaries left by an interrupted run (not those of puts open in this receiver).
