@@ -50,10 +50,33 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kwatch.replicate.agent_server import serve
 
     root = os.fsencode(args.root)
-    if not os.path.isdir(root):
-        print(f"kwatch agent: {args.root} is not a directory", file=sys.stderr)
-        return 2
+    problem = ensure_root(root)
+    if problem is not None:
+        print(f"kwatch agent: {problem}", file=sys.stderr)
+        return ROOT_UNUSABLE
     return serve(root, sys.stdin.buffer, sys.stdout.buffer, fsync=args.fsync, preserve_owner=args.owner)
+
+
+#: seconds `kwatch replicate` gives its targets to send what is pending when it is told to stop
+STOP_GRACE = 0.8
+
+#: the agent's exit status when its --root cannot be used (kwatch.replicate.failure: a permanent "destination")
+ROOT_UNUSABLE = 3
+
+
+def ensure_root(root: bytes) -> str | None:
+    """Make ``root`` usable as a mirror root: as rsync does with its destination, the last component is created
+    when missing (its parent must exist: a typo two levels up is not silently turned into a tree). None when it is
+    a directory now, else what is wrong."""
+    try:
+        os.mkdir(root)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"cannot create {os.fsdecode(root)}: {e.strerror}"
+    if not os.path.isdir(root):
+        return f"{os.fsdecode(root)} is not a directory"
+    return None
 
 
 class _Stop(Exception):
@@ -116,6 +139,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]
     for r in reps:
         r.barrier = barrier.wait if barrier is not None else None
+        r.give_up = args.once
     if sys.stderr.isatty():
         for r in reps:
             r.progress = _progress_line
@@ -125,6 +149,9 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     try:
         if args.once:
             ok = wait_synced(reps, timeout=24 * 3600)
+            for r in reps:
+                if r.gave_up is not None:
+                    print(f"kwatch replicate: {r.target.spec}: {r.gave_up}", file=sys.stderr)
             return 0 if ok and not any(r.stats.errors for r in reps) else 1
         assert source is not None and barrier is not None
         print(f"kwatch: replicating {args.source} to {', '.join(args.targets)} with the {source.name} backend; "
@@ -142,8 +169,12 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, old)
         if barrier is not None:
             barrier.close()  # capture has stopped: the replicators decide by what they got
+        # every target at once, within about a second in all: a target that is down stops waiting for its retry,
+        # a batch in flight finishes or is cut (whole files only land, see Replicator.stop)
+        for r in reps:
+            r.request_stop()
         t0 = time.monotonic()
         for r in reps:
-            r.stop(timeout=max(1.0, 30 - (time.monotonic() - t0)))
+            r.stop(timeout=max(0.0, STOP_GRACE - (time.monotonic() - t0)))
         if source is not None:
             source.close()

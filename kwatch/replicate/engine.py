@@ -136,7 +136,12 @@ class Target:
             _check_host(spec, who)
             return cls(spec, "ssh", urllib.parse.unquote_to_bytes(u.path), who, u.port)
         host, sep, path = spec.partition(":")
-        if not sep or not host or "/" in host:
+        if not sep or "/" in host:
+            # as rsync: a colon before the first slash makes a remote target, anything else is a local path
+            if not spec:
+                raise ValueError("target '': expected a path")
+            return cls(spec, "local", os.fsencode(os.path.abspath(spec)))
+        if not host:
             raise ValueError(
                 f"target {spec!r}: expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or "
                 "rsync://host/module/path"
@@ -217,7 +222,14 @@ class Replicator:
         # each item: events and when they were handed over (None: stop)
         self._queue: queue.Queue[tuple[float, list[FileEvent]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # stop now: cut what is in flight
+        self._stopping = threading.Event()  # stop once the pending changes are sent (at once while down)
+        #: --once: give up on an error that retrying cannot fix (LinkError.permanent) instead of retrying
+        self.give_up = False
+        #: set when the thread ends (stopped, or gave up: then ``gave_up`` says why)
+        self.done = threading.Event()
+        self.gave_up: str | None = None
+        self._wire_seen = 0  # the link's bytes_out already counted in stats.bytes_wire
         self._seq = 0
         self._ids = 0
         self._touched: set[bytes] = set()  # directories whose mtime this batch restores (see _touch_parent)
@@ -260,19 +272,37 @@ class Replicator:
         if events:
             self._queue.put((time.monotonic(), events))
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Send what is pending (within ``timeout``), then close the link."""
+    def request_stop(self) -> None:
+        """Ask the thread to send what is pending and end; a target that is down ends at once (its backoff wait
+        is cut short). Returns without waiting (see :meth:`stop`)."""
         self._queue.put(None)
+        self._stopping.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Send what is pending (within ``timeout``), then close the link. Past ``timeout`` a batch still in flight
+        is cut: the agent process is killed, so the mirror keeps whole files only (each lands by rename(2) once
+        complete; a cut one stays a temporary, which scans skip)."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._stop.set()
+                link = self.link
+                if link is not None and link.proc.poll() is None:
+                    link.proc.kill()  # the thread sees the agent's end and leaves
+                self._thread.join(1.0)
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        if self.link is not None:
+        if self.link is not None and (self._thread is None or not self._thread.is_alive()):
             self.link.close()
             self.link = None
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.done.set()
+
+    def _loop(self) -> None:
         backoff = 0.5
         self.coalescer.rescan(b"")
         self._seed_writers()
@@ -307,10 +337,16 @@ class Replicator:
                 self.last_error = str(e)
                 self.stats.errors += 1
                 self.stats.connected = False
-                log.warning("target %s: %s; retrying in %.1fs", self.target.spec, e, backoff)
                 self._disconnect()
+                if self._stop.is_set():
+                    return
+                if isinstance(e, LinkError) and e.permanent and self.give_up:
+                    log.error("target %s: %s; giving up (retrying cannot fix this)", self.target.spec, e)
+                    self.gave_up = str(e)
+                    return
+                log.warning("target %s: %s; retrying in %.1fs", self.target.spec, e, backoff)
                 self.coalescer.rescan(b"")  # what the agent applied before it failed is unknown
-                if self._stop.wait(backoff) or stopping:
+                if stopping or self._stopping.wait(backoff):
                     return
                 backoff = min(backoff * 2, 30.0)
                 self.stats.reconnects += 1
@@ -454,8 +490,16 @@ class Replicator:
     def _disconnect(self) -> None:
         self.stats.connected = False
         if self.link is not None:
+            self._count_wire()
             self.link.kill()
             self.link = None
+
+    def _count_wire(self) -> None:
+        """Add what the link wrote since the last count to ``bytes_wire`` (a counter: it grows across reconnects,
+        while each link counts from 0)."""
+        if self.link is not None:
+            self.stats.bytes_wire += self.link.bytes_out - self._wire_seen
+            self._wire_seen = self.link.bytes_out
 
     def _connect(self) -> None:
         if self.target.kind == "rsync":
@@ -464,6 +508,7 @@ class Replicator:
         compress = self.opts.compress and self.target.kind != "local"
         caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
+        self._wire_seen = 0
         self.link.on_wait = self._fold_queued
         self.stats.connected = True
         if self.on_agent is not None:
@@ -573,7 +618,7 @@ class Replicator:
         st.errors += len(rep.errors)
         st.bytes_literal += rep.literal
         st.bytes_matched += rep.matched
-        st.bytes_wire = link.bytes_out
+        self._count_wire()
         st.pending_paths = self.coalescer.pending_paths()
         st.count_rescans(b.rescans)
         return rep
@@ -1247,5 +1292,12 @@ def _is_under(rel: bytes, top: bytes) -> bool:
 
 
 def wait_synced(reps: Iterable[Replicator], timeout: float) -> bool:
+    """Wait until every replicator is in sync, or has given up (then False)."""
     deadline = time.monotonic() + timeout
-    return all(r.synced.wait(max(0.0, deadline - time.monotonic())) for r in reps)
+    ok = True
+    for r in reps:
+        while not r.synced.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if r.done.is_set() or time.monotonic() >= deadline:
+                break
+        ok = ok and r.synced.is_set() and r.gave_up is None
+    return ok

@@ -29,8 +29,10 @@ on the mirror, and a ``link(2)`` (both names are dirty) becomes a hard link ther
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import stat
 import time
 
@@ -41,6 +43,25 @@ from kwatch.replicate.link import LinkError
 from kwatch.replicate.rsync_transport import push
 
 log = logging.getLogger("kwatch.replicate")
+
+
+def rsync_down_reason(e: BaseException) -> tuple[str, bool]:
+    """(down reason, permanent) for a failed rsync session (see kwatch.replicate.failure)."""
+    text = str(e)
+    if isinstance(e, ConnectionRefusedError):
+        return "refused", False
+    if isinstance(e, TimeoutError | socket.timeout):
+        return "timeout", False
+    if isinstance(e, socket.gaierror) or (isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH,
+                                                                               errno.ENETUNREACH)):
+        return "unreachable", False
+    if "authentication failed" in text:
+        return "auth", True
+    if "unknown module" in text or "refused the module" in text:
+        return "destination", True
+    if "No space left" in text or "Disk quota" in text:
+        return "disk_full", False
+    return ("protocol" if isinstance(e, ProtocolError) else "error"), False
 
 
 class RsyncReplicator(Replicator):
@@ -62,6 +83,7 @@ class RsyncReplicator(Replicator):
                 todo.add(new)
                 self.links.rename(old, new)
             todo.discard(b"")
+            todo = {p for p in todo if not self._excluded_path(p)}
             todo |= self._other_names(todo)
             paths = sorted(todo)
             if not paths:
@@ -69,9 +91,10 @@ class RsyncReplicator(Replicator):
         try:
             res = push(self.src, self.target.spec, paths, delete=self.opts.delete,
                        password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout,
-                       bwlimit=self.opts.bwlimit, hard_links=True, hold=b.writing)
+                       bwlimit=self.opts.bwlimit, hard_links=True, hold=b.writing, exclude=self.excluded)
         except (ProtocolError, OSError) as e:
-            raise LinkError(f"rsync push failed: {e}") from e
+            down, permanent = rsync_down_reason(e)
+            raise LinkError(f"rsync push failed: {e}", down, permanent) from e
         for rel in res.held:  # open for writing: sent after its close, as a live change
             self.coalescer.retry(self.coalescer.current_name(rel), time.monotonic())
         if paths is None:
@@ -99,6 +122,12 @@ class RsyncReplicator(Replicator):
                  "literal + %d matched bytes", self.target.spec, self._seq, "all" if paths is None else len(paths),
                  res.files, res.deleted, len(res.held), res.literal_bytes, res.matched_bytes)
         return rep
+
+    def _excluded_path(self, rel: bytes) -> bool:
+        """Whether ``rel`` or one of its ancestors matches an exclude pattern (an excluded directory's contents are
+        not replicated, as the scan does not descend it)."""
+        parts = rel.split(b"/")
+        return any(self.excluded(parts[i - 1], b"/".join(parts[:i])) for i in range(1, len(parts) + 1))
 
     def _other_names(self, paths: set[bytes]) -> set[bytes]:
         """The other names (in the source, by the index) of the regular files with several names among ``paths``."""

@@ -150,8 +150,13 @@ def _entry(root: bytes, rel: bytes, st: os.stat_result, dir_fd: int | None = Non
                      mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, inode=inode, **kw)
 
 
-def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntry]:
-    """All entries under ``root/rel`` (``rel`` itself included), without following symlinks."""
+#: an exclude test (name, path relative to the root) -> excluded, as kwatch.replicate.scan.Excluder
+Exclude = Callable[[bytes, bytes], bool]
+
+
+def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude | None = None) -> list[FileEntry]:
+    """All entries under ``root/rel`` (``rel`` itself included), without following symlinks; an entry ``exclude``
+    matches is left out with everything below it."""
     out: list[FileEntry] = []
     st = os.lstat(os.path.join(root, rel))
     e = _entry(root, rel, st, top_dir=top)
@@ -170,6 +175,8 @@ def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntr
                 raise
             continue
         for name, ce in children:
+            if exclude is not None and exclude(name.rpartition(b"/")[2], name):
+                continue
             out.append(ce)
             if ce.is_dir:
                 stack.append(name)
@@ -197,7 +204,8 @@ def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
     return out
 
 
-def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False) -> tuple[list[FileEntry], bool]:
+def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False,
+               exclude: Exclude | None = None) -> tuple[list[FileEntry], bool]:
     """Entries for a batch of changed paths; returns (entries, whether mode-0 delete entries are present).
 
     Every existing path goes with its whole subtree and its ancestors (plain non-content dirs, so the receiver
@@ -236,7 +244,7 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 break
             if i == len(parts) or not stat.S_ISDIR(st.st_mode):
                 try:
-                    for e in scan_tree(root, pre, top=False):
+                    for e in scan_tree(root, pre, top=False, exclude=exclude):
                         by_name[e.name] = e
                 except FileNotFoundError:
                     pass  # gone since the lstat: the next batch has it
@@ -258,6 +266,8 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 raise
             continue
         for i, e in enumerate(listed):
+            if i and exclude is not None and exclude(e.name.rpartition(b"/")[2], e.name):
+                continue
             if i == 0 or e.name not in by_name:
                 by_name[e.name] = e
     return list(by_name.values()), missing
@@ -465,6 +475,7 @@ def push(
     bwlimit: int | None = None,
     hard_links: bool = False,
     hold: Collection[bytes] = (),
+    exclude: Exclude | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -476,15 +487,16 @@ def push(
     30) the names of one inode in the list are linked on the receiver, its data sent at most once.
     ``hold``: paths (files open for writing) the list leaves out, whatever the receiver has there staying as it
     is (a protect rule keeps ``--delete`` from removing it); the ones the list would have carried are in
-    ``PushResult.held``.
+    ``PushResult.held``. ``exclude`` (name, relative path) leaves matching entries and their subtrees out of the
+    file list.
     """
     root = os.fsencode(src_root)
     target = parse_url(url)
     if paths is None:
-        entries = scan_tree(root)
+        entries = scan_tree(root, exclude=exclude)
         missing = False
     else:
-        entries, missing = scan_paths(root, paths, delete, fuzzy)
+        entries, missing = scan_paths(root, paths, delete, fuzzy, exclude)
     held: list[bytes] = []
     if hold:
         held = [e.name for e in entries if e.name in hold]
