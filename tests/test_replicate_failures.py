@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -181,3 +181,38 @@ def test_relative_local_target(tmp_path: Path) -> None:
 def test_target_parse_table(spec: str, kind: str, path: str) -> None:
     t = Target.parse(spec)
     assert (t.kind, os.fsdecode(t.path)) == (kind, path.format(cwd=os.getcwd()))
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize(("ssh", "down"), [
+    ("ssh -p {port} -o ConnectTimeout=5 -o StrictHostKeyChecking=no", "refused"),  # nothing listens there
+    ("sh -c 'exit 127'", "missing_command"),
+])
+def test_down_reason_is_exported(tmp_path: Path, ssh: str, down: str) -> None:
+    """Why a target is down, as the metric says it (issue 17 item 3), and it keeps being retried meanwhile."""
+    from sshd import free_port
+
+    from kwatch.metrics.exporter import KwatchCollector
+    from kwatch.metrics.stats import DaemonStats
+
+    src = tree(tmp_path / "src")
+    r = Replicator(os.fsencode(src), Target.parse("root@127.0.0.1:/x"),
+                   TargetOptions(ssh=ssh.format(port=free_port())))
+    stats = DaemonStats()
+    stats.targets[r.target.spec] = r.stats
+    r.start()
+    try:
+        assert wait_for(lambda: r.stats.reconnects >= 1 and r.stats.down == down), (r.stats, r.last_error)
+        fam = next(f for f in KwatchCollector(stats).collect() if f.name == "kwatch_replication_down")
+        assert {s.labels["reason"]: s.value for s in fam.samples}[down] == 1.0
+        assert sum(s.value for s in fam.samples) == 1.0
+    finally:
+        r.stop(timeout=5)

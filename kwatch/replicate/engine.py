@@ -32,6 +32,7 @@ because we cannot know what the agent applied before it died, the reconnect reco
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -51,6 +52,7 @@ from kwatch.fsutil import open_regular
 from kwatch.metrics.stats import TargetStats
 from kwatch.protocols import agent as ap
 from kwatch.replicate import delta as dl
+from kwatch.replicate.backoff import Backoff
 from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch, Coalescer, parent
 from kwatch.replicate.link import AgentLink, LinkError
 from kwatch.replicate.linkindex import Key, LinkIndex
@@ -303,7 +305,7 @@ class Replicator:
             self.done.set()
 
     def _loop(self) -> None:
-        backoff = 0.5
+        backoff = Backoff()
         self.coalescer.rescan(b"")
         self._seed_writers()
         stopping = False
@@ -311,7 +313,8 @@ class Replicator:
             try:
                 if not self.stats.connected:
                     self._connect()
-                    backoff = 0.5
+                    backoff.reset()
+                    self.stats.down = ""
                 stopping = self._wait_and_fold(stopping)
                 now = time.monotonic()
                 self._mark_due_retries(now)
@@ -344,11 +347,12 @@ class Replicator:
                     log.error("target %s: %s; giving up (retrying cannot fix this)", self.target.spec, e)
                     self.gave_up = str(e)
                     return
-                log.warning("target %s: %s; retrying in %.1fs", self.target.spec, e, backoff)
+                self.stats.down = down_reason(e)
+                wait = backoff.next()
+                log.warning("target %s: %s; retrying in %.1fs", self.target.spec, e, wait)
                 self.coalescer.rescan(b"")  # what the agent applied before it failed is unknown
-                if stopping or self._stopping.wait(backoff):
+                if stopping or self._stopping.wait(wait):
                     return
-                backoff = min(backoff * 2, 30.0)
                 self.stats.reconnects += 1
 
     def _due_in(self, now: float) -> float | None:
@@ -1289,6 +1293,15 @@ def make_replicator(
 
 def _is_under(rel: bytes, top: bytes) -> bool:
     return rel == top or rel.startswith(top + b"/")
+
+
+def down_reason(e: BaseException) -> str:
+    """The metric's reason (kwatch.replicate.failure.REASONS) for a failure of the target's transport."""
+    if isinstance(e, LinkError):
+        return e.down
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full"
+    return "error"
 
 
 def wait_synced(reps: Iterable[Replicator], timeout: float) -> bool:

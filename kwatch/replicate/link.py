@@ -165,7 +165,7 @@ class AgentLink:
             if not ready:
                 if time.monotonic() >= deadline:
                     raise LinkError(f"timed out after {self.timeout:.0f}s waiting for {what}; "
-                                    f"agent said: {self.last_words()}")
+                                    f"agent said: {self.last_words()}", "timeout")
                 continue
             deadline = time.monotonic() + self.timeout
             for key, _ in ready:
@@ -201,7 +201,7 @@ class AgentLink:
                     raise LinkError(f"the agent refused: {ev.code}: {ev.message}")
                 self.events.append(ev)
         except ProtocolError as e:
-            raise LinkError(f"the agent broke the protocol: {e}; it said: {self.last_words()}") from e
+            raise LinkError(f"the agent broke the protocol: {e}; it said: {self.last_words()}", "protocol") from e
         if not data:
             raise LinkError(f"the agent exited; it said: {self.last_words()}")
 
