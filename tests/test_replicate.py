@@ -473,7 +473,8 @@ def test_4k_edit_of_a_large_file_sends_about_the_edit(kind: str, tmp_path: Path,
 
 @pytest.mark.slow
 def test_local_target_down_is_retried_and_converges(tmp_path: Path) -> None:
-    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    # the mirror's parent is missing: the agent creates only the last component (as rsync), so it cannot start
+    src, mirror = tmp_path / "src", tmp_path / "parent" / "mirror"
     src.mkdir()
     (src / "before").write_bytes(b"written before start")
     live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log")
@@ -484,8 +485,8 @@ def test_local_target_down_is_retried_and_converges(tmp_path: Path) -> None:
         while "retrying in" not in live.log_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "retrying in" in live.log_text(), live.log_text()
-        assert "is not a directory" in live.log_text(), "the agent's reason should reach the log"
-        mirror.mkdir()
+        assert "cannot create" in live.log_text(), "the agent's reason should reach the log"
+        mirror.parent.mkdir()
         (src / "after-up").write_bytes(b"x")
         wait_identical(src, mirror, CONVERGE, what="after the mirror root appeared", live=live)
         (src / "live-again").write_bytes(b"y")
