@@ -333,7 +333,7 @@ def test_files_of_a_directory_renamed_after_the_take_are_sent_under_the_new_name
         r = rep.sync_now(batch)
         assert not r.errors, r
         for _ in range(3):  # the batches that follow, without the thread (whose start rescans the whole tree)
-            rep._fold_queued()
+            rep.fold_queued()
             if rep.coalescer.pending():
                 assert not rep.sync_now(rep.coalescer.take(time.monotonic())).errors
         assert_trees_equal(src, mirror)
@@ -686,14 +686,14 @@ def test_events_that_waited_through_a_batch_are_due_at_once(tmp_path: Path) -> N
     now = time.monotonic()
     rep._queue.put((now - 0.5, [FileEvent(Op.CREATE, b(src / "old")), FileEvent(Op.MKDIR, b(src / "d"))]))
     rep._queue.put((now - 0.3, [FileEvent(Op.CLOSE_WRITE, b(src / "old"))]))
-    rep._fold_queued()
+    rep.fold_queued()
     assert rep._queue.empty()
     assert rep._due_in(now) == 0.0
     assert set(rep.coalescer.take(now).dirty) == {b"old", b"d", b""}
     rep._first = None
     rep._queue.put((now, [FileEvent(Op.CREATE, b(src / "new"))]))
     rep._queue.put(None)  # a stop request taken off the queue by the fold is not lost
-    rep._fold_queued()
+    rep.fold_queued()
     due = rep._due_in(now)
     assert due == pytest.approx(0.05)  # settle, counted from the arrival
     assert rep._wait_and_fold(False) is True

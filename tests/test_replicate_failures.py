@@ -152,14 +152,17 @@ def test_once_exits_on_a_destination_it_cannot_create(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_once_to_a_host_without_kwatch_says_what_to_install(tmp_path: Path, sshd: Sshd) -> None:
-    """Exit status 127 of the remote command: permanent; it retried forever ("kwatch: command not found")."""
+def test_once_to_a_host_without_kwatch_falls_back_to_rsync(tmp_path: Path, sshd: Sshd) -> None:
+    """Exit status 127 of the remote command: it retried forever ("kwatch: command not found"). Now it says what to
+    install and where, and replicates as rsync users expect: rsync --server over the same ssh, with a warning."""
     src = tree(tmp_path / "src")
-    (tmp_path / "m").mkdir()
-    res = run(["--once", str(src), sshd.target(tmp_path / "m"), "-e", sshd.ssh_command,
+    mirror = tmp_path / "m"
+    res = run(["--once", str(src), sshd.target(mirror), "-e", sshd.ssh_command,
                "--agent-command", "/nonexistent/kwatch"])
-    assert res.returncode != 0
+    assert res.returncode == 0, res.stderr
     assert "install kwatch" in res.stderr and "--agent-command" in res.stderr, res.stderr
+    assert "falling back to rsync" in res.stderr and "renames are sent as new files" in res.stderr, res.stderr
+    assert tree_differences(src, mirror) == []
 
 
 def test_relative_local_target(tmp_path: Path) -> None:

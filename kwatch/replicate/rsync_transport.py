@@ -470,6 +470,8 @@ def push(
     negotiate: bool = True,
     compress: bool = False,
     rsh: Sequence[str] | None = None,
+    rsh_quote: bool = False,
+    remote_path: bytes | None = None,
     remote_rsync: str = "rsync",
     timeout: float = IO_TIMEOUT,
     bwlimit: int | None = None,
@@ -487,7 +489,8 @@ def push(
     30) the names of one inode in the list are linked on the receiver, its data sent at most once.
     ``hold``: paths (files open for writing) the list leaves out, whatever the receiver has there staying as it
     is (a protect rule keeps ``--delete`` from removing it); the ones the list would have carried are in
-    ``PushResult.held``. ``exclude`` (name, relative path) leaves matching entries and their subtrees out of the
+    ``PushResult.held``. ``rsh_quote``: ``rsh`` hands the remote command to a shell (ssh), so it is passed as one
+    quoted word; ``remote_path`` replaces the URL's path (a path relative to the remote home). ``exclude`` (name, relative path) leaves matching entries and their subtrees out of the
     file list.
     """
     root = os.fsencode(src_root)
@@ -503,7 +506,7 @@ def push(
         if held:
             entries = [e for e in entries if e.name not in hold]
     opts = PushOptions(
-        dest=target.path,
+        dest=remote_path if remote_path is not None else target.path,
         delete=delete,
         delete_missing=missing,
         fuzzy=fuzzy,
@@ -527,10 +530,13 @@ def push(
         session = PushSession(entries, opts, Mode.SHELL)
         from kwatch.protocols.rsync.client import build_server_args
 
-        remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(target.path or b".")]
+        dest = remote_path if remote_path is not None else target.path
+        remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
         if rsh is None:
             who = f"{target.user}@{target.host}" if target.user else target.host
             argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
+        elif rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
+            argv = [*rsh, shlex.join(remote)]
         else:
             argv = [*rsh, *remote]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -539,9 +545,14 @@ def push(
             _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout,
                  _Pacer(bwlimit))
         except RemoteProtocolError as exc:
-            proc.kill()
+            # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
+            try:
+                status = proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = None
             err = proc.stderr.read().decode(errors="replace").strip()
-            raise RemoteProtocolError(f"{exc}; remote stderr: {err}") from None
+            raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
         finally:
             proc.stdin.close()
             deadline = time.monotonic() + timeout
