@@ -730,7 +730,7 @@ t.link = AgentLink([sys.executable, "-c", agent, attack], timeout=60)
 t._ids = 1
 t.link.send(ap.SigRequest(1, b"f"))
 try:
-    t._take_signature(1)
+    t.sender._take_signature(1)
 except LinkError as e:
     print("refused:", e)
 t.link.kill()

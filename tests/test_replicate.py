@@ -421,16 +421,16 @@ def test_transient_errors_back_off_and_a_landing_starts_over(tmp_path: Path) -> 
     waits = []
     for _ in range(8):
         rep._schedule_retries([b"f"], {b"f"}, Batch())
-        waits.append(rep._retry_wait[b"f"])
+        waits.append(rep.retries.wait[b"f"])
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
     rep._schedule_retries([b"gone"], {b"gone"}, Batch())
-    assert b"gone" not in rep._retry_at, "a name the source lost is not retried"
+    assert b"gone" not in rep.retries.at, "a name the source lost is not retried"
     rep._mark_due_retries(time.monotonic() + 61)
     assert rep.stats.retries == 1 and rep.stats.failed_paths == 0
     batch = rep.coalescer.take(time.monotonic())
     assert batch.dirty.get(b"f", 0) & CONTENT, batch
     rep._schedule_retries([], set(), batch)  # f was in the batch and did not fail: it landed
-    assert b"f" not in rep._retry_wait
+    assert b"f" not in rep.retries.wait
     rep._schedule_retries([b"d"], {b"d"}, Batch())
     rep._mark_due_retries(time.monotonic() + 3)
     assert rep.coalescer.take(time.monotonic()).rescans == {b"d"}, "a directory is retried with what is in it"

@@ -56,7 +56,6 @@ from kwatch.replicate.transport import BatchReport, Host
 log = logging.getLogger("kwatch.replicate")
 
 CHUNK = 1 << 20
-DELTA_MIN = 64 << 10  # below this a whole put is cheaper than a signature round trip (the option's default)
 DELTA_OPS_PER_FRAME = 4096
 DELTA_COPY_PER_FRAME = dl.COPY_RUN_MAX  # ...or once its ops copy this many basis bytes (see _put_delta)
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
@@ -94,110 +93,35 @@ class BatchContext:
     later: list[bytes] = field(default_factory=list)  # rescanned files left for later: open for writing
 
 
-class AgentTransport:
-    """The kwatch agent (``kwatch agent`` on a local pipe or over ssh) as a :class:`~kwatch.replicate.transport
-    .Transport`."""
+class _Part:
+    """What the planner and the sender of one transport share: the source, the options, the mirror's link index, and
+    (per connection, per batch) the link and the batch context, read from the transport."""
 
-    def __init__(self, host: Host, target: Target, opts: TargetOptions) -> None:
-        self.host = host
-        self.src = host.src
-        self.coalescer = host.coalescer
-        self.excluded = host.excluded
-        self.target = target
-        self.opts = opts
-        self.link: AgentLink | None = None
-        self.links = LinkIndex()  # names the mirror holds as one inode (see linkindex)
-        self.ctx = BatchContext()
-        self._seq = 0
-        self._ids = 0
-        self._wire_done = 0  # bytes written by the links closed so far
+    def __init__(self, t: AgentTransport) -> None:
+        self.t = t
+        self.host = t.host
+        self.src = t.src
+        self.opts = t.opts
+        self.target = t.target
+        self.coalescer = t.coalescer
+        self.excluded = t.excluded
+        self.links = t.links
 
-    # ---- the connection ---------------------------------------------------------------------------------------------
+    @property
+    def link(self) -> AgentLink | None:
+        return self.t.link
 
-    def connect(self) -> None:
-        # a local pipe has no wire to save: compressing would only spend CPU on both ends
-        compress = self.opts.compress and self.target.kind != "local"
-        caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
-        self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
-        self.link.on_wait = self.host.fold_queued
-        if self.host.on_agent is not None:
-            self.host.on_agent(self.link.pid)
-        log.info("target %s: agent up (pid %d, capabilities %s)", self.target.spec, self.link.pid,
-                 ",".join(sorted(self.link.conn.capabilities)))
+    @property
+    def ctx(self) -> BatchContext:
+        return self.t.ctx
 
-    def disconnect(self) -> None:
-        if self.link is not None:
-            self._wire_done += self.link.bytes_out
-            self.link.kill()
-            self.link = None
 
-    def close(self) -> None:
-        if self.link is not None:
-            self._wire_done += self.link.bytes_out
-            self.link.close()
-            self.link = None
+class AgentPlanner(_Part):
+    """Turns a batch into a :class:`~kwatch.replicate.scan.Plan` by looking at the source now (lstat, and the
+    mirror's manifest for a rescan); the hard-link groups and the directory times it must restore go into the
+    batch context."""
 
-    def wire_bytes(self) -> int:
-        return self._wire_done + (self.link.bytes_out if self.link is not None else 0)
-
-    # ---- one batch -------------------------------------------------------------------------------------------------
-
-    def sync(self, b: Batch) -> BatchReport:
-        if self.link is None:
-            raise LinkError("not connected")
-        link = self.link
-        rep = BatchReport()
-        plan = Plan()
-        self.ctx = ctx = BatchContext(batch=b)
-        renames = list(b.renames)
-        made: set[bytes] = set()
-        for old, new in renames:
-            self._mkdir_parents(new, b, made)
-            link.send(ap.Rename(old, new))
-            self.links.rename(old, new)
-        rep.renames = len(renames)
-        for rel in sorted(b.rescans, key=len):
-            self._plan_rescan(rel, plan)
-        out = _Outgoing(self._many_files(), len(b.dirty))
-        # Without rescans, mkdirs and small whole files go out while the batch is planned: the agent works on them
-        # while we look at the rest (planning 13,000 paths first kept it idle for 0.1-0.25 s per batch of an untar).
-        # Paths come parents first (by depth), so a directory's Mkdir precedes the files put into it; what has
-        # to wait for the whole plan (deltas, big files, links, attributes, deletes) still goes in _send_plan.
-        streaming = not b.rescans and out.many is not None
-        for rel, flags in sorted(b.dirty.items(), key=lambda kv: (kv[0].count(b"/"), kv[0])):
-            if not any(rel == r or rel.startswith(r + b"/") or r == b"" for r in b.rescans):
-                self._plan_path(rel, flags, plan)
-                if streaming:
-                    self._stream_planned(plan, rep, out)
-        self._plan_links(plan)
-        for d in plan.deletes:
-            self.links.discard_under(d.path)
-        changed = self._send_plan(plan, rep, out)
-        self._seq += 1
-        link.send(ap.Commit(self._seq))
-        ack = link.take(ap.Ack, f"the ack of batch {self._seq}")
-        assert isinstance(ack, ap.Ack)
-        res = interpret_ack(ack.errors, renames=renames, torn=ctx.torn, checked=ctx.checked,
-                            link_leaders=ctx.link_leaders, changed=changed)
-        for err in res.reported:
-            log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
-        rep.errors = res.reported
-        rep.rescan, rep.missing, rep.transient = res.rescan, res.missing, res.transient
-        rep.failed = {e.relpath for e in ack.errors}
-        rep.resend = [*changed, *res.resend, *ctx.later]
-        for key, names in ctx.link_sets.items():
-            if not names & rep.failed:
-                self.links.add(key, names)
-            else:  # whatever the mirror holds for this group now, do not link to it: the next write re-sends
-                for p in names:
-                    self.links.discard(p)
-        log.info(
-            "target %s: batch %d: %d puts, %d deltas, %d renames, %d deletes, %d rescans; %d literal + %d matched "
-            "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,
-            len(b.rescans), rep.literal, rep.matched, len(rep.errors))
-        return rep
-
-    def _plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
+    def plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
         full = os.path.join(self.src, rel) if rel else self.src
         name = rel.rpartition(b"/")[2]
         if rel and self.excluded(name, rel):
@@ -293,7 +217,7 @@ class AgentTransport:
             self.ctx.link_sets.setdefault(key, set()).add(pre + path)
         return {k: v for k, v in outside.items() if v}
 
-    def _plan_links(self, plan: Plan) -> None:
+    def plan_links(self, plan: Plan) -> None:
         """Plan this batch's dirty files that have other names (``st_nlink > 1``), one inode at a time.
 
         The names of an inode are the dirty ones plus those :attr:`links` says the mirror has (or a rescan of this
@@ -335,7 +259,7 @@ class AgentTransport:
                 self._touch_parent(p, plan)
             self.ctx.link_sets.setdefault(key, set()).update((leader, *relink, *on_mirror))
 
-    def _mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> None:
+    def mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> None:
         """Create the directories of a rename destination that appeared in this batch, before the rename.
 
         Renames are replayed before the plan's mkdirs (so a moved tree is moved, not re-created); ``mkdir -p n;
@@ -376,7 +300,7 @@ class AgentTransport:
         if stat.S_ISDIR(st.st_mode):
             plan.dir_setattrs.append(SetAttr(par, None, st.st_mtime_ns))
 
-    def _plan_rescan(self, rel: bytes, plan: Plan) -> None:
+    def plan_rescan(self, rel: bytes, plan: Plan) -> None:
         """Reconcile the subtree ``rel``: the mirror's manifest against a scan of the source."""
         assert self.link is not None
         full = os.path.join(self.src, rel) if rel else self.src
@@ -388,10 +312,9 @@ class AgentTransport:
             if rel in self.ctx.batch.writing:
                 self.ctx.later.append(rel)
             else:
-                self._plan_path(rel, CONTENT | EXIST | META, plan)
+                self.plan_path(rel, CONTENT | EXIST | META, plan)
             return
-        self._ids += 1
-        rid = self._ids
+        rid = self.t.next_id()
         self.link.send(ap.ManifestRequest(rid, rel or None, self.opts.checksum))
         # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
         src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
@@ -430,13 +353,18 @@ class AgentTransport:
         plan.setattrs.extend(op._replace(path=pre + op.path) for op in sub.setattrs)
         plan.dir_setattrs.extend(op._replace(path=pre + op.path) for op in sub.dir_setattrs)
 
-    def _many_files(self) -> _ManyFiles | None:
+
+class AgentSender(_Part):
+    """Sends a plan: whole files (small ones gathered in PutFiles frames), deltas against the mirror's copy, links,
+    attributes and deletes; every read is checked against writers before it may land."""
+
+    def many_files(self) -> _ManyFiles | None:
         """A PutFiles accumulator when the agent takes them; None under a bandwidth limit (paced per file, see
         _put_whole)."""
         assert self.link is not None
         return _ManyFiles() if "putfiles" in self.link.conn.capabilities and not self.opts.bwlimit else None
 
-    def _stream_planned(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> None:
+    def stream_planned(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> None:
         """Send what :meth:`_plan_path` just planned if it can go before the rest of the plan: a Mkdir, or a small
         file that needs no delta (into the PutFiles frame being filled). Anything else stays in ``plan``."""
         link = self.link
@@ -484,7 +412,7 @@ class AgentTransport:
         if files:
             self.link.send(ap.PutFiles(files))
 
-    def _send_plan(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> list[bytes]:
+    def send_plan(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> list[bytes]:
         """Send every op of ``plan`` (after what :meth:`_stream_planned` sent already, with its PutFiles frame
         ``out``); returns paths whose source changed while being read (to send again)."""
         link = self.link
@@ -503,9 +431,8 @@ class AgentTransport:
         deltas: list[Put] = []
         for p in plan.puts:
             if p.basis and delta_ok and len(deltas) < ap.MAX_OPEN_SIGS:  # past the agent's bound: sent whole
-                self._ids += 1
-                sig_ids[p.path] = self._ids
-                link.send(ap.SigRequest(self._ids, p.path))
+                sig_ids[p.path] = sig_id = self.t.next_id()
+                link.send(ap.SigRequest(sig_id, p.path))
                 deltas.append(p)
             else:
                 wholes.append(p)
@@ -732,6 +659,119 @@ class AgentTransport:
         finally:
             os.close(fd)
 
+
+
+
+
+class AgentTransport:
+    """The kwatch agent (``kwatch agent`` on a local pipe or over ssh) as a :class:`~kwatch.replicate.transport
+    .Transport`."""
+
+    def __init__(self, host: Host, target: Target, opts: TargetOptions) -> None:
+        self.host = host
+        self.src = host.src
+        self.coalescer = host.coalescer
+        self.excluded = host.excluded
+        self.target = target
+        self.opts = opts
+        self.link: AgentLink | None = None
+        self.links = LinkIndex()  # names the mirror holds as one inode (see linkindex)
+        self.ctx = BatchContext()
+        self._seq = 0
+        self._ids = 0
+        self._wire_done = 0  # bytes written by the links closed so far
+        self.planner = AgentPlanner(self)
+        self.sender = AgentSender(self)
+
+    def next_id(self) -> int:
+        """A request id (manifests, signatures) unique on this transport."""
+        self._ids += 1
+        return self._ids
+
+    # ---- the connection ---------------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        # a local pipe has no wire to save: compressing would only spend CPU on both ends
+        compress = self.opts.compress and self.target.kind != "local"
+        caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
+        self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
+        self.link.on_wait = self.host.fold_queued
+        if self.host.on_agent is not None:
+            self.host.on_agent(self.link.pid)
+        log.info("target %s: agent up (pid %d, capabilities %s)", self.target.spec, self.link.pid,
+                 ",".join(sorted(self.link.conn.capabilities)))
+
+    def disconnect(self) -> None:
+        if self.link is not None:
+            self._wire_done += self.link.bytes_out
+            self.link.kill()
+            self.link = None
+
+    def close(self) -> None:
+        if self.link is not None:
+            self._wire_done += self.link.bytes_out
+            self.link.close()
+            self.link = None
+
+    def wire_bytes(self) -> int:
+        return self._wire_done + (self.link.bytes_out if self.link is not None else 0)
+
+    # ---- one batch -------------------------------------------------------------------------------------------------
+
+    def sync(self, b: Batch) -> BatchReport:
+        if self.link is None:
+            raise LinkError("not connected")
+        link = self.link
+        rep = BatchReport()
+        plan = Plan()
+        self.ctx = ctx = BatchContext(batch=b)
+        renames = list(b.renames)
+        made: set[bytes] = set()
+        for old, new in renames:
+            self.planner.mkdir_parents(new, b, made)
+            link.send(ap.Rename(old, new))
+            self.links.rename(old, new)
+        rep.renames = len(renames)
+        for rel in sorted(b.rescans, key=len):
+            self.planner.plan_rescan(rel, plan)
+        out = _Outgoing(self.sender.many_files(), len(b.dirty))
+        # Without rescans, mkdirs and small whole files go out while the batch is planned: the agent works on them
+        # while we look at the rest (planning 13,000 paths first kept it idle for 0.1-0.25 s per batch of an untar).
+        # Paths come parents first (by depth), so a directory's Mkdir precedes the files put into it; what has
+        # to wait for the whole plan (deltas, big files, links, attributes, deletes) still goes in _send_plan.
+        streaming = not b.rescans and out.many is not None
+        for rel, flags in sorted(b.dirty.items(), key=lambda kv: (kv[0].count(b"/"), kv[0])):
+            if not any(rel == r or rel.startswith(r + b"/") or r == b"" for r in b.rescans):
+                self.planner.plan_path(rel, flags, plan)
+                if streaming:
+                    self.sender.stream_planned(plan, rep, out)
+        self.planner.plan_links(plan)
+        for d in plan.deletes:
+            self.links.discard_under(d.path)
+        changed = self.sender.send_plan(plan, rep, out)
+        self._seq += 1
+        link.send(ap.Commit(self._seq))
+        ack = link.take(ap.Ack, f"the ack of batch {self._seq}")
+        assert isinstance(ack, ap.Ack)
+        res = interpret_ack(ack.errors, renames=renames, torn=ctx.torn, checked=ctx.checked,
+                            link_leaders=ctx.link_leaders, changed=changed)
+        for err in res.reported:
+            log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
+        rep.errors = res.reported
+        rep.rescan, rep.missing, rep.transient = res.rescan, res.missing, res.transient
+        rep.failed = {e.relpath for e in ack.errors}
+        rep.resend = [*changed, *res.resend, *ctx.later]
+        for key, names in ctx.link_sets.items():
+            if not names & rep.failed:
+                self.links.add(key, names)
+            else:  # whatever the mirror holds for this group now, do not link to it: the next write re-sends
+                for p in names:
+                    self.links.discard(p)
+        log.info(
+            "target %s: batch %d: %d puts, %d deltas, %d renames, %d deletes, %d rescans; %d literal + %d matched "
+            "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,
+            len(b.rescans), rep.literal, rep.matched, len(rep.errors))
+        return rep
 
 
 @dataclass

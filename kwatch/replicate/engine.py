@@ -39,11 +39,12 @@ from collections.abc import Callable, Iterable
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import TargetStats
 from kwatch.replicate.ack import TRANSIENT
-from kwatch.replicate.agent_transport import DELTA_MIN, AgentTransport
+from kwatch.replicate.agent_transport import AgentTransport
 from kwatch.replicate.backoff import Backoff
 from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer, parent
 from kwatch.replicate.link import LinkError
-from kwatch.replicate.options import TargetOptions
+from kwatch.replicate.options import DELTA_MIN, TargetOptions
+from kwatch.replicate.retries import PathRetries
 from kwatch.replicate.rsync_target import RsyncTransport
 from kwatch.replicate.scan import DEFAULT_EXCLUDES, Excluder
 from kwatch.replicate.target import Target
@@ -57,10 +58,6 @@ log = logging.getLogger("kwatch.replicate")
 
 #: How long a replicator waits for the capture barrier before it treats the reads it covers as torn (sent again later)
 BARRIER_TIMEOUT = 5.0
-#: A path that failed with a TRANSIENT error (kwatch.replicate.ack) is sent again after RETRY_FIRST seconds, the
-#: wait doubling up to RETRY_MAX, until it lands or the source loses it.
-RETRY_FIRST = 2.0
-RETRY_MAX = 60.0
 
 
 def make_transport(host: Replicator, target: Target, opts: TargetOptions) -> Transport:
@@ -118,11 +115,8 @@ class Replicator:
         self._reopened: dict[bytes, float] = {}
         #: directories rescanned to repair a missing name on the mirror since the last batch without such an error
         self._repairing: set[bytes] = set()
-        #: path -> when it is sent again after a transient error; path -> the last wait (doubles while it fails);
-        #: the earliest of the times (inf: none), so that the loop looks at the table only when one is due
-        self._retry_at: dict[bytes, float] = {}
-        self._retry_wait: dict[bytes, float] = {}
-        self._retry_next = float("inf")
+        #: paths sent again after a transient error of the mirror, with a doubling wait
+        self.retries = PathRetries()
 
     # ---- the thread -------------------------------------------------------------------------------------------------
 
@@ -237,7 +231,7 @@ class Replicator:
         now = time.monotonic()
         due = self._due_in(now)
         timeout = 1.0 if due is None else due
-        timeout = max(0.0, min(timeout, self._retry_next - now))
+        timeout = max(0.0, min(timeout, self.retries.next - now))
         try:
             item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
         except queue.Empty:
@@ -442,27 +436,17 @@ class Replicator:
             self.coalescer.rescan(top)
 
     def _schedule_retries(self, transient: list[bytes], failed: set[bytes], b: Batch) -> None:
-        """Send ``transient`` (names that failed with a :data:`TRANSIENT` error) again later, each after twice its last
-        wait (RETRY_FIRST the first time, at most RETRY_MAX); a name of batch ``b`` that did not fail again landed,
-        and its next failure waits RETRY_FIRST again."""
-        for rel in [r for r in self._retry_wait if r in b.dirty and r not in failed]:
-            del self._retry_wait[rel]
-        now = time.monotonic()
-        for rel in filter(None, map(self._in_source, transient)):
-            wait = min(self._retry_wait.get(rel, RETRY_FIRST / 2) * 2, RETRY_MAX)
-            self._retry_wait[rel] = wait
-            self._retry_at[rel] = now + wait
-            self._retry_next = min(self._retry_next, now + wait)
+        """Send ``transient`` (names that failed with a :data:`TRANSIENT` error) again later (see
+        kwatch.replicate.retries); a name of batch ``b`` that did not fail again landed."""
+        self.retries.landed(b.dirty, failed)
+        for rel, wait in self.retries.schedule(filter(None, map(self._in_source, transient)), time.monotonic()):
             log.warning("target %s: %s: sent again in %.0f s", self.target.spec, os.fsdecode(rel), wait)
-        self.stats.failed_paths = len(self._retry_at)
+        self.stats.failed_paths = len(self.retries)
 
     def _mark_due_retries(self, now: float) -> None:
         """Put the names whose retry is due into the next batch: a file whole (content, existence, attributes), a
         directory as a rescan (what was put into it failed too, for want of it)."""
-        if now < self._retry_next:
-            return
-        for rel in [r for r, at in self._retry_at.items() if at <= now]:
-            del self._retry_at[rel]
+        for rel in self.retries.due(now):
             try:
                 is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.src, rel)).st_mode)
             except OSError:
@@ -472,8 +456,7 @@ class Replicator:
             else:
                 self.coalescer.retry(rel, now, CONTENT | EXIST | META)
             self.stats.retries += 1
-        self._retry_next = min(self._retry_at.values(), default=float("inf"))
-        self.stats.failed_paths = len(self._retry_at)
+        self.stats.failed_paths = len(self.retries)
 
     def _in_source(self, rel: bytes) -> bytes | None:
         """``rel``'s current name (after the renames folded since the take) if the source still has it, else None."""
