@@ -11,9 +11,11 @@ import time
 from types import FrameType
 
 from kwatch.capture.barrier import CaptureBarrier, pump
-from kwatch.capture.base import CaptureError, CaptureFilter
+from kwatch.capture.base import CaptureError, CaptureFilter, Source
 from kwatch.events import FileEvent
-from kwatch.replicate.engine import Target, TargetOptions, make_replicator, wait_synced
+from kwatch.replicate import options
+from kwatch.replicate.engine import make_replicator, wait_synced
+from kwatch.replicate.target import Target
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,21 +23,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("source", help="the tree to replicate")
     r.add_argument("targets", nargs="+", help="/local/path, [user@]host:/path, or rsync://[user@]host[:port]/module/path")
     r.add_argument("--once", action="store_true", help="reconcile once and exit (no live capture)")
-    r.add_argument("--no-delete", action="store_true", help="never delete on the mirror")
-    r.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    r.add_argument("--settle", type=float, default=0.05, help="seconds of quiet before a batch is sent")
-    r.add_argument("--max-delay", type=float, default=1.0, help="seconds a change may wait at most")
-    r.add_argument("--eager", type=float, default=0.2,
-                   help="seconds after a change before an idle target gets it, even while changes keep coming "
-                        "(files still open for writing wait for their close or --max-delay); 0 disables")
-    r.add_argument("--bwlimit", type=int, help="KiB/s of file data per target")
-    r.add_argument("--checksum", action="store_true", help="compare content hashes, not size+mtime, when reconciling")
-    r.add_argument("--no-compress", action="store_true")
-    r.add_argument("--owner", action="store_true", help="replicate uid/gid (the agent must run as root)")
-    r.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
-    r.add_argument("-e", "--ssh", default="ssh", help="ssh command for host:/path targets (as rsync -e)")
-    r.add_argument("--agent-command", default="kwatch", help="the kwatch executable on the remote host")
-    r.add_argument("--password-file", help="rsync:// targets: file holding the daemon password (else $RSYNC_PASSWORD)")
+    options.add_arguments(r)
     r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
     r.set_defaults(func=cmd_replicate)
 
@@ -101,39 +89,40 @@ def _progress_line(target: str, done: int, total: int, nbytes: int) -> None:
     sys.stderr.flush()
 
 
+def _check_password_file(path: str) -> None:
+    from kwatch.rules.filesafety import unsafe_file
+
+    try:
+        problem = unsafe_file(path, secret=True)
+    except OSError as e:
+        problem = f"cannot read {path}: {e.strerror or e}"
+    if problem is not None:
+        raise SystemExit(f"kwatch replicate: --password-file: {problem}")
+
+
+def _open_capture(src: bytes, backend: str) -> Source:
+    from kwatch.capture.select import open_source
+
+    try:
+        return open_source(CaptureFilter.make(roots=[src], exclude_pids=[os.getpid()]), backend,
+                           warn=lambda m: print(f"kwatch: {m}", file=sys.stderr))
+    except CaptureError as e:
+        raise SystemExit(f"kwatch replicate: {e}") from e
+
+
 def cmd_replicate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="kwatch: %(message)s", stream=sys.stderr)
     src = os.fsencode(os.path.abspath(args.source))
     if not os.path.isdir(src):
         raise SystemExit(f"kwatch replicate: {args.source} is not a directory")
     if args.password_file is not None:
-        from kwatch.rules.filesafety import unsafe_file
-
-        try:
-            problem = unsafe_file(args.password_file, secret=True)
-        except OSError as e:
-            problem = f"cannot read {args.password_file}: {e.strerror or e}"
-        if problem is not None:
-            raise SystemExit(f"kwatch replicate: --password-file: {problem}")
-    opts = TargetOptions(
-        delete=not args.no_delete, excludes=tuple(os.fsencode(x) for x in args.exclude), settle=args.settle,
-        max_delay=args.max_delay, eager=args.eager or None, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,
-        compress=not args.no_compress, checksum=args.checksum, owner=args.owner, fsync=args.fsync, ssh=args.ssh,
-        agent_command=args.agent_command, password_file=args.password_file,
-    )
+        _check_password_file(args.password_file)
+    opts = options.from_args(args)
     try:
         targets = [Target.parse(t) for t in args.targets]
     except ValueError as e:
         raise SystemExit(f"kwatch replicate: {e}") from e
-    source = None
-    if not args.once:
-        from kwatch.capture.select import open_source
-
-        try:
-            source = open_source(CaptureFilter.make(roots=[src], exclude_pids=[os.getpid()]), args.backend,
-                                 warn=lambda m: print(f"kwatch: {m}", file=sys.stderr))
-        except CaptureError as e:
-            raise SystemExit(f"kwatch replicate: {e}") from e
+    source = None if args.once else _open_capture(src, args.backend)
     exclude = getattr(source, "exclude_pid", None)
     barrier = CaptureBarrier(source) if source is not None else None
     reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from kwatch.replicate.options import TargetOptions
 
+#: what a target may look like, for the messages that refuse one
+EXPECTED = ("expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or "
+            "rsync://host/module/path")
 SSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
 
 
@@ -28,6 +31,8 @@ class Target:
     @classmethod
     def parse(cls, spec: str) -> Target:
         if spec.startswith("rsync://"):
+            who = spec[len("rsync://"):].partition("/")[0]
+            _check_host(spec, who.rpartition("@")[2] if not who.startswith("-") else who)
             return cls(spec, "rsync", b"")
         if spec.startswith("/"):
             return cls(spec, "local", os.fsencode(os.path.normpath(spec)))
@@ -45,10 +50,7 @@ class Target:
                 raise ValueError("target '': expected a path")
             return cls(spec, "local", os.fsencode(os.path.abspath(spec)))
         if not host:
-            raise ValueError(
-                f"target {spec!r}: expected /local/path, [user@]host:/path, ssh://[user@]host[:port]/path or "
-                "rsync://host/module/path"
-            )
+            raise ValueError(f"target {spec!r}: {EXPECTED}")
         _check_host(spec, host)
         return cls(spec, "ssh", os.fsencode(path or "."), host)
 
@@ -73,4 +75,4 @@ class Target:
 def _check_host(spec: str, host: str) -> None:
     # "-oProxyCommand=...:/p" would reach ssh as an option and run a local command; no host name starts with "-"
     if host.startswith("-"):
-        raise ValueError(f"target {spec!r}: a host cannot start with '-' (ssh would read {host!r} as an option)")
+        raise ValueError(f"target {spec!r}: a host cannot start with '-' (ssh would read it as an option)")
