@@ -716,6 +716,13 @@ class AgentTransport:
     def wire_bytes(self) -> int:
         return self._wire_done + (self.link.bytes_out if self.link is not None else 0)
 
+    def cut(self) -> None:
+        """Cut a batch in flight from another thread (a stop past its grace): the agent is killed, so the thread
+        sending the batch sees the link end and leaves; what landed landed whole (rename), the rest is not there."""
+        link = self.link
+        if link is not None and link.proc.poll() is None:
+            link.proc.kill()
+
     # ---- one batch -------------------------------------------------------------------------------------------------
 
     def sync(self, b: Batch) -> BatchReport:

@@ -143,9 +143,7 @@ class Replicator:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self._stop.set()
-                cut = getattr(self.transport, "cut", None)
-                if cut is not None:
-                    cut()  # the thread sees the agent's end and leaves
+                self.transport.cut()  # the thread sees the agent's end and leaves
                 self._thread.join(1.0)
         self._stop.set()
         if self._thread is None or not self._thread.is_alive():
@@ -365,7 +363,8 @@ class Replicator:
                     "while a writer has it open may reach the mirror partly written until its next change",
                     self.target.spec, self.target.host)
         self.transport = RsyncTransport(self, f"ssh://{self.target.host}/", self.opts,
-                                        rsh=ssh_rsh(self.target, self.opts), remote_path=self.target.path)
+                                        rsh=ssh_rsh(self.target, self.opts), remote_path=self.target.path,
+                                        name=self.target.spec)
         self._wire_seen = 0
 
     def _disconnect(self) -> None:

@@ -80,8 +80,9 @@ class RsyncTransport:
     the ssh command line ending with the host: the fallback for a host without kwatch)."""
 
     def __init__(self, host: Host, url: str, opts: TargetOptions, *, rsh: list[str] | None = None,
-                 remote_path: bytes | None = None) -> None:
+                 remote_path: bytes | None = None, name: str | None = None) -> None:
         self.host = host
+        self.name = name or url  # the target as the log names it
         self.src = host.src
         self.url = url
         self.opts = opts
@@ -99,6 +100,9 @@ class RsyncTransport:
 
     def close(self) -> None:
         pass
+
+    def cut(self) -> None:
+        pass  # a session in flight ends with the process; the receiver keeps whole files only (temp + rename)
 
     def wire_bytes(self) -> int:
         return self._wire
@@ -140,11 +144,11 @@ class RsyncTransport:
         rep.messages = list(res.errors)
         self._wire += res.bytes_sent
         for err in res.errors:
-            log.warning("target %s: %s", self.url, err)
+            log.warning("target %s: %s", self.name, err)
         # numbered per target like the agent's batch lines, so a reader of the log can wait for batch N
         self._seq += 1
         log.info("target %s: rsync batch %d: %s paths, %d files sent, %d deleted, %d held open for writing; %d "
-                 "literal + %d matched bytes", self.url, self._seq, "all" if paths is None else len(paths),
+                 "literal + %d matched bytes", self.name, self._seq, "all" if paths is None else len(paths),
                  res.files, res.deleted, len(res.held), res.literal_bytes, res.matched_bytes)
         return rep
 

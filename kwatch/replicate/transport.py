@@ -77,3 +77,6 @@ class Transport(Protocol):
 
     def wire_bytes(self) -> int:
         """Bytes written to the mirror since this transport was made (never decreases)."""
+
+    def cut(self) -> None:
+        """From another thread: end a batch in flight now, leaving the mirror with whole files only."""
