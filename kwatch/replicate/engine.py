@@ -42,6 +42,7 @@ from kwatch.replicate.ack import TRANSIENT
 from kwatch.replicate.agent_transport import AgentTransport
 from kwatch.replicate.backoff import Backoff
 from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer, parent
+from kwatch.replicate.landing import LandingCheck
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.options import DELTA_MIN, TargetOptions
 from kwatch.replicate.retries import PathRetries
@@ -56,8 +57,6 @@ __all__ = ["DELTA_MIN", "TRANSIENT", "BatchReport", "Replicator", "Target", "Tar
 
 log = logging.getLogger("kwatch.replicate")
 
-#: How long a replicator waits for the capture barrier before it treats the reads it covers as torn (sent again later)
-BARRIER_TIMEOUT = 5.0
 
 
 def make_transport(host: Replicator, target: Target, opts: TargetOptions) -> Transport:
@@ -111,8 +110,9 @@ class Replicator:
         #: True once every event made before the call was fed to us, False after the timeout. None: events are
         #: fed by hand (tests), a read is judged by what arrived so far
         self.barrier: Callable[[float], bool] | None = None
-        #: name -> since when its reads are dropped because it was reopened for writing (see _being_written)
-        self._reopened: dict[bytes, float] = {}
+        #: the checks against the event stream before a read lands (see kwatch.replicate.landing)
+        self.landing = LandingCheck(self.coalescer, self.opts.max_delay, target.spec, self.fold_queued,
+                                    lambda: self.barrier)
         #: directories rescanned to repair a missing name on the mirror since the last batch without such an error
         self._repairing: set[bytes] = set()
         #: paths sent again after a transient error of the mirror, with a doubling wait
@@ -276,65 +276,12 @@ class Replicator:
         return stopping
 
     def renamed_away(self, rel: bytes, flags: int) -> bool:
-        """Whether ``rel`` (a name of this batch, gone from the source) was renamed, or an ancestor was, since the
-        take; its content is then looked at again under its new name in a later batch, not deleted.
-
-        Without this a file made just before its directory was renamed (tar, then ``mv`` of a directory it made) is
-        lost: this batch finds its old name gone, the mirror never had it, and the next batch's rename moves a
-        directory without it (seen on fanotify, whose events come later than the BPF ring's). The capture barrier
-        first, so that a rename made before the lstat that failed has been folded."""
-        if self.barrier is not None:
-            self.barrier(BARRIER_TIMEOUT)  # a timeout leaves the delete: the rescan after a loss repairs the rest
-        self.fold_queued()
-        cur = self.coalescer.current_name(rel)
-        if cur == rel:
-            return False
-        self.coalescer.retry(cur, time.monotonic(), flags)  # with EXIST: a directory is made there
-        return True
+        """See :meth:`kwatch.replicate.landing.LandingCheck.renamed_away`."""
+        return self.landing.renamed_away(rel, flags)
 
     def unlandable(self, paths: list[bytes]) -> set[bytes]:
-        """Which of ``paths`` (names of this batch, each read already) must not land: see :meth:`_being_written`.
-
-        A write(2) is not atomic for a reader: the size grows folio by folio while mtime and ctime were set at its
-        start, so a writer descheduled mid-write shows a stable prefix that the size and time checks around a read
-        cannot tell from a finished file. Whether some process had the file open for writing is known from events,
-        and those arrive late (the BPF ring buffer wakes the capture loop at most every ``wake_s`` while events flow).
-        So first the capture barrier: it returns once every event made before this call was fed to us. The open of
-        a writer whose output the read saw happened before the read (its event was reserved in the ring before
-        open(2) returned), so it is among them; what is queued is then folded and the coalescer asked. Without a
-        barrier (events fed by hand) this is what arrived so far. If the barrier times out, every read it covers is
-        treated as torn: never landed blindly, sent again in a later batch.
-        """
-        if not paths:
-            return set()
-        if self.barrier is not None and not self.barrier(BARRIER_TIMEOUT):
-            log.warning("target %s: capture did not deliver its events within %.0fs; %d reads are sent again later",
-                        self.target.spec, BARRIER_TIMEOUT, len(paths))
-            return set(paths)
-        self.fold_queued()
-        now = time.monotonic()
-        return {p for p in paths if self._being_written(p, now)}
-
-    def _being_written(self, rel: bytes, now: float) -> bool:
-        """Whether a read of ``rel`` (a name of this batch) made before the events folded so far may hold a
-        writer's partial output; the caller does not land it, and the file's close (or the retry) marks it again.
-
-        Two reasons, each as the coalescer holds files at the take: the file is open for writing with a hold younger
-        than ``max_delay`` (a file written forever is sent after that, as Coalescer.take does); or it was opened for
-        writing since the batch was taken (a writer that opened, wrote and closed while the read ran: the read may
-        have seen its prefix). The second holds a file for at most ``max_delay`` in a row (a file rewritten without
-        pause must still reach the mirror). The name is followed through renames folded since the take.
-        """
-        c = self.coalescer
-        cur = c.current_name(rel)
-        if c.is_writing(cur, now):
-            return True
-        if not (c.opened_since_take(rel) or c.opened_since_take(cur)):
-            self._reopened.pop(rel, None)
-            return False
-        if len(self._reopened) > 4096:  # names held once and never read again (deleted since): forget the old ones
-            self._reopened = {k: t for k, t in self._reopened.items() if now - t < self.opts.max_delay}
-        return now - self._reopened.setdefault(rel, now) < self.opts.max_delay
+        """See :meth:`kwatch.replicate.landing.LandingCheck.unlandable`."""
+        return self.landing.unlandable(paths)
 
     def _seed_writers(self) -> None:
         """Hold the files that some process has open for writing now (found in ``/proc``; see writers)."""
