@@ -719,18 +719,21 @@ out.flush()
 _SENDER = """
 import sys
 from kwatch.protocols import agent as ap
+from kwatch.replicate.agent_transport import AgentTransport
 from kwatch.replicate.engine import Replicator, Target
 from kwatch.replicate.link import AgentLink, LinkError
 src, mirror, agent, attack = sys.argv[2:]  # argv[1] is this code
 rep = Replicator(src.encode(), Target.parse(mirror))
-rep.link = AgentLink([sys.executable, "-c", agent, attack], timeout=60)
-rep._ids = 1
-rep.link.send(ap.SigRequest(1, b"f"))
+t = rep.transport
+assert isinstance(t, AgentTransport)
+t.link = AgentLink([sys.executable, "-c", agent, attack], timeout=60)
+t._ids = 1
+t.link.send(ap.SigRequest(1, b"f"))
 try:
-    rep._take_signature(1)
+    t.sender._take_signature(1)
 except LinkError as e:
     print("refused:", e)
-rep.link.kill()
+t.link.kill()
 """
 
 

@@ -78,7 +78,7 @@ OPTION_CASES = [
 
 @pytest.mark.parametrize(("opts", "want"), [(c[1], c[2]) for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
 def test_options_from_config(opts: dict[str, object], want: dict[str, object]) -> None:
-    from kwatch.replicate.sink import options_from_config
+    from kwatch.replicate.options import build as options_from_config
 
     t = options_from_config(opts)
     assert {k: getattr(t, k) for k in want} == want

@@ -333,7 +333,7 @@ def test_files_of_a_directory_renamed_after_the_take_are_sent_under_the_new_name
         r = rep.sync_now(batch)
         assert not r.errors, r
         for _ in range(3):  # the batches that follow, without the thread (whose start rescans the whole tree)
-            rep._fold_queued()
+            rep.fold_queued()
             if rep.coalescer.pending():
                 assert not rep.sync_now(rep.coalescer.take(time.monotonic())).errors
         assert_trees_equal(src, mirror)
@@ -421,16 +421,16 @@ def test_transient_errors_back_off_and_a_landing_starts_over(tmp_path: Path) -> 
     waits = []
     for _ in range(8):
         rep._schedule_retries([b"f"], {b"f"}, Batch())
-        waits.append(rep._retry_wait[b"f"])
+        waits.append(rep.retries.wait[b"f"])
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
     rep._schedule_retries([b"gone"], {b"gone"}, Batch())
-    assert b"gone" not in rep._retry_at, "a name the source lost is not retried"
+    assert b"gone" not in rep.retries.at, "a name the source lost is not retried"
     rep._mark_due_retries(time.monotonic() + 61)
     assert rep.stats.retries == 1 and rep.stats.failed_paths == 0
     batch = rep.coalescer.take(time.monotonic())
     assert batch.dirty.get(b"f", 0) & CONTENT, batch
     rep._schedule_retries([], set(), batch)  # f was in the batch and did not fail: it landed
-    assert b"f" not in rep._retry_wait
+    assert b"f" not in rep.retries.wait
     rep._schedule_retries([b"d"], {b"d"}, Batch())
     rep._mark_due_retries(time.monotonic() + 3)
     assert rep.coalescer.take(time.monotonic()).rescans == {b"d"}, "a directory is retried with what is in it"
@@ -473,7 +473,8 @@ def test_4k_edit_of_a_large_file_sends_about_the_edit(kind: str, tmp_path: Path,
 
 @pytest.mark.slow
 def test_local_target_down_is_retried_and_converges(tmp_path: Path) -> None:
-    src, mirror = tmp_path / "src", tmp_path / "mirror"
+    # the mirror's parent is missing: the agent creates only the last component (as rsync), so it cannot start
+    src, mirror = tmp_path / "src", tmp_path / "parent" / "mirror"
     src.mkdir()
     (src / "before").write_bytes(b"written before start")
     live = LiveReplicate(src, [str(mirror)], tmp_path / "replicate.log")
@@ -484,8 +485,8 @@ def test_local_target_down_is_retried_and_converges(tmp_path: Path) -> None:
         while "retrying in" not in live.log_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "retrying in" in live.log_text(), live.log_text()
-        assert "is not a directory" in live.log_text(), "the agent's reason should reach the log"
-        mirror.mkdir()
+        assert "cannot create" in live.log_text(), "the agent's reason should reach the log"
+        mirror.parent.mkdir()
         (src / "after-up").write_bytes(b"x")
         wait_identical(src, mirror, CONVERGE, what="after the mirror root appeared", live=live)
         (src / "live-again").write_bytes(b"y")
@@ -685,14 +686,14 @@ def test_events_that_waited_through_a_batch_are_due_at_once(tmp_path: Path) -> N
     now = time.monotonic()
     rep._queue.put((now - 0.5, [FileEvent(Op.CREATE, b(src / "old")), FileEvent(Op.MKDIR, b(src / "d"))]))
     rep._queue.put((now - 0.3, [FileEvent(Op.CLOSE_WRITE, b(src / "old"))]))
-    rep._fold_queued()
+    rep.fold_queued()
     assert rep._queue.empty()
     assert rep._due_in(now) == 0.0
     assert set(rep.coalescer.take(now).dirty) == {b"old", b"d", b""}
     rep._first = None
     rep._queue.put((now, [FileEvent(Op.CREATE, b(src / "new"))]))
     rep._queue.put(None)  # a stop request taken off the queue by the fold is not lost
-    rep._fold_queued()
+    rep.fold_queued()
     due = rep._due_in(now)
     assert due == pytest.approx(0.05)  # settle, counted from the arrival
     assert rep._wait_and_fold(False) is True

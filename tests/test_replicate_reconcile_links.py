@@ -121,7 +121,8 @@ def test_reconcile_links(case: Case, transport: str, tmp_path: Path, request: py
     try:
         rep.coalescer.rescan(b"")
         r = rep.sync_now(rep.coalescer.take(time.monotonic()))
-        caps = rep.link.conn.capabilities if rep.link is not None else frozenset()
+        link = getattr(rep.transport, "link", None)
+        caps = link.conn.capabilities if link is not None else frozenset()
     finally:
         rep.stop()
     assert ("inodes" in caps) is (transport != "older_peer")

@@ -413,8 +413,6 @@ def test_rsync_target_leaves_files_open_for_writing_until_their_close(fuzzy: boo
     --delete) until the close, then the whole file follows."""
     from rsyncd import RsyncDaemon
 
-    from kwatch.replicate.rsync_target import RsyncReplicator
-
     src = tmp_path / "src"
     src.mkdir()
     (src / "old").write_bytes(b"version 1")
@@ -424,8 +422,8 @@ def test_rsync_target_leaves_files_open_for_writing_until_their_close(fuzzy: boo
         mirror = d.module_path("push")
         (mirror / "old").write_bytes(b"version 1")  # the daemon has the old version, as after an earlier run
         writers = [Writer(src / "new"), Writer(src / "old")]  # opened before the replicator starts: found in /proc
-        rep = RsyncReplicator(os.fsencode(src), Target.parse(d.url("push")),
-                              TargetOptions(settle=0.01, max_delay=30.0, fuzzy=fuzzy))
+        rep = Replicator(os.fsencode(src), Target.parse(d.url("push")),
+                         TargetOptions(settle=0.01, max_delay=30.0, fuzzy=fuzzy))
         try:
             rep.start()
 

@@ -22,6 +22,7 @@ from rsyncd import RsyncDaemon
 
 from kwatch.events import FileEvent, Op
 from kwatch.replicate import rsync_transport
+from kwatch.replicate.agent_transport import AgentSender
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
 from kwatch.replicate.scan import scan
 
@@ -122,13 +123,13 @@ def test_agent_path_reads_only_beneath_the_source(name: str, swap: Callable[[Pat
         batch = rep.coalescer.take(now)
         # the hook: the plan is made (d/f is a file to send); the swap happens just before the source is opened
         hook = once(lambda: swap(src, canary))
-        real = Replicator._open_source
+        real = AgentSender._open_source
 
-        def opening(self: Replicator, rel: bytes) -> Any:
+        def opening(self: AgentSender, rel: bytes) -> Any:
             hook()
             return real(self, rel)
 
-        monkeypatch.setattr(Replicator, "_open_source", opening)
+        monkeypatch.setattr(AgentSender, "_open_source", opening)
         run_bounded(lambda: rep.sync_now(batch), lambda: open_fifo_writer(src))
         assert leaked(mirror) == [], "bytes of a file outside the source reached the mirror"
         assert (mirror / "d" / "f").read_bytes() == b"public v1\n", "the mirror's copy was replaced"

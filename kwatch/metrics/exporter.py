@@ -75,6 +75,14 @@ class KwatchCollector(Collector):
         for t in ts:
             up.add_metric([t.name], 1.0 if t.connected else 0.0)
         yield up
+        from kwatch.replicate.failure import REASONS
+
+        down = GaugeMetricFamily("kwatch_replication_down", "1 for the reason the target is down (all 0 while up)",
+                                 labels=["target", "reason"])
+        for t in ts:
+            for reason in REASONS:
+                down.add_metric([t.name, reason], 1.0 if t.down == reason else 0.0)
+        yield down
         by = CounterMetricFamily("kwatch_replication_bytes", "Bytes of file data", labels=["target", "kind"])
         for t in ts:
             by.add_metric([t.name, "literal"], t.bytes_literal)

@@ -53,6 +53,8 @@ class TargetStats:
     rescans_subtree: int = 0  # subtrees reconciled (a tree moved in, a loss below one directory, a repair)
     retries: int = 0
     connected: bool = False
+    #: why the target is down ("" while it is up or has not failed): one of kwatch.replicate.failure.REASONS
+    down: str = ""
 
     def count_rescans(self, rescans: set[bytes]) -> None:
         """Count a batch's rescans (relative paths, ``b""`` for the whole tree) by scope."""

@@ -11,9 +11,11 @@ import time
 from types import FrameType
 
 from kwatch.capture.barrier import CaptureBarrier, pump
-from kwatch.capture.base import CaptureError, CaptureFilter
+from kwatch.capture.base import CaptureError, CaptureFilter, Source
 from kwatch.events import FileEvent
-from kwatch.replicate.engine import Target, TargetOptions, make_replicator, wait_synced
+from kwatch.replicate import options
+from kwatch.replicate.engine import make_replicator, wait_synced
+from kwatch.replicate.target import Target
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,21 +23,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("source", help="the tree to replicate")
     r.add_argument("targets", nargs="+", help="/local/path, [user@]host:/path, or rsync://[user@]host[:port]/module/path")
     r.add_argument("--once", action="store_true", help="reconcile once and exit (no live capture)")
-    r.add_argument("--no-delete", action="store_true", help="never delete on the mirror")
-    r.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    r.add_argument("--settle", type=float, default=0.05, help="seconds of quiet before a batch is sent")
-    r.add_argument("--max-delay", type=float, default=1.0, help="seconds a change may wait at most")
-    r.add_argument("--eager", type=float, default=0.2,
-                   help="seconds after a change before an idle target gets it, even while changes keep coming "
-                        "(files still open for writing wait for their close or --max-delay); 0 disables")
-    r.add_argument("--bwlimit", type=int, help="KiB/s of file data per target")
-    r.add_argument("--checksum", action="store_true", help="compare content hashes, not size+mtime, when reconciling")
-    r.add_argument("--no-compress", action="store_true")
-    r.add_argument("--owner", action="store_true", help="replicate uid/gid (the agent must run as root)")
-    r.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
-    r.add_argument("-e", "--ssh", default="ssh", help="ssh command for host:/path targets (as rsync -e)")
-    r.add_argument("--agent-command", default="kwatch", help="the kwatch executable on the remote host")
-    r.add_argument("--password-file", help="rsync:// targets: file holding the daemon password (else $RSYNC_PASSWORD)")
+    options.add_arguments(r)
     r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
     r.set_defaults(func=cmd_replicate)
 
@@ -50,10 +38,33 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kwatch.mirror.server import serve
 
     root = os.fsencode(args.root)
-    if not os.path.isdir(root):
-        print(f"kwatch agent: {args.root} is not a directory", file=sys.stderr)
-        return 2
+    problem = ensure_root(root)
+    if problem is not None:
+        print(f"kwatch agent: {problem}", file=sys.stderr)
+        return ROOT_UNUSABLE
     return serve(root, sys.stdin.buffer, sys.stdout.buffer, fsync=args.fsync, preserve_owner=args.owner)
+
+
+#: seconds `kwatch replicate` gives its targets to send what is pending when it is told to stop
+STOP_GRACE = 0.8
+
+#: the agent's exit status when its --root cannot be used (kwatch.replicate.failure: a permanent "destination")
+ROOT_UNUSABLE = 3
+
+
+def ensure_root(root: bytes) -> str | None:
+    """Make ``root`` usable as a mirror root: as rsync does with its destination, the last component is created
+    when missing (its parent must exist: a typo two levels up is not silently turned into a tree). None when it is
+    a directory now, else what is wrong."""
+    try:
+        os.mkdir(root)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"cannot create {os.fsdecode(root)}: {e.strerror}"
+    if not os.path.isdir(root):
+        return f"{os.fsdecode(root)} is not a directory"
+    return None
 
 
 class _Stop(Exception):
@@ -78,44 +89,46 @@ def _progress_line(target: str, done: int, total: int, nbytes: int) -> None:
     sys.stderr.flush()
 
 
+def _check_password_file(path: str) -> None:
+    from kwatch.rules.filesafety import unsafe_file
+
+    try:
+        problem = unsafe_file(path, secret=True)
+    except OSError as e:
+        problem = f"cannot read {path}: {e.strerror or e}"
+    if problem is not None:
+        raise SystemExit(f"kwatch replicate: --password-file: {problem}")
+
+
+def _open_capture(src: bytes, backend: str) -> Source:
+    from kwatch.capture.select import open_source
+
+    try:
+        return open_source(CaptureFilter.make(roots=[src], exclude_pids=[os.getpid()]), backend,
+                           warn=lambda m: print(f"kwatch: {m}", file=sys.stderr))
+    except CaptureError as e:
+        raise SystemExit(f"kwatch replicate: {e}") from e
+
+
 def cmd_replicate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="kwatch: %(message)s", stream=sys.stderr)
     src = os.fsencode(os.path.abspath(args.source))
     if not os.path.isdir(src):
         raise SystemExit(f"kwatch replicate: {args.source} is not a directory")
     if args.password_file is not None:
-        from kwatch.rules.filesafety import unsafe_file
-
-        try:
-            problem = unsafe_file(args.password_file, secret=True)
-        except OSError as e:
-            problem = f"cannot read {args.password_file}: {e.strerror or e}"
-        if problem is not None:
-            raise SystemExit(f"kwatch replicate: --password-file: {problem}")
-    opts = TargetOptions(
-        delete=not args.no_delete, excludes=tuple(os.fsencode(x) for x in args.exclude), settle=args.settle,
-        max_delay=args.max_delay, eager=args.eager or None, bwlimit=args.bwlimit * 1024 if args.bwlimit else None,
-        compress=not args.no_compress, checksum=args.checksum, owner=args.owner, fsync=args.fsync, ssh=args.ssh,
-        agent_command=args.agent_command, password_file=args.password_file,
-    )
+        _check_password_file(args.password_file)
+    opts = options.from_args(args)
     try:
         targets = [Target.parse(t) for t in args.targets]
     except ValueError as e:
         raise SystemExit(f"kwatch replicate: {e}") from e
-    source = None
-    if not args.once:
-        from kwatch.capture.select import open_source
-
-        try:
-            source = open_source(CaptureFilter.make(roots=[src], exclude_pids=[os.getpid()]), args.backend,
-                                 warn=lambda m: print(f"kwatch: {m}", file=sys.stderr))
-        except CaptureError as e:
-            raise SystemExit(f"kwatch replicate: {e}") from e
+    source = None if args.once else _open_capture(src, args.backend)
     exclude = getattr(source, "exclude_pid", None)
     barrier = CaptureBarrier(source) if source is not None else None
     reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]
     for r in reps:
         r.barrier = barrier.wait if barrier is not None else None
+        r.give_up = args.once
     if sys.stderr.isatty():
         for r in reps:
             r.progress = _progress_line
@@ -125,6 +138,9 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     try:
         if args.once:
             ok = wait_synced(reps, timeout=24 * 3600)
+            for r in reps:
+                if r.gave_up is not None:
+                    print(f"kwatch replicate: {r.target.spec}: {r.gave_up}", file=sys.stderr)
             return 0 if ok and not any(r.stats.errors for r in reps) else 1
         assert source is not None and barrier is not None
         print(f"kwatch: replicating {args.source} to {', '.join(args.targets)} with the {source.name} backend; "
@@ -142,8 +158,12 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, old)
         if barrier is not None:
             barrier.close()  # capture has stopped: the replicators decide by what they got
+        # every target at once, within about a second in all: a target that is down stops waiting for its retry,
+        # a batch in flight finishes or is cut (whole files only land, see Replicator.stop)
+        for r in reps:
+            r.request_stop()
         t0 = time.monotonic()
         for r in reps:
-            r.stop(timeout=max(1.0, 30 - (time.monotonic() - t0)))
+            r.stop(timeout=max(0.0, STOP_GRACE - (time.monotonic() - t0)))
         if source is not None:
             source.close()

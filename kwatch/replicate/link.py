@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError
+from kwatch.replicate.failure import classify
 
 WRITE_HIGH_WATER = 4 << 20  # pump once this much is queued: bounded memory, steady streaming
 PIPE_SIZE = 1 << 20
@@ -38,7 +39,15 @@ def grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
 
 
 class LinkError(RuntimeError):
-    """The agent is gone, silent, or broke the protocol; the message says which and what it last said."""
+    """The agent is gone, silent, or broke the protocol; the message says which and what it last said.
+
+    ``down`` says why the target is down in a word the metrics export (see :mod:`kwatch.replicate.failure`), and
+    ``permanent`` whether trying again without a change by the operator can help (``--once`` then gives up)."""
+
+    def __init__(self, message: str, down: str = "error", permanent: bool = False) -> None:
+        super().__init__(message)
+        self.down = down
+        self.permanent = permanent
 
 
 class AgentLink:
@@ -62,7 +71,8 @@ class AgentLink:
                 start_new_session=True,
             )
         except OSError as e:
-            raise LinkError(f"cannot start agent {' '.join(self.argv)}: {e.strerror}") from e
+            raise LinkError(f"cannot start agent {' '.join(self.argv)}: {e.strerror}", "missing_command",
+                            permanent=True) from e
         assert self.proc.stdin and self.proc.stdout and self.proc.stderr
         self._win = self.proc.stdin.fileno()
         self._rout = self.proc.stdout.fileno()
@@ -73,8 +83,27 @@ class AgentLink:
         self._errthread = threading.Thread(target=self._read_stderr, daemon=True)
         self._errthread.start()
         self._sel = selectors.DefaultSelector()
-        self.send(self.conn.hello())
-        self.wait_for(lambda: self.conn.ready, "the agent's hello")
+        try:
+            self.send(self.conn.hello())
+            self.wait_for(lambda: self.conn.ready, "the agent's hello")
+        except LinkError as e:
+            # nobody holds this half-made link: release its process, pipes and selector here (a target that kept
+            # failing leaked an epoll descriptor and three pipes per attempt)
+            why = self.explain(e)
+            self.kill()
+            raise why from e
+
+    def explain(self, e: LinkError) -> LinkError:
+        """``e`` with why the target is down, from the exit status and the last words of the process (ssh's)."""
+        status = self.proc.poll()
+        if status is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = self.proc.wait(1.0)
+        self._errthread.join(1.0)
+        down, permanent, hint = classify(status, list(self._stderr))
+        if down == "error":
+            return e
+        return LinkError(f"{e}{hint}", down, permanent)
 
     @property
     def pid(self) -> int:
@@ -136,7 +165,7 @@ class AgentLink:
             if not ready:
                 if time.monotonic() >= deadline:
                     raise LinkError(f"timed out after {self.timeout:.0f}s waiting for {what}; "
-                                    f"agent said: {self.last_words()}")
+                                    f"agent said: {self.last_words()}", "timeout")
                 continue
             deadline = time.monotonic() + self.timeout
             for key, _ in ready:
@@ -172,7 +201,7 @@ class AgentLink:
                     raise LinkError(f"the agent refused: {ev.code}: {ev.message}")
                 self.events.append(ev)
         except ProtocolError as e:
-            raise LinkError(f"the agent broke the protocol: {e}; it said: {self.last_words()}") from e
+            raise LinkError(f"the agent broke the protocol: {e}; it said: {self.last_words()}", "protocol") from e
         if not data:
             raise LinkError(f"the agent exited; it said: {self.last_words()}")
 
@@ -204,6 +233,9 @@ class AgentLink:
             self.proc.kill()
             self.proc.wait()
         self._sel.close()
+        self._errthread.join(1.0)
+        if self.proc.stderr is not None and not self._errthread.is_alive():
+            self.proc.stderr.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

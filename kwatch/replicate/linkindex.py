@@ -7,18 +7,30 @@ new inode and leaves ``b`` with the old data. The engine therefore remembers, fo
 new data it links the other names to it again, and a new link (``link(2)``) becomes a hard link on the mirror
 instead of a copy.
 
-Pure bookkeeping (no I/O): the index can be stale (an inode number reused, a name replaced without an event we
+Bookkeeping (no I/O but :func:`is_inode`): the index can be stale (an inode number reused, a name replaced without an event we
 could see), so the engine checks every name against the source (``lstat``: same ``(dev, ino)``) before using it.
 Only linked files are tracked, so it stays small on ordinary trees.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 
 from kwatch.paths import is_under
 
 Key = tuple[int, int]  # (st_dev, st_ino) on the source
+
+
+def is_inode(src: bytes, rel: bytes, key: Key) -> bool:
+    """True when the source's ``rel`` (below ``src``) is the regular file ``key``: the check before a name the index
+    holds is used (it may be stale)."""
+    try:
+        st = os.lstat(os.path.join(src, rel))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == key
 
 
 class LinkIndex:

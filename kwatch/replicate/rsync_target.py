@@ -1,4 +1,6 @@
-"""rsync:// targets: the same coalescer and batches as the agent, carried by the native rsync client.
+"""rsync:// targets (and ssh targets whose host has no kwatch): the same coalescer and batches as the agent, carried
+by the native rsync client (:mod:`kwatch.replicate.rsync_transport`) as a :class:`~kwatch.replicate.transport
+.Transport`.
 
 A stock ``rsync --daemon`` has no rename or delete message: each batch becomes one rsync session that sends the
 batch's paths (the dirty ones, both names of every rename, and the rescanned subtrees); a path that no longer exists
@@ -29,30 +31,85 @@ on the mirror, and a ``link(2)`` (both names are dirty) becomes a hard link ther
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import socket
 import stat
-import time
 
 from kwatch.protocols.errors import ProtocolError
 from kwatch.replicate.coalesce import Batch
-from kwatch.replicate.engine import BatchReport, Replicator
+from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
+from kwatch.replicate.linkindex import LinkIndex, is_inode
+from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_transport import push
+from kwatch.replicate.scan import Excluder
+from kwatch.replicate.transport import BatchReport, Host
 
 log = logging.getLogger("kwatch.replicate")
 
 
-class RsyncReplicator(Replicator):
-    def _connect(self) -> None:
-        # one session per batch: nothing to hold open; the first batch (a full rescan) proves the daemon is there
-        self.stats.connected = True
+def rsync_down_reason(e: BaseException) -> tuple[str, bool]:
+    """(down reason, permanent) for a failed rsync session (see kwatch.replicate.failure)."""
+    text = str(e)
+    shell = re.search(r"; exit status (\d+); remote stderr: (.*)", text, re.DOTALL)
+    if shell is not None:  # rsync --server through ssh: its exit status and stderr say why
+        down, permanent, _ = classify(int(shell.group(1)), shell.group(2).splitlines())
+        if down != "error":
+            return down, permanent
+    if isinstance(e, ConnectionRefusedError):
+        return "refused", False
+    if isinstance(e, TimeoutError | socket.timeout):
+        return "timeout", False
+    if isinstance(e, socket.gaierror) or (isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH,
+                                                                               errno.ENETUNREACH)):
+        return "unreachable", False
+    if "authentication failed" in text:
+        return "auth", True
+    if "unknown module" in text or "refused the module" in text:
+        return "destination", True
+    if "No space left" in text or "Disk quota" in text:
+        return "disk_full", False
+    return ("protocol" if isinstance(e, ProtocolError) else "error"), False
 
-    def _disconnect(self) -> None:
-        self.stats.connected = False
 
-    def _sync(self, b: Batch) -> BatchReport:
+class RsyncTransport:
+    """A stock ``rsync --daemon`` (``rsync://`` URL), or ``rsync --server`` through ``rsh`` (an ``ssh://`` URL and
+    the ssh command line ending with the host: the fallback for a host without kwatch)."""
+
+    def __init__(self, host: Host, url: str, opts: TargetOptions, *, rsh: list[str] | None = None,
+                 remote_path: bytes | None = None, name: str | None = None) -> None:
+        self.host = host
+        self.name = name or url  # the target as the log names it
+        self.src = host.src
+        self.url = url
+        self.opts = opts
+        self.rsh = rsh
+        self.remote_path = remote_path
+        self.links = LinkIndex()  # names the mirror holds as one inode (see linkindex)
+        self._seq = 0
+        self._wire = 0
+
+    def connect(self) -> None:
+        pass  # one session per batch: nothing to hold open; the first batch (a full rescan) proves the peer is there
+
+    def disconnect(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def cut(self) -> None:
+        pass  # a session in flight ends with the process; the receiver keeps whole files only (temp + rename)
+
+    def wire_bytes(self) -> int:
+        return self._wire
+
+    def sync(self, b: Batch) -> BatchReport:
         rep = BatchReport()
+        excluded = self.host.excluded
         if b"" in b.rescans:
             paths = None
         else:
@@ -62,18 +119,20 @@ class RsyncReplicator(Replicator):
                 todo.add(new)
                 self.links.rename(old, new)
             todo.discard(b"")
+            todo = {p for p in todo if not excluded_path(excluded, p)}
             todo |= self._other_names(todo)
             paths = sorted(todo)
             if not paths:
                 return rep
         try:
-            res = push(self.src, self.target.spec, paths, delete=self.opts.delete,
-                       password_file=self.opts.password_file, fuzzy=self.opts.fuzzy, timeout=self.opts.timeout,
-                       bwlimit=self.opts.bwlimit, hard_links=True, hold=b.writing)
+            res = push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
+                       fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
+                       hold=b.writing, exclude=excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
+                       remote_path=self.remote_path)
         except (ProtocolError, OSError) as e:
-            raise LinkError(f"rsync push failed: {e}") from e
-        for rel in res.held:  # open for writing: sent after its close, as a live change
-            self.coalescer.retry(self.coalescer.current_name(rel), time.monotonic())
+            down, permanent = rsync_down_reason(e)
+            raise LinkError(f"rsync push failed: {e}", down, permanent) from e
+        rep.resend = list(res.held)  # open for writing: sent after its close, as a live change
         if paths is None:
             self.links.discard_under(b"")
         for key, names in res.inodes.items():
@@ -82,21 +141,14 @@ class RsyncReplicator(Replicator):
         rep.deletes = res.deleted
         rep.literal = res.literal_bytes
         rep.matched = res.matched_bytes
-        st = self.stats
-        st.batches += 1
-        st.files += res.files
-        st.deletes += res.deleted
-        st.bytes_literal += res.literal_bytes
-        st.bytes_matched += res.matched_bytes
-        st.bytes_wire += res.bytes_sent
-        st.errors += len(res.errors)
-        st.count_rescans(b.rescans)
+        rep.messages = list(res.errors)
+        self._wire += res.bytes_sent
         for err in res.errors:
-            log.warning("target %s: %s", self.target.spec, err)
+            log.warning("target %s: %s", self.name, err)
         # numbered per target like the agent's batch lines, so a reader of the log can wait for batch N
         self._seq += 1
         log.info("target %s: rsync batch %d: %s paths, %d files sent, %d deleted, %d held open for writing; %d "
-                 "literal + %d matched bytes", self.target.spec, self._seq, "all" if paths is None else len(paths),
+                 "literal + %d matched bytes", self.name, self._seq, "all" if paths is None else len(paths),
                  res.files, res.deleted, len(res.held), res.literal_bytes, res.matched_bytes)
         return rep
 
@@ -112,5 +164,12 @@ class RsyncReplicator(Replicator):
             if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
                 continue
             key = (st.st_dev, st.st_ino)
-            out.update(p for p in self.links.names(key) if p not in paths and self._is_inode(p, key))
+            out.update(p for p in self.links.names(key) if p not in paths and is_inode(self.src, p, key))
         return out
+
+
+def excluded_path(excluded: Excluder, rel: bytes) -> bool:
+    """Whether ``rel`` or one of its ancestors matches an exclude pattern (an excluded directory's contents are not
+    replicated, as the scan does not descend it)."""
+    parts = rel.split(b"/")
+    return any(excluded(parts[i - 1], b"/".join(parts[:i])) for i in range(1, len(parts) + 1))

@@ -150,8 +150,13 @@ def _entry(root: bytes, rel: bytes, st: os.stat_result, dir_fd: int | None = Non
                      mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, inode=inode, **kw)
 
 
-def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntry]:
-    """All entries under ``root/rel`` (``rel`` itself included), without following symlinks."""
+#: an exclude test (name, path relative to the root) -> excluded, as kwatch.replicate.scan.Excluder
+Exclude = Callable[[bytes, bytes], bool]
+
+
+def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude | None = None) -> list[FileEntry]:
+    """All entries under ``root/rel`` (``rel`` itself included), without following symlinks; an entry ``exclude``
+    matches is left out with everything below it."""
     out: list[FileEntry] = []
     st = os.lstat(os.path.join(root, rel))
     e = _entry(root, rel, st, top_dir=top)
@@ -170,6 +175,8 @@ def scan_tree(root: bytes, rel: bytes = b".", top: bool = True) -> list[FileEntr
                 raise
             continue
         for name, ce in children:
+            if exclude is not None and exclude(name.rpartition(b"/")[2], name):
+                continue
             out.append(ce)
             if ce.is_dir:
                 stack.append(name)
@@ -197,7 +204,8 @@ def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
     return out
 
 
-def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False) -> tuple[list[FileEntry], bool]:
+def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False,
+               exclude: Exclude | None = None) -> tuple[list[FileEntry], bool]:
     """Entries for a batch of changed paths; returns (entries, whether mode-0 delete entries are present).
 
     Every existing path goes with its whole subtree and its ancestors (plain non-content dirs, so the receiver
@@ -236,7 +244,7 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 break
             if i == len(parts) or not stat.S_ISDIR(st.st_mode):
                 try:
-                    for e in scan_tree(root, pre, top=False):
+                    for e in scan_tree(root, pre, top=False, exclude=exclude):
                         by_name[e.name] = e
                 except FileNotFoundError:
                     pass  # gone since the lstat: the next batch has it
@@ -258,6 +266,8 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 raise
             continue
         for i, e in enumerate(listed):
+            if i and exclude is not None and exclude(e.name.rpartition(b"/")[2], e.name):
+                continue
             if i == 0 or e.name not in by_name:
                 by_name[e.name] = e
     return list(by_name.values()), missing
@@ -490,11 +500,14 @@ def push(
     negotiate: bool = True,
     compress: bool = False,
     rsh: Sequence[str] | None = None,
+    rsh_quote: bool = False,
+    remote_path: bytes | None = None,
     remote_rsync: str = "rsync",
     timeout: float = IO_TIMEOUT,
     bwlimit: int | None = None,
     hard_links: bool = False,
     hold: Collection[bytes] = (),
+    exclude: Exclude | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -506,22 +519,24 @@ def push(
     30) the names of one inode in the list are linked on the receiver, its data sent at most once.
     ``hold``: paths (files open for writing) the list leaves out, whatever the receiver has there staying as it
     is (a protect rule keeps ``--delete`` from removing it); the ones the list would have carried are in
-    ``PushResult.held``.
+    ``PushResult.held``. ``rsh_quote``: ``rsh`` hands the remote command to a shell (ssh), so it is passed as one
+    quoted word; ``remote_path`` replaces the URL's path (a path relative to the remote home). ``exclude`` (name, relative path) leaves matching entries and their subtrees out of the
+    file list.
     """
     root = os.fsencode(src_root)
     target = parse_url(url)
     if paths is None:
-        entries = scan_tree(root)
+        entries = scan_tree(root, exclude=exclude)
         missing = False
     else:
-        entries, missing = scan_paths(root, paths, delete, fuzzy)
+        entries, missing = scan_paths(root, paths, delete, fuzzy, exclude)
     held: list[bytes] = []
     if hold:
         held = [e.name for e in entries if e.name in hold]
         if held:
             entries = [e for e in entries if e.name not in hold]
     opts = PushOptions(
-        dest=target.path,
+        dest=remote_path if remote_path is not None else target.path,
         delete=delete,
         delete_missing=missing,
         fuzzy=fuzzy,
@@ -545,10 +560,13 @@ def push(
         session = PushSession(entries, opts, Mode.SHELL)
         from kwatch.protocols.rsync.client import build_server_args
 
-        remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(target.path or b".")]
+        dest = remote_path if remote_path is not None else target.path
+        remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
         if rsh is None:
             who = f"{target.user}@{target.host}" if target.user else target.host
             argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
+        elif rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
+            argv = [*rsh, shlex.join(remote)]
         else:
             argv = [*rsh, *remote]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -557,9 +575,14 @@ def push(
             _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout,
                  _Pacer(bwlimit))
         except RemoteProtocolError as exc:
-            proc.kill()
+            # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
+            try:
+                status = proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = None
             err = proc.stderr.read().decode(errors="replace").strip()
-            raise RemoteProtocolError(f"{exc}; remote stderr: {err}") from None
+            raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
         finally:
             proc.stdin.close()
             deadline = time.monotonic() + timeout

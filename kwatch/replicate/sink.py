@@ -15,36 +15,17 @@ from collections.abc import Callable, Iterable
 from kwatch.capture.base import Source
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import DaemonStats
-from kwatch.replicate.engine import Replicator, Target, TargetOptions, make_replicator
+from kwatch.replicate import options
+from kwatch.replicate.engine import Replicator, make_replicator
+from kwatch.replicate.target import Target
 from kwatch.rules.model import ReplicateTarget
-
-
-def options_from_config(opts: dict[str, object]) -> TargetOptions:
-    """TargetOptions from a checked config table (:mod:`kwatch.rules.replication` validated the types)."""
-    t = TargetOptions()
-    for key in ("delete", "compress", "checksum", "owner"):
-        if key in opts:
-            setattr(t, key, bool(opts[key]))
-    for key in ("settle", "max_delay"):
-        if key in opts:
-            setattr(t, key, float(opts[key]))  # type: ignore[arg-type]
-    if "eager" in opts:
-        t.eager = float(opts["eager"]) or None  # type: ignore[arg-type]  # 0: wait for settle/max_delay only
-    for key in ("ssh", "agent_command", "password_file", "fsync"):
-        if key in opts:
-            setattr(t, key, str(opts[key]))
-    if "bwlimit" in opts:
-        t.bwlimit = int(opts["bwlimit"]) * 1024  # type: ignore[call-overload]
-    if "exclude" in opts:
-        t.excludes = tuple(os.fsencode(x) for x in opts["exclude"])  # type: ignore[attr-defined]
-    return t
 
 
 class ReplicationSink:
     capture_ops = frozenset(Op) - {Op.LOSS}
 
     def __init__(self, targets: Iterable[ReplicateTarget], stats: DaemonStats) -> None:
-        self.specs = [(os.fsencode(str(t.options["source"])), Target.parse(t.target), options_from_config(t.options))
+        self.specs = [(os.fsencode(str(t.options["source"])), Target.parse(t.target), options.build(t.options))
                       for t in targets]
         self.stats = stats
         self.replicators: list[Replicator] = []
