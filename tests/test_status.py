@@ -21,7 +21,7 @@ def test_snapshot_sums_events_by_op_and_lists_outputs_and_targets() -> None:
     o = OutputStats("bus", "nats", records=10, lost=1, connected=False)
     o.backlog = lambda: 42
     st.outputs = {"bus": o}
-    t = TargetStats("host:/dst", files=9, batches=2, reconnects=5, connected=False)
+    t = TargetStats("host:/dst", files=9, batches=2, reconnects=5, connected=False, down="auth_failed")
     st.targets = {"host:/dst": t}
     snap = snapshot(st, {"pid": 1, "config": "/etc/kwatch/kwatch.toml", "backend": "bpf",
                          "blind_spots": ["io_uring"], "started": 0.0})
@@ -31,11 +31,11 @@ def test_snapshot_sums_events_by_op_and_lists_outputs_and_targets() -> None:
     assert snap["outputs"] == [{"name": "bus", "kind": "nats", "connected": False, "records": 10, "bytes": 0,
                                 "lost": 1, "errors": 0, "skipped": 0, "backlog": 42, "spool_bytes": 0}]
     (tgt,) = snap["targets"]
-    assert tgt["name"] == "host:/dst" and tgt["files"] == 9 and tgt["reconnects"] == 5 and tgt["connected"] is False
+    assert tgt["name"] == "host:/dst" and tgt["down"] == "auth_failed" and tgt["files"] == 9 and tgt["reconnects"] == 5 and tgt["connected"] is False
     out = io.StringIO()
     format_status(snap, out)
     text = out.getvalue()
     assert "capture: bpf; cannot see: io_uring" in text
     assert "events: 8 (close_write 7, unlink 1); lost 3" in text
     assert "output bus (nats): NOT CONNECTED, records 10, backlog 42, lost 1" in text
-    assert "target host:/dst: DOWN, " in text and "reconnects 5" in text
+    assert "target host:/dst: DOWN (auth_failed), " in text and "reconnects 5" in text

@@ -185,7 +185,7 @@ def format_status(st: dict[str, Any], out: IO[str]) -> None:
           f"errors {_n(o['errors'])}\n")
     for t in st.get("targets") or []:
         state = "connected" if t.get("connected") else "DOWN"
-        why = t.get("state") or t.get("reason")
+        why = t.get("down")
         if why and not t.get("connected"):
             state += f" ({why})"
         w(f"  target {t['name']}: {state}, lag {t.get('lag_seconds', 0):.1f} s, pending {_n(t.get('pending_paths'))}, "
