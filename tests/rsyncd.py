@@ -86,8 +86,10 @@ class RsyncDaemon:
         self.base.mkdir(parents=True, exist_ok=True)
         conf = self._write_config()
         last_err = ""
+        keep_port = self.port != 0  # started again after stop(): the same port, as a restarted server
         for _attempt in range(5):  # the free port can be taken between probe and bind: retry
-            self.port = free_port()
+            if not keep_port:
+                self.port = free_port()
             self.proc = subprocess.Popen(
                 [*self.prefix, RSYNC, "--daemon", "--no-detach", f"--config={conf}", f"--address={self.host}",
                  f"--port={self.port}"],
@@ -102,6 +104,8 @@ class RsyncDaemon:
                     return self
                 time.sleep(0.05)
             last_err = self._stop_proc()
+            if keep_port:
+                time.sleep(0.5)  # the old listener's port may still be in use for a moment
         raise RuntimeError(f"rsync daemon did not start on 127.0.0.1: {last_err}")
 
     def _stop_proc(self) -> str:
