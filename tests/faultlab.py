@@ -194,10 +194,14 @@ class Churn:
         return "hardlink"
 
     def run(self) -> None:
+        """One stretch of work (the untar first, on the first call only); may be called again for another."""
+        self.finished.clear()
         try:
-            self._untar()
+            if not self.dirs:
+                self._untar()
             deadline = time.monotonic() + self.seconds
-            for i in range(self.ops):
+            start = self.done
+            for i in range(start, start + self.ops):
                 if time.monotonic() > deadline:
                     break
                 what = self._step(i)

@@ -27,6 +27,7 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_OUTGOING = 4
+VNET_HDR_LEN = 10  # struct virtio_net_hdr before each frame
 
 
 def _open(ifname: str) -> socket.socket:
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
     last_due = {a.fileno(): 0.0, b.fileno(): 0.0}  # per direction: without reordering, frames keep their order
     seq = 0
     forwarded = dropped = 0
+    nbytes = {a.fileno(): 0, b.fileno(): 0}  # frame bytes forwarded, by the interface they came in on
     ctl = sys.stdin.buffer
     os.set_blocking(ctl.fileno(), False)
     pending = b""
@@ -72,7 +74,8 @@ def main(argv: list[str]) -> int:
                 while b"\n" in pending:
                     line, pending = pending.split(b"\n", 1)
                     if line.strip() == b"stats":
-                        print(json.dumps({"forwarded": forwarded, "dropped": dropped, "queued": len(heap)}),
+                        print(json.dumps({"forwarded": forwarded, "dropped": dropped, "queued": len(heap),
+                                          "bytes_a_to_b": nbytes[a.fileno()], "bytes_b_to_a": nbytes[b.fileno()]}),
                               flush=True)
                         continue
                     new = json.loads(line)
@@ -92,6 +95,7 @@ def main(argv: list[str]) -> int:
                     break
                 if addr[2] == PACKET_OUTGOING:  # our own sends show up on the socket too
                     continue
+                nbytes[s.fileno()] += len(frame) - VNET_HDR_LEN
                 if shape["loss"] and rnd.random() < shape["loss"]:
                     dropped += 1
                     continue
