@@ -78,6 +78,7 @@ class Churn:
         self.rnd = random.Random(seed)
         self.lock = threading.Lock()
         self.allowed: dict[bytes, set[bytes]] = {}  # path -> digests of every whole content it may show
+        self.ever: set[bytes] = set()  # every whole content any path had (tells misplaced from torn)
         self.cur: dict[bytes, bytes] = {}  # path -> current content (regular files the workload may still change)
         self.frozen: set[bytes] = set()  # hard-linked: never written again (a write would show under both names)
         self.dirs: list[bytes] = []
@@ -90,7 +91,9 @@ class Churn:
     # ---------------------------------------------------------------------------------------------- the workload
 
     def _allow(self, rel: bytes, data: bytes) -> None:
-        self.allowed.setdefault(rel, set()).add(_digest(data))
+        d = _digest(data)
+        self.allowed.setdefault(rel, set()).add(d)
+        self.ever.add(d)
 
     def _untar(self) -> None:
         base = os.fsencode(self.staging)
@@ -169,9 +172,13 @@ class Churn:
             d = rnd.choice(self.dirs)
             new_d = b"w%02d-%d" % (self.dirs.index(d), i)
             with self.lock:
+                # every name the directory ever held moves, deleted and renamed-away ones too: the mirror may still
+                # show such a file inside the directory when it applies the directory's rename, under its new name
+                for p in [p for p in self.allowed if p.startswith(d + b"/")]:
+                    q = new_d + p[len(d):]
+                    self.allowed.setdefault(q, set()).update(self.allowed[p])
                 for p in [p for p in self.cur if p.startswith(d + b"/")]:
                     q = new_d + p[len(d):]
-                    self.allowed.setdefault(q, set()).update(self.allowed.get(p, set()))
                     self.cur[q] = self.cur.pop(p)
                     if p in self.frozen:
                         self.frozen.discard(p)
@@ -241,7 +248,8 @@ class Churn:
                 with self.lock:  # taken again: the workload may have recorded this content since
                     allowed = self.allowed.get(rel, set())
                     if d not in allowed:
-                        bad.append(f"{rel!r}: {len(data)} bytes the source never had under this name")
+                        how = "another name's content" if d in self.ever else "a content no name ever had (torn?)"
+                        bad.append(f"{rel!r}: {len(data)} bytes the source never had under this name: {how}")
                 self.checked += 1
         return bad
 

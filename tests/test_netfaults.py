@@ -116,7 +116,8 @@ def test_reconnects_leak_nothing(tmp_path: Path) -> None:
         for n in range(1, 101):
             offset = rig.live.log_size()
             rig.kill_agent()
-            # reconnected: an agent up again and its reconcile's batch line after this kill
+            # an idle link finds its agent gone when it next has something to send: a change, then its batch line
+            (rig.src / f"touch{n % 3}").write_bytes(b"%d" % n)
             rig.live.wait_batches(offset, timeout=60)
             if n in (10, 100):
                 wait_identical(rig.src, rig.mirror, CONVERGE, what=f"after {n} reconnects", live=rig.live)

@@ -295,7 +295,7 @@ class Replicator:
                     continue
                 if due > 0 and not stopping:
                     continue
-                batch = self.coalescer.take(now)
+                batch = self._take(now)
                 self._first = None
                 self.synced.clear()
                 if batch.empty() and not stopping:
@@ -614,6 +614,19 @@ class Replicator:
             self._retry_next = min(self._retry_next, now + wait)
             log.warning("target %s: %s: sent again in %.0f s", self.target.spec, os.fsdecode(rel), wait)
         self.stats.failed_paths = len(self._retry_at)
+
+    def _take(self, now: float) -> Batch:
+        """The coalescer's batch; the names waiting for a retry follow the renames it carries.
+
+        A retry is keyed by the name that failed: when that file or a directory above it is renamed before the retry
+        is due, the mirror's stale copy moves with the rename, so the retry must go to the new name (at the old one
+        the source has nothing, and only a delete would be planned)."""
+        batch = self.coalescer.take(now)
+        for old, new in batch.renames:
+            for table in (self._retry_at, self._retry_wait):
+                for rel in [r for r in table if r == old or r.startswith(old + b"/")]:
+                    table[new + rel[len(old):]] = table.pop(rel)
+        return batch
 
     def _mark_due_retries(self, now: float) -> None:
         """Put the names whose retry is due into the next batch: a file whole (content, existence, attributes), a

@@ -1,0 +1,43 @@
+"""A name waiting for its retry (its put failed with a transient error such as ENOSPC) that is renamed, or whose
+directory is renamed, before the retry is due: the retry follows it to its new name.
+
+Found by the fault matrix (tests/test_netfaults.py, ssh-disk-full): files whose put failed while the mirror's disk
+was full were renamed along with their directory by the workload; the retry went to the old name (gone in the
+source, so only a delete was planned there), the mirror's stale copy moved with the directory's rename, and the
+mirror stayed different from the source (same size, other content) until the next full reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kwatch.events import FileEvent, Op
+from kwatch.replicate.coalesce import CONTENT
+from kwatch.replicate.engine import Replicator, Target, TargetOptions
+
+
+def test_a_pending_retry_follows_the_rename_of_its_directory_and_of_itself(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    (src / "g").write_bytes(b"y")
+    rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), TargetOptions())
+    rep.coalescer.take(time.monotonic())
+    # the batch that carried d/f and g failed for both with ENOSPC: each waits for its retry
+    rep._schedule_retries([b"d/f", b"g"], {b"d/f", b"g"}, rep.coalescer.take(time.monotonic()))
+    assert set(rep._retry_at) == {b"d/f", b"g"}
+    # then the directory and the other file are renamed, in the source and (by the next batch) on the mirror
+    os.rename(src / "d", src / "e")
+    os.rename(src / "g", src / "h")
+    now = time.monotonic()
+    rep.coalescer.add(FileEvent(Op.RENAME, os.fsencode(src / "d"), new_path=os.fsencode(src / "e")), now)
+    rep.coalescer.add(FileEvent(Op.RENAME, os.fsencode(src / "g"), new_path=os.fsencode(src / "h")), now)
+    renames = rep._take(now)
+    assert renames.renames == [(b"d", b"e"), (b"g", b"h")]
+    assert set(rep._retry_at) == {b"e/f", b"h"} and set(rep._retry_wait) == {b"e/f", b"h"}
+    rep._mark_due_retries(time.monotonic() + 3)
+    batch = rep.coalescer.take(time.monotonic())
+    assert batch.dirty.get(b"e/f", 0) & CONTENT and batch.dirty.get(b"h", 0) & CONTENT, batch
+    assert b"d/f" not in batch.dirty and b"g" not in batch.dirty, batch
