@@ -633,8 +633,13 @@ class Replicator:
         directory as a rescan (what was put into it failed too, for want of it)."""
         if now < self._retry_next:
             return
-        for rel in [r for r, at in self._retry_at.items() if at <= now]:
-            del self._retry_at[rel]
+        for due in [r for r, at in self._retry_at.items() if at <= now]:
+            del self._retry_at[due]
+            # renamed (itself or a directory above) since the last take: the batch holds that rename already, and
+            # a mark under the old name would come after it (a delete there, the stale copy left at the new name)
+            rel = self.coalescer.current_name(due)
+            if rel != due and due in self._retry_wait:
+                self._retry_wait[rel] = self._retry_wait.pop(due)
             try:
                 is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.src, rel)).st_mode)
             except OSError:
