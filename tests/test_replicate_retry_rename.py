@@ -59,3 +59,21 @@ def test_a_retry_due_after_a_rename_still_in_the_batch_goes_to_the_new_name(tmp_
     assert batch.renames == [(b"d", b"e")]
     assert batch.dirty.get(b"e/f", 0) & CONTENT, batch
     assert b"d/f" not in batch.dirty, batch
+
+
+def test_a_failed_name_renamed_by_an_event_not_folded_yet_is_sent_at_its_new_name(tmp_path: Path) -> None:
+    """The put failed (ENOSPC) and, by the time the batch's errors are handled, the source has renamed the file's
+    directory but its rename event still waits in the queue: the name is not in the source, yet the file is not
+    gone (seen in the matrix: w05-137/n00179 failed, w05-137 became w05-211, and n00179 never reached the
+    mirror)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), TargetOptions())
+    rep.coalescer.take(time.monotonic())
+    failed = rep.coalescer.take(time.monotonic())
+    os.rename(src / "d", src / "e")  # the event comes after the batch's errors are handled
+    rep._schedule_retries([b"d/f"], {b"d/f"}, failed)
+    rep.coalescer.add(FileEvent(Op.RENAME, os.fsencode(src / "d"), new_path=os.fsencode(src / "e")), time.monotonic())
+    batch = rep._take(time.monotonic())
+    assert batch.dirty.get(b"e/f", 0) & CONTENT, batch
