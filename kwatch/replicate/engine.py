@@ -608,12 +608,13 @@ class Replicator:
             del self._retry_wait[rel]
         now = time.monotonic()
         for failed_name in transient:
-            rel = self._in_source(failed_name)
-            if rel is None:
+            found = self._in_source(failed_name)
+            if found is None:
                 # not in the source under that name: deleted, or renamed by an event still waiting to be folded in;
                 # a mark now is carried along by that rename when it comes (or plans a delete where nothing is)
                 self.coalescer.retry(self.coalescer.current_name(failed_name), now, CONTENT | EXIST | META)
                 continue
+            rel = found
             wait = min(self._retry_wait.get(rel, RETRY_FIRST / 2) * 2, RETRY_MAX)
             self._retry_wait[rel] = wait
             self._retry_at[rel] = now + wait
