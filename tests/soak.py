@@ -3,7 +3,8 @@ agent over ssh and for ``rsync://`` in turn, through a test network (tests/netla
 
 Each cycle: a stretch of the workload with one fault injected while it runs (those that hold a state, such as a
 partition or a full disk, end before the stretch does; a slow or lossy link stays until the mirror converged), then
-the time until the mirror is identical to the source. The mirror is checked throughout for files under final names
+the time until the mirror is identical to the source (hard-linked files apart: their known failure is listed, not
+counted). The mirror is checked throughout for files under final names
 with content the source never had there. Prints a summary (faults, batches, reconnects, time to converge after each
 fault: median and max, bytes sent against bytes written, fd/RSS drift of ``kwatch replicate``, the final identity
 check) and exits non-zero on any violation or a mirror that did not converge within ``--converge`` seconds.
@@ -24,13 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-from faultlab import FAULTS, Churn, Rig, build_untar_tree, fd_count, rss_kib
-from livereplicate import wait_identical
+from faultlab import FAULTS, Churn, Rig, build_untar_tree, converge, fd_count, hard_link_differences, rss_kib
 
 SOAK_FAULTS = [f for f in FAULTS if f != "partition-60s"]
 
 
-def soak(kind: str, base: Path, seconds: float, rnd: random.Random, converge: float) -> dict[str, object]:
+def soak(kind: str, base: Path, seconds: float, rnd: random.Random, bound: float) -> dict[str, object]:
     staging = base / "staging"
     build_untar_tree(staging, 300, rnd.randrange(1 << 30))
     tarball = base / "tree.tar"
@@ -67,7 +67,7 @@ def soak(kind: str, base: Path, seconds: float, rnd: random.Random, converge: fl
                 writer.join(120)
                 if churn.error is not None:
                     raise churn.error
-                t = wait_identical(rig.src, rig.mirror, converge, what=f"{kind} after {fault}", live=rig.live)
+                t = converge(rig, bound, f"{kind} after {fault}")
                 if not duration:
                     fn(rig, False)
                 took.setdefault(fault, []).append(t)
@@ -77,7 +77,8 @@ def soak(kind: str, base: Path, seconds: float, rnd: random.Random, converge: fl
             stop.set()
             check.join(60)
         violations.extend(churn.check_mirror(mirror))
-        final = wait_identical(rig.src, rig.mirror, converge, what=f"{kind} final", live=rig.live)
+        final = converge(rig, bound, f"{kind} final")
+        known = hard_link_differences(rig)
         for dirpath, _dirs, names in os.walk(rig.src):
             for n in names:
                 p = os.path.join(dirpath, n)
@@ -101,6 +102,7 @@ def soak(kind: str, base: Path, seconds: float, rnd: random.Random, converge: fl
         "rss_drift_kib": (mine[-1][2] - mine[0][2]) if mine else 0,
         "drift_over": len(mine),
         "violations": violations,
+        "hard_links": known,
         "final_identical_after": final,
         "operations": churn.done,
     }
@@ -140,6 +142,10 @@ def main(argv: list[str]) -> int:
               f"{len(bad)} violations")
         for v in bad[:20]:
             print(f"    {v}")
+        links = r["hard_links"]
+        assert isinstance(links, list)
+        if links:
+            print(f"    known failure (hard-linked files, issue 17), not counted: {len(links)} differences: {links[:4]}")
     print("soak: OK" if ok else "soak: FAILED")
     return 0 if ok else 1
 

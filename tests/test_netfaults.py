@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
-from faultlab import FAULTS, Churn, Rig, build_untar_tree, fd_count, rss_kib
+from faultlab import FAULTS, Churn, Rig, build_untar_tree, converge, fd_count, hard_link_differences, rss_kib
 from livereplicate import wait_identical
-from treecmp import tree_differences
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -94,8 +93,8 @@ def run_fault(kind: str, fault: str, tmp: Path, *, seed: int = 5, files: int = 2
             assert churn.error is None, churn.error
             assert churn.finished.is_set(), "the workload did not end"
             bound = CONVERGE if duration else CONVERGE_SLOW
-            took = _converge(rig, bound, f"{kind} after {fault}")
-            lost_links = _hard_link_differences(rig)
+            took = converge(rig, bound, f"{kind} after {fault}")
+            lost_links = hard_link_differences(rig)
             if not duration:
                 fn(rig, False)
         finally:
@@ -113,53 +112,6 @@ def run_fault(kind: str, fault: str, tmp: Path, *, seed: int = 5, files: int = 2
             # a known failure the matrix found (see the module docstring); everything else about this run held
             pytest.xfail(f"hard-linked files not replicated right (known, issue 17): {lost_links[:4]}")
         return {"took": took, "ops": churn.done, "events": list(rig.events), "log": log}
-
-
-def _linked(rig: Rig) -> set[str]:
-    """The source's names of files with more than one link (as tree_differences shows them)."""
-    out = set()
-    for dirpath, _dirs, names in os.walk(rig.src):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            if os.lstat(p).st_nlink > 1:
-                out.add(os.path.relpath(p, rig.src))
-    return out
-
-
-def _path_of(diff: str) -> str:
-    """The path a tree_differences line is about ("only in ROOT: PATH (kind)" or "PATH: what")."""
-    if diff.startswith("only in "):
-        return diff.split(": ", 1)[1].rsplit(" (", 1)[0]
-    return diff.split(":", 1)[0]
-
-
-def _converge(rig: Rig, bound: float, what: str) -> float:
-    """Seconds until the mirror equals the source in everything but hard-linked files (checked apart)."""
-    t0 = time.monotonic()
-    diffs: list[str] = []
-    while time.monotonic() - t0 < bound:
-        try:
-            linked = _linked(rig)
-            diffs = [d for d in tree_differences(rig.src, rig.mirror, hardlinks=False) if _path_of(d) not in linked]
-        except FileNotFoundError as e:
-            diffs = [f"tree changed while compared: {e}"]
-        if not diffs:
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    assert rig.live is not None
-    raise AssertionError(f"{what}: mirror not identical after {bound}s ({len(diffs)} differences):\n  "
-                         + "\n  ".join(diffs[:40]) + "\n---- log tail ----\n" + rig.live.log_text()[-4000:])
-
-
-def _hard_link_differences(rig: Rig, grace: float = 10.0) -> list[str]:
-    """What differs once everything else is identical (after ``grace`` seconds more): hard-link groups, and the
-    content or attributes of hard-linked files."""
-    deadline = time.monotonic() + grace
-    while True:
-        diffs = tree_differences(rig.src, rig.mirror)
-        if not diffs or time.monotonic() > deadline:
-            return diffs
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(("kind", "fault"), CASES)
