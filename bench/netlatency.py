@@ -88,7 +88,13 @@ def one(tool: str, rtt_ms: int, tarball: Path, base: Path, timeout: float = 600.
             if tool == "oneshot-rsync":
                 subprocess.run([*lab.argv("src"), "rsync", "-a", "--delete", f"{src}/", rsyncd.url("push")],
                                check=True, timeout=timeout)
-            _wait(lambda: not tree_differences(src, mirror), timeout, f"{tool} did not converge")
+            def identical() -> bool:
+                try:
+                    return not tree_differences(src, mirror)
+                except FileNotFoundError:  # a temporary renamed away while listed: the mirror is still moving
+                    return False
+
+            _wait(identical, timeout, f"{tool} did not converge")
             t_done = time.monotonic()
             w1 = lab.wire_stats()
             return {"tool": tool, "rtt_ms": rtt_ms, "untar_s": t_untar - t0, "to_identical_s": t_done - t_untar,
