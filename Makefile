@@ -16,7 +16,7 @@ DEB_PKGS := clang llvm libbpf-dev bpftool python3-dev rsync openssh-server opens
 # ... and the anchors the benchmarks compare against (gcc builds the churn workload)
 BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
 
-.PHONY: all deps bench-deps venv bpf ext mounts test test-loaded run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
+.PHONY: all deps bench-deps venv bpf ext mounts test test-loaded soak run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
 
 all: bpf ext venv
 
@@ -87,6 +87,13 @@ test: deps venv bpf ext mounts
 # test that only passes on an idle machine shows up here
 test-loaded: deps venv bpf ext mounts
 	$(VPY) tests/cpuhog.py -- $(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# a seeded random schedule of the fault matrix's faults through the test network (tests/soak.py), split between the
+# agent over ssh and rsync://; longer with SOAK_MINUTES=30, another schedule with SOAK_SEED=N
+SOAK_MINUTES ?= 2
+SOAK_SEED ?= 1
+soak: deps venv bpf ext mounts
+	$(VPY) tests/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 lint: venv
 	$(VENV)/bin/ruff check kwatch tests bench setup.py

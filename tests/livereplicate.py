@@ -64,8 +64,9 @@ class LiveReplicate:
     """One ``kwatch replicate`` process; the log (stderr) goes to ``log_path``."""
 
     def __init__(self, src: Path, targets: list[str], log_path: Path, extra: list[str] | None = None,
-                 backend: str = "bpf") -> None:
+                 backend: str = "bpf", prefix: list[str] | None = None) -> None:
         self.src = src
+        self.prefix = prefix or []  # argv before kwatch's, e.g. netlab.NetLab.argv("src") for a test network host
         self.targets = targets
         self.log_path = log_path
         self.extra = extra or []
@@ -77,7 +78,7 @@ class LiveReplicate:
 
     def start(self, *, wait_targets: bool = True) -> LiveReplicate:
         offset = self.log_size()
-        argv = [KWATCH, "replicate", str(self.src), *self.targets, "--settle", "0.05", "--max-delay", "1",
+        argv = [*self.prefix, KWATCH, "replicate", str(self.src), *self.targets, "--settle", "0.05", "--max-delay", "1",
                 "--backend", self.backend, *self.extra]
         with open(self.log_path, "ab") as log:
             log.write(f"==== start {self.starts}: {' '.join(argv)}\n".encode())

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -41,8 +42,13 @@ class RsyncDaemon:
     user = "kw"
     password = "s3cret-pw"
 
-    def __init__(self, base: Path, extra_conf: str = "") -> None:
+    def __init__(self, base: Path, extra_conf: str = "", host: str = "127.0.0.1", prefix: list[str] | None = None,
+                 probe: Callable[[str, int], socket.socket] | None = None) -> None:
+        """``host``, ``prefix``, ``probe``: as :class:`sshd.Sshd`'s (to run it in a :mod:`netlab` host)."""
         self.base = Path(base)
+        self.host = host
+        self.prefix = prefix or []
+        self.probe = probe or (lambda h, p: socket.create_connection((h, p), timeout=0.5))
         self.port = 0
         self.extra_conf = extra_conf
         self.proc: subprocess.Popen[bytes] | None = None
@@ -80,10 +86,13 @@ class RsyncDaemon:
         self.base.mkdir(parents=True, exist_ok=True)
         conf = self._write_config()
         last_err = ""
+        keep_port = self.port != 0  # started again after stop(): the same port, as a restarted server
         for _attempt in range(5):  # the free port can be taken between probe and bind: retry
-            self.port = free_port()
+            if not keep_port:
+                self.port = free_port()
             self.proc = subprocess.Popen(
-                [RSYNC, "--daemon", "--no-detach", f"--config={conf}", "--address=127.0.0.1", f"--port={self.port}"],
+                [*self.prefix, RSYNC, "--daemon", "--no-detach", f"--config={conf}", f"--address={self.host}",
+                 f"--port={self.port}"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -91,10 +100,12 @@ class RsyncDaemon:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with contextlib.suppress(OSError), self.probe(self.host, self.port):
                     return self
                 time.sleep(0.05)
             last_err = self._stop_proc()
+            if keep_port:
+                time.sleep(0.5)  # the old listener's port may still be in use for a moment
         raise RuntimeError(f"rsync daemon did not start on 127.0.0.1: {last_err}")
 
     def _stop_proc(self) -> str:
@@ -118,7 +129,7 @@ class RsyncDaemon:
 
     def url(self, module: str, path: str = "", user: str | None = None) -> str:
         who = f"{user}@" if user else ""
-        return f"rsync://{who}127.0.0.1:{self.port}/{module}/{path}"
+        return f"rsync://{who}{self.host}:{self.port}/{module}/{path}"
 
     def log(self) -> str:
         try:

@@ -18,6 +18,7 @@ import shlex
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -44,8 +45,15 @@ class Sshd:
 
     user = "root"
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, host: str = "127.0.0.1", prefix: list[str] | None = None,
+                 probe: Callable[[str, int], socket.socket] | None = None) -> None:
+        """``host``: the address to listen on; ``prefix``: argv put before sshd's (e.g. :meth:`netlab.NetLab.argv`
+        to start it in a test host's namespace); ``probe``: opens a connection to (host, port) to see it listening
+        (default: from this process's namespace)."""
         self.base = Path(base)
+        self.host = host
+        self.prefix = prefix or []
+        self.probe = probe or (lambda h, p: socket.create_connection((h, p), timeout=0.5))
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.host_key = self.base / "ssh_host_ed25519_key"
@@ -64,7 +72,7 @@ class Sshd:
 
     def target(self, path: os.PathLike[str] | str) -> str:
         """A ``user@host:/path`` target spec for this daemon."""
-        return f"{self.user}@127.0.0.1:{os.fspath(path)}"
+        return f"{self.user}@{self.host}:{os.fspath(path)}"
 
     def _prepare(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -79,7 +87,7 @@ class Sshd:
     def _write_config(self) -> None:
         self.config.write_text(
             f"Port {self.port}\n"
-            "ListenAddress 127.0.0.1\n"
+            f"ListenAddress {self.host}\n"
             f"HostKey {self.host_key}\n"
             f"PidFile {self.pid_file}\n"
             f"AuthorizedKeysFile {self.base / 'authorized_keys'}\n"
@@ -105,21 +113,21 @@ class Sshd:
                 self.port = free_port()
             self._write_config()
             self.proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(self.config)],
+                [*self.prefix, SSHD, "-D", "-e", "-f", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"),  # noqa: SIM115
             )
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with contextlib.suppress(OSError), self.probe(self.host, self.port):
                     return self
                 time.sleep(0.05)
             self._stop_proc()
             last_err = self.log()[-2000:]
             if keep_port:
                 time.sleep(0.5)  # the old listener's port may still be in use for a moment
-        raise RuntimeError(f"sshd did not start on 127.0.0.1:{self.port}: {last_err}")
+        raise RuntimeError(f"sshd did not start on {self.host}:{self.port}: {last_err}")
 
     def _stop_proc(self) -> None:
         proc, self.proc = self.proc, None
@@ -145,7 +153,7 @@ class Sshd:
 
     def run(self, command: str, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
         """Run ``command`` through the daemon (to check it works)."""
-        argv = [*shlex.split(self.ssh_command), "-o", "BatchMode=yes", f"{self.user}@127.0.0.1", command]
+        argv = [*shlex.split(self.ssh_command), "-o", "BatchMode=yes", f"{self.user}@{self.host}", command]
         return subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def __enter__(self) -> Sshd:

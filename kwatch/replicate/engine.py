@@ -180,7 +180,7 @@ class Replicator:
                     continue
                 if due > 0 and not stopping:
                     continue
-                batch = self.coalescer.take(now)
+                batch = self._take(now)
                 self._first = None
                 self.synced.clear()
                 if batch.empty() and not stopping:
@@ -385,14 +385,40 @@ class Replicator:
         """Send ``transient`` (names that failed with a :data:`TRANSIENT` error) again later (see
         kwatch.replicate.retries); a name of batch ``b`` that did not fail again landed."""
         self.retries.landed(b.dirty, failed)
-        for rel, wait in self.retries.schedule(filter(None, map(self._in_source, transient)), time.monotonic()):
+        now = time.monotonic()
+        here = []
+        for failed_name in transient:
+            found = self._in_source(failed_name)
+            if found is None:
+                # not in the source under that name: deleted, or renamed by an event still waiting to be folded in;
+                # a mark now is carried along by that rename when it comes (or plans a delete where nothing is)
+                self.coalescer.retry(self.coalescer.current_name(failed_name), now, CONTENT | EXIST | META)
+                continue
+            here.append(found)
+        for rel, wait in self.retries.schedule(here, now):
             log.warning("target %s: %s: sent again in %.0f s", self.target.spec, os.fsdecode(rel), wait)
         self.stats.failed_paths = len(self.retries)
+
+    def _take(self, now: float) -> Batch:
+        """The coalescer's batch; the names waiting for a retry follow the renames it carries.
+
+        A retry is keyed by the name that failed: when that file or a directory above it is renamed before the retry
+        is due, the mirror's stale copy moves with the rename, so the retry must go to the new name (at the old one
+        the source has nothing, and only a delete would be planned)."""
+        batch = self.coalescer.take(now)
+        for old, new in batch.renames:
+            self.retries.rename(old, new)
+        return batch
 
     def _mark_due_retries(self, now: float) -> None:
         """Put the names whose retry is due into the next batch: a file whole (content, existence, attributes), a
         directory as a rescan (what was put into it failed too, for want of it)."""
-        for rel in self.retries.due(now):
+        for due in self.retries.due(now):
+            # renamed (itself or a directory above) since the last take: the batch holds that rename already, and
+            # a mark under the old name would come after it (a delete there, the stale copy left at the new name)
+            rel = self.coalescer.current_name(due)
+            if rel != due:
+                self.retries.rename(due, rel)
             try:
                 is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.src, rel)).st_mode)
             except OSError:

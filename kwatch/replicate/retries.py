@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+from kwatch.paths import is_under, rebase
+
 RETRY_FIRST = 2.0
 RETRY_MAX = 60.0
 
@@ -47,6 +49,12 @@ class PathRetries:
             del self.at[rel]
         self.next = min(self.at.values(), default=float("inf"))
         return due
+
+    def rename(self, old: bytes, new: bytes) -> None:
+        """``old`` (a file, or a directory and what is below it) is now ``new``: its retries follow it."""
+        for table in (self.at, self.wait):
+            for rel in [r for r in table if is_under(r, old)]:
+                table[rebase(rel, old, new)] = table.pop(rel)
 
     def __len__(self) -> int:
         return len(self.at)
