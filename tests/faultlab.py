@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kwatch.replicate.receiver import is_temp_name
+from kwatch.mirror.receiver import is_temp_name
 from livereplicate import KWATCH, LiveReplicate
 from netlab import NetLab
 from rsyncd import RsyncDaemon
