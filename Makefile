@@ -5,6 +5,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 BUILD := build
 BPF_OBJ := kwatch/capture/kwatch.bpf.o
+# the same program reading kernel memory with one helper call per field, for kernels without the bpf_rdonly_cast()
+# kfunc (before 6.2: Debian 12's 6.1); the loader takes the first object the kernel accepts (bpf/kw_kread.h)
+BPF_OBJ_PR := kwatch/capture/kwatch-probe-read.bpf.o
 BPF_SRC := $(wildcard bpf/*.bpf.c) $(wildcard bpf/*.h)
 # the BPF consumer's record decoder in C (kwatch/capture/record.py falls back to Python without it)
 EXT := kwatch/capture/_recordc.so
@@ -64,7 +67,12 @@ $(BPF_OBJ): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
 	# drop DWARF, keep .BTF/.BTF.ext (CO-RE relocations need them)
 	llvm-strip -g $(BUILD)/kwatch.bpf.o -o $@
 
-bpf: $(BPF_OBJ)
+$(BPF_OBJ_PR): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
+	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -DKW_PROBE_READ -I$(BUILD) -Ibpf -c bpf/kwatch.bpf.c \
+	  -o $(BUILD)/kwatch-probe-read.bpf.o
+	llvm-strip -g $(BUILD)/kwatch-probe-read.bpf.o -o $@
+
+bpf: $(BPF_OBJ) $(BPF_OBJ_PR)
 
 $(EXT): kwatch/capture/_recordc.c bpf/kwatch.h | deps venv
 	clang -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -Ibpf \
@@ -135,4 +143,4 @@ install: deps bpf ext
 	@echo "installed: $(PREFIX)/bin/kwatch, $(UNITDIR)/kwatch.service, $(SYSCONFDIR)/kwatch/; start with: systemctl enable --now kwatch"
 
 clean:
-	rm -rf $(BUILD) $(BPF_OBJ) $(EXT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BUILD) $(BPF_OBJ) $(BPF_OBJ_PR) $(EXT) .pytest_cache .mypy_cache .ruff_cache

@@ -318,14 +318,17 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def source() -> Iterator[object]:
-    from kwatch.capture.bpf import BpfSource
+@pytest.fixture(scope="module", params=["auto", "probe-read"])
+def source(request: pytest.FixtureRequest) -> Iterator[object]:
+    """The backend as `--backend bpf` loads it (the first build the kernel accepts), then forced to the build that
+    reads kernel memory by helper calls (the one kernels before 6.2 take): both must give the same sequences."""
+    from kwatch.capture.bpf import PROBE_READ_OBJECT, BpfSource
 
     # under /tmp and traversable, so the case that drops to another uid can reach it
     base = tempfile.mkdtemp(prefix="kwatch-bpf-", dir="/tmp")
     os.chmod(base, 0o755)
-    src = BpfSource(CaptureFilter.make(roots=[base]))
+    obj = PROBE_READ_OBJECT if request.param == "probe-read" else None
+    src = BpfSource(CaptureFilter.make(roots=[base]), obj_path=obj)
     src.base = os.fsencode(base)  # type: ignore[attr-defined]
     try:
         yield src

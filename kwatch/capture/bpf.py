@@ -38,6 +38,9 @@ from kwatch.events import FileEvent, Op
 TRACEFS = Path("/sys/kernel/tracing")
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_OBJECT = Path(__file__).with_name("kwatch.bpf.o")
+#: The same program built with -DKW_PROBE_READ (bpf/kw_kread.h): one helper call per kernel field instead of the
+#: bpf_rdonly_cast() kfunc, which kernels before 6.2 lack. Tried when the kernel refuses DEFAULT_OBJECT.
+PROBE_READ_OBJECT = Path(__file__).with_name("kwatch-probe-read.bpf.o")
 DEFAULT_RINGBUF = 64 << 20
 #: Ring buffer wake-ups: at most one per WAKE_S while events flow (the consumer polls every WAKE_S meanwhile),
 #: immediate after a quiet spell; and always once a quarter of the buffer is waiting.
@@ -143,9 +146,10 @@ class BpfSource:
             raise CaptureError("the BPF backend needs root (or CAP_BPF and CAP_PERFMON); try --backend inotify")
         if ringbuf_bytes & (ringbuf_bytes - 1) or ringbuf_bytes < 4096:
             raise CaptureError(f"ring buffer size must be a power of two >= 4096, not {ringbuf_bytes}")
-        path = Path(obj_path) if obj_path else DEFAULT_OBJECT
-        if not path.exists():
-            raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
+        paths = [Path(obj_path)] if obj_path else [DEFAULT_OBJECT, PROBE_READ_OBJECT]
+        for path in paths:
+            if not path.exists():
+                raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
         ensure_mounts()
         self.filter = filt or CaptureFilter()
         self.wake_s = wake_s
@@ -155,18 +159,23 @@ class BpfSource:
         self._stats = SourceStats()
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
-        self._obj = libbpf.BpfObject(str(path))
+        # The kernel decides which build it takes: each is tried in turn (a probe by loading, never a version test);
+        # the refusals of the ones before are kept for the error and for `kwatch doctor`.
+        self.refused: list[tuple[str, str]] = []
+        for i, path in enumerate(paths):
+            try:
+                self._obj, progs = self._load(path, ringbuf_bytes)
+            except libbpf.BpfError as e:
+                self.refused.append((path.name, str(e)))
+                if i + 1 < len(paths):
+                    continue
+                if len(self.refused) > 1:
+                    raise libbpf.BpfError("the kernel refused every build of the BPF program:\n" + "\n".join(
+                        f"{name}: {msg}" for name, msg in self.refused)) from e
+                raise
+            self.object_path = path
+            break
         try:
-            self._obj.map("kw_events").set_max_entries(ringbuf_bytes)
-            self.skipped: list[str] = []
-            progs = list(self._obj.programs())
-            for prog in progs:
-                tp = _tracepoint_of(prog.section)
-                if tp and not (TRACEFS / "events" / tp).is_dir():
-                    # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
-                    prog.set_autoload(False)
-                    self.skipped.append(tp)
-            self._obj.load()
             self._cfg = self._obj.map("kw_cfg")
             self._roots = self._obj.map("kw_roots")
             self._root_paths = self._obj.map("kw_root_paths")
@@ -186,6 +195,25 @@ class BpfSource:
         except BaseException:
             self._obj.close()
             raise
+
+    def _load(self, path: Path, ringbuf_bytes: int) -> tuple[libbpf.BpfObject, list[libbpf.BpfProgram]]:
+        """Open and load one build of the program (closed again if the kernel refuses it)."""
+        obj = libbpf.BpfObject(str(path))
+        try:
+            obj.map("kw_events").set_max_entries(ringbuf_bytes)
+            self.skipped: list[str] = []
+            progs = list(obj.programs())
+            for prog in progs:
+                tp = _tracepoint_of(prog.section)
+                if tp and not (TRACEFS / "events" / tp).is_dir():
+                    # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
+                    prog.set_autoload(False)
+                    self.skipped.append(tp)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return obj, progs
 
     # ---- configuration -------------------------------------------------------------------------------------------
 
