@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from timescale import scaled
 
 from kwatch.capture.base import CaptureFilter
 from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
@@ -339,7 +340,8 @@ def source(request: pytest.FixtureRequest) -> Iterator[object]:
 
 def drain(src: object, until_quiet: float = 0.3) -> list[FileEvent]:
     out: list[FileEvent] = []
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
+    until_quiet = scaled(until_quiet)
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         batch = src.read(0.05)  # type: ignore[attr-defined]

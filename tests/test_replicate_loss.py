@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from livereplicate import wait_identical
+from timescale import scaled
 
 from kwatch.events import FileEvent, Op
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
@@ -62,7 +63,7 @@ def test_a_loss_makes_the_mirror_converge_by_a_deferred_full_rescan(tmp_path: Pa
         # nobody reads the ring while the burst runs: it overflows, and the kernel counts what it drops
         subprocess.run([sys.executable, "-c", BURST, str(src), str(N_FILES)], check=True, timeout=120)
         loop.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while not losses:
             assert time.monotonic() < deadline, "no LOSS marker after the ring overflowed"
             time.sleep(0.05)

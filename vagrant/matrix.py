@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS_FILE = REPO / "vagrant" / "kernels.txt"
+#: the unpacked kernels; the guest reads the kernel's boot/ from here, so not under /var/cache (a tmpfs in the guest)
 CACHE = Path(os.environ.get("KWATCH_KERNEL_CACHE", "/var/lib/kwatch-kernels"))
 OUT = REPO / "build" / "kernel-matrix"
 VENV_BIN = REPO / ".venv" / "bin"
@@ -50,6 +51,7 @@ KERNEL_TESTS = [
     "tests/test_capture_filter.py",
     "tests/test_capture_barrier.py",
     "tests/test_trace.py",
+    "tests/test_doctor.py",
     "tests/test_replicate_loss.py",
     "tests/test_replicate.py::test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_backend",
 ]
