@@ -52,3 +52,10 @@ int probe_io_uring_tp(void *ctx)
 {
 	return 0;
 }
+
+SEC("tp/io_uring/io_uring_submit_sqe")
+int probe_io_uring_tp_old(void *ctx)
+{
+	return 0;
+}
+

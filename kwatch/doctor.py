@@ -134,10 +134,14 @@ def kernel_checks() -> list[Check]:
                          f"{LSM_LIST}: {lsms or 'unreadable'}"))
         out.append(_probe_program("probe_lsm", "BPF LSM"))
         out.append(_probe_program("probe_kprobe", "kprobes"))
+        # the submission tracepoint under its name since 6.4, or the one before
         if (TRACEFS_EVENTS / "io_uring" / "io_uring_submit_req").is_dir():
             out.append(_probe_program("probe_io_uring_tp", "io_uring tracepoints"))
+        elif (TRACEFS_EVENTS / "io_uring" / "io_uring_submit_sqe").is_dir():
+            out.append(_probe_program("probe_io_uring_tp_old", "io_uring tracepoints"))
         else:
-            out.append(Check("io_uring tracepoints", False, "no io_uring/io_uring_submit_req tracepoint"))
+            out.append(Check("io_uring tracepoints", False,
+                             "no io_uring/io_uring_submit_req or io_uring_submit_sqe tracepoint"))
     out.append(_probe_io_uring())
     return out
 

@@ -644,3 +644,31 @@ def test_kernel_drops_absolute_names_outside_the_tree(source: object, tmp_path: 
                     "    p = d + b'/o%d' % i; os.mkdir(p); os.chmod(p, 0o700); os.rmdir(p)", outside], check=True)
     assert drain(source) == []
     assert source.stats().filtered == before  # type: ignore[attr-defined]
+
+
+URING = str(Path(__file__).with_name("uring.py"))
+
+
+def test_io_uring_file_operations_become_a_rescan_marker(source: object) -> None:
+    """io_uring operations pass no syscall tracepoint: the backend cannot say what they changed, so each batch of
+    them becomes a LOSS marker of unknown count and place (the replicator rescans), never silence. kwatch's own
+    process (this one) is excluded there too."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    d = os.path.join(base, b"uring")
+    os.mkdir(d)
+    drain(source, 0.1)
+    import uring
+
+    assert uring.main(["mkdirat", os.fsdecode(os.path.join(d, b"self"))]) == 0  # from the excluded process
+    mine = [e for e in drain(source) if e.op is Op.LOSS and e.extra and e.extra.get("io_uring")]
+    assert mine == [], "io_uring use by kwatch's own process must not count"
+    for args in (["mkdirat", "x"], ["renameat", "x", "y"], ["unlinkat", "self/../nothing"]):
+        argv = [args[0]] + [os.fsdecode(os.path.join(d, a.encode())) for a in args[1:]]
+        subprocess.run([sys.executable, URING, *argv], check=args[0] != "unlinkat", timeout=60)
+    assert os.path.isdir(os.path.join(d, b"y"))
+    events = drain(source)
+    markers = [e for e in events if e.op is Op.LOSS and e.extra and e.extra.get("io_uring")]
+    assert markers, f"io_uring mkdirat/renameat/unlinkat under a watched tree gave no marker: {events}"
+    assert sum(int(e.extra["io_uring"]) for e in markers) >= 3  # type: ignore[index, call-overload]
+    assert all(e.path == b"/" and e.lost is None for e in markers)
+

@@ -159,6 +159,7 @@ class BpfSource:
         self._stats = SourceStats()
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
+        self._uring_seen = 0
         # The kernel decides which build it takes: each is tried in turn (a probe by loading, never a version test);
         # the refusals of the ones before are kept for the error and for `kwatch doctor`.
         self.refused: list[tuple[str, str]] = []
@@ -181,6 +182,7 @@ class BpfSource:
             self._root_paths = self._obj.map("kw_root_paths")
             self._excl = self._obj.map("kw_excl")
             self._losses = self._obj.map("kw_losses")
+            self._uring = self._obj.map("kw_uring")
             self._ncpu = libbpf.possible_cpus()
             self._excluded: set[int] = set()  # exclude_pid() calls
             self._filter_excl: set[int] = set()  # the filter's exclude_pids now in the kernel map
@@ -314,12 +316,19 @@ class BpfSource:
     def fileno(self) -> int:
         return self._rb.fd
 
-    def lost_total(self) -> int:
-        """Sum over CPUs of the records lost because the ring buffer was full."""
-        raw = self._losses.lookup(bytes(4), 8 * self._ncpu)
+    def _percpu_total(self, m: libbpf.BpfMap) -> int:
+        raw = m.lookup(bytes(4), 8 * self._ncpu)
         if not raw:
             return 0
         return sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
+
+    def lost_total(self) -> int:
+        """Sum over CPUs of the records lost because the ring buffer was full."""
+        return self._percpu_total(self._losses)
+
+    def uring_total(self) -> int:
+        """Sum over CPUs of the io_uring file operations submitted by processes not excluded (not traced)."""
+        return self._percpu_total(self._uring)
 
     def poll_within(self) -> float | None:
         """How long a caller may wait on :meth:`fileno` before calling :meth:`read` (None: until it is readable).
@@ -346,16 +355,25 @@ class BpfSource:
         st.filtered += len(raw) - len(out)
         # the loss counters cost two map lookups (syscalls): read them on every idle read, and at most every
         # LOSS_CHECK_S while records flow
-        lost = self._lost_seen
+        lost, uring = self._lost_seen, self._uring_seen
         if not raw or now >= self._next_loss_check:
             self._next_loss_check = now + LOSS_CHECK_S
             lost = self.lost_total()
+            uring = self.uring_total()
         if lost > self._lost_seen:
             delta = lost - self._lost_seen
             self._lost_seen = lost
             st.lost += delta
             st.overflows += 1
             out.append(FileEvent(op=Op.LOSS, path=b"/", lost=delta, ts_ns=time.monotonic_ns(), backend=self.name))
+        if uring > self._uring_seen:
+            # io_uring file operations: what they touched is unknown, so a marker of unknown count and place (the
+            # replicator rescans the whole tree), never silence
+            delta = uring - self._uring_seen
+            self._uring_seen = uring
+            st.overflows += 1
+            out.append(FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=time.monotonic_ns(), backend=self.name,
+                                 extra={"io_uring": delta}))
         st.events += len(out)
         self._by_op.update(map(_OP_OF, out))
         return out

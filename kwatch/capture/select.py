@@ -12,7 +12,9 @@ BACKENDS = ("bpf", "fanotify", "inotify")
 #: the chosen backend's list and `kwatch doctor` prints it.
 BLIND_SPOTS: dict[str, list[str]] = {
     "bpf": [
-        "file operations done through io_uring (the syscall tracepoints never see them)",
+        "which files io_uring operations touch: the syscall tracepoints never see them; each batch of io_uring "
+        "writes, opens, renames, unlinks, mkdirs... by a process not excluded (anywhere on the system) becomes a "
+        "LOSS marker instead (replication rescans the whole tree), where the io_uring tracepoints exist",
         "names given through a symlinked directory outside the watched tree (`rm /link/f` with /link -> watched/): "
         "the kernel's resolution is not visible to a tracepoint, so the name looks outside the tree",
         "the true name when another thread rewrites the path buffer between the kernel's use and syscall exit",
