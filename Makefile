@@ -20,8 +20,11 @@ DEB_PKGS := clang llvm libbpf-dev bpftool python3-dev rsync openssh-server opens
   nats-server systemd
 # ... and the anchors the benchmarks compare against (gcc builds the churn workload)
 BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
+# ... and what the kernel matrix boots its guests with (vagrant/matrix.py: virtme-ng runs QEMU; udev and kmod are
+# needed in the guest, busybox-static builds its initramfs)
+KERNEL_PKGS := qemu-system-x86 udev kmod busybox-static
 
-.PHONY: all deps bench-deps venv bpf ext mounts test test-loaded run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
+.PHONY: all deps bench-deps kernel-deps venv bpf ext mounts test test-loaded test-kernels run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
 
 all: bpf ext venv
 
@@ -51,6 +54,19 @@ $(VENV)/.bench-stamp: pyproject.toml | venv
 	@touch $@
 
 bench-deps: $(BUILD)/.bench-deps-stamp $(VENV)/.bench-stamp
+
+$(BUILD)/.kernel-deps-stamp: Makefile | deps
+	$(call apt_install,$(KERNEL_PKGS), for the kernel matrix)
+	@touch $@
+
+$(VENV)/.kernels-stamp: pyproject.toml | venv
+	$(VPY) -m pip install -q -e '.[test,kernels]'
+	@touch $@
+
+# the Debian packages and virtme-ng, then the pinned kernels of vagrant/kernels.txt (downloaded once, unpacked into
+# /var/lib/kwatch-kernels, never installed)
+kernel-deps: $(BUILD)/.kernel-deps-stamp $(VENV)/.kernels-stamp
+	$(VPY) vagrant/matrix.py fetch
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -102,8 +118,14 @@ test: deps venv bpf ext mounts
 test-loaded: deps venv bpf ext mounts
 	$(VPY) tests/cpuhog.py -- $(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# the kernel-facing tests inside each kernel of vagrant/kernels.txt booted under QEMU (vagrant/matrix.py); reports
+# in build/kernel-matrix/. Extra pytest arguments: make test-kernels KERNEL_PYTEST_ARGS="-k fanotify"
+KERNEL_PYTEST_ARGS ?=
+test-kernels: deps venv bpf ext kernel-deps
+	$(VPY) vagrant/matrix.py test --pytest-args "$(KERNEL_PYTEST_ARGS)"
+
 lint: venv
-	$(VENV)/bin/ruff check kwatch tests bench
+	$(VENV)/bin/ruff check kwatch tests bench vagrant
 
 typecheck: venv
 	$(VENV)/bin/mypy
