@@ -538,6 +538,38 @@ static __always_inline int has_dotdot(struct kw_scratch *s, __u32 off, __u32 len
 	return x.found;
 }
 
+#define SLASHES 0x2f2f2f2f2f2f2f2fULL
+
+/* Eight bytes per step, as dotdot_word: stops at the first '/'. */
+static long slash_word(__u32 i, void *c)
+{
+	struct dotdot_ctx *x = c;
+	__u32 at = i * 8;
+	if (!x->s || at >= x->len)
+		return 1;
+	__u64 w = *(__u64 *)&x->s->data[(x->off + at) & DATA_MASK];
+	__u32 left = x->len - at;
+	if (left < 8)
+		w |= ~0ULL << (left * 8); /* past the name: 0xff, never a '/' */
+	__u64 t = w ^ SLASHES;
+	if (~(((t & LOW7) + LOW7) | t | LOW7)) {
+		x->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * True when a relative name has a directory part ("a/b"): that part may be a symlink into a watched tree, which the
+ * kernel resolved and a tracepoint cannot see. A name without one lives in the base directory the walk placed.
+ */
+static __always_inline int has_slash(struct kw_scratch *s, __u32 off, __u32 len)
+{
+	struct dotdot_ctx x = { .s = s, .off = off, .len = len };
+	bpf_loop(KW_SLOT_MAX / 8 + 1, slash_word, &x, 0);
+	return x.found;
+}
+
 /*
  * Watched roots as strings, for names a process passed as absolute paths: no directory walk happens for those, so
  * the kernel compares the name with each root (lexically, as userspace does; names with ".." are left undecided).
@@ -607,15 +639,22 @@ static __always_inline int abs_in_roots(struct kw_scratch *s, __u32 off, __u32 n
 
 /*
  * After the base walk left a name's place open: a name with ".." could lead anywhere (userspace decides); an
- * absolute one is compared with the watched roots here. Returns 1 when undecided.
+ * absolute one is compared with the watched roots here, and one outside them is left to userspace too, as is a
+ * relative one with a directory part: either may go through a symlinked directory into a watched tree (the kernel's
+ * resolution is not visible here), which userspace finds by resolving the name's directory
+ * (BpfSource._through_symlinks). Returns 1 when undecided.
  */
 static __always_inline __u8 name_undecided(struct kw_scratch *s, __u32 off, __u32 n, __u8 abs, __u8 *roots)
 {
 	if (has_dotdot(s, off, n))
 		return 1;
-	if (abs && abs_in_roots(s, off, n))
+	if (abs) {
+		if (!abs_in_roots(s, off, n))
+			return 1;
 		*roots |= ROOT_IN;
-	return 0;
+		return 0;
+	}
+	return has_slash(s, off, n);
 }
 
 /* ---- record assembly ------------------------------------------------------------------------------------------ */

@@ -351,6 +351,8 @@ class BpfSource:
         if raw or self._rb.pending():
             self._last_data = now
         out = self.filter.select(raw)
+        if len(out) != len(raw) and self.filter.roots:
+            out = self._through_symlinks(raw, out)
         st = self._stats
         st.filtered += len(raw) - len(out)
         # the loss counters cost two map lookups (syscalls): read them on every idle read, and at most every
@@ -376,6 +378,47 @@ class BpfSource:
                                  extra={"io_uring": delta}))
         st.events += len(out)
         self._by_op.update(map(_OP_OF, out))
+        return out
+
+    #: the ops whose paths are the names a process passed (not resolved from a descriptor in the kernel)
+    _NAME_OPS = frozenset({Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.SYMLINK, Op.LINK, Op.CHMOD, Op.CHOWN,
+                           Op.XATTR, Op.UTIMES, Op.TRUNCATE})
+
+    def _through_symlinks(self, raw: list[FileEvent], kept: list[FileEvent]) -> list[FileEvent]:
+        """Events the filter refused, placed again by the real directory of their names.
+
+        A name such as /link/f with /link -> /watched is what the process passed; the kernel resolved it into the
+        watched tree, which a tracepoint cannot see. The name's directory is resolved here (realpath: every symlink
+        in it, as kwatch's mount namespace sees it, at read time) and the event kept, with the real path, when that
+        lands in a root; ``extra["via_symlink"]`` holds the name as passed. A directory renamed or a link changed
+        between the call and this read is resolved as it is now. Within one read a directory is resolved once.
+        """
+        ids = set(map(id, kept))
+        out: list[FileEvent] = []
+        real: dict[bytes, bytes] = {}
+
+        def place(p: bytes | None) -> bytes | None:
+            if p is None:
+                return None
+            d, name = os.path.split(p)
+            r = real.get(d)
+            if r is None:
+                r = real[d] = os.path.realpath(d)
+            return os.path.join(r, name) if name else r
+
+        accepts = self.filter.accepts
+        for ev in raw:
+            if id(ev) in ids:
+                out.append(ev)
+                continue
+            if ev.op not in self._NAME_OPS or ev.truncated:
+                continue
+            path, new = place(ev.path) or ev.path, place(ev.new_path)
+            if path == ev.path and new == ev.new_path:
+                continue
+            moved = ev._replace(path=path, new_path=new, extra={**(ev.extra or {}), "via_symlink": ev.path})
+            if accepts(moved):
+                out.append(moved)
         return out
 
     # ---- the capture barrier (see kwatch.capture.barrier) ----------------------------------------------------------

@@ -15,8 +15,9 @@ BLIND_SPOTS: dict[str, list[str]] = {
         "which files io_uring operations touch: the syscall tracepoints never see them; each batch of io_uring "
         "writes, opens, renames, unlinks, mkdirs... by a process not excluded (anywhere on the system) becomes a "
         "LOSS marker instead (replication rescans the whole tree), where the io_uring tracepoints exist",
-        "names given through a symlinked directory outside the watched tree (`rm /link/f` with /link -> watched/): "
-        "the kernel's resolution is not visible to a tracepoint, so the name looks outside the tree",
+        "the kernel's own resolution of a name: a name through a symlinked directory (`rm /link/f` with "
+        "/link -> watched/) is placed by resolving its directory when kwatch reads the event, so a link changed "
+        "in between places it where the link points then; `..` after a symlink is resolved as text",
         "the true name when another thread rewrites the path buffer between the kernel's use and syscall exit",
         "the last close of a file: CLOSE_WRITE comes once per descriptor closed (a shell redirection gives two)",
     ],
