@@ -10,8 +10,9 @@ throwaway overlays on /etc, /var, /tmp...; ``--disable-kvm`` because this machin
 aborts QEMU, so QEMU emulates the CPU (TCG): everything runs several times slower than on the host, so absolute times
 mean nothing there and the tests' deadlines are scaled (KWATCH_TEST_TIME_SCALE, tests/timescale.py).
 
-Inside, before the command: bpffs and tracefs mounted (vng does not mount bpffs), a tmpfs on /tmp (the overlay vng
-puts there is refused by fanotify's filesystem marks, so fanotify would look absent), the kernel's own boot/ bound
+Inside, before the command: bpffs and tracefs mounted (vng does not mount bpffs), an ext4 filesystem on /tmp (a loop
+file in RAM: the overlay vng puts there is refused by fanotify's filesystem marks, so fanotify would look absent, and
+tmpfs before 6.6 refuses user.* xattrs, which the capture tests set), the kernel's own boot/ bound
 over /boot (libbpf reads the running kernel's config from /boot/config-$(uname -r)). The guest can write only the
 directory passed with ``--rwdir`` (OUT below, under build/kernel-matrix/): results come back through it.
 """
@@ -119,7 +120,10 @@ def _guest_prelude(k: Kernel) -> str:
         "set -u",
         "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
         "mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing",
-        "mount -t tmpfs -o size=1200m tmpfs /tmp",
+        # /tmp on ext4 (what servers run; tmpfs before 6.6 has no user.* xattrs), in a loop file in RAM
+        "mkdir -p /run/kwimg && mount -t tmpfs -o size=1700m tmpfs /run/kwimg",
+        "modprobe loop 2>/dev/null; truncate -s 1600M /run/kwimg/tmp.ext4 && mkfs.ext4 -q -F /run/kwimg/tmp.ext4",
+        "mount -o loop /run/kwimg/tmp.ext4 /tmp && chmod 1777 /tmp",
         f"mount --bind {shlex.quote(str(k.boot))} /boot",
         f"cd {shlex.quote(str(REPO))}",
         f"export PATH={shlex.quote(str(VENV_BIN))}:$PATH KWATCH_TEST_TIME_SCALE={TIME_SCALE}",
@@ -137,7 +141,7 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
     cpus = os.environ.get("KWATCH_GUEST_CPUS", "2")
     cmd = [
         str(VENV_BIN / "vng"), "--run", str(k.image()), "--force-9p", "--disable-kvm",
-        "-m", os.environ.get("KWATCH_GUEST_MEM", "2G"), "-p", cpus, "--user", "root",
+        "-m", os.environ.get("KWATCH_GUEST_MEM", "3G"), "-p", cpus, "--user", "root",
         f"--rwdir={out}", "--exec", f"sh {shlex.quote(str(guest))}",
     ]
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
