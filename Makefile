@@ -119,10 +119,12 @@ test-loaded: deps venv bpf ext mounts
 	$(VPY) tests/cpuhog.py -- $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # the kernel-facing tests inside each kernel of vagrant/kernels.txt booted under QEMU (vagrant/matrix.py); reports
-# in build/kernel-matrix/. Extra pytest arguments: make test-kernels KERNEL_PYTEST_ARGS="-k fanotify"
+# in build/kernel-matrix/. Extra pytest arguments: make test-kernels KERNEL_PYTEST_ARGS="-k fanotify"; KERNEL_JOBS
+# guests at a time
 KERNEL_PYTEST_ARGS ?=
+KERNEL_JOBS ?= 2
 test-kernels: deps venv bpf ext kernel-deps
-	$(VPY) vagrant/matrix.py test --pytest-args "$(KERNEL_PYTEST_ARGS)"
+	$(VPY) vagrant/matrix.py test -j $(KERNEL_JOBS) --pytest-args "$(KERNEL_PYTEST_ARGS)"
 
 lint: venv
 	$(VENV)/bin/ruff check kwatch tests bench vagrant

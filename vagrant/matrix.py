@@ -2,7 +2,8 @@
 
     python vagrant/matrix.py fetch                  fetch and unpack every kernel of vagrant/kernels.txt (cached)
     python vagrant/matrix.py run KERNEL -- CMD...   boot KERNEL, run CMD as root inside, pass on its output and status
-    python vagrant/matrix.py test [KERNEL...]       the kernel-facing tests in each guest; a summary; status 1 if any failed
+    python vagrant/matrix.py test [-j N] [KERNEL...]  the kernel-facing tests in each guest (N at a time); a summary;
+                                                    status 1 if any failed
 
 How a guest is made: virtme-ng (``vng``, from the venv) boots the kernel's own bzImage under QEMU with this machine's
 root filesystem shared read-only over 9p (``--force-9p``: vng's virtiofsd attempt costs seconds for nothing here) and
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,44 +179,53 @@ def _summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
     return passed, failed, errors, skipped, bad
 
 
-def test(names: list[str], pytest_args: list[str]) -> int:
-    rc_all = 0
-    rows = []
-    for k in pick(names):
-        out = OUT / k.name
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        args = " ".join(shlex.quote(a) for a in pytest_args)
-        tests = " ".join(shlex.quote(t) for t in KERNEL_TESTS)
-        script = "\n".join([
-            "uname -r > $OUT/uname",
-            "kwatch doctor --json > $OUT/doctor.json 2> $OUT/doctor.err; echo $? > $OUT/doctor.rc",
-            f"python -m pytest -p no:cacheprovider -q --no-skips --timeout={GUEST_TEST_TIMEOUT} "
-            f"--junitxml=$OUT/junit.xml {args} {tests} > $OUT/pytest.log 2>&1",
-            "echo $? > $OUT/pytest.rc",
-        ]).replace("$OUT", shlex.quote(str(out)))
-        t0 = time.monotonic()
-        with open(out / "console.log", "wb") as console, open(out / "stdout.log", "wb") as so:
-            rc = boot(k, script, out, stdout=so.fileno(), stderr=console.fileno())
-        took = time.monotonic() - t0
-        prc = (out / "pytest.rc").read_text().strip() if (out / "pytest.rc").exists() else "none"
-        passed, failed, errors, skipped, bad = _summary(out / "junit.xml")
-        ok = rc == 0 and prc == "0" and not failed and not errors
-        rc_all |= 0 if ok else 1
-        uname = (out / "uname").read_text().strip() if (out / "uname").exists() else "?"
-        rows.append(f"{k.name:6} {uname:28} {'ok' if ok else 'FAILED':7} passed {passed}, failed {failed}, "
-                    f"errors {errors}, skipped {skipped}; {took:.0f} s (pytest status {prc}, guest status {rc})")
-        for b in bad:
-            rows.append(f"    {b}")
-        print(rows[-1 - len(bad)], file=sys.stderr)
-        if not ok:
-            log = out / "pytest.log"
-            if log.exists():
-                sys.stderr.write("".join(log.read_text(errors="replace").splitlines(True)[-60:]))
+def test_one(k: Kernel, pytest_args: list[str]) -> tuple[bool, list[str]]:
+    """The kernel-facing tests in one guest: (passed, summary lines)."""
+    out = OUT / k.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = " ".join(shlex.quote(a) for a in pytest_args)
+    tests = " ".join(shlex.quote(t) for t in KERNEL_TESTS)
+    script = "\n".join([
+        "uname -r > $OUT/uname",
+        "kwatch doctor --json > $OUT/doctor.json 2> $OUT/doctor.err; echo $? > $OUT/doctor.rc",
+        f"python -m pytest -p no:cacheprovider -q --no-skips --timeout={GUEST_TEST_TIMEOUT} "
+        f"--junitxml=$OUT/junit.xml {args} {tests} > $OUT/pytest.log 2>&1",
+        "echo $? > $OUT/pytest.rc",
+    ]).replace("$OUT", shlex.quote(str(out)))
+    t0 = time.monotonic()
+    with open(out / "console.log", "wb") as console, open(out / "stdout.log", "wb") as so:
+        rc = boot(k, script, out, stdout=so.fileno(), stderr=console.fileno())
+    took = time.monotonic() - t0
+    prc = (out / "pytest.rc").read_text().strip() if (out / "pytest.rc").exists() else "none"
+    drc = (out / "doctor.rc").read_text().strip() if (out / "doctor.rc").exists() else "none"
+    passed, failed, errors, skipped, bad = _summary(out / "junit.xml")
+    ok = rc == 0 and prc == "0" and drc == "0" and not failed and not errors
+    uname = (out / "uname").read_text().strip() if (out / "uname").exists() else "?"
+    rows = [f"{k.name:6} {uname:28} {'ok' if ok else 'FAILED':7} passed {passed}, failed {failed}, "
+            f"errors {errors}, skipped {skipped}; {took:.0f} s (pytest status {prc}, doctor status {drc}, "
+            f"guest status {rc})"]
+    rows += [f"    {b}" for b in bad]
+    print(rows[0], file=sys.stderr)
+    if not ok:
+        log = out / "pytest.log"
+        if log.exists():
+            sys.stderr.write("".join(log.read_text(errors="replace").splitlines(True)[-60:]))
+    return ok, rows
+
+
+def test(names: list[str], pytest_args: list[str], jobs: int = 1) -> int:
+    """Every kernel (or those named), ``jobs`` guests at a time; status 1 if any failed."""
+    ks = pick(names)
+    for k in ks:
+        fetch(k)  # before any guest starts: apt-get runs one at a time
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(lambda k: test_one(k, pytest_args), ks))
     print("\nkernel matrix (" + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + "):")
-    print("\n".join(rows))
+    for _, rows in results:
+        print("\n".join(rows))
     print(f"reports: {OUT}/<kernel>/ (pytest.log, junit.xml, doctor.json, console.log)")
-    return rc_all
+    return 0 if all(ok for ok, _ in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("test")
     t.add_argument("kernels", nargs="*")
     t.add_argument("--pytest-args", default="", help="extra pytest arguments, one string")
+    t.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("KWATCH_GUEST_JOBS", "1")),
+                   help="guests at a time (each emulates 2 CPUs: more than cores/2 only slows each down)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the kernel matrix needs root (BPF and fanotify in the guest run as root too)", file=sys.stderr)
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         command = a.command[1:] if a.command[:1] == ["--"] else a.command
         out = OUT / k.name / "run"
         return boot(k, " ".join(shlex.quote(c) for c in command), out)
-    return test(a.kernels, shlex.split(a.pytest_args))
+    return test(a.kernels, shlex.split(a.pytest_args), a.jobs)
 
 
 if __name__ == "__main__":
