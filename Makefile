@@ -120,9 +120,9 @@ test-loaded: deps venv bpf ext mounts
 
 # the kernel-facing tests inside each kernel of vagrant/kernels.txt booted under QEMU (vagrant/matrix.py); reports
 # in build/kernel-matrix/. Extra pytest arguments: make test-kernels KERNEL_PYTEST_ARGS="-k fanotify"; KERNEL_JOBS
-# guests at a time
+# guests at a time (1: on a 2-core machine two emulated guests only slow each other down)
 KERNEL_PYTEST_ARGS ?=
-KERNEL_JOBS ?= 2
+KERNEL_JOBS ?= 1
 test-kernels: deps venv bpf ext kernel-deps
 	$(VPY) vagrant/matrix.py test -j $(KERNEL_JOBS) --pytest-args "$(KERNEL_PYTEST_ARGS)"
 
