@@ -24,6 +24,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -147,12 +148,20 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
         f"--rwdir={out}", "--exec", f"sh {shlex.quote(str(guest))}",
     ]
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    # QEMU's stdout and stderr stay apart: the guest's console goes to stderr, the command's output to stdout. vng
+    # and the QEMU it starts get a process group of their own, so a guest past its time is stopped whole.
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
     try:
-        # QEMU's stdout and stderr stay apart: the guest's console goes to stderr, the command's output to stdout
-        return subprocess.run(cmd, env=env, stdout=stdout, stderr=stderr, timeout=GUEST_TIMEOUT).returncode
+        return proc.wait(timeout=GUEST_TIMEOUT)
     except subprocess.TimeoutExpired:
         print(f"{k.name}: the guest did not finish in {GUEST_TIMEOUT} s", file=sys.stderr)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return 124
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def _summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("KWATCH_GUEST_JOBS", "1")),
                    help="guests at a time (each emulates 2 CPUs: more than cores/2 only slows each down)")
     a = ap.parse_args(argv)
+    # a SIGTERM (make interrupted, CI's timeout) unwinds like an exception, so the guest's process group goes too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("the kernel matrix needs root (BPF and fanotify in the guest run as root too)", file=sys.stderr)
         return 1
