@@ -151,6 +151,7 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
     # QEMU's stdout and stderr stay apart: the guest's console goes to stderr, the command's output to stdout. vng
     # and the QEMU it starts get a process group of their own, so a guest past its time is stopped whole.
     proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    _GUESTS.add(proc.pid)
     try:
         return proc.wait(timeout=GUEST_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -162,6 +163,19 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+
+
+#: process groups of the guests running now (the SIGTERM handler kills them: guests run in worker threads)
+_GUESTS: set[int] = set()
+
+
+def _on_sigterm(*_: object) -> None:
+    for pgid in list(_GUESTS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(143)
 
 
 def _summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
@@ -251,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="guests at a time (each emulates 2 CPUs: more than cores/2 only slows each down)")
     a = ap.parse_args(argv)
     # a SIGTERM (make interrupted, CI's timeout) unwinds like an exception, so the guest's process group goes too
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if os.geteuid() != 0:
         print("the kernel matrix needs root (BPF and fanotify in the guest run as root too)", file=sys.stderr)
         return 1
