@@ -21,6 +21,7 @@ directory passed with ``--rwdir`` (OUT below, under build/kernel-matrix/): resul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -171,10 +172,8 @@ _GUESTS: set[int] = set()
 
 def _on_sigterm(*_: object) -> None:
     for pgid in list(_GUESTS):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     sys.exit(143)
 
 
