@@ -5,7 +5,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 BUILD := build
 BPF_OBJ := kwatch/capture/kwatch.bpf.o
-BPF_SRC := $(wildcard bpf/*.bpf.c) $(wildcard bpf/*.h)
+# the same program reading kernel memory with one helper call per field, for kernels without the bpf_rdonly_cast()
+# kfunc (before 6.2: Debian 12's 6.1); the loader takes the first object the kernel accepts (bpf/kw_kread.h)
+BPF_OBJ_PR := kwatch/capture/kwatch-probe-read.bpf.o
+# the tiny programs `kwatch doctor` tries to load and attach (bpf/probes.bpf.c)
+BPF_PROBES := kwatch/capture/kwatch-probes.bpf.o
+BPF_SRC := bpf/kwatch.bpf.c $(wildcard bpf/*.h)
 # the BPF consumer's record decoder in C (kwatch/capture/record.py falls back to Python without it)
 EXT := kwatch/capture/_recordc.so
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
@@ -15,8 +20,11 @@ DEB_PKGS := clang llvm libbpf-dev bpftool python3-dev rsync openssh-server opens
   nats-server systemd
 # ... and the anchors the benchmarks compare against (gcc builds the churn workload)
 BENCH_PKGS := fatrace auditd bpftrace lsyncd gcc
+# ... and what the kernel matrix boots its guests with (vagrant/matrix.py: virtme-ng runs QEMU; udev and kmod are
+# needed in the guest, busybox-static builds its initramfs)
+KERNEL_PKGS := qemu-system-x86 udev kmod busybox-static
 
-.PHONY: all deps bench-deps venv bpf ext mounts test test-loaded soak run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
+.PHONY: all deps bench-deps kernel-deps venv bpf ext mounts test test-loaded test-kernels soak run check lint typecheck bench bench-quick bench-capture bench-replicate clean install
 
 all: bpf ext venv
 
@@ -47,6 +55,19 @@ $(VENV)/.bench-stamp: pyproject.toml | venv
 
 bench-deps: $(BUILD)/.bench-deps-stamp $(VENV)/.bench-stamp
 
+$(BUILD)/.kernel-deps-stamp: Makefile | deps
+	$(call apt_install,$(KERNEL_PKGS), for the kernel matrix)
+	@touch $@
+
+$(VENV)/.kernels-stamp: pyproject.toml | venv
+	$(VPY) -m pip install -q -e '.[test,kernels]'
+	@touch $@
+
+# the Debian packages and virtme-ng, then the pinned kernels of vagrant/kernels.txt (downloaded once, unpacked into
+# /var/lib/kwatch-kernels, never installed)
+kernel-deps: $(BUILD)/.kernel-deps-stamp $(VENV)/.kernels-stamp
+	$(VPY) vagrant/matrix.py fetch
+
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
@@ -64,7 +85,16 @@ $(BPF_OBJ): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
 	# drop DWARF, keep .BTF/.BTF.ext (CO-RE relocations need them)
 	llvm-strip -g $(BUILD)/kwatch.bpf.o -o $@
 
-bpf: $(BPF_OBJ)
+$(BPF_OBJ_PR): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
+	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -DKW_PROBE_READ -I$(BUILD) -Ibpf -c bpf/kwatch.bpf.c \
+	  -o $(BUILD)/kwatch-probe-read.bpf.o
+	llvm-strip -g $(BUILD)/kwatch-probe-read.bpf.o -o $@
+
+$(BPF_PROBES): bpf/probes.bpf.c $(BUILD)/vmlinux.h | deps
+	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf -c $< -o $(BUILD)/kwatch-probes.bpf.o
+	llvm-strip -g $(BUILD)/kwatch-probes.bpf.o -o $@
+
+bpf: $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_PROBES)
 
 $(EXT): kwatch/capture/_recordc.c bpf/kwatch.h | deps venv
 	clang -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -Ibpf \
@@ -95,8 +125,16 @@ SOAK_SEED ?= 1
 soak: deps venv bpf ext mounts
 	$(VPY) tests/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
+# the kernel-facing tests inside each kernel of vagrant/kernels.txt booted under QEMU (vagrant/matrix.py); reports
+# in build/kernel-matrix/. Extra pytest arguments: make test-kernels KERNEL_PYTEST_ARGS="-k fanotify"; KERNEL_JOBS
+# guests at a time (1: on a 2-core machine two emulated guests only slow each other down)
+KERNEL_PYTEST_ARGS ?=
+KERNEL_JOBS ?= 1
+test-kernels: deps venv bpf ext kernel-deps
+	$(VPY) vagrant/matrix.py test -j $(KERNEL_JOBS) --pytest-args "$(KERNEL_PYTEST_ARGS)"
+
 lint: venv
-	$(VENV)/bin/ruff check kwatch tests bench setup.py
+	$(VENV)/bin/ruff check kwatch tests bench vagrant setup.py
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -142,4 +180,4 @@ install: deps bpf ext
 	@echo "installed: $(PREFIX)/bin/kwatch, $(UNITDIR)/kwatch.service, $(SYSCONFDIR)/kwatch/; start with: systemctl enable --now kwatch"
 
 clean:
-	rm -rf $(BUILD) $(BPF_OBJ) $(EXT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BUILD) $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_PROBES) $(EXT) .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "kwatch.h"
+#include "kw_kread.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -93,6 +94,17 @@ struct {
 	__type(value, __u64);
 } kw_losses SEC(".maps");
 
+/*
+ * File operations submitted through io_uring by processes not excluded: the syscall tracepoints never see them, so
+ * the consumer turns an increase into a rescan marker (a LOSS of unknown place: BpfSource.read), never silence.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} kw_uring SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -137,7 +149,7 @@ static __always_inline struct kw_config *kw_config_get(void)
 
 /* ---- path walking -------------------------------------------------------------------------------------------- */
 
-/* Kernel pointers are kept as plain numbers here and typed again by KPTR() where they are read through. */
+/* Kernel pointers are kept as plain numbers here and read through KP()/KR() (kw_kread.h). */
 struct walk_ctx {
 	__u64 dentry;
 	__u64 mnt;
@@ -157,12 +169,6 @@ static __always_inline struct mount *real_mount(struct vfsmount *v)
 	return (struct mount *)((char *)v - bpf_core_field_offset(struct mount, mnt));
 }
 
-/*
- * Typed views of kernel pointers: loads through them are plain loads guarded by the exception table (BPF_PROBE_MEM),
- * a few times cheaper than one bpf_probe_read_kernel() helper call per field, and a fault reads as 0.
- */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
-#define KPTR(type, p) ((type *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(type)))
 
 static __always_inline int is_root_ino(struct kw_config *cfg, __u64 ino)
 {
@@ -187,16 +193,16 @@ static long walk_step(__u32 i, void *c)
 		w->done = 1;
 		return 1;
 	}
-	struct dentry *d = KPTR(struct dentry, w->dentry);
+	struct dentry *d = KP(struct dentry, w->dentry);
 	if (w->check_roots && !w->in_root && w->cfg) {
 		struct kw_inode_key key = {};
-		key.ino = d->d_inode->i_ino;
+		key.ino = KR(d, d_inode, i_ino);
 		/* the first directory may be above a root (ancestors are only in kw_roots); the others are looked up
 		 * only when their inode number is a root's */
 		__u8 maybe = i == 0 || is_root_ino(w->cfg, key.ino);
 		__u8 *v = NULL;
 		if (maybe) {
-			key.dev = d->d_sb->s_dev;
+			key.dev = KR(d, d_sb, s_dev);
 			v = bpf_map_lookup_elem(&kw_roots, &key);
 		}
 		if (v && *v == KW_ROOT_WATCHED)
@@ -204,21 +210,21 @@ static long walk_step(__u32 i, void *c)
 		else if (v && i == 0)
 			w->base_is_ancestor = 1; /* a name under this directory may lead into a watched tree */
 	}
-	__u64 parent = (__u64)d->d_parent;
+	__u64 parent = (__u64)KR(d, d_parent);
 	if (w->dentry == w->mnt_root || w->dentry == parent) {
-		struct mount *m = KPTR(struct mount, w->mnt);
-		__u64 mp = (__u64)m->mnt_parent;
+		struct mount *m = KP(struct mount, w->mnt);
+		__u64 mp = (__u64)KR(m, mnt_parent);
 		if (!mp || w->mnt == mp) {
 			w->done = 1;
 			return 1;
 		}
-		w->dentry = (__u64)m->mnt_mountpoint;
+		w->dentry = (__u64)KR(m, mnt_mountpoint);
 		w->mnt = mp;
-		w->mnt_root = (__u64)KPTR(struct mount, mp)->mnt.mnt_root;
+		w->mnt_root = (__u64)KR(KP(struct mount, mp), mnt.mnt_root);
 		return 0;
 	}
-	__u32 len = d->d_name.len;
-	const unsigned char *name = d->d_name.name;
+	__u32 len = KR(d, d_name.len);
+	const unsigned char *name = KR(d, d_name.name);
 	if (len > NAME_LEN_MAX)
 		len = NAME_LEN_MAX;
 	/* keep pos >= 1 so a whole path is at most WALK_BUF - 1 bytes */
@@ -306,12 +312,12 @@ static __always_inline int pcache_match(struct kw_pcache_ent *e, struct pcache_k
 static __always_inline void pcache_key_of(struct pcache_key *k, __u64 dentry, __u64 mnt, struct kw_config *cfg,
 					  __u32 check_roots)
 {
-	struct dentry *d = KPTR(struct dentry, dentry);
+	struct dentry *d = KP(struct dentry, dentry);
 	k->dentry = dentry;
 	k->mnt = mnt;
-	k->parent = (__u64)d->d_parent;
-	k->hash_len = d->d_name.hash_len;
-	k->ino = d->d_inode->i_ino;
+	k->parent = (__u64)KR(d, d_parent);
+	k->hash_len = KR(d, d_name.hash_len);
+	k->ino = KR(d, d_inode, i_ino);
 	k->gen = kw_gen;
 	k->cfg_gen = cfg ? cfg->cfg_gen : 0;
 	k->check = check_roots ? 1 : 0;
@@ -343,16 +349,16 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	if (!s)
 		return WALK_TRUNC;
 	struct kw_config *cfg = kw_config_get();
-	struct dentry *d = KPTR(struct dentry, dentry);
+	struct dentry *d = KP(struct dentry, dentry);
 	struct pcache_key k = {};
 	pcache_key_of(&k, dentry, vfsmnt, cfg, check_roots);
 	__u32 zero = 0;
 	struct kw_pcache *pc = bpf_map_lookup_elem(&kw_pcache, &zero);
 	struct vfsmount *mnt = (struct vfsmount *)vfsmnt;
-	__u64 mnt_root = (__u64)KPTR(struct vfsmount, mnt)->mnt_root;
+	__u64 mnt_root = (__u64)KR(KP(struct vfsmount, mnt), mnt_root);
 	/* a file reached through its directory: not a directory, not a mount's root (file bind mounts), not a root */
-	__u8 child = dentry != mnt_root && (d->d_inode->i_mode & S_IFMT) != S_IFDIR && !is_root_ino(cfg, k.ino);
-	__u32 name_len = d->d_name.len;
+	__u8 child = dentry != mnt_root && (KR(d, d_inode, i_mode) & S_IFMT) != S_IFDIR && !is_root_ino(cfg, k.ino);
+	__u32 name_len = KR(d, d_name.len);
 	struct pcache_key pk = {}; /* a child's directory: its key serves the lookup and, on a miss, the insert */
 	if (pc) {
 		for (int i = 0; i < PCACHE_EXACT; i++) {
@@ -379,7 +385,7 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 				if (n != 1) /* the directory "/" already ends in one */
 					s->data[(off + n++) & DATA_MASK] = '/';
 				bpf_probe_read_kernel(&s->data[(off + n) & DATA_MASK], name_len & NAME_LEN_MAX,
-						      d->d_name.name);
+						      KR(d, d_name.name));
 				return (e->res & ~WALK_MASK) | (n + name_len);
 			}
 		}
@@ -435,16 +441,16 @@ static __always_inline __u32 walk_path(struct kw_scratch *s, struct dentry *dent
 
 static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 {
-	struct fdtable *fdt = KPTR(struct task_struct, task)->files->fdt;
-	unsigned int max = fdt->max_fds;
+	struct fdtable *fdt = KR(KP(struct task_struct, task), files, fdt);
+	unsigned int max = KR(fdt, max_fds);
 	if (fd < 0 || (unsigned int)fd >= max)
 		return NULL;
 	/*
 	 * fd[fd] through a typed view, a plain load: the verifier allows no arithmetic on a typed pointer, so the slot's
 	 * address is typed as a struct whose first member is one pointer (llist_node: just "next").
 	 */
-	__u64 slot = (__u64)fdt->fd + (__u64)fd * sizeof(void *);
-	return (struct file *)KPTR(struct llist_node, slot)->next;
+	__u64 slot = (__u64)KR(fdt, fd) + (__u64)fd * sizeof(void *);
+	return (struct file *)KR(KP(struct llist_node, slot), next);
 }
 
 /* The directory a name is resolved against: the dirfd's file, or the cwd. */
@@ -453,14 +459,14 @@ static __always_inline __u32 walk_base(struct kw_scratch *s, struct task_struct 
 {
 	if (dfd == AT_FDCWD) {
 		struct path pwd = {};
-		bpf_probe_read_kernel(&pwd, sizeof(pwd), &KPTR(struct task_struct, task)->fs->pwd);
+		KR_INTO(&pwd, KP(struct task_struct, task), fs, pwd);
 		return walk_path(s, pwd.dentry, pwd.mnt, off, check_roots, in_root, trunc, slot);
 	}
 	struct file *f = fd_file(task, dfd);
 	if (!f)
 		return 0;
 	struct path fp = {};
-	bpf_probe_read_kernel(&fp, sizeof(fp), &KPTR(struct file, f)->f_path);
+	KR_INTO(&fp, KP(struct file, f), f_path);
 	return walk_path(s, fp.dentry, fp.mnt, off, check_roots, in_root, trunc, slot);
 }
 
@@ -468,7 +474,7 @@ static __always_inline __u32 walk_file(struct kw_scratch *s, struct file *f, __u
 					 __u8 *in_root, __u16 *trunc)
 {
 	struct path fp = {};
-	bpf_probe_read_kernel(&fp, sizeof(fp), &KPTR(struct file, f)->f_path);
+	KR_INTO(&fp, KP(struct file, f), f_path);
 	return walk_path(s, fp.dentry, fp.mnt, off, check_roots, in_root, trunc, 0);
 }
 
@@ -529,6 +535,38 @@ static __always_inline int has_dotdot(struct kw_scratch *s, __u32 off, __u32 len
 {
 	struct dotdot_ctx x = { .s = s, .off = off, .len = len };
 	bpf_loop(KW_SLOT_MAX / 8 + 1, dotdot_word, &x, 0);
+	return x.found;
+}
+
+#define SLASHES 0x2f2f2f2f2f2f2f2fULL
+
+/* Eight bytes per step, as dotdot_word: stops at the first '/'. */
+static long slash_word(__u32 i, void *c)
+{
+	struct dotdot_ctx *x = c;
+	__u32 at = i * 8;
+	if (!x->s || at >= x->len)
+		return 1;
+	__u64 w = *(__u64 *)&x->s->data[(x->off + at) & DATA_MASK];
+	__u32 left = x->len - at;
+	if (left < 8)
+		w |= ~0ULL << (left * 8); /* past the name: 0xff, never a '/' */
+	__u64 t = w ^ SLASHES;
+	if (~(((t & LOW7) + LOW7) | t | LOW7)) {
+		x->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * True when a relative name has a directory part ("a/b"): that part may be a symlink into a watched tree, which the
+ * kernel resolved and a tracepoint cannot see. A name without one lives in the base directory the walk placed.
+ */
+static __always_inline int has_slash(struct kw_scratch *s, __u32 off, __u32 len)
+{
+	struct dotdot_ctx x = { .s = s, .off = off, .len = len };
+	bpf_loop(KW_SLOT_MAX / 8 + 1, slash_word, &x, 0);
 	return x.found;
 }
 
@@ -601,15 +639,22 @@ static __always_inline int abs_in_roots(struct kw_scratch *s, __u32 off, __u32 n
 
 /*
  * After the base walk left a name's place open: a name with ".." could lead anywhere (userspace decides); an
- * absolute one is compared with the watched roots here. Returns 1 when undecided.
+ * absolute one is compared with the watched roots here, and one outside them is left to userspace too, as is a
+ * relative one with a directory part: either may go through a symlinked directory into a watched tree (the kernel's
+ * resolution is not visible here), which userspace finds by resolving the name's directory
+ * (BpfSource._through_symlinks). Returns 1 when undecided.
  */
 static __always_inline __u8 name_undecided(struct kw_scratch *s, __u32 off, __u32 n, __u8 abs, __u8 *roots)
 {
 	if (has_dotdot(s, off, n))
 		return 1;
-	if (abs && abs_in_roots(s, off, n))
+	if (abs) {
+		if (!abs_in_roots(s, off, n))
+			return 1;
 		*roots |= ROOT_IN;
-	return 0;
+		return 0;
+	}
+	return has_slash(s, off, n);
 }
 
 /* ---- record assembly ------------------------------------------------------------------------------------------ */
@@ -626,16 +671,16 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	 * the initial namespace, the cgroup is the default hierarchy's (kn->id is what bpf_get_current_cgroup_id()
 	 * returns and what /sys/fs/cgroup's inode numbers show).
 	 */
-	const struct task_struct *t = KPTR(struct task_struct, task);
-	const struct cred *cred = t->cred;
+	const struct task_struct *t = KP(struct task_struct, task);
+	const struct cred *cred = KR(t, cred);
 	struct kw_event *e = &s->ev;
 	e->ts_ns = bpf_ktime_get_ns();
-	e->cgroup_id = t->cgroups->dfl_cgrp->kn->id;
-	e->pid = t->tgid;
-	e->tid = t->pid;
-	e->ppid = t->real_parent->tgid;
-	e->uid = cred->uid.val;
-	e->gid = cred->gid.val;
+	e->cgroup_id = KR(t, cgroups, dfl_cgrp, kn, id);
+	e->pid = KR(t, tgid);
+	e->tid = KR(t, pid);
+	e->ppid = KR(t, real_parent, tgid);
+	e->uid = KR(cred, uid.val);
+	e->gid = KR(cred, gid.val);
 	e->ret = ret;
 	e->op = op;
 	e->flags = 0;
@@ -648,8 +693,12 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	e->in_root = 0;
 	e->_pad = 0;
 	/* two plain loads where bpf_get_current_comm() is a helper call and a string copy (the decoders stop at NUL) */
+#ifdef KW_PROBE_READ
+	bpf_probe_read_kernel(e->comm, sizeof(e->comm), &t->comm);
+#else
 	*(__u64 *)&e->comm[0] = *(const __u64 *)&t->comm[0];
 	*(__u64 *)&e->comm[8] = *(const __u64 *)&t->comm[8];
+#endif
 	return s;
 }
 
@@ -711,7 +760,7 @@ struct {
 
 static __always_inline int excluded(struct kw_config *cfg, struct task_struct *task)
 {
-	__u32 tgid = KPTR(struct task_struct, task)->tgid;
+	__u32 tgid = KR(KP(struct task_struct, task), tgid);
 	if (tgid == cfg->self_tgid)
 		return 1;
 	if (!cfg->use_excl)
@@ -743,7 +792,7 @@ static __always_inline int wanted(__u32 op, struct task_struct *task)
 
 static __always_inline __u32 file_type(struct file *f)
 {
-	return KPTR(struct file, f)->f_inode->i_mode & S_IFMT;
+	return KR(KP(struct file, f), f_inode, i_mode) & S_IFMT;
 }
 
 /*
@@ -784,7 +833,7 @@ int kw_exit(struct trace_event_raw_sys_exit *ctx)
 		struct file *f = fd_file(task, (int)ret);
 		if (!f)
 			return 0;
-		__u32 fmode = KPTR(struct file, f)->f_mode;
+		__u32 fmode = KR(KP(struct file, f), f_mode);
 		__u32 ft = file_type(f);
 		if (ft != S_IFREG)
 			return 0;
@@ -873,7 +922,7 @@ static __always_inline int emit_close(struct task_struct *task, struct file *f)
 {
 	if (!f)
 		return 0;
-	if (!(KPTR(struct file, f)->f_mode & FMODE_WRITE) || file_type(f) != S_IFREG)
+	if (!(KR(KP(struct file, f), f_mode) & FMODE_WRITE) || file_type(f) != S_IFREG)
 		return 0;
 	if (!wanted(KW_CLOSE_WRITE, task))
 		return 0;
@@ -891,7 +940,7 @@ static __always_inline int emit_close(struct task_struct *task, struct file *f)
 		return 0;
 	s->ev.len[0] = n;
 	s->ev.ftype = S_IFREG;
-	s->ev.flags = KPTR(struct file, f)->f_flags;
+	s->ev.flags = KR(KP(struct file, f), f_flags);
 	s->ev.in_root = in_root & ROOT_IN;
 	s->ev.trunc = trunc;
 	finish(s, n);
@@ -972,17 +1021,84 @@ int enter_close_range(struct trace_event_raw_sys_enter *ctx)
 SEC("tp/sched/sched_process_exit")
 int kw_process_exit(void *ctx)
 {
-	struct task_struct *task = KPTR(struct task_struct, bpf_get_current_task());
-	if (!task->signal->live.counter) {
-		__u32 tgid = task->tgid;
+	struct task_struct *task = KP(struct task_struct, bpf_get_current_task());
+	if (!KR(task, signal, live.counter)) {
+		__u32 tgid = KR(task, tgid);
 		if (!bpf_map_delete_elem(&kw_excl, &tgid))
 			__sync_fetch_and_add(&kw_excl_gen, 1);
 	}
-	struct files_struct *files = task->files;
-	if (!files || files->count.counter != 1)
+	struct files_struct *files = KR(task, files);
+	if (!files || KR(KP(struct files_struct, files), count.counter) != 1)
 		return 0;
 	scan_fds((struct task_struct *)task, 0, ~0u);
 	return 0;
+}
+
+/*
+ * The io_uring opcodes that can make, change or remove a file or a name (enum io_uring_op is UAPI: the numbers are
+ * fixed). Opens count whatever their flags: the tracepoint does not carry them. The file or name is not known at
+ * submission (an open's or a rename's path is resolved later, by an io-wq worker or in task work), so the marker
+ * says only that something changed somewhere.
+ */
+static __always_inline int uring_op_changes_files(__u8 op)
+{
+	switch (op) {
+	case 2:  /* WRITEV */
+	case 5:  /* WRITE_FIXED */
+	case 17: /* FALLOCATE */
+	case 18: /* OPENAT */
+	case 19: /* CLOSE */
+	case 23: /* WRITE */
+	case 28: /* OPENAT2 */
+	case 30: /* SPLICE (into a file) */
+	case 35: /* RENAMEAT */
+	case 36: /* UNLINKAT */
+	case 37: /* MKDIRAT */
+	case 38: /* SYMLINKAT */
+	case 39: /* LINKAT */
+	case 41: /* FSETXATTR */
+	case 42: /* SETXATTR */
+	case 55: /* FTRUNCATE */
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int uring_count(__u8 opcode)
+{
+	if (!uring_op_changes_files(opcode))
+		return 0;
+	struct kw_config *cfg = kw_config_get();
+	if (!cfg || excluded(cfg, (struct task_struct *)bpf_get_current_task()))
+		return 0;
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&kw_uring, &zero);
+	if (n)
+		*n += 1;
+	return 0;
+}
+
+/* Linux 6.4 and later */
+SEC("tp/io_uring/io_uring_submit_req")
+int kw_uring_submit(struct trace_event_raw_io_uring_submit_req *ctx)
+{
+	return uring_count(ctx->opcode);
+}
+
+/*
+ * The same tracepoint before it was renamed (Debian 12's 6.1); its record type is not in the BTF the object is built
+ * against, so only the field used is declared, and CO-RE finds it in the running kernel's BTF by name (the ___old
+ * suffix is dropped in the match). The loader attaches whichever of the two the kernel has.
+ */
+struct trace_event_raw_io_uring_submit_sqe___old {
+	struct trace_entry ent;
+	u8 opcode;
+} __attribute__((preserve_access_index));
+
+SEC("tp/io_uring/io_uring_submit_sqe")
+int kw_uring_submit_old(struct trace_event_raw_io_uring_submit_sqe___old *ctx)
+{
+	return uring_count(ctx->opcode);
 }
 
 /* A new process (not a thread) of an excluded one is excluded too: actions' process trees never feed back. */

@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kwatch.replicate import command as replicate_command
 
     replicate_command.add_commands(sub)
+    from kwatch import doctor
+
+    doctor.add_commands(sub)
     return p
 
 

@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kwatch.mirror.receiver import is_temp_name
 from livereplicate import KWATCH, LiveReplicate
 from netlab import NetLab
 from rsyncd import RsyncDaemon
 from sshd import Sshd
 from treecmp import tree_differences
+
+from kwatch.mirror.receiver import is_temp_name
 
 _RSYNC_TEMP = re.compile(rb"^\..+\.[A-Za-z0-9]{6}$")  # rsync's receiver writes .<name>.<6 random> beside the file
 

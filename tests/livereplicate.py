@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from timescale import scaled
 from treecmp import tree_differences
 
 REPO = Path(__file__).resolve().parent.parent
 KWATCH = str(REPO / ".venv" / "bin" / "kwatch")
-START_TIMEOUT = 60.0
+START_TIMEOUT = scaled(60.0)
 
 _BATCH_RE = re.compile(
     r"target (?P<target>.+?): batch (?P<seq>\d+): (?P<puts>\d+) puts, (?P<deltas>\d+) deltas, (?P<renames>\d+) "
@@ -151,7 +152,7 @@ class LiveReplicate:
         the next step (else the first step's line is counted against the second).
         """
         name = target or self._one_target()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             lines = self.batches(offset, name)
             if lines and (seq is None or lines[-1].seq >= seq):
@@ -216,6 +217,7 @@ class LiveReplicate:
 def wait_identical(src: Path | bytes, mirror: Path | bytes, timeout: float, *, what: str = "",
                    live: LiveReplicate | None = None, setid: bool = True) -> float:
     """Poll until ``mirror`` equals ``src`` (treecmp); returns the seconds it took, fails with the differences."""
+    timeout = scaled(timeout)
     t0 = time.monotonic()
     diffs: list[str] = []
     while True:

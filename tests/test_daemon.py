@@ -715,6 +715,7 @@ def test_status_reads_the_running_daemon(tmp_path: Path, start: Callable[..., Da
                "the files replicated and the alert written")
     st = status()
     assert st["pid"] == d.proc.pid and st["backend"] == "bpf" and st["config"] == str(conf)
+    assert st["blind_spots"] and all(isinstance(b, str) for b in st["blind_spots"])
     assert st["events"]["close_write"] >= 21 and st["events_total"] >= 21 and st["lost_total"] == 0
     assert st["alerts"]["secrets"] >= 1
     (out,) = st["outputs"]
@@ -725,7 +726,8 @@ def test_status_reads_the_running_daemon(tmp_path: Path, start: Callable[..., Da
     assert text.returncode == 0, text.stderr
     first = text.stdout.splitlines()[0]
     assert first.startswith(f"kwatch run (pid {d.proc.pid}), up ") and f"config {conf}" in first
-    assert "capture: bpf" in text.stdout and "alerts: secrets 1" in text.stdout
+    assert "capture: bpf; cannot see: " in text.stdout and "io_uring" in text.stdout
+    assert "alerts: secrets 1" in text.stdout
     assert f"target {dst}: connected" in text.stdout and "output " in text.stdout
     assert d.stop() == 0
     assert not d.status_socket.exists(), "the socket goes with the daemon"

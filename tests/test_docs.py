@@ -78,6 +78,7 @@ COMMANDS = [
     CommandCase("trace", "### `kwatch trace`"),
     CommandCase("run", "### `kwatch run`"),
     CommandCase("agent", "### `kwatch agent`"),
+    CommandCase("doctor", "### `kwatch doctor`"),
     CommandCase("replicate", "## Replication options"),
 ]
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from timescale import scaled
 
 from kwatch.events import FT_DIR, FT_REG, FileEvent, Op
 from kwatch.trace import TraceMatcher, compile_path_regex, format_json, format_text, to_json
@@ -68,7 +69,7 @@ def test_trace_command_json(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, stderr=err_file,
         )
     # the ready line is written once the programs are attached: events from then on are seen
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + scaled(60)
     while b"with the bpf backend; Ctrl-C to stop" not in err_path.read_bytes():
         assert proc.poll() is None, err_path.read_bytes()
         assert time.monotonic() < deadline, f"trace not ready within 60s: {err_path.read_bytes()!r}"

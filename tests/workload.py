@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from timescale import scaled
+
 from kwatch.events import FileEvent, Op, join
 
 PRELUDE = """\
@@ -83,9 +85,9 @@ class _Readable(Protocol):
 def collect(src: _Readable, quiet: float = 0.3, limit: float = 30.0) -> list[FileEvent]:
     """Every event until the source stays quiet for ``quiet`` seconds."""
     out: list[FileEvent] = []
-    deadline = time.monotonic() + limit
+    deadline = time.monotonic() + scaled(limit)
     while time.monotonic() < deadline:
-        got = src.read(quiet)
+        got = src.read(scaled(quiet))
         if not got:
             break
         out.extend(got)

@@ -38,6 +38,9 @@ from kwatch.events import FileEvent, Op
 TRACEFS = Path("/sys/kernel/tracing")
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_OBJECT = Path(__file__).with_name("kwatch.bpf.o")
+#: The same program built with -DKW_PROBE_READ (bpf/kw_kread.h): one helper call per kernel field instead of the
+#: bpf_rdonly_cast() kfunc, which kernels before 6.2 lack. Tried when the kernel refuses DEFAULT_OBJECT.
+PROBE_READ_OBJECT = Path(__file__).with_name("kwatch-probe-read.bpf.o")
 DEFAULT_RINGBUF = 64 << 20
 #: Ring buffer wake-ups: at most one per WAKE_S while events flow (the consumer polls every WAKE_S meanwhile),
 #: immediate after a quiet spell; and always once a quarter of the buffer is waiting.
@@ -143,9 +146,10 @@ class BpfSource:
             raise CaptureError("the BPF backend needs root (or CAP_BPF and CAP_PERFMON); try --backend inotify")
         if ringbuf_bytes & (ringbuf_bytes - 1) or ringbuf_bytes < 4096:
             raise CaptureError(f"ring buffer size must be a power of two >= 4096, not {ringbuf_bytes}")
-        path = Path(obj_path) if obj_path else DEFAULT_OBJECT
-        if not path.exists():
-            raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
+        paths = [Path(obj_path)] if obj_path else [DEFAULT_OBJECT, PROBE_READ_OBJECT]
+        for path in paths:
+            if not path.exists():
+                raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
         ensure_mounts()
         self.filter = filt or CaptureFilter()
         self.wake_s = wake_s
@@ -155,23 +159,30 @@ class BpfSource:
         self._stats = SourceStats()
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
-        self._obj = libbpf.BpfObject(str(path))
+        self._uring_seen = 0
+        # The kernel decides which build it takes: each is tried in turn (a probe by loading, never a version test);
+        # the refusals of the ones before are kept for the error and for `kwatch doctor`.
+        self.refused: list[tuple[str, str]] = []
+        for i, path in enumerate(paths):
+            try:
+                self._obj, progs = self._load(path, ringbuf_bytes)
+            except libbpf.BpfError as e:
+                self.refused.append((path.name, str(e)))
+                if i + 1 < len(paths):
+                    continue
+                if len(self.refused) > 1:
+                    raise libbpf.BpfError("the kernel refused every build of the BPF program:\n" + "\n".join(
+                        f"{name}: {msg}" for name, msg in self.refused)) from e
+                raise
+            self.object_path = path
+            break
         try:
-            self._obj.map("kw_events").set_max_entries(ringbuf_bytes)
-            self.skipped: list[str] = []
-            progs = list(self._obj.programs())
-            for prog in progs:
-                tp = _tracepoint_of(prog.section)
-                if tp and not (TRACEFS / "events" / tp).is_dir():
-                    # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
-                    prog.set_autoload(False)
-                    self.skipped.append(tp)
-            self._obj.load()
             self._cfg = self._obj.map("kw_cfg")
             self._roots = self._obj.map("kw_roots")
             self._root_paths = self._obj.map("kw_root_paths")
             self._excl = self._obj.map("kw_excl")
             self._losses = self._obj.map("kw_losses")
+            self._uring = self._obj.map("kw_uring")
             self._ncpu = libbpf.possible_cpus()
             self._excluded: set[int] = set()  # exclude_pid() calls
             self._filter_excl: set[int] = set()  # the filter's exclude_pids now in the kernel map
@@ -186,6 +197,25 @@ class BpfSource:
         except BaseException:
             self._obj.close()
             raise
+
+    def _load(self, path: Path, ringbuf_bytes: int) -> tuple[libbpf.BpfObject, list[libbpf.BpfProgram]]:
+        """Open and load one build of the program (closed again if the kernel refuses it)."""
+        obj = libbpf.BpfObject(str(path))
+        try:
+            obj.map("kw_events").set_max_entries(ringbuf_bytes)
+            self.skipped: list[str] = []
+            progs = list(obj.programs())
+            for prog in progs:
+                tp = _tracepoint_of(prog.section)
+                if tp and not (TRACEFS / "events" / tp).is_dir():
+                    # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
+                    prog.set_autoload(False)
+                    self.skipped.append(tp)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return obj, progs
 
     # ---- configuration -------------------------------------------------------------------------------------------
 
@@ -286,12 +316,19 @@ class BpfSource:
     def fileno(self) -> int:
         return self._rb.fd
 
-    def lost_total(self) -> int:
-        """Sum over CPUs of the records lost because the ring buffer was full."""
-        raw = self._losses.lookup(bytes(4), 8 * self._ncpu)
+    def _percpu_total(self, m: libbpf.BpfMap) -> int:
+        raw = m.lookup(bytes(4), 8 * self._ncpu)
         if not raw:
             return 0
         return sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
+
+    def lost_total(self) -> int:
+        """Sum over CPUs of the records lost because the ring buffer was full."""
+        return self._percpu_total(self._losses)
+
+    def uring_total(self) -> int:
+        """Sum over CPUs of the io_uring file operations submitted by processes not excluded (not traced)."""
+        return self._percpu_total(self._uring)
 
     def poll_within(self) -> float | None:
         """How long a caller may wait on :meth:`fileno` before calling :meth:`read` (None: until it is readable).
@@ -314,22 +351,74 @@ class BpfSource:
         if raw or self._rb.pending():
             self._last_data = now
         out = self.filter.select(raw)
+        if len(out) != len(raw) and self.filter.roots:
+            out = self._through_symlinks(raw, out)
         st = self._stats
         st.filtered += len(raw) - len(out)
         # the loss counters cost two map lookups (syscalls): read them on every idle read, and at most every
         # LOSS_CHECK_S while records flow
-        lost = self._lost_seen
+        lost, uring = self._lost_seen, self._uring_seen
         if not raw or now >= self._next_loss_check:
             self._next_loss_check = now + LOSS_CHECK_S
             lost = self.lost_total()
+            uring = self.uring_total()
         if lost > self._lost_seen:
             delta = lost - self._lost_seen
             self._lost_seen = lost
             st.lost += delta
             st.overflows += 1
             out.append(FileEvent(op=Op.LOSS, path=b"/", lost=delta, ts_ns=time.monotonic_ns(), backend=self.name))
+        if uring > self._uring_seen:
+            # io_uring file operations: what they touched is unknown, so a marker of unknown count and place (the
+            # replicator rescans the whole tree), never silence
+            delta = uring - self._uring_seen
+            self._uring_seen = uring
+            st.overflows += 1
+            out.append(FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=time.monotonic_ns(), backend=self.name,
+                                 extra={"io_uring": delta}))
         st.events += len(out)
         self._by_op.update(map(_OP_OF, out))
+        return out
+
+    #: the ops whose paths are the names a process passed (not resolved from a descriptor in the kernel)
+    _NAME_OPS = frozenset({Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.SYMLINK, Op.LINK, Op.CHMOD, Op.CHOWN,
+                           Op.XATTR, Op.UTIMES, Op.TRUNCATE})
+
+    def _through_symlinks(self, raw: list[FileEvent], kept: list[FileEvent]) -> list[FileEvent]:
+        """Events the filter refused, placed again by the real directory of their names.
+
+        A name such as /link/f with /link -> /watched is what the process passed; the kernel resolved it into the
+        watched tree, which a tracepoint cannot see. The name's directory is resolved here (realpath: every symlink
+        in it, as kwatch's mount namespace sees it, at read time) and the event kept, with the real path, when that
+        lands in a root; ``extra["via_symlink"]`` holds the name as passed. A directory renamed or a link changed
+        between the call and this read is resolved as it is now. Within one read a directory is resolved once.
+        """
+        ids = set(map(id, kept))
+        out: list[FileEvent] = []
+        real: dict[bytes, bytes] = {}
+
+        def place(p: bytes | None) -> bytes | None:
+            if p is None:
+                return None
+            d, name = os.path.split(p)
+            r = real.get(d)
+            if r is None:
+                r = real[d] = os.path.realpath(d)
+            return os.path.join(r, name) if name else r
+
+        accepts = self.filter.accepts
+        for ev in raw:
+            if id(ev) in ids:
+                out.append(ev)
+                continue
+            if ev.op not in self._NAME_OPS or ev.truncated:
+                continue
+            path, new = place(ev.path) or ev.path, place(ev.new_path)
+            if path == ev.path and new == ev.new_path:
+                continue
+            moved = ev._replace(path=path, new_path=new, extra={**(ev.extra or {}), "via_symlink": ev.path})
+            if accepts(moved):
+                out.append(moved)
         return out
 
     # ---- the capture barrier (see kwatch.capture.barrier) ----------------------------------------------------------

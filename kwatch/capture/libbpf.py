@@ -64,6 +64,7 @@ def lib() -> ctypes.CDLL:
         "bpf_map_update_elem": (i, [i, p, p, u64]),
         "bpf_map_lookup_elem": (i, [i, p, p]),
         "bpf_map_delete_elem": (i, [i, p]),
+        "bpf_map_create": (i, [i, s, u32, u32, u32, p]),
         "libbpf_num_possible_cpus": (i, []),
         "libbpf_set_print": (p, [_PRINT_FN]),
     }
