@@ -705,7 +705,15 @@ def frames(b):
 while frames(buf) < 2:  # the sender's Hello and its SigRequest
     buf += os.read(0, 1 << 16)
 threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(0, 1 << 20), b"")], daemon=True).start()
-if sys.argv[1] == "arrays":
+if sys.argv[1] == "manifest":  # a manifest that never ends: frames of 2,000 entries, never done
+    from kwatch.protocols.agent import Entry, EntryType, ManifestEntries
+    n = 0
+    while True:
+        ents = tuple(Entry(EntryType.FILE, b"x%012d" % (n + i) + b"y" * 100, 0, 0, 0o644, 0, 0)
+                     for i in range(2000))
+        out.write(encode_frame(ManifestEntries(1, ents, False)))
+        n += 2000
+elif sys.argv[1] == "arrays":
     per = (8 << 20) // 8 - 5
     body = b"\\x98" + (b"\\xdd" + per.to_bytes(4, "big") + b"\\x90" * per) * 8
     out.write(len(body).to_bytes(4, "big") + body)
@@ -728,16 +736,25 @@ t = rep.transport
 assert isinstance(t, AgentTransport)
 t.link = AgentLink([sys.executable, "-c", agent, attack], timeout=60)
 t._ids = 1
-t.link.send(ap.SigRequest(1, b"f"))
 try:
-    t.sender._take_signature(1)
+    if attack == "manifest":
+        # the floor lowered so the refusal shows within this test's memory limit (it is 2^20 entries otherwise)
+        import kwatch.replicate.agent_transport as at
+        from kwatch.replicate.scan import Plan
+        at.MANIFEST_MIN_CAP = 100_000
+        t._ids = 0  # the fake agent answers request id 1
+        t.planner.plan_rescan(b"", Plan())
+    else:
+        t.link.send(ap.SigRequest(1, b"f"))
+        t.sender._take_signature(1)
 except LinkError as e:
     print("refused:", e)
 t.link.kill()
 """
 
 
-@pytest.mark.parametrize(("attack", "message"), [("arrays", "msgpack objects"), ("signature", "blocks")])
+@pytest.mark.parametrize(("attack", "message"), [("arrays", "msgpack objects"), ("signature", "blocks"),
+                                                 ("manifest", "manifest of the root passed")])
 def test_sender_memory_against_a_hostile_agent(attack: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "m").mkdir()

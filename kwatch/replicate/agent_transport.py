@@ -70,6 +70,11 @@ def _agent_entry(e: ap.Entry) -> Entry:
                  e.hash)
 
 
+#: the most entries a mirror's manifest may have: this many, or MANIFEST_FACTOR times the source's entries
+MANIFEST_MIN_CAP = 1 << 20
+MANIFEST_FACTOR = 8
+
+
 @dataclass(frozen=True)
 class _Linked:
     """A dirty regular file with ``st_nlink > 1``, waiting for :meth:`AgentTransport._plan_links`."""
@@ -320,6 +325,9 @@ class AgentPlanner(_Part):
         src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
         dst = Manifest(checksum=self.opts.checksum, identities="inodes" in self.link.conn.capabilities)
         prefix_len = len(rel) + 1 if rel else 0
+        # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
+        # --delete removes), but not without bound
+        cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
         while True:
             msg = self.link.take(ap.ManifestEntries, "the mirror's manifest")
             assert isinstance(msg, ap.ManifestEntries)
@@ -327,6 +335,9 @@ class AgentPlanner(_Part):
                 dst.entries[e.relpath[prefix_len:]] = _agent_entry(e)
             if msg.done:
                 break
+            if len(dst.entries) > cap:
+                raise LinkError(f"the mirror's manifest of {os.fsdecode(rel) or 'the root'} passed {cap} entries "
+                                f"({len(src.entries)} in the source): refused", down="protocol")
         for err in src.errors:
             log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
         sub = diff(src, dst, delete=self.opts.delete, checksum=self.opts.checksum, owner=self.opts.owner)
