@@ -113,17 +113,17 @@ PYTEST_ARGS ?=
 test: deps venv bpf ext mounts
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# the whole suite while another process keeps every core busy (tests/cpuhog.py: bounded, killed at the end), so a
+# the whole suite while another process keeps every core busy (tests/support/cpuhog.py: bounded, killed at the end), so a
 # test that only passes on an idle machine shows up here
 test-loaded: deps venv bpf ext mounts
-	$(VPY) tests/cpuhog.py -- $(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) tests/support/cpuhog.py -- $(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# a seeded random schedule of the fault matrix's faults through the test network (tests/soak.py), split between the
+# a seeded random schedule of the fault matrix's faults through the test network (tests/support/soak.py), split between the
 # agent over ssh and rsync://; longer with SOAK_MINUTES=30, another schedule with SOAK_SEED=N
 SOAK_MINUTES ?= 2
 SOAK_SEED ?= 1
 soak: deps venv bpf ext mounts
-	$(VPY) tests/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
+	$(VPY) tests/support/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 # the kernel-facing tests inside each kernel of vagrant/kernels.txt booted under QEMU (vagrant/matrix.py); reports
 # in build/kernel-matrix/. Extra pytest arguments: make test-kernels KERNEL_PYTEST_ARGS="-k fanotify"; KERNEL_JOBS

@@ -1,10 +1,10 @@
-"""Latency benchmark (issue 17): an untar replicated through the test network (tests/netlab.py) at 50 and 200 ms
+"""Latency benchmark (issue 17): an untar replicated through the test network (tests/support/netlab.py) at 50 and 200 ms
 RTT, by kwatch over ssh (its agent), kwatch to ``rsync://``, lsyncd ``default.rsync`` (delay 0) to the same rsync
 daemon, and one ``rsync -a --delete`` to it run once the untar has ended.
 
 Every tool runs in the source host's namespace and reaches the mirror host only through the lab's wire, whose
 forwarder counts the bytes of every frame each way (so all tools are measured alike, headers included).
-``to identical s`` is from the end of the untar to the first poll (tests/treecmp.py, every 0.05 s) that finds the
+``to identical s`` is from the end of the untar to the first poll (tests/support/treecmp.py, every 0.05 s) that finds the
 mirror equal to the source; for the one-shot rsync it includes the rsync run. One run per (tool, RTT): a rough
 figure, not a median.
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 
 from faultlab import build_untar_tree  # noqa: E402
 from livereplicate import KWATCH, LiveReplicate  # noqa: E402

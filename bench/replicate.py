@@ -9,7 +9,7 @@ One run of (workload, tool), everything on one tmpfs:
 
 1. set-up (not timed): a fresh source and an identical mirror (empty for the untar and the churn; the big file or the
    directory of small files copied to both with ``cp -a``); the mirror lives inside the ``push`` module of a loopback
-   ``rsync --daemon`` (``tests/rsyncd.py``) so every transport reaches the same directory;
+   ``rsync --daemon`` (``tests/support/rsyncd.py``) so every transport reaches the same directory;
 2. start the tool and wait until it is ready (its own marker: kwatch's first batch, lsyncd's "Startup ... finished",
    inotifywait's "Watches established") and the mirror is identical; snapshot the counters;
 3. the burst (timed as ``burst s``); the one-shot rsync runs once right after it;
@@ -825,9 +825,9 @@ def update_readme(res: dict[str, Any]) -> str:
 
 
 def run_suite(p: Params, log: Callable[[str], None] = _log_default) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from rsyncd import RsyncDaemon  # tests/rsyncd.py, a real rsync daemon on 127.0.0.1
-    from sshd import Sshd  # tests/sshd.py, a real sshd on 127.0.0.1
+    sys.path.insert(0, str(REPO / "tests" / "support"))
+    from rsyncd import RsyncDaemon  # tests/support/rsyncd.py, a real rsync daemon on 127.0.0.1
+    from sshd import Sshd  # tests/support/sshd.py, a real sshd on 127.0.0.1
 
     t_start = time.monotonic()
     mach = machine()

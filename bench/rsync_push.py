@@ -1,5 +1,5 @@
 """The rsync push suite (``python -m bench.run rsync``): kwatch's native rsync client against an ``rsync -a`` exec,
-both pushing the same batch to the same loopback ``rsync --daemon`` (tests/rsyncd.py starts it).
+both pushing the same batch to the same loopback ``rsync --daemon`` (tests/support/rsyncd.py starts it).
 
 Two batches, alternating the tools, medians: the whole tree into an empty module (``--delete``), then the same tree
 after scattered edits (a few bytes in 1% of the files and a 4 KiB edit in a large file) into a module holding the
@@ -74,7 +74,7 @@ def _native(src: Path, url: str) -> tuple[float, int, int, int]:
 
 
 def main(args: argparse.Namespace, out: Path) -> int:
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "support"))
     from rsyncd import RsyncDaemon
 
     files, big = (300, 8 << 20) if args.quick else (5000, 256 << 20)

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The kernel record kwatch streams through its ring buffer, defined once here and mirrored once in
- * kwatch/capture/record.py (tests/test_record_layout.py checks that sizes and offsets agree).
+ * kwatch/capture/record.py (tests/unit/test_record_layout.py checks that sizes and offsets agree).
  *
  * A record is a fixed header followed by up to four strings ("slots"), packed, not NUL-terminated, whose lengths
  * are in kw_event.len[]:

@@ -8,17 +8,20 @@ missing peer binary or a kernel feature gone would otherwise skip the real-kerne
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# the shared support modules (peers the tests start, tree comparison, workloads) import by name
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 BPF_OBJECT = REPO / "kwatch" / "capture" / "kwatch.bpf.o"
 
 
 # node id -> why skipping it does not hide a broken machine
 ALLOWED_SKIPS: dict[str, str] = {
-    "tests/test_capture_inotify.py::test_burst_overflow_is_a_marker":
+    "tests/kernel/test_capture_inotify.py::test_burst_overflow_is_a_marker":
         "a machine whose fs.inotify.max_queued_events holds the whole 60,000-event burst cannot overflow the queue; "
         "the overflow path is then unreachable, not broken",
 }

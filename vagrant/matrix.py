@@ -9,7 +9,7 @@ How a guest is made: virtme-ng (``vng``, from the venv) boots the kernel's own b
 root filesystem shared read-only over 9p (``--force-9p``: vng's virtiofsd attempt costs seconds for nothing here) and
 throwaway overlays on /etc, /var, /tmp...; ``--disable-kvm`` because this machine's /dev/kvm (a software hypervisor)
 aborts QEMU, so QEMU emulates the CPU (TCG): everything runs several times slower than on the host, so absolute times
-mean nothing there and the tests' deadlines are scaled (KWATCH_TEST_TIME_SCALE, tests/timescale.py).
+mean nothing there and the tests' deadlines are scaled (KWATCH_TEST_TIME_SCALE, tests/support/timescale.py).
 
 Inside, before the command: bpffs and tracefs mounted (vng does not mount bpffs), an ext4 filesystem on /tmp (a loop
 file in RAM: the overlay vng puts there is refused by fanotify's filesystem marks, so fanotify would look absent, and
@@ -50,15 +50,15 @@ GUEST_TIMEOUT = int(os.environ.get("KWATCH_GUEST_TIMEOUT", "2400"))
 #: The kernel-facing tests: capture on every backend (exact sequences, filters, exclusion, losses), the barrier,
 #: `kwatch trace`, `kwatch doctor`, and live replication to a local mirror with its loss recovery.
 KERNEL_TESTS = [
-    "tests/test_capture_bpf.py",
-    "tests/test_capture_fanotify.py",
-    "tests/test_capture_inotify.py",
-    "tests/test_capture_filter.py",
-    "tests/test_capture_barrier.py",
-    "tests/test_trace.py",
-    "tests/test_doctor.py",
-    "tests/test_replicate_loss.py",
-    "tests/test_replicate.py::test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_backend",
+    "tests/kernel/test_capture_bpf.py",
+    "tests/kernel/test_capture_fanotify.py",
+    "tests/kernel/test_capture_inotify.py",
+    "tests/unit/test_capture_filter.py",
+    "tests/kernel/test_capture_barrier.py",
+    "tests/kernel/test_trace.py",
+    "tests/kernel/test_doctor.py",
+    "tests/e2e/test_replicate_loss.py",
+    "tests/e2e/test_replicate.py::test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_backend",
 ]
 
 

@@ -5,7 +5,7 @@
  * kwatch/capture/record.py holds the reference decoder in Python and uses this module when it is built (`make ext`).
  * Only the common shapes are decoded here: one resolved path, or a resolved directory plus a plain name (no "/",
  * not "." or ".."). Every other record (two paths, symlinks, absolute or dotted names, an unknown op) is handed to
- * the Python decoder, so the path rules live in one place. tests/test_record_decode.py checks that both decoders
+ * the Python decoder, so the path rules live in one place. tests/unit/test_record_decode.py checks that both decoders
  * agree on every record shape.
  *
  * The record layout comes from the same header as the kernel's (bpf/kwatch.h).

@@ -10,7 +10,7 @@ itself; ``FAN_MARK_FILESYSTEM`` (Linux 4.20) subscribes to every inode of the fi
 whichever mount (bind mounts included) the change came through. A directory handle is turned back into a path with
 ``open_by_handle_at(mount_fd, handle, O_PATH)`` and ``readlink("/proc/self/fd/N")``.
 
-What fanotify delivers, and so what this backend reports (measured on Linux 6.18; see tests/test_capture_fanotify.py):
+What fanotify delivers, and so what this backend reports (measured on Linux 6.18; see tests/kernel/test_capture_fanotify.py):
 
 - Events for one object that are still queued are merged into one record whose mask holds several bits
   (``fanotify_should_merge`` in fs/notify/fanotify/fanotify.c: same pid, same parent handle, name and object

@@ -1,7 +1,7 @@
 """The Python mirror of ``struct kw_event`` (``bpf/kwatch.h``) and the decoder from raw records to FileEvents.
 
 ``KwEvent`` (ctypes) states the layout field by field; ``HEADER`` (a precompiled ``struct.Struct``) is derived from it
-and is what the hot path uses. ``tests/test_record_layout.py`` checks both against the BTF of the compiled object.
+and is what the hot path uses. ``tests/unit/test_record_layout.py`` checks both against the BTF of the compiled object.
 """
 
 from __future__ import annotations

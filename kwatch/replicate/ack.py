@@ -1,5 +1,5 @@
 """What the agent's Ack of a batch means for the sender. Pure: a table of the agent's per-path errors, in, and what
-to do about each, out (tests/test_ack.py lists the cases).
+to do about each, out (tests/unit/test_ack.py lists the cases).
 
 Most errors are real (counted, logged, and the path repaired or retried by the replicator), but some are the
 expected consequence of what this batch did on purpose:

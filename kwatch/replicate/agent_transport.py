@@ -506,7 +506,7 @@ class AgentSender(_Part):
 
         Called after every frame of file data (a PutFile, each PutChunk, each DeltaChunk with its literal bytes), so
         a file's end frame, which lands it on the mirror, waits for the pacing; time spent reading or computing a
-        delta counts as elapsed. tests/test_replicate_bwlimit.py holds it to a lower bound on the transfer time.
+        delta counts as elapsed. tests/e2e/test_replicate_bwlimit.py holds it to a lower bound on the transfer time.
         """
         if self.opts.bwlimit:
             ahead = sent / self.opts.bwlimit - (time.monotonic() - started)

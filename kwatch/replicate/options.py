@@ -4,7 +4,7 @@ daemon's replication sink. Pure.
 
 Each :class:`Option` says its key (the TOML key, the changedfiles ``key=value`` word, the CLI flag's name), its kind
 (how a value is checked and converted) and its default; :class:`TargetOptions` is what a replicator is given.
-docs/config.md lists them (tests/test_docs.py holds the two together).
+docs/config.md lists them (tests/unit/test_docs.py holds the two together).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ wire is the transports' job.
 
 Memory: an entry is one ``NamedTuple`` (a tuple: no per-instance ``__dict__``); small repeated values (permission
 bits, uid, gid, device) are interned per scan so a million entries share a handful of those int objects. Measured
-numbers are in ``tests/test_scan.py::test_scan_large_tree_memory`` (run with ``-m slow``).
+numbers are in ``tests/unit/test_scan.py::test_scan_large_tree_memory`` (run with ``-m slow``).
 """
 
 from __future__ import annotations

@@ -612,7 +612,6 @@ def test_default_config_demo(tmp_path: Path, start: Callable[..., DaemonProc]) -
 def test_replicate_rule_keeps_a_mirror(tmp_path: Path, start: Callable[..., DaemonProc]) -> None:
     """A changedfiles REPLICATE line: the daemon keeps a local mirror identical through creates, edits, a directory
     rename and deletes, alongside an ordinary action, and exports the target's metrics."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from treecmp import tree_differences
 
     src, dst = tmp_path / "src", tmp_path / "dst"

@@ -25,7 +25,7 @@ from kwatch.protocols.rsync.flist import (
 )
 from kwatch.protocols.rsync.match import Literal, SumHead, match_blocks
 
-DATA = Path(__file__).parent / "data" / "rsync"
+DATA = Path(__file__).parents[1] / "support" / "data" / "rsync"
 
 # (name, encoder, decoder, value, golden bytes) -- golden values checked against bytes seen in the captures
 # (e.g. compat flags 0x1ff = 81 ff, mtime 1700000000 = 65 00 f1 53, dir size 4096 = 00 00 10).

@@ -1,5 +1,5 @@
 """Replication through a :mod:`netlab` test network under injected faults: the workload, the mirror checker, the
-faults, and the setup around them. Used by tests/test_netfaults.py (the fault matrix) and tests/soak.py (``make
+faults, and the setup around them. Used by tests/e2e/test_netfaults.py (the fault matrix) and tests/support/soak.py (``make
 soak``).
 
 - :class:`Churn` is a continuous, bounded workload on the source: an untar, then edits in place, appends, truncating

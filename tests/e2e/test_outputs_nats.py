@@ -1,4 +1,4 @@
-"""The fleet bus on real ``nats-server`` processes with JetStream (tests/natsd.py), and its pure parts.
+"""The fleet bus on real ``nats-server`` processes with JetStream (tests/support/natsd.py), and its pure parts.
 
 - one server: records published, the server killed (they wait in the spool), restarted: every record stored once,
   in order; a batch the server already holds (a lost acknowledgement, a restarted daemon's spool) is not stored
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from natsd import NatsCluster, NatsServer, run, stored_records
 
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import OutputStats
@@ -26,9 +27,6 @@ from kwatch.outputs.collect import Reorder
 from kwatch.outputs.config import parse_output
 from kwatch.outputs.record import Record, event_record, output_loss_record
 from kwatch.outputs.spool import Spool, decode_frames, encode_frame
-
-sys.path.insert(0, str(Path(__file__).parent))
-from natsd import NatsCluster, NatsServer, run, stored_records
 
 KWATCH = [sys.executable, "-c", "import sys; from kwatch.cli import main; sys.exit(main())"]
 T0 = 1_700_000_000_000_000_000

@@ -26,7 +26,7 @@ from pathlib import Path
 from timescale import scaled
 from treecmp import tree_differences
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KWATCH = str(REPO / ".venv" / "bin" / "kwatch")
 START_TIMEOUT = scaled(60.0)
 

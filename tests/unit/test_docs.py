@@ -20,7 +20,7 @@ from kwatch.metrics.stats import DaemonStats, TargetStats
 from kwatch.rules.build import KEYWORDS
 from kwatch.rules.tomlconf import parse_toml
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def section(doc: str, heading: str) -> str:

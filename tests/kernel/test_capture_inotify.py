@@ -1,4 +1,4 @@
-"""The inotify backend against the real kernel: the workload table of tests/workload.py, each run by a child.
+"""The inotify backend against the real kernel: the workload table of tests/support/workload.py, each run by a child.
 
 The child finishes before the first read, so a directory created by the workload is only watched when its IN_CREATE
 is read: what happened inside it comes from the scan (CREATE/MKDIR with extra["scan"], no MODIFY/CLOSE_WRITE).

@@ -1,8 +1,8 @@
-"""The fault matrix (issue 17): replication through a test network (tests/netlab.py) while a continuous workload
+"""The fault matrix (issue 17): replication through a test network (tests/support/netlab.py) while a continuous workload
 runs on the source and one fault is injected, for the agent over ssh and for ``rsync://``.
 
 During each run a checker polls the mirror and fails the test if a file ever shows under its final name with a
-content the source never had there (tests/faultlab.py: Churn.check_mirror). Once the fault has ended and the
+content the source never had there (tests/support/faultlab.py: Churn.check_mirror). Once the fault has ended and the
 workload is done, the mirror must be identical to the source within :data:`CONVERGE` seconds (:data:`CONVERGE_SLOW`
 on a link that stays at 200 ms RTT with loss, or at 1 Mbit/s). :func:`test_reconnects_leak_nothing` kills the agent
 100 times (40 in CI) and compares the fd count and RSS of ``kwatch replicate`` then with those after 10 reconnects.

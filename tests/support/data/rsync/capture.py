@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))  # tests/ for rsyncd.py
+sys.path.insert(0, str(HERE.parent.parent))  # tests/support, for rsyncd.py
 
 from rsyncd import RsyncDaemon  # noqa: E402
 

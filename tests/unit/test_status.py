@@ -1,5 +1,5 @@
 """``kwatch status``'s pure parts: the snapshot built from the daemon's counters, and its text. The live test (a real
-daemon, its socket, the command) is tests/test_daemon.py::test_status_reads_the_running_daemon."""
+daemon, its socket, the command) is tests/e2e/test_daemon.py::test_status_reads_the_running_daemon."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A name waiting for its retry (its put failed with a transient error such as ENOSPC) that is renamed, or whose
 directory is renamed, before the retry is due: the retry follows it to its new name.
 
-Found by the fault matrix (tests/test_netfaults.py, ssh-disk-full): files whose put failed while the mirror's disk
+Found by the fault matrix (tests/e2e/test_netfaults.py, ssh-disk-full): files whose put failed while the mirror's disk
 was full were renamed along with their directory by the workload; the retry went to the old name (gone in the
 source, so only a delete was planned there), the mirror's stale copy moved with the directory's rename, and the
 mirror stayed different from the source (same size, other content) until the next full reconcile.

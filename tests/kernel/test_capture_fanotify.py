@@ -1,4 +1,4 @@
-"""The fanotify backend against the real kernel: the workload table of tests/workload.py, each run by a child.
+"""The fanotify backend against the real kernel: the workload table of tests/support/workload.py, each run by a child.
 
 Expectations state exactly what fanotify delivers on Linux 6.18 (measured, then encoded), merged records included:
 a merged record is split in the fixed order CREATE, MODIFY, CLOSE_WRITE, ATTRIB, DELETE, and a merged rmdir is moved
@@ -312,7 +312,7 @@ def test_not_root_is_a_clear_error() -> None:
         "if os.geteuid() == 0:\n    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "try:\n    FanotifySource()\nexcept CaptureError as e:\n    print('ERR', e)\n"
     )
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     r = subprocess.run([sys.executable, "-c", code], cwd="/", env=dict(os.environ, PYTHONPATH=repo), capture_output=True)
     assert r.stdout.startswith(b"ERR fanotify needs CAP_SYS_ADMIN"), r.stderr
 

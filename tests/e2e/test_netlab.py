@@ -1,4 +1,4 @@
-"""The test network itself (tests/netlab.py): it carries TCP, its delay shows in a handshake's RTT, its rate in a
+"""The test network itself (tests/support/netlab.py): it carries TCP, its delay shows in a handshake's RTT, its rate in a
 transfer's time, a partition makes connects time out, and closing it leaves no namespace or process behind (also
 after a failure inside the ``with``)."""
 

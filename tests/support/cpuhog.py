@@ -1,6 +1,6 @@
 """Run a command while one busy process per core keeps the machine loaded (``make test-loaded``).
 
-``python tests/cpuhog.py [--seconds N] -- COMMAND...``: starts ``os.cpu_count()`` spinning processes, runs COMMAND,
+``python tests/support/cpuhog.py [--seconds N] -- COMMAND...``: starts ``os.cpu_count()`` spinning processes, runs COMMAND,
 kills the spinners (by the pids started here) and exits with COMMAND's status. Each spinner also ends by itself
 once its parent is gone or after ``--seconds`` (default 2 hours), so a killed run leaves no load behind.
 """

@@ -1,5 +1,5 @@
-"""``make soak``: a seeded random schedule of the fault matrix's faults (tests/faultlab.py) over N minutes, for the
-agent over ssh and for ``rsync://`` in turn, through a test network (tests/netlab.py).
+"""``make soak``: a seeded random schedule of the fault matrix's faults (tests/support/faultlab.py) over N minutes, for the
+agent over ssh and for ``rsync://`` in turn, through a test network (tests/support/netlab.py).
 
 Each cycle: a stretch of the workload with one fault injected while it runs (those that hold a state, such as a
 partition or a full disk, end before the stretch does; a slow or lossy link stays until the mirror converged), then
@@ -9,7 +9,7 @@ with content the source never had there. Prints a summary (faults, batches, reco
 fault: median and max, bytes sent against bytes written, fd/RSS drift of ``kwatch replicate``, the final identity
 check) and exits non-zero on any violation or a mirror that did not converge within ``--converge`` seconds.
 
-``python tests/soak.py --minutes 2 --seed 1`` (``make soak SOAK_MINUTES=2 SOAK_SEED=1``).
+``python tests/support/soak.py --minutes 2 --seed 1`` (``make soak SOAK_MINUTES=2 SOAK_SEED=1``).
 """
 
 from __future__ import annotations

@@ -371,7 +371,7 @@ def test_shell_mode_local_server(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_shell_mode_through_real_sshd(tmp_path: Path) -> None:
-    """The ssh path for real: `rsync --server` started by a real sshd on 127.0.0.1 (tests/sshd.py)."""
+    """The ssh path for real: `rsync --server` started by a real sshd on 127.0.0.1 (tests/support/sshd.py)."""
     import shlex
 
     from sshd import Sshd

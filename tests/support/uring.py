@@ -1,7 +1,7 @@
 """Just enough io_uring to submit one operation and wait for it, with ctypes and mmap (no liburing).
 
 Run as a script in a child process (the BPF backend leaves out kwatch's own process):
-    python tests/uring.py mkdirat PATH | unlinkat PATH | renameat OLD NEW | write PATH DATA
+    python tests/support/uring.py mkdirat PATH | unlinkat PATH | renameat OLD NEW | write PATH DATA
 Exits 0 when the operation's completion says it succeeded, else prints the errno and exits 1.
 """
 

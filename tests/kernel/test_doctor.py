@@ -18,7 +18,7 @@ from kwatch.capture.select import BACKENDS, BLIND_SPOTS, open_source
 
 pytestmark = pytest.mark.root
 
-KWATCH = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "kwatch")
+KWATCH = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kwatch")
 CHECKS = {"root", "BTF", "ring buffer", "tracepoints", "BTF tracepoints", "fentry", "fexit", "bpf in the active LSMs",
           "BPF LSM", "kprobes", "io_uring tracepoints", "io_uring"}
 
