@@ -47,6 +47,9 @@ DEFAULT_RINGBUF = 64 << 20
 WAKE_S = 0.01
 #: While records flow, the kernel's loss counters are read at most this often (and on every read that finds none).
 LOSS_CHECK_S = 0.02
+#: while no record flows, how often a caller should read anyway: io_uring operations write no record to wake the
+#: consumer, only a counter, and their marker must not wait for the next ordinary event (it may never come)
+IDLE_CHECK_S = 1.0
 
 #: The ops the kernel program produces (the others come from other backends).
 BPF_OPS = frozenset(Op) - {Op.LOSS, Op.MODIFY, Op.ATTRIB}
@@ -334,11 +337,12 @@ class BpfSource:
         """How long a caller may wait on :meth:`fileno` before calling :meth:`read` (None: until it is readable).
 
         While events flow the kernel wakes the consumer at most once per ``wake_s`` and counts on it to poll; after
-        ``2 * wake_s`` without data the next record wakes it at once (see kw_config.wake_us in bpf/kwatch.h).
+        ``2 * wake_s`` without data the next record wakes it at once (see kw_config.wake_us in bpf/kwatch.h), and
+        a read every :data:`IDLE_CHECK_S` looks at the io_uring counter, which no record announces.
         """
         if time.monotonic() - self._last_data < 2 * self.wake_s:
             return self.wake_s
-        return None
+        return IDLE_CHECK_S
 
     def read(self, timeout: float | None = None) -> list[FileEvent]:
         if not self._rb.pending():

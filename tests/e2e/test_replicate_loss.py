@@ -79,7 +79,7 @@ def test_a_loss_makes_the_mirror_converge_by_a_deferred_full_rescan(tmp_path: Pa
         source.close()
 
 
-URING = str(Path(__file__).with_name("uring.py"))
+URING = str(Path(__file__).parents[1] / "support" / "uring.py")
 
 
 @pytest.mark.root
