@@ -21,9 +21,10 @@ import pwd
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kwatch.events import FileEvent, Op
+from kwatch.events import FileEvent, Op, json_path
 
 NO_AUID = 4294967295  # (uid_t)-1: no login uid (a daemon started at boot)
 CACHE_SIZE = 4096
@@ -92,8 +93,6 @@ class ProcInfo:
 
     def fields(self) -> dict[str, object]:
         """The members a record gains (only those known)."""
-        from kwatch.events import json_path
-
         d: dict[str, object] = {}
         if self.exe is not None:
             d["exe"] = json_path(self.exe)
@@ -255,12 +254,12 @@ class Resolver:
         )
 
     @staticmethod
-    def _name(cache: dict[int, str | None], ident: int | None, look: object) -> str | None:
+    def _name(cache: dict[int, str | None], ident: int | None, look: Callable[[int], str]) -> str | None:
         if ident is None:
             return None
         if ident not in cache:
             try:
-                cache[ident] = look(ident)  # type: ignore[operator]
+                cache[ident] = look(ident)
             except KeyError:
                 cache[ident] = None  # no such user: the number says it all
         return cache[ident]
