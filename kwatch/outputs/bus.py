@@ -1,17 +1,20 @@
 """The fleet bus publisher: records to NATS JetStream, through the on-disk spool, in order, once.
 
 The daemon's capture is threaded, not asyncio, so the NATS client runs in a thread of its own with its own event
-loop. ``write`` (the daemon's thread) only appends lines to a bounded in-memory queue and wakes the loop; when the
-queue is full the records are dropped, counted, and announced by a marker record. The publisher thread:
+loop. ``write`` (the daemon's thread) appends the records to the spool itself, as batches
+(:mod:`kwatch.outputs.fleet`) numbered in order, and wakes the loop. Nothing sits in memory between the two threads:
+an in-memory queue that the publisher thread drained overflowed at a sustained 120k records/s (the publisher competes
+for the GIL with the capture), while one ``write`` of a 256 KiB batch to the page cache keeps up with any capture.
+When the spool is full, records are dropped and counted in ``lost`` until the server has taken half of the spool;
+then a marker record saying how many were lost is spooled, and records again after it. The publisher thread:
 
-1. moves the queue into the spool as batches (:mod:`kwatch.outputs.fleet`), numbering the records; when the spool
-   is full, records are dropped and counted in ``lost`` until the server has taken half of the spool; then a marker
-   record saying how many were lost is spooled, and records again after it;
-2. while connected, sends the spool's oldest batch and waits for JetStream's acknowledgement before it removes it
+1. while connected, sends the spool's oldest batch and waits for JetStream's acknowledgement before it removes it
    and sends the next (one batch in flight keeps a host's records in order through a leader change);
-3. after any failure or reconnect, first asks the stream for the host's last stored message, and drops spooled
+2. after any failure or reconnect, first asks the stream for the host's last stored message, and drops spooled
    batches it already holds (the acknowledgement was lost, or a restarted daemon's spool was already sent);
    JetStream's duplicate window (message id ``host:boot:seq``) catches the rest.
+
+The spool is not thread-safe; ``_lock`` guards it (an append, the head's read-back, a pop: each short).
 
 When the server is unreachable, batches wait in the spool (bounded by ``spool_max_bytes``); a daemon stopped meanwhile
 leaves them there for the next start. ``close`` sends what it can for up to ``close_timeout`` seconds.
@@ -24,7 +27,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,8 +75,6 @@ class NatsOutput:
         self.seq = SeqState(spec.spool, boot, self.spool.last_boot, self.spool.last_seq)
         self.boot = boot
         self._lock = threading.Lock()
-        self._queue: deque[bytes] = deque()
-        self._queue_lost = 0  # records the full queue refused, to be announced by the publisher thread
         self._spool_lost = 0
         self._stopping = False
         self._ready = threading.Event()
@@ -85,13 +85,13 @@ class NatsOutput:
         self._resync = True
         self._upto: tuple[str, int] | None = None
         stats.connected = False
-        stats.backlog = lambda: len(self._queue) + self.spool.records
+        stats.backlog = lambda: self.spool.records
         stats.backlog_bytes = lambda: self.spool.bytes
         if self.spool.repaired_bytes:
             stats.repaired_bytes += self.spool.repaired_bytes
-            self._spool_lost_reason = f"cut {self.spool.repaired_bytes} torn bytes from the spool (a crash)"
-        else:
-            self._spool_lost_reason = ""
+            reason = f"cut {self.spool.repaired_bytes} torn bytes from the spool (a crash)"
+            if not self._append([self.loss_marker(0, reason).line]):
+                log.warning("output %s: %s", spec.name, reason)
         self._thread = threading.Thread(target=self._run, name=f"nats {spec.name}", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -105,19 +105,8 @@ class NatsOutput:
         if not lines:
             return
         with self._lock:
-            room = self.spec.queue - len(self._queue)
-            if room < len(lines):
-                dropped = len(lines) - max(room, 0)
-                self._queue_lost += dropped
-                self.stats.lost += dropped
-                lines = lines[: max(room, 0)]
-            self._queue.extend(lines)
+            self._spool_lines(lines)
         self._poke()
-
-    @property
-    def queued(self) -> int:
-        """Records handed to ``write`` that the publisher thread has not spooled yet."""
-        return len(self._queue)
 
     def _poke(self) -> None:
         loop, wake = self._loop, self._wake
@@ -129,7 +118,8 @@ class NatsOutput:
         self._stopping = True
         self._poke()
         self._thread.join()
-        self.spool.close()
+        with self._lock:
+            self.spool.close()
 
     # -- the publisher thread --------------------------------------------------------------------------------------
 
@@ -147,7 +137,6 @@ class NatsOutput:
         try:
             while True:
                 self._wake.clear()
-                self._to_spool()
                 now = time.monotonic()
                 if self._stopping and deadline is None:
                     deadline = now + self.close_timeout
@@ -219,21 +208,15 @@ class NatsOutput:
         self.stats.connected = True
         self._poke()
 
-    def _to_spool(self) -> None:
-        with self._lock:
-            lines = list(self._queue)
-            self._queue.clear()
-            queue_lost, self._queue_lost = self._queue_lost, 0
-        if queue_lost:
-            self._announce(queue_lost, "the queue to the publisher thread was full")
-        if self._spool_lost_reason and self._append([self.loss_marker(0, self._spool_lost_reason).line]):
-            self._spool_lost_reason = ""
+    def _spool_lines(self, lines: Sequence[bytes]) -> None:
+        """Append lines to the spool as batches (``_lock`` held); count and announce what a full spool refuses."""
         if self._spool_lost:
             # once full, the spool takes records again only when the server has taken half of it: one marker per
             # outage, not one per batch squeezed into the last free bytes
             if self.spool.bytes <= self.spool.max_bytes // 2 and self._append(
                 [self.loss_marker(self._spool_lost, "the spool was full").line]
             ):
+                log.warning("output %s: %d records lost: the spool was full", self.spec.name, self._spool_lost)
                 self._spool_lost = 0
             else:
                 self._spool_lost += len(lines)
@@ -244,10 +227,6 @@ class NatsOutput:
                 self._spool_lost += len(batch_lines)
                 self.stats.lost += len(batch_lines)
 
-    def _announce(self, lost: int, reason: str) -> None:
-        log.warning("output %s: %d records lost: %s", self.spec.name, lost, reason)
-        if not self._append([self.loss_marker(lost, reason).line]):
-            self._spool_lost += lost  # the spool is full too: its marker will count these
     def _append(self, lines: list[bytes]) -> bool:
         batch = fleet.Batch(self.boot, self.seq.next, len(lines), b"".join(lines))
         try:
@@ -261,29 +240,32 @@ class NatsOutput:
         return ok
 
     async def _send_some(self) -> None:
-        """Send spooled batches in order, one in flight, until the spool is empty or the queue has news."""
+        """Send spooled batches in order, one in flight, until the spool is empty (or, closing, after each batch)."""
         js = self._js
         while self.spool.records:
             if self._resync:
                 self._upto = await self._stored_upto()
                 self._resync = False
-            batch = self.spool.head()
+            with self._lock:
+                batch = self.spool.head()
             if batch is None:
                 return
             if fleet.already_stored(batch, self._upto):
                 # the server stored it and its acknowledgement was lost (a leader change, a daemon killed before
                 # the ack): stored is stored, and the records total must reach what was written
-                self.spool.pop()
+                with self._lock:
+                    self.spool.pop()
                 self.stats.records += batch.count
                 self.stats.already_stored += batch.count
                 self.stats.bytes += len(batch.body)
                 continue
             await js.publish(self.subject, batch.body, timeout=PUBLISH_TIMEOUT, headers=batch.headers(self.host))
-            self.spool.pop()
+            with self._lock:
+                self.spool.pop()
             self.stats.records += batch.count
             self.stats.bytes += len(batch.body)
-            if self._queue:
-                return  # spool the news first: the queue stays short
+            if self._stopping:
+                return  # the loop checks the close deadline
 
     async def _stored_upto(self) -> tuple[str, int] | None:
         import nats.js.errors

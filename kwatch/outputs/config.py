@@ -26,7 +26,6 @@ TOML (every key but ``type`` and the kind's main key optional)::
     spool = "/var/lib/kwatch/spool/nats"  # on-disk spool (required: records wait there for the server)
     spool_max_bytes = "1G"                # then records are dropped, counted and announced by a marker record
     replicas = 1                          # the stream's replicas when kwatch creates it (3 on a cluster)
-    queue = 65536                         # records between the daemon and the publisher thread
 
 ``--output`` strings: ``KIND[:MAIN][,key=value...]``, e.g. ``file:/var/log/kwatch.jsonl,max_bytes=10M,keep=3``,
 ``journal``, ``nats:nats://127.0.0.1:4222,spool=/var/lib/kwatch/spool``. A comma-separated part without ``=``
@@ -49,8 +48,7 @@ _COMMON = ("type", "name", "records")
 _KEYS = {
     "file": ("path", "max_bytes", "keep", "fsync", "fsync_interval"),
     "journal": ("socket", "identifier"),
-    "nats": ("servers", "stream", "subject_prefix", "host", "spool", "spool_max_bytes", "replicas", "create_stream",
-             "queue"),
+    "nats": ("servers", "stream", "subject_prefix", "host", "spool", "spool_max_bytes", "replicas", "create_stream"),
 }
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -80,7 +78,6 @@ class OutputSpec:
     spool_max_bytes: int = 1 << 30
     replicas: int = 1
     create_stream: bool = True
-    queue: int = 65536
     options: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -146,7 +143,7 @@ def parse_output(table: Mapping[str, object]) -> tuple[OutputSpec | None, list[s
             if size is None:
                 bad(key, "a size in bytes (an integer, or a string such as \"100M\")")
             kw[key] = size
-        elif key in ("keep", "replicas", "queue"):
+        elif key in ("keep", "replicas"):
             n = _int(v, 1)
             if n is None:
                 bad(key, "an integer >= 1")
