@@ -10,10 +10,10 @@ import json
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import IO
 
 from kwatch.capture.base import Source
@@ -137,14 +137,6 @@ def format_json(ev: FileEvent, info: ProcInfo | None = None) -> str:
     return text[:-1] + info.fragment + "}"  # the context's members, encoded once per process
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
-
-
 def run_trace(
     src: Source,
     match: TraceMatcher,
@@ -164,13 +156,17 @@ def run_trace(
     fmt = format_json if json_lines else format_text
     shown = 0
     deadline = None if duration is None else time.monotonic() + duration
-    old = signal.signal(signal.SIGTERM, _raise_stop)
+    # SIGTERM ends the loop after the batch in hand (reads wait at most a second): raised from the handler, it cut
+    # an output's write in the middle, where an ``except Exception`` took it for the output's error and the rest of
+    # the batch was neither written nor counted
+    stop = threading.Event()
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        while count is None or shown < count:
+        while (count is None or shown < count) and not stop.is_set():
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if deadline is not None and timeout == 0:
                 break
-            batch = src.read(timeout if timeout is not None else 1.0)
+            batch = src.read(min(timeout, 1.0) if timeout is not None else 1.0)
             matched = _matching(batch, match, None if count is None else count - shown)
             if matched and sink is not None:
                 sink(matched)
@@ -178,7 +174,7 @@ def run_trace(
                 out.write("\n".join(fmt(ev, resolve(ev) if resolve is not None else None) for ev in matched) + "\n")
                 out.flush()
             shown += len(matched)
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kwatch.capture.base import CaptureError
+from kwatch.context import Resolver
 from kwatch.daemon.core import Daemon, EventSink
 from kwatch.daemon.logs import LEVELS, LogHandler, StructLog
 from kwatch.daemon.roots import capture_roots, wanted_roots
@@ -28,15 +29,17 @@ DEMO_HINT = (
 )
 
 
-def make_sinks(config: Config, log: StructLog, stats: DaemonStats) -> list[EventSink]:
-    """Event sinks for this config: the durable outputs ([[output]]), one ReplicationSink for replication targets."""
+def make_sinks(config: Config, log: StructLog, stats: DaemonStats, resolver: Resolver | None = None) -> list[EventSink]:
+    """Event sinks for this config: the durable outputs ([[output]]), one ReplicationSink for replication targets.
+
+    ``resolver``: the process-context cache the daemon's rule filters use too (one lookup of /proc per process)."""
     sinks: list[EventSink] = []
     if config.outputs:
         from kwatch.outputs.sink import Outputs
 
         for o in config.outputs:
             log.info("output", name=o.name, kind=o.kind, records=o.records)
-        sinks.append(Outputs(config.outputs, stats.outputs))
+        sinks.append(Outputs(config.outputs, stats.outputs, resolver=resolver))
     if not config.replicate:
         return sinks
     from kwatch.replicate.sink import ReplicationSink
@@ -74,8 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in config.warnings:
         log.warning("config_warning", where=f"{w.file}:{w.line}", reason=w.reason)
     stats = DaemonStats()
+    resolver = Resolver()
     try:
-        sinks = make_sinks(config, log, stats)
+        sinks = make_sinks(config, log, stats, resolver)
     except (OSError, ImportError) as e:  # an output's file or spool cannot be opened
         log.error("output_error", msg=f"{type(e).__name__}: {e}")
         return 2
@@ -88,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         grace=args.grace,
         sinks=sinks,
+        resolver=resolver,
     )
     daemon.install_signals()  # before anything slow: a SIGHUP/SIGTERM sent during start-up must not kill us
     if not args.no_metrics:

@@ -44,6 +44,7 @@ from kwatch.actions.runner import Result, Runner, Started
 from kwatch.capture.barrier import CaptureBarrier
 from kwatch.capture.base import CaptureFilter, Source
 from kwatch.capture.select import open_source
+from kwatch.context import Resolver
 from kwatch.daemon.logs import StructLog
 from kwatch.daemon.roots import capture_roots, minimal, wanted_roots
 from kwatch.events import FileEvent, Op
@@ -127,6 +128,7 @@ class Daemon:
         out: IO[bytes] | None = None,
         source_factory: Callable[..., Source] = open_source,
         exists: Callable[[bytes], bool] = os.path.isdir,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
         self.log = log
@@ -140,7 +142,7 @@ class Daemon:
         self.out = out if out is not None else sys.stdout.buffer
         self.source_factory = source_factory
         self.exists = exists
-        self.procs = ProcFS()
+        self.procs = ProcFS(resolver=resolver)
         self.source: Source | None = None
         self.barrier: CaptureBarrier | None = None
         self.runner = Runner.from_config(

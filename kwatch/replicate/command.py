@@ -67,7 +67,7 @@ def ensure_root(root: bytes) -> str | None:
     return None
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # not an Exception: an `except Exception` on the way must not take it for an error
     pass
 
 

@@ -14,10 +14,12 @@ from kwatch.events import FileEvent
 
 
 class ProcFS:
-    def __init__(self, root: str = "/proc", max_depth: int = 64) -> None:
+    def __init__(self, root: str = "/proc", max_depth: int = 64, resolver: Resolver | None = None) -> None:
         self.root = root
         self.max_depth = max_depth
-        self._resolver: Resolver | None = None  # made on first use: most configs filter on no context
+        # the daemon passes the one its outputs use (one cache of process context); else made on first use: most
+        # configs filter on no context
+        self._resolver = resolver
 
     def context(self, ev: FileEvent) -> ProcInfo | None:
         if self._resolver is None:

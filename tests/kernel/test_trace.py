@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +90,65 @@ def test_trace_command_json(tmp_path: Path) -> None:
     assert got == [("create", name), ("close_write", name), ("rename", name)]
     assert all(e["pid"] == os.getpid() and e["backend"] == "bpf" for e in events)
     assert b"3 events shown" in err
+
+
+@pytest.mark.root
+def test_sigterm_while_an_output_is_stuck_ends_the_trace_and_counts_every_record(tmp_path: Path) -> None:
+    """A journald that takes nothing (the test's own socket, never read): every send waits out its timeout. SIGTERM
+    then must end ``kwatch trace`` with its summary, and every event it handed to the output is either taken or
+    counted lost. Before: the signal's exception was raised inside the output's send, taken by the fan-out for an
+    output error (the batch counted lost), and the trace went on as if no signal had come."""
+    import socket
+
+    d = tmp_path / "w"
+    d.mkdir()
+    sock_path = str(tmp_path / "journal.sock")
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    journal.bind(sock_path)
+    err_path = tmp_path / "trace.err"
+    try:
+        with open(err_path, "wb") as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kwatch", "trace", str(d), "-q", "--backend", "bpf", "--no-context",
+                 "--output", f"journal:{sock_path}"], stdout=subprocess.DEVNULL, stderr=err_file)
+        deadline = time.monotonic() + scaled(60)
+        while b"with the bpf backend; Ctrl-C to stop" not in err_path.read_bytes():
+            assert proc.poll() is None, err_path.read_bytes()
+            assert time.monotonic() < deadline, f"trace not ready within 60s: {err_path.read_bytes()!r}"
+            time.sleep(0.05)
+        # a writer keeps the output busy until the trace ends; by its 2,000th file the socket's queue (4 KiB) has long
+        # been full, and every batch waits out a send timeout
+        written = threading.Event()
+        ended = threading.Event()
+
+        def churn() -> None:
+            i = 0
+            while not ended.is_set():
+                (d / f"f{i % 500}").write_bytes(b"x")
+                i += 1
+                if i == 2000:
+                    written.set()
+
+        writer = threading.Thread(target=churn, daemon=True)
+        writer.start()
+        assert written.wait(scaled(60)), "the writer did not get going"
+        proc.terminate()
+        try:
+            proc.wait(timeout=scaled(30))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("SIGTERM did not end the trace: " + err_path.read_text(errors="replace")[-2000:]) from None
+        finally:
+            ended.set()
+            writer.join()
+    finally:
+        journal.close()
+    err = err_path.read_text(errors="replace")
+    assert proc.returncode == 0, err
+    m = re.search(r"(\d+) events shown, (\d+) captured, (\d+) lost", err)
+    o = re.search(r"output \S+ \(journal\): (\d+) records, (\d+) lost", err)
+    assert m and o, err
+    shown, records, lost = int(m[1]), int(o[1]), int(o[2])
+    assert shown > 0 and records + lost == shown, err
