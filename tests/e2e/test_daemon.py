@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from timescale import scaled
 
@@ -90,13 +90,6 @@ def test_wanted_and_capture_roots() -> None:
 
 
 # -- the daemon as a process ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> None:

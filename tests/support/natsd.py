@@ -14,7 +14,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,17 +22,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ports import free_port
+
 from kwatch.outputs import fleet
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NatsServer:

@@ -24,16 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from ports import free_port
+
 RSYNC = shutil.which("rsync") or "/usr/bin/rsync"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1 (the daemon may still race for it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RsyncDaemon:

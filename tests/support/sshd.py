@@ -22,17 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from ports import free_port
+
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1 (sshd may still race for it: start() retries)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _keygen(path: Path) -> None:
