@@ -93,6 +93,9 @@ class BatchContext:
     torn: set[bytes] = field(default_factory=set)  # puts ended with a spoiled digest (see _drop_torn)
     groups: dict[Key, list[_Linked]] = field(default_factory=dict)  # dirty linked files by source inode
     link_sets: dict[Key, set[bytes]] = field(default_factory=dict)  # link groups, recorded in ``links`` after the ack
+    #: linked files a rescan of this batch sends as data, by source inode: the name it puts (the names outside the
+    #: subtree that are dirty in this batch are linked to it, see plan_links)
+    rescan_puts: dict[Key, bytes] = field(default_factory=dict)
     link_leaders: dict[bytes, bytes] = field(default_factory=dict)  # hard links: path -> the name it links to
     checked: set[bytes] = field(default_factory=set)  # checked hard links (to a name gone from the source)
     #: puts that went out whole (not dropped): path -> the (size, mtime_ns) the mirror gets; what a link to that
@@ -256,7 +259,12 @@ class AgentPlanner(_Part):
                 self.ctx.link_sets.setdefault(key, set()).update(m.rel for m in members)
                 continue  # ``ln a b; ln a c; rm a``: b and c are linked to the mirror's a, which is then deleted
             st = (content or members)[0].st
-            if content or not on_mirror:
+            fresh = self.ctx.rescan_puts.get(key)
+            if fresh is not None and not content:
+                # a rescan of this batch sends this inode's data (its names outside the subtree were not known to
+                # it): every other name is linked to that put, whatever the mirror held there
+                leader, relink = fresh, [p for p in (*(m.rel for m in members), *known) if p != fresh]
+            elif content or not on_mirror:
                 first = (content or members)[0]
                 st = first.st
                 uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
@@ -371,6 +379,8 @@ class AgentPlanner(_Part):
                 self.ctx.link_leaders[pre + op.path] = there
             else:
                 plan.puts.append(op._replace(path=pre + op.path))
+                if se.nlink > 1:
+                    self.ctx.rescan_puts.setdefault((se.dev, se.ino), pre + op.path)
         plan.symlinks.extend(op._replace(path=pre + op.path) for op in sub.symlinks)
         plan.hardlinks.extend(op._replace(path=pre + op.path, existing=pre + op.existing) for op in sub.hardlinks)
         plan.setattrs.extend(op._replace(path=pre + op.path) for op in sub.setattrs)
