@@ -109,6 +109,22 @@ def disk(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
         yield src, fs / "mirror", fs
 
 
+def test_link_to_a_name_whose_put_failed_while_the_disk_stays_full(disk: tuple[Path, Path, Path]) -> None:
+    """As above, with the disk full for several more batches (every retry and repair made due at once, all failing):
+    the names' puts and links fail again and again; once the disk is freed both names must come, as one inode."""
+    src, mirror, fs = disk
+    with _replicator(src, str(mirror)) as rep:
+        _fill(fs)
+        _batch(rep, _write(src / "n", b"n" * SIZE))
+        _batch(rep, _link(src / "n", src / "h"))
+        for _ in range(4):
+            later = time.monotonic() + 3600
+            rep._mark_due_retries(later)
+            rep.sync_now(rep._take(later))
+        _free(fs)
+        _settle(rep, src, mirror)
+
+
 def test_link_made_while_the_new_data_cannot_land(disk: tuple[Path, Path, Path]) -> None:
     """``echo new > a; ln a h`` in one batch on a full disk: a's put fails (ENOSPC), so the mirror's a still has the
     old data; h must not become a link to it, and once the disk is freed a and h are one inode with the new data."""
