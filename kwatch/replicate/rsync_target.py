@@ -135,6 +135,8 @@ class RsyncTransport:
         rep.resend = list(res.held)  # open for writing: sent after its close, as a live change
         if paths is None:
             self.links.discard_under(b"")
+        else:
+            rep.resend += self._unlisted_names(res.inodes)
         for key, names in res.inodes.items():
             self.links.add(key, names)
         rep.puts = res.files
@@ -171,6 +173,18 @@ class RsyncTransport:
         for key in keys:
             out.update(p for p in self.links.names(key)
                        if p not in paths and not _below_any(p, paths) and is_inode(self.src, p, key))
+        return out
+
+
+    def _unlisted_names(self, listed: dict[tuple[int, int], list[bytes]]) -> list[bytes]:
+        """Names the index knows (and the source still has) of the inodes a session listed, that the session did not
+        list: the receiver could not link them, so the mirror may hold them as copies. Sent again, a later session
+        lists them with the names just sent, which the index then knows (a file moved into the tree from outside,
+        linked to a name inside, is the case _other_names cannot see before the session)."""
+        out: list[bytes] = []
+        for key, names in listed.items():
+            here = set(names)
+            out.extend(p for p in self.links.names(key) if p not in here and is_inode(self.src, p, key))
         return out
 
 

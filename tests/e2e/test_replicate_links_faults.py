@@ -208,3 +208,24 @@ def test_rsync_directory_renamed_keeps_its_hard_links(tmp_path: Path) -> None:
         assert not r.messages, r.messages
         assert tree_differences(src, mirror) == []
         assert r.literal == 0, "the renamed name was sent as data, not linked"
+
+
+def test_rsync_directory_moved_in_with_a_link_to_a_name_inside(tmp_path: Path) -> None:
+    """A directory moved into the tree from outside holds a second name of a file the mirror has: the session that
+    sends the directory cannot know that name beforehand; a follow-up batch must link the two on the mirror."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "x").mkdir(parents=True)
+    (outside / "m").mkdir(parents=True)
+    (src / "x" / "a").write_bytes(b"a" * SIZE)
+    os.link(src / "x" / "a", outside / "m" / "h")
+    with RsyncDaemon(tmp_path / "rsyncd") as daemon, _replicator(src, daemon.url("push")) as rep:
+        mirror = daemon.module_path("push")
+        os.rename(outside / "m", src / "m")
+        r = _batch(rep, [FileEvent(Op.RENAME, os.fsencode(outside / "m"), os.fsencode(src / "m"))])
+        assert not r.messages, r.messages
+        for _ in range(ROUNDS):
+            if not rep.coalescer.pending():
+                break
+            r = rep.sync_now(rep._take(time.monotonic() + 5))
+            assert not r.messages, r.messages
+        assert tree_differences(src, mirror) == []
