@@ -830,7 +830,8 @@ class AgentTransport:
         unsure = rep.failed.union(rep.resend)
         for key, names in ctx.link_sets.items():
             self.links.add(key, names)
-            self.links.doubt(names & unsure)
+        self.links.trust(ctx.sent.keys() | ctx.link_leaders.keys())
+        self.links.doubt(unsure)
         log.info(
             "target %s: batch %d: %d puts, %d deltas, %d renames, %d deletes, %d rescans; %d literal + %d matched "
             "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,

@@ -10,7 +10,9 @@ instead of a copy.
 The index holds the *source's* names of an inode, whether or not the mirror has each of them yet: a name whose
 put or link failed (a full disk, a dropped read) is still a name to link again when the data is next sent, or it is
 left behind as a stale copy. Such a name is *in doubt* (:meth:`LinkIndex.doubt`) until a batch lands it: it is
-relinked, never used as the name other names are linked to (:meth:`LinkIndex.sure`).
+relinked, never used as the name other names are linked to (:meth:`LinkIndex.sure`). Any path can be in doubt, linked
+or not yet: a file whose put failed may get its second name (``ln``) before the retry, and the mirror's older copy
+under its name must not become that new name's data.
 
 Bookkeeping (no I/O but :func:`is_inode`): the index can be stale (an inode number reused, a name replaced without an
 event we could see), so the engine checks every name against the source (``lstat``: same ``(dev, ino)``) before
@@ -76,15 +78,18 @@ class LinkIndex:
             self._by_path[p] = key
 
     def doubt(self, paths: Iterable[bytes]) -> None:
-        """The mirror may not hold ``paths`` (recorded names) as their inode: their put or link failed or was
-        dropped."""
-        self._doubt.update(p for p in paths if p in self._by_path)
+        """The mirror may not hold ``paths`` as the source has them: their put or link failed or was dropped."""
+        self._doubt.update(paths)
+
+    def trust(self, paths: Iterable[bytes]) -> None:
+        """``paths`` landed (put or linked without an error): no longer in doubt."""
+        self._doubt.difference_update(paths)
 
     def discard(self, path: bytes) -> None:
+        self._doubt.discard(path)
         key = self._by_path.pop(path, None)
         if key is None:
             return
-        self._doubt.discard(path)
         names = self._by_key[key]
         names.discard(path)
         if not names:
@@ -99,17 +104,16 @@ class LinkIndex:
             return
         for p in [p for p in self._by_path if is_under(p, top)]:
             self.discard(p)
+        self._doubt.difference_update([p for p in self._doubt if is_under(p, top)])
 
     def rename(self, old: bytes, new: bytes) -> None:
         """Follow ``rename(old, new)``: names at or below ``old`` move below ``new``; what was at ``new`` is gone."""
         if old == new or old == b"":
             return
-        moved = [(p, self._by_path[p], p in self._doubt) for p in self._by_path if is_under(p, old)]
+        moved = [(p, self._by_path[p]) for p in self._by_path if is_under(p, old)]
+        doubts = [p for p in self._doubt if is_under(p, old)]
         self.discard_under(new)
-        for p, _, _ in moved:
-            self.discard(p)
-        for p, key, doubtful in moved:
-            q = new + p[len(old):]
-            self.add(key, (q,))
-            if doubtful:
-                self._doubt.add(q)
+        self.discard_under(old)
+        for p, key in moved:
+            self.add(key, (new + p[len(old):],))
+        self._doubt.update(new + p[len(old):] for p in doubts)

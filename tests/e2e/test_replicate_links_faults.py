@@ -152,6 +152,25 @@ def test_link_to_a_name_whose_put_failed(disk: tuple[Path, Path, Path]) -> None:
         _settle(rep, src, mirror)
 
 
+def test_link_to_a_name_whose_rewrite_failed_in_an_earlier_batch(disk: tuple[Path, Path, Path]) -> None:
+    """a rewritten in place (same size; its mtime as before, as a rewrite within one clock tick leaves it) while the
+    disk is full: its put fails, the mirror keeps the old data under the same size and mtime. Then ``ln a h`` in the
+    next batch: no size/mtime check can tell the mirror's a is stale, so h must not be linked to it."""
+    src, mirror, fs = disk
+    old, new = b"o" * SIZE, b"n" * SIZE
+    (src / "a").write_bytes(old)
+    with _replicator(src, str(mirror)) as rep:
+        st = os.stat(src / "a")
+        _fill(fs)
+        events = _write(src / "a", new)
+        os.utime(src / "a", ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert _batch(rep, events).transient == [b"a"]
+        _batch(rep, _link(src / "a", src / "h"))
+        _assert_never_stale(mirror, "h", {new})
+        _free(fs)
+        _settle(rep, src, mirror)
+
+
 def test_link_and_rewrite_of_the_first_name_while_full(disk: tuple[Path, Path, Path]) -> None:
     """``ln a h`` lands; then a is rewritten while the disk is full (its put fails), then the disk is freed: the retry
     of a must bring h along (one inode, the new data), not leave h with the old data."""
