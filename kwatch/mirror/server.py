@@ -60,6 +60,8 @@ class AgentServer:
     receiver: Receiver
     conn: ap.AgentConnection = field(default_factory=lambda: ap.AgentConnection(ap.Role.RECEIVER))
     errors: list[ap.PathError] = field(default_factory=list)
+    #: the paths of ``errors``: a hard link to one of them in the same batch is refused (see _hardlink)
+    _failed: set[bytes] = field(default_factory=set)
     closed: bool = False
     _put: _Put | None = None
     _sigs: dict[int, int] = field(default_factory=dict)  # sig id -> block size we answered with
@@ -115,7 +117,11 @@ class AgentServer:
         code = "EIO"
         if isinstance(e, (ReceiverError, OSError)) and getattr(e, "errno", None):
             code = errno_mod.errorcode.get(e.errno or 0, "EIO")
-        self.errors.append(ap.PathError(path, code, str(e)))
+        self._error(ap.PathError(path, code, str(e)))
+
+    def _error(self, err: ap.PathError) -> None:
+        self.errors.append(err)
+        self._failed.add(err.relpath)
 
     # ---- dispatch ------------------------------------------------------------------------------------------------
 
@@ -146,8 +152,7 @@ class AgentServer:
         elif isinstance(m, ap.Symlink):
             self._forced(m.relpath, lambda: r.symlink(m.relpath, m.target))
         elif isinstance(m, ap.Hardlink):
-            expect = None if m.size is None or m.mtime_ns is None else (m.size, m.mtime_ns)
-            self._forced(m.relpath, lambda: r.hardlink(m.relpath, m.target, expect=expect))
+            self._hardlink(m)
         elif isinstance(m, ap.Rename):
             self._call(m.src, lambda: r.rename(m.src, m.dst))
         elif isinstance(m, ap.Delete):
@@ -158,9 +163,25 @@ class AgentServer:
         elif isinstance(m, ap.Commit):
             self._call(b"", r.commit)
             errors, self.errors = tuple(self.errors), []
+            self._failed.clear()
             self._emit(ap.Ack(m.seq, errors))
         elif isinstance(m, ap.Error):
             raise RemoteProtocolError(f"sender reported {m.code}: {m.message}")
+
+    def _hardlink(self, m: ap.Hardlink) -> None:
+        """Link ``m.relpath`` to ``m.target``, unless something failed at ``m.target`` in this batch.
+
+        A sender links the other names of a file to the name it has just put; when that put failed here (a full
+        disk, a spoiled digest) the name still holds its older data, which may well have the same size and mtime
+        (an in-place rewrite within one clock tick), so the size and mtime check alone would let the link through
+        to data the new name never had. Refused with ESTALE, as a failed check: the sender sends the data instead.
+        """
+        if m.target in self._failed:
+            self._error(ap.PathError(m.relpath, errno_mod.errorcode[errno_mod.ESTALE],
+                                     f"not linked: {os.fsdecode(m.target)} failed in this batch"))
+            return
+        expect = None if m.size is None or m.mtime_ns is None else (m.size, m.mtime_ns)
+        self._forced(m.relpath, lambda: self.receiver.hardlink(m.relpath, m.target, expect=expect))
 
     def _call(self, path: bytes, fn: Callable[[], object]) -> None:
         try:
@@ -264,8 +285,8 @@ class AgentServer:
         and nothing is put."""
         if want is None or (got if got is not None else xxhash.xxh3_128_digest(data or b"")) == want:
             return True
-        self.errors.append(ap.PathError(path, "digest-mismatch",
-                                        "content does not match the sender's digest; nothing was put"))
+        self._error(ap.PathError(path, "digest-mismatch",
+                                 "content does not match the sender's digest; nothing was put"))
         return False
 
     def _put_file(self, m: ap.PutFile) -> None:

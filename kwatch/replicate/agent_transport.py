@@ -93,8 +93,14 @@ class BatchContext:
     torn: set[bytes] = field(default_factory=set)  # puts ended with a spoiled digest (see _drop_torn)
     groups: dict[Key, list[_Linked]] = field(default_factory=dict)  # dirty linked files by source inode
     link_sets: dict[Key, set[bytes]] = field(default_factory=dict)  # link groups, recorded in ``links`` after the ack
+    #: linked files a rescan of this batch sends as data, by source inode: the name it puts (the names outside the
+    #: subtree that are dirty in this batch are linked to it, see plan_links)
+    rescan_puts: dict[Key, bytes] = field(default_factory=dict)
     link_leaders: dict[bytes, bytes] = field(default_factory=dict)  # hard links: path -> the name it links to
     checked: set[bytes] = field(default_factory=set)  # checked hard links (to a name gone from the source)
+    #: puts that went out whole (not dropped): path -> the (size, mtime_ns) the mirror gets; what a link to that
+    #: name in the same batch expects to find there
+    sent: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     later: list[bytes] = field(default_factory=list)  # rescanned files left for later: open for writing
 
 
@@ -217,7 +223,7 @@ class AgentPlanner(_Part):
                 continue
             key = (e.dev, e.ino)
             if key not in outside:
-                there = sorted(p for p in self.links.names(key) if is_inode(self.src, p, key))
+                there = sorted(p for p in self.links.sure(key) if is_inode(self.src, p, key))
                 outside[key] = there[0] if there else b""
             self.ctx.link_sets.setdefault(key, set()).add(pre + path)
         return {k: v for k, v in outside.items() if v}
@@ -225,26 +231,40 @@ class AgentPlanner(_Part):
     def plan_links(self, plan: Plan) -> None:
         """Plan this batch's dirty files that have other names (``st_nlink > 1``), one inode at a time.
 
-        The names of an inode are the dirty ones plus those :attr:`links` says the mirror has (or a rescan of this
-        batch sends), each checked against the source (still that inode). With new data (a CONTENT mark on any name) the data goes once, under one
-        name, and every other name is linked to it again: the agent lands data with rename(2) from a temporary, so
-        the mirror's other names would keep the old inode and the old data. Without new data (``ln a b``: both
-        names are marked LINKED) the new names are linked to a name the mirror already has; only when there is
-        none (the file is new in this batch, or its first name is outside the tree or excluded) the data is sent.
+        The names of an inode are the dirty ones plus those :attr:`links` knows (or a rescan of this batch sends),
+        each checked against the source (still that inode). With new data (a CONTENT mark on any name) the data goes
+        once, under one name, and every other name is linked to it again: the agent lands data with rename(2) from a
+        temporary, so the mirror's other names would keep the old inode and the old data. Without new data (``ln a
+        b``: both names are marked LINKED) the new names are linked to a name the mirror already has; only when there
+        is none (the file is new in this batch, its first name is outside the tree or excluded, or every name the
+        mirror should have is in doubt: its last put or link failed) the data is sent.
+
+        Every link is checked by the agent against the size and mtime its existing name must have (see
+        :meth:`AgentSender.send_plan`): a name the mirror lacks, or holds with other data, is refused, and the data
+        is sent under the link's name in the next batch instead (kwatch.replicate.ack), never a link to stale data.
         """
         for key, members in self.ctx.groups.items():
             dirty = {m.rel for m in members}
             # names the index has, and names a rescan in this batch brings (its puts and links run before ours)
             seen = self.links.names(key) | self.ctx.link_sets.get(key, set())
             known = sorted(p for p in seen if p not in dirty and is_inode(self.src, p, key))
+            doubtful = [p for p in known if self.links.in_doubt(p)]
             # new data goes under a name the mirror has if there is one (a delta needs a basis)
             content = sorted((m for m in members if m.flags & CONTENT), key=lambda m: bool(m.flags & EXIST))
-            # a dirty name without EXIST was there before this batch (renames already replayed): the mirror has it
-            on_mirror = [m.rel for m in members if not m.flags & (CONTENT | EXIST)] + known
+            # a dirty name without EXIST was there before this batch (renames already replayed): the mirror should
+            # have it, unless its last put failed (in doubt)
+            on_mirror = [m.rel for m in members if not m.flags & (CONTENT | EXIST) and not self.links.in_doubt(m.rel)]
+            on_mirror += [p for p in known if p not in doubtful]
             if not content and not on_mirror and self._plan_origin_link([(m.rel, m.st) for m in members], plan):
                 self.ctx.link_sets.setdefault(key, set()).update(m.rel for m in members)
                 continue  # ``ln a b; ln a c; rm a``: b and c are linked to the mirror's a, which is then deleted
-            if content or not on_mirror:
+            st = (content or members)[0].st
+            fresh = self.ctx.rescan_puts.get(key)
+            if fresh is not None and not content:
+                # a rescan of this batch sends this inode's data (its names outside the subtree were not known to
+                # it): every other name is linked to that put, whatever the mirror held there
+                leader, relink = fresh, [p for p in (*(m.rel for m in members), *known) if p != fresh]
+            elif content or not on_mirror:
                 first = (content or members)[0]
                 st = first.st
                 uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
@@ -254,12 +274,12 @@ class AgentPlanner(_Part):
                 leader, relink = first.rel, [m.rel for m in members if m is not first] + known
             else:
                 leader = on_mirror[0]
-                relink = [m.rel for m in members if m.rel != leader and m.flags & EXIST]
-                st = members[0].st
+                relink = [m.rel for m in members if m.rel != leader and (m.flags & EXIST or m.rel not in on_mirror)]
+                relink += doubtful
                 uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
                 plan.setattrs.append(SetAttr(leader, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid))
             for p in relink:
-                plan.hardlinks.append(Hardlink(p, leader))
+                plan.hardlinks.append(Hardlink(p, leader, st.st_size, st.st_mtime_ns))
                 self.ctx.link_leaders[p] = leader
                 self._touch_parent(p, plan)
             self.ctx.link_sets.setdefault(key, set()).update((leader, *relink, *on_mirror))
@@ -355,10 +375,12 @@ class AgentPlanner(_Part):
             se = src.entries[op.path]
             there = outside.get((se.dev, se.ino)) if se.nlink > 1 else None
             if there:  # another name of this inode is on the mirror, outside the subtree: link, do not copy
-                plan.hardlinks.append(Hardlink(pre + op.path, there))
+                plan.hardlinks.append(Hardlink(pre + op.path, there, se.size, se.mtime_ns))
                 self.ctx.link_leaders[pre + op.path] = there
             else:
                 plan.puts.append(op._replace(path=pre + op.path))
+                if se.nlink > 1:
+                    self.ctx.rescan_puts.setdefault((se.dev, se.ino), pre + op.path)
         plan.symlinks.extend(op._replace(path=pre + op.path) for op in sub.symlinks)
         plan.hardlinks.extend(op._replace(path=pre + op.path, existing=pre + op.existing) for op in sub.hardlinks)
         plan.setattrs.extend(op._replace(path=pre + op.path) for op in sub.setattrs)
@@ -422,6 +444,7 @@ class AgentSender(_Part):
             files = tuple(f for f in files if f.relpath not in torn)
         if files:
             self.link.send(ap.PutFiles(files))
+            self.ctx.sent.update((f.relpath, (len(f.data), f.mtime_ns)) for f in files if f.mtime_ns is not None)
 
     def send_plan(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> list[bytes]:
         """Send every op of ``plan`` (after what :meth:`_stream_planned` sent already, with its PutFiles frame
@@ -467,8 +490,7 @@ class AgentSender(_Part):
         for s in plan.symlinks:
             link.send(ap.Symlink(s.path, s.target))
             link.send(ap.SetAttr(s.path, None, s.mtime_ns, s.uid, s.gid))
-        for h in plan.hardlinks:
-            link.send(ap.Hardlink(h.path, h.existing, h.size, h.mtime_ns))
+        self._send_links(plan, {p.path for p in plan.puts}, changed)
         for a in plan.setattrs:
             link.send(ap.SetAttr(a.path, a.mode, a.mtime_ns, a.uid, a.gid))
         # deletes after the puts (the mirror keeps serving old data until the new is there), children first
@@ -478,6 +500,27 @@ class AgentSender(_Part):
         for a in sorted(plan.dir_setattrs, key=lambda a: -a.path.count(b"/")):
             link.send(ap.SetAttr(a.path, a.mode, a.mtime_ns, a.uid, a.gid))
         return changed
+
+    def _send_links(self, plan: Plan, put: set[bytes], changed: list[bytes]) -> None:
+        """Send the plan's hard links, each checked by the agent against the size and mtime its existing name must
+        have: what this batch sent there (``put``: the plan's puts), or what the planner believes the mirror holds.
+
+        A link to a put of this batch that was not sent (dropped: changed while read, a writer had it open, gone) is
+        not sent either: the mirror's name holds older data, or nothing. Its name goes to ``changed`` and its data is
+        sent next batch instead, linked again to the other names then. Without ``linkcheck`` (an older agent) links
+        go unchecked.
+        """
+        link = self.link
+        assert link is not None
+        checking = "linkcheck" in link.conn.capabilities
+        for h in plan.hardlinks:
+            if h.existing in put and h.existing not in self.ctx.sent:
+                changed.append(h.path)
+                continue
+            size, mtime = self.ctx.sent.get(h.existing, (h.size, h.mtime_ns))
+            if not checking or size is None or mtime is None:
+                size = mtime = None
+            link.send(ap.Hardlink(h.path, h.existing, size, mtime))
 
     def _report(self, rep: BatchReport, total: int) -> None:
         if self.host.progress is not None:
@@ -559,6 +602,7 @@ class AgentSender(_Part):
                     # batch. A read racing a same-size in-place rewrite may land a mix for that short while.
                     link.send(ap.PutFile(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data,
                                          xxhash.xxh3_128_digest(data)))
+                    self.ctx.sent[p.path] = (len(data), st.st_mtime_ns)
                     if p.uid is not None or p.gid is not None:
                         # the mode again: setuid/setgid bits stay only once owner and group are set (agent rule)
                         link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), None, *_owner(p, st)))
@@ -591,6 +635,7 @@ class AgentSender(_Part):
                 return True
             link.send(ap.PutEnd(h.digest()))
             link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, *_owner(p, st)))
+            self.ctx.sent[p.path] = (st.st_size, st.st_mtime_ns)
             return False
         finally:
             os.close(fd)
@@ -666,6 +711,7 @@ class AgentSender(_Part):
                     return True
                 link.send(ap.DeltaEnd(stream.stats.digest))
             link.send(ap.SetAttr(p.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns, *_owner(p, st)))
+            self.ctx.sent[p.path] = (st.st_size, st.st_mtime_ns)
             return False
         finally:
             os.close(fd)
@@ -771,7 +817,7 @@ class AgentTransport:
         link.send(ap.Commit(self._seq))
         ack = link.take(ap.Ack, f"the ack of batch {self._seq}")
         assert isinstance(ack, ap.Ack)
-        res = interpret_ack(ack.errors, renames=renames, torn=ctx.torn, checked=ctx.checked,
+        res = interpret_ack(ack.errors, renames=renames, torn=ctx.torn, checked=ctx.checked | ctx.link_leaders.keys(),
                             link_leaders=ctx.link_leaders, changed=changed)
         for err in res.reported:
             log.warning("target %s: %s: %s (%s)", self.target.spec, os.fsdecode(err.relpath), err.message, err.code)
@@ -779,12 +825,13 @@ class AgentTransport:
         rep.rescan, rep.missing, rep.transient = res.rescan, res.missing, res.transient
         rep.failed = {e.relpath for e in ack.errors}
         rep.resend = [*changed, *res.resend, *ctx.later]
+        # Every name of a group is recorded, landed or not: when the data is next sent (a retry, a resend) each
+        # name must be linked to it again. One that failed or was dropped is in doubt: linked, never linked to.
+        unsure = rep.failed.union(rep.resend)
         for key, names in ctx.link_sets.items():
-            if not names & rep.failed:
-                self.links.add(key, names)
-            else:  # whatever the mirror holds for this group now, do not link to it: the next write re-sends
-                for p in names:
-                    self.links.discard(p)
+            self.links.add(key, names)
+        self.links.trust(ctx.sent.keys() | ctx.link_leaders.keys())
+        self.links.doubt(unsure)
         log.info(
             "target %s: batch %d: %d puts, %d deltas, %d renames, %d deletes, %d rescans; %d literal + %d matched "
             "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,

@@ -1,9 +1,12 @@
 """When a path that failed on the mirror with an error that may pass (a full disk, a busy file: ``TRANSIENT`` in
 :mod:`kwatch.replicate.ack`) is sent again. Pure: the clock is passed in.
 
-The first retry waits RETRY_FIRST seconds, each further failure of the same path twice its last wait, up to
-RETRY_MAX; a path that lands starts over. The earliest due time is kept so the replicator's loop looks at the table
-only when something is due.
+The first retry waits RETRY_FIRST seconds, each failure of the retry itself twice its last wait, up to RETRY_MAX;
+a path that lands starts over. A path that fails again while its retry is still waiting (another batch sent it: a
+rescan, a rename, a new change) keeps its wait: the wait grows with the time the mirror has been failing, not with
+the number of batches that touched the path meanwhile (a full disk of a few seconds, during which a busy path fails
+in a dozen batches, would otherwise put its next try a minute away). The earliest due time is kept so the
+replicator's loop looks at the table only when something is due.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class PathRetries:
         """Retry ``paths`` (they failed again); returns each with its wait."""
         out = []
         for rel in paths:
+            if rel in self.at:  # its retry is still waiting: this failure came from another batch
+                out.append((rel, self.at[rel] - now))
+                continue
             wait = min(self.wait.get(rel, self.first / 2) * 2, self.cap)
             self.wait[rel] = wait
             self.at[rel] = now + wait

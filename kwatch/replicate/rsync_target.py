@@ -135,6 +135,8 @@ class RsyncTransport:
         rep.resend = list(res.held)  # open for writing: sent after its close, as a live change
         if paths is None:
             self.links.discard_under(b"")
+        else:
+            rep.resend += self._unlisted_names(res.inodes)
         for key, names in res.inodes.items():
             self.links.add(key, names)
         rep.puts = res.files
@@ -153,19 +155,47 @@ class RsyncTransport:
         return rep
 
     def _other_names(self, paths: set[bytes]) -> set[bytes]:
-        """The other names (in the source, by the index) of the regular files with several names among ``paths``."""
+        """The other names (in the source, by the index) of the regular files with several names among ``paths``,
+        and of those below a directory of ``paths`` (a session sends a listed directory whole: a directory renamed
+        is sent again under its new name, and a file in it linked to a name elsewhere would land as a copy)."""
         out: set[bytes] = set()
+        keys: set[tuple[int, int]] = set()
         for rel in paths:
             try:
                 st = os.lstat(os.path.join(self.src, rel))
             except OSError:
                 self.links.discard_under(rel)
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
-                continue
-            key = (st.st_dev, st.st_ino)
-            out.update(p for p in self.links.names(key) if p not in paths and is_inode(self.src, p, key))
+            if stat.S_ISDIR(st.st_mode):
+                keys |= self.links.keys_under(rel)
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                keys.add((st.st_dev, st.st_ino))
+        for key in keys:
+            out.update(p for p in self.links.names(key)
+                       if p not in paths and not _below_any(p, paths) and is_inode(self.src, p, key))
         return out
+
+
+    def _unlisted_names(self, listed: dict[tuple[int, int], list[bytes]]) -> list[bytes]:
+        """Names the index knows (and the source still has) of the inodes a session listed, that the session did not
+        list: the receiver could not link them, so the mirror may hold them as copies. Sent again, a later session
+        lists them with the names just sent, which the index then knows (a file moved into the tree from outside,
+        linked to a name inside, is the case _other_names cannot see before the session)."""
+        out: list[bytes] = []
+        for key, names in listed.items():
+            here = set(names)
+            out.extend(p for p in self.links.names(key) if p not in here and is_inode(self.src, p, key))
+        return out
+
+
+def _below_any(rel: bytes, tops: set[bytes]) -> bool:
+    """Whether a directory above ``rel`` is in ``tops`` (the session sends ``rel`` with it)."""
+    i = rel.rfind(b"/")
+    while i > 0:
+        if rel[:i] in tops:
+            return True
+        i = rel.rfind(b"/", 0, i)
+    return False
 
 
 def excluded_path(excluded: Excluder, rel: bytes) -> bool:

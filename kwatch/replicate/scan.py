@@ -693,13 +693,18 @@ def _plan_links(
                 plan.setattrs.append(sa)
             if not dst.identities:
                 keep = [leader]  # two names with the same content may still be two inodes
+            # the links run before the leader's setattr: they expect the mirror's file as it is now
+            expect = (dl.size, dl.mtime_ns)
         else:
             # sent once; under a name the mirror has a file at if any (a delta needs a basis)
             leader = next((p for p in group if mirror_file(p) is not None), group[0])
             put(leader, s_entries[leader], None if leader in replaced else d_entries.get(leader))
             keep = [leader]
+            expect = (s_entries[leader].size, s_entries[leader].mtime_ns)
         for p in group:
             if p in keep:
                 continue
-            plan.hardlinks.append(Hardlink(p, leader))
+            # the expected size and mtime let the mirror refuse a link to a name that is not what this plan
+            # believes (the put of the leader failed, or the mirror changed since its manifest was made)
+            plan.hardlinks.append(Hardlink(p, leader, *expect))
             touched.add(_parent(p))

@@ -420,9 +420,12 @@ def test_transient_errors_back_off_and_a_landing_starts_over(tmp_path: Path) -> 
     rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), TargetOptions())
     waits = []
     for _ in range(8):
+        rep.retries.due(float("inf"))  # the retry is taken (due), and fails again: only that doubles the wait
         rep._schedule_retries([b"f"], {b"f"}, Batch())
         waits.append(rep.retries.wait[b"f"])
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    rep._schedule_retries([b"f"], {b"f"}, Batch())  # failed in another batch while its retry waits: same wait
+    assert rep.retries.wait[b"f"] == 60.0
     rep._schedule_retries([b"gone"], {b"gone"}, Batch())
     assert b"gone" not in rep.retries.at, "a name the source lost is not retried"
     rep._mark_due_retries(time.monotonic() + 61)

@@ -226,6 +226,23 @@ def test_link_to_a_file_of_a_subtree_rescanned_in_the_same_batch(trees: tuple[Pa
         assert_trees_equal(src, mirror)
 
 
+def test_link_into_a_subtree_rescanned_in_the_same_batch(trees: tuple[Path, Path]) -> None:
+    """``mv /outside/m src/m; ln src/a src/m/h`` in one batch: m is rescanned and sends h as data (the rescan does not
+    know a, which had one name until now); a must then be linked to that put, not left a separate copy. (The fault
+    matrix hit this at 1 Mbit/s: a directory made and renamed within one batch is rescanned under its new name.)"""
+    src, mirror = trees
+    outside = src.parent / "outside"
+    outside.mkdir()
+    (src / "a").write_bytes(b"a" * SIZE)
+    with _mirrored(src, mirror) as rep:
+        os.rename(outside, src / "m")
+        os.link(src / "a", src / "m" / "h")
+        r = _batch(rep, [FileEvent(Op.RENAME, os.fsencode(outside), os.fsencode(src / "m")),
+                         FileEvent(Op.LINK, os.fsencode(src / "a"), os.fsencode(src / "m" / "h"))])
+        assert not r.errors, r
+        assert_trees_equal(src, mirror)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # live: kwatch replicate with BPF capture
 

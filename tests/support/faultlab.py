@@ -500,32 +500,13 @@ def _fault_key_refused(rig: Rig, on: bool) -> None:
     rig.refuse_key(on)
 
 
-def _linked(rig: Rig) -> set[str]:
-    """The source's names of files with more than one link (as tree_differences shows them)."""
-    out = set()
-    for dirpath, _dirs, names in os.walk(rig.src):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            if os.lstat(p).st_nlink > 1:
-                out.add(os.path.relpath(p, rig.src))
-    return out
-
-
-def _path_of(diff: str) -> str:
-    """The path a tree_differences line is about ("only in ROOT: PATH (kind)" or "PATH: what")."""
-    if diff.startswith("only in "):
-        return diff.split(": ", 1)[1].rsplit(" (", 1)[0]
-    return diff.split(":", 1)[0]
-
-
 def converge(rig: Rig, bound: float, what: str) -> float:
-    """Seconds until the mirror equals the source in everything but hard-linked files (checked apart)."""
+    """Seconds until the mirror equals the source: content, attributes, and which paths share an inode."""
     t0 = time.monotonic()
     diffs: list[str] = []
     while time.monotonic() - t0 < bound:
         try:
-            linked = _linked(rig)
-            diffs = [d for d in tree_differences(rig.src, rig.mirror, hardlinks=False) if _path_of(d) not in linked]
+            diffs = tree_differences(rig.src, rig.mirror)
         except FileNotFoundError as e:
             diffs = [f"tree changed while compared: {e}"]
         if not diffs:
@@ -534,17 +515,6 @@ def converge(rig: Rig, bound: float, what: str) -> float:
     assert rig.live is not None
     raise AssertionError(f"{what}: mirror not identical after {bound}s ({len(diffs)} differences):\n  "
                          + "\n  ".join(diffs[:40]) + "\n---- log tail ----\n" + rig.live.log_text()[-4000:])
-
-
-def hard_link_differences(rig: Rig, grace: float = 10.0) -> list[str]:
-    """What differs once everything else is identical (after ``grace`` seconds more): hard-link groups, and the
-    content or attributes of hard-linked files."""
-    deadline = time.monotonic() + grace
-    while True:
-        diffs = tree_differences(rig.src, rig.mirror)
-        if not diffs or time.monotonic() > deadline:
-            return diffs
-        time.sleep(0.2)
 
 
 # name -> (the fault's start and end, the kinds it applies to, seconds it lasts in the matrix)
