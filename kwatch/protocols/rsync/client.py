@@ -48,6 +48,7 @@ from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, hlink_indexes,
 from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
 
 SUPPORTED_PROTOCOLS = (30, 31)
+MAX_BASIS_DIRS = 20  # rsync.h MAX_BASIS_DIRS: --link-dest/--copy-dest/--compare-dest dirs a receiver takes
 MAX_BLOCK_SIZE = 1 << 17  # rsync.h MAX_BLOCK_SIZE (protocol >= 30)
 #: Most block checksums we take for one file. rsync's receiver sizes blocks at about sqrt(file size), up to
 #: MAX_BLOCK_SIZE (generator.c sum_sizes_sqroot), so 2^20 covers a basis of 128 GiB; each costs about 100 bytes
@@ -91,6 +92,14 @@ class PushOptions:
     delete: bool = False  # --delete: extraneous entries inside content dirs are removed
     delete_missing: bool = False  # --delete-missing-args: mode-0 entries delete that path
     fuzzy: bool = False  # --fuzzy (+ --delete-after): a renamed file's old copy can be the basis
+    #: --link-dest dirs (relative to ``dest``): a file missing at ``dest`` whose copy in one of them has the same
+    #: size, mtime and mode is hard-linked from there, else a copy there with the same size and mtime is copied
+    #: locally, else any regular file there is the delta basis (generator.c try_dests_reg); at most 20
+    link_dest: tuple[bytes, ...] = ()
+    #: --fuzzy twice: the fuzzy search also looks in the matching directory of each ``link_dest`` dir (options.c:
+    #: fuzzy_basis = basis_dir_cnt + 1), so a file renamed inside a moved tree still finds its old copy
+    fuzzy_alt: bool = False
+    mkpath: bool = False  # --mkpath: the receiver creates missing directories of ``dest`` (rsync >= 3.2.3)
     protocol: int = 31
     negotiate: bool = True  # the 'v' capability: negotiate checksum names and varint flist flags
     compress: bool = False  # negotiates compression (only "none" is implemented, so data is not compressed)
@@ -163,17 +172,25 @@ class Counters:
 def build_server_args(opts: PushOptions) -> list[bytes]:
     """The argument vector the remote ``rsync --server`` gets (options.c server_options, for a sender)."""
     flags = "-l" + ("H" if opts.hard_links else "") + "ptr"  # -H where options.c server_options puts it
-    if opts.fuzzy:
-        flags += "y"
+    if opts.fuzzy or opts.fuzzy_alt:
+        flags += "yy" if opts.fuzzy_alt else "y"
     if opts.compress:
         flags += "z"
     # -e.<capabilities>: no 'i' (no incremental recursion: one file list), 'v' only when negotiating.
     flags += "e." + ("LsfxCIvu" if opts.negotiate else "LsfxCIu")
     args = [b"--server", flags.encode()]
     if opts.delete:
-        args.append(b"--delete-after" if opts.fuzzy else b"--delete")
+        args.append(b"--delete-after" if opts.fuzzy or opts.fuzzy_alt else b"--delete")
     if opts.delete_missing:
         args.append(b"--delete-missing-args")
+    if len(opts.link_dest) > MAX_BASIS_DIRS:
+        raise LocalProtocolError(f"{len(opts.link_dest)} --link-dest dirs (a receiver takes {MAX_BASIS_DIRS})")
+    for d in opts.link_dest:
+        if not d or b"\0" in d:
+            raise LocalProtocolError(f"bad --link-dest dir {d!r}")
+        args.append(b"--link-dest=" + d)
+    if opts.mkpath:
+        args.append(b"--mkpath")
     # -@-1 (--modify-window=-1, as options.c server_options spells a negative window): with the default window
     # of 0, util1.c same_time compares whole seconds only, so the receiver leaves a time alone when just the
     # nanoseconds differ. That skips set_file_attrs' utimes on a directory or symlink it has just created in the
