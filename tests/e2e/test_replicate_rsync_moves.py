@@ -136,7 +136,7 @@ def test_dir_rename_with_edits_inside(tmp_path: Path, daemon: RsyncDaemon) -> No
 
 def test_daemon_refusing_link_dest_gets_the_data(tmp_path: Path) -> None:
     with RsyncDaemon(tmp_path / "rsyncd", extra_conf="refuse options = link-dest") as d:
-        src, mirror, size = _seed(tmp_path, d)
+        src, mirror, _size = _seed(tmp_path, d)
         _mv(src, "top/A", "top/B")
         t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
         rep = t.sync(_batch([("top/A", "top/B")]))
