@@ -234,13 +234,22 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
     by_name: dict[bytes, FileEntry] = {}
     prune: set[bytes] = set()  # fuzzy: directories to send as content dirs with their direct children
     missing = False
-    for raw in paths:
+    # A batch of a new tree names each directory and everything in it: what a directory's scan listed, and the
+    # ancestors already found to be directories, are not looked at again (in sorted order a directory comes
+    # before its content).
+    whole: set[bytes] = set()  # listed with everything below them
+    parents: set[bytes] = set()  # found to be directories and listed
+    for raw in sorted(paths):
         rel = os.path.normpath(raw).lstrip(b"/")
         if rel in (b"", b".") or rel.startswith(b"../") or rel == b"..":
             raise ValueError(f"path outside the source root: {raw!r}")
         parts = rel.split(b"/")
         for i in range(1, len(parts) + 1):
             pre = b"/".join(parts[:i])
+            if pre in whole:
+                break
+            if i < len(parts) and pre in parents:
+                continue
             try:
                 st = os.lstat(os.path.join(root, pre))
             except (FileNotFoundError, NotADirectoryError):
@@ -260,6 +269,7 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 try:
                     for e in scan_tree(root, pre, top=False, exclude=exclude, shallow=shallow):
                         by_name[e.name] = e
+                    whole.add(pre)
                 except FileNotFoundError:
                     pass  # gone since the lstat: the next batch has it
                 break
@@ -269,6 +279,7 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 pe = _entry(root, pre, st, content_dir=False)
                 if pe is not None:
                     by_name[pre] = pe
+            parents.add(pre)
     for d in sorted(prune):
         old = by_name.get(d)
         if old is not None and old.is_dir and old.content_dir:
@@ -343,7 +354,15 @@ class _Pacer:
         return max(0.0, (min(want, BURST) - self.tokens) / self.rate)
 
 
-def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, timeout: float,
+def _append(out: bytearray, more: bytearray) -> bytearray:
+    """``out`` followed by ``more``, copying only when both hold bytes (the session's buffer is ours to keep)."""
+    if not out:
+        return more
+    out += more
+    return out
+
+
+def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, timeout: float,
          pacer: _Pacer | None = None) -> None:
     sel = selectors.DefaultSelector()
     out = bytearray()
@@ -373,8 +392,8 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
                     done = True
                 elif isinstance(ev, Motd):
                     pass
-                out += session.data_to_send()
-            out += session.data_to_send()
+                out = _append(out, session.data_to_send())
+            out = _append(out, session.data_to_send())
             if done and not out:
                 return
             if eof:
@@ -430,22 +449,40 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
         sel.close()
 
 
-def _send_one(session: PushSession, ev: FileRequested, root: bytes, result: PushResult) -> None:
-    path = os.path.join(root, ev.entry.name)
+def _send_one(session: PushSession, ev: FileRequested, root: int, result: PushResult) -> None:
     try:
-        # beneath the root with no symlink in the path (a directory swapped for one since the file list was built
-        # is refused, not followed), a regular file only, never blocking on a FIFO (see kwatch.fsutil)
+        # beneath the root (an fd held for the session) with no symlink in the path (a directory swapped for one
+        # since the file list was built is refused, not followed), a regular file only, never blocking on a FIFO
+        # (see kwatch.fsutil)
         fd, st = open_regular(root, ev.entry.name)
     except OSError as exc:
-        result.errors.append(f"{path!r}: {exc.strerror}")
+        result.errors.append(f"{ev.entry.name!r}: {exc.strerror}")
         session.skip_file(ev.ndx)
         return
     try:
-        with _snapshot(fd, st.st_size) as data:
-            session.send_file(ev.ndx, data)
+        if st.st_size <= SMALL_FILE:
+            session.send_file(ev.ndx, _read_small(fd, st.st_size))
+        else:
+            with _snapshot(fd, st.st_size) as data:
+                session.send_file(ev.ndx, data)
     finally:
         os.close(fd)
     result.files += 1
+
+
+def _read_small(fd: int, size: int) -> bytes:
+    """A small file's content, read into memory (see :func:`_snapshot`); usually one pread."""
+    data = os.pread(fd, size, 0)
+    if len(data) < size and data:
+        parts, got = [data], len(data)
+        while got < size:
+            part = os.pread(fd, size - got, got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = b"".join(parts)
+    return data
 
 
 SMALL_FILE = 1 << 20
@@ -461,14 +498,7 @@ def _snapshot(fd: int, size: int) -> Iterator[bytes | memoryview]:
     file checksum covers it; the next event brings the rest), as rsync does.
     """
     if size <= SMALL_FILE:
-        parts, got = [], 0
-        while got < size:
-            part = os.pread(fd, size - got, got)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-        yield b"".join(parts)
+        yield _read_small(fd, size)
         return
     mfd = os.memfd_create("kwatch-send", os.MFD_CLOEXEC)
     try:
@@ -551,13 +581,15 @@ def push(
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
     with contextlib.ExitStack() as stack:
-        base = root
         if sub:
             # the subdirectory pinned by an fd opened with no symlink in its path: a directory swapped for a
             # symlink since the batch was planned is refused (ELOOP/ENOTDIR), not followed out of the tree
-            fd = open_beneath(root, sub, _O_LIST_DIR)
-            stack.callback(os.close, fd)
-            base = f"/proc/self/fd/{fd}".encode()
+            base_fd = open_beneath(root, sub, _O_LIST_DIR)
+            base = f"/proc/self/fd/{base_fd}".encode()
+        else:
+            base_fd = os.open(root, _O_LIST_DIR & ~os.O_NOFOLLOW)  # the operator may name the root by a symlink
+            base = root
+        stack.callback(os.close, base_fd)
         target = parse_url(url)
         prefix = sub + b"/" if sub else b""
         dest = remote_path if remote_path is not None else target.path
@@ -609,7 +641,7 @@ def push(
         if target.scheme == "rsync":
             session = PushSession(entries, opts, Mode.DAEMON, target.module)
             with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
-                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base, result, timeout, _Pacer(bwlimit))
+                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit))
         else:
             session = PushSession(entries, opts, Mode.SHELL)
             from kwatch.protocols.rsync.client import build_server_args
@@ -625,7 +657,7 @@ def push(
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
             try:
-                _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base, result, timeout,
+                _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base_fd, result, timeout,
                      _Pacer(bwlimit))
             except RemoteProtocolError as exc:
                 # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem

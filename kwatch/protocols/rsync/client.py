@@ -25,8 +25,10 @@ the phases; the goodbye exchange ends the session.
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 import stat
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -214,6 +216,38 @@ def protect_rule(path: bytes) -> bytes:
     return b"P /" + path
 
 
+_INT = struct.Struct("<i")
+_SUM_HEAD = struct.Struct("<4i")
+FRAME_DATA = 1 << 20  # MSG_DATA payload per frame a file's tokens are written in (at most codec.MAX_FRAME)
+
+
+class _DataFrame:
+    """MSG_DATA frames written in place at the end of ``buf``: a header reserved now, its length filled in when the
+    frame closes (io.c mplex_write's framing, without copying the payload again)."""
+
+    __slots__ = ("buf", "start")
+
+    def __init__(self, buf: bytearray) -> None:
+        self.buf = buf
+        self.start = len(buf)
+        buf += b"\0\0\0\0"
+
+    def roll(self) -> None:
+        """Close the frame and open the next once it holds FRAME_DATA bytes."""
+        if len(self.buf) - self.start - 4 >= FRAME_DATA:
+            self.close()
+            self.start = len(self.buf)
+            self.buf += b"\0\0\0\0"
+
+    def close(self) -> None:
+        n = len(self.buf) - self.start - 4
+        if n == 0:
+            del self.buf[self.start:]
+            return
+        assert n <= codec.MAX_FRAME
+        struct.pack_into("<I", self.buf, self.start, (codec.MPLEX_BASE + Msg.DATA) << 24 | n)
+
+
 class PushSession:
     """One push session: a whole batch of files over one connection."""
 
@@ -226,10 +260,12 @@ class PushSession:
         self.opts = opts
         self.mode = mode
         self.module = module
-        self.entries = sorted(entries, key=sort_key)
-        for a, b in zip(self.entries, self.entries[1:], strict=False):
-            if sort_key(a) == sort_key(b):
-                raise LocalProtocolError(f"duplicate file-list entry {a.name!r}")
+        keyed = sorted((sort_key(e), e) for e in entries) if len({e.name for e in entries}) == len(entries) else None
+        if keyed is None:
+            names = sorted(e.name for e in entries)
+            dup = next(a for a, b in itertools.pairwise(names) if a == b)
+            raise LocalProtocolError(f"duplicate file-list entry {dup!r}")
+        self.entries = [e for _, e in keyed]
         self.protocol = opts.protocol
         self.counters = Counters()
         self.compat_flags = 0
@@ -255,9 +291,10 @@ class PushSession:
 
     # --- the public surface ----------------------------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
+    def data_to_send(self) -> bytearray:
+        """What to write to the peer; the caller owns the buffer (no copy is made)."""
+        out = self._out
+        self._out = bytearray()
         return out
 
     def receive_data(self, data: bytes) -> None:
@@ -298,30 +335,33 @@ class PushSession:
         if len(data) != entry.size:
             # The file changed after the list was sent; rsync sends what it reads (the checksum covers it).
             pass
-        out = bytearray(self._ndx_and_attrs(ndx, iflags, basis, xname))
-        out += codec.enc_int(sums.count) + codec.enc_int(sums.blength)
-        out += codec.enc_int(sums.s2length) + codec.enc_int(sums.remainder)
+        # The tokens go straight into the output, in MSG_DATA frames of about FRAME_DATA bytes whose headers are
+        # filled in as each one closes: the file's bytes are copied once here, never re-framed.
+        out = self._out
+        frame = _DataFrame(out)
+        out += self._ndx_and_attrs(ndx, iflags, basis, xname)
+        out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
         strong = block_hasher(self.checksum, self.seed)
         fsum = FileHasher(self.checksum)
         mv = memoryview(data)
+        pack_int = _INT.pack
         for tok in match_blocks(mv, sums, strong):
             if isinstance(tok, Literal):
                 for s in range(tok.start, tok.end, codec.CHUNK_SIZE):
                     e = min(tok.end, s + codec.CHUNK_SIZE)
-                    out += codec.enc_int(e - s)
+                    out += pack_int(e - s)
                     out += mv[s:e]
+                    frame.roll()
                 self.counters.literal_bytes += tok.end - tok.start
             else:
                 assert isinstance(tok, Match)
-                out += codec.enc_int(-(tok.block + 1))
+                out += pack_int(-(tok.block + 1))
                 self.counters.matched_bytes += tok.length
-            if len(out) >= 1 << 20:
-                self._send_data(bytes(out))
-                out.clear()
+                frame.roll()
         fsum.update(mv)
-        out += codec.enc_int(0)
+        out += pack_int(0)
         out += fsum.digest()
-        self._send_data(bytes(out))
+        frame.close()
         self.counters.files_sent += 1
         self.state = State.TRANSFER
 
@@ -338,8 +378,10 @@ class PushSession:
     def _send_raw(self, b: bytes) -> None:
         self._out += b
 
-    def _send_data(self, b: bytes) -> None:
-        self._out += codec.enc_data(b)
+    def _send_data(self, b: bytes | bytearray) -> None:
+        frame = _DataFrame(self._out)
+        self._out += b
+        frame.close()
 
     def _early_close(self) -> RemoteProtocolError:
         msgs = "; ".join(self.counters.remote_errors)
@@ -533,7 +575,7 @@ class PushSession:
         out += enc.end(0)
         if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:
             pass
-        self._send_data(bytes(out))
+        self._send_data(out)
         if rest:
             self._take_frames(rest)
 

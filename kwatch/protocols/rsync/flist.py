@@ -91,16 +91,19 @@ class FileEntry:
         return stat.S_ISLNK(self.mode)
 
 
-def sort_key(e: FileEntry) -> tuple[tuple[int, bytes], ...]:
+def sort_key(e: FileEntry) -> bytes:
     """The order of flist.c ``f_name_cmp`` (protocol >= 29): within a directory, non-directories sort before
     directories, directory names compare with a trailing slash, a directory sorts just before its content, and
-    the top ``.`` sorts first."""
+    the top ``.`` sorts first.
+
+    One bytes string per entry (sorting compares them in C): each component is a type byte (0 a non-directory, 1
+    a directory), its name (a directory's with the trailing slash) and a NUL, which no name byte sorts below, so
+    a name ends before a longer one it begins and an ancestor before its content."""
     if e.name == b".":
-        return ()
-    parts = e.name.split(b"/")
-    key = [(1, p + b"/") for p in parts[:-1]]
-    key.append((1, parts[-1] + b"/") if e.is_dir else (0, parts[-1]))
-    return tuple(key)
+        return b""
+    head, _, last = e.name.rpartition(b"/")
+    key = b"\x01" + head.replace(b"/", b"/\x00\x01") + b"/\x00" if head else b""
+    return key + (b"\x01" + last + b"/\x00" if e.is_dir else b"\x00" + last + b"\x00")
 
 
 def hlink_indexes(entries: list[FileEntry]) -> list[int | None]:
