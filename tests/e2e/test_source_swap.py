@@ -219,7 +219,7 @@ real_open, real_send = rsync_transport.open_regular, rsync_transport.PushSession
 def opening(root, rel):
     fd, st = real_open(root, rel)
     if when == "opened":
-        os.truncate(os.path.join(root, rel), 0)  # the file's owner, right after kwatch took its size
+        os.truncate(os.path.join(src, rel), 0)  # the file's owner, right after kwatch took its size (root: an fd)
     return fd, st
 
 def sending(self, ndx, data):
