@@ -283,9 +283,19 @@ class PushSession:
         self._phase = 0
         self._pending: tuple[int, int, int, bytes | None, SumHead] | None = None
         self._server_auth: list[str] = []
+        self._args_sent = False
+        self._flist_sent = False
         self.state = State.GREETING if mode is Mode.DAEMON else State.VERSION
         if mode is Mode.DAEMON:
+            # Each step the daemon reads in order is written at once, not after its reply: over a link of 200 ms
+            # RTT every wait costs a round trip per session. The module name follows the greeting (the daemon reads
+            # both before answering: clientserver.c exchange_protocols, rsync_module), and without a password the
+            # arguments follow too: a module that wants one answers AUTHREQD first, which fails the session here
+            # before the daemon reads them as a reply (with a password they wait for the challenge, see below).
             self._send_raw(f"@RSYNCD: {self.protocol}.0 {' '.join(AUTH_NAMES)}\n".encode())
+            self._send_raw(self.module + b"\n")
+            if opts.password is None:
+                self._send_args()
         else:
             self._send_raw(codec.enc_int(self.protocol))
 
@@ -484,7 +494,6 @@ class PushSession:
                 f"{SUPPORTED_PROTOCOLS[0]}..{SUPPORTED_PROTOCOLS[-1]}"
             )
         self.protocol = negotiated
-        self._send_raw(self.module + b"\n")
         self.state = State.MODULE
 
     def _on_module_line(self, line: bytes) -> None:
@@ -497,17 +506,14 @@ class PushSession:
                     f"module {self.module.decode(errors='replace')!r} needs a password: pass one or set "
                     "RSYNC_PASSWORD / a password file"
                 )
+            if self._args_sent:
+                raise RemoteProtocolError("the daemon asked for a password after the arguments were sent")
             self.auth_digest = choose(AUTH_NAMES, self._server_auth, "daemon auth digest")
             resp = auth_response(self.auth_digest, self.opts.password, challenge)
             self._send_raw(self.opts.user + b" " + resp + b"\n")
+            self._send_args()  # read after the daemon's OK, or never if the password is refused
         elif line == b"@RSYNCD: OK":
-            args = build_server_args(self.opts)
-            dest = self.module + b"/" + self.opts.dest.lstrip(b"/")
-            for a in [*args, dest]:
-                if b"\0" in a:
-                    raise LocalProtocolError(f"NUL byte in argument {a!r}")
-                self._send_raw(a + b"\0")
-            self._send_raw(b"\0")
+            self._send_args()
             self.state = State.COMPAT
         elif line == b"@RSYNCD: EXIT":
             raise RemoteProtocolError("the daemon ended the session before the transfer (@RSYNCD: EXIT)")
@@ -522,6 +528,19 @@ class PushSession:
             raise RemoteProtocolError(f"the daemon refused the module: {text}")
         else:
             self._events.append(Motd(line))
+
+    def _send_args(self) -> None:
+        """The server arguments and the destination, each NUL-terminated, then an empty one (once)."""
+        if self._args_sent:
+            return
+        self._args_sent = True
+        args = build_server_args(self.opts)
+        dest = self.module + b"/" + self.opts.dest.lstrip(b"/")
+        for a in [*args, dest]:
+            if b"\0" in a:
+                raise LocalProtocolError(f"NUL byte in argument {a!r}")
+            self._send_raw(a + b"\0")
+        self._send_raw(b"\0")
 
     def _on_version(self, remote: int) -> None:
         if remote < 30:
@@ -545,6 +564,10 @@ class PushSession:
         else:
             self.checksum = "md5"  # compat.c: protocol >= 30 without negotiation
             self.state = State.SEED
+        # The filter list and the file list need neither the peer's checksum choice nor the seed, and the server
+        # reads them only after writing its seed (compat.c setup_protocol, then main.c do_server_recv): written
+        # now, they do not wait a round trip for the seed.
+        self._send_flist()
 
     def _on_negotiate(self, r: Reader) -> None:
         theirs = parse_name_list(codec.dec_vstring(r, 1024), "checksum")
@@ -555,11 +578,21 @@ class PushSession:
         self.state = State.SEED
 
     def _start_multiplex(self) -> None:
+        """From the seed on, the peer's output is multiplexed."""
         self._demux = codec.Demux()
         self._ndx_in = codec.NdxCodec(self.protocol)
-        self._ndx_out = codec.NdxCodec(self.protocol)
         rest = bytes(self._raw)
         self._raw.clear()
+        self._send_flist()
+        if rest:
+            self._take_frames(rest)
+
+    def _send_flist(self) -> None:
+        """The filter list and the file list, in MSG_DATA frames (our output is multiplexed from here), once."""
+        if self._flist_sent:
+            return
+        self._flist_sent = True
+        self._ndx_out = codec.NdxCodec(self.protocol)
         out = bytearray()
         if self.opts.delete or self.opts.delete_missing:
             # exclude.c send_filter_list / send_rules: each rule as an int length and its text, then 0
@@ -573,11 +606,7 @@ class PushSession:
         for e, hlink in zip(self.entries, hlinks, strict=True):
             out += enc.encode(e, hlink)
         out += enc.end(0)
-        if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:
-            pass
         self._send_data(out)
-        if rest:
-            self._take_frames(rest)
 
     def _ndx_and_attrs(self, ndx: int, iflags: int, basis: int, xname: bytes | None) -> bytes:
         assert self._ndx_out is not None
