@@ -43,10 +43,11 @@ from kwatch.protocols.rsync.checksum import (
     auth_response,
     block_hasher,
     choose,
+    file_checksum,
     parse_name_list,
 )
 from kwatch.protocols.rsync.codec import Msg, NeedMore, Reader
-from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, hlink_indexes, sort_key
+from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, encode_list, hlink_indexes, sort_key
 from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
 
 SUPPORTED_PROTOCOLS = (30, 31)
@@ -351,10 +352,25 @@ class PushSession:
         frame = _DataFrame(out)
         out += self._ndx_and_attrs(ndx, iflags, basis, xname)
         out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
-        strong = block_hasher(self.checksum, self.seed)
-        fsum = FileHasher(self.checksum)
         mv = memoryview(data)
         pack_int = _INT.pack
+        if sums.count == 0:
+            # nothing to match against (a new file): the whole file as literal runs, no block matcher set up
+            n = len(mv)
+            for s in range(0, n, codec.CHUNK_SIZE):
+                e = min(n, s + codec.CHUNK_SIZE)
+                out += pack_int(e - s)
+                out += mv[s:e]
+                frame.roll()
+            self.counters.literal_bytes += n
+            out += pack_int(0)
+            out += file_checksum(self.checksum, mv)
+            frame.close()
+            self.counters.files_sent += 1
+            self.state = State.TRANSFER
+            return
+        strong = block_hasher(self.checksum, self.seed)
+        fsum = FileHasher(self.checksum)
         for tok in match_blocks(mv, sums, strong):
             if isinstance(tok, Literal):
                 for s in range(tok.start, tok.end, codec.CHUNK_SIZE):
@@ -600,11 +616,16 @@ class PushSession:
                 rule = protect_rule(path)
                 out += codec.enc_int(len(rule)) + rule
             out += codec.enc_int(0)
-        enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
+        varint = bool(self.compat_flags & CF_VARINT_FLIST_FLAGS)
+        enc = FlistEncoder(self.protocol, varint)
         linking = self.opts.hard_links and self.protocol >= 30
         hlinks = hlink_indexes(self.entries) if linking else [None] * len(self.entries)
-        for e, hlink in zip(self.entries, hlinks, strict=True):
-            out += enc.encode(e, hlink)
+        bulk = encode_list(self.entries, self.protocol) if varint and not any(h is not None for h in hlinks) else None
+        if bulk is not None:
+            out += bulk
+        else:
+            for e, hlink in zip(self.entries, hlinks, strict=True):
+                out += enc.encode(e, hlink)
         out += enc.end(0)
         self._send_data(out)
 

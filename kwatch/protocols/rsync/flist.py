@@ -15,8 +15,10 @@ the order in which both sides index the list.
 from __future__ import annotations
 
 import dataclasses
+import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from kwatch.paths import UnsafePathError, check_relpath
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -242,6 +244,30 @@ class FlistEncoder:
         if io_error:
             return enc_shortint(XMIT_EXTENDED_FLAGS | XMIT_IO_ERROR_ENDLIST) + enc_varint(io_error)
         return b"\x00"
+
+
+def _load_c() -> Any:
+    if os.environ.get("KWATCH_PURE_PYTHON"):
+        return None
+    try:
+        from kwatch.protocols.rsync import _flistc  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _flistc
+
+
+#: The C encoder (``_flistc.c``, built by ``make ext``), or None; ``KWATCH_PURE_PYTHON=1`` ignores it.
+flistc: Any = _load_c()
+
+
+def encode_list(entries: list[FileEntry], protocol: int) -> bytes | None:
+    """A whole list's entries as :class:`FlistEncoder` (varint flags, no hard links) writes them, by the C encoder:
+    one call instead of one per entry. None when it is not built or declines the list (an old protocol, a name or
+    type the Python encoder refuses with a reason)."""
+    if flistc is None:
+        return None
+    out: bytes | None = flistc.encode(entries, protocol)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
