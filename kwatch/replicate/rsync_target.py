@@ -122,7 +122,8 @@ class RsyncTransport:
                 todo.add(new)
                 self.links.rename(old, new)
             todo.discard(b"")
-            todo = {p for p in todo if not excluded_path(excluded, p)}
+            seen: dict[bytes, bool] = {}  # directories already tested: a batch names many paths in each
+            todo = {p for p in todo if not excluded_path(excluded, p, seen)}
             todo |= self._other_names(todo)
             paths = sorted(todo)
             if not paths:
@@ -223,8 +224,20 @@ class RsyncTransport:
         return out
 
 
-def excluded_path(excluded: Excluder, rel: bytes) -> bool:
+def excluded_path(excluded: Excluder, rel: bytes, seen: dict[bytes, bool] | None = None) -> bool:
     """Whether ``rel`` or one of its ancestors matches an exclude pattern (an excluded directory's contents are not
-    replicated, as the scan does not descend it)."""
-    parts = rel.split(b"/")
-    return any(excluded(parts[i - 1], b"/".join(parts[:i])) for i in range(1, len(parts) + 1))
+    replicated, as the scan does not descend it). ``seen``: the answers for ancestors, kept across calls."""
+    if seen is None:
+        seen = {}
+    end = rel.find(b"/")
+    start = 0
+    while end >= 0:
+        pre = rel[:end]
+        hit = seen.get(pre)
+        if hit is None:
+            hit = seen[pre] = excluded(rel[start:end], pre)
+        if hit:
+            return True
+        start = end + 1
+        end = rel.find(b"/", start)
+    return excluded(rel[start:], rel)

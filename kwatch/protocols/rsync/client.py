@@ -678,21 +678,21 @@ class PushSession:
 
     def _read_sums(self, r: Reader) -> SumHead:
         """sender.c receive_sums / io.c read_sum_head, validated."""
-        count = codec.dec_int_bounded(r, 0, MAX_BLOCK_COUNT, "block count")
-        blength = codec.dec_int_bounded(r, 0, MAX_BLOCK_SIZE, "block length")
-        s2length = codec.dec_int_bounded(r, 0, DIGEST_LEN.get(self.checksum, 16), "checksum length")
-        remainder = codec.dec_int_bounded(r, 0, blength, "remainder length")
+        count, blength, s2length, remainder = r.unpack(_SUM_HEAD)
+        for what, v, hi in (("block count", count, MAX_BLOCK_COUNT), ("block length", blength, MAX_BLOCK_SIZE),
+                            ("checksum length", s2length, DIGEST_LEN.get(self.checksum, 16)),
+                            ("remainder length", remainder, blength)):
+            if not 0 <= v <= hi:
+                raise RemoteProtocolError(f"{what} out of range from the peer: {v} not in [0, {hi}]")
         if count and not blength:
             raise RemoteProtocolError("block checksums with a zero block length")
-        need = count * (4 + s2length)
-        if r.remaining() < need:
-            raise NeedMore
-        sum1 = []
-        sum2 = []
-        for _ in range(count):
-            sum1.append(codec.dec_int(r) & 0xFFFFFFFF)
-            sum2.append(r.take(s2length))
-        return SumHead(count, blength, s2length, remainder, tuple(sum1), tuple(sum2))
+        if not count:
+            return SumHead(0, blength, s2length, remainder, (), ())
+        step = 4 + s2length
+        raw = r.take(count * step)
+        sum1 = tuple(int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), step))
+        sum2 = tuple(raw[i + 4 : i + step] for i in range(0, len(raw), step))
+        return SumHead(count, blength, s2length, remainder, sum1, sum2)
 
     def _on_goodbye(self, r: Reader) -> None:
         assert self._ndx_out is not None
