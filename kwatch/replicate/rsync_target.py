@@ -5,9 +5,10 @@ by the native rsync client (:mod:`kwatch.replicate.rsync_transport`) as a :class
 A stock ``rsync --daemon`` has no rename or delete message: each batch becomes one rsync session that sends the
 batch's paths (the dirty ones, both names of every rename, and the rescanned subtrees); a path that no longer exists
 is deleted on the daemon (``--delete-missing-args``, or with ``fuzzy`` by listing its parent directory under
-``--delete-after``), a renamed file is sent again under its new name, and with ``fuzzy`` the daemon may use a
-similar file in the same directory as the delta basis (``--fuzzy``), so a rename within a directory moves little
-data. A rescan of the whole tree is one full push with ``--delete``. Either way the mirror ends identical, mtimes of
+``--delete-after``). A renamed directory, or a file moved to another directory, is first moved by the daemon from
+its own copy in a session of its own (``--link-dest`` to the old name: :mod:`kwatch.replicate.rsync_moves`), which
+the batch's session then leaves alone; with ``fuzzy`` the daemon may use a similar file in the same directory as
+the delta basis (``--fuzzy``), so a rename within a directory moves little data. A rescan of the whole tree is one full push with ``--delete``. Either way the mirror ends identical, mtimes of
 directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
 

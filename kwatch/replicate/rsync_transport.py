@@ -14,7 +14,9 @@ What a batch can express (the rsync protocol has no rename or delete message of 
 - a rename is a delete of the old path plus a send of the new one. The new file is sent as a delta against
   nothing, unless ``fuzzy=True``: then ``--fuzzy`` lets the receiver use a same-size/same-mtime or similarly
   named file in the destination directory as the basis, and deletions are delayed (``--delete-after``) so the
-  old name is still there to serve as that basis. A rename across directories cannot reuse data this way.
+  old name is still there to serve as that basis. A rename across directories cannot reuse data this way: a
+  session of its own with ``subdir`` (the new name) and ``link_dest`` (the old one) lets the receiver link the
+  files from its copy (see kwatch.replicate.rsync_moves).
 
 Every mtime is compared to the nanosecond on the receiver (``-@-1``, see ``build_server_args``): directories,
 files and symlinks all end with the source's mtime, also when they were created in the same second.
