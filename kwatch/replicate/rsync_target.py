@@ -8,8 +8,8 @@ is deleted on the daemon (``--delete-missing-args``, or with ``fuzzy`` by listin
 ``--delete-after``). A renamed directory, or a file moved to another directory, is first moved by the daemon from
 its own copy in a session of its own (``--link-dest`` to the old name: :mod:`kwatch.replicate.rsync_moves`), which
 the batch's session then leaves alone; with ``fuzzy`` the daemon may use a similar file in the same directory as
-the delta basis (``--fuzzy``), so a rename within a directory moves little data. A rescan of the whole tree is one full push with ``--delete``. Either way the mirror ends identical, mtimes of
-directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
+the delta basis (``--fuzzy``), so a rename within a directory moves little data. A rescan of the whole tree is one
+full push with ``--delete``. Either way the mirror ends identical, mtimes of directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
 
 Files open for writing (the batch's :attr:`~kwatch.replicate.coalesce.Batch.writing`: their opens seen in events,
@@ -159,17 +159,20 @@ class RsyncTransport:
                     hold=b.writing, exclude=self.host.excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
                     remote_path=self.remote_path, **kw)
 
-    def _account(self, res: PushResult, rep: BatchReport) -> None:
+    def _account(self, res: PushResult, rep: BatchReport, *, errors: bool = True) -> None:
+        """Add a session's figures to the batch's; its per-path errors too unless ``errors`` is False (a move
+        session's: what it failed to move, the batch's own session sends)."""
         for key, names in res.inodes.items():
             self.links.add(key, names)
         rep.puts += res.files
         rep.deletes += res.deleted
         rep.literal += res.literal_bytes
         rep.matched += res.matched_bytes
-        rep.messages.extend(res.errors)
         self._wire += res.bytes_sent
+        if errors:
+            rep.messages.extend(res.errors)
         for err in res.errors:
-            log.warning("target %s: %s", self.name, err)
+            log.log(logging.WARNING if errors else logging.INFO, "target %s: %s", self.name, err)
 
     def _move(self, b: Batch, rep: BatchReport) -> set[bytes]:
         """Run the batch's move sessions (kwatch.replicate.rsync_moves) before its own session, while the old
@@ -200,7 +203,7 @@ class RsyncTransport:
                 log.info("target %s: moving %r from %r did not apply (%s); sent as new files", self.name,
                          mv.subdir, mv.basis, e)
                 continue
-            self._account(res, rep)
+            self._account(res, rep, errors=False)
             rep.resend.extend(res.held)
             if res.errors:
                 continue
