@@ -464,12 +464,31 @@ def _send_one(session: PushSession, ev: FileRequested, root: int, result: PushRe
     try:
         if st.st_size <= SMALL_FILE:
             session.send_file(ev.ndx, _read_small(fd, st.st_size))
+        elif not ev.sums.count:
+            # nothing to match (the receiver has no copy): read in pieces straight into the output, no snapshot
+            # first (pread cannot fault like a mapping when the file shrinks: it just returns less)
+            session.send_literal(ev.ndx, _pieces(fd, st.st_size))
         else:
             with _snapshot(fd, st.st_size) as data:
                 session.send_file(ev.ndx, data)
     finally:
         os.close(fd)
     result.files += 1
+
+
+PIECE = 1 << 20
+
+
+def _pieces(fd: int, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of the file in pieces of :data:`PIECE` (fewer if it shrank meanwhile: sent as read,
+    as rsync does; the file checksum covers it and the next event brings the rest)."""
+    got = 0
+    while got < size:
+        part = os.pread(fd, min(PIECE, size - got), got)
+        if not part:
+            return
+        yield part
+        got += len(part)
 
 
 def _read_small(fd: int, size: int) -> bytes:

@@ -29,7 +29,7 @@ import itertools
 import re
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -385,6 +385,38 @@ class PushSession:
                 self.counters.matched_bytes += tok.length
                 frame.roll()
         fsum.update(mv)
+        out += pack_int(0)
+        out += fsum.digest()
+        frame.close()
+        self.counters.files_sent += 1
+        self.state = State.TRANSFER
+
+    def send_literal(self, ndx: int, chunks: Iterable[bytes]) -> None:
+        """Send the requested file whole from ``chunks`` (its content in order), for a request without block sums
+        (:attr:`FileRequested.sums` count 0: the receiver has no basis): no copy of the whole file is needed first."""
+        if self.state is not State.FILE or self._pending is None or self._pending[0] != ndx:
+            raise LocalProtocolError(f"send_literal({ndx}) without a matching FileRequested")
+        _ndx, iflags, basis, xname, sums = self._pending
+        if sums.count:
+            raise LocalProtocolError(f"send_literal({ndx}) for a request with {sums.count} block sums")
+        self._pending = None
+        out = self._out
+        frame = _DataFrame(out)
+        out += self._ndx_and_attrs(ndx, iflags, basis, xname)
+        out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
+        fsum = FileHasher(self.checksum)
+        pack_int = _INT.pack
+        n = 0
+        for chunk in chunks:
+            mv = memoryview(chunk)
+            fsum.update(mv)
+            for s in range(0, len(mv), codec.CHUNK_SIZE):
+                e = min(len(mv), s + codec.CHUNK_SIZE)
+                out += pack_int(e - s)
+                out += mv[s:e]
+                frame.roll()
+            n += len(mv)
+        self.counters.literal_bytes += n
         out += pack_int(0)
         out += fsum.digest()
         frame.close()
