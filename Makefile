@@ -13,6 +13,8 @@ BPF_PROBES := kwatch/capture/kwatch-probes.bpf.o
 BPF_SRC := bpf/kwatch.bpf.c $(wildcard bpf/*.h)
 # the BPF consumer's record decoder in C (kwatch/capture/record.py falls back to Python without it)
 EXT := kwatch/capture/_recordc.so
+# the rsync client's file-list encoder in C (kwatch/protocols/rsync/flist.py falls back to Python without it)
+EXT_FLIST := kwatch/protocols/rsync/_flistc.so
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 # Debian packages: the BPF toolchain, and the real peers the tests start themselves.
@@ -100,7 +102,11 @@ $(EXT): kwatch/capture/_recordc.c bpf/kwatch.h | deps venv
 	clang -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -Ibpf \
 	  -I"$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" $< -o $@
 
-ext: $(EXT)
+$(EXT_FLIST): kwatch/protocols/rsync/_flistc.c | deps venv
+	clang -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC \
+	  -I"$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" $< -o $@
+
+ext: $(EXT) $(EXT_FLIST)
 
 # tracefs and bpffs are mounted by the loader too; this makes them visible to bpftool while debugging.
 mounts:
@@ -180,4 +186,4 @@ install: deps bpf ext
 	@echo "installed: $(PREFIX)/bin/kwatch, $(UNITDIR)/kwatch.service, $(SYSCONFDIR)/kwatch/; start with: systemctl enable --now kwatch"
 
 clean:
-	rm -rf $(BUILD) $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_PROBES) $(EXT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BUILD) $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_PROBES) $(EXT) $(EXT_FLIST) .pytest_cache .mypy_cache .ruff_cache

@@ -24,6 +24,8 @@ setup(
     ext_modules=[
         # the BPF consumer falls back to its Python decoder without it (kwatch/capture/record.py)
         Extension("kwatch.capture._recordc", ["kwatch/capture/_recordc.c"], include_dirs=["bpf"], optional=True),
+        # the rsync client falls back to its Python file-list encoder without it (kwatch/protocols/rsync/flist.py)
+        Extension("kwatch.protocols.rsync._flistc", ["kwatch/protocols/rsync/_flistc.c"], optional=True),
     ],
     cmdclass={"build_py": BuildPyWithBpf},
 )

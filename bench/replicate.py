@@ -84,7 +84,7 @@ EDITS = 10
 APPEND = 1 << 20
 RENAMED_FILE_SIZE = 4096
 
-_BATCH_RE = re.compile(r"batch \d+: .*?; (\d+) literal \+ (\d+) matched bytes")
+_BATCH_RE = re.compile(r"(?<!rsync )batch \d+: .*?; (\d+) literal \+ (\d+) matched bytes")  # the agent's lines only
 _RSYNC_BATCH_RE = re.compile(r"rsync batch \d+: .*?; (\d+) literal \+ (\d+) matched bytes")
 _AGENT_RE = re.compile(r"agent up \(pid (\d+)")
 

@@ -5,10 +5,11 @@ by the native rsync client (:mod:`kwatch.replicate.rsync_transport`) as a :class
 A stock ``rsync --daemon`` has no rename or delete message: each batch becomes one rsync session that sends the
 batch's paths (the dirty ones, both names of every rename, and the rescanned subtrees); a path that no longer exists
 is deleted on the daemon (``--delete-missing-args``, or with ``fuzzy`` by listing its parent directory under
-``--delete-after``), a renamed file is sent again under its new name, and with ``fuzzy`` the daemon may use a
-similar file in the same directory as the delta basis (``--fuzzy``), so a rename within a directory moves little
-data. A rescan of the whole tree is one full push with ``--delete``. Either way the mirror ends identical, mtimes of
-directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
+``--delete-after``). A renamed directory, or a file moved to another directory, is first moved by the daemon from
+its own copy in a session of its own (``--link-dest`` to the old name: :mod:`kwatch.replicate.rsync_moves`), which
+the batch's session then leaves alone; with ``fuzzy`` the daemon may use a similar file in the same directory as
+the delta basis (``--fuzzy``), so a rename within a directory moves little data. A rescan of the whole tree is one
+full push with ``--delete``. Either way the mirror ends identical, mtimes of directories and symlinks included (rsync_transport: ``-@-1``; the ``--delete-after`` pass runs before the
 receiver's final directory-time touch-up, so ``fuzzy`` costs no accuracy).
 
 Files open for writing (the batch's :attr:`~kwatch.replicate.coalesce.Batch.writing`: their opens seen in events,
@@ -37,14 +38,17 @@ import os
 import re
 import socket
 import stat
+from typing import Any
 
+from kwatch.paths import is_under
 from kwatch.protocols.errors import ProtocolError
 from kwatch.replicate.coalesce import Batch
 from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.linkindex import LinkIndex, is_inode
 from kwatch.replicate.options import TargetOptions
-from kwatch.replicate.rsync_transport import push
+from kwatch.replicate.rsync_moves import plan as plan_moves
+from kwatch.replicate.rsync_transport import PushResult, push
 from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
@@ -119,40 +123,96 @@ class RsyncTransport:
                 todo.add(new)
                 self.links.rename(old, new)
             todo.discard(b"")
-            todo = {p for p in todo if not excluded_path(excluded, p)}
+            seen: dict[bytes, bool] = {}  # directories already tested: a batch names many paths in each
+            todo = {p for p in todo if not excluded_path(excluded, p, seen)}
             todo |= self._other_names(todo)
             paths = sorted(todo)
             if not paths:
                 return rep
+        moved: set[bytes] = set()
+        if paths is not None and b.renames:
+            moved = self._move(b, rep)
+            if moved:
+                # each moved tree goes as a plain directory (its attributes, its parents', and its place in a
+                # listed parent that --delete would otherwise clear); what changed inside it went with the move
+                paths = [p for p in paths if not any(p != m and is_under(p, m) for m in moved)]
         try:
-            res = push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
-                       fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
-                       hold=b.writing, exclude=excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
-                       remote_path=self.remote_path)
+            res = self._push(paths, b, shallow=moved)
         except (ProtocolError, OSError) as e:
             down, permanent = rsync_down_reason(e)
             raise LinkError(f"rsync push failed: {e}", down, permanent) from e
-        rep.resend = list(res.held)  # open for writing: sent after its close, as a live change
+        rep.resend.extend(res.held)  # open for writing: sent after its close, as a live change
         if paths is None:
             self.links.discard_under(b"")
         else:
-            rep.resend += self._unlisted_names(res.inodes)
-        for key, names in res.inodes.items():
-            self.links.add(key, names)
-        rep.puts = res.files
-        rep.deletes = res.deleted
-        rep.literal = res.literal_bytes
-        rep.matched = res.matched_bytes
-        rep.messages = list(res.errors)
-        self._wire += res.bytes_sent
-        for err in res.errors:
-            log.warning("target %s: %s", self.name, err)
+            rep.resend += self._unlisted_names(res.inodes)  # before the session's inodes join the index
+        self._account(res, rep)
         # numbered per target like the agent's batch lines, so a reader of the log can wait for batch N
         self._seq += 1
         log.info("target %s: rsync batch %d: %s paths, %d files sent, %d deleted, %d held open for writing; %d "
-                 "literal + %d matched bytes", self.name, self._seq, "all" if paths is None else len(paths),
-                 res.files, res.deleted, len(res.held), res.literal_bytes, res.matched_bytes)
+                 "literal + %d matched bytes; %d moves", self.name, self._seq,
+                 "all" if paths is None else len(paths), rep.puts, rep.deletes, len(rep.resend), rep.literal,
+                 rep.matched, rep.renames)
         return rep
+
+    def _push(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
+        return push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
+                    fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
+                    hold=b.writing, exclude=self.host.excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
+                    remote_path=self.remote_path, **kw)
+
+    def _account(self, res: PushResult, rep: BatchReport, *, errors: bool = True) -> None:
+        """Add a session's figures to the batch's; its per-path errors too unless ``errors`` is False (a move
+        session's: what it failed to move, the batch's own session sends)."""
+        for key, names in res.inodes.items():
+            self.links.add(key, names)
+        rep.puts += res.files
+        rep.deletes += res.deleted
+        rep.literal += res.literal_bytes
+        rep.matched += res.matched_bytes
+        self._wire += res.bytes_sent
+        if errors:
+            rep.messages.extend(res.errors)
+        for err in res.errors:
+            log.log(logging.WARNING if errors else logging.INFO, "target %s: %s", self.name, err)
+
+    def _move(self, b: Batch, rep: BatchReport) -> set[bytes]:
+        """Run the batch's move sessions (kwatch.replicate.rsync_moves) before its own session, while the old
+        names are still on the daemon; the directories they brought up to date. A session that fails or reports
+        an error moves nothing: the batch's session then sends that tree as it would have."""
+        excluded = self.host.excluded
+
+        def kind(rel: bytes) -> str | None:
+            if rel in b.writing or excluded_path(excluded, rel):
+                return None
+            try:
+                mode = os.lstat(os.path.join(self.src, rel)).st_mode
+            except OSError:
+                return None
+            return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else None
+
+        moved: set[bytes] = set()
+        for mv in plan_moves(b.renames, kind):
+            try:
+                res = self._push(list(mv.names) if mv.names is not None else None, b, subdir=mv.subdir,
+                                 link_dest=(mv.basis,), fuzzy_alt=mv.fuzzy)
+            except (ProtocolError, OSError) as e:
+                down, permanent = rsync_down_reason(e)
+                if not isinstance(e, ProtocolError) and down != "error":  # the daemon is not there
+                    raise LinkError(f"rsync push failed: {e}", down, permanent) from e
+                # refused by the daemon (an option it refuses or does not know, a destination it cannot make) or
+                # the directory changed meanwhile
+                log.info("target %s: moving %r from %r did not apply (%s); sent as new files", self.name,
+                         mv.subdir, mv.basis, e)
+                continue
+            self._account(res, rep, errors=False)
+            rep.resend.extend(res.held)
+            if res.errors:
+                continue
+            rep.renames += 1
+            if mv.names is None:
+                moved.add(mv.subdir)
+        return moved
 
     def _other_names(self, paths: set[bytes]) -> set[bytes]:
         """The other names (in the source, by the index) of the regular files with several names among ``paths``,
@@ -198,8 +258,20 @@ def _below_any(rel: bytes, tops: set[bytes]) -> bool:
     return False
 
 
-def excluded_path(excluded: Excluder, rel: bytes) -> bool:
+def excluded_path(excluded: Excluder, rel: bytes, seen: dict[bytes, bool] | None = None) -> bool:
     """Whether ``rel`` or one of its ancestors matches an exclude pattern (an excluded directory's contents are not
-    replicated, as the scan does not descend it)."""
-    parts = rel.split(b"/")
-    return any(excluded(parts[i - 1], b"/".join(parts[:i])) for i in range(1, len(parts) + 1))
+    replicated, as the scan does not descend it). ``seen``: the answers for ancestors, kept across calls."""
+    if seen is None:
+        seen = {}
+    end = rel.find(b"/")
+    start = 0
+    while end >= 0:
+        pre = rel[:end]
+        hit = seen.get(pre)
+        if hit is None:
+            hit = seen[pre] = excluded(rel[start:end], pre)
+        if hit:
+            return True
+        start = end + 1
+        end = rel.find(b"/", start)
+    return excluded(rel[start:], rel)

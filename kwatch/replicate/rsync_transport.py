@@ -14,7 +14,9 @@ What a batch can express (the rsync protocol has no rename or delete message of 
 - a rename is a delete of the old path plus a send of the new one. The new file is sent as a delta against
   nothing, unless ``fuzzy=True``: then ``--fuzzy`` lets the receiver use a same-size/same-mtime or similarly
   named file in the destination directory as the basis, and deletions are delayed (``--delete-after``) so the
-  old name is still there to serve as that basis. A rename across directories cannot reuse data this way.
+  old name is still there to serve as that basis. A rename across directories cannot reuse data this way: a
+  session of its own with ``subdir`` (the new name) and ``link_dest`` (the old one) lets the receiver link the
+  files from its copy (see kwatch.replicate.rsync_moves).
 
 Every mtime is compared to the nanosecond on the receiver (``-@-1``, see ``build_server_args``): directories,
 files and symlinks all end with the source's mtime, also when they were created in the same second.
@@ -29,6 +31,7 @@ While the bucket is empty nothing is written and no more file data is generated 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import mmap
 import os
@@ -154,9 +157,11 @@ def _entry(root: bytes, rel: bytes, st: os.stat_result, dir_fd: int | None = Non
 Exclude = Callable[[bytes, bytes], bool]
 
 
-def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude | None = None) -> list[FileEntry]:
+def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude | None = None,
+              shallow: Collection[bytes] = ()) -> list[FileEntry]:
     """All entries under ``root/rel`` (``rel`` itself included), without following symlinks; an entry ``exclude``
-    matches is left out with everything below it."""
+    matches is left out with everything below it. A directory among ``shallow`` below ``rel`` is listed as a plain
+    non-content dir (the receiver deletes nothing inside it) and not descended."""
     out: list[FileEntry] = []
     st = os.lstat(os.path.join(root, rel))
     e = _entry(root, rel, st, top_dir=top)
@@ -176,6 +181,9 @@ def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude
             continue
         for name, ce in children:
             if exclude is not None and exclude(name.rpartition(b"/")[2], name):
+                continue
+            if ce.is_dir and name in shallow:
+                out.append(dataclasses.replace(ce, content_dir=False))
                 continue
             out.append(ce)
             if ce.is_dir:
@@ -205,7 +213,7 @@ def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
 
 
 def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False,
-               exclude: Exclude | None = None) -> tuple[list[FileEntry], bool]:
+               exclude: Exclude | None = None, shallow: Collection[bytes] = ()) -> tuple[list[FileEntry], bool]:
     """Entries for a batch of changed paths; returns (entries, whether mode-0 delete entries are present).
 
     Every existing path goes with its whole subtree and its ancestors (plain non-content dirs, so the receiver
@@ -221,17 +229,29 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
     as a content directory with all its direct children, and ``--delete-after`` removes the stale names once
     every file is in place (generator.c generate_files runs do_delete_pass before the final touch_up_dirs, so
     directory mtimes still come out right) - what rsync's manual advises for ``--fuzzy`` with deletion.
+
+    A directory among ``shallow`` goes alone, as its ancestors do (a plain non-content dir, its subtree left out):
+    a tree an earlier session of the batch brought up to date gets its attributes and its ancestors' only.
     """
     by_name: dict[bytes, FileEntry] = {}
     prune: set[bytes] = set()  # fuzzy: directories to send as content dirs with their direct children
     missing = False
-    for raw in paths:
+    # A batch of a new tree names each directory and everything in it: what a directory's scan listed, and the
+    # ancestors already found to be directories, are not looked at again (in sorted order a directory comes
+    # before its content).
+    whole: set[bytes] = set()  # listed with everything below them
+    parents: set[bytes] = set()  # found to be directories and listed
+    for raw in sorted(paths):
         rel = os.path.normpath(raw).lstrip(b"/")
         if rel in (b"", b".") or rel.startswith(b"../") or rel == b"..":
             raise ValueError(f"path outside the source root: {raw!r}")
         parts = rel.split(b"/")
         for i in range(1, len(parts) + 1):
             pre = b"/".join(parts[:i])
+            if pre in whole:
+                break
+            if i < len(parts) and pre in parents:
+                continue
             try:
                 st = os.lstat(os.path.join(root, pre))
             except (FileNotFoundError, NotADirectoryError):
@@ -242,10 +262,16 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                         by_name[pre] = FileEntry(name=pre, mode=0)
                         missing = True
                 break
+            if i == len(parts) and pre in shallow and stat.S_ISDIR(st.st_mode):
+                se = _entry(root, pre, st, content_dir=False)
+                if se is not None and pre not in by_name:
+                    by_name[pre] = se
+                break
             if i == len(parts) or not stat.S_ISDIR(st.st_mode):
                 try:
-                    for e in scan_tree(root, pre, top=False, exclude=exclude):
+                    for e in scan_tree(root, pre, top=False, exclude=exclude, shallow=shallow):
                         by_name[e.name] = e
+                    whole.add(pre)
                 except FileNotFoundError:
                     pass  # gone since the lstat: the next batch has it
                 break
@@ -255,6 +281,7 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 pe = _entry(root, pre, st, content_dir=False)
                 if pe is not None:
                     by_name[pre] = pe
+            parents.add(pre)
     for d in sorted(prune):
         old = by_name.get(d)
         if old is not None and old.is_dir and old.content_dir:
@@ -329,7 +356,15 @@ class _Pacer:
         return max(0.0, (min(want, BURST) - self.tokens) / self.rate)
 
 
-def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, timeout: float,
+def _append(out: bytearray, more: bytearray) -> bytearray:
+    """``out`` followed by ``more``, copying only when both hold bytes (the session's buffer is ours to keep)."""
+    if not out:
+        return more
+    out += more
+    return out
+
+
+def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, timeout: float,
          pacer: _Pacer | None = None) -> None:
     sel = selectors.DefaultSelector()
     out = bytearray()
@@ -359,8 +394,8 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
                     done = True
                 elif isinstance(ev, Motd):
                     pass
-                out += session.data_to_send()
-            out += session.data_to_send()
+                out = _append(out, session.data_to_send())
+            out = _append(out, session.data_to_send())
             if done and not out:
                 return
             if eof:
@@ -416,22 +451,59 @@ def _run(session: PushSession, ch: _Channel, root: bytes, result: PushResult, ti
         sel.close()
 
 
-def _send_one(session: PushSession, ev: FileRequested, root: bytes, result: PushResult) -> None:
-    path = os.path.join(root, ev.entry.name)
+def _send_one(session: PushSession, ev: FileRequested, root: int, result: PushResult) -> None:
     try:
-        # beneath the root with no symlink in the path (a directory swapped for one since the file list was built
-        # is refused, not followed), a regular file only, never blocking on a FIFO (see kwatch.fsutil)
+        # beneath the root (an fd held for the session) with no symlink in the path (a directory swapped for one
+        # since the file list was built is refused, not followed), a regular file only, never blocking on a FIFO
+        # (see kwatch.fsutil)
         fd, st = open_regular(root, ev.entry.name)
     except OSError as exc:
-        result.errors.append(f"{path!r}: {exc.strerror}")
+        result.errors.append(f"{ev.entry.name!r}: {exc.strerror}")
         session.skip_file(ev.ndx)
         return
     try:
-        with _snapshot(fd, st.st_size) as data:
-            session.send_file(ev.ndx, data)
+        if st.st_size <= SMALL_FILE:
+            session.send_file(ev.ndx, _read_small(fd, st.st_size))
+        elif not ev.sums.count:
+            # nothing to match (the receiver has no copy): read in pieces straight into the output, no snapshot
+            # first (pread cannot fault like a mapping when the file shrinks: it just returns less)
+            session.send_literal(ev.ndx, _pieces(fd, st.st_size))
+        else:
+            with _snapshot(fd, st.st_size) as data:
+                session.send_file(ev.ndx, data)
     finally:
         os.close(fd)
     result.files += 1
+
+
+PIECE = 1 << 20
+
+
+def _pieces(fd: int, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of the file in pieces of :data:`PIECE` (fewer if it shrank meanwhile: sent as read,
+    as rsync does; the file checksum covers it and the next event brings the rest)."""
+    got = 0
+    while got < size:
+        part = os.pread(fd, min(PIECE, size - got), got)
+        if not part:
+            return
+        yield part
+        got += len(part)
+
+
+def _read_small(fd: int, size: int) -> bytes:
+    """A small file's content, read into memory (see :func:`_snapshot`); usually one pread."""
+    data = os.pread(fd, size, 0)
+    if len(data) < size and data:
+        parts, got = [data], len(data)
+        while got < size:
+            part = os.pread(fd, size - got, got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = b"".join(parts)
+    return data
 
 
 SMALL_FILE = 1 << 20
@@ -447,14 +519,7 @@ def _snapshot(fd: int, size: int) -> Iterator[bytes | memoryview]:
     file checksum covers it; the next event brings the rest), as rsync does.
     """
     if size <= SMALL_FILE:
-        parts, got = [], 0
-        while got < size:
-            part = os.pread(fd, size - got, got)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-        yield b"".join(parts)
+        yield _read_small(fd, size)
         return
     mfd = os.memfd_create("kwatch-send", os.MFD_CLOEXEC)
     try:
@@ -508,6 +573,10 @@ def push(
     hard_links: bool = False,
     hold: Collection[bytes] = (),
     exclude: Exclude | None = None,
+    subdir: bytes = b"",
+    link_dest: Sequence[bytes] = (),
+    fuzzy_alt: bool = False,
+    shallow: Collection[bytes] = (),
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -520,84 +589,121 @@ def push(
     ``hold``: paths (files open for writing) the list leaves out, whatever the receiver has there staying as it
     is (a protect rule keeps ``--delete`` from removing it); the ones the list would have carried are in
     ``PushResult.held``. ``rsh_quote``: ``rsh`` hands the remote command to a shell (ssh), so it is passed as one
-    quoted word; ``remote_path`` replaces the URL's path (a path relative to the remote home). ``exclude`` (name, relative path) leaves matching entries and their subtrees out of the
-    file list.
+    quoted word; ``remote_path`` replaces the URL's path (a path relative to the remote home). ``exclude`` (name,
+    relative path) leaves matching entries and their subtrees out of the file list.
+
+    ``subdir`` (a directory under ``src_root``): the session is about that directory only, sent to the same place
+    under the destination (created with its missing parents, ``--mkpath``); ``paths``, ``hold``, ``shallow`` and
+    the names in the result are still relative to ``src_root``, and with ``paths`` the directory itself goes as a
+    plain non-content dir. ``link_dest``: ``--link-dest`` dirs, relative to the session's destination (see
+    :class:`~kwatch.protocols.rsync.client.PushOptions`); ``fuzzy_alt``: the fuzzy search looks in them too.
+    ``shallow``: directories sent without their subtree (see :func:`scan_paths`).
     """
     root = os.fsencode(src_root)
-    target = parse_url(url)
-    if paths is None:
-        entries = scan_tree(root, exclude=exclude)
-        missing = False
-    else:
-        entries, missing = scan_paths(root, paths, delete, fuzzy, exclude)
-    held: list[bytes] = []
-    if hold:
-        held = [e.name for e in entries if e.name in hold]
-        if held:
-            entries = [e for e in entries if e.name not in hold]
-    opts = PushOptions(
-        dest=remote_path if remote_path is not None else target.path,
-        delete=delete,
-        delete_missing=missing,
-        fuzzy=fuzzy,
-        protocol=protocol,
-        negotiate=negotiate,
-        compress=compress,
-        hard_links=hard_links,
-        user=(target.user or os.environ.get("USER") or "nobody").encode(),
-        password=_read_password(password, password_file) if target.scheme == "rsync" else None,
-        protect=tuple(held),
-    )
-    result = PushResult(held=held)
-    for e in entries:
-        if e.inode is not None:
-            result.inodes.setdefault(e.inode, []).append(e.name)
-    if target.scheme == "rsync":
-        session = PushSession(entries, opts, Mode.DAEMON, target.module)
-        with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
-            _run(session, _Channel(sock.fileno(), sock.fileno(), sock), root, result, timeout, _Pacer(bwlimit))
-    else:
-        session = PushSession(entries, opts, Mode.SHELL)
-        from kwatch.protocols.rsync.client import build_server_args
-
-        dest = remote_path if remote_path is not None else target.path
-        remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
-        if rsh is None:
-            who = f"{target.user}@{target.host}" if target.user else target.host
-            argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
-        elif rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
-            argv = [*rsh, shlex.join(remote)]
+    sub = subdir.strip(b"/")
+    with contextlib.ExitStack() as stack:
+        if sub:
+            # the subdirectory pinned by an fd opened with no symlink in its path: a directory swapped for a
+            # symlink since the batch was planned is refused (ELOOP/ENOTDIR), not followed out of the tree
+            base_fd = open_beneath(root, sub, _O_LIST_DIR)
+            base = f"/proc/self/fd/{base_fd}".encode()
         else:
-            argv = [*rsh, *remote]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        try:
-            _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout,
-                 _Pacer(bwlimit))
-        except RemoteProtocolError as exc:
-            # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
+            base_fd = os.open(root, _O_LIST_DIR & ~os.O_NOFOLLOW)  # the operator may name the root by a symlink
+            base = root
+        stack.callback(os.close, base_fd)
+        target = parse_url(url)
+        prefix = sub + b"/" if sub else b""
+        dest = remote_path if remote_path is not None else target.path
+        if sub:
+            dest = dest.rstrip(b"/") + b"/" + sub if dest else sub
+
+        def local(names: Iterable[bytes]) -> set[bytes]:
+            return {n[len(prefix):] for n in names if n.startswith(prefix)} if prefix else set(names)
+
+        sub_exclude = exclude
+        if exclude is not None and prefix:
+            def sub_exclude(name: bytes, rel: bytes) -> bool:
+                return exclude(name, prefix + rel)
+        if paths is None:
+            entries = scan_tree(base, exclude=sub_exclude)
+            missing = False
+        else:
+            entries, missing = scan_paths(base, local(paths), delete, fuzzy, sub_exclude, local(shallow))
+            if sub and not any(e.name == b"." for e in entries):
+                dot = _entry(base, b".", os.lstat(os.path.join(base, b".")), content_dir=False)
+                if dot is not None:
+                    entries.append(dot)
+        held: list[bytes] = []
+        if hold:
+            sub_hold = local(hold)
+            held = [e.name for e in entries if e.name in sub_hold]
+            if held:
+                entries = [e for e in entries if e.name not in sub_hold]
+        opts = PushOptions(
+            dest=dest,
+            delete=delete,
+            delete_missing=missing,
+            fuzzy=fuzzy,
+            fuzzy_alt=fuzzy_alt,
+            link_dest=tuple(link_dest),
+            mkpath=bool(sub),
+            protocol=protocol,
+            negotiate=negotiate,
+            compress=compress,
+            hard_links=hard_links,
+            user=(target.user or os.environ.get("USER") or "nobody").encode(),
+            password=_read_password(password, password_file) if target.scheme == "rsync" else None,
+            protect=tuple(held),
+        )
+        result = PushResult(held=[prefix + h for h in held])
+        for e in entries:
+            if e.inode is not None:
+                result.inodes.setdefault(e.inode, []).append(prefix + e.name)
+        if target.scheme == "rsync":
+            session = PushSession(entries, opts, Mode.DAEMON, target.module)
+            with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
+                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit))
+        else:
+            session = PushSession(entries, opts, Mode.SHELL)
+            from kwatch.protocols.rsync.client import build_server_args
+
+            remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
+            if rsh is None:
+                who = f"{target.user}@{target.host}" if target.user else target.host
+                argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
+            elif rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
+                argv = [*rsh, shlex.join(remote)]
+            else:
+                argv = [*rsh, *remote]
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
             try:
-                status = proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                status = None
-            err = proc.stderr.read().decode(errors="replace").strip()
-            raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
-        finally:
-            proc.stdin.close()
-            deadline = time.monotonic() + timeout
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-            proc.stdout.close()
-            proc.stderr.close()
-    result.literal_bytes = session.counters.literal_bytes
-    result.matched_bytes = session.counters.matched_bytes
-    if session.counters.remote_errors and not result.errors:
-        result.errors.extend(session.counters.remote_errors)
-    return result
+                _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base_fd, result, timeout,
+                     _Pacer(bwlimit))
+            except RemoteProtocolError as exc:
+                # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
+                try:
+                    status = proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    status = None
+                err = proc.stderr.read().decode(errors="replace").strip()
+                raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
+            finally:
+                proc.stdin.close()
+                deadline = time.monotonic() + timeout
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+                proc.stdout.close()
+                proc.stderr.close()
+        result.literal_bytes = session.counters.literal_bytes
+        result.matched_bytes = session.counters.matched_bytes
+        if session.counters.remote_errors and not result.errors:
+            result.errors.extend(session.counters.remote_errors)
+        return result
 
 
 __all__ = ["LocalProtocolError", "PushResult", "RemoteProtocolError", "RsyncURL", "parse_url", "push"]

@@ -215,11 +215,12 @@ import os, sys
 from kwatch.replicate import rsync_transport
 src, url, when = os.fsencode(sys.argv[1]), sys.argv[2], sys.argv[3]
 real_open, real_send = rsync_transport.open_regular, rsync_transport.PushSession.send_file
+real_literal = rsync_transport.PushSession.send_literal
 
 def opening(root, rel):
     fd, st = real_open(root, rel)
     if when == "opened":
-        os.truncate(os.path.join(root, rel), 0)  # the file's owner, right after kwatch took its size
+        os.truncate(os.path.join(src, rel), 0)  # the file's owner, right after kwatch took its size (root: an fd)
     return fd, st
 
 def sending(self, ndx, data):
@@ -227,8 +228,14 @@ def sending(self, ndx, data):
         os.truncate(os.path.join(src, b"big"), 0)  # while kwatch reads it
     return real_send(self, ndx, data)
 
+def sending_literal(self, ndx, chunks):  # a new file: read in pieces as it is sent
+    if when == "reading":
+        os.truncate(os.path.join(src, b"big"), 0)
+    return real_literal(self, ndx, chunks)
+
 rsync_transport.open_regular = opening
 rsync_transport.PushSession.send_file = sending
+rsync_transport.PushSession.send_literal = sending_literal
 res = rsync_transport.push(src, url, [b"big"], timeout=60)
 print("errors", res.errors, "files", res.files)
 """

@@ -210,7 +210,15 @@ class FileHasher:
         return bytes(self._h.digest())  # type: ignore[attr-defined]
 
 
-def file_checksum(name: str, data: bytes) -> bytes:
+def file_checksum(name: str, data: bytes | memoryview) -> bytes:
+    """The whole-file sum of ``data`` in one call (FileHasher's digest, without a hasher object for xxh*)."""
+    if name == "xxh128":
+        v = xxhash.xxh3_128_intdigest(data)
+        return (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + (v >> 64).to_bytes(8, "little")
+    if name == "xxh3":
+        return xxhash.xxh3_64_intdigest(data).to_bytes(8, "little")
+    if name == "xxh64":
+        return xxhash.xxh64_intdigest(data).to_bytes(8, "little")
     h = FileHasher(name)
     h.update(data)
     return h.digest()

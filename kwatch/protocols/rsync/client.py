@@ -25,9 +25,11 @@ the phases; the goodbye exchange ends the session.
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 import stat
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -41,13 +43,15 @@ from kwatch.protocols.rsync.checksum import (
     auth_response,
     block_hasher,
     choose,
+    file_checksum,
     parse_name_list,
 )
 from kwatch.protocols.rsync.codec import Msg, NeedMore, Reader
-from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, hlink_indexes, sort_key
+from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, encode_list, hlink_indexes, sort_key
 from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
 
 SUPPORTED_PROTOCOLS = (30, 31)
+MAX_BASIS_DIRS = 20  # rsync.h MAX_BASIS_DIRS: --link-dest/--copy-dest/--compare-dest dirs a receiver takes
 MAX_BLOCK_SIZE = 1 << 17  # rsync.h MAX_BLOCK_SIZE (protocol >= 30)
 #: Most block checksums we take for one file. rsync's receiver sizes blocks at about sqrt(file size), up to
 #: MAX_BLOCK_SIZE (generator.c sum_sizes_sqroot), so 2^20 covers a basis of 128 GiB; each costs about 100 bytes
@@ -91,6 +95,14 @@ class PushOptions:
     delete: bool = False  # --delete: extraneous entries inside content dirs are removed
     delete_missing: bool = False  # --delete-missing-args: mode-0 entries delete that path
     fuzzy: bool = False  # --fuzzy (+ --delete-after): a renamed file's old copy can be the basis
+    #: --link-dest dirs (relative to ``dest``): a file missing at ``dest`` whose copy in one of them has the same
+    #: size, mtime and mode is hard-linked from there, else a copy there with the same size and mtime is copied
+    #: locally, else any regular file there is the delta basis (generator.c try_dests_reg); at most 20
+    link_dest: tuple[bytes, ...] = ()
+    #: --fuzzy twice: the fuzzy search also looks in the matching directory of each ``link_dest`` dir (options.c:
+    #: fuzzy_basis = basis_dir_cnt + 1), so a file renamed inside a moved tree still finds its old copy
+    fuzzy_alt: bool = False
+    mkpath: bool = False  # --mkpath: the receiver creates missing directories of ``dest`` (rsync >= 3.2.3)
     protocol: int = 31
     negotiate: bool = True  # the 'v' capability: negotiate checksum names and varint flist flags
     compress: bool = False  # negotiates compression (only "none" is implemented, so data is not compressed)
@@ -163,17 +175,25 @@ class Counters:
 def build_server_args(opts: PushOptions) -> list[bytes]:
     """The argument vector the remote ``rsync --server`` gets (options.c server_options, for a sender)."""
     flags = "-l" + ("H" if opts.hard_links else "") + "ptr"  # -H where options.c server_options puts it
-    if opts.fuzzy:
-        flags += "y"
+    if opts.fuzzy or opts.fuzzy_alt:
+        flags += "yy" if opts.fuzzy_alt else "y"
     if opts.compress:
         flags += "z"
     # -e.<capabilities>: no 'i' (no incremental recursion: one file list), 'v' only when negotiating.
     flags += "e." + ("LsfxCIvu" if opts.negotiate else "LsfxCIu")
     args = [b"--server", flags.encode()]
     if opts.delete:
-        args.append(b"--delete-after" if opts.fuzzy else b"--delete")
+        args.append(b"--delete-after" if opts.fuzzy or opts.fuzzy_alt else b"--delete")
     if opts.delete_missing:
         args.append(b"--delete-missing-args")
+    if len(opts.link_dest) > MAX_BASIS_DIRS:
+        raise LocalProtocolError(f"{len(opts.link_dest)} --link-dest dirs (a receiver takes {MAX_BASIS_DIRS})")
+    for d in opts.link_dest:
+        if not d or b"\0" in d:
+            raise LocalProtocolError(f"bad --link-dest dir {d!r}")
+        args.append(b"--link-dest=" + d)
+    if opts.mkpath:
+        args.append(b"--mkpath")
     # -@-1 (--modify-window=-1, as options.c server_options spells a negative window): with the default window
     # of 0, util1.c same_time compares whole seconds only, so the receiver leaves a time alone when just the
     # nanoseconds differ. That skips set_file_attrs' utimes on a directory or symlink it has just created in the
@@ -197,6 +217,38 @@ def protect_rule(path: bytes) -> bytes:
     return b"P /" + path
 
 
+_INT = struct.Struct("<i")
+_SUM_HEAD = struct.Struct("<4i")
+FRAME_DATA = 1 << 20  # MSG_DATA payload per frame a file's tokens are written in (at most codec.MAX_FRAME)
+
+
+class _DataFrame:
+    """MSG_DATA frames written in place at the end of ``buf``: a header reserved now, its length filled in when the
+    frame closes (io.c mplex_write's framing, without copying the payload again)."""
+
+    __slots__ = ("buf", "start")
+
+    def __init__(self, buf: bytearray) -> None:
+        self.buf = buf
+        self.start = len(buf)
+        buf += b"\0\0\0\0"
+
+    def roll(self) -> None:
+        """Close the frame and open the next once it holds FRAME_DATA bytes."""
+        if len(self.buf) - self.start - 4 >= FRAME_DATA:
+            self.close()
+            self.start = len(self.buf)
+            self.buf += b"\0\0\0\0"
+
+    def close(self) -> None:
+        n = len(self.buf) - self.start - 4
+        if n == 0:
+            del self.buf[self.start:]
+            return
+        assert n <= codec.MAX_FRAME
+        struct.pack_into("<I", self.buf, self.start, (codec.MPLEX_BASE + Msg.DATA) << 24 | n)
+
+
 class PushSession:
     """One push session: a whole batch of files over one connection."""
 
@@ -209,10 +261,12 @@ class PushSession:
         self.opts = opts
         self.mode = mode
         self.module = module
-        self.entries = sorted(entries, key=sort_key)
-        for a, b in zip(self.entries, self.entries[1:], strict=False):
-            if sort_key(a) == sort_key(b):
-                raise LocalProtocolError(f"duplicate file-list entry {a.name!r}")
+        keyed = sorted((sort_key(e), e) for e in entries) if len({e.name for e in entries}) == len(entries) else None
+        if keyed is None:
+            names = sorted(e.name for e in entries)
+            dup = next(a for a, b in itertools.pairwise(names) if a == b)
+            raise LocalProtocolError(f"duplicate file-list entry {dup!r}")
+        self.entries = [e for _, e in keyed]
         self.protocol = opts.protocol
         self.counters = Counters()
         self.compat_flags = 0
@@ -230,17 +284,28 @@ class PushSession:
         self._phase = 0
         self._pending: tuple[int, int, int, bytes | None, SumHead] | None = None
         self._server_auth: list[str] = []
+        self._args_sent = False
+        self._flist_sent = False
         self.state = State.GREETING if mode is Mode.DAEMON else State.VERSION
         if mode is Mode.DAEMON:
+            # Each step the daemon reads in order is written at once, not after its reply: over a link of 200 ms
+            # RTT every wait costs a round trip per session. The module name follows the greeting (the daemon reads
+            # both before answering: clientserver.c exchange_protocols, rsync_module), and without a password the
+            # arguments follow too: a module that wants one answers AUTHREQD first, which fails the session here
+            # before the daemon reads them as a reply (with a password they wait for the challenge, see below).
             self._send_raw(f"@RSYNCD: {self.protocol}.0 {' '.join(AUTH_NAMES)}\n".encode())
+            self._send_raw(self.module + b"\n")
+            if opts.password is None:
+                self._send_args()
         else:
             self._send_raw(codec.enc_int(self.protocol))
 
     # --- the public surface ----------------------------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
+    def data_to_send(self) -> bytearray:
+        """What to write to the peer; the caller owns the buffer (no copy is made)."""
+        out = self._out
+        self._out = bytearray()
         return out
 
     def receive_data(self, data: bytes) -> None:
@@ -281,30 +346,80 @@ class PushSession:
         if len(data) != entry.size:
             # The file changed after the list was sent; rsync sends what it reads (the checksum covers it).
             pass
-        out = bytearray(self._ndx_and_attrs(ndx, iflags, basis, xname))
-        out += codec.enc_int(sums.count) + codec.enc_int(sums.blength)
-        out += codec.enc_int(sums.s2length) + codec.enc_int(sums.remainder)
+        # The tokens go straight into the output, in MSG_DATA frames of about FRAME_DATA bytes whose headers are
+        # filled in as each one closes: the file's bytes are copied once here, never re-framed.
+        out = self._out
+        frame = _DataFrame(out)
+        out += self._ndx_and_attrs(ndx, iflags, basis, xname)
+        out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
+        mv = memoryview(data)
+        pack_int = _INT.pack
+        if sums.count == 0:
+            # nothing to match against (a new file): the whole file as literal runs, no block matcher set up
+            n = len(mv)
+            for s in range(0, n, codec.CHUNK_SIZE):
+                e = min(n, s + codec.CHUNK_SIZE)
+                out += pack_int(e - s)
+                out += mv[s:e]
+                frame.roll()
+            self.counters.literal_bytes += n
+            out += pack_int(0)
+            out += file_checksum(self.checksum, mv)
+            frame.close()
+            self.counters.files_sent += 1
+            self.state = State.TRANSFER
+            return
         strong = block_hasher(self.checksum, self.seed)
         fsum = FileHasher(self.checksum)
-        mv = memoryview(data)
         for tok in match_blocks(mv, sums, strong):
             if isinstance(tok, Literal):
                 for s in range(tok.start, tok.end, codec.CHUNK_SIZE):
                     e = min(tok.end, s + codec.CHUNK_SIZE)
-                    out += codec.enc_int(e - s)
+                    out += pack_int(e - s)
                     out += mv[s:e]
+                    frame.roll()
                 self.counters.literal_bytes += tok.end - tok.start
             else:
                 assert isinstance(tok, Match)
-                out += codec.enc_int(-(tok.block + 1))
+                out += pack_int(-(tok.block + 1))
                 self.counters.matched_bytes += tok.length
-            if len(out) >= 1 << 20:
-                self._send_data(bytes(out))
-                out.clear()
+                frame.roll()
         fsum.update(mv)
-        out += codec.enc_int(0)
+        out += pack_int(0)
         out += fsum.digest()
-        self._send_data(bytes(out))
+        frame.close()
+        self.counters.files_sent += 1
+        self.state = State.TRANSFER
+
+    def send_literal(self, ndx: int, chunks: Iterable[bytes]) -> None:
+        """Send the requested file whole from ``chunks`` (its content in order), for a request without block sums
+        (:attr:`FileRequested.sums` count 0: the receiver has no basis): no copy of the whole file is needed first."""
+        if self.state is not State.FILE or self._pending is None or self._pending[0] != ndx:
+            raise LocalProtocolError(f"send_literal({ndx}) without a matching FileRequested")
+        _ndx, iflags, basis, xname, sums = self._pending
+        if sums.count:
+            raise LocalProtocolError(f"send_literal({ndx}) for a request with {sums.count} block sums")
+        self._pending = None
+        out = self._out
+        frame = _DataFrame(out)
+        out += self._ndx_and_attrs(ndx, iflags, basis, xname)
+        out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
+        fsum = FileHasher(self.checksum)
+        pack_int = _INT.pack
+        n = 0
+        for chunk in chunks:
+            mv = memoryview(chunk)
+            fsum.update(mv)
+            for s in range(0, len(mv), codec.CHUNK_SIZE):
+                e = min(len(mv), s + codec.CHUNK_SIZE)
+                out += pack_int(e - s)
+                out += mv[s:e]
+                frame.roll()
+            n += len(mv)
+        self.counters.literal_bytes += n
+        out += pack_int(0)
+        out += fsum.digest()
+        frame.close()
         self.counters.files_sent += 1
         self.state = State.TRANSFER
 
@@ -321,8 +436,10 @@ class PushSession:
     def _send_raw(self, b: bytes) -> None:
         self._out += b
 
-    def _send_data(self, b: bytes) -> None:
-        self._out += codec.enc_data(b)
+    def _send_data(self, b: bytes | bytearray) -> None:
+        frame = _DataFrame(self._out)
+        self._out += b
+        frame.close()
 
     def _early_close(self) -> RemoteProtocolError:
         msgs = "; ".join(self.counters.remote_errors)
@@ -425,7 +542,6 @@ class PushSession:
                 f"{SUPPORTED_PROTOCOLS[0]}..{SUPPORTED_PROTOCOLS[-1]}"
             )
         self.protocol = negotiated
-        self._send_raw(self.module + b"\n")
         self.state = State.MODULE
 
     def _on_module_line(self, line: bytes) -> None:
@@ -438,17 +554,14 @@ class PushSession:
                     f"module {self.module.decode(errors='replace')!r} needs a password: pass one or set "
                     "RSYNC_PASSWORD / a password file"
                 )
+            if self._args_sent:
+                raise RemoteProtocolError("the daemon asked for a password after the arguments were sent")
             self.auth_digest = choose(AUTH_NAMES, self._server_auth, "daemon auth digest")
             resp = auth_response(self.auth_digest, self.opts.password, challenge)
             self._send_raw(self.opts.user + b" " + resp + b"\n")
+            self._send_args()  # read after the daemon's OK, or never if the password is refused
         elif line == b"@RSYNCD: OK":
-            args = build_server_args(self.opts)
-            dest = self.module + b"/" + self.opts.dest.lstrip(b"/")
-            for a in [*args, dest]:
-                if b"\0" in a:
-                    raise LocalProtocolError(f"NUL byte in argument {a!r}")
-                self._send_raw(a + b"\0")
-            self._send_raw(b"\0")
+            self._send_args()
             self.state = State.COMPAT
         elif line == b"@RSYNCD: EXIT":
             raise RemoteProtocolError("the daemon ended the session before the transfer (@RSYNCD: EXIT)")
@@ -463,6 +576,19 @@ class PushSession:
             raise RemoteProtocolError(f"the daemon refused the module: {text}")
         else:
             self._events.append(Motd(line))
+
+    def _send_args(self) -> None:
+        """The server arguments and the destination, each NUL-terminated, then an empty one (once)."""
+        if self._args_sent:
+            return
+        self._args_sent = True
+        args = build_server_args(self.opts)
+        dest = self.module + b"/" + self.opts.dest.lstrip(b"/")
+        for a in [*args, dest]:
+            if b"\0" in a:
+                raise LocalProtocolError(f"NUL byte in argument {a!r}")
+            self._send_raw(a + b"\0")
+        self._send_raw(b"\0")
 
     def _on_version(self, remote: int) -> None:
         if remote < 30:
@@ -486,6 +612,10 @@ class PushSession:
         else:
             self.checksum = "md5"  # compat.c: protocol >= 30 without negotiation
             self.state = State.SEED
+        # The filter list and the file list need neither the peer's checksum choice nor the seed, and the server
+        # reads them only after writing its seed (compat.c setup_protocol, then main.c do_server_recv): written
+        # now, they do not wait a round trip for the seed.
+        self._send_flist()
 
     def _on_negotiate(self, r: Reader) -> None:
         theirs = parse_name_list(codec.dec_vstring(r, 1024), "checksum")
@@ -496,11 +626,21 @@ class PushSession:
         self.state = State.SEED
 
     def _start_multiplex(self) -> None:
+        """From the seed on, the peer's output is multiplexed."""
         self._demux = codec.Demux()
         self._ndx_in = codec.NdxCodec(self.protocol)
-        self._ndx_out = codec.NdxCodec(self.protocol)
         rest = bytes(self._raw)
         self._raw.clear()
+        self._send_flist()
+        if rest:
+            self._take_frames(rest)
+
+    def _send_flist(self) -> None:
+        """The filter list and the file list, in MSG_DATA frames (our output is multiplexed from here), once."""
+        if self._flist_sent:
+            return
+        self._flist_sent = True
+        self._ndx_out = codec.NdxCodec(self.protocol)
         out = bytearray()
         if self.opts.delete or self.opts.delete_missing:
             # exclude.c send_filter_list / send_rules: each rule as an int length and its text, then 0
@@ -508,17 +648,18 @@ class PushSession:
                 rule = protect_rule(path)
                 out += codec.enc_int(len(rule)) + rule
             out += codec.enc_int(0)
-        enc = FlistEncoder(self.protocol, bool(self.compat_flags & CF_VARINT_FLIST_FLAGS))
+        varint = bool(self.compat_flags & CF_VARINT_FLIST_FLAGS)
+        enc = FlistEncoder(self.protocol, varint)
         linking = self.opts.hard_links and self.protocol >= 30
         hlinks = hlink_indexes(self.entries) if linking else [None] * len(self.entries)
-        for e, hlink in zip(self.entries, hlinks, strict=True):
-            out += enc.encode(e, hlink)
+        bulk = encode_list(self.entries, self.protocol) if varint and not any(h is not None for h in hlinks) else None
+        if bulk is not None:
+            out += bulk
+        else:
+            for e, hlink in zip(self.entries, hlinks, strict=True):
+                out += enc.encode(e, hlink)
         out += enc.end(0)
-        if self.protocol < 30 or not self.compat_flags & CF_VARINT_FLIST_FLAGS:
-            pass
-        self._send_data(bytes(out))
-        if rest:
-            self._take_frames(rest)
+        self._send_data(out)
 
     def _ndx_and_attrs(self, ndx: int, iflags: int, basis: int, xname: bytes | None) -> bytes:
         assert self._ndx_out is not None
@@ -569,21 +710,21 @@ class PushSession:
 
     def _read_sums(self, r: Reader) -> SumHead:
         """sender.c receive_sums / io.c read_sum_head, validated."""
-        count = codec.dec_int_bounded(r, 0, MAX_BLOCK_COUNT, "block count")
-        blength = codec.dec_int_bounded(r, 0, MAX_BLOCK_SIZE, "block length")
-        s2length = codec.dec_int_bounded(r, 0, DIGEST_LEN.get(self.checksum, 16), "checksum length")
-        remainder = codec.dec_int_bounded(r, 0, blength, "remainder length")
+        count, blength, s2length, remainder = r.unpack(_SUM_HEAD)
+        for what, v, hi in (("block count", count, MAX_BLOCK_COUNT), ("block length", blength, MAX_BLOCK_SIZE),
+                            ("checksum length", s2length, DIGEST_LEN.get(self.checksum, 16)),
+                            ("remainder length", remainder, blength)):
+            if not 0 <= v <= hi:
+                raise RemoteProtocolError(f"{what} out of range from the peer: {v} not in [0, {hi}]")
         if count and not blength:
             raise RemoteProtocolError("block checksums with a zero block length")
-        need = count * (4 + s2length)
-        if r.remaining() < need:
-            raise NeedMore
-        sum1 = []
-        sum2 = []
-        for _ in range(count):
-            sum1.append(codec.dec_int(r) & 0xFFFFFFFF)
-            sum2.append(r.take(s2length))
-        return SumHead(count, blength, s2length, remainder, tuple(sum1), tuple(sum2))
+        if not count:
+            return SumHead(0, blength, s2length, remainder, (), ())
+        step = 4 + s2length
+        raw = r.take(count * step)
+        sum1 = tuple(int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), step))
+        sum2 = tuple(raw[i + 4 : i + step] for i in range(0, len(raw), step))
+        return SumHead(count, blength, s2length, remainder, sum1, sum2)
 
     def _on_goodbye(self, r: Reader) -> None:
         assert self._ndx_out is not None

@@ -75,7 +75,19 @@ class Reader:
         return out
 
     def byte(self) -> int:
-        return self.take(1)[0]
+        if self.pos >= len(self.buf):
+            raise NeedMore
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b
+
+    def unpack(self, fmt: struct.Struct) -> tuple[int, ...]:
+        """``fmt`` read in place (no copy of the bytes)."""
+        if self.pos + fmt.size > len(self.buf):
+            raise NeedMore
+        out = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return out
 
     def line(self, limit: int = 4096) -> bytes:
         """A ``\\n``-terminated line without the newline (carriage returns stripped, as read_line_old does)."""
@@ -101,8 +113,12 @@ def enc_int(x: int) -> bytes:
     return struct.pack("<i", x)
 
 
+_I32 = struct.Struct("<i")
+_U16 = struct.Struct("<H")
+
+
 def dec_int(r: Reader) -> int:
-    return int(struct.unpack("<i", r.take(4))[0])
+    return int(r.unpack(_I32)[0])
 
 
 def enc_shortint(x: int) -> bytes:
@@ -112,7 +128,7 @@ def enc_shortint(x: int) -> bytes:
 
 
 def dec_shortint(r: Reader) -> int:
-    return int(struct.unpack("<H", r.take(2))[0])
+    return int(r.unpack(_U16)[0])
 
 
 def enc_longint(x: int) -> bytes:

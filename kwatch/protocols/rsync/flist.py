@@ -15,8 +15,10 @@ the order in which both sides index the list.
 from __future__ import annotations
 
 import dataclasses
+import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from kwatch.paths import UnsafePathError, check_relpath
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -91,16 +93,19 @@ class FileEntry:
         return stat.S_ISLNK(self.mode)
 
 
-def sort_key(e: FileEntry) -> tuple[tuple[int, bytes], ...]:
+def sort_key(e: FileEntry) -> bytes:
     """The order of flist.c ``f_name_cmp`` (protocol >= 29): within a directory, non-directories sort before
     directories, directory names compare with a trailing slash, a directory sorts just before its content, and
-    the top ``.`` sorts first."""
+    the top ``.`` sorts first.
+
+    One bytes string per entry (sorting compares them in C): each component is a type byte (0 a non-directory, 1
+    a directory), its name (a directory's with the trailing slash) and a NUL, which no name byte sorts below, so
+    a name ends before a longer one it begins and an ancestor before its content."""
     if e.name == b".":
-        return ()
-    parts = e.name.split(b"/")
-    key = [(1, p + b"/") for p in parts[:-1]]
-    key.append((1, parts[-1] + b"/") if e.is_dir else (0, parts[-1]))
-    return tuple(key)
+        return b""
+    head, _, last = e.name.rpartition(b"/")
+    key = b"\x01" + head.replace(b"/", b"/\x00\x01") + b"/\x00" if head else b""
+    return key + (b"\x01" + last + b"/\x00" if e.is_dir else b"\x00" + last + b"\x00")
 
 
 def hlink_indexes(entries: list[FileEntry]) -> list[int | None]:
@@ -239,6 +244,30 @@ class FlistEncoder:
         if io_error:
             return enc_shortint(XMIT_EXTENDED_FLAGS | XMIT_IO_ERROR_ENDLIST) + enc_varint(io_error)
         return b"\x00"
+
+
+def _load_c() -> Any:
+    if os.environ.get("KWATCH_PURE_PYTHON"):
+        return None
+    try:
+        from kwatch.protocols.rsync import _flistc  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _flistc
+
+
+#: The C encoder (``_flistc.c``, built by ``make ext``), or None; ``KWATCH_PURE_PYTHON=1`` ignores it.
+flistc: Any = _load_c()
+
+
+def encode_list(entries: list[FileEntry], protocol: int) -> bytes | None:
+    """A whole list's entries as :class:`FlistEncoder` (varint flags, no hard links) writes them, by the C encoder:
+    one call instead of one per entry. None when it is not built or declines the list (an old protocol, a name or
+    type the Python encoder refuses with a reason)."""
+    if flistc is None:
+        return None
+    out: bytes | None = flistc.encode(entries, protocol)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
