@@ -197,14 +197,29 @@ def build_parser() -> argparse.ArgumentParser:
     from kwatch.replicate import command as replicate_command
 
     replicate_command.add_commands(sub)
+    from kwatch.mirror import command as mirror_command
+
+    mirror_command.add_commands(sub)
     from kwatch import doctor
 
     doctor.add_commands(sub)
     return p
 
 
+def _agent_parser() -> argparse.ArgumentParser:
+    """The parser of ``kwatch agent`` alone: the mirror end starts once per connection (and a first sync waits
+    for it), so it does not import the capture, rules and daemon packages the other commands need."""
+    from kwatch.mirror import command as mirror_command
+
+    p = argparse.ArgumentParser(prog="kwatch")
+    mirror_command.add_commands(p.add_subparsers(dest="cmd", required=True))
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _agent_parser() if argv[:1] == ["agent"] else build_parser()
+    args = parser.parse_args(argv)
     rc: int = args.func(args)
     return rc
 

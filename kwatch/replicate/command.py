@@ -1,4 +1,5 @@
-"""The ``replicate`` and ``agent`` commands: argument parsing and wiring of capture -> replicators, and the agent."""
+"""The ``replicate`` command: argument parsing and wiring of capture -> replicators (the mirror end's ``agent``
+command is :mod:`kwatch.mirror.command`)."""
 
 from __future__ import annotations
 
@@ -27,45 +28,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
     r.set_defaults(func=cmd_replicate)
 
-    a = sub.add_parser("agent", help="the mirror end (started by `kwatch replicate` over ssh or a pipe)")
-    a.add_argument("--root", required=True)
-    a.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
-    a.add_argument("--owner", action="store_true", help="apply uid/gid (as root)")
-    a.set_defaults(func=cmd_agent)
-
-
-def cmd_agent(args: argparse.Namespace) -> int:
-    from kwatch.mirror.server import serve
-
-    root = os.fsencode(args.root)
-    problem = ensure_root(root)
-    if problem is not None:
-        print(f"kwatch agent: {problem}", file=sys.stderr)
-        return ROOT_UNUSABLE
-    return serve(root, sys.stdin.buffer, sys.stdout.buffer, fsync=args.fsync, preserve_owner=args.owner)
-
 
 #: seconds `kwatch replicate` gives its targets to send what is pending when it is told to stop
 STOP_GRACE = 0.8
-
-#: the agent's exit status when its --root cannot be used (kwatch.replicate.failure: a permanent "destination")
-ROOT_UNUSABLE = 3
-
-
-def ensure_root(root: bytes) -> str | None:
-    """Make ``root`` usable as a mirror root: as rsync does with its destination, the last component is created
-    when missing (its parent must exist: a typo two levels up is not silently turned into a tree). None when it is
-    a directory now, else what is wrong."""
-    try:
-        os.mkdir(root)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        return f"cannot create {os.fsdecode(root)}: {e.strerror}"
-    if not os.path.isdir(root):
-        return f"{os.fsdecode(root)} is not a directory"
-    return None
-
 
 class _Stop(Exception):
     pass
