@@ -172,9 +172,7 @@ class Replicator:
                 self._mark_due_retries(now)
                 due = self._due_in(now)
                 if due is None:
-                    self.synced.set()
-                    self._oldest = None
-                    self.stats.lag_seconds = 0.0
+                    self._mark_synced()
                     if stopping:
                         return
                     continue
@@ -228,6 +226,9 @@ class Replicator:
         stopping = stopping or self._stop_seen
         now = time.monotonic()
         due = self._due_in(now)
+        if due is None and self.retries.next > now:
+            # in sync now, not after the wait below (``--once`` waited out its second after the last batch)
+            self._mark_synced()
         timeout = 1.0 if due is None else due
         timeout = max(0.0, min(timeout, self.retries.next - now))
         try:
@@ -235,6 +236,11 @@ class Replicator:
         except queue.Empty:
             return stopping
         return self._fold(item) or stopping
+
+    def _mark_synced(self) -> None:
+        self.synced.set()
+        self._oldest = None
+        self.stats.lag_seconds = 0.0
 
     def fold_queued(self) -> None:
         """Fold what is queued now, without waiting: the link calls it while it waits for the agent, so the events
