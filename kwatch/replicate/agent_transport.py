@@ -405,7 +405,7 @@ class AgentSender(_Part):
             self._send_files(rep, out)
         if moved:
             out.changed.append(p.path)
-        self._report(rep, out.total)
+        self._report(rep, out)
         return True
 
     def _send_files(self, rep: BatchReport, out: _Outgoing) -> None:
@@ -448,20 +448,22 @@ class AgentSender(_Part):
             else:
                 wholes.append(p)
         changed = out.changed
-        total = out.total = max(out.total, rep.puts + len(wholes) + len(deltas))
+        out.total = max(out.total, rep.puts + len(wholes) + len(deltas))
+        out.nbytes = max(out.nbytes, rep.literal + rep.matched + sum(p.size for p in plan.puts))
+        self._report(rep, out)  # the totals before the first file
         many = out.many
         for p in wholes:
             if not self._send_small(p, rep, out):
                 if self._put_whole(p, rep):
                     changed.append(p.path)
-                self._report(rep, total)
+                self._report(rep, out)
         for p in deltas:
             sig = self._take_signature(sig_ids[p.path])
             if sig.file_size == 0 and self._send_small(p, rep, out):
                 continue  # nothing on the mirror to diff against (a new file): it goes with the small ones
             if self._put_delta(p, sig, sig_ids[p.path], rep):
                 changed.append(p.path)
-            self._report(rep, total)
+            self._report(rep, out)
         if many is not None and many.files:
             self._send_files(rep, out)
         for s in plan.symlinks:
@@ -479,9 +481,10 @@ class AgentSender(_Part):
             link.send(ap.SetAttr(a.path, a.mode, a.mtime_ns, a.uid, a.gid))
         return changed
 
-    def _report(self, rep: BatchReport, total: int) -> None:
-        if self.host.progress is not None:
-            self.host.progress(self.target.spec, rep.puts + rep.deltas, total, rep.literal + rep.matched)
+    def _report(self, rep: BatchReport, out: _Outgoing) -> None:
+        """Progress, for a batch that reconciles a tree (see kwatch.replicate.progress)."""
+        if self.ctx.batch.rescans:
+            self.host.report_progress(rep.puts + rep.deltas, out.total, rep.literal + rep.matched, out.nbytes)
 
     def _open_source(self, rel: bytes) -> tuple[int, os.stat_result] | None:
         """The regular file ``rel`` beneath the source root and its fstat, which is what gets sent (size, mode,
@@ -798,6 +801,7 @@ class _Outgoing:
 
     many: _ManyFiles | None  # the PutFiles frame being filled (None: small files go one by one)
     total: int  # files in the batch, for progress (an estimate while it is being planned)
+    nbytes: int = 0  # their bytes, for progress (known once the plan is whole)
     changed: list[bytes] = field(default_factory=list)  # paths to send again next batch
 
 
