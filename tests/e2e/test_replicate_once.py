@@ -1,13 +1,15 @@
-"""``kwatch replicate --once``: the replicator says it is in sync as soon as the last batch is acked.
+"""``kwatch replicate --once``, a first sync: it shows its progress, and it ends as soon as the last batch is acked.
 
-It said so only after waiting for more events (up to a second, the idle wait of its thread): every ``--once`` and
-every first sync of the daemon took a second longer than its work.
+The replicator said it was in sync only after waiting for more events (up to a second, the idle wait of its thread):
+every ``--once`` and every first sync of the daemon took a second longer than its work.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -50,3 +52,39 @@ def test_synced_is_set_before_the_thread_waits_for_more_events(tmp_path: Path) -
         assert tree_differences(src, tmp_path / "mirror") == []
     finally:
         rep.stop(timeout=5)
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in line.split("progress ", 1)[1].split(" "))
+
+
+@pytest.mark.root
+def test_a_first_sync_logs_its_progress_up_to_the_totals(tmp_path: Path) -> None:
+    """Not on a terminal: ``key=value`` lines, every --progress-interval seconds (0: after every file) and at the
+    end; files and bytes only grow, never pass the totals, and the last line is the whole tree."""
+    src = tmp_path / "src"
+    sizes = [0, 1, 4096, 300_000, 2_000_000] * 8  # empty, small (PutFiles frames), and streamed files
+    for i, n in enumerate(sizes):
+        d = src / f"d{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(n))
+    res = subprocess.run([sys.executable, "-m", "kwatch", "replicate", "--once", "--progress-interval", "0",
+                          str(src), str(tmp_path / "mirror")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert tree_differences(src, tmp_path / "mirror") == []
+    lines = [_fields(line) for line in res.stderr.splitlines() if " progress target=" in line]
+    assert len(lines) > 2, res.stderr
+    last = lines[-1]
+    assert last["done"] == "1" and all(f["done"] == "0" for f in lines[:-1])
+    assert (int(last["files"]), int(last["bytes"])) == (len(sizes), sum(sizes))
+    assert (int(last["files_total"]), int(last["bytes_total"])) == (len(sizes), sum(sizes))
+    assert last["eta_s"] == "0.0"
+    before = {"files": 0, "bytes": 0, "elapsed_s": 0.0}
+    for f in lines:
+        assert int(f["files"]) <= int(f["files_total"]) and int(f["bytes"]) <= int(f["bytes_total"]), f
+        assert int(f["files"]) >= before["files"] and int(f["bytes"]) >= before["bytes"], (before, f)
+        assert float(f["elapsed_s"]) >= before["elapsed_s"], (before, f)
+        before = {"files": int(f["files"]), "bytes": int(f["bytes"]), "elapsed_s": float(f["elapsed_s"])}
+        if f["eta_s"] != "-" and float(f["bytes_per_s"]) > 0:  # time left = bytes left at the rate so far
+            left = (int(f["bytes_total"]) - int(f["bytes"])) / float(f["bytes_per_s"])
+            assert float(f["eta_s"]) == pytest.approx(left, abs=0.1), f
