@@ -38,10 +38,11 @@ from collections.abc import Callable, Iterable
 
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import TargetStats
+from kwatch.paths import parent
 from kwatch.replicate.ack import TRANSIENT
 from kwatch.replicate.agent_transport import AgentTransport
 from kwatch.replicate.backoff import Backoff
-from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer, parent
+from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer
 from kwatch.replicate.landing import LandingCheck
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.options import DELTA_MIN, TargetOptions
