@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from kwatch.fsutil import open_regular
+from kwatch.paths import is_under, parent
 from kwatch.protocols import agent as ap
 from kwatch.replicate import delta as dl
 from kwatch.replicate.ack import interpret_ack
@@ -294,7 +295,7 @@ class AgentPlanner(_Part):
         directory); without this the mirror's directory times drift from the source's (scan.diff does the same
         with its ``touched`` set).
         """
-        par = rel.rpartition(b"/")[0]
+        par = parent(rel)
         if not par or par in self.ctx.touched:
             return  # the mirror root's own attributes are the operator's
         self.ctx.touched.add(par)
@@ -762,7 +763,7 @@ class AgentTransport:
         # to wait for the whole plan (deltas, big files, links, attributes, deletes) still goes in _send_plan.
         streaming = not b.rescans and out.many is not None
         for rel, flags in sorted(b.dirty.items(), key=lambda kv: (kv[0].count(b"/"), kv[0])):
-            if not any(rel == r or rel.startswith(r + b"/") or r == b"" for r in b.rescans):
+            if not any(is_under(rel, r) for r in b.rescans):
                 self.planner.plan_path(rel, flags, plan)
                 if streaming:
                     self.sender.stream_planned(plan, rep, out)
