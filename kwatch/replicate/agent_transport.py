@@ -19,11 +19,14 @@ The scratch state of one batch lives in a :class:`BatchContext`, made fresh for 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import xxhash
 
@@ -76,6 +79,23 @@ MANIFEST_MIN_CAP = 1 << 20
 MANIFEST_FACTOR = 8
 
 
+class Seen(NamedTuple):
+    """What the planner knows of one source path: its lstat, and a symlink's target."""
+
+    st: os.stat_result
+    target: bytes | None = None
+
+
+def look(src: bytes, rel: bytes) -> Seen | None:
+    """The source path ``rel`` now (None: not there): the one read of the source the planner's caller makes for it."""
+    full = os.path.join(src, rel) if rel else src
+    try:
+        st = os.lstat(full)
+        return Seen(st, os.readlink(full) if stat.S_ISLNK(st.st_mode) else None)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 @dataclass(frozen=True)
 class _Linked:
     """A dirty regular file with ``st_nlink > 1``, waiting for :meth:`AgentTransport._plan_links`."""
@@ -97,6 +117,7 @@ class BatchContext:
     link_leaders: dict[bytes, bytes] = field(default_factory=dict)  # hard links: path -> the name it links to
     checked: set[bytes] = field(default_factory=set)  # checked hard links (to a name gone from the source)
     later: list[bytes] = field(default_factory=list)  # rescanned files left for later: open for writing
+    seen: dict[bytes, Seen | None] = field(default_factory=dict)  # the source as the planner saw it (see look)
 
 
 class _Part:
@@ -123,23 +144,31 @@ class _Part:
 
 
 class AgentPlanner(_Part):
-    """Turns a batch into a :class:`~kwatch.replicate.scan.Plan` by looking at the source now (lstat, and the
-    mirror's manifest for a rescan); the hard-link groups and the directory times it must restore go into the
-    batch context."""
+    """Turns a batch into a :class:`~kwatch.replicate.scan.Plan` from what the source holds: the planner reads
+    nothing itself. Each path's metadata comes through :meth:`seen` (``look``, once per path and batch, kept in the
+    batch context: tests fill it by hand), a rescan's through the two manifests its caller fetched
+    (:meth:`AgentTransport._reconcile_inputs`); the hard-link groups and the directory times to restore go into the
+    batch context. (The hard-link checks against the source, ``is_inode`` and ``_origin``, still read it.)"""
+
+    def seen(self, rel: bytes) -> Seen | None:
+        """The source's ``rel`` as this batch sees it: looked at once (the transport's ``look``), then kept."""
+        ctx = self.ctx
+        if rel not in ctx.seen:
+            ctx.seen[rel] = self.t.look(rel)
+        return ctx.seen[rel]
 
     def plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
-        full = os.path.join(self.src, rel) if rel else self.src
         name = rel.rpartition(b"/")[2]
         if rel and self.excluded(name, rel):
             return
-        try:
-            st = os.lstat(full)
-        except (FileNotFoundError, NotADirectoryError):
+        got = self.seen(rel)
+        if got is None:
             if rel and self.host.renamed_away(rel, flags):
                 return
             if rel and self.opts.delete:
                 plan.deletes.append(Delete(rel, Kind.OTHER))
             return
+        st = got.st
         mode = stat.S_IMODE(st.st_mode)
         uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
         if not stat.S_ISREG(st.st_mode):
@@ -152,7 +181,8 @@ class AgentPlanner(_Part):
             plan.dir_setattrs.append(SetAttr(rel, mode, st.st_mtime_ns, uid, gid))
         elif stat.S_ISLNK(st.st_mode):
             if flags & (EXIST | CONTENT):
-                plan.symlinks.append(Symlink(rel, os.readlink(full), st.st_mtime_ns, uid, gid))
+                assert got.target is not None
+                plan.symlinks.append(Symlink(rel, got.target, st.st_mtime_ns, uid, gid))
                 self._touch_parent(rel, plan)
             elif flags & META:
                 plan.setattrs.append(SetAttr(rel, None, st.st_mtime_ns, uid, gid))
@@ -265,27 +295,25 @@ class AgentPlanner(_Part):
                 self._touch_parent(p, plan)
             self.ctx.link_sets.setdefault(key, set()).update((leader, *relink, *on_mirror))
 
-    def mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> None:
-        """Create the directories of a rename destination that appeared in this batch, before the rename.
+    def mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> list[Mkdir]:
+        """The directories of a rename destination that appeared in this batch, to create before the rename.
 
         Renames are replayed before the plan's mkdirs (so a moved tree is moved, not re-created); ``mkdir -p n;
         mv f n/f`` in one batch would otherwise find no ``n`` on the mirror, fail, and re-send ``f`` in full.
         Only directories the source has now are made (mkdir of an existing directory is harmless).
         """
+        out: list[Mkdir] = []
         parts = rel.split(b"/")[:-1]
         for i in range(1, len(parts) + 1):
             a = b"/".join(parts[:i])
             if a in made or not b.dirty.get(a, 0) & EXIST:
                 continue
             made.add(a)
-            try:
-                st = os.lstat(os.path.join(self.src, a))
-            except OSError:
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                return
-            assert self.link is not None
-            self.link.send(ap.Mkdir(a, stat.S_IMODE(st.st_mode) | 0o700))
+            got = self.seen(a)
+            if got is None or not stat.S_ISDIR(got.st.st_mode):
+                break
+            out.append(Mkdir(a, stat.S_IMODE(got.st.st_mode) | 0o700))
+        return out
 
     def _touch_parent(self, rel: bytes, plan: Plan) -> None:
         """Restore the mtime of the directory of a put or symlink after the batch.
@@ -299,48 +327,23 @@ class AgentPlanner(_Part):
         if not par or par in self.ctx.touched:
             return  # the mirror root's own attributes are the operator's
         self.ctx.touched.add(par)
-        try:
-            st = os.lstat(os.path.join(self.src, par))
-        except OSError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            plan.dir_setattrs.append(SetAttr(par, None, st.st_mtime_ns))
+        got = self.seen(par)
+        if got is not None and stat.S_ISDIR(got.st.st_mode):
+            plan.dir_setattrs.append(SetAttr(par, None, got.st.st_mtime_ns))
 
-    def plan_rescan(self, rel: bytes, plan: Plan) -> None:
-        """Reconcile the subtree ``rel``: the mirror's manifest against a scan of the source."""
-        assert self.link is not None
-        full = os.path.join(self.src, rel) if rel else self.src
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISDIR(st.st_mode):
+    def plan_rescan(self, rel: bytes, plan: Plan, manifests: tuple[Manifest, Manifest] | None) -> None:
+        """Reconcile the subtree ``rel``: ``manifests`` (the source's scan, the mirror's manifest) when ``rel`` is a
+        directory in the source (see :meth:`AgentTransport._reconcile_inputs`), else None: then ``rel`` is planned
+        as one path."""
+        got = self.seen(rel)
+        if manifests is None or got is None or not stat.S_ISDIR(got.st.st_mode):
             if rel in self.ctx.batch.writing:
                 self.ctx.later.append(rel)
             else:
                 self.plan_path(rel, CONTENT | EXIST | META, plan)
             return
-        rid = self.t.next_id()
-        self.link.send(ap.ManifestRequest(rid, rel or None, self.opts.checksum))
-        # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
-        src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
-        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in self.link.conn.capabilities)
-        prefix_len = len(rel) + 1 if rel else 0
-        # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
-        # --delete removes), but not without bound
-        cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
-        while True:
-            msg = self.link.take(ap.ManifestEntries, "the mirror's manifest")
-            assert isinstance(msg, ap.ManifestEntries)
-            for e in msg.entries:
-                dst.entries[e.relpath[prefix_len:]] = _agent_entry(e)
-            if msg.done:
-                break
-            if len(dst.entries) > cap:
-                raise LinkError(f"the mirror's manifest of {os.fsdecode(rel) or 'the root'} passed {cap} entries "
-                                f"({len(src.entries)} in the source): refused", down="protocol")
-        for err in src.errors:
-            log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
+        st = got.st
+        src, dst = manifests
         sub = diff(src, dst, delete=self.opts.delete, checksum=self.opts.checksum, owner=self.opts.owner)
         pre = rel + b"/" if rel else b""
         if rel:
@@ -695,6 +698,8 @@ class AgentTransport:
         self._seq = 0
         self._ids = 0
         self._wire_done = 0  # bytes written by the links closed so far
+        #: the planner's one window on the source (lstat and readlink; a table in tests)
+        self.look: Callable[[bytes], Seen | None] = functools.partial(look, self.src)
         self.planner = AgentPlanner(self)
         self.sender = AgentSender(self)
 
@@ -740,6 +745,36 @@ class AgentTransport:
 
     # ---- one batch -------------------------------------------------------------------------------------------------
 
+    def _reconcile_inputs(self, rel: bytes) -> tuple[Manifest, Manifest] | None:
+        """What the planner compares to reconcile the subtree ``rel``: a scan of the source and the mirror's manifest,
+        fetched side by side (the agent scans while we do); None when ``rel`` is not a directory in the source."""
+        link = self.link
+        assert link is not None
+        got = self.planner.seen(rel)
+        if got is None or not stat.S_ISDIR(got.st.st_mode):
+            return None
+        link.send(ap.ManifestRequest(self.next_id(), rel or None, self.opts.checksum))
+        # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
+        src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
+        for err in src.errors:
+            log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
+        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in link.conn.capabilities)
+        prefix_len = len(rel) + 1 if rel else 0
+        # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
+        # --delete removes), but not without bound
+        cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
+        while True:
+            msg = link.take(ap.ManifestEntries, "the mirror's manifest")
+            assert isinstance(msg, ap.ManifestEntries)
+            for e in msg.entries:
+                dst.entries[e.relpath[prefix_len:]] = _agent_entry(e)
+            if msg.done:
+                break
+            if len(dst.entries) > cap:
+                raise LinkError(f"the mirror's manifest of {os.fsdecode(rel) or 'the root'} passed {cap} entries "
+                                f"({len(src.entries)} in the source): refused", down="protocol")
+        return src, dst
+
     def sync(self, b: Batch) -> BatchReport:
         if self.link is None:
             raise LinkError("not connected")
@@ -750,12 +785,13 @@ class AgentTransport:
         renames = list(b.renames)
         made: set[bytes] = set()
         for old, new in renames:
-            self.planner.mkdir_parents(new, b, made)
+            for op in self.planner.mkdir_parents(new, b, made):
+                link.send(ap.Mkdir(op.path, op.mode))
             link.send(ap.Rename(old, new))
             self.links.rename(old, new)
         rep.renames = len(renames)
         for rel in sorted(b.rescans, key=len):
-            self.planner.plan_rescan(rel, plan)
+            self.planner.plan_rescan(rel, plan, self._reconcile_inputs(rel))
         out = _Outgoing(self.sender.many_files(), len(b.dirty))
         # Without rescans, mkdirs and small whole files go out while the batch is planned: the agent works on them
         # while we look at the rest (planning 13,000 paths first kept it idle for 0.1-0.25 s per batch of an untar).
