@@ -19,10 +19,12 @@ The scratch state of one batch lives in a :class:`BatchContext`, made fresh for 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -698,6 +700,7 @@ class AgentTransport:
         self._seq = 0
         self._ids = 0
         self._wire_done = 0  # bytes written by the links closed so far
+        self._prescan: _Prescan | None = None  # the root's scan made while the agent starts (see connect)
         #: the planner's one window on the source (lstat and readlink; a table in tests)
         self.look: Callable[[bytes], Seen | None] = functools.partial(look, self.src)
         self.planner = AgentPlanner(self)
@@ -714,6 +717,10 @@ class AgentTransport:
         # a local pipe has no wire to save: compressing would only spend CPU on both ends
         compress = self.opts.compress and self.target.kind != "local"
         caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
+        # The batch after a connect reconciles the whole tree (a start, a reconnect): the source is scanned while
+        # the agent starts (a Python start, and an ssh handshake: a third of a small first sync), not after.
+        self._prescan = _Prescan(self.src, self._excludes(), self.opts.checksum, self.coalescer.changes) \
+            if self.coalescer.root_rescan_pending() else None
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
         self.link.on_wait = self.host.fold_queued
         if self.host.on_agent is not None:
@@ -721,7 +728,11 @@ class AgentTransport:
         log.info("target %s: agent up (pid %d, capabilities %s)", self.target.spec, self.link.pid,
                  ",".join(sorted(self.link.conn.capabilities)))
 
+    def _excludes(self) -> tuple[bytes, ...]:
+        return (*DEFAULT_EXCLUDES, *self.opts.excludes)
+
     def disconnect(self) -> None:
+        self._prescan = None
         if self.link is not None:
             self._wire_done += self.link.bytes_out
             self.link.kill()
@@ -754,8 +765,14 @@ class AgentTransport:
         if got is None or not stat.S_ISDIR(got.st.st_mode):
             return None
         link.send(ap.ManifestRequest(self.next_id(), rel or None, self.opts.checksum))
-        # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
-        src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
+        prescan, self._prescan = self._prescan, None
+        # the scan made while the agent started, if nothing changed since it began: a change folded in meanwhile
+        # (which the root's rescan covers without a mark of its own) may be missing from it
+        src = prescan.result() if prescan is not None and rel == b"" and prescan.valid(self.coalescer.changes) \
+            else None
+        if src is None:
+            # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
+            src = scan(self.src, self._excludes(), checksum=self.opts.checksum, sub=rel)
         for err in src.errors:
             log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
         dst = Manifest(checksum=self.opts.checksum, identities="inodes" in link.conn.capabilities)
@@ -830,6 +847,31 @@ class AgentTransport:
             "bytes; %d errors", self.target.spec, self._seq, rep.puts, rep.deltas, rep.renames, rep.deletes,
             len(b.rescans), rep.literal, rep.matched, len(rep.errors))
         return rep
+
+
+class _Prescan:
+    """A scan of the whole source in a thread of its own, made while the agent starts; ``changes`` is the
+    coalescer's count of changes when it began (see :meth:`valid`)."""
+
+    def __init__(self, src: bytes, excludes: tuple[bytes, ...], checksum: bool, changes: int) -> None:
+        self.changes = changes
+        self._result: Manifest | None = None
+        self._thread = threading.Thread(target=self._run, args=(src, excludes, checksum), name="prescan", daemon=True)
+        self._thread.start()
+
+    def _run(self, src: bytes, excludes: tuple[bytes, ...], checksum: bool) -> None:
+        # an error of the scan (the root gone) leaves no result: the batch then scans as it always did, and fails
+        # or not as it would have
+        with contextlib.suppress(OSError):
+            self._result = scan(src, excludes, checksum=checksum)
+
+    def valid(self, changes: int) -> bool:
+        """Whether the scan saw every change the coalescer knows of: none was folded in since it began."""
+        return changes == self.changes
+
+    def result(self) -> Manifest | None:
+        self._thread.join()
+        return self._result
 
 
 @dataclass

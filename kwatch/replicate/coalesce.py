@@ -95,6 +95,9 @@ class Coalescer:
         self._full_due: float | None = None
         self._batch = Batch()
         self._last_at = 0.0
+        #: how many changes (events, retries, seeded writers, rescans) were folded in so far: a scan of the source made
+        #: while this stayed the same saw every change the coalescer knows of (see root_rescan_pending)
+        self.changes = 0
         #: path -> (descriptors open for writing seen without a close, clock time the hold began)
         self._writing: dict[bytes, tuple[int, float]] = {}
         #: directories made since the last take (their events may not say they are directories)
@@ -106,6 +109,7 @@ class Coalescer:
     # ---- folding events ----------------------------------------------------------------------------------------
 
     def add(self, ev: FileEvent, now: float) -> None:
+        self.changes += 1
         b = self._batch
         if b.events == 0:
             b.first_at = now
@@ -190,12 +194,14 @@ class Coalescer:
         An open that the scan saw but whose event is folded only after this call is counted twice; its hold then
         ends by age (``max_delay``), not at its close.
         """
+        self.changes += 1
         self._writing = {rel: (n, self._writing.get(rel, (0, now))[1]) for rel, n in found.items() if n > 0}
 
     def retry(self, rel: bytes, now: float, flags: int = CONTENT) -> None:
         """Look at ``rel``'s content again in a later batch (it changed while it was read, or a rescan left it out
         because it was open for writing). Unlike a synthesized CLOSE_WRITE this keeps its hold: a file that changed
         while read is likely still being written."""
+        self.changes += 1
         b = self._batch
         if b.events == 0:
             b.first_at = now
@@ -216,6 +222,7 @@ class Coalescer:
 
     def rescan(self, rel: bytes) -> None:
         """Reconcile the subtree ``rel`` by scanning (after a loss, an overflow, a tree moved in from outside)."""
+        self.changes += 1
         b = self._batch
         if any(is_under(rel, r) for r in b.rescans):
             return
@@ -306,6 +313,10 @@ class Coalescer:
         return rel
 
     # ---- flushing ------------------------------------------------------------------------------------------------
+
+    def root_rescan_pending(self) -> bool:
+        """Whether the next batch reconciles the whole tree (a start, a reconnect, a loss)."""
+        return b"" in self._batch.rescans
 
     def pending(self) -> bool:
         """Whether the current batch holds anything (a deferred full rescan does not count: :meth:`due_in` does)."""

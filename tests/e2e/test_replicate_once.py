@@ -11,6 +11,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,53 @@ def test_a_first_sync_logs_its_progress_up_to_the_totals(tmp_path: Path) -> None
         if f["eta_s"] != "-" and float(f["bytes_per_s"]) > 0:  # time left = bytes left at the rate so far
             left = (int(f["bytes_total"]) - int(f["bytes"])) / float(f["bytes_per_s"])
             assert float(f["eta_s"]) == pytest.approx(left, abs=0.1), f
+
+
+def _replicator(tmp_path: Path) -> tuple[Path, Path, Replicator]:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "old").write_bytes(b"old")
+    rep = Replicator(os.fsencode(src), Target.parse(str(tmp_path / "mirror")), TargetOptions())
+    rep.coalescer.rescan(b"")  # as the thread does on start
+    return src, tmp_path / "mirror", rep
+
+
+@pytest.mark.root
+def test_the_scan_made_while_the_agent_starts_serves_the_first_batch(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from kwatch.replicate import agent_transport
+
+    scans: list[bytes] = []
+    real_scan = agent_transport.scan
+
+    def counting_scan(root: bytes, *a: object, **k: object) -> object:
+        scans.append(root)
+        return real_scan(root, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_transport, "scan", counting_scan)
+    src, mirror, rep = _replicator(tmp_path)
+    try:
+        rep.sync_now(rep.coalescer.take(time.monotonic() + 10))
+        assert len(scans) == 1, "the source was scanned again after the agent was up"
+        assert tree_differences(src, mirror) == []
+    finally:
+        rep.stop(timeout=5)
+
+
+@pytest.mark.root
+def test_a_change_folded_in_after_that_scan_began_is_not_lost(tmp_path: Path) -> None:
+    """The root's rescan covers every change without a mark of its own: a scan older than a change must not serve."""
+    from kwatch.events import FileEvent, Op
+
+    src, mirror, rep = _replicator(tmp_path)
+    try:
+        rep._connect()
+        prescan = rep.transport._prescan  # type: ignore[attr-defined]
+        assert prescan is not None and prescan.result() is not None  # the scan is done: it cannot see what follows
+        (src / "d" / "new").write_bytes(b"new")
+        rep.coalescer.add(FileEvent(Op.CLOSE_WRITE, os.fsencode(src / "d" / "new")), time.monotonic())
+        rep.sync_now(rep.coalescer.take(time.monotonic() + 10))
+        assert (mirror / "d" / "new").read_bytes() == b"new"
+        assert tree_differences(src, mirror) == []
+    finally:
+        rep.stop(timeout=5)
