@@ -108,13 +108,18 @@ class Coalescer:
 
     # ---- folding events ----------------------------------------------------------------------------------------
 
-    def add(self, ev: FileEvent, now: float) -> None:
+    def _arrived(self, now: float) -> Batch:
+        """Count one change arriving at ``now`` (an event, a retry); the batch it goes into."""
         self.changes += 1
         b = self._batch
         if b.events == 0:
             b.first_at = now
         b.events += 1
         self._last_at = now
+        return b
+
+    def add(self, ev: FileEvent, now: float) -> None:
+        b = self._arrived(now)
         if ev.op is Op.LOSS or ev.truncated:
             self._lost(ev, now)
             return
@@ -201,12 +206,7 @@ class Coalescer:
         """Look at ``rel``'s content again in a later batch (it changed while it was read, or a rescan left it out
         because it was open for writing). Unlike a synthesized CLOSE_WRITE this keeps its hold: a file that changed
         while read is likely still being written."""
-        self.changes += 1
-        b = self._batch
-        if b.events == 0:
-            b.first_at = now
-        b.events += 1
-        self._last_at = now
+        self._arrived(now)
         self._mark(rel, flags)
 
     def is_writing(self, rel: bytes, now: float) -> bool:
