@@ -119,6 +119,7 @@ class Replicator:
         self._progress: Progress | None = None
         self._pacer = Pacer(PROGRESS_INTERVAL)
         self._batch_started = 0.0
+        self._progress_at = float("-inf")  # when the progress figures were last worked out
         #: the capture barrier's wait (kwatch.capture.barrier), set by whoever feeds this replicator live events:
         #: True once every event made before the call was fed to us, False after the timeout. None: events are
         #: fed by hand (tests), a read is judged by what arrived so far
@@ -367,6 +368,10 @@ class Replicator:
         p = self._progress
         if p is None:
             return
+        # called once per file sent: the figures are worked out only as often as anybody may look
+        if not final and now - self._progress_at < min(LIVE_INTERVAL, self._pacer.interval):
+            return
+        self._progress_at = now
         st = self.stats
         st.sync_files, st.sync_files_total = p.files_done, p.files_total
         st.sync_bytes, st.sync_bytes_total = p.bytes_done, p.bytes_total
@@ -382,6 +387,7 @@ class Replicator:
     def _sync(self, b: Batch) -> BatchReport:
         self._batch_started = time.monotonic()
         self._progress = None
+        self._progress_at = float("-inf")
         try:
             rep = self.transport.sync(b)
         finally:
