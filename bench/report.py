@@ -187,6 +187,20 @@ def update_section(body: str, start: str, end: str, doc: Path = BENCH_DOC) -> st
     return f"updated {start} ... {end} in {doc}"
 
 
+def publish(name: str, md: str, result: dict[str, Any], out: Path, *, write_doc: bool, marker: str | None = None) -> str:
+    """A suite's results: ``out/NAME.md`` and ``out/NAME.json``, the table printed, and with ``write_doc`` put into
+    docs/benchmarks.md between ``<!-- bench:MARKER:start -->`` and ``<!-- bench:MARKER:end -->`` (MARKER: ``name``).
+    Returns what happened to the doc ("" when not asked)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(md)
+    if not write_doc:
+        return ""
+    m = marker or name
+    return update_section(md, f"<!-- bench:{m}:start -->", f"<!-- bench:{m}:end -->")
+
+
 def update_readme(res: dict[str, Any], doc: Path = BENCH_DOC) -> str:
     """Put the capture table into docs/benchmarks.md (the name is the ``--write-readme`` option's)."""
     return update_section(capture_markdown(res), README_START, README_END, doc)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.common import OUT, BenchError
 
-SUITES = ("capture", "replicate", "rsync", "startup")
+SUITES = ("capture", "replicate", "rsync", "startup", "firstsync")
 
 
 def _log(msg: str) -> None:
@@ -90,7 +90,14 @@ def run_startup(args: argparse.Namespace, out: Path) -> int:
     return startup.main(args, out)
 
 
-RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync, "startup": run_startup}
+def run_firstsync(args: argparse.Namespace, out: Path) -> int:
+    from bench import firstsync
+
+    return firstsync.main(args, out)
+
+
+RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync, "startup": run_startup,
+           "firstsync": run_firstsync}
 
 
 def build_parser() -> argparse.ArgumentParser:

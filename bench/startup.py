@@ -10,7 +10,6 @@ so "watching" is checked, not assumed. Peak RSS (VmHWM) is read once it is watch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import subprocess
@@ -20,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, median, proc_rss_peak_kib, tmpfs
-from bench.report import machine_line, update_section
+from bench.report import machine_line, publish
 
 REPO = Path(__file__).resolve().parent.parent
-START, END = "<!-- bench:startup:start -->", "<!-- bench:startup:end -->"
 KWATCH = [sys.executable, "-m", "kwatch"]
 READY_TIMEOUT = 600.0
 
@@ -112,10 +110,7 @@ def main(args: argparse.Namespace, out: Path) -> int:
         lines.append(f"| {name} | {secs:.2f} | {(rss or 0) / 1024:.0f} | {'yes' if seen else 'NO'} |")
         result["rows"][name] = {"seconds": secs, "rss_kib": rss, "probe_seen": seen}
     md = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "startup.md").write_text(md)
-    (out / "startup.json").write_text(json.dumps(result, indent=2))
-    print(md)
-    if getattr(args, "write_readme", False) and not args.quick:
-        print(update_section(md, START, END), file=sys.stderr)
+    done = publish("startup", md, result, out, write_doc=getattr(args, "write_readme", False) and not args.quick)
+    if done:
+        print(done, file=sys.stderr)
     return 0 if all(r["probe_seen"] for r in result["rows"].values()) else 1

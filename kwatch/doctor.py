@@ -19,6 +19,7 @@ from typing import Any
 
 from kwatch.capture.base import CaptureError, CaptureFilter
 from kwatch.capture.select import BACKENDS, BLIND_SPOTS, _open
+from kwatch.libc import io_uring_setup
 
 PROBES_OBJECT = Path(__file__).parent / "capture" / "kwatch-probes.bpf.o"
 TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
@@ -101,13 +102,11 @@ def _probe_io_uring() -> Check:
     nr = SYS_IO_URING_SETUP.get(os.uname().machine)
     if nr is None:
         return Check("io_uring", False, f"syscall number unknown on {os.uname().machine}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
-    fd = libc.syscall(nr, 4, params)
-    if fd < 0:
-        err = ctypes.get_errno()
+    try:
+        fd = io_uring_setup(nr, 4)
+    except OSError as e:
         why = {errno.ENOSYS: "not built into this kernel", errno.EPERM: "disabled (kernel.io_uring_disabled)"}
-        return Check("io_uring", False, why.get(err, os.strerror(err)))
+        return Check("io_uring", False, why.get(e.errno or 0, os.strerror(e.errno or 0)))
     os.close(fd)
     return Check("io_uring", True, "io_uring_setup works: programs may do file operations through it")
 

@@ -11,6 +11,8 @@ where openat2 is missing (ENOSYS, or a seccomp filter's EPERM), by walking one c
 ``O_PATH | O_DIRECTORY | O_NOFOLLOW``. Either way a symlink anywhere in the path fails (ELOOP or ENOTDIR),
 ``..`` cannot climb out, and what was opened is what the caller then inspects with ``fstat``.
 
+Also :func:`grow_pipe`, for the pipes both ends of the agent link read and write.
+
 :func:`open_regular` is the reading side's use of it: a regular file only, opened ``O_NONBLOCK`` so a FIFO or
 device swapped in is refused instead of hanging the reader, with the ``fstat`` of the descriptor it returned.
 
@@ -19,7 +21,9 @@ Pure I/O helpers: no policy, no logging.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
+import fcntl
 import os
 import stat
 
@@ -31,6 +35,7 @@ __all__ = [
     "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_NO_SYMLINKS",
     "RESOLVE_NO_XDEV",
+    "grow_pipe",
     "have_openat2",
     "open_beneath",
     "open_regular",
@@ -115,3 +120,18 @@ def open_regular(root: int | bytes, rel: bytes, *, use_openat2: bool | None = No
         os.close(fd)
         raise OSError(errno_mod.EINVAL, "not a regular file", rel)
     return fd, st
+
+
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # fcntl has the name from Python 3.10 on
+
+
+def grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
+    """Make the pipe at ``fd`` hold ``size`` bytes (F_SETPIPE_SZ, Linux 2.6.35); quietly nothing if ``fd`` is not a
+    pipe or the size is above /proc/sys/fs/pipe-max-size for an unprivileged user.
+
+    The default 64 KiB fills with a few small-file frames: the writer then sleeps in select until the reader has
+    drained it, one wake-up per 64 KiB on each side; 1 MiB lets both run longer between switches.
+    """
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)

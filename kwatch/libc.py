@@ -109,6 +109,13 @@ def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -
     return int(fd)
 
 
+def io_uring_setup(nr: int, entries: int) -> int:
+    """io_uring_setup(2) (syscall number ``nr``: it differs by architecture; glibc has no wrapper) with zeroed
+    parameters: the ring's descriptor. Only ``kwatch doctor`` calls it, to see whether io_uring is enabled."""
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+    return _check(int(_fn("syscall")(ctypes.c_long(nr), ctypes.c_uint(entries), params)), "io_uring_setup")
+
+
 def syncfs(fd: int) -> None:
     _check(_fn("syncfs")(fd), "syncfs")
 

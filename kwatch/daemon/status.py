@@ -191,3 +191,7 @@ def format_status(st: dict[str, Any], out: IO[str]) -> None:
         w(f"  target {t['name']}: {state}, lag {t.get('lag_seconds', 0):.1f} s, pending {_n(t.get('pending_paths'))}, "
           f"files {_n(t.get('files'))}, batches {_n(t.get('batches'))}, errors {_n(t.get('errors'))}, "
           f"reconnects {_n(t.get('reconnects'))}\n")
+        if t.get("syncing"):
+            w(f"    reconciling: {_n(t.get('sync_files'))}/{_n(t.get('sync_files_total'))} files, "
+              f"{t.get('sync_bytes', 0) / 1e6:.1f}/{t.get('sync_bytes_total', 0) / 1e6:.1f} MB, "
+              f"{t.get('sync_bytes_per_s', 0) / 1e6:.1f} MB/s, {_duration(t.get('sync_eta_s'))} left\n")

@@ -55,6 +55,15 @@ class TargetStats:
     connected: bool = False
     #: why the target is down ("" while it is up or has not failed): one of kwatch.replicate.failure.REASONS
     down: str = ""
+    #: the progress of the batch reconciling a tree (first sync, rescan) in flight, or of the last one
+    #: (kwatch.replicate.progress)
+    syncing: bool = False
+    sync_files: int = 0
+    sync_files_total: int = 0
+    sync_bytes: int = 0
+    sync_bytes_total: int = 0
+    sync_bytes_per_s: int = 0
+    sync_eta_s: float | None = None
 
     def count_rescans(self, rescans: set[bytes]) -> None:
         """Count a batch's rescans (relative paths, ``b""`` for the whole tree) by scope."""

@@ -23,11 +23,11 @@ from typing import BinaryIO
 
 import xxhash
 
+from kwatch.fsutil import grow_pipe
 from kwatch.mirror.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
 from kwatch.replicate.delta import BLOCK_LIMIT, Patcher, PatchError, block_size_for, signature
-from kwatch.replicate.link import grow_pipe
 from kwatch.replicate.scan import Entry as ScanEntry
 from kwatch.replicate.scan import Kind, Manifest, scan
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from kwatch.paths import is_under
 from kwatch.protocols.agent import PathError
 
 #: Per-path errors of the mirror that may pass by themselves (space freed, quota raised, a read-only remount undone,
@@ -39,10 +40,6 @@ class AckOutcome:
     resend: list[bytes] = field(default_factory=list)  # send the data of these again next batch
     missing: list[bytes] = field(default_factory=list)  # first error ENOENT: the mirror lacks a directory
     transient: list[bytes] = field(default_factory=list)  # first error transient: retry with backoff
-
-
-def _is_under(rel: bytes, top: bytes) -> bool:
-    return rel == top or rel.startswith(top + b"/")
 
 
 def interpret_ack(
@@ -69,7 +66,7 @@ def interpret_ack(
         if err.relpath in sources and err.code in _GONE:
             out.rescan.append(sources[err.relpath])
             continue
-        if err.code == "ENOENT" and any(_is_under(err.relpath, n) for n in moved):
+        if err.code == "ENOENT" and any(is_under(err.relpath, n) for n in moved):
             continue
         leader = leaders.get(err.relpath)
         if leader is not None and err.code == "ENOENT" and (leader in changed or leader in out.resend):

@@ -19,15 +19,21 @@ The scratch state of one batch lives in a :class:`BatchContext`, made fresh for 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import stat
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import xxhash
 
 from kwatch.fsutil import open_regular
+from kwatch.paths import is_under, parent
 from kwatch.protocols import agent as ap
 from kwatch.replicate import delta as dl
 from kwatch.replicate.ack import interpret_ack
@@ -75,6 +81,23 @@ MANIFEST_MIN_CAP = 1 << 20
 MANIFEST_FACTOR = 8
 
 
+class Seen(NamedTuple):
+    """What the planner knows of one source path: its lstat, and a symlink's target."""
+
+    st: os.stat_result
+    target: bytes | None = None
+
+
+def look(src: bytes, rel: bytes) -> Seen | None:
+    """The source path ``rel`` now (None: not there): the one read of the source the planner's caller makes for it."""
+    full = os.path.join(src, rel) if rel else src
+    try:
+        st = os.lstat(full)
+        return Seen(st, os.readlink(full) if stat.S_ISLNK(st.st_mode) else None)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 @dataclass(frozen=True)
 class _Linked:
     """A dirty regular file with ``st_nlink > 1``, waiting for :meth:`AgentTransport._plan_links`."""
@@ -102,6 +125,7 @@ class BatchContext:
     #: name in the same batch expects to find there
     sent: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     later: list[bytes] = field(default_factory=list)  # rescanned files left for later: open for writing
+    seen: dict[bytes, Seen | None] = field(default_factory=dict)  # the source as the planner saw it (see look)
 
 
 class _Part:
@@ -128,23 +152,31 @@ class _Part:
 
 
 class AgentPlanner(_Part):
-    """Turns a batch into a :class:`~kwatch.replicate.scan.Plan` by looking at the source now (lstat, and the
-    mirror's manifest for a rescan); the hard-link groups and the directory times it must restore go into the
-    batch context."""
+    """Turns a batch into a :class:`~kwatch.replicate.scan.Plan` from what the source holds: the planner reads
+    nothing itself. Each path's metadata comes through :meth:`seen` (``look``, once per path and batch, kept in the
+    batch context: tests fill it by hand), a rescan's through the two manifests its caller fetched
+    (:meth:`AgentTransport._reconcile_inputs`); the hard-link groups and the directory times to restore go into the
+    batch context. (The hard-link checks against the source, ``is_inode`` and ``_origin``, still read it.)"""
+
+    def seen(self, rel: bytes) -> Seen | None:
+        """The source's ``rel`` as this batch sees it: looked at once (the transport's ``look``), then kept."""
+        ctx = self.ctx
+        if rel not in ctx.seen:
+            ctx.seen[rel] = self.t.look(rel)
+        return ctx.seen[rel]
 
     def plan_path(self, rel: bytes, flags: int, plan: Plan) -> None:
-        full = os.path.join(self.src, rel) if rel else self.src
         name = rel.rpartition(b"/")[2]
         if rel and self.excluded(name, rel):
             return
-        try:
-            st = os.lstat(full)
-        except (FileNotFoundError, NotADirectoryError):
+        got = self.seen(rel)
+        if got is None:
             if rel and self.host.renamed_away(rel, flags):
                 return
             if rel and self.opts.delete:
                 plan.deletes.append(Delete(rel, Kind.OTHER))
             return
+        st = got.st
         mode = stat.S_IMODE(st.st_mode)
         uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
         if not stat.S_ISREG(st.st_mode):
@@ -157,7 +189,8 @@ class AgentPlanner(_Part):
             plan.dir_setattrs.append(SetAttr(rel, mode, st.st_mtime_ns, uid, gid))
         elif stat.S_ISLNK(st.st_mode):
             if flags & (EXIST | CONTENT):
-                plan.symlinks.append(Symlink(rel, os.readlink(full), st.st_mtime_ns, uid, gid))
+                assert got.target is not None
+                plan.symlinks.append(Symlink(rel, got.target, st.st_mtime_ns, uid, gid))
                 self._touch_parent(rel, plan)
             elif flags & META:
                 plan.setattrs.append(SetAttr(rel, None, st.st_mtime_ns, uid, gid))
@@ -284,27 +317,25 @@ class AgentPlanner(_Part):
                 self._touch_parent(p, plan)
             self.ctx.link_sets.setdefault(key, set()).update((leader, *relink, *on_mirror))
 
-    def mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> None:
-        """Create the directories of a rename destination that appeared in this batch, before the rename.
+    def mkdir_parents(self, rel: bytes, b: Batch, made: set[bytes]) -> list[Mkdir]:
+        """The directories of a rename destination that appeared in this batch, to create before the rename.
 
         Renames are replayed before the plan's mkdirs (so a moved tree is moved, not re-created); ``mkdir -p n;
         mv f n/f`` in one batch would otherwise find no ``n`` on the mirror, fail, and re-send ``f`` in full.
         Only directories the source has now are made (mkdir of an existing directory is harmless).
         """
+        out: list[Mkdir] = []
         parts = rel.split(b"/")[:-1]
         for i in range(1, len(parts) + 1):
             a = b"/".join(parts[:i])
             if a in made or not b.dirty.get(a, 0) & EXIST:
                 continue
             made.add(a)
-            try:
-                st = os.lstat(os.path.join(self.src, a))
-            except OSError:
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                return
-            assert self.link is not None
-            self.link.send(ap.Mkdir(a, stat.S_IMODE(st.st_mode) | 0o700))
+            got = self.seen(a)
+            if got is None or not stat.S_ISDIR(got.st.st_mode):
+                break
+            out.append(Mkdir(a, stat.S_IMODE(got.st.st_mode) | 0o700))
+        return out
 
     def _touch_parent(self, rel: bytes, plan: Plan) -> None:
         """Restore the mtime of the directory of a put or symlink after the batch.
@@ -314,52 +345,27 @@ class AgentPlanner(_Part):
         directory); without this the mirror's directory times drift from the source's (scan.diff does the same
         with its ``touched`` set).
         """
-        par = rel.rpartition(b"/")[0]
+        par = parent(rel)
         if not par or par in self.ctx.touched:
             return  # the mirror root's own attributes are the operator's
         self.ctx.touched.add(par)
-        try:
-            st = os.lstat(os.path.join(self.src, par))
-        except OSError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            plan.dir_setattrs.append(SetAttr(par, None, st.st_mtime_ns))
+        got = self.seen(par)
+        if got is not None and stat.S_ISDIR(got.st.st_mode):
+            plan.dir_setattrs.append(SetAttr(par, None, got.st.st_mtime_ns))
 
-    def plan_rescan(self, rel: bytes, plan: Plan) -> None:
-        """Reconcile the subtree ``rel``: the mirror's manifest against a scan of the source."""
-        assert self.link is not None
-        full = os.path.join(self.src, rel) if rel else self.src
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISDIR(st.st_mode):
+    def plan_rescan(self, rel: bytes, plan: Plan, manifests: tuple[Manifest, Manifest] | None) -> None:
+        """Reconcile the subtree ``rel``: ``manifests`` (the source's scan, the mirror's manifest) when ``rel`` is a
+        directory in the source (see :meth:`AgentTransport._reconcile_inputs`), else None: then ``rel`` is planned
+        as one path."""
+        got = self.seen(rel)
+        if manifests is None or got is None or not stat.S_ISDIR(got.st.st_mode):
             if rel in self.ctx.batch.writing:
                 self.ctx.later.append(rel)
             else:
                 self.plan_path(rel, CONTENT | EXIST | META, plan)
             return
-        rid = self.t.next_id()
-        self.link.send(ap.ManifestRequest(rid, rel or None, self.opts.checksum))
-        # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
-        src = scan(self.src, (*DEFAULT_EXCLUDES, *self.opts.excludes), checksum=self.opts.checksum, sub=rel)
-        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in self.link.conn.capabilities)
-        prefix_len = len(rel) + 1 if rel else 0
-        # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
-        # --delete removes), but not without bound
-        cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
-        while True:
-            msg = self.link.take(ap.ManifestEntries, "the mirror's manifest")
-            assert isinstance(msg, ap.ManifestEntries)
-            for e in msg.entries:
-                dst.entries[e.relpath[prefix_len:]] = _agent_entry(e)
-            if msg.done:
-                break
-            if len(dst.entries) > cap:
-                raise LinkError(f"the mirror's manifest of {os.fsdecode(rel) or 'the root'} passed {cap} entries "
-                                f"({len(src.entries)} in the source): refused", down="protocol")
-        for err in src.errors:
-            log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
+        st = got.st
+        src, dst = manifests
         sub = diff(src, dst, delete=self.opts.delete, checksum=self.opts.checksum, owner=self.opts.owner)
         pre = rel + b"/" if rel else b""
         if rel:
@@ -427,7 +433,7 @@ class AgentSender(_Part):
             self._send_files(rep, out)
         if moved:
             out.changed.append(p.path)
-        self._report(rep, out.total)
+        self._report(rep, out)
         return True
 
     def _send_files(self, rep: BatchReport, out: _Outgoing) -> None:
@@ -471,20 +477,22 @@ class AgentSender(_Part):
             else:
                 wholes.append(p)
         changed = out.changed
-        total = out.total = max(out.total, rep.puts + len(wholes) + len(deltas))
+        out.total = max(out.total, rep.puts + len(wholes) + len(deltas))
+        out.nbytes = max(out.nbytes, rep.literal + rep.matched + sum(p.size for p in plan.puts))
+        self._report(rep, out)  # the totals before the first file
         many = out.many
         for p in wholes:
             if not self._send_small(p, rep, out):
                 if self._put_whole(p, rep):
                     changed.append(p.path)
-                self._report(rep, total)
+                self._report(rep, out)
         for p in deltas:
             sig = self._take_signature(sig_ids[p.path])
             if sig.file_size == 0 and self._send_small(p, rep, out):
                 continue  # nothing on the mirror to diff against (a new file): it goes with the small ones
             if self._put_delta(p, sig, sig_ids[p.path], rep):
                 changed.append(p.path)
-            self._report(rep, total)
+            self._report(rep, out)
         if many is not None and many.files:
             self._send_files(rep, out)
         for s in plan.symlinks:
@@ -522,9 +530,10 @@ class AgentSender(_Part):
                 size = mtime = None
             link.send(ap.Hardlink(h.path, h.existing, size, mtime))
 
-    def _report(self, rep: BatchReport, total: int) -> None:
-        if self.host.progress is not None:
-            self.host.progress(self.target.spec, rep.puts + rep.deltas, total, rep.literal + rep.matched)
+    def _report(self, rep: BatchReport, out: _Outgoing) -> None:
+        """Progress, for a batch that reconciles a tree (see kwatch.replicate.progress)."""
+        if self.ctx.batch.rescans:
+            self.host.report_progress(rep.puts + rep.deltas, out.total, rep.literal + rep.matched, out.nbytes)
 
     def _open_source(self, rel: bytes) -> tuple[int, os.stat_result] | None:
         """The regular file ``rel`` beneath the source root and its fstat, which is what gets sent (size, mode,
@@ -737,6 +746,9 @@ class AgentTransport:
         self._seq = 0
         self._ids = 0
         self._wire_done = 0  # bytes written by the links closed so far
+        self._prescan: _Prescan | None = None  # the root's scan made while the agent starts (see connect)
+        #: the planner's one window on the source (lstat and readlink; a table in tests)
+        self.look: Callable[[bytes], Seen | None] = functools.partial(look, self.src)
         self.planner = AgentPlanner(self)
         self.sender = AgentSender(self)
 
@@ -751,6 +763,10 @@ class AgentTransport:
         # a local pipe has no wire to save: compressing would only spend CPU on both ends
         compress = self.opts.compress and self.target.kind != "local"
         caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
+        # The batch after a connect reconciles the whole tree (a start, a reconnect): the source is scanned while
+        # the agent starts (a Python start, and an ssh handshake: a third of a small first sync), not after.
+        self._prescan = _Prescan(self.src, self._excludes(), self.opts.checksum, self.coalescer.changes) \
+            if self.coalescer.root_rescan_pending() else None
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
         self.link.on_wait = self.host.fold_queued
         if self.host.on_agent is not None:
@@ -758,7 +774,11 @@ class AgentTransport:
         log.info("target %s: agent up (pid %d, capabilities %s)", self.target.spec, self.link.pid,
                  ",".join(sorted(self.link.conn.capabilities)))
 
+    def _excludes(self) -> tuple[bytes, ...]:
+        return (*DEFAULT_EXCLUDES, *self.opts.excludes)
+
     def disconnect(self) -> None:
+        self._prescan = None
         if self.link is not None:
             self._wire_done += self.link.bytes_out
             self.link.kill()
@@ -782,6 +802,42 @@ class AgentTransport:
 
     # ---- one batch -------------------------------------------------------------------------------------------------
 
+    def _reconcile_inputs(self, rel: bytes) -> tuple[Manifest, Manifest] | None:
+        """What the planner compares to reconcile the subtree ``rel``: a scan of the source and the mirror's manifest,
+        fetched side by side (the agent scans while we do); None when ``rel`` is not a directory in the source."""
+        link = self.link
+        assert link is not None
+        got = self.planner.seen(rel)
+        if got is None or not stat.S_ISDIR(got.st.st_mode):
+            return None
+        link.send(ap.ManifestRequest(self.next_id(), rel or None, self.opts.checksum))
+        prescan, self._prescan = self._prescan, None
+        # the scan made while the agent started, if nothing changed since it began: a change folded in meanwhile
+        # (which the root's rescan covers without a mark of its own) may be missing from it
+        src = prescan.result() if prescan is not None and rel == b"" and prescan.valid(self.coalescer.changes) \
+            else None
+        if src is None:
+            # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
+            src = scan(self.src, self._excludes(), checksum=self.opts.checksum, sub=rel)
+        for err in src.errors:
+            log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
+        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in link.conn.capabilities)
+        prefix_len = len(rel) + 1 if rel else 0
+        # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
+        # --delete removes), but not without bound
+        cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
+        while True:
+            msg = link.take(ap.ManifestEntries, "the mirror's manifest")
+            assert isinstance(msg, ap.ManifestEntries)
+            for e in msg.entries:
+                dst.entries[e.relpath[prefix_len:]] = _agent_entry(e)
+            if msg.done:
+                break
+            if len(dst.entries) > cap:
+                raise LinkError(f"the mirror's manifest of {os.fsdecode(rel) or 'the root'} passed {cap} entries "
+                                f"({len(src.entries)} in the source): refused", down="protocol")
+        return src, dst
+
     def sync(self, b: Batch) -> BatchReport:
         if self.link is None:
             raise LinkError("not connected")
@@ -792,12 +848,13 @@ class AgentTransport:
         renames = list(b.renames)
         made: set[bytes] = set()
         for old, new in renames:
-            self.planner.mkdir_parents(new, b, made)
+            for op in self.planner.mkdir_parents(new, b, made):
+                link.send(ap.Mkdir(op.path, op.mode))
             link.send(ap.Rename(old, new))
             self.links.rename(old, new)
         rep.renames = len(renames)
         for rel in sorted(b.rescans, key=len):
-            self.planner.plan_rescan(rel, plan)
+            self.planner.plan_rescan(rel, plan, self._reconcile_inputs(rel))
         out = _Outgoing(self.sender.many_files(), len(b.dirty))
         # Without rescans, mkdirs and small whole files go out while the batch is planned: the agent works on them
         # while we look at the rest (planning 13,000 paths first kept it idle for 0.1-0.25 s per batch of an untar).
@@ -805,7 +862,7 @@ class AgentTransport:
         # to wait for the whole plan (deltas, big files, links, attributes, deletes) still goes in _send_plan.
         streaming = not b.rescans and out.many is not None
         for rel, flags in sorted(b.dirty.items(), key=lambda kv: (kv[0].count(b"/"), kv[0])):
-            if not any(rel == r or rel.startswith(r + b"/") or r == b"" for r in b.rescans):
+            if not any(is_under(rel, r) for r in b.rescans):
                 self.planner.plan_path(rel, flags, plan)
                 if streaming:
                     self.sender.stream_planned(plan, rep, out)
@@ -839,12 +896,38 @@ class AgentTransport:
         return rep
 
 
+class _Prescan:
+    """A scan of the whole source in a thread of its own, made while the agent starts; ``changes`` is the
+    coalescer's count of changes when it began (see :meth:`valid`)."""
+
+    def __init__(self, src: bytes, excludes: tuple[bytes, ...], checksum: bool, changes: int) -> None:
+        self.changes = changes
+        self._result: Manifest | None = None
+        self._thread = threading.Thread(target=self._run, args=(src, excludes, checksum), name="prescan", daemon=True)
+        self._thread.start()
+
+    def _run(self, src: bytes, excludes: tuple[bytes, ...], checksum: bool) -> None:
+        # an error of the scan (the root gone) leaves no result: the batch then scans as it always did, and fails
+        # or not as it would have
+        with contextlib.suppress(OSError):
+            self._result = scan(src, excludes, checksum=checksum)
+
+    def valid(self, changes: int) -> bool:
+        """Whether the scan saw every change the coalescer knows of: none was folded in since it began."""
+        return changes == self.changes
+
+    def result(self) -> Manifest | None:
+        self._thread.join()
+        return self._result
+
+
 @dataclass
 class _Outgoing:
     """What one batch's sending shares between :meth:`AgentTransport._stream_planned` and ``_send_plan``."""
 
     many: _ManyFiles | None  # the PutFiles frame being filled (None: small files go one by one)
     total: int  # files in the batch, for progress (an estimate while it is being planned)
+    nbytes: int = 0  # their bytes, for progress (known once the plan is whole)
     changed: list[bytes] = field(default_factory=list)  # paths to send again next batch
 
 

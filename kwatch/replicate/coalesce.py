@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kwatch.events import RENAME_EXCHANGE, FileEvent, Op
-from kwatch.paths import is_under
+from kwatch.paths import is_under, parent, rebase
 
 CONTENT = 1  # data may differ: compare and send (whole or delta)
 META = 2  # mode / owner / mtime may differ
@@ -56,19 +56,6 @@ def relative(root: bytes, path: bytes) -> bytes | None:
     if path.startswith(root) and path[len(root) : len(root) + 1] == b"/":
         return path[len(root) + 1 :]
     return None
-
-
-def parent(rel: bytes) -> bytes:
-    i = rel.rfind(b"/")
-    return rel[:i] if i >= 0 else b""
-
-
-def _under(rel: bytes, prefix: bytes) -> bool:
-    return rel == prefix or rel.startswith(prefix + b"/") or prefix == b""
-
-
-def _rebase(rel: bytes, old: bytes, new: bytes) -> bytes:
-    return new + rel[len(old) :]
 
 
 @dataclass
@@ -108,6 +95,9 @@ class Coalescer:
         self._full_due: float | None = None
         self._batch = Batch()
         self._last_at = 0.0
+        #: how many changes (events, retries, seeded writers, rescans) were folded in so far: a scan of the source made
+        #: while this stayed the same saw every change the coalescer knows of (see root_rescan_pending)
+        self.changes = 0
         #: path -> (descriptors open for writing seen without a close, clock time the hold began)
         self._writing: dict[bytes, tuple[int, float]] = {}
         #: directories made since the last take (their events may not say they are directories)
@@ -118,12 +108,18 @@ class Coalescer:
 
     # ---- folding events ----------------------------------------------------------------------------------------
 
-    def add(self, ev: FileEvent, now: float) -> None:
+    def _arrived(self, now: float) -> Batch:
+        """Count one change arriving at ``now`` (an event, a retry); the batch it goes into."""
+        self.changes += 1
         b = self._batch
         if b.events == 0:
             b.first_at = now
         b.events += 1
         self._last_at = now
+        return b
+
+    def add(self, ev: FileEvent, now: float) -> None:
+        b = self._arrived(now)
         if ev.op is Op.LOSS or ev.truncated:
             self._lost(ev, now)
             return
@@ -203,17 +199,14 @@ class Coalescer:
         An open that the scan saw but whose event is folded only after this call is counted twice; its hold then
         ends by age (``max_delay``), not at its close.
         """
+        self.changes += 1
         self._writing = {rel: (n, self._writing.get(rel, (0, now))[1]) for rel, n in found.items() if n > 0}
 
     def retry(self, rel: bytes, now: float, flags: int = CONTENT) -> None:
         """Look at ``rel``'s content again in a later batch (it changed while it was read, or a rescan left it out
         because it was open for writing). Unlike a synthesized CLOSE_WRITE this keeps its hold: a file that changed
         while read is likely still being written."""
-        b = self._batch
-        if b.events == 0:
-            b.first_at = now
-        b.events += 1
-        self._last_at = now
+        self._arrived(now)
         self._mark(rel, flags)
 
     def is_writing(self, rel: bytes, now: float) -> bool:
@@ -229,10 +222,11 @@ class Coalescer:
 
     def rescan(self, rel: bytes) -> None:
         """Reconcile the subtree ``rel`` by scanning (after a loss, an overflow, a tree moved in from outside)."""
+        self.changes += 1
         b = self._batch
-        if any(_under(rel, r) for r in b.rescans):
+        if any(is_under(rel, r) for r in b.rescans):
             return
-        b.rescans = {r for r in b.rescans if not _under(r, rel)}
+        b.rescans = {r for r in b.rescans if not is_under(r, rel)}
         b.rescans.add(rel)
         if rel == b"":
             b.dirty.clear()
@@ -274,18 +268,18 @@ class Coalescer:
         b.renames.append((old, new))
         # what was at the new name is gone; what was below the old name is below the new one
         self._drop_links(new)
-        b.link_from = {(_rebase(k, old, new) if _under(k, old) else k): (_rebase(v, old, new) if _under(v, old) else v)
+        b.link_from = {(rebase(k, old, new) if is_under(k, old) else k): (rebase(v, old, new) if is_under(v, old) else v)
                        for k, v in b.link_from.items()}
         # pending state follows the object to its new name
-        moved = {k: v for k, v in b.dirty.items() if _under(k, old) and k != b""}
+        moved = {k: v for k, v in b.dirty.items() if is_under(k, old) and k != b""}
         for k in moved:
             del b.dirty[k]
         for k, v in moved.items():
-            b.dirty[_rebase(k, old, new)] = v
-        for k in [k for k in self._writing if _under(k, old)]:
-            self._writing[_rebase(k, old, new)] = self._writing.pop(k)
-        self._new_dirs = {_rebase(k, old, new) if _under(k, old) else k for k in self._new_dirs}
-        b.rescans = {_rebase(r, old, new) if _under(r, old) and r else r for r in b.rescans}
+            b.dirty[rebase(k, old, new)] = v
+        for k in [k for k in self._writing if is_under(k, old)]:
+            self._writing[rebase(k, old, new)] = self._writing.pop(k)
+        self._new_dirs = {rebase(k, old, new) if is_under(k, old) else k for k in self._new_dirs}
+        b.rescans = {rebase(r, old, new) if is_under(r, old) and r else r for r in b.rescans}
         # both directories changed; the new name must exist on the mirror afterwards
         self._mark(old, EXIST)
         self._mark(new, EXIST)
@@ -294,16 +288,16 @@ class Coalescer:
         """Forget link origins at or below ``rel``, as new names or as the names linked from."""
         b = self._batch
         if b.link_from:
-            b.link_from = {k: v for k, v in b.link_from.items() if not _under(k, rel) and not _under(v, rel)}
+            b.link_from = {k: v for k, v in b.link_from.items() if not is_under(k, rel) and not is_under(v, rel)}
 
     def _forget(self, rel: bytes) -> None:
         b = self._batch
         self._drop_links(rel)
-        for k in [k for k in b.dirty if _under(k, rel) and k != rel]:
+        for k in [k for k in b.dirty if is_under(k, rel) and k != rel]:
             del b.dirty[k]
-        for k in [k for k in self._writing if _under(k, rel)]:
+        for k in [k for k in self._writing if is_under(k, rel)]:
             del self._writing[k]
-        self._new_dirs = {k for k in self._new_dirs if not _under(k, rel)}
+        self._new_dirs = {k for k in self._new_dirs if not is_under(k, rel)}
 
     def current_name(self, rel: bytes) -> bytes:
         """Where ``rel`` is now, after the renames folded in since the last :meth:`take`.
@@ -314,11 +308,15 @@ class Coalescer:
         the mark come first (the mirror's copy moves with the rename, stale, and only its attributes would follow).
         """
         for old, new in self._batch.renames:
-            if _under(rel, old) and old:
-                rel = _rebase(rel, old, new)
+            if is_under(rel, old) and old:
+                rel = rebase(rel, old, new)
         return rel
 
     # ---- flushing ------------------------------------------------------------------------------------------------
+
+    def root_rescan_pending(self) -> bool:
+        """Whether the next batch reconciles the whole tree (a start, a reconnect, a loss)."""
+        return b"" in self._batch.rescans
 
     def pending(self) -> bool:
         """Whether the current batch holds anything (a deferred full rescan does not count: :meth:`due_in` does)."""

@@ -1,4 +1,5 @@
-"""The ``replicate`` and ``agent`` commands: argument parsing and wiring of capture -> replicators, and the agent."""
+"""The ``replicate`` command: argument parsing and wiring of capture -> replicators (the mirror end's ``agent``
+command is :mod:`kwatch.mirror.command`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from kwatch.capture.base import CaptureError, CaptureFilter, Source
 from kwatch.events import FileEvent
 from kwatch.replicate import options
 from kwatch.replicate.engine import make_replicator, wait_synced
+from kwatch.replicate.progress import Progress, live_line
 from kwatch.replicate.target import Target
 
 
@@ -25,47 +27,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("--once", action="store_true", help="reconcile once and exit (no live capture)")
     options.add_arguments(r)
     r.add_argument("--backend", default="auto", choices=["auto", "bpf", "fanotify", "inotify"])
+    r.add_argument("--progress-interval", type=float, metavar="SECONDS",
+                   help="seconds between the progress lines of a first sync or rescan when stderr is not a terminal "
+                   "(default 5; a terminal gets a live line)")
     r.set_defaults(func=cmd_replicate)
-
-    a = sub.add_parser("agent", help="the mirror end (started by `kwatch replicate` over ssh or a pipe)")
-    a.add_argument("--root", required=True)
-    a.add_argument("--fsync", choices=["none", "file", "batch"], default="none")
-    a.add_argument("--owner", action="store_true", help="apply uid/gid (as root)")
-    a.set_defaults(func=cmd_agent)
-
-
-def cmd_agent(args: argparse.Namespace) -> int:
-    from kwatch.mirror.server import serve
-
-    root = os.fsencode(args.root)
-    problem = ensure_root(root)
-    if problem is not None:
-        print(f"kwatch agent: {problem}", file=sys.stderr)
-        return ROOT_UNUSABLE
-    return serve(root, sys.stdin.buffer, sys.stdout.buffer, fsync=args.fsync, preserve_owner=args.owner)
 
 
 #: seconds `kwatch replicate` gives its targets to send what is pending when it is told to stop
 STOP_GRACE = 0.8
-
-#: the agent's exit status when its --root cannot be used (kwatch.replicate.failure: a permanent "destination")
-ROOT_UNUSABLE = 3
-
-
-def ensure_root(root: bytes) -> str | None:
-    """Make ``root`` usable as a mirror root: as rsync does with its destination, the last component is created
-    when missing (its parent must exist: a typo two levels up is not silently turned into a tree). None when it is
-    a directory now, else what is wrong."""
-    try:
-        os.mkdir(root)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        return f"cannot create {os.fsdecode(root)}: {e.strerror}"
-    if not os.path.isdir(root):
-        return f"{os.fsdecode(root)} is not a directory"
-    return None
-
 
 class _Stop(BaseException):  # not an Exception: an `except Exception` on the way must not take it for an error
     pass
@@ -75,17 +44,9 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def _progress_line(target: str, done: int, total: int, nbytes: int) -> None:
-    """A progress bar on the terminal for large batches (the initial sync); a line per 1% at most."""
-    if total < 100:
-        return
-    if done != total and done % max(1, total // 100):
-        return
-    width = 30
-    fill = width * done // total
-    end = "\n" if done == total else ""
-    sys.stderr.write(f"\r{target}: [{'#' * fill}{'.' * (width - fill)}] {done}/{total} files, "
-                     f"{nbytes / 1e6:.1f} MB{end}")
+def _live_progress(target: str, p: Progress, final: bool) -> None:
+    """The progress of a reconcile as one terminal line, rewritten in place; the last one stays."""
+    sys.stderr.write("\r\x1b[K" + live_line(target, p) + ("\n" if final else ""))
     sys.stderr.flush()
 
 
@@ -111,7 +72,9 @@ def _open_capture(src: bytes, backend: str) -> Source:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="kwatch: %(message)s", stream=sys.stderr)
+    # on a terminal a log line first clears the live progress line it would otherwise be appended to
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    logging.basicConfig(level=logging.INFO, format=clear + "kwatch: %(message)s", stream=sys.stderr)
     src = os.fsencode(os.path.abspath(args.source))
     if not os.path.isdir(src):
         raise SystemExit(f"kwatch replicate: {args.source} is not a directory")
@@ -129,9 +92,11 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     for r in reps:
         r.barrier = barrier.wait if barrier is not None else None
         r.give_up = args.once
-    if sys.stderr.isatty():
-        for r in reps:
-            r.progress = _progress_line
+    for r in reps:
+        if sys.stderr.isatty():
+            r.on_progress = _live_progress
+        if args.progress_interval is not None:
+            r.progress_interval = args.progress_interval
     for r in reps:
         r.start()
     old = signal.signal(signal.SIGTERM, _stop)

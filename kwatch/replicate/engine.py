@@ -38,13 +38,15 @@ from collections.abc import Callable, Iterable
 
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import TargetStats
+from kwatch.paths import parent
 from kwatch.replicate.ack import TRANSIENT
 from kwatch.replicate.agent_transport import AgentTransport
 from kwatch.replicate.backoff import Backoff
-from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer, parent
+from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer
 from kwatch.replicate.landing import LandingCheck
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.options import DELTA_MIN, TargetOptions
+from kwatch.replicate.progress import Pacer, Progress, log_line
 from kwatch.replicate.retries import PathRetries
 from kwatch.replicate.rsync_target import RsyncTransport
 from kwatch.replicate.scan import DEFAULT_EXCLUDES, Excluder
@@ -64,6 +66,11 @@ def make_transport(host: Replicator, target: Target, opts: TargetOptions) -> Tra
     if target.kind == "rsync":
         return RsyncTransport(host, target.spec, opts)
     return AgentTransport(host, target, opts)
+
+
+#: seconds between progress log lines of a reconcile (see Replicator.report_progress), and between live lines
+PROGRESS_INTERVAL = 5.0
+LIVE_INTERVAL = 0.2
 
 
 class Replicator:
@@ -104,8 +111,15 @@ class Replicator:
         self._stop_seen = False  # the stop request was taken off the queue by _fold_queued
         self.synced = threading.Event()  # set whenever nothing is pending and the mirror is up to date
         self.last_error: str | None = None
-        #: called as progress(target, files_done, files_total, bytes_done) while a batch's files are sent
-        self.progress: Callable[[str, int, int, int], None] | None = None
+        #: shows the progress of a batch that reconciles a tree (the first sync, a rescan): called as
+        #: on_progress(target, progress, final) at most every LIVE_INTERVAL seconds and at its end (a terminal's
+        #: live line); None: a ``key=value`` log line every ``progress_interval`` seconds and at its end
+        self.on_progress: Callable[[str, Progress, bool], None] | None = None
+        self.progress_interval = PROGRESS_INTERVAL
+        self._progress: Progress | None = None
+        self._pacer = Pacer(PROGRESS_INTERVAL)
+        self._batch_started = 0.0
+        self._progress_at = float("-inf")  # when the progress figures were last worked out
         #: the capture barrier's wait (kwatch.capture.barrier), set by whoever feeds this replicator live events:
         #: True once every event made before the call was fed to us, False after the timeout. None: events are
         #: fed by hand (tests), a read is judged by what arrived so far
@@ -172,9 +186,7 @@ class Replicator:
                 self._mark_due_retries(now)
                 due = self._due_in(now)
                 if due is None:
-                    self.synced.set()
-                    self._oldest = None
-                    self.stats.lag_seconds = 0.0
+                    self._mark_synced()
                     if stopping:
                         return
                     continue
@@ -228,6 +240,9 @@ class Replicator:
         stopping = stopping or self._stop_seen
         now = time.monotonic()
         due = self._due_in(now)
+        if due is None and self.retries.next > now:
+            # in sync now, not after the wait below (``--once`` waited out its second after the last batch)
+            self._mark_synced()
         timeout = 1.0 if due is None else due
         timeout = max(0.0, min(timeout, self.retries.next - now))
         try:
@@ -235,6 +250,11 @@ class Replicator:
         except queue.Empty:
             return stopping
         return self._fold(item) or stopping
+
+    def _mark_synced(self) -> None:
+        self.synced.set()
+        self._oldest = None
+        self.stats.lag_seconds = 0.0
 
     def fold_queued(self) -> None:
         """Fold what is queued now, without waiting: the link calls it while it waits for the agent, so the events
@@ -333,8 +353,47 @@ class Replicator:
             self._connect()
         return self._sync(batch)
 
+    def report_progress(self, files_done: int, files_total: int, bytes_done: int, bytes_total: int) -> None:
+        """From the transport, while it sends a batch with rescans: what it has sent of what it planned."""
+        now = time.monotonic()
+        if self._progress is None:
+            self._progress = Progress(files_total, bytes_total, self._batch_started)
+            self._pacer = Pacer(self.progress_interval if self.on_progress is None else LIVE_INTERVAL)
+        p = self._progress
+        p.files_total, p.bytes_total = max(p.files_total, files_total), max(p.bytes_total, bytes_total)
+        p.advance(files_done, bytes_done, now)
+        self._show_progress(now, final=False)
+
+    def _show_progress(self, now: float, *, final: bool) -> None:
+        p = self._progress
+        if p is None:
+            return
+        # called once per file sent: the figures are worked out only as often as anybody may look
+        if not final and now - self._progress_at < min(LIVE_INTERVAL, self._pacer.interval):
+            return
+        self._progress_at = now
+        st = self.stats
+        st.sync_files, st.sync_files_total = p.files_done, p.files_total
+        st.sync_bytes, st.sync_bytes_total = p.bytes_done, p.bytes_total
+        st.sync_bytes_per_s, st.sync_eta_s = round(p.bytes_per_s), p.eta
+        st.syncing = not final
+        if not self._pacer.due(now, final=final):
+            return
+        if self.on_progress is not None:
+            self.on_progress(self.target.spec, p, final)
+        else:
+            log.info("%s", log_line(self.target.spec, p, done=final))
+
     def _sync(self, b: Batch) -> BatchReport:
-        rep = self.transport.sync(b)
+        self._batch_started = time.monotonic()
+        self._progress = None
+        self._progress_at = float("-inf")
+        try:
+            rep = self.transport.sync(b)
+        finally:
+            if self._progress is not None:
+                self._show_progress(time.monotonic(), final=True)
+                self._progress = None
         for new in rep.rescan:  # the mirror never had the old name (created and moved within one batch)
             self.coalescer.rescan(self.coalescer.current_name(new))
         self._repair_missing(rep.missing)

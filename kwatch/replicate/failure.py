@@ -54,7 +54,7 @@ def classify(status: int | None, stderr: Sequence[str]) -> tuple[str, bool, str]
                 return reason, reason in PERMANENT, _SSH_HINTS.get(reason, "")
         return "unreachable", False, ""
     if (status == 3 and "kwatch agent:" in text) or (status == 2 and "is not a directory" in text):
-        return "destination", True, ""  # the agent refused its --root (kwatch.replicate.command.cmd_agent; 2: older)
+        return "destination", True, ""  # the agent refused its --root (kwatch.mirror.command.cmd_agent; 2: older)
     if status == 2 and "usage:" in text:
         return "missing_command", True, ("; the remote kwatch does not take these arguments: install the same "
                                          "kwatch version there or point --agent-command at it")

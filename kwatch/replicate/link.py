@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import os
 import selectors
 import subprocess
@@ -18,26 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from kwatch.fsutil import grow_pipe
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError
 from kwatch.replicate.failure import classify
 
 WRITE_HIGH_WATER = 4 << 20  # pump once this much is queued: bounded memory, steady streaming
-PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # fcntl has the name from Python 3.10 on
-
-
-def grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
-    """Make the pipe at ``fd`` hold ``size`` bytes (F_SETPIPE_SZ, Linux 2.6.35); quietly nothing if ``fd`` is not a
-    pipe or the size is above /proc/sys/fs/pipe-max-size for an unprivileged user.
-
-    The default 64 KiB fills with a few small-file frames: the writer then sleeps in select until the reader has
-    drained it, one wake-up per 64 KiB on each side; 1 MiB lets both run longer between switches.
-    """
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
-
-
 class LinkError(RuntimeError):
     """The agent is gone, silent, or broke the protocol; the message says which and what it last said.
 

@@ -34,6 +34,7 @@ from typing import NamedTuple, TypeVar
 import xxhash
 
 from kwatch.fsutil import READ_FLAGS, open_beneath
+from kwatch.paths import parent
 
 #: Temporaries the receiver writes (``.<name>.kwatch-tmp-<hex>``); never part of a tree, so excluded by default.
 TEMP_PATTERN = b".*.kwatch-tmp-*"
@@ -432,7 +433,7 @@ class Plan:
         for d in self.deletes:
             p = d.path
             while p and p not in made:
-                p = _parent(p)
+                p = parent(p)
             (first if p else last).append(d)
         return first, last
 
@@ -456,18 +457,13 @@ class Plan:
 # diff
 
 
-def _parent(path: bytes) -> bytes:
-    i = path.rfind(b"/")
-    return path[:i] if i >= 0 else b""
-
-
 def _under_any(path: bytes, tops: set[bytes]) -> bool:
     """True when ``path`` or one of its ancestors is in ``tops``."""
     p = path
     while p:
         if p in tops:
             return True
-        p = _parent(p)
+        p = parent(p)
     return False
 
 
@@ -523,7 +519,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
         basis = d is not None and d.kind == k_file and path not in replaced
         plan.puts.append(Put(path, s.size, s.mode, s.mtime_ns, uid, gid, basis, s.digest))
         put_paths.add(path)
-        touched.add(_parent(path))
+        touched.add(parent(path))
 
     for path, s in s_entries.items():
         d = dst_get(path)
@@ -546,7 +542,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
             if d is None:
                 uid, gid = own(s)
                 plan.mkdirs.append(Mkdir(path, s.mode | 0o700, uid, gid))
-                touched.add(_parent(path))
+                touched.add(parent(path))
                 # the final mode/mtime come once the contents are in place
                 plan.dir_setattrs.append(SetAttr(path, s.mode, s.mtime_ns, uid, gid))
             else:
@@ -558,7 +554,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
             if d is None or d.target != s.target:
                 uid, gid = own(s)
                 plan.symlinks.append(Symlink(path, s.target, s.mtime_ns, uid, gid))
-                touched.add(_parent(path))
+                touched.add(parent(path))
             else:
                 sa = attr_change(path, s, d, with_mode=False)  # a symlink's mode is always 0777 on Linux
                 if sa is not None:
@@ -575,7 +571,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
     for path in d_entries:
         if path in s_entries and path not in replaced:
             continue
-        if path not in replaced and not delete and not (replaced and _under_any(_parent(path), replaced)):
+        if path not in replaced and not delete and not (replaced and _under_any(parent(path), replaced)):
             continue
         if protected and _under_any(path, protected):
             plan.skipped.append((path, "not deleted: the source had a read error at or above this path"))
@@ -585,7 +581,7 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
     dels.sort(reverse=True)
     for path in dels:
         plan.deletes.append(Delete(path, d_entries[path].kind))
-        touched.add(_parent(path))
+        touched.add(parent(path))
 
     plan.mkdirs.sort()  # a parent is a prefix of its children, so byte order puts parents first
 
@@ -707,4 +703,4 @@ def _plan_links(
             # the expected size and mtime let the mirror refuse a link to a name that is not what this plan
             # believes (the put of the leader failed, or the mirror changed since its manifest was made)
             plan.hardlinks.append(Hardlink(p, leader, *expect))
-            touched.add(_parent(p))
+            touched.add(parent(p))

@@ -46,9 +46,10 @@ class Host(Protocol):
     src: bytes
     coalescer: Coalescer
     excluded: Excluder
-    #: progress(target, files_done, files_total, bytes_done) while a batch's files are sent, or None
-    progress: Callable[[str, int, int, int], None] | None
     on_agent: Callable[[int], None] | None
+
+    def report_progress(self, files_done: int, files_total: int, bytes_done: int, bytes_total: int) -> None:
+        """While a batch with rescans is sent: files and bytes of file data sent so far, of the totals planned."""
 
     def fold_queued(self) -> None:
         """Fold the events queued now, without waiting (called while the transport waits for the mirror)."""

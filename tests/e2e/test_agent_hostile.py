@@ -740,10 +740,9 @@ try:
     if attack == "manifest":
         # the floor lowered so the refusal shows within this test's memory limit (it is 2^20 entries otherwise)
         import kwatch.replicate.agent_transport as at
-        from kwatch.replicate.scan import Plan
         at.MANIFEST_MIN_CAP = 100_000
         t._ids = 0  # the fake agent answers request id 1
-        t.planner.plan_rescan(b"", Plan())
+        t._reconcile_inputs(b"")  # what a rescan of the root fetches: the source's scan and the mirror's manifest
     else:
         t.link.send(ap.SigRequest(1, b"f"))
         t.sender._take_signature(1)

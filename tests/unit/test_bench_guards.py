@@ -11,7 +11,7 @@ from bench.guards import GUARDS, check_all
 
 def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4e6, py_rate: float = 4.5e5,
              pipe: float = 1.0, ssh: float = 0.6, oneshot: float = 0.6, push: float = 0.6, rsync: float = 0.9,
-             lost: int = 0) -> dict[str, dict[str, Any]]:
+             lost: int = 0, once: float = 1.1, rsync_a: float = 1.0) -> dict[str, dict[str, Any]]:
     return {
         "capture": {
             "summary": [{"workload": "churn", "observer": "kwatch-bpf-count", "cpu_ratio": cpu_ratio}],
@@ -26,6 +26,8 @@ def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4
                                   {"workload": "untar", "tool": "oneshot", "identical_s": oneshot}]},
         "rsync": {"rows": [{"batch": "whole tree", "tool": "kwatch", "best_seconds": push},
                            {"batch": "whole tree", "tool": "rsync", "best_seconds": rsync}]},
+        "firstsync": {"rows": [{"transport": "local", "tool": "kwatch", "best_seconds": once},
+                               {"transport": "local", "tool": "rsync -a", "best_seconds": rsync_a}]},
     }
 
 
@@ -38,6 +40,7 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str | None]] = [
     ("c_decoder_twice_as_slow", _results(c_rate=2e6), "decoder speed-up"),
     ("replication_twice_as_slow", _results(pipe=2.0, ssh=1.2), "replication vs one-shot"),
     ("first_sync_twice_as_slow", _results(push=1.9), "first sync vs rsync"),
+    ("agent_first_sync_with_the_idle_second", _results(once=4.0), "first sync vs rsync -a (local agent"),
     ("a_suite_missing", {k: v for k, v in _results().items() if k != "rsync"}, "first sync vs rsync"),
     ("a_value_missing", {**_results(), "replicate": {"summary": []}}, "replication vs one-shot"),
 ]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeAlias
 
-from kwatch.paths import plain_relpath
+from kwatch.paths import is_under, plain_relpath
 from kwatch.protocols.agent import fields as fd
 from kwatch.protocols.agent.fields import I64_MAX, I64_MIN, MAX_CHUNK, MAX_FILES_PER_FRAME, U32, U64, Invalid
 
@@ -510,7 +510,7 @@ class Rename(_Message):
     @classmethod
     def from_wire(cls, f: list[Any]) -> Rename:
         msg: Rename = _from_spec(cls, f)
-        if msg.dst == msg.src or msg.dst.startswith(msg.src + b"/"):
+        if is_under(msg.dst, msg.src):
             raise Invalid(f"cannot rename {msg.src!r} into itself ({msg.dst!r})")
         return msg
 

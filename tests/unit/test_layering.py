@@ -1,0 +1,109 @@
+"""Dependencies point one way: no import cycle among kwatch's modules, and each side of the wire in its package.
+
+Every import counts, those inside functions too (a cycle hidden in a function still ties the two modules together).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "kwatch"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the kwatch modules it imports. ``from pkg import sub`` is an edge to ``pkg.sub`` when that is a
+    module (importing a submodule is not a dependency on the package's own code)."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+                targets = subs if len(subs) == len(node.names) else [base, *subs]
+            graph[mod].update(t for t in targets if t in mods and t != mod)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    comp = []
+                    while True:
+                        top = stack.pop()
+                        on_stack.discard(top)
+                        comp.append(top)
+                        if top == node:
+                            break
+                    if len(comp) > 1:
+                        found.append(sorted(comp))
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(sorted(graph[child]))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return found
+
+
+def test_the_checker_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_import_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def _imports_between(graph: dict[str, set[str]], frm: str, to: str) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith(frm + ".") or m == frm
+                  for t in ts if t.startswith(to + ".") or t == to)
+
+
+def test_the_sending_side_does_not_import_the_mirror_end() -> None:
+    # the mirror end may use the pure pieces both sides share (scan, delta); the sender never needs the mirror
+    assert _imports_between(import_graph(), "kwatch.replicate", "kwatch.mirror") == []
+
+
+def test_protocols_import_nothing_from_the_sides_of_the_wire() -> None:
+    graph = import_graph()
+    assert _imports_between(graph, "kwatch.protocols", "kwatch.replicate") == []
+    assert _imports_between(graph, "kwatch.protocols", "kwatch.mirror") == []
