@@ -157,6 +157,8 @@ def probe_program(name: str) -> str | None:
         obj.attach(target)
         return None
     except (CaptureError, OSError) as e:
+        if os.geteuid() == 0:  # the hint for non-root is wrong here: the kernel itself refuses
+            return str(e).replace(" (BPF needs root or CAP_BPF+CAP_PERFMON)", " (refused by the kernel although root)")
         return str(e)
     finally:
         obj.close()
@@ -198,7 +200,11 @@ def _tracepoint_of(section: str) -> str | None:
 
 
 class BpfSource:
-    """Capture through the kernel program; see the module docstring for what is filtered where."""
+    """Capture through the kernel program; see the module docstring for what is filtered where.
+
+    ``hooks`` keeps one kind of program ("vfs" or "tracepoints"; None: the best the kernel takes), ``obj_path`` one
+    build; :attr:`hooks` and :attr:`object_path` say what was loaded, :attr:`refused` what the kernel refused first.
+    """
 
     name = "bpf"
     fields = _FIELDS

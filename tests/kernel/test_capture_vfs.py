@@ -186,8 +186,9 @@ def test_a_name_rewritten_by_another_thread_is_the_one_the_kernel_used(source: o
 def test_losses_are_counted_not_silent_on_the_vfs_hooks() -> None:
     """A 64 KiB ring nobody reads during a burst overflows: every event is delivered or counted lost."""
     _skip_unless_fentry()
-    from kwatch.capture.bpf import BpfSource
     from test_capture_bpf import _burst
+
+    from kwatch.capture.bpf import BpfSource
 
     d = tempfile.mkdtemp(prefix="kwatch-vfs-lossy-", dir="/tmp").encode()
     n = 2_000
