@@ -13,6 +13,7 @@ the ratios of one run compare, and they carry TCG's own distortions (a hook's in
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
@@ -53,6 +54,7 @@ class Observer:
     def __init__(self, hooks: str | None, root: Path) -> None:
         self.events = 0
         self.lost = 0
+        self.by_op: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._src = BpfSource(CaptureFilter.make(roots=[os.fsencode(root)]), hooks=hooks) if hooks else None
         self._t = threading.Thread(target=self._read, daemon=True)
@@ -68,6 +70,7 @@ class Observer:
                     self.lost += e.lost or 0
                 else:
                     self.events += 1
+                    self.by_op[e.op.name] += 1
 
     def close(self) -> None:
         if self._src is None:
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {m: [] for m in MODES}
     events: dict[str, list[int]] = {m: [] for m in MODES}
     objects: dict[str, str] = {}
+    by_op: dict[str, collections.Counter[str]] = {}
     for r in range(a.rounds):
         order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]
         for mode in order:
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             events[mode].append(obs.events)
             if mode != "none":
                 objects[mode] = obs.object
+                by_op[mode] = obs.by_op
             print(f"round {r} {mode:12} {took:8.3f} s  events {obs.events} lost {obs.lost}", flush=True)
             shutil.rmtree(dest)
     base = statistics.median(times["none"])
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(times[mode])
         what = f" ({objects[mode]})" if mode in objects else ""
         print(f"  {mode:12} {med:8.3f} s  x{med / base:.3f} of no observer  events per run {events[mode]}{what}")
+    for mode, ops in by_op.items():
+        print(f"  {mode} events by op (last run): " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
     return 0
 
 
