@@ -32,6 +32,8 @@ BLIND_SPOTS: dict[str, list[str]] = {
         "/link -> watched/) is placed by resolving its directory when kwatch reads the event, so a link changed "
         "in between places it where the link points then; `..` after a symlink is resolved as text",
         "the true name when another thread rewrites the path buffer between the kernel's use and syscall exit",
+        "a change made through a /proc/PID/fd/N link (glibc's fchmodat with AT_SYMLINK_NOFOLLOW, which tar uses for "
+        "directory modes: chmod(\"/proc/self/fd/3\")): lost",
         "the last close of a file: CLOSE_WRITE comes once per descriptor closed (a shell redirection gives two)",
     ],
     "fanotify": [
