@@ -55,14 +55,16 @@ def blind_spots_key(src: Source) -> str:
     return "bpf-vfs" if getattr(src, "hooks", None) == "vfs" else src.name
 
 
+def hooks_label(src: Source) -> str | None:
+    """What the BPF backend's program hooks, in words ("VFS hooks: fentry/fexit", "syscall tracepoints"); None for
+    the other backends."""
+    return {"vfs": "VFS hooks: fentry/fexit", "tracepoints": "syscall tracepoints"}.get(getattr(src, "hooks", ""))
+
+
 def describe(src: Source) -> str:
-    """The source's name, with the hooks the BPF backend runs on: what the ready line, the log and status say."""
-    hooks = getattr(src, "hooks", None)
-    if hooks == "vfs":
-        return f"{src.name} (VFS hooks: fentry/fexit)"
-    if hooks == "tracepoints":
-        return f"{src.name} (syscall tracepoints)"
-    return src.name
+    """The source's name, with the hooks the BPF backend runs on: what the log, status and doctor say."""
+    label = hooks_label(src)
+    return f"{src.name} ({label})" if label else src.name
 
 
 def _open(name: str, filt: CaptureFilter) -> Source:
