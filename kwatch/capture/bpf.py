@@ -1,4 +1,9 @@
-"""The BPF backend: loads ``kwatch.bpf.o`` (syscall tracepoints), configures its maps, reads its ring buffer.
+"""The BPF backend: loads a capture program, configures its maps, reads its ring buffer.
+
+Two programs give the same records (``bpf/kwatch.h``): ``kwatch-vfs.bpf.o`` on VFS functions (fentry/fexit: paths
+the kernel resolved, io_uring seen, CLOSE_WRITE at the last close) where the kernel allows fentry, else
+``kwatch.bpf.o`` on syscall tracepoints. Each comes in two builds (``bpf/kw_kread.h``). The kernel decides: the
+first object it loads and attaches is kept; :attr:`BpfSource.hooks` says which kind that is.
 
 In-kernel filtering (all over-approximations; :meth:`CaptureFilter.accepts` runs last and is exact):
 - op mask: syscalls whose op is not wanted are not even recorded at entry;
@@ -41,6 +46,11 @@ DEFAULT_OBJECT = Path(__file__).with_name("kwatch.bpf.o")
 #: The same program built with -DKW_PROBE_READ (bpf/kw_kread.h): one helper call per kernel field instead of the
 #: bpf_rdonly_cast() kfunc, which kernels before 6.2 lack. Tried when the kernel refuses DEFAULT_OBJECT.
 PROBE_READ_OBJECT = Path(__file__).with_name("kwatch-probe-read.bpf.o")
+#: The capture on VFS functions (bpf/kwatch_vfs.bpf.c), in the same two builds; tried first, where fentry attaches.
+VFS_OBJECT = Path(__file__).with_name("kwatch-vfs.bpf.o")
+VFS_PROBE_READ_OBJECT = Path(__file__).with_name("kwatch-vfs-probe-read.bpf.o")
+#: The tiny programs that tell what the kernel allows (bpf/probes.bpf.c), also read by `kwatch doctor`.
+PROBES_OBJECT = Path(__file__).with_name("kwatch-probes.bpf.o")
 DEFAULT_RINGBUF = 64 << 20
 #: Ring buffer wake-ups: at most one per WAKE_S while events flow (the consumer polls every WAKE_S meanwhile),
 #: immediate after a quiet spell; and always once a quarter of the buffer is waiting.
@@ -121,8 +131,66 @@ def _descendants(pids: Iterable[int]) -> list[int]:
 
 
 def _attached_by_name(section: str) -> bool:
-    """Programs libbpf attaches from their section name: tracepoints and BTF tracepoints (not tail-call targets)."""
-    return section.startswith("tp_btf/") or _tracepoint_of(section) is not None
+    """Programs libbpf attaches from their section name: tracepoints, BTF tracepoints, fentry and fexit (not
+    tail-call targets)."""
+    return section.startswith(("tp_btf/", "fentry/", "fexit/")) or _tracepoint_of(section) is not None
+
+
+def probe_program(name: str) -> str | None:
+    """Load and attach the one program ``name`` of :data:`PROBES_OBJECT`: None if the kernel took it, else why not
+    (libbpf's words). A probe by trying, never a version test."""
+    if not PROBES_OBJECT.exists():
+        return f"{PROBES_OBJECT} is missing: build it with `make bpf`"
+    try:
+        obj = libbpf.BpfObject(str(PROBES_OBJECT))
+    except (CaptureError, OSError) as e:
+        return str(e)
+    try:
+        target = None
+        for prog in obj.programs():
+            prog.set_autoload(prog.name == name)
+            if prog.name == name:
+                target = prog
+        if target is None:
+            return f"no program {name} in {PROBES_OBJECT.name}"
+        obj.load()
+        obj.attach(target)
+        return None
+    except (CaptureError, OSError) as e:
+        if os.geteuid() == 0:  # the hint for non-root is wrong here: the kernel itself refuses
+            return str(e).replace(" (BPF needs root or CAP_BPF+CAP_PERFMON)", " (refused by the kernel although root)")
+        return str(e)
+    finally:
+        obj.close()
+
+
+_fentry_refused: list[str | None] = []  # the one answer of this process (the kernel's policy does not change)
+
+
+def fentry_refused() -> str | None:
+    """Why the kernel refuses fentry programs (None: it attaches them), asked once per process: a tiny program
+    first, so that a kernel that refuses them costs no load of the whole VFS object."""
+    if not _fentry_refused:
+        _fentry_refused.append(probe_program("probe_fentry"))
+    return _fentry_refused[0]
+
+
+HOOKS = ("vfs", "tracepoints")
+
+
+def _candidates(hooks: str | None) -> list[Path]:
+    """The builds to try, best first: the VFS ones where fentry attaches, then the tracepoint ones; ``hooks`` keeps
+    one kind only."""
+    if hooks not in (None, *HOOKS):
+        raise CaptureError(f"unknown BPF hooks {hooks!r}: choose one of {', '.join(HOOKS)}")
+    tracepoints = [DEFAULT_OBJECT, PROBE_READ_OBJECT]
+    if hooks == "tracepoints":
+        return tracepoints
+    why = fentry_refused()
+    if hooks == "vfs" and why is not None:
+        raise libbpf.BpfError(f"the VFS hooks need fentry, which this kernel refuses: {why}")
+    vfs = [VFS_OBJECT, VFS_PROBE_READ_OBJECT] if why is None else []
+    return vfs if hooks == "vfs" else vfs + tracepoints
 
 
 def _tracepoint_of(section: str) -> str | None:
@@ -132,7 +200,11 @@ def _tracepoint_of(section: str) -> str | None:
 
 
 class BpfSource:
-    """Capture through the kernel program; see the module docstring for what is filtered where."""
+    """Capture through the kernel program; see the module docstring for what is filtered where.
+
+    ``hooks`` keeps one kind of program ("vfs" or "tracepoints"; None: the best the kernel takes), ``obj_path`` one
+    build; :attr:`hooks` and :attr:`object_path` say what was loaded, :attr:`refused` what the kernel refused first.
+    """
 
     name = "bpf"
     fields = _FIELDS
@@ -144,12 +216,13 @@ class BpfSource:
         ringbuf_bytes: int = DEFAULT_RINGBUF,
         obj_path: Path | str | None = None,
         wake_s: float = WAKE_S,
+        hooks: str | None = None,
     ) -> None:
         if os.geteuid() != 0:
             raise CaptureError("the BPF backend needs root (or CAP_BPF and CAP_PERFMON); try --backend inotify")
         if ringbuf_bytes & (ringbuf_bytes - 1) or ringbuf_bytes < 4096:
             raise CaptureError(f"ring buffer size must be a power of two >= 4096, not {ringbuf_bytes}")
-        paths = [Path(obj_path)] if obj_path else [DEFAULT_OBJECT, PROBE_READ_OBJECT]
+        paths = [Path(obj_path)] if obj_path else _candidates(hooks)
         for path in paths:
             if not path.exists():
                 raise CaptureError(f"BPF object {path} is missing: build it with `make bpf`")
@@ -163,12 +236,14 @@ class BpfSource:
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
         self._uring_seen = 0
-        # The kernel decides which build it takes: each is tried in turn (a probe by loading, never a version test);
-        # the refusals of the ones before are kept for the error and for `kwatch doctor`.
+        # The kernel decides which build it takes: each is loaded and attached in turn (a probe by trying, never a
+        # version test); the refusals of the ones before are kept for the error and for `kwatch doctor`.
         self.refused: list[tuple[str, str]] = []
+        if not obj_path and hooks is None and fentry_refused() is not None:
+            self.refused.append((VFS_OBJECT.name, "fentry refused: " + str(fentry_refused())))
         for i, path in enumerate(paths):
             try:
-                self._obj, progs = self._load(path, ringbuf_bytes)
+                self._open(path, ringbuf_bytes)
             except libbpf.BpfError as e:
                 self.refused.append((path.name, str(e)))
                 if i + 1 < len(paths):
@@ -179,6 +254,12 @@ class BpfSource:
                 raise
             self.object_path = path
             break
+
+    def _open(self, path: Path, ringbuf_bytes: int) -> None:
+        """Load, configure and attach one build; on a refusal (load or attach) nothing of it stays."""
+        self._obj, progs = self._load(path, ringbuf_bytes)
+        #: "vfs" (fentry/fexit on VFS functions) or "tracepoints" (syscall tracepoints): what this object hooks
+        self.hooks = "vfs" if any(p.section.startswith(("fentry/", "fexit/")) for p in progs) else "tracepoints"
         try:
             self._cfg = self._obj.map("kw_cfg")
             self._roots = self._obj.map("kw_roots")

@@ -28,12 +28,19 @@ _log: list[str] = []
 _print_cb: Any = None  # keep the callback alive as long as libbpf may call it
 
 
+#: libbpf's level of warnings; the verifier's log of a refused program comes at this level, as one message of up to
+#: megabytes whose end says why: it is formatted whole (other messages are short)
+_LIBBPF_WARN = 0
+_WARN_FORMAT_MAX = 16 << 20
+
+
 def _on_print(level: int, fmt: bytes | None, args: int | None) -> int:
     # libbpf hands us a printf format and a va_list; let libc format it.
-    line = libc.vsnprintf(fmt or b"", args).decode("utf-8", "replace").rstrip("\n")
-    if line:
-        _log.append(line)
-        del _log[:-400]
+    size = _WARN_FORMAT_MAX if level == _LIBBPF_WARN else 4096
+    text = libc.vsnprintf(fmt or b"", args, size).decode("utf-8", "replace")
+    # one entry per line, so the tail of the log holds the verifier's last lines (its verdict)
+    _log.extend(ln for ln in text.splitlines() if ln)
+    del _log[:-400]
     return 0
 
 

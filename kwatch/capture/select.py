@@ -9,8 +9,21 @@ from kwatch.capture.base import CaptureError, CaptureFilter, Source
 BACKENDS = ("bpf", "fanotify", "inotify")
 
 #: What each backend cannot see, in plain words (docs/capture.md "Blind spots" explains each). `--backend auto` logs
-#: the chosen backend's list and `kwatch doctor` prints it.
+#: the chosen backend's list and `kwatch doctor` prints it. The BPF backend's list depends on the program the kernel
+#: took: "bpf" for the syscall tracepoints, "bpf-vfs" for the VFS hooks (:func:`blind_spots_key`).
 BLIND_SPOTS: dict[str, list[str]] = {
+    # the VFS hooks close four of the tracepoints' blind spots: io_uring's operations are events, names are the
+    # dentries the kernel resolved (symlinked directories, ".." after a symlink), nothing is read from user memory
+    # after the kernel used it, and CLOSE_WRITE comes once, at the last close
+    "bpf-vfs": [
+        "operations by kernel code that skips the LSM path hooks: nfsd serving NFS clients, overlayfs writing its "
+        "upper layer (the change through the overlay itself is seen)",
+        "opens on filesystems that open the file while looking it up (atomic_open: an NFS or CIFS client, some "
+        "FUSE filesystems): no CREATE/OPEN_WRITE there; CLOSE_WRITE and the other ops are seen",
+        "whether an open had O_TRUNC (the kernel clears the flag before the hook sees the file)",
+        "which mount namespace a path belongs to: a change in another namespace (a container) is reported with its "
+        "path inside that namespace, unflagged",
+    ],
     "bpf": [
         "which files io_uring operations touch: the syscall tracepoints never see them; each batch of io_uring "
         "writes, opens, renames, unlinks, mkdirs... by a process not excluded (anywhere on the system) becomes a "
@@ -19,6 +32,8 @@ BLIND_SPOTS: dict[str, list[str]] = {
         "/link -> watched/) is placed by resolving its directory when kwatch reads the event, so a link changed "
         "in between places it where the link points then; `..` after a symlink is resolved as text",
         "the true name when another thread rewrites the path buffer between the kernel's use and syscall exit",
+        "a change made through a /proc/PID/fd/N link (glibc's fchmodat with AT_SYMLINK_NOFOLLOW, which tar uses for "
+        "directory modes: chmod(\"/proc/self/fd/3\")): lost",
         "the last close of a file: CLOSE_WRITE comes once per descriptor closed (a shell redirection gives two)",
     ],
     "fanotify": [
@@ -33,6 +48,23 @@ BLIND_SPOTS: dict[str, list[str]] = {
         "the whole system (`/` is refused)",
     ],
 }
+
+
+def blind_spots_key(src: Source) -> str:
+    """The :data:`BLIND_SPOTS` key of an open source: its name, or "bpf-vfs" for the BPF backend on VFS hooks."""
+    return "bpf-vfs" if getattr(src, "hooks", None) == "vfs" else src.name
+
+
+def hooks_label(src: Source) -> str | None:
+    """What the BPF backend's program hooks, in words ("VFS hooks: fentry/fexit", "syscall tracepoints"); None for
+    the other backends."""
+    return {"vfs": "VFS hooks: fentry/fexit", "tracepoints": "syscall tracepoints"}.get(getattr(src, "hooks", ""))
+
+
+def describe(src: Source) -> str:
+    """The source's name, with the hooks the BPF backend runs on: what the log, status and doctor say."""
+    label = hooks_label(src)
+    return f"{src.name} ({label})" if label else src.name
 
 
 def _open(name: str, filt: CaptureFilter) -> Source:
@@ -64,7 +96,15 @@ def open_source(filt: CaptureFilter, backend: str = "auto", warn: Callable[[str]
             continue
         if warn is not None:
             if reasons:
-                warn(f"using the {name} backend; not available: " + "; ".join(r.splitlines()[0] for r in reasons))
-            warn(f"the {name} backend cannot see: " + "; ".join(BLIND_SPOTS[name]) + " (kwatch doctor tells more)")
+                warn(f"using the {describe(src)} backend; not available: "
+                     + "; ".join(r.splitlines()[0] for r in reasons))
+            elif getattr(src, "hooks", None) == "tracepoints":
+                # the kernel refused the VFS hooks: say so, with the kernel's words
+                refused = getattr(src, "refused", [])
+                if refused:
+                    warn(f"using the {describe(src)} backend; the VFS hooks were refused: "
+                         + refused[0][1].splitlines()[0])
+            warn(f"the {describe(src)} backend cannot see: " + "; ".join(BLIND_SPOTS[blind_spots_key(src)])
+                 + " (kwatch doctor tells more)")
         return src
     raise CaptureError("no capture backend works here:\n  " + "\n  ".join(reasons))

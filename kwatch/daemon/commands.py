@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _serve_status(daemon: Daemon, args: argparse.Namespace, log: StructLog) -> StatusServer | None:
     """The status socket of ``kwatch status``; a daemon that cannot serve it still runs (and says why)."""
-    from kwatch.capture.select import BLIND_SPOTS
+    from kwatch.capture.select import BLIND_SPOTS, blind_spots_key, describe
     from kwatch.daemon.status import StatusServer, snapshot
 
     src = daemon.source
@@ -131,7 +131,9 @@ def _serve_status(daemon: Daemon, args: argparse.Namespace, log: StructLog) -> S
         "pid": os.getpid(),
         "config": args.config or "<default>",
         "backend": src.name if src is not None else None,
-        "blind_spots": list(BLIND_SPOTS.get(src.name, ())) if src is not None else [],
+        # with the BPF backend's hooks: "bpf (VFS hooks: fentry/fexit)" or "bpf (syscall tracepoints)"
+        "capture": describe(src) if src is not None else None,
+        "blind_spots": list(BLIND_SPOTS.get(blind_spots_key(src), ())) if src is not None else [],
         "started": time.time(),
     }
     path = args.status_socket or default_socket()

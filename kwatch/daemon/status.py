@@ -166,6 +166,8 @@ def format_status(st: dict[str, Any], out: IO[str]) -> None:
     w(f"  capture: {st.get('backend')}")
     blind = st.get("blind_spots") or []
     w(f"; cannot see: {'; '.join(blind)}\n" if blind else "\n")
+    if st.get("capture") and st.get("capture") != st.get("backend"):
+        w(f"  capture program: {st.get('capture')}\n")  # the BPF backend's hooks
     ev = st.get("events") or {}
     w(f"  events: {_n(st.get('events_total', 0))}"
       + (" (" + ", ".join(f"{k} {_n(v)}" for k, v in ev.items()) + ")" if ev else "")

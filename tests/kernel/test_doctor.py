@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kwatch.capture.base import CaptureFilter
-from kwatch.capture.select import BACKENDS, BLIND_SPOTS, open_source
+from kwatch.capture.select import BACKENDS, BLIND_SPOTS, blind_spots_key, describe, open_source
 
 pytestmark = pytest.mark.root
 
@@ -38,16 +38,21 @@ def test_json_names_every_check_and_the_backend_auto_opens(tmp_path: Path) -> No
     src = open_source(CaptureFilter.make(roots=[os.fsencode(tmp_path)]), "auto", warnings.append)
     try:
         assert r["auto"] == src.name, (r["why"], warnings)
+        # the BPF program auto took (VFS hooks or syscall tracepoints) is the one the doctor names
+        assert r["auto_hooks"] == blind_spots_key(src)
+        assert r["blind_spots"] == BLIND_SPOTS[blind_spots_key(src)]
+        # auto logs the blind spots of what it chose, as the doctor prints them
+        assert any(w.startswith(f"the {describe(src)} backend cannot see: ") for w in warnings), warnings
     finally:
         src.close()
-    assert r["blind_spots"] == BLIND_SPOTS[r["auto"]]
-    # auto logs the blind spots of what it chose, as the doctor prints them
-    assert any(w.startswith(f"the {src.name} backend cannot see: ") for w in warnings), warnings
     checks = {c["name"]: c for c in r["checks"]}
     assert checks["BTF"]["ok"] == Path("/sys/kernel/btf/vmlinux").exists()
     # the capture program needs a ring buffer and tracepoints: the doctor cannot call them absent while it loads
     if r["backends"]["bpf"]["ok"]:
         assert checks["ring buffer"]["ok"] and checks["tracepoints"]["ok"], checks
+    # the VFS program is taken exactly where the doctor's fentry probe attaches
+    if r["auto"] == "bpf":
+        assert (r["auto_hooks"] == "bpf-vfs") == checks["fentry"]["ok"], (r["auto_hooks"], checks["fentry"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,5 +83,7 @@ def test_text_says_what_auto_picks_and_what_it_cannot_see(tmp_path: Path) -> Non
     auto = next(line for line in p.stdout.splitlines() if line.startswith("--backend auto picks "))
     name = auto.split()[3].rstrip(":")
     assert name in BACKENDS
-    for spot in BLIND_SPOTS[name]:
+    key = json.loads(doctor("--json", str(tmp_path)).stdout)["auto_hooks"]
+    assert key in (name, "bpf-vfs" if name == "bpf" else name)
+    for spot in BLIND_SPOTS[key]:
         assert f"  - {spot}" in p.stdout

@@ -24,7 +24,7 @@ def test_snapshot_sums_events_by_op_and_lists_outputs_and_targets() -> None:
     t = TargetStats("host:/dst", files=9, batches=2, reconnects=5, connected=False, down="auth_failed")
     st.targets = {"host:/dst": t}
     snap = snapshot(st, {"pid": 1, "config": "/etc/kwatch/kwatch.toml", "backend": "bpf",
-                         "blind_spots": ["io_uring"], "started": 0.0})
+                         "capture": "bpf (VFS hooks: fentry/fexit)", "blind_spots": ["io_uring"], "started": 0.0})
     assert json.loads(json.dumps(snap)) == snap, "plain JSON"
     assert snap["events"] == {"close_write": 7, "unlink": 1} and snap["events_total"] == 8
     assert snap["lost_total"] == 3 and snap["queues"] == {"actions_waiting": 7}
@@ -36,6 +36,7 @@ def test_snapshot_sums_events_by_op_and_lists_outputs_and_targets() -> None:
     format_status(snap, out)
     text = out.getvalue()
     assert "capture: bpf; cannot see: io_uring" in text
+    assert "capture program: bpf (VFS hooks: fentry/fexit)\n" in text
     assert "events: 8 (close_write 7, unlink 1); lost 3" in text
     assert "output bus (nats): NOT CONNECTED, records 10, backlog 42, lost 1" in text
     assert "target host:/dst: DOWN (auth_failed), " in text and "reconnects 5" in text
