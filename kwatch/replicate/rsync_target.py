@@ -186,10 +186,14 @@ class RsyncTransport:
             if rel in b.writing or excluded_path(excluded, rel):
                 return None
             try:
-                mode = os.lstat(os.path.join(self.src, rel)).st_mode
+                st = os.lstat(os.path.join(self.src, rel))
             except OSError:
                 return None
-            return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else None
+            if stat.S_ISREG(st.st_mode):
+                # a file with other names goes with the batch's session, which lists them all (-H links them);
+                # a session of its own would list it alone and leave its other names separate copies
+                return "file" if st.st_nlink == 1 else None
+            return "dir" if stat.S_ISDIR(st.st_mode) else None
 
         moved: set[bytes] = set()
         for mv in plan_moves(b.renames, kind):
@@ -205,6 +209,9 @@ class RsyncTransport:
                 log.info("target %s: moving %r from %r did not apply (%s); sent as new files", self.name,
                          mv.subdir, mv.basis, e)
                 continue
+            # names of the session's linked files that it did not list (outside the moved tree): sent again, so the
+            # next session lists them with these and links them
+            rep.resend += self._unlisted_names(res.inodes)
             self._account(res, rep, errors=False)
             rep.resend.extend(res.held)
             if res.errors:

@@ -30,7 +30,7 @@ int main(int argc, char **argv)
 {
 	int fd = open(argv[1], O_RDONLY);
 	uint64_t a = strtoull(argv[2], 0, 0), b = strtoull(argv[3], 0, 0);
-	long want = atol(argv[4]), na = 0, nb = 0, other = 0, changes = 0;
+	long want = atol(argv[4]), limit = atol(argv[5]), na = 0, nb = 0, other = 0, changes = 0;
 	const uint64_t *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
 	if (fd < 0 || p == MAP_FAILED)
 		return 2;
@@ -39,7 +39,7 @@ int main(int argc, char **argv)
 	struct timespec t0, t;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	uint64_t last = a;
-	/* until the value changed under us often enough (the two really ran at once), or 20 s */
+	/* until the value changed under us often enough (the two really ran at once), or for argv[5] seconds */
 	for (long i = 1; changes < want; i++) {
 		uint64_t v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
 		if (v != last)
@@ -48,7 +48,7 @@ int main(int argc, char **argv)
 		if (v == a) na++; else if (v == b) nb++; else other++;
 		if (!(i & 0xfffff)) {
 			clock_gettime(CLOCK_MONOTONIC, &t);
-			if (t.tv_sec - t0.tv_sec > 20)
+			if (t.tv_sec - t0.tv_sec > limit)
 				break;
 		}
 	}
@@ -97,7 +97,10 @@ def _race(reader: Path, tmp_path: Path, make_store: Callable[[mmap.mmap], Callab
     fd = os.open(page, os.O_RDWR)
     mm = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     store = make_store(mm)
-    proc = subprocess.Popen([str(reader), str(page), hex(A), hex(B), str(CHANGES)], stdout=subprocess.PIPE, text=True)
+    # the two overlap only when both have a CPU: on a busy 2-core machine that takes longer (20 s once saw 1,297
+    # changes), so the reader may watch for up to 180 s; it stops as soon as it has seen enough
+    proc = subprocess.Popen([str(reader), str(page), hex(A), hex(B), str(CHANGES), "180"], stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
