@@ -181,3 +181,17 @@ def test_live_dir_rename_is_moved_not_sent(tmp_path: Path) -> None:
         lines = live.wait_batches(offset)
         assert sum(b.literal for b in lines) == 0, live.log_text(offset)
         assert "; 1 moves" in live.log_text(offset)
+
+
+def test_a_linked_file_moved_across_directories_stays_linked(tmp_path: Path, daemon: RsyncDaemon) -> None:
+    """``ln loose/f1 top/h1; mv loose/f1 w/r1`` in one batch: the source has one inode under top/h1 and w/r1, and so
+    must the mirror (the fault matrix once ended with two copies after a move session listed the moved name alone)."""
+    src, mirror, _ = _seed(tmp_path, daemon)
+    os.link(src / "loose/f1", src / "top/h1")
+    _mv(src, "loose/f1", "w/r1")
+    t = RsyncTransport(_Host(src), daemon.url("push"), TargetOptions())  # type: ignore[arg-type]
+    rep = t.sync(_batch([("loose/f1", "w/r1")], ("top/h1", "w")))
+    if rep.resend:
+        rep = t.sync(_batch([], tuple(os.fsdecode(p) for p in rep.resend)))
+    assert tree_differences(src, mirror) == [], daemon.log()
+    assert (mirror / "top/h1").stat().st_ino == (mirror / "w/r1").stat().st_ino, "two copies on the mirror"
