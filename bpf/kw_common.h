@@ -535,6 +535,17 @@ static __always_inline int excluded(struct kw_config *cfg, struct task_struct *t
 	return ex;
 }
 
+/* The last thread of an excluded process takes its kw_excl entry along, so a recycled pid starts out reported
+ * (both programs' sched_process_exit handlers). */
+static __always_inline void forget_excluded(struct task_struct *task)
+{
+	if (!KR(KP(struct task_struct, task), signal, live.counter)) {
+		__u32 tgid = KR(KP(struct task_struct, task), tgid);
+		if (!bpf_map_delete_elem(&kw_excl, &tgid))
+			__sync_fetch_and_add(&kw_excl_gen, 1);
+	}
+}
+
 static __always_inline int wanted(__u32 op, struct task_struct *task)
 {
 	struct kw_config *cfg = kw_config_get();

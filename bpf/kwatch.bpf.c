@@ -478,18 +478,14 @@ int enter_close_range(struct trace_event_raw_sys_enter *ctx)
 }
 
 /*
- * Process exit closes every descriptor when the last thread sharing the fd table leaves (exit_files). The last
- * thread of an excluded process also takes its kw_excl entry along, so a recycled pid starts out reported.
+ * Process exit closes every descriptor when the last thread sharing the fd table leaves (exit_files); an excluded
+ * process's entry goes too (forget_excluded).
  */
 SEC("tp/sched/sched_process_exit")
 int kw_process_exit(void *ctx)
 {
 	struct task_struct *task = KP(struct task_struct, bpf_get_current_task());
-	if (!KR(task, signal, live.counter)) {
-		__u32 tgid = KR(task, tgid);
-		if (!bpf_map_delete_elem(&kw_excl, &tgid))
-			__sync_fetch_and_add(&kw_excl_gen, 1);
-	}
+	forget_excluded(task);
 	struct files_struct *files = KR(task, files);
 	if (!files || KR(KP(struct files_struct, files), count.counter) != 1)
 		return 0;

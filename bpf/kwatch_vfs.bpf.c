@@ -519,15 +519,9 @@ int BPF_PROG(kw_fput, struct file *file)
 			   (__u64)BPF_CORE_READ(file, f_path.mnt), S_IFREG, BPF_CORE_READ(file, f_flags), 0, -1, -1);
 }
 
-/* The last thread of an excluded process takes its kw_excl entry along, so a recycled pid starts out reported. */
 SEC("tp/sched/sched_process_exit")
 int kw_process_exit(void *ctx)
 {
-	struct task_struct *task = KP(struct task_struct, bpf_get_current_task());
-	if (!KR(task, signal, live.counter)) {
-		__u32 tgid = KR(task, tgid);
-		if (!bpf_map_delete_elem(&kw_excl, &tgid))
-			__sync_fetch_and_add(&kw_excl_gen, 1);
-	}
+	forget_excluded(KP(struct task_struct, bpf_get_current_task()));
 	return 0;
 }
