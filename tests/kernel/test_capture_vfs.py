@@ -201,16 +201,6 @@ def test_a_name_rewritten_by_another_thread_is_the_one_the_kernel_used(source: o
 def test_losses_are_counted_not_silent_on_the_vfs_hooks() -> None:
     """A 64 KiB ring nobody reads during a burst overflows: every event is delivered or counted lost."""
     _skip_unless_fentry()
-    from test_capture_bpf import _burst
+    from test_capture_bpf import assert_burst_losses_counted
 
-    from kwatch.capture.bpf import BpfSource
-
-    d = tempfile.mkdtemp(prefix="kwatch-vfs-lossy-", dir="/tmp").encode()
-    n = 2_000
-    with BpfSource(CaptureFilter.make(roots=[d]), ringbuf_bytes=64 << 10, hooks="vfs") as src:
-        delivered, lost = _burst(src, d, n, read_while_running=False)
-        assert src.stats().lost == lost
-    shutil.rmtree(d)
-    assert lost > 0
-    assert delivered < 3 * n
-    assert delivered + lost >= 3 * n
+    assert_burst_losses_counted("vfs", 2_000)
