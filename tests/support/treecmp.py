@@ -34,18 +34,31 @@ def _kind(st: os.stat_result) -> str:
 
 
 def walk_lstat(root: bytes, ignore: Iterable[bytes] = ()) -> dict[bytes, os.stat_result]:
-    """Every path below ``root`` (relative bytes) with its lstat; symlinks are not followed."""
+    """Every path below ``root`` (relative bytes) with its lstat; symlinks are not followed.
+
+    Tests poll a mirror that a receiver is still writing: a name that goes between the listing and its lstat (an
+    rsync temporary renamed into place) is not in the result, as if the walk had come a moment later.
+    """
     skip = set(ignore)
     out: dict[bytes, os.stat_result] = {}
     stack = [b""]
     while stack:
         rel = stack.pop()
         base = root + b"/" + rel if rel else root
-        for name in os.listdir(base):
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            if not rel:
+                raise
+            continue
+        for name in names:
             path = rel + b"/" + name if rel else name
             if path in skip:
                 continue
-            st = os.lstat(root + b"/" + path)
+            try:
+                st = os.lstat(root + b"/" + path)
+            except FileNotFoundError:
+                continue
             out[path] = st
             if stat.S_ISDIR(st.st_mode):
                 stack.append(path)
@@ -108,17 +121,21 @@ def tree_differences(
         if ka != kb:
             out.append(f"{shown}: type {ka} != {kb}")
             continue
-        if ka == "file":
-            if sa.st_size != sb.st_size:
-                out.append(f"{shown}: size {sa.st_size} != {sb.st_size}")
-            elif not _same_content(ra + b"/" + path, rb + b"/" + path):
-                out.append(f"{shown}: content differs (same size {sa.st_size})")
-        if ka == "symlink":
-            la = os.readlink(ra + b"/" + path)
-            lb = os.readlink(rb + b"/" + path)
-            if la != lb:
-                out.append(f"{shown}: symlink target {display_path(la)!r} != {display_path(lb)!r}")
-        elif stat.S_IMODE(sa.st_mode) & ~_unset(sa, setid) != stat.S_IMODE(sb.st_mode):
+        try:
+            if ka == "file":
+                if sa.st_size != sb.st_size:
+                    out.append(f"{shown}: size {sa.st_size} != {sb.st_size}")
+                elif not _same_content(ra + b"/" + path, rb + b"/" + path):
+                    out.append(f"{shown}: content differs (same size {sa.st_size})")
+            if ka == "symlink":
+                la = os.readlink(ra + b"/" + path)
+                lb = os.readlink(rb + b"/" + path)
+                if la != lb:
+                    out.append(f"{shown}: symlink target {display_path(la)!r} != {display_path(lb)!r}")
+        except FileNotFoundError:
+            out.append(f"{shown}: went away during the comparison")
+            continue
+        if ka != "symlink" and stat.S_IMODE(sa.st_mode) & ~_unset(sa, setid) != stat.S_IMODE(sb.st_mode):
             out.append(f"{shown}: mode {stat.S_IMODE(sa.st_mode):04o} != {stat.S_IMODE(sb.st_mode):04o}"
                        + ("" if setid else " (setuid/setgid bits dropped)"))
         if mtime and sa.st_mtime_ns != sb.st_mtime_ns:
