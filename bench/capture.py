@@ -233,7 +233,7 @@ def run_suite(p: Params, log: Callable[[str], None] = print) -> dict[str, Any]:
             empty_dir(watch)
         if p.throughput and not out_of_time:
             log("capture: decode micro-benchmark")
-            throughput["decode"] = decode_bench(50_000 if p.quick else 500_000, 3 if p.quick else 5)
+            throughput["decode"] = decode_bench(50_000 if p.quick else 500_000, 7 if p.quick else 5)
             log(f"capture: decode {throughput['decode']}")
             log("capture: hook cost micro-benchmark")
             try:

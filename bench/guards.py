@@ -76,9 +76,11 @@ def consumer_cpu_share(res: dict[str, Any]) -> float:
 
 
 def decoder_speedup(res: dict[str, Any]) -> float:
-    """C decoder over the Python reference decoder, records per CPU second, the churn mix."""
+    """C decoder over the Python reference decoder, records per CPU second of the best repetition of each, the
+    churn mix (the medians of a 3-repetition quick run moved the ratio from 8.6 to 5.4 with no code change)."""
     d = res["throughput"]["decode"]
-    return _num(d["churn"]["records_per_cpu_s"], "C") / _num(d["python"]["churn"]["records_per_cpu_s"], "Python")
+    return (_num(d["churn"]["best_records_per_cpu_s"], "C")
+            / _num(d["python"]["churn"]["best_records_per_cpu_s"], "Python"))
 
 
 def decoder_records_per_cpu_s(res: dict[str, Any]) -> float:
@@ -120,7 +122,8 @@ GUARDS: tuple[Guard, ...] = (
     Guard("capture consumer CPU per producer CPU (churn, flat out)", "capture", consumer_cpu_share, 0.32, False,
           "0.19", "the consumer's CPU scales with its cost per event: a consumer twice as slow doubles it, while "
           "the producer's CPU in the same run carries the machine's speed"),
-    Guard("decoder speed-up (C over Python, per CPU s, churn mix)", "capture", decoder_speedup, 5.5, True, "9.2",
+    Guard("decoder speed-up (C over Python, per CPU s, churn mix)", "capture", decoder_speedup, 5.5, True,
+          "9.2 (median); 9.7-11.2 (best of 3 or 15 repetitions, 2026-12-07, load 4-5)",
           "both decoders run in one process one after the other: the machine cancels out"),
     Guard("decoder records per CPU second (C, churn mix)", "capture", decoder_records_per_cpu_s, 1_000_000, True,
           "4.2e6", "the floor the project states for the decoder (the speed-up above catches a 2x regression)"),

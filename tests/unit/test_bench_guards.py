@@ -16,8 +16,8 @@ def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4
         "capture": {
             "summary": [{"workload": "churn", "observer": "kwatch-bpf-count", "cpu_ratio": cpu_ratio}],
             "throughput": {
-                "decode": {"churn": {"records_per_cpu_s": c_rate},
-                           "python": {"churn": {"records_per_cpu_s": py_rate}}},
+                "decode": {"churn": {"records_per_cpu_s": c_rate, "best_records_per_cpu_s": c_rate},
+                           "python": {"churn": {"records_per_cpu_s": py_rate, "best_records_per_cpu_s": py_rate}}},
                 "e2e": {"churn_flat_out_1": {"consumer_cpu_s": consumer, "workload_cpu_s": 1.5, "lost": lost}},
             },
         },
