@@ -28,14 +28,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import xxhash
 
-from kwatch.fsutil import open_regular
+from kwatch.fsutil import DirFds
 from kwatch.paths import is_under, parent
 from kwatch.protocols import agent as ap
-from kwatch.replicate import delta as dl
 from kwatch.replicate.ack import interpret_ack
 from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch
 from kwatch.replicate.link import AgentLink, LinkError
@@ -59,11 +58,16 @@ from kwatch.replicate.scan import (
 from kwatch.replicate.target import Target
 from kwatch.replicate.transport import BatchReport, Host
 
+if TYPE_CHECKING:
+    from kwatch.replicate import delta as dl
+
 log = logging.getLogger("kwatch.replicate")
 
 CHUNK = 1 << 20
 DELTA_OPS_PER_FRAME = 4096
-DELTA_COPY_PER_FRAME = dl.COPY_RUN_MAX  # ...or once its ops copy this many basis bytes (see _put_delta)
+#: ...or once its ops copy this many basis bytes (see _put_delta): delta.COPY_RUN_MAX, one copy run (a test holds
+#: them equal; delta is imported when a delta is first made, not at start-up: it brings numpy)
+DELTA_COPY_PER_FRAME = 8 << 20
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
 FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up to this much data...
 FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
@@ -126,6 +130,7 @@ class BatchContext:
     sent: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     later: list[bytes] = field(default_factory=list)  # rescanned files left for later: open for writing
     seen: dict[bytes, Seen | None] = field(default_factory=dict)  # the source as the planner saw it (see look)
+    files: DirFds | None = None  # opens the files sent, directory by directory (see AgentSender._open_source)
 
 
 class _Part:
@@ -537,10 +542,14 @@ class AgentSender(_Part):
 
     def _open_source(self, rel: bytes) -> tuple[int, os.stat_result] | None:
         """The regular file ``rel`` beneath the source root and its fstat, which is what gets sent (size, mode,
-        mtime, owner): a directory in the path swapped for a symlink since the plan is refused, not followed, and a
-        FIFO or device found there is not opened for reading (see kwatch.fsutil)."""
+        mtime, owner): a directory in the path swapped for a symlink since the plan is refused, not followed (the
+        batch's directories are opened beneath the root once each: kwatch.fsutil.DirFds), and a FIFO or device
+        found there is not opened for reading."""
+        ctx = self.ctx
         try:
-            return open_regular(self.src, rel)
+            if ctx.files is None:
+                ctx.files = DirFds(self.src)
+            return ctx.files.open_regular(rel)
         except OSError:
             # Vanished or replaced since the plan. The caller re-marks the path dirty (CONTENT): if it was renamed,
             # the rename event still queued moves that mark to the new name; otherwise the replayed rename would
@@ -662,6 +671,8 @@ class AgentSender(_Part):
         self.link.send(ap.DeltaEnd(spoiled) if delta else ap.PutEnd(spoiled))
 
     def _take_signature(self, sig_id: int) -> dl.Signature:
+        from kwatch.replicate import delta as dl  # numpy: imported once a delta is wanted, not at start-up
+
         assert self.link is not None
         weak, strong = bytearray(), bytearray()
         while True:
@@ -675,6 +686,8 @@ class AgentSender(_Part):
                 return dl.Signature.from_wire(msg.block_size, msg.file_size, bytes(weak), bytes(strong), msg.seed)
 
     def _put_delta(self, p: Put, sig: dl.Signature, sig_id: int, rep: BatchReport) -> bool:
+        from kwatch.replicate import delta as dl
+
         link = self.link
         assert link is not None
         opened = self._open_source(p.path)
@@ -839,6 +852,14 @@ class AgentTransport:
         return src, dst
 
     def sync(self, b: Batch) -> BatchReport:
+        try:
+            return self._sync(b)
+        finally:
+            if self.ctx.files is not None:
+                self.ctx.files.close()
+                self.ctx.files = None
+
+    def _sync(self, b: Batch) -> BatchReport:
         if self.link is None:
             raise LinkError("not connected")
         link = self.link

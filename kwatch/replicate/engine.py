@@ -35,6 +35,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from kwatch.events import FileEvent, Op
 from kwatch.metrics.stats import TargetStats
@@ -48,11 +49,13 @@ from kwatch.replicate.link import LinkError
 from kwatch.replicate.options import DELTA_MIN, TargetOptions
 from kwatch.replicate.progress import Pacer, Progress, log_line
 from kwatch.replicate.retries import PathRetries
-from kwatch.replicate.rsync_target import RsyncTransport
 from kwatch.replicate.scan import DEFAULT_EXCLUDES, Excluder
 from kwatch.replicate.target import Target
 from kwatch.replicate.transport import BatchReport, Transport
 from kwatch.replicate.writers import scan_writers
+
+if TYPE_CHECKING:
+    from kwatch.replicate.rsync_target import RsyncTransport
 
 __all__ = ["DELTA_MIN", "TRANSIENT", "BatchReport", "Replicator", "Target", "TargetOptions", "make_replicator",
            "wait_synced"]
@@ -61,10 +64,18 @@ log = logging.getLogger("kwatch.replicate")
 
 
 
+def _rsync_transport() -> type[RsyncTransport]:
+    """The rsync transport class, imported when a target needs it: its checksum code brings numpy (0.1-0.2 s of
+    start-up), which a first sync to the kwatch agent has no use for."""
+    from kwatch.replicate.rsync_target import RsyncTransport
+
+    return RsyncTransport
+
+
 def make_transport(host: Replicator, target: Target, opts: TargetOptions) -> Transport:
     """The transport for ``target``'s kind: the kwatch agent (local pipe or ssh), or a stock rsync daemon."""
     if target.kind == "rsync":
-        return RsyncTransport(host, target.spec, opts)
+        return _rsync_transport()(host, target.spec, opts)
     return AgentTransport(host, target, opts)
 
 
@@ -314,7 +325,7 @@ class Replicator:
         try:
             self.transport.connect()
         except LinkError as e:
-            if e.down != "missing_command" or self.target.kind != "ssh" or isinstance(self.transport, RsyncTransport):
+            if e.down != "missing_command" or self.target.kind != "ssh" or isinstance(self.transport, _rsync_transport()):
                 raise
             self._fall_back(e)
             self.transport.connect()
@@ -329,7 +340,7 @@ class Replicator:
                     "same directory serves as the delta basis), each batch is one rsync session, and a file read "
                     "while a writer has it open may reach the mirror partly written until its next change",
                     self.target.spec, self.target.host)
-        self.transport = RsyncTransport(self, f"ssh://{self.target.host}/", self.opts,
+        self.transport = _rsync_transport()(self, f"ssh://{self.target.host}/", self.opts,
                                         rsh=ssh_rsh(self.target, self.opts), remote_path=self.target.path,
                                         name=self.target.spec)
         self._wire_seen = 0
