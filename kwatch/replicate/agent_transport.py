@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import xxhash
 
@@ -83,6 +83,9 @@ def _agent_entry(e: ap.Entry) -> Entry:
 #: the most entries a mirror's manifest may have: this many, or MANIFEST_FACTOR times the source's entries
 MANIFEST_MIN_CAP = 1 << 20
 MANIFEST_FACTOR = 8
+
+
+_Op = TypeVar("_Op", Delete, Mkdir, Put, Symlink, SetAttr)
 
 
 class Seen(NamedTuple):
@@ -376,26 +379,34 @@ class AgentPlanner(_Part):
         if rel:
             plan.mkdirs.append(Mkdir(rel, stat.S_IMODE(st.st_mode) | 0o700))
             plan.dir_setattrs.append(SetAttr(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
-        plan.deletes.extend(op._replace(path=pre + op.path) for op in sub.deletes)
-        plan.mkdirs.extend(op._replace(path=pre + op.path) for op in sub.mkdirs)
+        # the ops of the root's rescan (a first sync: every path of the tree) keep their paths as they are
+        at: Callable[[_Op], _Op] = (lambda op: op) if not pre else (lambda op: op._replace(path=pre + op.path))
+        plan.deletes.extend(map(at, sub.deletes))
+        plan.mkdirs.extend(map(at, sub.mkdirs))
         outside = self._rescan_links(src, pre)
+        writing = self.ctx.batch.writing
+        entries = src.entries
+        puts = plan.puts
         for op in sub.puts:
-            if pre + op.path in self.ctx.batch.writing:
-                self.ctx.later.append(pre + op.path)  # open for writing: sent after its close, as a live change
+            path = pre + op.path
+            if writing and path in writing:
+                self.ctx.later.append(path)  # open for writing: sent after its close, as a live change
                 continue
-            se = src.entries[op.path]
-            there = outside.get((se.dev, se.ino)) if se.nlink > 1 else None
+            se = entries[op.path]
+            if se.nlink == 1:
+                puts.append(at(op))
+                continue
+            there = outside.get((se.dev, se.ino))
             if there:  # another name of this inode is on the mirror, outside the subtree: link, do not copy
-                plan.hardlinks.append(Hardlink(pre + op.path, there, se.size, se.mtime_ns))
-                self.ctx.link_leaders[pre + op.path] = there
+                plan.hardlinks.append(Hardlink(path, there, se.size, se.mtime_ns))
+                self.ctx.link_leaders[path] = there
             else:
-                plan.puts.append(op._replace(path=pre + op.path))
-                if se.nlink > 1:
-                    self.ctx.rescan_puts.setdefault((se.dev, se.ino), pre + op.path)
-        plan.symlinks.extend(op._replace(path=pre + op.path) for op in sub.symlinks)
+                puts.append(at(op))
+                self.ctx.rescan_puts.setdefault((se.dev, se.ino), path)
+        plan.symlinks.extend(map(at, sub.symlinks))
         plan.hardlinks.extend(op._replace(path=pre + op.path, existing=pre + op.existing) for op in sub.hardlinks)
-        plan.setattrs.extend(op._replace(path=pre + op.path) for op in sub.setattrs)
-        plan.dir_setattrs.extend(op._replace(path=pre + op.path) for op in sub.dir_setattrs)
+        plan.setattrs.extend(map(at, sub.setattrs))
+        plan.dir_setattrs.extend(map(at, sub.dir_setattrs))
 
 
 class AgentSender(_Part):
