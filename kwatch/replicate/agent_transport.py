@@ -890,6 +890,12 @@ class AgentTransport:
             src = scan(self.src, self._excludes(), checksum=self.opts.checksum, sub=rel)
         for err in src.errors:
             log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
+        if self.ctx.streamed:
+            # the plan is for what was not sent yet: diffing and planning a million files already sent took seconds
+            # during which the agent had nothing left to do (directories stay: their attributes come last)
+            sent, k_dir = self.ctx.streamed, Kind.DIR
+            src = Manifest({p: e for p, e in src.entries.items() if e.kind is k_dir or p not in sent}, src.errors,
+                           src.checksum, src.identities)
         # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
         # --delete removes), but not without bound
         cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
