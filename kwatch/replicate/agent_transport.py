@@ -446,8 +446,7 @@ class AgentSender(_Part):
         The agent creates and fills directories while the rest of the tree is scanned, instead of waiting for the
         whole scan, the diff and the plan (at 100,000 files a tenth of the sync; as long again for each tenfold). What
         this leaves (hard-linked files, symlinks, large files, files open for writing, directory attributes) goes
-        with the plan made from the finished scan, as always; the plan's diff against the empty manifest puts the
-        same mkdirs and files, which the caller leaves out."""
+        with the plan made from the finished scan, as always: the caller leaves the paths sent out of that plan."""
         link = self.link
         assert link is not None
         streamed: set[bytes] = set()
