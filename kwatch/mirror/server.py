@@ -6,12 +6,6 @@ collected and reported in the next :class:`Ack`, never fatal; a peer that breaks
 and the agent exits non-zero. Deltas are applied as they stream in (basis blocks copied, literals written into the
 put's temporary), so memory stays bounded whatever the file size.
 
-Small whole files (PutFiles frames, most of a first sync) are landed by worker threads (:class:`_Landing`) while
-this thread reads, decodes and checks the next frames: landing a file is system calls (create, write, utime,
-rename), which run without the GIL, so the agent uses a second core where there is one. Every other message waits
-until the frames before it have landed, so the order the sender chose holds for everything but the small files of
-consecutive PutFiles frames among themselves (distinct paths: a batch puts each path once).
-
 The source tree has precedence: a put, symlink or hard link that finds a directory in the way, or a mkdir that finds
 a file, removes the obstacle first (rsync's ``--force``); the sender only asks for that when its source says so.
 """
@@ -21,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import os
-import queue
 import stat
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
@@ -48,67 +40,6 @@ if TYPE_CHECKING:
 OUT_HIGH = 4 << 20
 MANIFEST_CHUNK = 2000  # entries per ManifestEntries frame: well under the frame cap even with long names
 SIG_CHUNK = 8192  # blocks per Signature frame (8192 * 20 bytes = 160 KiB)
-LANDING_THREADS = 2  # workers landing PutFiles frames (a first sync: one per core of a 2-core mirror)
-
-
-class _Landing:
-    """Worker threads landing the files of PutFiles frames through ``receiver.put_files`` while the connection goes
-    on reading; at most two frames per worker wait (memory stays bounded: a full queue stops the reading). Started at
-    the first frame. :meth:`drain` waits until every frame handed over has landed and returns the per-path
-    failures; an unexpected exception of a worker is raised there."""
-
-    def __init__(self, receiver: Receiver, workers: int = LANDING_THREADS) -> None:
-        self._receiver = receiver
-        self._workers = workers
-        self._queue: queue.Queue[list[tuple[bytes, int, int | None, bytes]] | None] = queue.Queue(2 * workers)
-        self._threads: list[threading.Thread] = []
-        self._errors: list[ReceiverError] = []
-        self._crash: BaseException | None = None
-        self.pending = 0  # frames handed over since the last drain
-
-    def submit(self, files: list[tuple[bytes, int, int | None, bytes]]) -> None:
-        if not self._threads:
-            self._threads = [threading.Thread(target=self._run, name=f"land-{i}", daemon=True)
-                             for i in range(self._workers)]
-            for t in self._threads:
-                t.start()
-        self.pending += 1
-        self._queue.put(files)
-
-    def _run(self) -> None:
-        while True:
-            files = self._queue.get()
-            try:
-                if files is None:
-                    return
-                errors = self._receiver.put_files(files, replace_dirs=True)
-                self._errors.extend(errors)  # list.extend holds the GIL: workers do not interleave their items
-            except BaseException as e:  # handed to the connection's thread at the next drain
-                self._crash = e
-            finally:
-                self._queue.task_done()
-
-    def drain(self) -> list[ReceiverError]:
-        if not self.pending:
-            return []
-        self._queue.join()
-        self.pending = 0
-        if self._crash is not None:
-            crash, self._crash = self._crash, None
-            raise crash
-        errors, self._errors = self._errors, []
-        return errors
-
-    def close(self) -> None:
-        """Land what is queued, then end the workers."""
-        try:
-            self.drain()
-        finally:
-            for _ in self._threads:
-                self._queue.put(None)
-            for t in self._threads:
-                t.join()
-            self._threads = []
 
 _KIND = {Kind.FILE: ap.EntryType.FILE, Kind.DIR: ap.EntryType.DIR, Kind.SYMLINK: ap.EntryType.SYMLINK,
          Kind.OTHER: ap.EntryType.OTHER}
@@ -140,7 +71,6 @@ class AgentServer:
     _sigs: dict[int, int] = field(default_factory=dict)  # sig id -> block size we answered with
     _out: bytearray = field(default_factory=bytearray)
     _backlog: bool = False
-    _landing: _Landing | None = None
 
     def start(self) -> bytes:
         self.receiver.cleanup_temps()  # leftovers of a crash: never visible under a final name, now gone too
@@ -201,10 +131,6 @@ class AgentServer:
 
     def _handle(self, m: ap.Message) -> None:
         r = self.receiver
-        if isinstance(m, ap.PutFiles):
-            self._put_files(m)
-            return
-        self._landed()  # what comes after PutFiles frames finds their files in place (and their errors known)
         if isinstance(m, ap.Hello):
             return
         if isinstance(m, ap.ManifestRequest):
@@ -213,6 +139,8 @@ class AgentServer:
             self._signature(m)
         elif isinstance(m, ap.PutFile):
             self._put_file(m)
+        elif isinstance(m, ap.PutFiles):
+            self._put_files(m)
         elif isinstance(m, ap.PutBegin):
             self._begin(m.relpath, m.mode, None)
         elif isinstance(m, ap.DeltaBegin):
@@ -382,18 +310,9 @@ class AgentServer:
         for f in m.files:
             if self._digest_ok(f.relpath, f.data, f.digest):
                 good.append((f.relpath, f.mode, f.mtime_ns, f.data))
-        if not good:
-            return
-        if self._landing is None:
-            self._landing = _Landing(self.receiver)
         # the source has a file at each of these paths: a directory in the way goes (as _forced does for PutFile)
-        self._landing.submit(good)
-
-    def _landed(self) -> None:
-        """Wait for the PutFiles frames handed to the workers to land; their failures become path errors."""
-        if self._landing is not None and self._landing.pending:
-            for e in self._landing.drain():
-                self._fail(e.path, e)
+        for e in self.receiver.put_files(good, replace_dirs=True):
+            self._fail(e.path, e)
 
     def _begin(self, path: bytes, mode: int, sig_id: int | None) -> None:
         self._abort_put()
@@ -474,12 +393,8 @@ class AgentServer:
             self._put = None
 
     def close(self) -> None:
-        try:
-            if self._landing is not None:
-                self._landing.close()
-        finally:
-            self._abort_put()
-            self.receiver.close()
+        self._abort_put()
+        self.receiver.close()
 
 
 def _inode_ids(man: Manifest) -> dict[tuple[int, int], tuple[int, ScanEntry, int]]:

@@ -884,8 +884,9 @@ def _pf(path: bytes, data: bytes) -> ap.PutFile:
 
 
 def test_agent_lands_putfiles_frames_before_what_follows_them(env: Env) -> None:
-    """PutFiles frames are landed by worker threads: what comes after them (a delete of their directory, a setattr,
-    a hard link to one of their files) finds them landed, and a file that could not land is in the batch's Ack."""
+    """What comes after PutFiles frames (a delete of their directory, a setattr, a hard link to one of their files)
+    finds them landed, and a file that could not land is in the batch's Ack (a guard for any reordering of the
+    agent's work: landing them in worker threads was tried, and lost to the GIL)."""
     frames: list[ap.Message] = [ap.Mkdir(b"d", 0o755), ap.Mkdir(b"gone", 0o755)]
     frames += [ap.PutFiles(tuple(_pf(b"d/f%d" % i, b"%d" % i) for i in range(j, j + 100))) for j in range(0, 500, 100)]
     frames += [ap.PutFiles((_pf(b"gone/a", b"a"), _pf(b"nodir/x", b"x"))),
