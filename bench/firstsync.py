@@ -144,7 +144,7 @@ def main(args: argparse.Namespace, out: Path) -> int:
 
     trees = _trees(args)
     fs = getattr(args, "fs", "tmpfs")
-    need = sum(2 * n * SMALL_FILE_COST for name, n in trees if name == "small") + (2 << 30)
+    need = sum(n * SMALL_FILE_COST for name, n in trees if name == "small") + (2 << 30)
     rows: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     made: dict[str, Any] = {}
     runs_of: dict[str, int] = {}
