@@ -109,8 +109,8 @@ def agent_first_sync_vs_rsync(res: dict[str, Any]) -> float:
     """``kwatch replicate --once`` to a local directory (its agent on a pipe) over ``rsync -a`` of the same untar tree
     into an empty directory, the best run of each."""
     rows = res["rows"]
-    mine = _row(rows, transport="local", tool="kwatch")["best_seconds"]
-    theirs = _row(rows, transport="local", tool="rsync -a")["best_seconds"]
+    mine = _row(rows, tree="untar", transport="local", tool="kwatch")["best_seconds"]
+    theirs = _row(rows, tree="untar", transport="local", tool="rsync -a")["best_seconds"]
     return _num(mine, "kwatch seconds") / _num(theirs, "rsync -a seconds")
 
 

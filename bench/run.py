@@ -10,6 +10,7 @@ reported as not available; asking for it alone is an error, ``--all`` just says 
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import os
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--untar-repeat", type=int, help="capture: untars per timed run")
     ap.add_argument("--churn-iterations", type=int, help="capture: churn iterations per timed run")
     ap.add_argument("--no-throughput", action="store_true", help="capture: skip the decode and end-to-end figures")
+    ap.add_argument("--small-files", type=int, nargs="?", const=1_000_000, default=0, metavar="N",
+                    help="firstsync: also a tree of N small files (alone: 1,000,000; minutes per run, one run each "
+                    "unless --runs)")
+    ap.add_argument("--no-untar", action="store_true", help="firstsync: leave out the untar tree")
     ap.add_argument("--write-readme", action="store_true", help="update the suite's section of README.md")
     ap.add_argument("--out", type=Path, default=OUT, help="output directory (default bench/out)")
     return ap
@@ -130,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log("bench: needs root (BPF, fanotify, tmpfs mounts, auditd)")
         return 2
     explicit = bool(args.suites)
+    _compile_kwatch()
     rc = 0
     for name in suites:
         t0 = time.monotonic()
@@ -148,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         rc = rc or check_guards(suites, args.out)
     return rc
+
+
+def _compile_kwatch() -> None:
+    """kwatch's bytecode, as an installed package has it (pip compiles at install): a checkout run with
+    PYTHONDONTWRITEBYTECODE=1 in the environment has none and compiles every module at every start, which was 0.25
+    s of each `kwatch replicate --once` and more than a third of a small first sync on this machine."""
+    if not compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "kwatch"), quiet=1):
+        _log("bench: could not compile kwatch's bytecode; start-up figures include compiling it")
 
 
 def check_guards(suites: list[str], out: Path) -> int:

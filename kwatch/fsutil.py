@@ -16,11 +16,15 @@ Also :func:`grow_pipe`, for the pipes both ends of the agent link read and write
 :func:`open_regular` is the reading side's use of it: a regular file only, opened ``O_NONBLOCK`` so a FIFO or
 device swapped in is refused instead of hanging the reader, with the ``fstat`` of the descriptor it returned.
 
+:class:`DirFds` does what :func:`open_regular` does for many files of a tree: each parent directory is opened beneath
+the root once (an fd kept for the next files), and the file by name relative to it, as the scan lists a tree.
+
 Pure I/O helpers: no policy, no logging.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno as errno_mod
 import fcntl
@@ -35,6 +39,7 @@ __all__ = [
     "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_NO_SYMLINKS",
     "RESOLVE_NO_XDEV",
+    "DirFds",
     "grow_pipe",
     "have_openat2",
     "open_beneath",
@@ -110,7 +115,11 @@ def open_regular(root: int | bytes, rel: bytes, *, use_openat2: bool | None = No
     path names by now. Anything but a regular file raises ``OSError`` (EINVAL when something else is there; the
     open itself never blocks). The fd is left non-blocking, which regular files ignore.
     """
-    fd = open_beneath(root, rel, READ_FLAGS, use_openat2=use_openat2)
+    return _regular(open_beneath(root, rel, READ_FLAGS, use_openat2=use_openat2), rel)
+
+
+def _regular(fd: int, rel: bytes) -> tuple[int, os.stat_result]:
+    """``fd`` and its fstat when it is a regular file; else ``fd`` is closed and OSError(EINVAL) raised."""
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -120,6 +129,54 @@ def open_regular(root: int | bytes, rel: bytes, *, use_openat2: bool | None = No
         os.close(fd)
         raise OSError(errno_mod.EINVAL, "not a regular file", rel)
     return fd, st
+
+
+class DirFds:
+    """:func:`open_regular` for the files of one tree, opened directory by directory.
+
+    Each parent directory is opened beneath the root once (:func:`open_beneath`: no symlink anywhere in its path,
+    never out of the root) and its fd kept (the last ``keep`` directories); a file is then opened by its name
+    relative to that fd, ``O_NOFOLLOW``, as :func:`kwatch.replicate.scan.scan` stats the names of a directory it has
+    open. A directory swapped for a symlink after it was opened is not followed: the fd is the directory that was
+    beneath the root. One ``openat2`` (a path walk from the root through ctypes) per file was the largest cost of
+    reading a tree of small files for a first sync; one per directory is not. Use as a context manager, or call
+    :meth:`close`.
+    """
+
+    def __init__(self, root: bytes, keep: int = 16) -> None:
+        self._root = os.open(root, _O_PATH_DIR)  # the root itself may be a symlink: the operator named it
+        self._keep = keep
+        self._dirs: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+
+    def open_regular(self, rel: bytes) -> tuple[int, os.stat_result]:
+        """A read-only fd of the regular file ``rel`` beneath the root and its fstat (see :func:`open_regular`)."""
+        parent, _, name = rel.strip(b"/").rpartition(b"/")
+        if name in (b"", b".", b".."):
+            return open_regular(self._root, rel)  # the full check and its error
+        dfd = self._dirs.get(parent)
+        if dfd is None:
+            dfd = self._root if not parent else open_beneath(self._root, parent, _O_PATH_DIR | os.O_NOFOLLOW)
+            if parent:
+                self._dirs[parent] = dfd
+                if len(self._dirs) > self._keep:
+                    os.close(self._dirs.popitem(last=False)[1])
+        else:
+            self._dirs.move_to_end(parent)
+        return _regular(os.open(name, READ_FLAGS, dir_fd=dfd), rel)
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def __enter__(self) -> DirFds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 PIPE_SIZE = 1 << 20

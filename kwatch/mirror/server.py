@@ -19,7 +19,7 @@ import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import xxhash
 
@@ -27,9 +27,13 @@ from kwatch.fsutil import grow_pipe
 from kwatch.mirror.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
-from kwatch.replicate.delta import BLOCK_LIMIT, Patcher, PatchError, block_size_for, signature
 from kwatch.replicate.scan import Entry as ScanEntry
 from kwatch.replicate.scan import Kind, Manifest, scan
+
+if TYPE_CHECKING:
+    # imported where a signature or a delta is first needed: it brings numpy (about 0.1 s of every agent's start,
+    # a first sync into an empty mirror needs none of it)
+    from kwatch.replicate.delta import Patcher
 
 #: Replies waiting to be written above which the agent stops taking frames (and so stops reading): one request
 #: can ask for a lot (a ManifestRequest of the root is the whole tree), and a stream of them must not queue up.
@@ -245,6 +249,8 @@ class AgentServer:
         self._emit(ap.ManifestEntries(m.id, tuple(entries), True))
 
     def _signature(self, m: ap.SigRequest) -> None:
+        from kwatch.replicate.delta import BLOCK_LIMIT, block_size_for, signature
+
         f = self._open_basis(m.relpath)
         if f is None:
             self._emit(ap.Signature(m.id, m.block_size or 1024, 0, 0, b"", b"", True))
@@ -313,6 +319,8 @@ class AgentServer:
         put = _Put(path, None, xxhash.xxh3_128())
         self._put = put
         if sig_id is not None:
+            from kwatch.replicate.delta import Patcher
+
             put.basis = self._open_basis(path)
             # no basis (gone, or not a regular file): an empty one, on which every copy fails
             put.patcher = Patcher(put.basis, self._sigs.pop(sig_id, 0))
@@ -341,6 +349,8 @@ class AgentServer:
             self._fail(put.path, e)
 
     def _delta(self, ops: tuple[ap.DeltaOp, ...]) -> None:
+        from kwatch.replicate.delta import PatchError
+
         put = self._put
         if put is None or put.handle is None or put.patcher is None:
             return

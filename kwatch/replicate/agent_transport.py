@@ -23,19 +23,19 @@ import contextlib
 import functools
 import logging
 import os
+import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import xxhash
 
-from kwatch.fsutil import open_regular
+from kwatch.fsutil import DirFds
 from kwatch.paths import is_under, parent
 from kwatch.protocols import agent as ap
-from kwatch.replicate import delta as dl
 from kwatch.replicate.ack import interpret_ack
 from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch
 from kwatch.replicate.link import AgentLink, LinkError
@@ -59,11 +59,16 @@ from kwatch.replicate.scan import (
 from kwatch.replicate.target import Target
 from kwatch.replicate.transport import BatchReport, Host
 
+if TYPE_CHECKING:
+    from kwatch.replicate import delta as dl
+
 log = logging.getLogger("kwatch.replicate")
 
 CHUNK = 1 << 20
 DELTA_OPS_PER_FRAME = 4096
-DELTA_COPY_PER_FRAME = dl.COPY_RUN_MAX  # ...or once its ops copy this many basis bytes (see _put_delta)
+#: ...or once its ops copy this many basis bytes (see _put_delta): delta.COPY_RUN_MAX, one copy run (a test holds
+#: them equal; delta is imported when a delta is first made, not at start-up: it brings numpy)
+DELTA_COPY_PER_FRAME = 8 << 20
 SMALL_FILE = 256 << 10  # sent in one PutFile frame (content, mode, mtime) instead of begin/chunks/end/setattr
 FILES_FRAME_BYTES = 1 << 20  # small files gathered into one PutFiles frame up to this much data...
 FILES_PER_FRAME = 1024  # ...or this many files (the agent resolves each directory once per frame)
@@ -79,6 +84,9 @@ def _agent_entry(e: ap.Entry) -> Entry:
 #: the most entries a mirror's manifest may have: this many, or MANIFEST_FACTOR times the source's entries
 MANIFEST_MIN_CAP = 1 << 20
 MANIFEST_FACTOR = 8
+
+
+_Op = TypeVar("_Op", Delete, Mkdir, Put, Symlink, SetAttr)
 
 
 class Seen(NamedTuple):
@@ -126,6 +134,8 @@ class BatchContext:
     sent: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     later: list[bytes] = field(default_factory=list)  # rescanned files left for later: open for writing
     seen: dict[bytes, Seen | None] = field(default_factory=dict)  # the source as the planner saw it (see look)
+    files: DirFds | None = None  # opens the files sent, directory by directory (see AgentSender._open_source)
+    streamed: set[bytes] = field(default_factory=set)  # mkdirs and small files sent during the scan (stream_scan)
 
 
 class _Part:
@@ -371,26 +381,34 @@ class AgentPlanner(_Part):
         if rel:
             plan.mkdirs.append(Mkdir(rel, stat.S_IMODE(st.st_mode) | 0o700))
             plan.dir_setattrs.append(SetAttr(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
-        plan.deletes.extend(op._replace(path=pre + op.path) for op in sub.deletes)
-        plan.mkdirs.extend(op._replace(path=pre + op.path) for op in sub.mkdirs)
+        # the ops of the root's rescan (a first sync: every path of the tree) keep their paths as they are
+        at: Callable[[_Op], _Op] = (lambda op: op) if not pre else (lambda op: op._replace(path=pre + op.path))
+        plan.deletes.extend(map(at, sub.deletes))
+        plan.mkdirs.extend(map(at, sub.mkdirs))
         outside = self._rescan_links(src, pre)
+        writing = self.ctx.batch.writing
+        entries = src.entries
+        puts = plan.puts
         for op in sub.puts:
-            if pre + op.path in self.ctx.batch.writing:
-                self.ctx.later.append(pre + op.path)  # open for writing: sent after its close, as a live change
+            path = pre + op.path
+            if writing and path in writing:
+                self.ctx.later.append(path)  # open for writing: sent after its close, as a live change
                 continue
-            se = src.entries[op.path]
-            there = outside.get((se.dev, se.ino)) if se.nlink > 1 else None
+            se = entries[op.path]
+            if se.nlink == 1:
+                puts.append(at(op))
+                continue
+            there = outside.get((se.dev, se.ino))
             if there:  # another name of this inode is on the mirror, outside the subtree: link, do not copy
-                plan.hardlinks.append(Hardlink(pre + op.path, there, se.size, se.mtime_ns))
-                self.ctx.link_leaders[pre + op.path] = there
+                plan.hardlinks.append(Hardlink(path, there, se.size, se.mtime_ns))
+                self.ctx.link_leaders[path] = there
             else:
-                plan.puts.append(op._replace(path=pre + op.path))
-                if se.nlink > 1:
-                    self.ctx.rescan_puts.setdefault((se.dev, se.ino), pre + op.path)
-        plan.symlinks.extend(op._replace(path=pre + op.path) for op in sub.symlinks)
+                puts.append(at(op))
+                self.ctx.rescan_puts.setdefault((se.dev, se.ino), path)
+        plan.symlinks.extend(map(at, sub.symlinks))
         plan.hardlinks.extend(op._replace(path=pre + op.path, existing=pre + op.existing) for op in sub.hardlinks)
-        plan.setattrs.extend(op._replace(path=pre + op.path) for op in sub.setattrs)
-        plan.dir_setattrs.extend(op._replace(path=pre + op.path) for op in sub.dir_setattrs)
+        plan.setattrs.extend(map(at, sub.setattrs))
+        plan.dir_setattrs.extend(map(at, sub.dir_setattrs))
 
 
 class AgentSender(_Part):
@@ -419,6 +437,33 @@ class AgentSender(_Part):
             plan.puts.pop()
             if not self._send_small(p, rep, out):
                 plan.puts.append(p)
+
+    def stream_scan(self, chunks: Iterable[list[tuple[bytes, Entry]]], rep: BatchReport,
+                    out: _Outgoing) -> set[bytes]:
+        """Send a first sync's directories and small files as the scan lists them (``chunks``: each directory's
+        entries, parents first), into a mirror known to be empty; the paths sent (or to send again next batch).
+
+        The agent creates and fills directories while the rest of the tree is scanned, instead of waiting for the
+        whole scan, the diff and the plan (at 100,000 files a tenth of the sync; as long again for each tenfold). What
+        this leaves (hard-linked files, symlinks, large files, files open for writing, directory attributes) goes
+        with the plan made from the finished scan, as always: the caller leaves the paths sent out of that plan."""
+        link = self.link
+        assert link is not None
+        streamed: set[bytes] = set()
+        writing = self.ctx.batch.writing
+        k_dir, k_file = Kind.DIR, Kind.FILE
+        for chunk in chunks:
+            for rel, e in chunk:
+                if e.kind is k_dir:
+                    link.send(ap.Mkdir(rel, e.mode | 0o700))  # its real mode comes with the directory attributes
+                    streamed.add(rel)
+                elif e.kind is k_file and e.nlink == 1 and e.size <= SMALL_FILE and rel not in writing:
+                    out.total += 1
+                    out.nbytes += e.size
+                    if self._send_small(Put(rel, e.size, e.mode, e.mtime_ns), rep, out):
+                        streamed.add(rel)
+            link.write_now()  # the agent makes this directory's subdirectories now, not 4 MiB of frames later
+        return streamed
 
     def _send_small(self, p: Put, rep: BatchReport, out: _Outgoing) -> bool:
         """Send ``p`` with other small files in a PutFiles frame; False when it must go another way."""
@@ -450,6 +495,7 @@ class AgentSender(_Part):
             files = tuple(f for f in files if f.relpath not in torn)
         if files:
             self.link.send(ap.PutFiles(files))
+            self.link.write_now()  # a frame of files is work for the agent: handed over at once, without waiting
             self.ctx.sent.update((f.relpath, (len(f.data), f.mtime_ns)) for f in files if f.mtime_ns is not None)
 
     def send_plan(self, plan: Plan, rep: BatchReport, out: _Outgoing) -> list[bytes]:
@@ -537,10 +583,14 @@ class AgentSender(_Part):
 
     def _open_source(self, rel: bytes) -> tuple[int, os.stat_result] | None:
         """The regular file ``rel`` beneath the source root and its fstat, which is what gets sent (size, mode,
-        mtime, owner): a directory in the path swapped for a symlink since the plan is refused, not followed, and a
-        FIFO or device found there is not opened for reading (see kwatch.fsutil)."""
+        mtime, owner): a directory in the path swapped for a symlink since the plan is refused, not followed (the
+        batch's directories are opened beneath the root once each: kwatch.fsutil.DirFds), and a FIFO or device
+        found there is not opened for reading."""
+        ctx = self.ctx
         try:
-            return open_regular(self.src, rel)
+            if ctx.files is None:
+                ctx.files = DirFds(self.src)
+            return ctx.files.open_regular(rel)
         except OSError:
             # Vanished or replaced since the plan. The caller re-marks the path dirty (CONTENT): if it was renamed,
             # the rename event still queued moves that mark to the new name; otherwise the replayed rename would
@@ -662,6 +712,8 @@ class AgentSender(_Part):
         self.link.send(ap.DeltaEnd(spoiled) if delta else ap.PutEnd(spoiled))
 
     def _take_signature(self, sig_id: int) -> dl.Signature:
+        from kwatch.replicate import delta as dl  # numpy: imported once a delta is wanted, not at start-up
+
         assert self.link is not None
         weak, strong = bytearray(), bytearray()
         while True:
@@ -675,6 +727,8 @@ class AgentSender(_Part):
                 return dl.Signature.from_wire(msg.block_size, msg.file_size, bytes(weak), bytes(strong), msg.seed)
 
     def _put_delta(self, p: Put, sig: dl.Signature, sig_id: int, rep: BatchReport) -> bool:
+        from kwatch.replicate import delta as dl
+
         link = self.link
         assert link is not None
         opened = self._open_source(p.path)
@@ -802,9 +856,15 @@ class AgentTransport:
 
     # ---- one batch -------------------------------------------------------------------------------------------------
 
-    def _reconcile_inputs(self, rel: bytes) -> tuple[Manifest, Manifest] | None:
+    def _reconcile_inputs(self, rel: bytes, out: _Outgoing | None = None,
+                          rep: BatchReport | None = None) -> tuple[Manifest, Manifest] | None:
         """What the planner compares to reconcile the subtree ``rel``: a scan of the source and the mirror's manifest,
-        fetched side by side (the agent scans while we do); None when ``rel`` is not a directory in the source."""
+        fetched side by side (the agent scans while we do); None when ``rel`` is not a directory in the source.
+
+        The first sync into an empty mirror (the root's rescan, the mirror's manifest empty, the scan made while the
+        agent started still valid) does not wait for the whole scan: with ``out`` and ``rep`` its directories and
+        small files are sent as the scan lists them (:meth:`AgentSender.stream_scan`), and the paths sent are kept in
+        :attr:`BatchContext.streamed` for the plan to leave out."""
         link = self.link
         assert link is not None
         got = self.planner.seen(rel)
@@ -814,21 +874,31 @@ class AgentTransport:
         prescan, self._prescan = self._prescan, None
         # the scan made while the agent started, if nothing changed since it began: a change folded in meanwhile
         # (which the root's rescan covers without a mark of its own) may be missing from it
-        src = prescan.result() if prescan is not None and rel == b"" and prescan.valid(self.coalescer.changes) \
-            else None
+        if prescan is not None and not (rel == b"" and prescan.valid(self.coalescer.changes)):
+            prescan = None
+        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in link.conn.capabilities)
+        prefix_len = len(rel) + 1 if rel else 0
+        msg = link.take(ap.ManifestEntries, "the mirror's manifest")
+        assert isinstance(msg, ap.ManifestEntries)
+        if (prescan is not None and out is not None and rep is not None and msg.done and not msg.entries
+                and out.many is not None and not self.opts.owner):
+            self.ctx.streamed = self.sender.stream_scan(prescan.chunks(), rep, out)
+        src = prescan.result() if prescan is not None else None
         if src is None:
             # rel is opened beneath the source root (a directory of it swapped for a symlink is not followed)
             src = scan(self.src, self._excludes(), checksum=self.opts.checksum, sub=rel)
         for err in src.errors:
             log.warning("target %s: scan: %s: %s", self.target.spec, os.fsdecode(err.path), err.reason)
-        dst = Manifest(checksum=self.opts.checksum, identities="inodes" in link.conn.capabilities)
-        prefix_len = len(rel) + 1 if rel else 0
+        if self.ctx.streamed:
+            # the plan is for what was not sent yet: diffing and planning a million files already sent took seconds
+            # during which the agent had nothing left to do (directories stay: their attributes come last)
+            sent, k_dir = self.ctx.streamed, Kind.DIR
+            src = Manifest({p: e for p, e in src.entries.items() if e.kind is k_dir or p not in sent}, src.errors,
+                           src.checksum, src.identities)
         # a hostile or broken agent could stream entries forever: the mirror may hold more than the source (what
         # --delete removes), but not without bound
         cap = max(MANIFEST_MIN_CAP, MANIFEST_FACTOR * len(src.entries))
         while True:
-            msg = link.take(ap.ManifestEntries, "the mirror's manifest")
-            assert isinstance(msg, ap.ManifestEntries)
             for e in msg.entries:
                 dst.entries[e.relpath[prefix_len:]] = _agent_entry(e)
             if msg.done:
@@ -836,9 +906,19 @@ class AgentTransport:
             if len(dst.entries) > cap:
                 raise LinkError(f"the mirror's manifest of {os.fsdecode(rel) or 'the root'} passed {cap} entries "
                                 f"({len(src.entries)} in the source): refused", down="protocol")
+            msg = link.take(ap.ManifestEntries, "the mirror's manifest")
+            assert isinstance(msg, ap.ManifestEntries)
         return src, dst
 
     def sync(self, b: Batch) -> BatchReport:
+        try:
+            return self._sync(b)
+        finally:
+            if self.ctx.files is not None:
+                self.ctx.files.close()
+                self.ctx.files = None
+
+    def _sync(self, b: Batch) -> BatchReport:
         if self.link is None:
             raise LinkError("not connected")
         link = self.link
@@ -853,9 +933,13 @@ class AgentTransport:
             link.send(ap.Rename(old, new))
             self.links.rename(old, new)
         rep.renames = len(renames)
-        for rel in sorted(b.rescans, key=len):
-            self.planner.plan_rescan(rel, plan, self._reconcile_inputs(rel))
         out = _Outgoing(self.sender.many_files(), len(b.dirty))
+        for rel in sorted(b.rescans, key=len):
+            self.planner.plan_rescan(rel, plan, self._reconcile_inputs(rel, out, rep))
+        if ctx.streamed:  # sent while the source was scanned (a first sync): the rest of the plan goes as always
+            sent = ctx.streamed
+            plan.mkdirs = [op for op in plan.mkdirs if op.path not in sent]
+            plan.puts = [op for op in plan.puts if op.path not in sent]
         # Without rescans, mkdirs and small whole files go out while the batch is planned: the agent works on them
         # while we look at the rest (planning 13,000 paths first kept it idle for 0.1-0.25 s per batch of an untar).
         # Paths come parents first (by depth), so a directory's Mkdir precedes the files put into it; what has
@@ -903,14 +987,24 @@ class _Prescan:
     def __init__(self, src: bytes, excludes: tuple[bytes, ...], checksum: bool, changes: int) -> None:
         self.changes = changes
         self._result: Manifest | None = None
+        # each directory's entries as the scan lists them, then None (see chunks)
+        self._listed: queue.SimpleQueue[list[tuple[bytes, Entry]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(src, excludes, checksum), name="prescan", daemon=True)
         self._thread.start()
 
     def _run(self, src: bytes, excludes: tuple[bytes, ...], checksum: bool) -> None:
         # an error of the scan (the root gone) leaves no result: the batch then scans as it always did, and fails
         # or not as it would have
-        with contextlib.suppress(OSError):
-            self._result = scan(src, excludes, checksum=checksum)
+        try:
+            with contextlib.suppress(OSError):
+                self._result = scan(src, excludes, checksum=checksum, on_dir=self._listed.put)
+        finally:
+            self._listed.put(None)
+
+    def chunks(self) -> Iterator[list[tuple[bytes, Entry]]]:
+        """The entries of each directory, parents first, as the scan lists them (once: they are consumed)."""
+        while (chunk := self._listed.get()) is not None:
+            yield chunk
 
     def valid(self, changes: int) -> bool:
         """Whether the scan saw every change the coalescer knows of: none was folded in since it began."""

@@ -175,8 +175,12 @@ def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
+#: called by :func:`scan` with the entries of each directory once it is listed (paths relative to what is walked)
+OnDir = Callable[[list[tuple[bytes, Entry]]], None]
+
+
 def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False, *,
-         sub: bytes = b"") -> Manifest:
+         sub: bytes = b"", on_dir: OnDir | None = None) -> Manifest:
     """Walk ``root`` (or its subdirectory ``sub``) without following symlinks into a :class:`Manifest` keyed by
     path relative to what was walked.
 
@@ -185,11 +189,12 @@ def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bo
     fd: a directory swapped for a symlink during the walk is an error for that path, never a way out of the tree.
     ``excludes`` are glob patterns (see :class:`Excluder`); the default skips receiver temporaries. With
     ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root (or
-    ``sub``) that cannot be opened as a directory raises ``OSError``.
+    ``sub``) that cannot be opened as a directory raises ``OSError``. ``on_dir`` is given each directory's entries
+    as soon as it is listed (a parent's before its subdirectories'), so that a caller can act on them during the walk.
     """
     if not isinstance(root, bytes) or not isinstance(sub, bytes):
         raise TypeError("root and sub must be bytes")
-    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), excludes, checksum))
+    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), excludes, checksum, on_dir))
 
 
 def _without_gc(fn: Callable[[], _R]) -> _R:
@@ -204,7 +209,7 @@ def _without_gc(fn: Callable[[], _R]) -> _R:
             gc.enable()
 
 
-def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
+def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool, on_dir: OnDir | None) -> Manifest:
     try:
         root_fd = os.open(root, _O_LIST_DIR)  # follows a symlinked root on purpose: the caller named it
     except NotADirectoryError:
@@ -212,7 +217,7 @@ def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool) ->
     try:
         top = open_beneath(root_fd, sub, _O_LIST_DIR) if sub else root_fd
         try:
-            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", excludes, checksum)
+            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", excludes, checksum, on_dir)
         finally:
             if top != root_fd:
                 os.close(top)
@@ -224,7 +229,8 @@ _O_LIST_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_LIST_SUBDIR = _O_LIST_DIR | os.O_NOFOLLOW
 
 
-def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
+def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], checksum: bool,
+             on_dir: OnDir | None = None) -> Manifest:
     """The walk of :func:`scan` from the open directory ``top_fd`` (``base``: its path beneath ``root_fd``)."""
     man = Manifest(checksum=checksum)
     entries = man.entries
@@ -256,6 +262,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                 errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
                 continue
             raise
+        listed: list[tuple[bytes, Entry]] | None = [] if on_dir is not None else None
         with it, _closing(dfd):
             while True:
                 try:
@@ -301,7 +308,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                 else:
                     kind = k_other
                     size = 0
-                entries[rel] = Entry(
+                entries[rel] = ent = Entry(
                     kind,
                     ix(m & 0o7777, m & 0o7777),
                     size,
@@ -314,6 +321,10 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                     target,
                     digest,
                 )
+                if listed is not None:
+                    listed.append((rel, ent))
+        if listed and on_dir is not None:
+            on_dir(listed)
     return man
 
 

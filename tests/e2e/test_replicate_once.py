@@ -139,3 +139,61 @@ def test_a_change_folded_in_after_that_scan_began_is_not_lost(tmp_path: Path) ->
         assert tree_differences(src, mirror) == []
     finally:
         rep.stop(timeout=5)
+
+
+@pytest.mark.root
+def test_a_first_sync_into_an_empty_mirror_sends_while_the_source_is_scanned(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent creates the directories the scan has listed so far while the scan goes on, instead of waiting for
+    the whole scan, the diff and the plan (a million files: several seconds of an idle agent). The scan is held after
+    the root's listing until the mirror has the root's subdirectory; before, that never happened during the scan."""
+    from kwatch.replicate import agent_transport
+
+    src, mirror, rep = _replicator(tmp_path)
+    (src / "e").mkdir()
+    (src / "e" / "f").write_bytes(b"f")
+    os.symlink("d/old", src / "link")
+    os.link(src / "e" / "f", src / "e" / "g")
+    (src / "big").write_bytes(os.urandom(600_000))
+    real_scan = agent_transport.scan
+    seen: list[bool] = []
+
+    def holding_scan(root: bytes, *a: object, on_dir: object = None, **k: object) -> object:
+        def listed(entries: list[tuple[bytes, object]]) -> None:
+            on_dir(entries)  # type: ignore[operator]
+            if not seen:  # the root's listing: hold the scan until its directories are on the mirror
+                deadline = time.monotonic() + 20
+                while not (mirror / "e").is_dir() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen.append((mirror / "e").is_dir())
+
+        return real_scan(root, *a, on_dir=listed if on_dir is not None else None, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_transport, "scan", holding_scan)
+    try:
+        rep._connect()
+        rep.sync_now(rep.coalescer.take(time.monotonic() + 10))
+        assert seen == [True], "nothing reached the mirror before the scan of the source ended"
+        assert tree_differences(src, mirror) == []  # the symlink, the hard link and the large file too
+        assert os.stat(mirror / "e" / "f").st_ino == os.stat(mirror / "e" / "g").st_ino
+    finally:
+        rep.stop(timeout=5)
+
+
+@pytest.mark.root
+def test_a_first_sync_into_a_mirror_with_files_plans_against_them(tmp_path: Path) -> None:
+    """A mirror that is not empty gets the usual plan (nothing sent during the scan): what it has already is not sent
+    again, and what it has extra is deleted."""
+    src, mirror, rep = _replicator(tmp_path)
+    (mirror / "d").mkdir(parents=True)
+    (mirror / "d" / "old").write_bytes(b"old")
+    os.utime(mirror / "d" / "old", ns=(os.stat(src / "d" / "old").st_mtime_ns,) * 2)
+    (mirror / "extra").write_bytes(b"x")
+    (src / "new").write_bytes(b"new")
+    try:
+        rep._connect()
+        r = rep.sync_now(rep.coalescer.take(time.monotonic() + 10))
+        assert r.puts == 1 and r.deletes == 1
+        assert tree_differences(src, mirror) == []
+    finally:
+        rep.stop(timeout=5)

@@ -26,8 +26,8 @@ def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4
                                   {"workload": "untar", "tool": "oneshot", "identical_s": oneshot}]},
         "rsync": {"rows": [{"batch": "whole tree", "tool": "kwatch", "best_seconds": push},
                            {"batch": "whole tree", "tool": "rsync", "best_seconds": rsync}]},
-        "firstsync": {"rows": [{"transport": "local", "tool": "kwatch", "best_seconds": once},
-                               {"transport": "local", "tool": "rsync -a", "best_seconds": rsync_a}]},
+        "firstsync": {"rows": [{"tree": "untar", "transport": "local", "tool": "kwatch", "best_seconds": once},
+                               {"tree": "untar", "transport": "local", "tool": "rsync -a", "best_seconds": rsync_a}]},
     }
 
 

@@ -107,3 +107,25 @@ def test_protocols_import_nothing_from_the_sides_of_the_wire() -> None:
     graph = import_graph()
     assert _imports_between(graph, "kwatch.protocols", "kwatch.replicate") == []
     assert _imports_between(graph, "kwatch.protocols", "kwatch.mirror") == []
+
+
+def _imported_by(module: str) -> set[str]:
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    return set(out.stdout.split())
+
+
+def test_the_two_ends_of_a_first_sync_start_without_numpy() -> None:
+    # numpy is the delta engine's and the rsync checksums' (imported when a delta or an rsync target needs them):
+    # importing it was 0.1-0.2 s of every `kwatch replicate` and every agent, most of a small first sync's start-up
+    for module in ("kwatch.replicate.command", "kwatch.mirror.command", "kwatch.mirror.server"):
+        assert "numpy" not in _imported_by(module), module
+
+
+def test_the_delta_frame_bound_is_one_copy_run() -> None:
+    from kwatch.replicate import agent_transport, delta
+
+    assert agent_transport.DELTA_COPY_PER_FRAME == delta.COPY_RUN_MAX

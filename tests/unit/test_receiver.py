@@ -858,3 +858,46 @@ def test_agent_refuses_content_that_does_not_match_its_digest(env: Env, how: str
     assert [(e.relpath, e.code) for e in ack.errors] == [(b"f", "digest-mismatch")]
     assert Path(os.fsdecode(env.root + b"/f")).read_bytes() == b"old"
     assert sorted(_files(env.root)) == ([b"f", b"g"] if how == "PutFiles" else [b"f"])
+
+
+def _agent_session(env: Env, *frames_of: ap.Message) -> ap.Ack:
+    """Feed ``frames_of`` and a Commit to an AgentServer over ``env``'s receiver; its Ack."""
+    server = AgentServer(env.rx)
+    sender = ap.AgentConnection(ap.Role.SENDER)
+    hello = sender.send(sender.hello())
+    sender.receive_data(server.start())
+    assert isinstance(sender.next_event(), ap.Hello)
+    data = hello + b"".join(sender.send(m) for m in frames_of) + sender.send(ap.Commit(1))
+    for i in range(0, len(data), 4096):  # byte pieces as a pipe gives them
+        if reply := server.feed(data[i:i + 4096]):
+            sender.receive_data(reply)
+    events = []
+    while not isinstance(ev := sender.next_event(), ap.NeedData):
+        events.append(ev)
+    (ack,) = [e for e in events if isinstance(e, ap.Ack)]
+    server.close()
+    return ack
+
+
+def _pf(path: bytes, data: bytes) -> ap.PutFile:
+    return ap.PutFile(path, 0o644, MT, data, xxhash.xxh3_128_digest(data))
+
+
+def test_agent_lands_putfiles_frames_before_what_follows_them(env: Env) -> None:
+    """What comes after PutFiles frames (a delete of their directory, a setattr, a hard link to one of their files)
+    finds them landed, and a file that could not land is in the batch's Ack (a guard for any reordering of the
+    agent's work: landing them in worker threads was tried, and lost to the GIL)."""
+    frames: list[ap.Message] = [ap.Mkdir(b"d", 0o755), ap.Mkdir(b"gone", 0o755)]
+    frames += [ap.PutFiles(tuple(_pf(b"d/f%d" % i, b"%d" % i) for i in range(j, j + 100))) for j in range(0, 500, 100)]
+    frames += [ap.PutFiles((_pf(b"gone/a", b"a"), _pf(b"nodir/x", b"x"))),
+               ap.Delete(b"gone", recursive=True),
+               ap.Hardlink(b"d/link", b"d/f499", 3, MT),
+               ap.SetAttr(b"d", 0o750, MT)]
+    ack = _agent_session(env, *frames)
+    assert [(e.relpath, e.code) for e in ack.errors] == [(b"nodir/x", "ENOENT")]
+    assert _files(env.root) == [b"d"]  # "gone" and what landed in it were deleted after the landing
+    assert _files(env.root + b"/d") == sorted([b"link", *(b"f%d" % i for i in range(500))])
+    st = os.stat(os.fsdecode(env.root + b"/d/link"))
+    assert st.st_ino == os.stat(os.fsdecode(env.root + b"/d/f499")).st_ino
+    d = os.stat(os.fsdecode(env.root + b"/d"))
+    assert (d.st_mode & 0o7777, d.st_mtime_ns) == (0o750, MT)
