@@ -38,6 +38,7 @@ import os
 import re
 import socket
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kwatch.paths import is_under
@@ -48,7 +49,8 @@ from kwatch.replicate.link import LinkError
 from kwatch.replicate.linkindex import LinkIndex, is_inode
 from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_moves import plan as plan_moves
-from kwatch.replicate.rsync_transport import PushResult, push
+from kwatch.replicate.rsync_split import split
+from kwatch.replicate.rsync_transport import PushResult, push, scan_paths
 from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
@@ -137,7 +139,7 @@ class RsyncTransport:
                 # listed parent that --delete would otherwise clear); what changed inside it went with the move
                 paths = [p for p in paths if not any(p != m and is_under(p, m) for m in moved)]
         try:
-            res = self._push(paths, b, shallow=moved)
+            res = self._send(paths, b, moved)
         except (ProtocolError, OSError) as e:
             down, permanent = rsync_down_reason(e)
             raise LinkError(f"rsync push failed: {e}", down, permanent) from e
@@ -154,6 +156,21 @@ class RsyncTransport:
                  "all" if paths is None else len(paths), rep.puts, rep.deletes, len(rep.resend), rep.literal,
                  rep.matched, rep.renames)
         return rep
+
+    def _send(self, paths: list[bytes] | None, b: Batch, moved: set[bytes]) -> PushResult:
+        """The batch's own session, or its parts at the same time (kwatch.replicate.rsync_split), each on a
+        connection of its own; their results as one."""
+        if paths is None:
+            return self._push(None, b)
+        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
+        parts = split(entries)
+        if len(parts) == 1:
+            return self._push(paths, b, scanned=parts[0])
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="rsync part") as pool:
+            futures = [pool.submit(self._push, paths, b, scanned=part) for part in parts]
+            results = [f.result() for f in futures]
+        log.debug("target %s: the batch went as %d sessions at once", self.name, len(parts))
+        return _merged(results)
 
     def _push(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
         return push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
@@ -253,6 +270,23 @@ class RsyncTransport:
             here = set(names)
             out.extend(p for p in self.links.names(key) if p not in here and is_inode(self.src, p, key))
         return out
+
+
+def _merged(results: list[PushResult]) -> PushResult:
+    """The results of a batch's parts as one session's."""
+    out = PushResult(protocol=results[0].protocol, checksum=results[0].checksum)
+    for r in results:
+        out.bytes_sent += r.bytes_sent
+        out.bytes_received += r.bytes_received
+        out.literal_bytes += r.literal_bytes
+        out.matched_bytes += r.matched_bytes
+        out.files += r.files
+        out.deleted += r.deleted
+        out.errors += r.errors
+        out.held += r.held
+        for key, names in r.inodes.items():
+            out.inodes.setdefault(key, []).extend(names)
+    return out
 
 
 def _below_any(rel: bytes, tops: set[bytes]) -> bool:

@@ -577,6 +577,7 @@ def push(
     link_dest: Sequence[bytes] = (),
     fuzzy_alt: bool = False,
     shallow: Collection[bytes] = (),
+    scanned: list[FileEntry] | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -597,7 +598,8 @@ def push(
     the names in the result are still relative to ``src_root``, and with ``paths`` the directory itself goes as a
     plain non-content dir. ``link_dest``: ``--link-dest`` dirs, relative to the session's destination (see
     :class:`~kwatch.protocols.rsync.client.PushOptions`); ``fuzzy_alt``: the fuzzy search looks in them too.
-    ``shallow``: directories sent without their subtree (see :func:`scan_paths`).
+    ``shallow``: directories sent without their subtree (see :func:`scan_paths`). ``scanned``: the list
+    :func:`scan_paths` made of ``paths`` already (or a part of it), sent as it is (no ``subdir``).
     """
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
@@ -624,7 +626,10 @@ def push(
         if exclude is not None and prefix:
             def sub_exclude(name: bytes, rel: bytes) -> bool:
                 return exclude(name, prefix + rel)
-        if paths is None:
+        if scanned is not None:
+            entries = scanned
+            missing = any(e.mode == 0 for e in entries)
+        elif paths is None:
             entries = scan_tree(base, exclude=sub_exclude)
             missing = False
         else:
