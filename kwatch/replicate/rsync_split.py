@@ -16,8 +16,10 @@ Parts must not get in each other's way on the receiver:
 - a directory is listed as a plain (non-content) directory by every other part that has something below it, with
   the same attributes (one scan): each part's receiver sets its mtime again after its own last change inside it
   (generator.c touch_up_dirs), so the last part to end leaves it right whichever ends last;
-- the transfer root as a content directory (a whole-tree push, or a top-level name deleted with ``--fuzzy``) is
-  never cut.
+- the transfer root is such a content directory in a whole-tree push (``.``): its part has every top-level name,
+  the others list none of it but their top-level directories, which its part creates too before it sets the
+  root's mtime (a ``mkdir`` that finds the directory made by another part is no error: generator.c
+  recv_generator).
 
 Pure: entries in, lists of entries out.
 """
@@ -51,10 +53,10 @@ def split(entries: Sequence[FileEntry], max_parts: int = MAX_PARTS, min_part: in
     module docstring); one part when the list is small or cannot be cut. Each part keeps the order of ``entries``."""
     weight = sum(ENTRY_COST + (e.size if e.is_reg else 0) for e in entries)
     want = min(max_parts, weight // max(1, min_part))
-    if want < 2 or any(e.name == b"." for e in entries):
+    if want < 2:
         return [list(entries)]
     index = {e.name: i for i, e in enumerate(entries)}
-    # a unit: a directory's entries that must go together (by the directory's name; b"" the root's): a content
+    # a unit: a directory's entries that must go together (by the directory's name, b"." the root's): a content
     # directory itself and its direct children, or the direct children of a plain directory
     units: dict[bytes, list[int]] = {}
     parent: dict[bytes, bytes] = {}  # union-find over units (the names of one inode)
@@ -66,8 +68,9 @@ def split(entries: Sequence[FileEntry], max_parts: int = MAX_PARTS, min_part: in
 
     by_inode: dict[tuple[int, int], bytes] = {}
     for i, e in enumerate(entries):
-        up = e.name.rpartition(b"/")[0]
-        units.setdefault(up, []).append(i)
+        up = e.name.rpartition(b"/")[0] or b"."
+        if e.name != b".":
+            units.setdefault(up, []).append(i)
         if e.is_dir and e.content_dir:
             units.setdefault(e.name, []).append(i)
         if e.inode is not None:

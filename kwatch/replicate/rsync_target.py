@@ -38,6 +38,7 @@ import os
 import re
 import socket
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,7 +51,7 @@ from kwatch.replicate.linkindex import LinkIndex, is_inode
 from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_moves import plan as plan_moves
 from kwatch.replicate.rsync_split import split
-from kwatch.replicate.rsync_transport import PushResult, push, scan_paths
+from kwatch.replicate.rsync_transport import OnProgress, PushResult, push, scan_paths, scan_tree
 from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
@@ -160,14 +161,19 @@ class RsyncTransport:
     def _send(self, paths: list[bytes] | None, b: Batch, moved: set[bytes]) -> PushResult:
         """The batch's own session, or its parts at the same time (kwatch.replicate.rsync_split), each on a
         connection of its own; their results as one."""
+        # a batch that reconciles a tree (the first sync, a rescan) shows its progress, its parts' summed
+        tally = _PartsTally(self.host) if b.rescans else None
         if paths is None:
-            return self._push(None, b)
-        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
-        parts = split(entries)
+            entries = scan_tree(self.src, exclude=self.host.excluded)
+        else:
+            entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
+        # through ssh (rsync --server) a part would cost a login of its own: one session
+        parts = split(entries) if self.rsh is None else [entries]
         if len(parts) == 1:
-            return self._push(paths, b, scanned=parts[0])
+            return self._push(paths, b, scanned=parts[0], on_progress=tally and tally.part(0))
         with ThreadPoolExecutor(len(parts), thread_name_prefix="rsync part") as pool:
-            futures = [pool.submit(self._push, paths, b, scanned=part) for part in parts]
+            futures = [pool.submit(self._push, paths, b, scanned=part, on_progress=tally and tally.part(k))
+                       for k, part in enumerate(parts)]
             results = [f.result() for f in futures]
         log.debug("target %s: the batch went as %d sessions at once", self.name, len(parts))
         return _merged(results)
@@ -270,6 +276,23 @@ class RsyncTransport:
             here = set(names)
             out.extend(p for p in self.links.names(key) if p not in here and is_inode(self.src, p, key))
         return out
+
+
+class _PartsTally:
+    """The progress of a batch's sessions (its parts run at the same time), summed for the replicator."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.figures: dict[int, tuple[int, int, int, int]] = {}
+        self.lock = threading.Lock()
+
+    def part(self, k: int) -> OnProgress:
+        def update(files: int, files_total: int, nbytes: int, bytes_total: int) -> None:
+            with self.lock:
+                self.figures[k] = (files, files_total, nbytes, bytes_total)
+                f, ft, nb, bt = (sum(x) for x in zip(*self.figures.values(), strict=True))
+                self.host.report_progress(f, ft, nb, bt)
+        return update
 
 
 def _merged(results: list[PushResult]) -> PushResult:

@@ -364,8 +364,39 @@ def _append(out: bytearray, more: bytearray) -> bytearray:
     return out
 
 
+#: a session's progress: (files, files in the list, bytes of their data, bytes in the list), see :class:`_Tally`
+OnProgress = Callable[[int, int, int, int], None]
+
+
+class _Tally:
+    """A session's progress by the regular files of its list: once the file at index ``ndx`` is requested and sent,
+    every regular file before it in the list is done too (the daemon's generator goes through the list in order and
+    requests only what differs: the others were already up to date)."""
+
+    def __init__(self, entries: Sequence[FileEntry], report: OnProgress) -> None:
+        self.report = report
+        self.files: list[int] = []  # regular files up to and including each index
+        self.nbytes: list[int] = []
+        nf = nb = 0
+        for e in entries:
+            if e.is_reg:
+                nf += 1
+                nb += e.size
+            self.files.append(nf)
+            self.nbytes.append(nb)
+        report(0, nf, 0, nb)
+
+    def sent(self, ndx: int) -> None:
+        if 0 <= ndx < len(self.files):
+            self.report(self.files[ndx], self.files[-1], self.nbytes[ndx], self.nbytes[-1])
+
+    def finish(self) -> None:
+        if self.files:
+            self.sent(len(self.files) - 1)
+
+
 def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, timeout: float,
-         pacer: _Pacer | None = None) -> None:
+         pacer: _Pacer | None = None, tally: _Tally | None = None) -> None:
     sel = selectors.DefaultSelector()
     out = bytearray()
     eof = False
@@ -381,6 +412,8 @@ def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, time
                     break
                 if isinstance(ev, FileRequested):
                     _send_one(session, ev, root, result)
+                    if tally is not None:
+                        tally.sent(ev.ndx)
                 elif isinstance(ev, RemoteMessage):
                     if ev.code in (Msg.ERROR, Msg.ERROR_XFER, Msg.ERROR_SOCKET, Msg.ERROR_UTF8):
                         result.errors.append(ev.text.decode(errors="replace").strip())
@@ -578,6 +611,7 @@ def push(
     fuzzy_alt: bool = False,
     shallow: Collection[bytes] = (),
     scanned: list[FileEntry] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -600,6 +634,8 @@ def push(
     :class:`~kwatch.protocols.rsync.client.PushOptions`); ``fuzzy_alt``: the fuzzy search looks in them too.
     ``shallow``: directories sent without their subtree (see :func:`scan_paths`). ``scanned``: the list
     :func:`scan_paths` made of ``paths`` already (or a part of it), sent as it is (no ``subdir``).
+    ``on_progress(files, files_total, bytes, bytes_total)``: called as the session goes through its list (see
+    :class:`_Tally`), and with the totals once it has ended.
     """
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
@@ -666,10 +702,13 @@ def push(
                 result.inodes.setdefault(e.inode, []).append(prefix + e.name)
         if target.scheme == "rsync":
             session = PushSession(entries, opts, Mode.DAEMON, target.module)
+            tally = _Tally(session.entries, on_progress) if on_progress is not None else None
             with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
-                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit))
+                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit),
+                     tally)
         else:
             session = PushSession(entries, opts, Mode.SHELL)
+            tally = _Tally(session.entries, on_progress) if on_progress is not None else None
             from kwatch.protocols.rsync.client import build_server_args
 
             remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
@@ -684,7 +723,7 @@ def push(
             assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
             try:
                 _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base_fd, result, timeout,
-                     _Pacer(bwlimit))
+                     _Pacer(bwlimit), tally)
             except RemoteProtocolError as exc:
                 # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
                 try:
@@ -704,6 +743,8 @@ def push(
                     proc.wait(timeout=5)
                 proc.stdout.close()
                 proc.stderr.close()
+        if tally is not None:
+            tally.finish()
         result.literal_bytes = session.counters.literal_bytes
         result.matched_bytes = session.counters.matched_bytes
         if session.counters.remote_errors and not result.errors:

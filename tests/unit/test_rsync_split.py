@@ -37,7 +37,9 @@ def tree(top: bytes, dirs: int, files: int, content: bool = True) -> list[FileEn
 
 
 def parent(name: bytes) -> bytes:
-    return name.rpartition(b"/")[0]
+    return name.rpartition(b"/")[0] or b"."
+
+
 
 
 def check(entries: list[FileEntry], parts: list[list[FileEntry]]) -> None:
@@ -97,9 +99,13 @@ def test_split(name: str, entries: list[FileEntry], want: int) -> None:
     check(entries, parts)
 
 
-def test_root_as_content_is_never_cut() -> None:
-    entries = [FileEntry(name=b".", mode=DIR, top_dir=True), *tree(b"a", 8, 8)]
-    assert split(entries) == [entries]
+def test_a_whole_tree_is_cut_below_its_root() -> None:
+    entries = [FileEntry(name=b".", mode=DIR, top_dir=True), f(b"loose"), *tree(b"a", 8, 8), *tree(b"b", 2, 2)]
+    parts = split(entries)
+    assert len(parts) == 6
+    check(entries, parts)
+    root = [p for p in parts if p[0].name == b"."]
+    assert len(root) == 1 and {e.name for e in root[0] if b"/" not in e.name} == {b".", b"loose", b"a", b"b"}
 
 
 def test_parts_are_balanced_by_bytes() -> None:
