@@ -49,9 +49,10 @@ from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.linkindex import LinkIndex, is_inode
 from kwatch.replicate.options import TargetOptions
+from kwatch.replicate.rsync_conns import Pool
 from kwatch.replicate.rsync_moves import plan as plan_moves
 from kwatch.replicate.rsync_split import split
-from kwatch.replicate.rsync_transport import OnProgress, PushResult, push, scan_paths, scan_tree
+from kwatch.replicate.rsync_transport import OnProgress, PushResult, parse_url, push, scan_paths, scan_tree
 from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
@@ -98,15 +99,28 @@ class RsyncTransport:
         self.links = LinkIndex()  # names the mirror holds as one inode (see linkindex)
         self._seq = 0
         self._wire = 0
+        # rsync://: connections opened ahead of the sessions (as many as the last batch used)
+        u = parse_url(url)
+        self._pool = Pool(u.host, u.port) if u.scheme == "rsync" and rsh is None else None
+        self._want = 1
 
     def connect(self) -> None:
-        pass  # one session per batch: nothing to hold open; the first batch (a full rescan) proves the peer is there
+        pass  # one session per batch, on a connection opened ahead; the first batch (a full rescan) proves the peer
 
     def disconnect(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.close()
 
     def close(self) -> None:
-        pass
+        self.disconnect()
+
+    def _connection(self) -> socket.socket:
+        """A connection for a session, and the next one started (kwatch.replicate.rsync_conns)."""
+        assert self._pool is not None
+        try:
+            return self._pool.take(self.opts.timeout)
+        finally:
+            self._pool.fill(self._want)
 
     def cut(self) -> None:
         pass  # a session in flight ends with the process; the receiver keeps whole files only (temp + rename)
@@ -169,6 +183,7 @@ class RsyncTransport:
             entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
         # through ssh (rsync --server) a part would cost a login of its own: one session
         parts = split(entries) if self.rsh is None else [entries]
+        self._want = len(parts)
         if len(parts) == 1:
             return self._push(paths, b, scanned=parts[0], on_progress=tally and tally.part(0))
         with ThreadPoolExecutor(len(parts), thread_name_prefix="rsync part") as pool:
@@ -182,7 +197,7 @@ class RsyncTransport:
         return push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
                     fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
                     hold=b.writing, exclude=self.host.excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
-                    remote_path=self.remote_path, **kw)
+                    remote_path=self.remote_path, connect=self._connection if self._pool is not None else None, **kw)
 
     def _account(self, res: PushResult, rep: BatchReport, *, errors: bool = True) -> None:
         """Add a session's figures to the batch's; its per-path errors too unless ``errors`` is False (a move

@@ -612,6 +612,7 @@ def push(
     shallow: Collection[bytes] = (),
     scanned: list[FileEntry] | None = None,
     on_progress: OnProgress | None = None,
+    connect: Callable[[], socket.socket] | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -635,7 +636,8 @@ def push(
     ``shallow``: directories sent without their subtree (see :func:`scan_paths`). ``scanned``: the list
     :func:`scan_paths` made of ``paths`` already (or a part of it), sent as it is (no ``subdir``).
     ``on_progress(files, files_total, bytes, bytes_total)``: called as the session goes through its list (see
-    :class:`_Tally`), and with the totals once it has ended.
+    :class:`_Tally`), and with the totals once it has ended. ``connect``: makes the connection to an ``rsync://``
+    daemon (kwatch.replicate.rsync_conns: one opened ahead), instead of connecting when the list is made.
     """
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
@@ -703,7 +705,9 @@ def push(
         if target.scheme == "rsync":
             session = PushSession(entries, opts, Mode.DAEMON, target.module)
             tally = _Tally(session.entries, on_progress) if on_progress is not None else None
-            with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
+            sock = connect() if connect is not None else socket.create_connection((target.host, target.port),
+                                                                                   timeout=timeout)
+            with sock:
                 _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit),
                      tally)
         else:
