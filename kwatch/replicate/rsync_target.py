@@ -103,6 +103,8 @@ class RsyncTransport:
         u = parse_url(url)
         self._pool = Pool(u.host, u.port) if u.scheme == "rsync" and rsh is None else None
         self._want = 1
+        #: (protocol, compat flags) the last session negotiated: the next sessions send their list at once
+        self._expect: tuple[int, int] | None = None
 
     def connect(self) -> None:
         pass  # one session per batch, on a connection opened ahead; the first batch (a full rescan) proves the peer
@@ -194,10 +196,21 @@ class RsyncTransport:
         return _merged(results)
 
     def _push(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
+        try:
+            res = self._push_once(paths, b, **kw)
+        except (ProtocolError, OSError):
+            self._expect = None  # a daemon changed or restarted: the next session waits for its replies again
+            raise
+        if res.protocol:
+            self._expect = (res.protocol, res.compat_flags)
+        return res
+
+    def _push_once(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
         return push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
                     fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
                     hold=b.writing, exclude=self.host.excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
-                    remote_path=self.remote_path, connect=self._connection if self._pool is not None else None, **kw)
+                    remote_path=self.remote_path, connect=self._connection if self._pool is not None else None,
+                    expect=self._expect, **kw)
 
     def _account(self, res: PushResult, rep: BatchReport, *, errors: bool = True) -> None:
         """Add a session's figures to the batch's; its per-path errors too unless ``errors`` is False (a move

@@ -78,6 +78,7 @@ class PushResult:
     errors: list[str] = field(default_factory=list)
     protocol: int = 0
     checksum: str = ""
+    compat_flags: int = 0
     deleted: int = 0
     #: the names of each inode with several names that the list carried (by the source's (st_dev, st_ino))
     inodes: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
@@ -420,7 +421,7 @@ def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, time
                     elif ev.code is Msg.DELETED:
                         result.deleted += 1
                 elif isinstance(ev, Negotiated):
-                    result.protocol, result.checksum = ev.protocol, ev.checksum
+                    result.protocol, result.checksum, result.compat_flags = ev.protocol, ev.checksum, ev.compat_flags
                 elif isinstance(ev, DeleteStats):
                     result.deleted = max(result.deleted, ev.files + ev.dirs + ev.symlinks)
                 elif isinstance(ev, SessionDone):
@@ -613,6 +614,7 @@ def push(
     scanned: list[FileEntry] | None = None,
     on_progress: OnProgress | None = None,
     connect: Callable[[], socket.socket] | None = None,
+    expect: tuple[int, int] | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -638,6 +640,8 @@ def push(
     ``on_progress(files, files_total, bytes, bytes_total)``: called as the session goes through its list (see
     :class:`_Tally`), and with the totals once it has ended. ``connect``: makes the connection to an ``rsync://``
     daemon (kwatch.replicate.rsync_conns: one opened ahead), instead of connecting when the list is made.
+    ``expect``: (protocol, compat flags) of an earlier session with the daemon (``PushResult``): the file list goes
+    with the greeting (see :class:`~kwatch.protocols.rsync.client.PushOptions`).
     """
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
@@ -697,6 +701,7 @@ def push(
             user=(target.user or os.environ.get("USER") or "nobody").encode(),
             password=_read_password(password, password_file) if target.scheme == "rsync" else None,
             protect=tuple(held),
+            expect=expect if target.scheme == "rsync" else None,
         )
         result = PushResult(held=[prefix + h for h in held])
         for e in entries:
