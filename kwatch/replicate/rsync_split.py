@@ -78,8 +78,10 @@ def split(entries: Sequence[FileEntry], max_parts: int = MAX_PARTS, min_part: in
             if find(other) != find(up):
                 parent[find(up)] = find(other)
     merged: dict[bytes, set[int]] = {}
+    keys: dict[bytes, list[bytes]] = {}  # the units merged into each
     for u, members in units.items():
         merged.setdefault(find(u), set()).update(members)
+        keys.setdefault(find(u), []).append(u)
     if len(merged) < 2:
         return [list(entries)]
     weights = {u: sum(ENTRY_COST + (entries[i].size if entries[i].is_reg else 0) for i in m)
@@ -93,6 +95,8 @@ def split(entries: Sequence[FileEntry], max_parts: int = MAX_PARTS, min_part: in
         loads[k] += weights[u]
         own[k].update(merged[u])
         roots[k].add(u)
+    # a unit's entries are its directory and that directory's children: their ancestors are the directory's
+    dir_of = {u: [index[a] for a in (*_ancestors(u), u) if a in index] for u in units}
     parts: list[list[FileEntry]] = []
     for k in range(n):
         if not own[k]:
@@ -100,8 +104,9 @@ def split(entries: Sequence[FileEntry], max_parts: int = MAX_PARTS, min_part: in
         # a content directory is sent as such by the part that has it as a unit; elsewhere (a child of another
         # unit's content directory, an ancestor) as a plain directory, which deletes nothing
         need = set(own[k])
-        for i in own[k]:
-            need.update(index[a] for a in _ancestors(entries[i].name) if a in index)
+        for root in roots[k]:
+            for u in keys[root]:
+                need.update(dir_of[u])
         part = []
         for i in sorted(need):
             e = entries[i]

@@ -367,6 +367,7 @@ def _append(out: bytearray, more: bytearray) -> bytearray:
 
 #: a session's progress: (files, files in the list, bytes of their data, bytes in the list), see :class:`_Tally`
 OnProgress = Callable[[int, int, int, int], None]
+REPORT_EVERY = 0.05  # seconds between a session's progress reports (the live line shows one every 0.2 s)
 
 
 class _Tally:
@@ -376,6 +377,7 @@ class _Tally:
 
     def __init__(self, entries: Sequence[FileEntry], report: OnProgress) -> None:
         self.report = report
+        self.reported = float("-inf")
         self.files: list[int] = []  # regular files up to and including each index
         self.nbytes: list[int] = []
         nf = nb = 0
@@ -387,13 +389,19 @@ class _Tally:
             self.nbytes.append(nb)
         report(0, nf, 0, nb)
 
-    def sent(self, ndx: int) -> None:
+    def sent(self, ndx: int, *, final: bool = False) -> None:
+        # once per file sent: the figures go out at most every REPORT_EVERY seconds (a reconcile of 20,000 small
+        # files spent 0.8 s of the client's CPU reporting each one)
+        now = time.monotonic()
+        if not final and now - self.reported < REPORT_EVERY:
+            return
+        self.reported = now
         if 0 <= ndx < len(self.files):
             self.report(self.files[ndx], self.files[-1], self.nbytes[ndx], self.nbytes[-1])
 
     def finish(self) -> None:
         if self.files:
-            self.sent(len(self.files) - 1)
+            self.sent(len(self.files) - 1, final=True)
 
 
 def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, timeout: float,
