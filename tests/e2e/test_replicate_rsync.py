@@ -81,9 +81,8 @@ def _progress_fields(line: str) -> dict[str, str]:
 @pytest.mark.parametrize("files", [40, 400], ids=["one_session", "parts"])
 def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path, files: int) -> None:
     """``kwatch replicate --once SRC rsync://...`` not on a terminal: ``key=value`` progress lines as the sessions go
-    through the tree (as often as they report with --progress-interval 0), the figures only growing, the last one the
-    whole tree;
-    with 400 files of up to 20 KB the batch goes as several sessions, whose figures are summed."""
+    through the tree (as often as they report, with --progress-interval 0), the figures only growing, the last one
+    the whole tree; with 400 files of up to 20 KB the batch goes as several sessions, whose figures are summed."""
     src = tmp_path / "src"
     sizes = [(i * 7919) % 20_000 for i in range(files)]
     for i, n in enumerate(sizes):

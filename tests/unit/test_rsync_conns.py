@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -57,10 +57,16 @@ def listener() -> Iterator[Listener]:
         lst.close()
 
 
+def filled(listener: Listener, n: int, clock: Callable[[], float] = time.monotonic) -> Pool:
+    """A pool with ``n`` connections opened ahead, each accepted by ``listener``."""
+    pool = Pool("127.0.0.1", listener.port, clock=clock)
+    pool.fill(n)
+    listener.wait_accepted(n)
+    return pool
+
+
 def test_taken_connections_are_the_ones_opened_ahead(listener: Listener) -> None:
-    pool = Pool("127.0.0.1", listener.port)
-    pool.fill(2)
-    listener.wait_accepted(2)
+    pool = filled(listener, 2)
     a, b = pool.take(5.0), pool.take(5.0)
     assert len(listener.accepted) == 2, "a new connection was made although two were open"
     assert a.recv(64) == b"@RSYNCD: 31.0\n"  # the greeting waited in the socket's buffer
@@ -71,9 +77,7 @@ def test_taken_connections_are_the_ones_opened_ahead(listener: Listener) -> None
 
 
 def test_one_the_peer_closed_is_replaced(listener: Listener) -> None:
-    pool = Pool("127.0.0.1", listener.port)
-    pool.fill(1)
-    listener.wait_accepted(1)
+    pool = filled(listener, 1)
     listener.accepted[0].close()
     idle = pool._idle[0][1]
     deadline = time.monotonic() + 20
@@ -95,9 +99,7 @@ def _fin_seen(s: socket.socket) -> bool:
 
 def test_a_connection_too_old_is_not_used(listener: Listener) -> None:
     now = [100.0]
-    pool = Pool("127.0.0.1", listener.port, clock=lambda: now[0])
-    pool.fill(1)
-    listener.wait_accepted(1)
+    pool = filled(listener, 1, clock=lambda: now[0])
     now[0] += MAX_IDLE + 1
     s = pool.take(5.0)
     listener.wait_accepted(2)
@@ -107,9 +109,7 @@ def test_a_connection_too_old_is_not_used(listener: Listener) -> None:
 
 
 def test_close_ends_what_is_idle(listener: Listener) -> None:
-    pool = Pool("127.0.0.1", listener.port)
-    pool.fill(3)
-    listener.wait_accepted(3)
+    pool = filled(listener, 3)
     pool.close()
     assert all(_ended(c) for c in listener.accepted)
 
