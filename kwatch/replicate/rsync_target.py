@@ -44,6 +44,7 @@ from typing import Any
 
 from kwatch.paths import is_under
 from kwatch.protocols.errors import ProtocolError
+from kwatch.protocols.rsync.flist import FileEntry
 from kwatch.replicate.coalesce import Batch
 from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
@@ -52,7 +53,7 @@ from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_conns import Pool
 from kwatch.replicate.rsync_moves import plan as plan_moves
 from kwatch.replicate.rsync_split import split
-from kwatch.replicate.rsync_transport import OnProgress, PushResult, parse_url, push, scan_paths, scan_tree
+from kwatch.replicate.rsync_transport import OnProgress, PushResult, parse_url, push, scan_paths
 from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
@@ -180,11 +181,9 @@ class RsyncTransport:
         # a batch that reconciles a tree (the first sync, a rescan) shows its progress, its parts' summed
         tally = _PartsTally(self.host) if b.rescans else None
         if paths is None:
-            entries = scan_tree(self.src, exclude=self.host.excluded)
-        else:
-            entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
-        # through ssh (rsync --server) a part would cost a login of its own: one session
-        parts = split(entries) if self.rsh is None else [entries]
+            return self._push(None, b, on_progress=tally and tally.part(0))
+        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
+        parts = split(entries) if self._may_split(paths, b, entries) else [entries]
         self._want = len(parts)
         if len(parts) == 1:
             return self._push(paths, b, scanned=parts[0], on_progress=tally and tally.part(0))
@@ -194,6 +193,16 @@ class RsyncTransport:
             results = [f.result() for f in futures]
         log.debug("target %s: the batch went as %d sessions at once", self.name, len(parts))
         return _merged(results)
+
+    def _may_split(self, paths: list[bytes], b: Batch, entries: list[FileEntry]) -> bool:
+        """Whether the batch's list may go as parts at once: only a batch that creates and changes, with nothing
+        deleted, renamed or rescanned and no file with several names (an untar, a copy). The fault matrix's churn
+        (renames, deletes, links, rescans after a kill) left files missing on the mirror when such batches went as
+        parts: not understood yet, so they go as one session."""
+        if self.rsh is not None or b.renames or b.rescans:
+            return False
+        names = {e.name for e in entries}
+        return all(p in names for p in paths) and not any(e.mode == 0 or e.inode is not None for e in entries)
 
     def _push(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
         try:

@@ -78,11 +78,11 @@ def _progress_fields(line: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in line.split("progress ", 1)[1].split(" "))
 
 
-@pytest.mark.parametrize("files", [40, 400], ids=["one_session", "parts"])
-def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path, files: int) -> None:
+def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path) -> None:
     """``kwatch replicate --once SRC rsync://...`` not on a terminal: ``key=value`` progress lines as the sessions go
     through the tree (as often as they report, with --progress-interval 0), the figures only growing, the last one
-    the whole tree; with 400 files of up to 20 KB the batch goes as several sessions, whose figures are summed."""
+    the whole tree."""
+    files = 400
     src = tmp_path / "src"
     sizes = [(i * 7919) % 20_000 for i in range(files)]
     for i, n in enumerate(sizes):
@@ -94,7 +94,6 @@ def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path, files: int) 
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert tree_differences(src, d.module_path("push")) == []
-        sessions = d.log().count("rsync allowed access on module push")
     lines = [_progress_fields(line) for line in res.stderr.splitlines() if " progress target=" in line]
     assert len(lines) > 2, res.stderr
     last = lines[-1]
@@ -106,4 +105,3 @@ def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path, files: int) 
         assert int(f["files"]) <= int(f["files_total"]) and int(f["bytes"]) <= int(f["bytes_total"]), f
         assert (int(f["files"]), int(f["bytes"])) >= before, (before, f)
         before = (int(f["files"]), int(f["bytes"]))
-    assert (sessions > 1) == (files == 400), sessions

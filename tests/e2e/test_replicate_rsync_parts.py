@@ -50,12 +50,10 @@ def test_a_large_batch_goes_as_parts_and_deletes_only_what_it_should(tmp_path: P
     with RsyncDaemon(tmp_path / "rsyncd") as d:
         mirror = d.module_path("push")
         push(os.fsencode(src), d.url("push"), None, delete=True)
-        # the mirror has names the source no longer has, in directories the batch lists as content (top: dirty)
+        # the mirror has names the source does not have, in directories the batch lists as content (top: dirty)
         # and below them
-        (src / "top/s0/f0").unlink()
-        shutil.rmtree(src / "top/s5")
         (src / "top/s9/deep").mkdir(parents=True)
-        _tree(src, rnd)  # every file rewritten, s5 made again with other files
+        _tree(src, rnd)  # every file rewritten
         (src / "top/s9/deep/new").write_bytes(b"new")
         (mirror / "top/stale").write_bytes(b"stale")
         (mirror / "top/s3/stale").write_bytes(b"stale")
@@ -64,8 +62,27 @@ def test_a_large_batch_goes_as_parts_and_deletes_only_what_it_should(tmp_path: P
         t = RsyncTransport(_Host(src), d.url("push"), TargetOptions(fuzzy=fuzzy))  # type: ignore[arg-type]
         b = Batch()
         b.dirty = {os.fsencode(p.relative_to(src)): EXIST for p in src.rglob("*")}
-        b.dirty[b"top/s0/f0"] = EXIST  # gone
         rep = t.sync(b)
         assert rep.messages == []
         assert tree_differences(src, mirror) == [], d.log()
         assert _sessions(d) - before > 1, "the batch was not cut into parts"
+
+
+def test_a_batch_that_deletes_goes_as_one_session(tmp_path: Path) -> None:
+    """Batches with deletions (and renames, rescans, linked files) are not cut (see RsyncTransport._may_split)."""
+    rnd = random.Random(12)
+    src = tmp_path / "src"
+    _tree(src, rnd)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        shutil.rmtree(src / "top/s5")
+        _tree(src, rnd, dirs=5)
+        before = _sessions(d)
+        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+        b = Batch()
+        b.dirty = {os.fsencode(p.relative_to(src)): EXIST for p in src.rglob("*")}
+        b.dirty[b"top/s5"] = EXIST  # gone
+        rep = t.sync(b)
+        assert rep.messages == []
+        assert tree_differences(src, d.module_path("push")) == [], d.log()
+        assert _sessions(d) - before == 1
