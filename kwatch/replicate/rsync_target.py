@@ -38,17 +38,22 @@ import os
 import re
 import socket
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kwatch.paths import is_under
 from kwatch.protocols.errors import ProtocolError
+from kwatch.protocols.rsync.flist import FileEntry
 from kwatch.replicate.coalesce import Batch
 from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.linkindex import LinkIndex, is_inode
 from kwatch.replicate.options import TargetOptions
+from kwatch.replicate.rsync_conns import Pool
 from kwatch.replicate.rsync_moves import plan as plan_moves
-from kwatch.replicate.rsync_transport import PushResult, push
+from kwatch.replicate.rsync_split import split
+from kwatch.replicate.rsync_transport import OnProgress, PushResult, parse_url, push, scan_paths
 from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
@@ -95,15 +100,30 @@ class RsyncTransport:
         self.links = LinkIndex()  # names the mirror holds as one inode (see linkindex)
         self._seq = 0
         self._wire = 0
+        # rsync://: connections opened ahead of the sessions (as many as the last batch used)
+        u = parse_url(url)
+        self._pool = Pool(u.host, u.port) if u.scheme == "rsync" and rsh is None else None
+        self._want = 1
+        #: (protocol, compat flags) the last session negotiated: the next sessions send their list at once
+        self._expect: tuple[int, int] | None = None
 
     def connect(self) -> None:
-        pass  # one session per batch: nothing to hold open; the first batch (a full rescan) proves the peer is there
+        pass  # one session per batch, on a connection opened ahead; the first batch (a full rescan) proves the peer
 
     def disconnect(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.close()
 
     def close(self) -> None:
-        pass
+        self.disconnect()
+
+    def _connection(self) -> socket.socket:
+        """A connection for a session, and the next one started (kwatch.replicate.rsync_conns)."""
+        assert self._pool is not None
+        try:
+            return self._pool.take(self.opts.timeout)
+        finally:
+            self._pool.fill(self._want)
 
     def cut(self) -> None:
         pass  # a session in flight ends with the process; the receiver keeps whole files only (temp + rename)
@@ -137,7 +157,7 @@ class RsyncTransport:
                 # listed parent that --delete would otherwise clear); what changed inside it went with the move
                 paths = [p for p in paths if not any(p != m and is_under(p, m) for m in moved)]
         try:
-            res = self._push(paths, b, shallow=moved)
+            res = self._send(paths, b, moved)
         except (ProtocolError, OSError) as e:
             down, permanent = rsync_down_reason(e)
             raise LinkError(f"rsync push failed: {e}", down, permanent) from e
@@ -155,11 +175,51 @@ class RsyncTransport:
                  rep.matched, rep.renames)
         return rep
 
+    def _send(self, paths: list[bytes] | None, b: Batch, moved: set[bytes]) -> PushResult:
+        """The batch's own session, or its parts at the same time (kwatch.replicate.rsync_split), each on a
+        connection of its own; their results as one."""
+        # a batch that reconciles a tree (the first sync, a rescan) shows its progress, its parts' summed
+        tally = _PartsTally(self.host) if b.rescans else None
+        if paths is None:
+            return self._push(None, b, on_progress=tally and tally.part(0))
+        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
+        parts = split(entries) if self._may_split(paths, b, entries) else [entries]
+        self._want = len(parts)
+        if len(parts) == 1:
+            return self._push(paths, b, scanned=parts[0], on_progress=tally and tally.part(0))
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="rsync part") as pool:
+            futures = [pool.submit(self._push, paths, b, scanned=part, on_progress=tally and tally.part(k))
+                       for k, part in enumerate(parts)]
+            results = [f.result() for f in futures]
+        log.debug("target %s: the batch went as %d sessions at once", self.name, len(parts))
+        return _merged(results)
+
+    def _may_split(self, paths: list[bytes], b: Batch, entries: list[FileEntry]) -> bool:
+        """Whether the batch's list may go as parts at once: only a batch that creates and changes, with nothing
+        deleted, renamed or rescanned and no file with several names (an untar, a copy). The fault matrix's churn
+        (renames, deletes, links, rescans after a kill) left files missing on the mirror when such batches went as
+        parts: not understood yet, so they go as one session."""
+        if self.rsh is not None or b.renames or b.rescans:
+            return False
+        names = {e.name for e in entries}
+        return all(p in names for p in paths) and not any(e.mode == 0 or e.inode is not None for e in entries)
+
     def _push(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
+        try:
+            res = self._push_once(paths, b, **kw)
+        except (ProtocolError, OSError):
+            self._expect = None  # a daemon changed or restarted: the next session waits for its replies again
+            raise
+        if res.protocol:
+            self._expect = (res.protocol, res.compat_flags)
+        return res
+
+    def _push_once(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
         return push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
                     fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
                     hold=b.writing, exclude=self.host.excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
-                    remote_path=self.remote_path, **kw)
+                    remote_path=self.remote_path, connect=self._connection if self._pool is not None else None,
+                    expect=self._expect, **kw)
 
     def _account(self, res: PushResult, rep: BatchReport, *, errors: bool = True) -> None:
         """Add a session's figures to the batch's; its per-path errors too unless ``errors`` is False (a move
@@ -253,6 +313,40 @@ class RsyncTransport:
             here = set(names)
             out.extend(p for p in self.links.names(key) if p not in here and is_inode(self.src, p, key))
         return out
+
+
+class _PartsTally:
+    """The progress of a batch's sessions (its parts run at the same time), summed for the replicator."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.figures: dict[int, tuple[int, int, int, int]] = {}
+        self.lock = threading.Lock()
+
+    def part(self, k: int) -> OnProgress:
+        def update(files: int, files_total: int, nbytes: int, bytes_total: int) -> None:
+            with self.lock:
+                self.figures[k] = (files, files_total, nbytes, bytes_total)
+                f, ft, nb, bt = (sum(x) for x in zip(*self.figures.values(), strict=True))
+                self.host.report_progress(f, ft, nb, bt)
+        return update
+
+
+def _merged(results: list[PushResult]) -> PushResult:
+    """The results of a batch's parts as one session's."""
+    out = PushResult(protocol=results[0].protocol, checksum=results[0].checksum)
+    for r in results:
+        out.bytes_sent += r.bytes_sent
+        out.bytes_received += r.bytes_received
+        out.literal_bytes += r.literal_bytes
+        out.matched_bytes += r.matched_bytes
+        out.files += r.files
+        out.deleted += r.deleted
+        out.errors += r.errors
+        out.held += r.held
+        for key, names in r.inodes.items():
+            out.inodes.setdefault(key, []).extend(names)
+    return out
 
 
 def _below_any(rel: bytes, tops: set[bytes]) -> bool:

@@ -78,6 +78,7 @@ class PushResult:
     errors: list[str] = field(default_factory=list)
     protocol: int = 0
     checksum: str = ""
+    compat_flags: int = 0
     deleted: int = 0
     #: the names of each inode with several names that the list carried (by the source's (st_dev, st_ino))
     inodes: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
@@ -364,8 +365,47 @@ def _append(out: bytearray, more: bytearray) -> bytearray:
     return out
 
 
+#: a session's progress: (files, files in the list, bytes of their data, bytes in the list), see :class:`_Tally`
+OnProgress = Callable[[int, int, int, int], None]
+REPORT_EVERY = 0.05  # seconds between a session's progress reports (the live line shows one every 0.2 s)
+
+
+class _Tally:
+    """A session's progress by the regular files of its list: once the file at index ``ndx`` is requested and sent,
+    every regular file before it in the list is done too (the daemon's generator goes through the list in order and
+    requests only what differs: the others were already up to date)."""
+
+    def __init__(self, entries: Sequence[FileEntry], report: OnProgress) -> None:
+        self.report = report
+        self.reported = float("-inf")
+        self.files: list[int] = []  # regular files up to and including each index
+        self.nbytes: list[int] = []
+        nf = nb = 0
+        for e in entries:
+            if e.is_reg:
+                nf += 1
+                nb += e.size
+            self.files.append(nf)
+            self.nbytes.append(nb)
+        report(0, nf, 0, nb)
+
+    def sent(self, ndx: int, *, final: bool = False) -> None:
+        # once per file sent: the figures go out at most every REPORT_EVERY seconds (a reconcile of 20,000 small
+        # files spent 0.8 s of the client's CPU reporting each one)
+        now = time.monotonic()
+        if not final and now - self.reported < REPORT_EVERY:
+            return
+        self.reported = now
+        if 0 <= ndx < len(self.files):
+            self.report(self.files[ndx], self.files[-1], self.nbytes[ndx], self.nbytes[-1])
+
+    def finish(self) -> None:
+        if self.files:
+            self.sent(len(self.files) - 1, final=True)
+
+
 def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, timeout: float,
-         pacer: _Pacer | None = None) -> None:
+         pacer: _Pacer | None = None, tally: _Tally | None = None) -> None:
     sel = selectors.DefaultSelector()
     out = bytearray()
     eof = False
@@ -381,13 +421,15 @@ def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, time
                     break
                 if isinstance(ev, FileRequested):
                     _send_one(session, ev, root, result)
+                    if tally is not None:
+                        tally.sent(ev.ndx)
                 elif isinstance(ev, RemoteMessage):
                     if ev.code in (Msg.ERROR, Msg.ERROR_XFER, Msg.ERROR_SOCKET, Msg.ERROR_UTF8):
                         result.errors.append(ev.text.decode(errors="replace").strip())
                     elif ev.code is Msg.DELETED:
                         result.deleted += 1
                 elif isinstance(ev, Negotiated):
-                    result.protocol, result.checksum = ev.protocol, ev.checksum
+                    result.protocol, result.checksum, result.compat_flags = ev.protocol, ev.checksum, ev.compat_flags
                 elif isinstance(ev, DeleteStats):
                     result.deleted = max(result.deleted, ev.files + ev.dirs + ev.symlinks)
                 elif isinstance(ev, SessionDone):
@@ -577,6 +619,10 @@ def push(
     link_dest: Sequence[bytes] = (),
     fuzzy_alt: bool = False,
     shallow: Collection[bytes] = (),
+    scanned: list[FileEntry] | None = None,
+    on_progress: OnProgress | None = None,
+    connect: Callable[[], socket.socket] | None = None,
+    expect: tuple[int, int] | None = None,
 ) -> PushResult:
     """Push ``src_root`` (or just ``paths`` under it) to ``url`` in one rsync session.
 
@@ -597,7 +643,13 @@ def push(
     the names in the result are still relative to ``src_root``, and with ``paths`` the directory itself goes as a
     plain non-content dir. ``link_dest``: ``--link-dest`` dirs, relative to the session's destination (see
     :class:`~kwatch.protocols.rsync.client.PushOptions`); ``fuzzy_alt``: the fuzzy search looks in them too.
-    ``shallow``: directories sent without their subtree (see :func:`scan_paths`).
+    ``shallow``: directories sent without their subtree (see :func:`scan_paths`). ``scanned``: the list
+    :func:`scan_paths` made of ``paths`` already (or a part of it), sent as it is (no ``subdir``).
+    ``on_progress(files, files_total, bytes, bytes_total)``: called as the session goes through its list (see
+    :class:`_Tally`), and with the totals once it has ended. ``connect``: makes the connection to an ``rsync://``
+    daemon (kwatch.replicate.rsync_conns: one opened ahead), instead of connecting when the list is made.
+    ``expect``: (protocol, compat flags) of an earlier session with the daemon (``PushResult``): the file list goes
+    with the greeting (see :class:`~kwatch.protocols.rsync.client.PushOptions`).
     """
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
@@ -624,7 +676,10 @@ def push(
         if exclude is not None and prefix:
             def sub_exclude(name: bytes, rel: bytes) -> bool:
                 return exclude(name, prefix + rel)
-        if paths is None:
+        if scanned is not None:
+            entries = scanned
+            missing = any(e.mode == 0 for e in entries)
+        elif paths is None:
             entries = scan_tree(base, exclude=sub_exclude)
             missing = False
         else:
@@ -654,6 +709,7 @@ def push(
             user=(target.user or os.environ.get("USER") or "nobody").encode(),
             password=_read_password(password, password_file) if target.scheme == "rsync" else None,
             protect=tuple(held),
+            expect=expect if target.scheme == "rsync" else None,
         )
         result = PushResult(held=[prefix + h for h in held])
         for e in entries:
@@ -661,10 +717,15 @@ def push(
                 result.inodes.setdefault(e.inode, []).append(prefix + e.name)
         if target.scheme == "rsync":
             session = PushSession(entries, opts, Mode.DAEMON, target.module)
-            with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
-                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit))
+            tally = _Tally(session.entries, on_progress) if on_progress is not None else None
+            sock = connect() if connect is not None else socket.create_connection((target.host, target.port),
+                                                                                   timeout=timeout)
+            with sock:
+                _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit),
+                     tally)
         else:
             session = PushSession(entries, opts, Mode.SHELL)
+            tally = _Tally(session.entries, on_progress) if on_progress is not None else None
             from kwatch.protocols.rsync.client import build_server_args
 
             remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
@@ -679,7 +740,7 @@ def push(
             assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
             try:
                 _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base_fd, result, timeout,
-                     _Pacer(bwlimit))
+                     _Pacer(bwlimit), tally)
             except RemoteProtocolError as exc:
                 # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
                 try:
@@ -699,6 +760,8 @@ def push(
                     proc.wait(timeout=5)
                 proc.stdout.close()
                 proc.stderr.close()
+        if tally is not None:
+            tally.finish()
         result.literal_bytes = session.counters.literal_bytes
         result.matched_bytes = session.counters.matched_bytes
         if session.counters.remote_errors and not result.errors:

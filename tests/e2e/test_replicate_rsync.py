@@ -72,3 +72,36 @@ def test_live_rsync_target(live: tuple[Path, Path, Callable[[], str]], name: str
     src, mirror, log = live
     work(src)
     assert converge(src, mirror) == [], log()
+
+
+def _progress_fields(line: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in line.split("progress ", 1)[1].split(" "))
+
+
+def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path) -> None:
+    """``kwatch replicate --once SRC rsync://...`` not on a terminal: ``key=value`` progress lines as the sessions go
+    through the tree (as often as they report, with --progress-interval 0), the figures only growing, the last one
+    the whole tree."""
+    files = 400
+    src = tmp_path / "src"
+    sizes = [(i * 7919) % 20_000 for i in range(files)]
+    for i, n in enumerate(sizes):
+        d = src / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(n))
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        res = subprocess.run([*KWATCH, "replicate", "--once", "--progress-interval", "0", str(src), d.url("push")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert tree_differences(src, d.module_path("push")) == []
+    lines = [_progress_fields(line) for line in res.stderr.splitlines() if " progress target=" in line]
+    assert len(lines) > 2, res.stderr
+    last = lines[-1]
+    assert last["done"] == "1" and all(f["done"] == "0" for f in lines[:-1])
+    assert (int(last["files"]), int(last["bytes"])) == (files, sum(sizes))
+    assert (int(last["files_total"]), int(last["bytes_total"])) == (files, sum(sizes))
+    before = (0, 0)
+    for f in lines:
+        assert int(f["files"]) <= int(f["files_total"]) and int(f["bytes"]) <= int(f["bytes_total"]), f
+        assert (int(f["files"]), int(f["bytes"])) >= before, (before, f)
+        before = (int(f["files"]), int(f["bytes"]))

@@ -12,13 +12,14 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from rsyncd import RsyncDaemon
 from treecmp import tree_differences
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
-from kwatch.replicate.rsync_transport import BURST, _Pacer, push
+from kwatch.replicate.rsync_transport import BURST, _Channel, _Pacer, push
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs the rsync binary")
 
@@ -437,3 +438,48 @@ def test_weak_checksum_is_the_one_real_rsync_sends(tmp_path: Path, daemon: Rsync
     assert rsync_value == 0x6A80FF80
     assert checksum1(basis) == rsync_value
     assert int(signature(basis).weak[0]) == rsync_value
+
+
+@pytest.mark.parametrize("negotiate", [True, False], ids=["varint", "no_negotiation"])
+def test_list_sent_with_the_greeting(tmp_path: Path, daemon: RsyncDaemon, module: Path, negotiate: bool) -> None:
+    """With the negotiation of an earlier session (``expect``), the checksum names and the file list go in the
+    first write, with the greeting, module and arguments; the daemon takes them so, also for a delta."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    first = push(os.fsencode(src), daemon.url("push"), delete=True, negotiate=negotiate)
+    assert first.protocol == 31
+    with open(src / "sub" / "big.bin", "r+b") as f:
+        f.write(b"changed")
+    (src / "new").write_bytes(b"new file")
+    touch_all(src, MTIME_NS + 10**9)
+    writes: list[bytes] = []
+    real_write = _Channel.write
+
+    def write(self: _Channel, data: memoryview) -> int:
+        writes.append(bytes(data))
+        return real_write(self, data)
+
+    with mock.patch.object(_Channel, "write", write):
+        r = push(os.fsencode(src), daemon.url("push"), delete=True, negotiate=negotiate,
+                 expect=(first.protocol, first.compat_flags))
+    assert not r.errors
+    assert (r.protocol, r.compat_flags) == (first.protocol, first.compat_flags)
+    assert r.literal_bytes < 64 * 1024
+    assert_same(src, module)
+    assert b"big.bin" in writes[0], "the file list waited for the daemon's replies"
+
+
+@pytest.mark.parametrize(
+    ("name", "script", "expect", "match"),
+    [
+        ("older protocol", b"@RSYNCD: 30.0\n@RSYNCD: OK\n", (31, 0x81), "protocol changed"),
+        ("other flags", b"@RSYNCD: 31.0 md5\n@RSYNCD: OK\n\x02", (31, 0x80), "compat flags changed"),
+    ],
+)
+def test_a_daemon_that_changed_since_the_expected_negotiation(tmp_path: Path, name: str, script: bytes,
+                                                              expect: tuple[int, int], match: str) -> None:
+    port, t = _fake_server(script)
+    with pytest.raises(RemoteProtocolError, match=match):
+        push(os.fsencode(tmp_path), f"rsync://127.0.0.1:{port}/m/", timeout=10, expect=expect)
+    t.join(10)

@@ -113,6 +113,10 @@ class PushOptions:
     protect: tuple[bytes, ...] = ()
     user: bytes = b"nobody"
     password: bytes | None = None
+    #: (protocol, compat flags) an earlier session with this daemon negotiated: the checksum names and the file
+    #: list then go with the greeting (daemon mode without a password), before the daemon's replies, which must
+    #: then match (else RemoteProtocolError; see PushSession)
+    expect: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +290,7 @@ class PushSession:
         self._server_auth: list[str] = []
         self._args_sent = False
         self._flist_sent = False
+        self._early = False  # the list went with the greeting (opts.expect)
         self.state = State.GREETING if mode is Mode.DAEMON else State.VERSION
         if mode is Mode.DAEMON:
             # Each step the daemon reads in order is written at once, not after its reply: over a link of 200 ms
@@ -297,6 +302,17 @@ class PushSession:
             self._send_raw(self.module + b"\n")
             if opts.password is None:
                 self._send_args()
+                if opts.expect is not None and opts.expect[0] <= self.protocol:
+                    # What the daemon reads after the arguments, written now too: its replies come in order (OK,
+                    # compat flags, checksum names, seed), each small write held by its Nagle until our ack of the
+                    # one before, and its generator's first request only after them; sent with the greeting the
+                    # file list is read as soon as the seed is written. Only the encoding of the list depends on
+                    # the replies: it is the one an earlier session got (checked when they come).
+                    self.protocol, self.compat_flags = opts.expect
+                    self._early = True
+                    if self.compat_flags & CF_VARINT_FLIST_FLAGS:
+                        self._send_negotiation()
+                    self._send_flist()
         else:
             self._send_raw(codec.enc_int(self.protocol))
 
@@ -541,6 +557,9 @@ class PushSession:
                 f"protocol mismatch: the daemon speaks {remote}.{max(sub, 0)}, this client supports "
                 f"{SUPPORTED_PROTOCOLS[0]}..{SUPPORTED_PROTOCOLS[-1]}"
             )
+        if self._early and negotiated != self.protocol:
+            raise RemoteProtocolError(f"the daemon's protocol changed ({self.protocol} -> {negotiated}) since the "
+                                      "session whose negotiation this one assumed")
         self.protocol = negotiated
         self.state = State.MODULE
 
@@ -603,11 +622,13 @@ class PushSession:
             raise RemoteProtocolError(f"bad compat flags {flags:#x}")
         if flags & CF_INC_RECURSE:
             raise RemoteProtocolError("the server enabled incremental recursion although we did not offer it")
+        if self._early and flags != self.compat_flags:
+            raise RemoteProtocolError(f"the daemon's compat flags changed ({self.compat_flags:#x} -> {flags:#x}) "
+                                      "since the session whose negotiation this one assumed")
         self.compat_flags = flags
         if flags & CF_VARINT_FLIST_FLAGS:
-            self._send_raw(codec.enc_vstring(" ".join(self.opts.checksums).encode()))
-            if self.opts.compress:
-                self._send_raw(codec.enc_vstring(" ".join(COMPRESS_NAMES).encode()))
+            if not self._early:
+                self._send_negotiation()
             self.state = State.NEGOTIATE
         else:
             self.checksum = "md5"  # compat.c: protocol >= 30 without negotiation
@@ -616,6 +637,11 @@ class PushSession:
         # reads them only after writing its seed (compat.c setup_protocol, then main.c do_server_recv): written
         # now, they do not wait a round trip for the seed.
         self._send_flist()
+
+    def _send_negotiation(self) -> None:
+        self._send_raw(codec.enc_vstring(" ".join(self.opts.checksums).encode()))
+        if self.opts.compress:
+            self._send_raw(codec.enc_vstring(" ".join(COMPRESS_NAMES).encode()))
 
     def _on_negotiate(self, r: Reader) -> None:
         theirs = parse_name_list(codec.dec_vstring(r, 1024), "checksum")

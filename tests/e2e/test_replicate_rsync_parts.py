@@ -1,0 +1,88 @@
+"""A large batch to a real ``rsync --daemon`` goes as several sessions at the same time (kwatch.replicate.rsync_split):
+the mirror ends identical (stale names deleted inside every directory the batch lists as content, directory mtimes
+right whichever session ends last), and the daemon saw more than one connection for the batch."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from rsyncd import RsyncDaemon
+from treecmp import tree_differences
+
+from kwatch.replicate.coalesce import EXIST, Batch
+from kwatch.replicate.options import TargetOptions
+from kwatch.replicate.rsync_target import RsyncTransport
+from kwatch.replicate.rsync_transport import push
+from kwatch.replicate.scan import Excluder
+
+pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs the rsync binary")
+
+
+class _Host:
+    """The replicator as the transport sees it (the source and its excludes)."""
+
+    def __init__(self, src: Path) -> None:
+        self.src = os.fsencode(src)
+        self.excluded = Excluder(())
+
+
+def _tree(root: Path, rnd: random.Random, dirs: int = 8, files: int = 12) -> None:
+    for i in range(dirs):
+        d = root / f"top/s{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(files):
+            (d / f"f{j}").write_bytes(rnd.randbytes(rnd.randint(20_000, 60_000)))
+
+
+def _sessions(d: RsyncDaemon) -> int:
+    return d.log().count("rsync allowed access on module push")
+
+
+@pytest.mark.parametrize("fuzzy", [True, False], ids=["fuzzy", "no_fuzzy"])
+def test_a_large_batch_goes_as_parts_and_deletes_only_what_it_should(tmp_path: Path, fuzzy: bool) -> None:
+    rnd = random.Random(11)
+    src = tmp_path / "src"
+    _tree(src, rnd)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        mirror = d.module_path("push")
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        # the mirror has names the source does not have, in directories the batch lists as content (top: dirty)
+        # and below them
+        (src / "top/s9/deep").mkdir(parents=True)
+        _tree(src, rnd)  # every file rewritten
+        (src / "top/s9/deep/new").write_bytes(b"new")
+        (mirror / "top/stale").write_bytes(b"stale")
+        (mirror / "top/s3/stale").write_bytes(b"stale")
+        (mirror / "top/s3/staledir").mkdir()
+        before = _sessions(d)
+        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions(fuzzy=fuzzy))  # type: ignore[arg-type]
+        b = Batch()
+        b.dirty = {os.fsencode(p.relative_to(src)): EXIST for p in src.rglob("*")}
+        rep = t.sync(b)
+        assert rep.messages == []
+        assert tree_differences(src, mirror) == [], d.log()
+        assert _sessions(d) - before > 1, "the batch was not cut into parts"
+
+
+def test_a_batch_that_deletes_goes_as_one_session(tmp_path: Path) -> None:
+    """Batches with deletions (and renames, rescans, linked files) are not cut (see RsyncTransport._may_split)."""
+    rnd = random.Random(12)
+    src = tmp_path / "src"
+    _tree(src, rnd)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        shutil.rmtree(src / "top/s5")
+        _tree(src, rnd, dirs=5)
+        before = _sessions(d)
+        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+        b = Batch()
+        b.dirty = {os.fsencode(p.relative_to(src)): EXIST for p in src.rglob("*")}
+        b.dirty[b"top/s5"] = EXIST  # gone
+        rep = t.sync(b)
+        assert rep.messages == []
+        assert tree_differences(src, d.module_path("push")) == [], d.log()
+        assert _sessions(d) - before == 1
