@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -175,21 +175,52 @@ def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
-def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False, *,
-         sub: bytes = b"") -> Manifest:
+#: an exclude test: (name, path relative to the scanned root) -> excluded; an :class:`Excluder` is one
+Exclude = Callable[[bytes, bytes], bool]
+
+
+def scan(root: bytes, excludes: Iterable[bytes] | Exclude = DEFAULT_EXCLUDES, checksum: bool = False, *,
+         sub: bytes = b"", prune: Collection[bytes] = (), recursive: bool = True) -> Manifest:
     """Walk ``root`` (or its subdirectory ``sub``) without following symlinks into a :class:`Manifest` keyed by
     path relative to what was walked.
 
     Every directory is opened beneath ``root`` with no symlink anywhere in its path (kwatch.fsutil.open_beneath;
     ``root`` itself may be a symlink: the caller named it), and entries are looked at relative to that directory's
     fd: a directory swapped for a symlink during the walk is an error for that path, never a way out of the tree.
-    ``excludes`` are glob patterns (see :class:`Excluder`); the default skips receiver temporaries. With
-    ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root (or
-    ``sub``) that cannot be opened as a directory raises ``OSError``.
+    ``excludes`` are glob patterns (see :class:`Excluder`) or an exclude test, given each name and its path
+    relative to ``root`` (not ``sub``: an anchored pattern means the same whatever part of the tree is walked); the
+    default skips receiver temporaries. A directory in ``prune`` (paths relative to ``root``) is listed but not
+    descended; without ``recursive`` no directory below the top is. With ``checksum`` every regular file is hashed
+    (xxh3_128). Per-path problems land in ``Manifest.errors``; a root (or ``sub``) that cannot be opened as a
+    directory raises ``OSError``.
     """
     if not isinstance(root, bytes) or not isinstance(sub, bytes):
         raise TypeError("root and sub must be bytes")
-    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), excludes, checksum))
+    excluded = excludes if callable(excludes) else Excluder(excludes)
+    walk = _Walk(excluded, checksum, prune, recursive)
+    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), walk))
+
+
+def entry_at(root: bytes, rel: bytes) -> Entry:
+    """The entry :func:`scan` would list for ``root/rel`` (without a digest), from its lstat; raises ``OSError``."""
+    path = os.path.join(root, rel)
+    st = os.lstat(path)
+    m = st.st_mode
+    kind = Kind.FILE if stat.S_ISREG(m) else Kind.DIR if stat.S_ISDIR(m) else Kind.SYMLINK if stat.S_ISLNK(m) \
+        else Kind.OTHER
+    target = os.readlink(path) if kind is Kind.SYMLINK else None
+    size = st.st_size if kind is Kind.FILE or kind is Kind.SYMLINK else 0
+    return Entry(kind, m & 0o7777, size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_nlink, st.st_ino, st.st_dev,
+                 target)
+
+
+class _Walk(NamedTuple):
+    """What a walk leaves out and how deep it goes (see :func:`scan`)."""
+
+    excluded: Exclude
+    checksum: bool
+    prune: Collection[bytes]
+    recursive: bool
 
 
 def _without_gc(fn: Callable[[], _R]) -> _R:
@@ -204,7 +235,7 @@ def _without_gc(fn: Callable[[], _R]) -> _R:
             gc.enable()
 
 
-def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
+def _scan(root: bytes, sub: bytes, walk: _Walk) -> Manifest:
     try:
         root_fd = os.open(root, _O_LIST_DIR)  # follows a symlinked root on purpose: the caller named it
     except NotADirectoryError:
@@ -212,7 +243,7 @@ def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool) ->
     try:
         top = open_beneath(root_fd, sub, _O_LIST_DIR) if sub else root_fd
         try:
-            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", excludes, checksum)
+            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", walk)
         finally:
             if top != root_fd:
                 os.close(top)
@@ -224,12 +255,15 @@ _O_LIST_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_LIST_SUBDIR = _O_LIST_DIR | os.O_NOFOLLOW
 
 
-def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], checksum: bool) -> Manifest:
+def _scan_fd(root_fd: int, top_fd: int, base: bytes, walk: _Walk) -> Manifest:
     """The walk of :func:`scan` from the open directory ``top_fd`` (``base``: its path beneath ``root_fd``)."""
+    checksum = walk.checksum
     man = Manifest(checksum=checksum)
     entries = man.entries
     errors = man.errors
-    excluded = Excluder(excludes)
+    excluded = walk.excluded
+    prune = walk.prune
+    recursive = walk.recursive
     # Interning: equal small ints from different stat calls are different objects; sharing them saves ~28 bytes a
     # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
     intern: dict[int, int] = {}
@@ -267,7 +301,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                     break
                 name = de.name.encode(fs_enc, "surrogateescape")
                 rel = prefix + name
-                if excluded(name, rel):
+                if excluded(name, base + rel if base else rel):
                     continue
                 try:
                     st = de.stat(follow_symlinks=False)
@@ -289,7 +323,8 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                 elif s_isdir(m):
                     kind = k_dir
                     size = 0
-                    stack.append(rel + b"/")
+                    if recursive and not (prune and base + rel in prune):
+                        stack.append(rel + b"/")
                 elif s_islnk(m):
                     kind = k_link
                     size = st.st_size
