@@ -379,124 +379,13 @@ class _Scanner:
         while self.pos < len(text):
             c = text[self.pos]
             in_cond = self.pos < self.cond_end
-            if self.case and self.case[-1] == "pattern" and not in_cond:
-                if c == ")":
-                    self.end_word()  # may be "esac", which closes the case: then ')' is the shell's again
-                if c == ")" and self.case and self.case[-1] == "pattern":
-                    self.case[-1] = "body"
-                    self.out.append(c)
-                    self.pos += 1
-                    continue
-                if c in "(|" and self.word is None:
-                    self.out.append(c)  # the optional '(' before a pattern, and '|' between patterns
-                    self.pos += 1
-                    continue
+            if self.case and self.case[-1] == "pattern" and not in_cond and self.case_pattern_char(c):
+                continue
             if closer == ")" and c == ")" and self.depth == 0 and not in_cond:
                 self.end_command()
                 self.pos += 1
                 return "".join(self.out)
-            if c == "_" and _PLACEHOLDER_RE.match(text, self.pos):
-                self.impure()
-                self.placeholder(_TOP)
-                continue
-            if c == "\\":
-                if text.startswith("\\\n", self.pos):  # a line continuation: no character at all
-                    self.out.append("\\\n")
-                    self.pos += 2
-                    continue
-                self.impure()
-                self.out.append(text[self.pos : self.pos + 2])
-                self.pos += 2
-                continue
-            if c == "$":
-                self.impure()
-                self.dollar(_TOP)
-                continue
-            if c == "`":
-                self.impure()
-                self.backtick(_TOP)
-                continue
-            if c == "'":
-                self.impure()
-                self.single_quote()
-                continue
-            if c == '"':
-                self.impure()
-                self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
-                continue
-            if c == "#" and self.word is None:
-                end = text.find("\n", self.pos)
-                end = len(text) if end < 0 else end
-                self.out.append(text[self.pos : end])
-                self.pos = end
-                continue
-            if c in " \t":
-                self.end_word()
-                self.out.append(c)
-                self.pos += 1
-                continue
-            if c == "\n":
-                self.end_word()
-                self.out.append("\n")
-                self.pos += 1
-                if self.heredocs:
-                    self.heredoc_bodies()
-                if not in_cond and not self.in_pattern():
-                    self.end_command()
-                continue
-            if c == "<" and text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos) and not in_cond:
-                self.end_word()
-                self.heredoc_operator()
-                continue
-            if c in "<>" and not in_cond:
-                self.end_word()
-                self.redirect_next = True
-                # the operator: < > >> <> >& <& >| (the '&' or '|' of a redirection ends no command)
-                n = 2 if text[self.pos + 1 : self.pos + 2] in ("<", ">", "&", "|") else 1
-                self.out.append(text[self.pos : self.pos + n])
-                self.pos += n
-                continue
-            if c == "&" and text.startswith("&>", self.pos) and not in_cond:  # bash: &> and &>> redirect both
-                self.end_word()
-                self.redirect_next = True
-                n = 3 if text.startswith("&>>", self.pos) else 2
-                self.out.append(text[self.pos : self.pos + n])
-                self.pos += n
-                continue
-            if c in ";&|" and not in_cond:
-                self.end_word()
-                if self.case and self.case[-1] == "body" and text.startswith(";;", self.pos):
-                    self.end_command()
-                    n = 3 if text.startswith(";;&", self.pos) else 2
-                    self.out.append(text[self.pos : self.pos + n])
-                    self.pos += n
-                    self.case[-1] = "pattern"
-                    continue
-                if self.case and self.case[-1] == "body" and text.startswith(";&", self.pos):
-                    self.end_command()
-                    self.out.append(";&")
-                    self.pos += 2
-                    self.case[-1] = "pattern"
-                    continue
-                self.end_command()
-                self.out.append(c)
-                self.pos += 1
-                continue
-            if c in "()" and not in_cond:
-                self.end_word()
-                if c == "(" and (self.command_position() or self.after_for()) and text.startswith("((", self.pos):
-                    close = self.arith_command_end(self.pos + 2)
-                    if close is not None:
-                        self.refuse_in(self.pos + 2, close, "(( )) arithmetic")
-                        self.out.append(text[self.pos : close + 2])
-                        self.pos = close + 2
-                        self.end_command()
-                        continue
-                if closer == ")":
-                    self.depth += 1 if c == "(" else -1
-                self.end_command()
-                self.out.append(c)
-                self.pos += 1
+            if self.top_quote(c) or self.top_blank(c, in_cond) or (not in_cond and self.top_operator(c, closer)):
                 continue
             w = self.begin_word()
             if w.pure:
@@ -509,6 +398,141 @@ class _Scanner:
             raise self.error(self.pos, f"here-document delimited by {self.heredocs[0][0]!r} has no body")
         self.end_command()
         return "".join(self.out)
+
+    def case_pattern_char(self, c: str) -> bool:
+        """In a case pattern: the ``)`` ending it, the optional ``(`` before it and ``|`` between patterns. True
+        when ``c`` was one of them and has been consumed."""
+        if c == ")":
+            self.end_word()  # may be "esac", which closes the case: then ')' is the shell's again
+        if c == ")" and self.case and self.case[-1] == "pattern":
+            self.case[-1] = "body"
+            self.out.append(c)
+            self.pos += 1
+            return True
+        if c in "(|" and self.word is None:
+            self.out.append(c)  # the optional '(' before a pattern, and '|' between patterns
+            self.pos += 1
+            return True
+        return False
+
+    def top_quote(self, c: str) -> bool:
+        """At the top level: a placeholder, a backslash, ``$``, a backtick or a quote (each makes the word impure).
+        True when ``c`` was one of them and has been consumed."""
+        text = self.text
+        if c == "_" and _PLACEHOLDER_RE.match(text, self.pos):
+            self.impure()
+            self.placeholder(_TOP)
+        elif c == "\\":
+            if text.startswith("\\\n", self.pos):  # a line continuation: no character at all
+                self.out.append("\\\n")
+                self.pos += 2
+                return True
+            self.impure()
+            self.out.append(text[self.pos : self.pos + 2])
+            self.pos += 2
+        elif c == "$":
+            self.impure()
+            self.dollar(_TOP)
+        elif c == "`":
+            self.impure()
+            self.backtick(_TOP)
+        elif c == "'":
+            self.impure()
+            self.single_quote()
+        elif c == '"':
+            self.impure()
+            self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
+        else:
+            return False
+        return True
+
+    def top_blank(self, c: str, in_cond: bool) -> bool:
+        """At the top level: a comment, a blank or a newline (which ends a command, and starts pending
+        here-document bodies). True when ``c`` was one of them and has been consumed."""
+        text = self.text
+        if c == "#" and self.word is None:
+            end = text.find("\n", self.pos)
+            end = len(text) if end < 0 else end
+            self.out.append(text[self.pos : end])
+            self.pos = end
+        elif c in " \t":
+            self.end_word()
+            self.out.append(c)
+            self.pos += 1
+        elif c == "\n":
+            self.end_word()
+            self.out.append("\n")
+            self.pos += 1
+            if self.heredocs:
+                self.heredoc_bodies()
+            if not in_cond and not self.in_pattern():
+                self.end_command()
+        else:
+            return False
+        return True
+
+    def top_operator(self, c: str, closer: str | None) -> bool:
+        """At the top level outside ``[[ ]]``: a here-document, a redirection, a command separator or a
+        parenthesis. True when ``c`` was one of them and has been consumed."""
+        text = self.text
+        if c == "<" and text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos):
+            self.end_word()
+            self.heredoc_operator()
+        elif c in "<>":
+            self.end_word()
+            self.redirect_next = True
+            # the operator: < > >> <> >& <& >| (the '&' or '|' of a redirection ends no command)
+            n = 2 if text[self.pos + 1 : self.pos + 2] in ("<", ">", "&", "|") else 1
+            self.out.append(text[self.pos : self.pos + n])
+            self.pos += n
+        elif c == "&" and text.startswith("&>", self.pos):  # bash: &> and &>> redirect both
+            self.end_word()
+            self.redirect_next = True
+            n = 3 if text.startswith("&>>", self.pos) else 2
+            self.out.append(text[self.pos : self.pos + n])
+            self.pos += n
+        elif c in ";&|":
+            self.separator(c)
+        elif c in "()":
+            self.paren(c, closer)
+        else:
+            return False
+        return True
+
+    def separator(self, c: str) -> None:
+        """``;``, ``&`` or ``|`` (and ``;;``, ``;;&``, ``;&`` ending a case item): the command ends."""
+        text = self.text
+        self.end_word()
+        if self.case and self.case[-1] == "body":
+            n = 3 if text.startswith(";;&", self.pos) else 2 if text.startswith((";;", ";&"), self.pos) else 0
+            if n:
+                self.end_command()
+                self.out.append(text[self.pos : self.pos + n])
+                self.pos += n
+                self.case[-1] = "pattern"
+                return
+        self.end_command()
+        self.out.append(c)
+        self.pos += 1
+
+    def paren(self, c: str, closer: str | None) -> None:
+        """``(`` or ``)`` at the top level: a subshell's (counted inside ``$( )``) or an ``(( ))`` arithmetic
+        command, which is refused when it holds a placeholder."""
+        text = self.text
+        self.end_word()
+        if c == "(" and (self.command_position() or self.after_for()) and text.startswith("((", self.pos):
+            close = self.arith_command_end(self.pos + 2)
+            if close is not None:
+                self.refuse_in(self.pos + 2, close, "(( )) arithmetic")
+                self.out.append(text[self.pos : close + 2])
+                self.pos = close + 2
+                self.end_command()
+                return
+        if closer == ")":
+            self.depth += 1 if c == "(" else -1
+        self.end_command()
+        self.out.append(c)
+        self.pos += 1
 
     def after_for(self) -> bool:
         return len(self.words) == 1 and self.words[0].pure and self.words[0].literal == "for"
