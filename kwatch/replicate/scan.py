@@ -601,7 +601,16 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
     if links:
         _plan_links(plan, links, src, dst, replaced, protected, delete, checksum, owner, put, attr_change, touched)
 
-    # Deletes: extraneous mirror paths (delete=True), and everything under/at a replaced path whatever ``delete``.
+    _plan_deletes(plan, s_entries, d_entries, replaced, protected, delete, touched)
+    plan.mkdirs.sort()  # a parent is a prefix of its children, so byte order puts parents first
+    _restore_dir_times(plan, s_entries, touched)
+    return plan
+
+
+def _plan_deletes(plan: Plan, s_entries: dict[bytes, Entry], d_entries: dict[bytes, Entry], replaced: set[bytes],
+                  protected: set[bytes], delete: bool, touched: set[bytes]) -> None:
+    """Deletes: extraneous mirror paths (``delete``), and everything under/at a replaced path whatever ``delete``;
+    never under a source path that had a read error (``protected``)."""
     dels: list[bytes] = []
     for path in d_entries:
         if path in s_entries and path not in replaced:
@@ -618,16 +627,16 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
         plan.deletes.append(Delete(path, d_entries[path].kind))
         touched.add(parent(path))
 
-    plan.mkdirs.sort()  # a parent is a prefix of its children, so byte order puts parents first
 
-    # Directory times: a directory whose listing changed needs its mtime (and nothing else) restored, even when it
-    # matched before the plan ran.
+def _restore_dir_times(plan: Plan, s_entries: dict[bytes, Entry], touched: set[bytes]) -> None:
+    """A directory whose listing changed (``touched``) needs its mtime (and nothing else) restored, even when it
+    matched before the plan ran."""
     have = {sa.path: i for i, sa in enumerate(plan.dir_setattrs)}
     for t in touched:
         if not t:
             continue
         st = s_entries.get(t)
-        if st is None or st.kind != k_dir:
+        if st is None or st.kind != Kind.DIR:
             continue
         i = have.get(t)
         if i is None:
@@ -635,7 +644,44 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
         elif plan.dir_setattrs[i].mtime_ns is None:  # a mode-only change: the mtime needs restoring too
             plan.dir_setattrs[i] = plan.dir_setattrs[i]._replace(mtime_ns=st.mtime_ns)
     plan.dir_setattrs.sort(key=lambda sa: sa.path, reverse=True)  # deepest first (cosmetic: utime is per inode)
-    return plan
+
+
+def _mirror_inode_owners(groups: dict[tuple[int, int], list[bytes]], src: Manifest, dst: Manifest,
+                         replaced: set[bytes], protected: set[bytes], delete: bool,
+                         ) -> tuple[dict[tuple[int, int], tuple[int, int]], set[tuple[int, int]]]:
+    """For each mirror inode with several names (by (dev, ino)), the source group that keeps it: the one with the
+    most names on it; and which of those inodes can be kept. Nothing without identities."""
+    s_entries, d_entries = src.entries, dst.entries
+    owner_of: dict[tuple[int, int], tuple[int, int]] = {}  # mirror inode (nlink > 1) -> the source group keeping it
+    keepable: set[tuple[int, int]] = set()
+    if not dst.identities:
+        return owner_of, keepable
+    group_of = {p: key for key, names in groups.items() for p in names}
+    m_names: dict[tuple[int, int], list[bytes]] = {}
+    for p, d in d_entries.items():
+        if d.kind == Kind.FILE and d.nlink > 1:
+            m_names.setdefault((d.dev, d.ino), []).append(p)
+    for ino, names in m_names.items():
+        counts: dict[tuple[int, int], int] = {}
+        for p in names:
+            g = group_of.get(p)
+            if g is not None and p not in replaced:
+                counts[g] = counts.get(g, 0) + 1
+        if not counts:
+            continue
+        g = min(counts, key=lambda k: (-counts[k], min(groups[k])))
+        owner_of[ino] = g
+        # Keepable: every name of the inode is the owner's, or is rewritten (a name of another group or a
+        # lone source file: sent or linked elsewhere; a type change: deleted), or is deleted as extraneous; and
+        # it has no more names outside the manifest than the source's inode has outside the scan (a subtree
+        # rescan sees only part of a group; a name elsewhere that the source lacks must not share new attrs).
+        hidden = d_entries[names[0]].nlink - len(names)
+        s0 = s_entries[groups[g][0]]
+        if hidden > s0.nlink - len(groups[g]):
+            continue
+        if all(p in s_entries or (delete and not (protected and _under_any(p, protected))) for p in names):
+            keepable.add(ino)
+    return owner_of, keepable
 
 
 def _plan_links(
@@ -673,35 +719,7 @@ def _plan_links(
         return d if d is not None and d.kind == k_file else None
 
     MKey = tuple[int, int] | bytes  # a mirror inode: (dev, ino) when it has several names, else its one path
-    owner_of: dict[tuple[int, int], tuple[int, int]] = {}  # mirror inode (nlink > 1) -> the source group keeping it
-    keepable: set[tuple[int, int]] = set()
-    if dst.identities:
-        group_of = {p: key for key, names in groups.items() for p in names}
-        m_names: dict[tuple[int, int], list[bytes]] = {}
-        for p, d in d_entries.items():
-            if d.kind == k_file and d.nlink > 1:
-                m_names.setdefault((d.dev, d.ino), []).append(p)
-        for ino, names in m_names.items():
-            counts: dict[tuple[int, int], int] = {}
-            for p in names:
-                g = group_of.get(p)
-                if g is not None and p not in replaced:
-                    counts[g] = counts.get(g, 0) + 1
-            if not counts:
-                continue
-            g = min(counts, key=lambda k: (-counts[k], min(groups[k])))
-            owner_of[ino] = g
-            # Keepable: every name of the inode is the owner's, or is rewritten (a name of another group or a
-            # lone source file: sent or linked elsewhere; a type change: deleted), or is deleted as extraneous; and
-            # it has no more names outside the manifest than the source's inode has outside the scan (a subtree
-            # rescan sees only part of a group; a name elsewhere that the source lacks must not share new attrs).
-            hidden = d_entries[names[0]].nlink - len(names)
-            s0 = s_entries[groups[g][0]]
-            if hidden > s0.nlink - len(groups[g]):
-                continue
-            if all(p in s_entries or (delete and not (protected and _under_any(p, protected))) for p in names):
-                keepable.add(ino)
-
+    owner_of, keepable = _mirror_inode_owners(groups, src, dst, replaced, protected, delete)
     for key, group in groups.items():
         group.sort()
         on: dict[MKey, list[bytes]] = {}  # candidate mirror inodes with the group's content -> the names on them
