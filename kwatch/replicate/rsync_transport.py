@@ -57,6 +57,7 @@ from kwatch.protocols.rsync.client import (
     PushSession,
     RemoteMessage,
     SessionDone,
+    build_server_args,
 )
 from kwatch.protocols.rsync.codec import Msg
 from kwatch.protocols.rsync.flist import FileEntry
@@ -522,6 +523,88 @@ def _read_password(password: str | bytes | None, password_file: str | None) -> b
     return env
 
 
+def _shell_argv(target: RsyncURL, opts: PushOptions, dest: bytes, rsh: Sequence[str] | None, rsh_quote: bool,
+                remote_rsync: str) -> list[str]:
+    """The command that starts ``rsync --server`` for ``opts`` at ``dest`` (see :func:`push`'s ``rsh``)."""
+    remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
+    if rsh is None:
+        who = f"{target.user}@{target.host}" if target.user else target.host
+        return ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
+    if rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
+        return [*rsh, shlex.join(remote)]
+    return [*rsh, *remote]
+
+
+def _run_over_command(argv: list[str], session: PushSession, root: int, result: PushResult, timeout: float,
+                      pacer: _Pacer) -> None:
+    """Run ``session`` over the pipes of ``argv`` (ssh running ``rsync --server``, or any command)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout, pacer)
+    except RemoteProtocolError as exc:
+        # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
+        try:
+            status = proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = None
+        err = proc.stderr.read().decode(errors="replace").strip()
+        raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
+    finally:
+        proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _open_base(root: bytes, sub: bytes) -> tuple[int, bytes]:
+    """An fd of the session's directory (``root``, or its subdirectory ``sub``) and a path that names it."""
+    if not sub:
+        return os.open(root, _O_LIST_DIR & ~os.O_NOFOLLOW), root  # the operator may name the root by a symlink
+    # the subdirectory pinned by an fd opened with no symlink in its path: a directory swapped for a symlink since
+    # the batch was planned is refused (ELOOP/ENOTDIR), not followed out of the tree
+    fd = open_beneath(root, sub, _O_LIST_DIR)
+    return fd, f"/proc/self/fd/{fd}".encode()
+
+
+def _file_list(base: bytes, prefix: bytes, paths: Sequence[bytes] | None, delete: bool, fuzzy: bool,
+               exclude: Exclude | None, shallow: Collection[bytes], hold: Collection[bytes],
+               ) -> tuple[list[FileEntry], bool, list[bytes]]:
+    """:func:`push`'s file list of ``base`` (the session's directory, ``prefix`` its path under the source root, to
+    which ``paths``, ``shallow``, ``hold`` and the ``exclude`` test's paths are relative): (entries, whether
+    mode-0 delete entries are present, the names of ``hold`` left out)."""
+
+    def local(names: Iterable[bytes]) -> set[bytes]:
+        return {n[len(prefix):] for n in names if n.startswith(prefix)} if prefix else set(names)
+
+    sub_exclude = exclude
+    if exclude is not None and prefix:
+        def sub_exclude(name: bytes, rel: bytes) -> bool:
+            return exclude(name, prefix + rel)
+    if paths is None:
+        entries = scan_tree(base, exclude=sub_exclude)
+        missing = False
+    else:
+        entries, missing = scan_paths(base, local(paths), delete, fuzzy, sub_exclude, local(shallow))
+        if prefix and not any(e.name == b"." for e in entries):
+            dot = _file_entry(b".", entry_at(base, b"."), content_dir=False)
+            if dot is not None:
+                entries.append(dot)
+    held: list[bytes] = []
+    if hold:
+        sub_hold = local(hold)
+        held = [e.name for e in entries if e.name in sub_hold]
+        if held:
+            entries = [e for e in entries if e.name not in sub_hold]
+    return entries, missing, held
+
+
 def push(
     src_root: bytes,
     url: str,
@@ -572,14 +655,7 @@ def push(
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
     with contextlib.ExitStack() as stack:
-        if sub:
-            # the subdirectory pinned by an fd opened with no symlink in its path: a directory swapped for a
-            # symlink since the batch was planned is refused (ELOOP/ENOTDIR), not followed out of the tree
-            base_fd = open_beneath(root, sub, _O_LIST_DIR)
-            base = f"/proc/self/fd/{base_fd}".encode()
-        else:
-            base_fd = os.open(root, _O_LIST_DIR & ~os.O_NOFOLLOW)  # the operator may name the root by a symlink
-            base = root
+        base_fd, base = _open_base(root, sub)
         stack.callback(os.close, base_fd)
         target = parse_url(url)
         prefix = sub + b"/" if sub else b""
@@ -587,28 +663,7 @@ def push(
         if sub:
             dest = dest.rstrip(b"/") + b"/" + sub if dest else sub
 
-        def local(names: Iterable[bytes]) -> set[bytes]:
-            return {n[len(prefix):] for n in names if n.startswith(prefix)} if prefix else set(names)
-
-        sub_exclude = exclude
-        if exclude is not None and prefix:
-            def sub_exclude(name: bytes, rel: bytes) -> bool:
-                return exclude(name, prefix + rel)
-        if paths is None:
-            entries = scan_tree(base, exclude=sub_exclude)
-            missing = False
-        else:
-            entries, missing = scan_paths(base, local(paths), delete, fuzzy, sub_exclude, local(shallow))
-            if sub and not any(e.name == b"." for e in entries):
-                dot = _file_entry(b".", entry_at(base, b"."), content_dir=False)
-                if dot is not None:
-                    entries.append(dot)
-        held: list[bytes] = []
-        if hold:
-            sub_hold = local(hold)
-            held = [e.name for e in entries if e.name in sub_hold]
-            if held:
-                entries = [e for e in entries if e.name not in sub_hold]
+        entries, missing, held = _file_list(base, prefix, paths, delete, fuzzy, exclude, shallow, hold)
         opts = PushOptions(
             dest=dest,
             delete=delete,
@@ -635,40 +690,8 @@ def push(
                 _run(session, _Channel(sock.fileno(), sock.fileno(), sock), base_fd, result, timeout, _Pacer(bwlimit))
         else:
             session = PushSession(entries, opts, Mode.SHELL)
-            from kwatch.protocols.rsync.client import build_server_args
-
-            remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
-            if rsh is None:
-                who = f"{target.user}@{target.host}" if target.user else target.host
-                argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
-            elif rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
-                argv = [*rsh, shlex.join(remote)]
-            else:
-                argv = [*rsh, *remote]
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-            try:
-                _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base_fd, result, timeout,
-                     _Pacer(bwlimit))
-            except RemoteProtocolError as exc:
-                # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
-                try:
-                    status = proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    status = None
-                err = proc.stderr.read().decode(errors="replace").strip()
-                raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
-            finally:
-                proc.stdin.close()
-                deadline = time.monotonic() + timeout
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                proc.stdout.close()
-                proc.stderr.close()
+            argv = _shell_argv(target, opts, dest, rsh, rsh_quote, remote_rsync)
+            _run_over_command(argv, session, base_fd, result, timeout, _Pacer(bwlimit))
         result.literal_bytes = session.counters.literal_bytes
         result.matched_bytes = session.counters.matched_bytes
         if session.counters.remote_errors and not result.errors:
