@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kwatch.metrics.stats import DaemonStats
+from kwatch.metrics.stats import DOWN_REASONS, DaemonStats
 
 
 class KwatchCollector(Collector):
@@ -75,12 +75,10 @@ class KwatchCollector(Collector):
         for t in ts:
             up.add_metric([t.name], 1.0 if t.connected else 0.0)
         yield up
-        from kwatch.replicate.failure import REASONS
-
         down = GaugeMetricFamily("kwatch_replication_down", "1 for the reason the target is down (all 0 while up)",
                                  labels=["target", "reason"])
         for t in ts:
-            for reason in REASONS:
+            for reason in DOWN_REASONS:
                 down.add_metric([t.name, reason], 1.0 if t.down == reason else 0.0)
         yield down
         by = CounterMetricFamily("kwatch_replication_bytes", "Bytes of file data", labels=["target", "kind"])
