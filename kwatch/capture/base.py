@@ -8,9 +8,10 @@ backend applies last, so the kernel side may only over-approximate, never drop a
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Self
 
 from kwatch.events import FileEvent, Op, normalize
 
@@ -124,3 +125,31 @@ class Source(Protocol):
     def stats(self) -> SourceStats: ...
 
     def close(self) -> None: ...
+
+
+class FdSource:
+    """What a backend read from one kernel queue fd (fanotify, inotify) does with it: wait for it to be readable,
+    close it once (also as a context manager)."""
+
+    name: str
+    _fd: int = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _poll(self, timeout: float | None) -> bool:
+        """Whether the queue became readable within ``timeout`` seconds (None: wait forever). The wait is rounded up
+        to the next millisecond, so a short one does not become a busy loop; a closed source raises."""
+        if self._fd < 0:
+            raise CaptureError(f"{self.name} source is closed")
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
