@@ -395,6 +395,23 @@ class _Loader:
         self.errors.extend(problems)
         return action
 
+    def action_and_alert(self, table: dict[str, Any], action_table: dict[str, Any], path: Path, opts: ActionOptions,
+                         actions: list[Action], alerts: list[Alert]) -> bool:
+        """The action (``action_table``: its on/run) and the alert a rule's ``table`` declares, appended to
+        ``actions`` and ``alerts``; False when one of them is wrong."""
+        ok = True
+        if "run" in table or "alert" not in table:
+            a = self.action(action_table, path, opts)
+            ok = a is not None
+            if a is not None:
+                actions.append(a)
+        if "alert" in table:
+            al = self.alert(table, path)
+            ok = ok and al is not None
+            if al is not None:
+                alerts.append(al)
+        return ok
+
     def alert(self, table: dict[str, Any], path: Path) -> Alert | None:
         triggers = tuple(
             t.upper() if not t.startswith("op:") else t for t in self.fields.string_list(table, "on", path)
@@ -450,30 +467,14 @@ class _Loader:
             self.err(path, "a rule has either on/run/alert or [[...action]] tables, not both")
             ok = False
         elif has_inline:
-            if "run" in table or "alert" not in table:
-                a = self.action({k: table[k] for k in ("on", "run") if k in table}, path, opts)
-                ok = ok and a is not None
-                if a is not None:
-                    actions.append(a)
-            if "alert" in table:
-                al = self.alert(table, path)
-                ok = ok and al is not None
-                if al is not None:
-                    alerts.append(al)
+            inline: dict[str, Any] = {k: table[k] for k in ("on", "run") if k in table}
+            ok = self.action_and_alert(table, inline, path, opts, actions, alerts) and ok
         elif isinstance(sub, list) and all(isinstance(x, dict) for x in sub):
             for i, at in enumerate(sub):
                 apath = (*path, "action", i)
                 self.fields.check_keys(at, apath, ("on", "run", "alert", "level", *_OPTION_KEYS), "an action")
-                if "run" in at or "alert" not in at:
-                    a = self.action(at, apath, self.fields.options(at, apath, opts))
-                    ok = ok and a is not None
-                    if a is not None:
-                        actions.append(a)
-                if "alert" in at:
-                    al = self.alert(at, apath)
-                    ok = ok and al is not None
-                    if al is not None:
-                        alerts.append(al)
+                aopts = self.fields.options(at, apath, opts) if "run" in at or "alert" not in at else opts
+                ok = self.action_and_alert(at, at, apath, aopts, actions, alerts) and ok
         elif sub is not None:
             self.err((*path, "action"), "action must be an array of tables ([[...action]])")
             ok = False
