@@ -35,6 +35,7 @@ import xxhash
 
 from kwatch.fsutil import READ_FLAGS, open_beneath
 from kwatch.paths import parent
+from kwatch.replicate.linkplan import plan_group
 
 #: Temporaries the receiver writes (``.<name>.kwatch-tmp-<hex>``); never part of a tree, so excluded by default.
 TEMP_PATTERN = b".*.kwatch-tmp-*"
@@ -733,26 +734,23 @@ def _plan_links(
             if isinstance(m, bytes) or (owner_of.get(m) == key and m in keepable):
                 keep = names
                 break
-        if keep:
-            leader = keep[0]
+        if keep and not dst.identities:
+            keep = keep[:1]  # two names with the same content may still be two inodes
+        # sent, if it is, under a name the mirror has a file at if any (a delta needs a basis)
+        ops = plan_group(group, keep, [p for p in group if mirror_file(p) is not None])
+        leader = ops.leader
+        if ops.put:
+            put(leader, s_entries[leader], None if leader in replaced else d_entries.get(leader))
+            expect = (s_entries[leader].size, s_entries[leader].mtime_ns)
+        else:
             dl = mirror_file(leader)
             assert dl is not None
             sa = attr_change(leader, s_entries[leader], dl)
             if sa is not None:
                 plan.setattrs.append(sa)
-            if not dst.identities:
-                keep = [leader]  # two names with the same content may still be two inodes
             # the links run before the leader's setattr: they expect the mirror's file as it is now
             expect = (dl.size, dl.mtime_ns)
-        else:
-            # sent once; under a name the mirror has a file at if any (a delta needs a basis)
-            leader = next((p for p in group if mirror_file(p) is not None), group[0])
-            put(leader, s_entries[leader], None if leader in replaced else d_entries.get(leader))
-            keep = [leader]
-            expect = (s_entries[leader].size, s_entries[leader].mtime_ns)
-        for p in group:
-            if p in keep:
-                continue
+        for p in ops.links:
             # the expected size and mtime let the mirror refuse a link to a name that is not what this plan
             # believes (the put of the leader failed, or the mirror changed since its manifest was made)
             plan.hardlinks.append(Hardlink(p, leader, *expect))
