@@ -128,11 +128,17 @@ class Source(Protocol):
 
 
 class FdSource:
-    """What a backend read from one kernel queue fd (fanotify, inotify) does with it: wait for it to be readable,
-    close it once (also as a context manager)."""
+    """What a backend read from one kernel queue fd (fanotify, inotify) does with it: hand it out for select/epoll
+    (readable whenever an event is queued), wait for it to be readable, close it once (also as a context manager)."""
 
     name: str
     _fd: int = -1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def poll_within(self) -> float | None:
+        return None  # the descriptor is readable whenever an event is queued
 
     def close(self) -> None:
         if self._fd >= 0:

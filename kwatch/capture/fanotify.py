@@ -505,12 +505,6 @@ class FanotifySource(FdSource):
             raise
 
     # --- Source interface -----------------------------------------------------------------------------------------
-    def poll_within(self) -> float | None:
-        return None  # the descriptor is readable whenever an event is queued
-
-    def fileno(self) -> int:
-        return self._fd
-
     def stats(self) -> SourceStats:
         self._stats.by_op = dict(self._counters.by_op)
         return self._stats

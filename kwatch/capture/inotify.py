@@ -187,12 +187,6 @@ class InotifySource(FdSource):
             raise
 
     # --- Source interface -----------------------------------------------------------------------------------------
-    def poll_within(self) -> float | None:
-        return None  # the descriptor is readable whenever an event is queued
-
-    def fileno(self) -> int:
-        return self._fd
-
     def stats(self) -> SourceStats:
         return self._stats
 
