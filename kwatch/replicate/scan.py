@@ -263,8 +263,6 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, walk: _Walk) -> Manifest:
     entries = man.entries
     errors = man.errors
     excluded = walk.excluded
-    prune = walk.prune
-    recursive = walk.recursive
     # Interning: equal small ints from different stat calls are different objects; sharing them saves ~28 bytes a
     # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
     intern: dict[int, int] = {}
@@ -278,19 +276,10 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, walk: _Walk) -> Manifest:
     k_file, k_dir, k_link, k_other = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
     while stack:
         prefix = stack.pop()
-        try:
-            dfd = os.dup(top_fd) if not prefix else open_beneath(root_fd, base + prefix[:-1], _O_LIST_SUBDIR)
-        except OSError as e:
-            errors.append(ScanError(prefix[:-1], e.errno, f"cannot open directory: {e.strerror}"))
+        listing = _list_dir(root_fd, top_fd, base, prefix, errors)
+        if listing is None:
             continue
-        try:
-            it = os.scandir(dfd)  # names come back as str (surrogate-escaped); fsencode gives the bytes back
-        except OSError as e:
-            os.close(dfd)
-            if prefix:  # the top itself failing raises: an empty manifest would look like an empty tree
-                errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
-                continue
-            raise
+        dfd, it = listing
         with it, _closing(dfd):
             while True:
                 try:
@@ -324,7 +313,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, walk: _Walk) -> Manifest:
                 elif s_isdir(m):
                     kind = k_dir
                     size = 0
-                    if recursive and not (prune and base + rel in prune):
+                    if walk.recursive and not (walk.prune and base + rel in walk.prune):
                         stack.append(rel + b"/")
                 elif s_islnk(m):
                     kind = k_link
@@ -351,6 +340,26 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, walk: _Walk) -> Manifest:
                     digest,
                 )
     return man
+
+
+def _list_dir(root_fd: int, top_fd: int, base: bytes, prefix: bytes,
+              errors: list[ScanError]) -> tuple[int, os._ScandirIterator[str]] | None:
+    """The fd and listing of the directory ``prefix`` (with its trailing slash; empty: the top) opened beneath the
+    root, or None when it cannot be opened or listed (in ``errors``; the top itself failing raises)."""
+    try:
+        dfd = os.dup(top_fd) if not prefix else open_beneath(root_fd, base + prefix[:-1], _O_LIST_SUBDIR)
+    except OSError as e:
+        errors.append(ScanError(prefix[:-1], e.errno, f"cannot open directory: {e.strerror}"))
+        return None
+    try:
+        it = os.scandir(dfd)  # names come back as str (surrogate-escaped); fsencode gives the bytes back
+    except OSError as e:
+        os.close(dfd)
+        if prefix:  # an empty manifest for an unlistable top would look like an empty tree
+            errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
+            return None
+        raise
+    return dfd, it
 
 
 @contextlib.contextmanager
