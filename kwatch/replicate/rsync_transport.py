@@ -255,7 +255,15 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                 if fe is not None:
                     by_name[pre] = fe
             parents.add(pre)
-    for d in sorted(prune):
+    _add_listings(by_name, root, prune, exclude)
+    return list(by_name.values()), missing
+
+
+def _add_listings(by_name: dict[bytes, FileEntry], root: bytes, dirs: Iterable[bytes],
+                  exclude: Exclude | None) -> None:
+    """Each of ``dirs`` (the parents of missing paths, with ``fuzzy``) as a content directory with its direct
+    children, unless ``by_name`` has it with its whole subtree already; what ``by_name`` has of the children stays."""
+    for d in sorted(dirs):
         old = by_name.get(d)
         if old is not None and old.is_dir and old.content_dir:
             continue  # sent with its whole subtree already
@@ -268,7 +276,6 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
         for i, e in enumerate(listed):
             if i == 0 or e.name not in by_name:
                 by_name[e.name] = e
-    return list(by_name.values()), missing
 
 
 # --- the byte pump -------------------------------------------------------------------------------------------
