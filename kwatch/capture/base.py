@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, Self
@@ -125,6 +126,16 @@ class Source(Protocol):
     def stats(self) -> SourceStats: ...
 
     def close(self) -> None: ...
+
+
+def check_watched_root(backend: str, root: bytes) -> None:
+    """Raise :class:`CaptureError` unless ``root`` (a tree to watch) is a directory."""
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        raise CaptureError(f"{backend}: cannot watch {root!r}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise CaptureError(f"{backend}: watched root {root!r} is not a directory")
 
 
 class FdSource:

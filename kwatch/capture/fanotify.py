@@ -56,7 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kwatch import libc
-from kwatch.capture.base import CaptureError, CaptureFilter, FdSource, SourceStats
+from kwatch.capture.base import CaptureError, CaptureFilter, FdSource, SourceStats, check_watched_root
 from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
 from kwatch.paths import is_under, rebase
 
@@ -475,12 +475,7 @@ class FanotifySource(FdSource):
             roots = self.filter.roots or (b"/",)
             marked: set[bytes] = set()
             for root in roots:
-                try:
-                    st = os.stat(root)
-                except OSError as e:
-                    raise CaptureError(f"fanotify: cannot watch {root!r}: {e.strerror}") from e
-                if not stat.S_ISDIR(st.st_mode):
-                    raise CaptureError(f"fanotify: watched root {root!r} is not a directory")
+                check_watched_root("fanotify", root)
                 fsid = _fsid_of(root)
                 if fsid not in marked:
                     try:

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 
 from kwatch import libc
-from kwatch.capture.base import CaptureError, CaptureFilter, FdSource, SourceStats
+from kwatch.capture.base import CaptureError, CaptureFilter, FdSource, SourceStats, check_watched_root
 from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
 from kwatch.paths import is_under, rebase
 
@@ -146,12 +146,7 @@ class InotifySource(FdSource):
                 "use the fanotify or bpf backend (as root)"
             )
         for root in filt.roots:
-            try:
-                st = os.stat(root)
-            except OSError as e:
-                raise CaptureError(f"inotify: cannot watch {root!r}: {e.strerror}") from e
-            if not stat.S_ISDIR(st.st_mode):
-                raise CaptureError(f"inotify: watched root {root!r} is not a directory")
+            check_watched_root("inotify", root)
         self._move_window = move_window
         self._bufsize = max(buffer_bytes, 4096)
         self._max_batch = max_batch
