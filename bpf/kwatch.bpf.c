@@ -118,20 +118,36 @@ struct dotdot_ctx {
 
 #define LOW7 0x7f7f7f7f7f7f7f7fULL
 #define DOTS 0x2e2e2e2e2e2e2e2eULL
+#define SLASHES 0x2f2f2f2f2f2f2f2fULL
 
-/* Eight bytes per step: m gets 0x80 in each byte that is '.' (the exact zero-byte test applied to w ^ "........"). */
+/* The name's eight bytes at step i into *w (past the name: 0xff, never a '.' or a '/'); 0 once the name is done. */
+static __always_inline int name_word(struct dotdot_ctx *x, __u32 i, __u64 *w)
+{
+	__u32 at = i * 8;
+	if (!x->s || at >= x->len)
+		return 0;
+	*w = *(__u64 *)&x->s->data[(x->off + at) & DATA_MASK];
+	__u32 left = x->len - at;
+	if (left < 8)
+		*w |= ~0ULL << (left * 8);
+	return 1;
+}
+
+/* 0x80 in each byte of w that equals the byte repeated in pat (the exact zero-byte test applied to w ^ pat). */
+static __always_inline __u64 bytes_equal(__u64 w, __u64 pat)
+{
+	__u64 t = w ^ pat;
+	return ~(((t & LOW7) + LOW7) | t | LOW7);
+}
+
+/* Eight bytes per step: stops at the first ".." (within the word, or across two words). */
 static long dotdot_word(__u32 i, void *c)
 {
 	struct dotdot_ctx *x = c;
-	__u32 at = i * 8;
-	if (!x->s || at >= x->len)
+	__u64 w;
+	if (!name_word(x, i, &w))
 		return 1;
-	__u64 w = *(__u64 *)&x->s->data[(x->off + at) & DATA_MASK];
-	__u32 left = x->len - at;
-	if (left < 8)
-		w |= ~0ULL << (left * 8); /* past the name: 0xff, never a '.' */
-	__u64 t = w ^ DOTS;
-	__u64 m = ~(((t & LOW7) + LOW7) | t | LOW7);
+	__u64 m = bytes_equal(w, DOTS);
 	if ((m & (m >> 8)) || (x->prev_dot && (m & 0x80))) {
 		x->found = 1;
 		return 1;
@@ -148,21 +164,14 @@ static __always_inline int has_dotdot(struct kw_scratch *s, __u32 off, __u32 len
 	return x.found;
 }
 
-#define SLASHES 0x2f2f2f2f2f2f2f2fULL
-
 /* Eight bytes per step, as dotdot_word: stops at the first '/'. */
 static long slash_word(__u32 i, void *c)
 {
 	struct dotdot_ctx *x = c;
-	__u32 at = i * 8;
-	if (!x->s || at >= x->len)
+	__u64 w;
+	if (!name_word(x, i, &w))
 		return 1;
-	__u64 w = *(__u64 *)&x->s->data[(x->off + at) & DATA_MASK];
-	__u32 left = x->len - at;
-	if (left < 8)
-		w |= ~0ULL << (left * 8); /* past the name: 0xff, never a '/' */
-	__u64 t = w ^ SLASHES;
-	if (~(((t & LOW7) + LOW7) | t | LOW7)) {
+	if (bytes_equal(w, SLASHES)) {
 		x->found = 1;
 		return 1;
 	}

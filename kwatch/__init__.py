@@ -5,6 +5,8 @@ Where everything lives (data flows one way, top to bottom):
 - ``kwatch.events``      the one event model (FileEvent, Op); pure.
 - ``kwatch.paths``       relative paths as bytes: the safety check, is under / rebase / parent; pure.
 - ``kwatch.libc``        the one typed ctypes binding of libc (syscalls Python lacks).
+- ``kwatch.filesafety``  whether a file kwatch trusts (a config, an include, a password file) can be changed (or
+                         read) by others.
 - ``kwatch.capture``     backends that produce FileEvents: ``bpf`` (libbpf CO-RE via ctypes, ring buffer read by
                          mmap; the kernel side is ``bpf/kwatch.bpf.c``), ``fanotify``, ``inotify``; ``open_source``
                          picks one.

@@ -8,9 +8,11 @@ backend applies last, so the kernel side may only over-approximate, never drop a
 from __future__ import annotations
 
 import os
+import select
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Self
 
 from kwatch.events import FileEvent, Op, normalize
 
@@ -124,3 +126,47 @@ class Source(Protocol):
     def stats(self) -> SourceStats: ...
 
     def close(self) -> None: ...
+
+
+def check_watched_root(backend: str, root: bytes) -> None:
+    """Raise :class:`CaptureError` unless ``root`` (a tree to watch) is a directory."""
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        raise CaptureError(f"{backend}: cannot watch {root!r}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise CaptureError(f"{backend}: watched root {root!r} is not a directory")
+
+
+class FdSource:
+    """What a backend read from one kernel queue fd (fanotify, inotify) does with it: hand it out for select/epoll
+    (readable whenever an event is queued), wait for it to be readable, close it once (also as a context manager)."""
+
+    name: str
+    _fd: int = -1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def poll_within(self) -> float | None:
+        return None  # the descriptor is readable whenever an event is queued
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _poll(self, timeout: float | None) -> bool:
+        """Whether the queue became readable within ``timeout`` seconds (None: wait forever). The wait is rounded up
+        to the next millisecond, so a short one does not become a busy loop; a closed source raises."""
+        if self._fd < 0:
+            raise CaptureError(f"{self.name} source is closed")
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))

@@ -50,14 +50,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kwatch import libc
-from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
+from kwatch.capture.base import CaptureError, CaptureFilter, FdSource, SourceStats, check_watched_root
 from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
 from kwatch.paths import is_under, rebase
 
@@ -428,7 +427,7 @@ class _Counters:
     by_op: dict[str, int] = field(default_factory=dict)
 
 
-class FanotifySource:
+class FanotifySource(FdSource):
     """Capture with fanotify; see the module docstring for what it reports and what it cannot know.
 
     ``filt``: the roots to watch (each one's whole filesystem is marked; the filter keeps what is under the roots),
@@ -476,12 +475,7 @@ class FanotifySource:
             roots = self.filter.roots or (b"/",)
             marked: set[bytes] = set()
             for root in roots:
-                try:
-                    st = os.stat(root)
-                except OSError as e:
-                    raise CaptureError(f"fanotify: cannot watch {root!r}: {e.strerror}") from e
-                if not stat.S_ISDIR(st.st_mode):
-                    raise CaptureError(f"fanotify: watched root {root!r} is not a directory")
+                check_watched_root("fanotify", root)
                 fsid = _fsid_of(root)
                 if fsid not in marked:
                     try:
@@ -506,12 +500,6 @@ class FanotifySource:
             raise
 
     # --- Source interface -----------------------------------------------------------------------------------------
-    def poll_within(self) -> float | None:
-        return None  # the descriptor is readable whenever an event is queued
-
-    def fileno(self) -> int:
-        return self._fd
-
     def stats(self) -> SourceStats:
         self._stats.by_op = dict(self._counters.by_op)
         return self._stats
@@ -526,22 +514,10 @@ class FanotifySource:
             for mfd in fds:
                 os.close(mfd)
         self._resolver.mount_fds.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> FanotifySource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def read(self, timeout: float | None = None) -> list[FileEvent]:
-        if self._fd < 0:
-            raise CaptureError("fanotify source is closed")
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+        if not self._poll(timeout):
             return []
         return self._process(self._drain())
 

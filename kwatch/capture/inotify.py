@@ -37,14 +37,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import stat
 import struct
 import time
 from dataclasses import dataclass
 
 from kwatch import libc
-from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
+from kwatch.capture.base import CaptureError, CaptureFilter, FdSource, SourceStats, check_watched_root
 from kwatch.events import FT_DIR, FT_LNK, FT_UNKNOWN, FileEvent, Op, join
 from kwatch.paths import is_under, rebase
 
@@ -121,7 +120,7 @@ class _PendingMove:
     is_dir: bool
 
 
-class InotifySource:
+class InotifySource(FdSource):
     """Capture with inotify under ``filt.roots`` (required); see the module docstring for what it reports.
 
     ``move_window``: how long a MOVED_FROM waits for its MOVED_TO before it counts as moved out of the roots.
@@ -147,12 +146,7 @@ class InotifySource:
                 "use the fanotify or bpf backend (as root)"
             )
         for root in filt.roots:
-            try:
-                st = os.stat(root)
-            except OSError as e:
-                raise CaptureError(f"inotify: cannot watch {root!r}: {e.strerror}") from e
-            if not stat.S_ISDIR(st.st_mode):
-                raise CaptureError(f"inotify: watched root {root!r} is not a directory")
+            check_watched_root("inotify", root)
         self._move_window = move_window
         self._bufsize = max(buffer_bytes, 4096)
         self._max_batch = max_batch
@@ -188,12 +182,6 @@ class InotifySource:
             raise
 
     # --- Source interface -----------------------------------------------------------------------------------------
-    def poll_within(self) -> float | None:
-        return None  # the descriptor is readable whenever an event is queued
-
-    def fileno(self) -> int:
-        return self._fd
-
     def stats(self) -> SourceStats:
         return self._stats
 
@@ -201,20 +189,7 @@ class InotifySource:
     def watches(self) -> int:
         return len(self._wd_path)
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> InotifySource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def read(self, timeout: float | None = None) -> list[FileEvent]:
-        if self._fd < 0:
-            raise CaptureError("inotify source is closed")
         if not self._poll(timeout):
             return []
         out: list[FileEvent | None] = []
@@ -247,11 +222,6 @@ class InotifySource:
         return result
 
     # --- reading --------------------------------------------------------------------------------------------------
-    def _poll(self, timeout: float | None) -> bool:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
-
     def _drain(self, out: list[FileEvent | None]) -> bool:
         """Read and handle every queued record; True when the queue was found empty (not cut by max_batch)."""
         count = 0

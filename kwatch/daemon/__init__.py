@@ -3,6 +3,7 @@
 - ``core``      the Daemon loop (epoll over the capture source, the action runner and a signal pipe), self-feedback
                 suppression, stats, SIGHUP reload, SIGTERM drain; the EventSink hook for replication.
 - ``roots``     which trees to capture, derived from the rules' anchored regexes. Pure.
+- ``replication`` the EventSink that feeds every captured batch to the config's replicators (kwatch.replicate).
 - ``logs``      structured log lines (key=value or JSON) on stderr.
 - ``commands``  the argparse commands; :func:`add_commands` registers them on the ``kwatch`` parser.
 

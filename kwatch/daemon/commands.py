@@ -42,7 +42,7 @@ def make_sinks(config: Config, log: StructLog, stats: DaemonStats, resolver: Res
         sinks.append(Outputs(config.outputs, stats.outputs, resolver=resolver))
     if not config.replicate:
         return sinks
-    from kwatch.replicate.sink import ReplicationSink
+    from kwatch.daemon.replication import ReplicationSink
 
     for t in config.replicate:
         log.info("replicate", source=str(t.options["source"]), target=t.target, where=str(t.where))

@@ -89,6 +89,65 @@ def _session_of(pid: int) -> int | None:
         return None
 
 
+class _ActionPids:
+    """The pids of actions whose events are dropped (their own writes must not trigger them again): each from its
+    start until ``linger`` seconds after it ended. A source that can exclude pids in the kernel is told too."""
+
+    def __init__(self, linger: float) -> None:
+        self.linger = linger
+        self._pids: dict[int, float | None] = {}  # pid -> None while running, else when it ended (monotonic)
+
+    def __len__(self) -> int:
+        return len(self._pids)
+
+    def started(self, pid: int, source: object) -> None:
+        self._pids[pid] = None
+        if isinstance(source, _ExcludesPids):
+            source.exclude_pid(pid)
+
+    def ended(self, pid: int | None, now: float) -> None:
+        if pid is not None and pid in self._pids:
+            self._pids[pid] = now
+
+    def expire(self, now: float, source: object) -> None:
+        """Forget the pids that ended ``linger`` seconds ago or more."""
+        for pid, ended in list(self._pids.items()):
+            if ended is not None and now - ended >= self.linger:
+                del self._pids[pid]
+                if isinstance(source, _ExcludesPids):
+                    source.include_pid(pid)
+
+    def caused(self, ev: FileEvent, source: object) -> bool:
+        """Whether an action made ``ev``: its pid, its parent or (where the source cannot drop an action's
+        descendants in the kernel) its session is one of them."""
+        pids = self._pids
+        if ev.pid is None:
+            return False
+        if ev.pid in pids or (ev.ppid is not None and ev.ppid in pids):
+            return True
+        if isinstance(source, _ExcludesPids):
+            return False  # the kernel already dropped the deeper descendants
+        sid = _session_of(ev.pid)
+        return sid is not None and sid in pids
+
+
+def _done_fields(res: Result, result: str) -> dict[str, object]:
+    """The fields of an action's ``action_done`` log line."""
+    return {
+        "rule": res.rule.name,
+        "action": action_label(res.action),
+        "result": result,
+        "pid": res.pid,
+        "rc": res.returncode,
+        "files": len(res.files),
+        "file": res.files[0] if res.files else None,
+        "coalesced": res.coalesced if res.coalesced != len(res.files) else None,
+        "seconds": round(res.ended - res.started, 3) if not res.dry_run else None,
+        "error": res.error,
+        "stderr": res.stderr[-400:].strip() or None,
+    }
+
+
 def action_label(action: Action) -> str:
     return "/".join(action.triggers)
 
@@ -149,8 +208,7 @@ class Daemon:
             config, on_start=self._on_start, on_result=self._on_result, dry_run=dry_run, stdout="inherit"
         )
         self.filter = CaptureFilter()
-        # pids of actions whose events are dropped: None while running, else when it ended (monotonic)
-        self._action_pids: dict[int, float | None] = {}
+        self._action_pids = _ActionPids(linger)
         # (id(action), file) -> CLOCK_MONOTONIC ns of the first event waiting for that action on that file
         self._pending_ts: dict[tuple[int, bytes], int] = {}
         self._wake_r = -1
@@ -312,7 +370,7 @@ class Daemon:
                     msg="the kernel or a queue dropped events; actions for them did not run",
                 )
                 continue
-            if ev.pid == own or (self._action_pids and self._caused_by_action(ev)):
+            if ev.pid == own or (self._action_pids and self._action_pids.caused(ev, self.source)):
                 self.self_events += 1
                 continue
             for m in match_config(config, ev, procs):
@@ -348,17 +406,6 @@ class Daemon:
                 if callable(take):
                     take(a)
 
-    def _caused_by_action(self, ev: FileEvent) -> bool:
-        pids = self._action_pids
-        if ev.pid is None:
-            return False
-        if ev.pid in pids or (ev.ppid is not None and ev.ppid in pids):
-            return True
-        if isinstance(self.source, _ExcludesPids):
-            return False  # the kernel already dropped the deeper descendants
-        sid = _session_of(ev.pid)
-        return sid is not None and sid in pids
-
     # -- the runner's callbacks ------------------------------------------------------------------------------------
 
     def _observe_start(self, rule: Rule, action: Action, files: Sequence[bytes]) -> None:
@@ -375,9 +422,7 @@ class Daemon:
         self._observe_start(s.rule, s.action, s.files)
         self.stats.actions[(s.rule.name, "started")] += 1
         if not s.retrigger:
-            self._action_pids[s.pid] = None
-            if isinstance(self.source, _ExcludesPids):
-                self.source.exclude_pid(s.pid)
+            self._action_pids.started(s.pid, self.source)
         self.log.info(
             "action_start",
             rule=s.rule.name,
@@ -404,24 +449,9 @@ class Daemon:
         else:
             result = "ok" if res.ok else "failed"
         self.stats.actions[(res.rule.name, result)] += 1
-        if res.pid is not None and res.pid in self._action_pids:
-            self._action_pids[res.pid] = time.monotonic()
+        self._action_pids.ended(res.pid, time.monotonic())
         level = "info" if res.ok else "warning"
-        self.log.emit(
-            level,
-            "action_done",
-            rule=res.rule.name,
-            action=action_label(res.action),
-            result=result,
-            pid=res.pid,
-            rc=res.returncode,
-            files=len(res.files),
-            file=res.files[0] if res.files else None,
-            coalesced=res.coalesced if res.coalesced != len(res.files) else None,
-            seconds=round(res.ended - res.started, 3) if not res.dry_run else None,
-            error=res.error,
-            stderr=res.stderr[-400:].strip() or None,
-        )
+        self.log.emit(level, "action_done", **_done_fields(res, result))
 
     # -- housekeeping, reload, drain -------------------------------------------------------------------------------
 
@@ -430,11 +460,7 @@ class Daemon:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + HOUSEKEEPING
-        for pid, ended in list(self._action_pids.items()):
-            if ended is not None and now - ended >= self.linger:
-                del self._action_pids[pid]
-                if isinstance(self.source, _ExcludesPids):
-                    self.source.include_pid(pid)
+        self._action_pids.expire(now, self.source)
         want = self._wanted_filter()
         if want.roots != self.filter.roots or want.ops != self.filter.ops:
             self._apply_filter(want, "a watched directory appeared")

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kwatch.metrics.stats import DaemonStats
+from kwatch.metrics.stats import DOWN_REASONS, DaemonStats, TargetStats
 
 
 class KwatchCollector(Collector):
@@ -66,21 +66,15 @@ class KwatchCollector(Collector):
             "pending_paths": "Paths waiting to be sent",
             "failed_paths": "Paths waiting to be sent again after a transient error of the mirror (ENOSPC, EIO...)",
         }
-        for attr, doc in gauges.items():
-            g = GaugeMetricFamily(f"kwatch_replication_{attr}", doc, labels=["target"])
-            for t in ts:
-                g.add_metric([t.name], getattr(t, attr))
-            yield g
+        yield from _per_target(GaugeMetricFamily, gauges, ts)
         up = GaugeMetricFamily("kwatch_replication_connected", "1 while the target's transport is up", labels=["target"])
         for t in ts:
             up.add_metric([t.name], 1.0 if t.connected else 0.0)
         yield up
-        from kwatch.replicate.failure import REASONS
-
         down = GaugeMetricFamily("kwatch_replication_down", "1 for the reason the target is down (all 0 while up)",
                                  labels=["target", "reason"])
         for t in ts:
-            for reason in REASONS:
+            for reason in DOWN_REASONS:
                 down.add_metric([t.name, reason], 1.0 if t.down == reason else 0.0)
         yield down
         by = CounterMetricFamily("kwatch_replication_bytes", "Bytes of file data", labels=["target", "kind"])
@@ -98,11 +92,7 @@ class KwatchCollector(Collector):
             "batches": "Batches committed",
             "retries": "Paths sent again after a transient error of the mirror",
         }
-        for attr, doc in counters.items():
-            c = CounterMetricFamily(f"kwatch_replication_{attr}", doc, labels=["target"])
-            for t in ts:
-                c.add_metric([t.name], getattr(t, attr))
-            yield c
+        yield from _per_target(CounterMetricFamily, counters, ts)
         rescans = CounterMetricFamily("kwatch_replication_rescans", "Reconciles by scan: the whole tree or a subtree",
                                       labels=["target", "scope"])
         for t in ts:
@@ -152,3 +142,13 @@ def serve(stats: DaemonStats, address: str) -> CollectorRegistry:
     registry.register(KwatchCollector(stats))
     start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
     return registry
+
+
+def _per_target(family: type[GaugeMetricFamily] | type[CounterMetricFamily], docs: dict[str, str],
+                ts: list[TargetStats]) -> Iterator[Metric]:
+    """One ``kwatch_replication_<attr>`` family per entry of ``docs`` (attribute -> help), a sample per target."""
+    for attr, doc in docs.items():
+        m = family(f"kwatch_replication_{attr}", doc, labels=["target"])
+        for t in ts:
+            m.add_metric([t.name], getattr(t, attr))
+        yield m

@@ -32,6 +32,12 @@ class Histogram:
         return out
 
 
+#: every value of a target's down reason (TargetStats.down), in the order docs/metrics.md lists them; which failure
+#: is which is kwatch.replicate.failure's to say
+DOWN_REASONS = ("refused", "unreachable", "auth", "hostkey", "missing_command", "destination", "disk_full", "timeout",
+                "protocol", "error")
+
+
 @dataclass
 class TargetStats:
     """One replication target."""
@@ -53,7 +59,7 @@ class TargetStats:
     rescans_subtree: int = 0  # subtrees reconciled (a tree moved in, a loss below one directory, a repair)
     retries: int = 0
     connected: bool = False
-    #: why the target is down ("" while it is up or has not failed): one of kwatch.replicate.failure.REASONS
+    #: why the target is down ("" while it is up or has not failed): one of DOWN_REASONS
     down: str = ""
     #: the progress of the batch reconciling a tree (first sync, rescan) in flight, or of the last one
     #: (kwatch.replicate.progress)

@@ -222,36 +222,7 @@ class Receiver:
         try:
             return open_beneath(self._root_fd, b"/".join(parts), _O_PATH_DIR, use_openat2=self.use_openat2)
         except OSError as e:
-            raise self._resolve_error(path, parts, e) from e
-
-    def _resolve_error(self, path: bytes, parts: list[bytes], e: OSError) -> ReceiverError:
-        """Say which component stopped the lookup and why (only runs on the error path)."""
-        fd = os.dup(self._root_fd)
-        try:
-            for i, part in enumerate(parts):
-                where = display_path(b"/".join(parts[: i + 1]))
-                try:
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    return ReceiverError(path, f"parent directory {where} does not exist", errno_mod.ENOENT)
-                except OSError as e2:
-                    return ReceiverError(path, f"cannot look up {where}: {e2.strerror}", e2.errno)
-                if stat.S_ISLNK(st.st_mode):
-                    return ReceiverError(
-                        path, f"refused: {where} is a symlink (symlinks in a path are never followed)", errno_mod.ELOOP
-                    )
-                if not stat.S_ISDIR(st.st_mode):
-                    return ReceiverError(path, f"{where} is not a directory", errno_mod.ENOTDIR)
-                nfd = os.open(part, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        if e.errno == errno_mod.EXDEV:
-            return ReceiverError(path, "refused: resolves outside the mirror root", e.errno)
-        return ReceiverError(path, f"cannot open parent directory: {e.strerror}", e.errno)
+            raise _resolve_error(self._root_fd, path, parts, e) from e
 
     def _at(self, path: bytes) -> _At:
         parts = validate_path(path)
@@ -263,48 +234,6 @@ class Receiver:
         except FileNotFoundError:
             return None
 
-    def _sync_dir(self, dir_fd: int) -> None:
-        if self.fsync == "file":
-            fd = os.open(b".", _O_READ_DIR, dir_fd=dir_fd)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _safe_mode(self, mode: int, uid: int | None, gid: int | None, *, is_dir: bool = False) -> int:
-        """``mode`` as the mirror may hold it: setuid/setgid only on a file whose owner and group are the source's.
-
-        Without both (no ``preserve_owner``, not root, or the sender left one out) the file belongs to whoever runs
-        the receiver, often root: keeping the bits would turn a user's 04755 file into a root one. The sender
-        cannot ask for them otherwise, whatever its frames say. A directory keeps setgid: there it only picks the
-        group of new entries, and only kwatch writes into the mirror.
-        """
-        mode &= 0o7777
-        if is_dir or (self.preserve_owner and uid is not None and gid is not None):
-            return mode
-        return mode & ~(stat.S_ISUID | stat.S_ISGID)
-
-    def _attrs_at(
-        self, dir_fd: int, name: bytes, st: os.stat_result, mode: int | None, mtime_ns: int | None,
-        uid: int | None, gid: int | None,
-    ) -> None:
-        """Set metadata on ``name`` without following it. chown first: it clears setuid/setgid bits (the kernel
-        does so for root too), so a chown alone never leaves them on a file of another owner."""
-        if self.preserve_owner and (uid is not None or gid is not None):
-            os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dir_fd,
-                     follow_symlinks=False)
-        if mode is not None and not stat.S_ISLNK(st.st_mode):  # a symlink's mode is fixed (0777) on Linux
-            # fchmodat(AT_SYMLINK_NOFOLLOW): glibc does it through an O_PATH fd, so a symlink is never followed.
-            os.chmod(name, self._safe_mode(mode, uid, gid, is_dir=stat.S_ISDIR(st.st_mode)), dir_fd=dir_fd,
-                     follow_symlinks=False)
-        if mtime_ns is not None:
-            # atime is set to mtime: Python's utime has no UTIME_OMIT, and a mirror's atime carries no meaning.
-            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
-
-    @staticmethod
-    def _fail(path: bytes, what: str, e: OSError) -> ReceiverError:
-        return ReceiverError(path, f"{what}: {e.strerror}", e.errno)
-
     # -- operations
 
     def mkdir(self, path: bytes, mode: int = 0o755, *, uid: int | None = None, gid: int | None = None) -> None:
@@ -315,16 +244,16 @@ class Receiver:
             except FileExistsError:
                 pass
             except OSError as e:
-                raise self._fail(path, "mkdir failed", e) from e
+                raise _fail(path, "mkdir failed", e) from e
             st = self._lstat(at)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 raise ReceiverError(path, "cannot mkdir: a non-directory is in the way; delete it first",
                                     errno_mod.EEXIST)
             try:
-                self._attrs_at(at.fd, at.name, st, mode, None, uid, gid)
-                self._sync_dir(at.fd)
+                _attrs_at(at.fd, at.name, st, mode, None, uid, gid, self.preserve_owner)
+                _sync_dir(at.fd, self.fsync)
             except OSError as e:
-                raise self._fail(path, "cannot set directory attributes", e) from e
+                raise _fail(path, "cannot set directory attributes", e) from e
 
     def put_begin(
         self, path: bytes, *, mode: int = 0o644, mtime_ns: int | None = None, uid: int | None = None,
@@ -336,7 +265,7 @@ class Receiver:
             st = self._lstat(at)
         except OSError as e:
             os.close(at.fd)
-            raise self._fail(path, "cannot look at the target", e) from e
+            raise _fail(path, "cannot look at the target", e) from e
         if st is not None and stat.S_ISDIR(st.st_mode):
             os.close(at.fd)
             raise ReceiverError(path, "cannot write a file: a directory is in the way; delete it first",
@@ -354,7 +283,7 @@ class Receiver:
                          dir_fd=dir_fd)
         except OSError as e:
             os.close(dir_fd)
-            raise self._fail(path, "cannot create temporary file", e) from e
+            raise _fail(path, "cannot create temporary file", e) from e
         h = PutHandle(path, dir_fd, name, tmp, fd, mode, mtime_ns, uid, gid)
         self._puts.add(h)
         return h
@@ -369,7 +298,7 @@ class Receiver:
                 h.written += n
         except OSError as e:
             self.put_abort(h)
-            raise self._fail(h.path, f"write failed after {h.written} bytes; nothing was put", e) from e
+            raise _fail(h.path, f"write failed after {h.written} bytes; nothing was put", e) from e
 
     def put_end(self, h: PutHandle) -> None:
         """Set mode/owner/mtime on the temporary, then rename it over ``path`` (atomically replacing a file or link)."""
@@ -378,7 +307,7 @@ class Receiver:
         try:
             if self.preserve_owner and (h.uid is not None or h.gid is not None):
                 os.fchown(h.fd, -1 if h.uid is None else h.uid, -1 if h.gid is None else h.gid)
-            os.fchmod(h.fd, self._safe_mode(h.mode, h.uid, h.gid))
+            os.fchmod(h.fd, _safe_mode(h.mode, h.uid, h.gid, self.preserve_owner))
             if h.mtime_ns is not None:
                 os.utime(h.fd, ns=(h.mtime_ns, h.mtime_ns))
             if self.fsync == "file":
@@ -388,12 +317,12 @@ class Receiver:
             os.rename(h.tmp, h.name, src_dir_fd=h.dir_fd, dst_dir_fd=h.dir_fd)
         except OSError as e:
             self.put_abort(h)
-            raise self._fail(h.path, "cannot finish the file; nothing was put", e) from e
+            raise _fail(h.path, "cannot finish the file; nothing was put", e) from e
         self._puts.discard(h)
         try:
-            self._sync_dir(h.dir_fd)
+            _sync_dir(h.dir_fd, self.fsync)
         except OSError as e:
-            raise self._fail(h.path, "fsync of the directory failed", e) from e
+            raise _fail(h.path, "fsync of the directory failed", e) from e
         finally:
             os.close(h.dir_fd)
 
@@ -447,7 +376,7 @@ class Receiver:
                         dfd = dirs.get(parent)
                         if dfd is None:
                             dfd = dirs[parent] = self._open_dir(path, parts[:-1])
-                    if self._put_small(path, dfd, name, mode, mtime_ns, data, replace_dirs):
+                    if _put_small(path, dfd, name, mode, mtime_ns, data, replace_dirs, self._umask, self.fsync):
                         # a directory was removed: a cached fd may now be a deleted directory; resolve afresh
                         for fd in dirs.values():
                             os.close(fd)
@@ -462,53 +391,6 @@ class Receiver:
                 os.close(fd)
         return errors
 
-    def _put_small(
-        self, path: bytes, dir_fd: int, name: bytes, mode: int, mtime_ns: int | None, data: bytes,
-        replace_dirs: bool,
-    ) -> bool:
-        """One file of :meth:`put_files`; True when a directory in the way was removed."""
-        tmp = temp_name(name)
-        # Created with its final mode when the umask leaves that mode alone (no fchmod then); setuid, setgid and
-        # sticky bits always go through fchmod. The temporary shows no more than the final file will.
-        exact = self._umask is not None and not mode & ~0o777 and not mode & self._umask
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode if exact else 0o600, dir_fd=dir_fd)
-        except OSError as e:
-            raise self._fail(path, "cannot create temporary file", e) from e
-        removed = False
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if not exact:
-                    os.fchmod(fd, self._safe_mode(mode, None, None))  # no owner in these: never setuid/setgid
-                if mtime_ns is not None:
-                    os.utime(fd, ns=(mtime_ns, mtime_ns))
-                if self.fsync == "file":
-                    os.fsync(fd)
-            finally:
-                os.close(fd)  # close can report a delayed write error (NFS, ENOSPC on some filesystems)
-            try:
-                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except IsADirectoryError:
-                if not replace_dirs:
-                    raise ReceiverError(path, "cannot write a file: a directory is in the way; delete it first",
-                                        errno_mod.EISDIR) from None
-                _rmtree_at(dir_fd, name)
-                removed = True
-                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            self._sync_dir(dir_fd)
-        except OSError as e:
-            _unlink_quiet(dir_fd, tmp)
-            raise self._fail(path, "cannot put the file; nothing was put", e) from e
-        except BaseException:
-            _unlink_quiet(dir_fd, tmp)
-            raise
-        return removed
-
     def rename(self, old: bytes, new: bytes) -> None:
         """Move ``old`` to ``new`` inside the mirror (replacing a file or empty directory there, as rename(2))."""
         po = validate_path(old)
@@ -520,11 +402,11 @@ class Receiver:
         with _At(self._open_dir(old, po[:-1]), po[-1]) as ao, _At(self._open_dir(new, pn[:-1]), pn[-1]) as an:
             try:
                 os.rename(ao.name, an.name, src_dir_fd=ao.fd, dst_dir_fd=an.fd)
-                self._sync_dir(an.fd)
+                _sync_dir(an.fd, self.fsync)
                 if self.fsync == "file" and po[:-1] != pn[:-1]:
-                    self._sync_dir(ao.fd)
+                    _sync_dir(ao.fd, self.fsync)
             except OSError as e:
-                raise self._fail(old, f"rename to {display_path(new)} failed", e) from e
+                raise _fail(old, f"rename to {display_path(new)} failed", e) from e
 
     def delete(self, path: bytes) -> bool:
         """Remove a file, symlink (the link, never its target) or whole directory tree. False if it was absent."""
@@ -537,11 +419,11 @@ class Receiver:
                     _rmtree_at(at.fd, at.name)
                 else:
                     os.unlink(at.name, dir_fd=at.fd)
-                self._sync_dir(at.fd)
+                _sync_dir(at.fd, self.fsync)
             except FileNotFoundError:
                 return False
             except OSError as e:
-                raise self._fail(path, "delete failed", e) from e
+                raise _fail(path, "delete failed", e) from e
             return True
 
     def symlink(
@@ -556,15 +438,15 @@ class Receiver:
             try:
                 os.symlink(target, tmp, dir_fd=at.fd)
             except OSError as e:
-                raise self._fail(path, "symlink failed", e) from e
+                raise _fail(path, "symlink failed", e) from e
             try:
                 st = os.stat(tmp, dir_fd=at.fd, follow_symlinks=False)
-                self._attrs_at(at.fd, tmp, st, None, mtime_ns, uid, gid)
+                _attrs_at(at.fd, tmp, st, None, mtime_ns, uid, gid, self.preserve_owner)
                 os.rename(tmp, at.name, src_dir_fd=at.fd, dst_dir_fd=at.fd)
-                self._sync_dir(at.fd)
+                _sync_dir(at.fd, self.fsync)
             except OSError as e:
                 _unlink_quiet(at.fd, tmp)
-                raise self._fail(path, "cannot put the symlink in place", e) from e
+                raise _fail(path, "cannot put the symlink in place", e) from e
 
     def hardlink(self, path: bytes, existing: bytes, *, expect: tuple[int, int] | None = None) -> None:
         """Make ``path`` another name for the file at ``existing`` (replacing whatever non-directory is there).
@@ -578,7 +460,7 @@ class Receiver:
             try:
                 est = os.stat(ae.name, dir_fd=ae.fd, follow_symlinks=False)
             except OSError as e:
-                raise self._fail(path, f"link source {display_path(existing)} unusable", e) from e
+                raise _fail(path, f"link source {display_path(existing)} unusable", e) from e
             if stat.S_ISDIR(est.st_mode):
                 raise ReceiverError(path, f"cannot hard-link a directory ({display_path(existing)})", errno_mod.EPERM)
             if expect is not None and (
@@ -598,13 +480,13 @@ class Receiver:
                 # linkat without AT_SYMLINK_FOLLOW: a symlink at ``existing`` is linked itself, never its target.
                 os.link(ae.name, tmp, src_dir_fd=ae.fd, dst_dir_fd=ap.fd, follow_symlinks=False)
             except OSError as e:
-                raise self._fail(path, f"link to {display_path(existing)} failed", e) from e
+                raise _fail(path, f"link to {display_path(existing)} failed", e) from e
             try:
                 os.rename(tmp, ap.name, src_dir_fd=ap.fd, dst_dir_fd=ap.fd)
-                self._sync_dir(ap.fd)
+                _sync_dir(ap.fd, self.fsync)
             except OSError as e:
                 _unlink_quiet(ap.fd, tmp)
-                raise self._fail(path, "cannot put the hard link in place", e) from e
+                raise _fail(path, "cannot put the hard link in place", e) from e
 
     def setattr(
         self, path: bytes, *, mode: int | None = None, mtime_ns: int | None = None, uid: int | None = None,
@@ -616,9 +498,9 @@ class Receiver:
                 st = self._lstat(at)
                 if st is None:
                     raise ReceiverError(path, "cannot set attributes: no such file", errno_mod.ENOENT)
-                self._attrs_at(at.fd, at.name, st, mode, mtime_ns, uid, gid)
+                _attrs_at(at.fd, at.name, st, mode, mtime_ns, uid, gid, self.preserve_owner)
             except OSError as e:
-                raise self._fail(path, "cannot set attributes", e) from e
+                raise _fail(path, "cannot set attributes", e) from e
 
     def open_read(self, path: bytes) -> int | None:
         """A read-only fd of the file at ``path`` (a final symlink is not followed), or None when nothing is there.
@@ -637,7 +519,7 @@ class Receiver:
             except (FileNotFoundError, NotADirectoryError):
                 return None
             except OSError as e:
-                raise self._fail(path, "cannot open for reading", e) from e
+                raise _fail(path, "cannot open for reading", e) from e
 
     def cleanup_temps(self) -> list[bytes]:
         """Remove temporaries left by an interrupted run (not those of puts open in this receiver).
@@ -660,6 +542,132 @@ class Receiver:
 
 # ---------------------------------------------------------------------------------------------------------------
 # fd-based tree helpers (never follow a symlink: every directory is opened O_NOFOLLOW relative to its parent)
+
+
+def _resolve_error(root_fd: int, path: bytes, parts: list[bytes], e: OSError) -> ReceiverError:
+    """Say which component of ``parts`` below ``root_fd`` stopped the lookup and why (only runs on the error
+path)."""
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts):
+            where = display_path(b"/".join(parts[: i + 1]))
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return ReceiverError(path, f"parent directory {where} does not exist", errno_mod.ENOENT)
+            except OSError as e2:
+                return ReceiverError(path, f"cannot look up {where}: {e2.strerror}", e2.errno)
+            if stat.S_ISLNK(st.st_mode):
+                return ReceiverError(
+                    path, f"refused: {where} is a symlink (symlinks in a path are never followed)", errno_mod.ELOOP
+                )
+            if not stat.S_ISDIR(st.st_mode):
+                return ReceiverError(path, f"{where} is not a directory", errno_mod.ENOTDIR)
+            nfd = os.open(part, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    if e.errno == errno_mod.EXDEV:
+        return ReceiverError(path, "refused: resolves outside the mirror root", e.errno)
+    return ReceiverError(path, f"cannot open parent directory: {e.strerror}", e.errno)
+
+
+def _sync_dir(dir_fd: int, fsync: FsyncMode) -> None:
+    """With ``fsync="file"``: fsync the directory ``dir_fd`` (after a name in it changed)."""
+    if fsync == "file":
+        fd = os.open(b".", _O_READ_DIR, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _safe_mode(mode: int, uid: int | None, gid: int | None, preserve_owner: bool, *, is_dir: bool = False) -> int:
+    """``mode`` as the mirror may hold it: setuid/setgid only on a file whose owner and group are the source's.
+
+    Without both (no ``preserve_owner``, not root, or the sender left one out) the file belongs to whoever runs
+    the receiver, often root: keeping the bits would turn a user's 04755 file into a root one. The sender
+    cannot ask for them otherwise, whatever its frames say. A directory keeps setgid: there it only picks the
+    group of new entries, and only kwatch writes into the mirror.
+    """
+    mode &= 0o7777
+    if is_dir or (preserve_owner and uid is not None and gid is not None):
+        return mode
+    return mode & ~(stat.S_ISUID | stat.S_ISGID)
+
+
+def _attrs_at(
+    dir_fd: int, name: bytes, st: os.stat_result, mode: int | None, mtime_ns: int | None,
+    uid: int | None, gid: int | None, preserve_owner: bool,
+) -> None:
+    """Set metadata on ``name`` without following it. chown first: it clears setuid/setgid bits (the kernel
+    does so for root too), so a chown alone never leaves them on a file of another owner."""
+    if preserve_owner and (uid is not None or gid is not None):
+        os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dir_fd,
+                 follow_symlinks=False)
+    if mode is not None and not stat.S_ISLNK(st.st_mode):  # a symlink's mode is fixed (0777) on Linux
+        # fchmodat(AT_SYMLINK_NOFOLLOW): glibc does it through an O_PATH fd, so a symlink is never followed.
+        os.chmod(name, _safe_mode(mode, uid, gid, preserve_owner, is_dir=stat.S_ISDIR(st.st_mode)), dir_fd=dir_fd,
+                 follow_symlinks=False)
+    if mtime_ns is not None:
+        # atime is set to mtime: Python's utime has no UTIME_OMIT, and a mirror's atime carries no meaning.
+        os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _fail(path: bytes, what: str, e: OSError) -> ReceiverError:
+    return ReceiverError(path, f"{what}: {e.strerror}", e.errno)
+
+
+def _put_small(
+    path: bytes, dir_fd: int, name: bytes, mode: int, mtime_ns: int | None, data: bytes, replace_dirs: bool,
+    umask: int | None, fsync: FsyncMode,
+) -> bool:
+    """One file of :meth:`Receiver.put_files` (the process's ``umask``, if known); True when a directory in
+    the way was removed."""
+    tmp = temp_name(name)
+    # Created with its final mode when the umask leaves that mode alone (no fchmod then); setuid, setgid and
+    # sticky bits always go through fchmod. The temporary shows no more than the final file will.
+    exact = umask is not None and not mode & ~0o777 and not mode & umask
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode if exact else 0o600, dir_fd=dir_fd)
+    except OSError as e:
+        raise _fail(path, "cannot create temporary file", e) from e
+    removed = False
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if not exact:
+                os.fchmod(fd, _safe_mode(mode, None, None, False))  # no owner in these: never setuid/setgid
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if fsync == "file":
+                os.fsync(fd)
+        finally:
+            os.close(fd)  # close can report a delayed write error (NFS, ENOSPC on some filesystems)
+        try:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except IsADirectoryError:
+            if not replace_dirs:
+                raise ReceiverError(path, "cannot write a file: a directory is in the way; delete it first",
+                                    errno_mod.EISDIR) from None
+            _rmtree_at(dir_fd, name)
+            removed = True
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        _sync_dir(dir_fd, fsync)
+    except OSError as e:
+        _unlink_quiet(dir_fd, tmp)
+        raise _fail(path, "cannot put the file; nothing was put", e) from e
+    except BaseException:
+        _unlink_quiet(dir_fd, tmp)
+        raise
+    return removed
 
 
 def _unlink_quiet(dir_fd: int, name: bytes) -> None:

@@ -63,6 +63,21 @@ class Reorder:
         return out
 
 
+async def _subscribe(js: Any, stream: str, durable: str, subject_prefix: str, order: Reorder) -> Any:
+    """The durable pull consumer of ``stream``; ``order`` starts after what it acknowledged already (or at the
+    stream's first message, when older ones are gone)."""
+    import nats.js.api
+
+    cfg = nats.js.api.ConsumerConfig(ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+                                     deliver_policy=nats.js.api.DeliverPolicy.ALL)
+    psub = await js.pull_subscribe(f"{subject_prefix}.>", durable=durable, stream=stream, config=cfg)
+    info = await psub.consumer_info()
+    first = (await js.stream_info(stream)).state.first_seq
+    floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+    order.next_seq = max(order.next_seq, floor + 1, first)
+    return psub
+
+
 async def collect(
     servers: Sequence[str],
     stream: str,
@@ -80,7 +95,6 @@ async def collect(
     """Hand the fleet's records to ``write`` (lists of JSON lines, in stream order) until stopped; returns how many."""
     import nats
     import nats.errors
-    import nats.js.api
 
     stop = stop or asyncio.Event()
 
@@ -99,13 +113,7 @@ async def collect(
             try:
                 if create_stream:
                     await ensure_stream(js, stream, subject_prefix, replicas)
-                cfg = nats.js.api.ConsumerConfig(ack_policy=nats.js.api.AckPolicy.EXPLICIT,
-                                                 deliver_policy=nats.js.api.DeliverPolicy.ALL)
-                psub = await js.pull_subscribe(f"{subject_prefix}.>", durable=durable, stream=stream, config=cfg)
-                info = await psub.consumer_info()
-                first = (await js.stream_info(stream)).state.first_seq
-                floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-                order.next_seq = max(order.next_seq, floor + 1, first)
+                psub = await _subscribe(js, stream, durable, subject_prefix, order)
                 break
             except Exception as e:
                 if stop.is_set() or (deadline is not None and time.monotonic() > deadline):

@@ -40,6 +40,7 @@ from kwatch.replicate.ack import interpret_ack
 from kwatch.replicate.coalesce import CONTENT, EXIST, LINKED, META, Batch
 from kwatch.replicate.link import AgentLink, LinkError
 from kwatch.replicate.linkindex import Key, LinkIndex, is_inode
+from kwatch.replicate.linkplan import plan_group
 from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.scan import (
     DEFAULT_EXCLUDES,
@@ -302,25 +303,23 @@ class AgentPlanner(_Part):
                 self.ctx.link_sets.setdefault(key, set()).update(m.rel for m in members)
                 continue  # ``ln a b; ln a c; rm a``: b and c are linked to the mirror's a, which is then deleted
             st = (content or members)[0].st
+            uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
+            names = [*(m.rel for m in members), *known]
             fresh = self.ctx.rescan_puts.get(key)
             if fresh is not None and not content:
                 # a rescan of this batch sends this inode's data (its names outside the subtree were not known to
                 # it): every other name is linked to that put, whatever the mirror held there
-                leader, relink = fresh, [p for p in (*(m.rel for m in members), *known) if p != fresh]
+                ops = plan_group(names, [fresh])
             elif content or not on_mirror:
-                first = (content or members)[0]
-                st = first.st
-                uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
-                plan.puts.append(Put(first.rel, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid,
+                ops = plan_group(names, basis=[(content or members)[0].rel])
+                plan.puts.append(Put(ops.leader, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid,
                                      st.st_size >= self.opts.delta_min))
-                self._touch_parent(first.rel, plan)
-                leader, relink = first.rel, [m.rel for m in members if m is not first] + known
+                self._touch_parent(ops.leader, plan)
             else:
-                leader = on_mirror[0]
-                relink = [m.rel for m in members if m.rel != leader and (m.flags & EXIST or m.rel not in on_mirror)]
-                relink += doubtful
-                uid, gid = (st.st_uid, st.st_gid) if self.opts.owner else (None, None)
-                plan.setattrs.append(SetAttr(leader, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid))
+                # the names the mirror has (the in-doubt ones not among them) are kept: the others are linked
+                ops = plan_group(names, on_mirror)
+                plan.setattrs.append(SetAttr(ops.leader, stat.S_IMODE(st.st_mode), st.st_mtime_ns, uid, gid))
+            leader, relink = ops.leader, ops.links
             for p in relink:
                 plan.hardlinks.append(Hardlink(p, leader, st.st_size, st.st_mtime_ns))
                 self.ctx.link_leaders[p] = leader

@@ -51,7 +51,7 @@ def _live_progress(target: str, p: Progress, final: bool) -> None:
 
 
 def _check_password_file(path: str) -> None:
-    from kwatch.rules.filesafety import unsafe_file
+    from kwatch.filesafety import unsafe_file
 
     try:
         problem = unsafe_file(path, secret=True)

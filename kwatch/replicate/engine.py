@@ -84,6 +84,40 @@ PROGRESS_INTERVAL = 5.0
 LIVE_INTERVAL = 0.2
 
 
+class MissingRepair:
+    """Which directory to rescan for each name the mirror lacked (ENOENT: its parent, or the directory whose
+    attributes were set, is not there) while the source still has it, so that the mirror converges without a restart.
+
+    A missing directory should not happen (events bring directories before their contents), but a lost or misread
+    event, or someone deleting on the mirror, must not leave a hole until the next reconcile. When the same directory
+    fails again the repair goes one level up; once the root's rescan has failed too it stops (the errors stay counted
+    and logged) until a batch applies without such an error."""
+
+    def __init__(self) -> None:
+        #: directories rescanned since the last batch without such an error
+        self._repairing: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._repairing)
+
+    def tops(self, paths: list[bytes], in_source: Callable[[bytes], bytes | None]) -> list[tuple[bytes, bytes]]:
+        """(name, directory to rescan) for each of a batch's missing ``paths`` that ``in_source`` still finds
+        (under its current name); an empty ``paths`` (a clean batch) ends the repair."""
+        if not paths:
+            self._repairing.clear()
+            return []
+        out = []
+        for rel in filter(None, map(in_source, paths)):
+            top = parent(rel)
+            while top in self._repairing and top:
+                top = parent(top)
+            if top in self._repairing:
+                continue  # the root's rescan failed already: wait for a clean batch before trying again
+            self._repairing.add(top)
+            out.append((rel, top))
+        return out
+
+
 class Replicator:
     """Keeps the mirror at ``target`` identical to ``src_root``; see the module docstring."""
 
@@ -140,8 +174,7 @@ class Replicator:
         #: the checks against the event stream before a read lands (see kwatch.replicate.landing)
         self.landing = LandingCheck(self.coalescer, self.opts.max_delay, target.spec, self.fold_queued,
                                     lambda: self.barrier)
-        #: directories rescanned to repair a missing name on the mirror since the last batch without such an error
-        self._repairing: set[bytes] = set()
+        self._repairing = MissingRepair()
         #: paths sent again after a transient error of the mirror, with a doubling wait
         self.retries = PathRetries()
 
@@ -447,23 +480,8 @@ class Replicator:
         st.count_rescans(b.rescans)
 
     def _repair_missing(self, paths: list[bytes]) -> None:
-        """Rescan the directory of each name the mirror lacked (ENOENT: its parent, or the directory whose attributes
-        were set, is not there) while the source still has it, so that the mirror converges without a restart.
-
-        A missing directory should not happen (events bring directories before their contents), but a lost or
-        misread event, or someone deleting on the mirror, must not leave a hole until the next reconcile. When the
-        same directory fails again the repair goes one level up; once the root's rescan has failed too it stops (the
-        errors stay counted and logged) until a batch applies without such an error."""
-        if not paths:
-            self._repairing.clear()
-            return
-        for rel in filter(None, map(self._in_source, paths)):
-            top = parent(rel)
-            while top in self._repairing and top:
-                top = parent(top)
-            if top in self._repairing:
-                continue  # the root's rescan failed already: wait for a clean batch before trying again
-            self._repairing.add(top)
+        """Rescan a directory for each name the mirror lacked (see :class:`MissingRepair`)."""
+        for rel, top in self._repairing.tops(paths, self._in_source):
             log.warning("target %s: %s is missing on the mirror; rescanning %s", self.target.spec,
                         os.fsdecode(rel), os.fsdecode(top) or "the root")
             self.coalescer.rescan(top)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-#: every value of the down reason, in the order docs/metrics.md lists them ("" while the target is up)
-REASONS = ("refused", "unreachable", "auth", "hostkey", "missing_command", "destination", "disk_full", "timeout",
-           "protocol", "error")
+from kwatch.metrics.stats import DOWN_REASONS
+
+#: every value of the down reason ("" while the target is up): the metric's labels
+REASONS = DOWN_REASONS
 
 #: reasons that retrying cannot fix without the operator (``--once`` exits non-zero on them at once)
 PERMANENT = frozenset({"auth", "hostkey", "missing_command", "destination"})

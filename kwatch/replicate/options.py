@@ -1,6 +1,6 @@
 """The options of a replication target: one schema for the command line (``kwatch replicate``), a config's
 ``[[replicate]]`` table and changedfiles ``REPLICATE`` line (checked by ``check-config`` and at load), and the
-daemon's replication sink. Pure.
+daemon's replication sink (kwatch.daemon.replication). Pure.
 
 Each :class:`Option` says its key (the TOML key, the changedfiles ``key=value`` word, the CLI flag's name), its kind
 (how a value is checked and converted) and its default; :class:`TargetOptions` is what a replicator is given.

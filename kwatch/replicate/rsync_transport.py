@@ -31,7 +31,6 @@ While the bucket is empty nothing is written and no more file data is generated 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import mmap
 import os
@@ -58,9 +57,11 @@ from kwatch.protocols.rsync.client import (
     PushSession,
     RemoteMessage,
     SessionDone,
+    build_server_args,
 )
 from kwatch.protocols.rsync.codec import Msg
 from kwatch.protocols.rsync.flist import FileEntry
+from kwatch.replicate.scan import Entry, Exclude, Kind, entry_at, scan
 
 DEFAULT_PORT = 873
 IO_TIMEOUT = 60.0
@@ -114,48 +115,52 @@ def parse_url(url: str) -> RsyncURL:
     return RsyncURL("ssh", u.hostname, u.port or 22, u.username, b"", path)
 
 
-# --- the source side: scanning -------------------------------------------------------------------------------
+# --- the source side: the file list from the scan (kwatch.replicate.scan walks the tree) ----------------------
 
 
 _O_LIST_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_S_IFMT = {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}
+#: a directory or entry gone (or swapped for a symlink) since it was listed: left out, the next batch has it
+_VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
-def _children(root: bytes, rel: bytes) -> Iterator[tuple[bytes, os.stat_result, int]]:
-    """(name, lstat, directory fd) of each entry of the directory ``rel``, opened beneath ``root`` with no symlink
-    in its path (kwatch.fsutil): a directory swapped for a symlink since it was planned is never listed through.
-    The fd is valid while the entry is being looked at (for readlink)."""
-    fd = open_beneath(root, b"" if rel == b"." else rel, _O_LIST_DIR)
+def _file_entry(name: bytes, e: Entry, top_dir: bool = False, content_dir: bool = True) -> FileEntry | None:
+    """The file-list entry of a scanned one; None for what is not replicated (devices, fifos, sockets)."""
+    fmt = _S_IFMT.get(e.kind)
+    if fmt is None:
+        return None
+    target = e.target
+    inode = (e.dev, e.ino) if fmt == stat.S_IFREG and e.nlink > 1 else None
+    return FileEntry(name, fmt | e.mode, len(target) if target is not None else e.size, e.mtime_ns // 10**9,
+                     e.mtime_ns % 10**9, target, top_dir, content_dir, inode)
+
+
+def _below(root: bytes, rel: bytes, exclude: Exclude | None, shallow: Collection[bytes] = (),
+           recursive: bool = True) -> list[FileEntry]:
+    """The entries below the directory ``root/rel`` (see :func:`~kwatch.replicate.scan.scan`: not following
+    symlinks, ``exclude`` leaving out an entry and its subtree). A directory among ``shallow``, and without
+    ``recursive`` every subdirectory, is a plain non-content dir (the receiver deletes nothing inside it), not
+    descended. What vanished meanwhile is left out; any other error raises: a directory sent as content without
+    its children would have them deleted on the receiver."""
+    sub = b"" if rel == b"." else rel
     try:
-        with os.scandir(fd) as it:  # str names (surrogate-escaped) from an fd; fsencode gives the bytes back
-            for de in it:
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                yield os.fsencode(de.name), st, fd
-    finally:
-        os.close(fd)
-
-
-def _entry(root: bytes, rel: bytes, st: os.stat_result, dir_fd: int | None = None, **kw: bool) -> FileEntry | None:
-    mode = st.st_mode
-    target = None
-    if stat.S_ISLNK(mode):
-        # by the listed directory's fd when there is one: the path's directories may have changed since
-        target = os.readlink(rel.rpartition(b"/")[2], dir_fd=dir_fd) if dir_fd is not None else \
-            os.readlink(os.path.join(root, rel))
-        size = len(target)
-    elif stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        size = st.st_size
-    else:
-        return None  # devices, fifos, sockets: not replicated
-    inode = (st.st_dev, st.st_ino) if stat.S_ISREG(mode) and st.st_nlink > 1 else None
-    return FileEntry(name=rel, mode=mode, size=size, mtime=st.st_mtime_ns // 10**9,
-                     mtime_nsec=st.st_mtime_ns % 10**9, link_target=target, inode=inode, **kw)
-
-
-#: an exclude test (name, path relative to the root) -> excluded, as kwatch.replicate.scan.Excluder
-Exclude = Callable[[bytes, bytes], bool]
+        man = scan(root, exclude if exclude is not None else (), sub=sub, prune=shallow, recursive=recursive)
+    except OSError as exc:
+        if exc.errno not in _VANISHED:
+            raise
+        return []
+    for err in man.errors:
+        if err.errno not in _VANISHED:
+            raise OSError(err.errno or errno.EIO, err.reason, os.path.join(sub, err.path))
+    prefix = sub + b"/" if sub else b""
+    out = []
+    for name, se in man.entries.items():
+        full = prefix + name
+        content = recursive and not (se.kind is Kind.DIR and full in shallow)
+        fe = _file_entry(full, se, content_dir=content)
+        if fe is not None:
+            out.append(fe)
+    return out
 
 
 def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude | None = None,
@@ -163,54 +168,21 @@ def scan_tree(root: bytes, rel: bytes = b".", top: bool = True, exclude: Exclude
     """All entries under ``root/rel`` (``rel`` itself included), without following symlinks; an entry ``exclude``
     matches is left out with everything below it. A directory among ``shallow`` below ``rel`` is listed as a plain
     non-content dir (the receiver deletes nothing inside it) and not descended."""
-    out: list[FileEntry] = []
-    st = os.lstat(os.path.join(root, rel))
-    e = _entry(root, rel, st, top_dir=top)
+    e = _file_entry(rel, entry_at(root, rel), top_dir=top)
     if e is None:
-        return out
-    out.append(e)
-    if not stat.S_ISDIR(st.st_mode):
-        return out
-    stack = [rel]
-    while stack:
-        d = stack.pop()
-        try:
-            children = list(_children_entries(root, d, content_dir=True))
-        except OSError as exc:  # the directory was replaced (by a symlink, say) or removed since it was listed
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                raise
-            continue
-        for name, ce in children:
-            if exclude is not None and exclude(name.rpartition(b"/")[2], name):
-                continue
-            if ce.is_dir and name in shallow:
-                out.append(dataclasses.replace(ce, content_dir=False))
-                continue
-            out.append(ce)
-            if ce.is_dir:
-                stack.append(name)
-    return out
+        return []
+    return [e, *_below(root, rel, exclude, shallow)] if e.is_dir else [e]
 
 
-def _children_entries(root: bytes, d: bytes, content_dir: bool) -> Iterator[tuple[bytes, FileEntry]]:
-    for child, st, fd in _children(root, d):
-        name = child if d == b"." else d + b"/" + child
-        ce = _entry(root, name, st, fd) if content_dir else _entry(root, name, st, fd, content_dir=False)
-        if ce is not None:
-            yield name, ce
-
-
-def _list_dir(root: bytes, rel: bytes) -> list[FileEntry]:
+def _list_dir(root: bytes, rel: bytes, exclude: Exclude | None) -> list[FileEntry]:
     """``rel`` as a content directory with its direct children (subdirectories as non-content dirs): the receiver
     deletes whatever else is in it and leaves the subdirectories' own content alone."""
-    st = os.lstat(os.path.join(root, rel))
-    if not stat.S_ISDIR(st.st_mode):
+    se = entry_at(root, rel)
+    if se.kind is not Kind.DIR:
         return []
-    top = _entry(root, rel, st, top_dir=rel == b".")
+    top = _file_entry(rel, se, top_dir=rel == b".")
     assert top is not None
-    out = [top]
-    out.extend(ce for _name, ce in _children_entries(root, rel, content_dir=False))
-    return out
+    return [top, *_below(root, rel, exclude, recursive=False)]
 
 
 def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = False,
@@ -254,7 +226,7 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
             if i < len(parts) and pre in parents:
                 continue
             try:
-                st = os.lstat(os.path.join(root, pre))
+                se = entry_at(root, pre)
             except (FileNotFoundError, NotADirectoryError):
                 if delete and pre not in by_name:
                     if fuzzy:
@@ -263,42 +235,48 @@ def scan_paths(root: bytes, paths: Iterable[bytes], delete: bool, fuzzy: bool = 
                         by_name[pre] = FileEntry(name=pre, mode=0)
                         missing = True
                 break
-            if i == len(parts) and pre in shallow and stat.S_ISDIR(st.st_mode):
-                se = _entry(root, pre, st, content_dir=False)
-                if se is not None and pre not in by_name:
-                    by_name[pre] = se
+            is_dir = se.kind is Kind.DIR
+            if i == len(parts) and pre in shallow and is_dir:
+                fe = _file_entry(pre, se, content_dir=False)
+                if fe is not None and pre not in by_name:
+                    by_name[pre] = fe
                 break
-            if i == len(parts) or not stat.S_ISDIR(st.st_mode):
-                try:
-                    for e in scan_tree(root, pre, top=False, exclude=exclude, shallow=shallow):
+            if i == len(parts) or not is_dir:
+                fe = _file_entry(pre, se)
+                if fe is not None:
+                    by_name[pre] = fe
+                    for e in _below(root, pre, exclude, shallow) if is_dir else ():
                         by_name[e.name] = e
-                    whole.add(pre)
-                except FileNotFoundError:
-                    pass  # gone since the lstat: the next batch has it
+                whole.add(pre)
                 break
             if pre not in by_name:
                 # A plain non-content dir (not FLAG_IMPLIED_DIR, which a receiver without -R skips): created and
                 # its attributes set, but nothing inside it is deleted.
-                pe = _entry(root, pre, st, content_dir=False)
-                if pe is not None:
-                    by_name[pre] = pe
+                fe = _file_entry(pre, se, content_dir=False)
+                if fe is not None:
+                    by_name[pre] = fe
             parents.add(pre)
-    for d in sorted(prune):
+    _add_listings(by_name, root, prune, exclude)
+    return list(by_name.values()), missing
+
+
+def _add_listings(by_name: dict[bytes, FileEntry], root: bytes, dirs: Iterable[bytes],
+                  exclude: Exclude | None) -> None:
+    """Each of ``dirs`` (the parents of missing paths, with ``fuzzy``) as a content directory with its direct
+    children, unless ``by_name`` has it with its whole subtree already; what ``by_name`` has of the children stays."""
+    for d in sorted(dirs):
         old = by_name.get(d)
         if old is not None and old.is_dir and old.content_dir:
             continue  # sent with its whole subtree already
         try:
-            listed = _list_dir(root, d)
+            listed = _list_dir(root, d, exclude)
         except OSError as exc:  # gone or replaced (by a symlink: ELOOP) since the lstat: the next batch has it
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            if exc.errno not in _VANISHED:
                 raise
             continue
         for i, e in enumerate(listed):
-            if i and exclude is not None and exclude(e.name.rpartition(b"/")[2], e.name):
-                continue
             if i == 0 or e.name not in by_name:
                 by_name[e.name] = e
-    return list(by_name.values()), missing
 
 
 # --- the byte pump -------------------------------------------------------------------------------------------
@@ -594,6 +572,91 @@ def _read_password(password: str | bytes | None, password_file: str | None) -> b
     return env
 
 
+def _shell_argv(target: RsyncURL, opts: PushOptions, dest: bytes, rsh: Sequence[str] | None, rsh_quote: bool,
+                remote_rsync: str) -> list[str]:
+    """The command that starts ``rsync --server`` for ``opts`` at ``dest`` (see :func:`push`'s ``rsh``)."""
+    remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
+    if rsh is None:
+        who = f"{target.user}@{target.host}" if target.user else target.host
+        return ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
+    if rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
+        return [*rsh, shlex.join(remote)]
+    return [*rsh, *remote]
+
+
+def _run_over_command(argv: list[str], session: PushSession, root: int, result: PushResult, timeout: float,
+                      pacer: _Pacer, tally: _Tally | None = None) -> None:
+    """Run ``session`` over the pipes of ``argv`` (ssh running ``rsync --server``, or any command)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), root, result, timeout, pacer, tally)
+    except RemoteProtocolError as exc:
+        # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
+        try:
+            status = proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = None
+        err = proc.stderr.read().decode(errors="replace").strip()
+        raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
+    finally:
+        proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _open_base(root: bytes, sub: bytes) -> tuple[int, bytes]:
+    """An fd of the session's directory (``root``, or its subdirectory ``sub``) and a path that names it."""
+    if not sub:
+        return os.open(root, _O_LIST_DIR & ~os.O_NOFOLLOW), root  # the operator may name the root by a symlink
+    # the subdirectory pinned by an fd opened with no symlink in its path: a directory swapped for a symlink since
+    # the batch was planned is refused (ELOOP/ENOTDIR), not followed out of the tree
+    fd = open_beneath(root, sub, _O_LIST_DIR)
+    return fd, f"/proc/self/fd/{fd}".encode()
+
+
+def _file_list(base: bytes, prefix: bytes, paths: Sequence[bytes] | None, delete: bool, fuzzy: bool,
+               exclude: Exclude | None, shallow: Collection[bytes], hold: Collection[bytes],
+               scanned: list[FileEntry] | None = None) -> tuple[list[FileEntry], bool, list[bytes]]:
+    """:func:`push`'s file list of ``base`` (the session's directory, ``prefix`` its path under the source root, to
+    which ``paths``, ``shallow``, ``hold`` and the ``exclude`` test's paths are relative): (entries, whether
+    mode-0 delete entries are present, the names of ``hold`` left out). ``scanned``: the list made already."""
+
+    def local(names: Iterable[bytes]) -> set[bytes]:
+        return {n[len(prefix):] for n in names if n.startswith(prefix)} if prefix else set(names)
+
+    sub_exclude = exclude
+    if exclude is not None and prefix:
+        def sub_exclude(name: bytes, rel: bytes) -> bool:
+            return exclude(name, prefix + rel)
+    if scanned is not None:
+        entries = scanned
+        missing = any(e.mode == 0 for e in entries)
+    elif paths is None:
+        entries = scan_tree(base, exclude=sub_exclude)
+        missing = False
+    else:
+        entries, missing = scan_paths(base, local(paths), delete, fuzzy, sub_exclude, local(shallow))
+        if prefix and not any(e.name == b"." for e in entries):
+            dot = _file_entry(b".", entry_at(base, b"."), content_dir=False)
+            if dot is not None:
+                entries.append(dot)
+    held: list[bytes] = []
+    if hold:
+        sub_hold = local(hold)
+        held = [e.name for e in entries if e.name in sub_hold]
+        if held:
+            entries = [e for e in entries if e.name not in sub_hold]
+    return entries, missing, held
+
+
 def push(
     src_root: bytes,
     url: str,
@@ -654,14 +717,7 @@ def push(
     root = os.fsencode(src_root)
     sub = subdir.strip(b"/")
     with contextlib.ExitStack() as stack:
-        if sub:
-            # the subdirectory pinned by an fd opened with no symlink in its path: a directory swapped for a
-            # symlink since the batch was planned is refused (ELOOP/ENOTDIR), not followed out of the tree
-            base_fd = open_beneath(root, sub, _O_LIST_DIR)
-            base = f"/proc/self/fd/{base_fd}".encode()
-        else:
-            base_fd = os.open(root, _O_LIST_DIR & ~os.O_NOFOLLOW)  # the operator may name the root by a symlink
-            base = root
+        base_fd, base = _open_base(root, sub)
         stack.callback(os.close, base_fd)
         target = parse_url(url)
         prefix = sub + b"/" if sub else b""
@@ -669,31 +725,7 @@ def push(
         if sub:
             dest = dest.rstrip(b"/") + b"/" + sub if dest else sub
 
-        def local(names: Iterable[bytes]) -> set[bytes]:
-            return {n[len(prefix):] for n in names if n.startswith(prefix)} if prefix else set(names)
-
-        sub_exclude = exclude
-        if exclude is not None and prefix:
-            def sub_exclude(name: bytes, rel: bytes) -> bool:
-                return exclude(name, prefix + rel)
-        if scanned is not None:
-            entries = scanned
-            missing = any(e.mode == 0 for e in entries)
-        elif paths is None:
-            entries = scan_tree(base, exclude=sub_exclude)
-            missing = False
-        else:
-            entries, missing = scan_paths(base, local(paths), delete, fuzzy, sub_exclude, local(shallow))
-            if sub and not any(e.name == b"." for e in entries):
-                dot = _entry(base, b".", os.lstat(os.path.join(base, b".")), content_dir=False)
-                if dot is not None:
-                    entries.append(dot)
-        held: list[bytes] = []
-        if hold:
-            sub_hold = local(hold)
-            held = [e.name for e in entries if e.name in sub_hold]
-            if held:
-                entries = [e for e in entries if e.name not in sub_hold]
+        entries, missing, held = _file_list(base, prefix, paths, delete, fuzzy, exclude, shallow, hold, scanned)
         opts = PushOptions(
             dest=dest,
             delete=delete,
@@ -726,40 +758,8 @@ def push(
         else:
             session = PushSession(entries, opts, Mode.SHELL)
             tally = _Tally(session.entries, on_progress) if on_progress is not None else None
-            from kwatch.protocols.rsync.client import build_server_args
-
-            remote = [remote_rsync, *(a.decode() for a in build_server_args(opts)), os.fsdecode(dest or b".")]
-            if rsh is None:
-                who = f"{target.user}@{target.host}" if target.user else target.host
-                argv = ["ssh", "-p", str(target.port), "--", who, shlex.join(remote)]
-            elif rsh_quote:  # ``rsh`` is an ssh command ending with the host: the remote shell gets one quoted string
-                argv = [*rsh, shlex.join(remote)]
-            else:
-                argv = [*rsh, *remote]
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-            try:
-                _run(session, _Channel(proc.stdout.fileno(), proc.stdin.fileno()), base_fd, result, timeout,
-                     _Pacer(bwlimit), tally)
-            except RemoteProtocolError as exc:
-                # the exit status tells a missing remote rsync (127) or an ssh failure (255) from a protocol problem
-                try:
-                    status = proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    status = None
-                err = proc.stderr.read().decode(errors="replace").strip()
-                raise RemoteProtocolError(f"{exc}; exit status {status}; remote stderr: {err}") from None
-            finally:
-                proc.stdin.close()
-                deadline = time.monotonic() + timeout
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                proc.stdout.close()
-                proc.stderr.close()
+            argv = _shell_argv(target, opts, dest, rsh, rsh_quote, remote_rsync)
+            _run_over_command(argv, session, base_fd, result, timeout, _Pacer(bwlimit), tally)
         if tally is not None:
             tally.finish()
         result.literal_bytes = session.counters.literal_bytes

@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -35,6 +35,7 @@ import xxhash
 
 from kwatch.fsutil import READ_FLAGS, open_beneath
 from kwatch.paths import parent
+from kwatch.replicate.linkplan import plan_group
 
 #: Temporaries the receiver writes (``.<name>.kwatch-tmp-<hex>``); never part of a tree, so excluded by default.
 TEMP_PATTERN = b".*.kwatch-tmp-*"
@@ -175,26 +176,58 @@ def hash_file(path: bytes, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
+#: an exclude test: (name, path relative to the scanned root) -> excluded; an :class:`Excluder` is one
+Exclude = Callable[[bytes, bytes], bool]
+
 #: called by :func:`scan` with the entries of each directory once it is listed (paths relative to what is walked)
 OnDir = Callable[[list[tuple[bytes, Entry]]], None]
 
 
-def scan(root: bytes, excludes: Iterable[bytes] = DEFAULT_EXCLUDES, checksum: bool = False, *,
-         sub: bytes = b"", on_dir: OnDir | None = None) -> Manifest:
+def scan(root: bytes, excludes: Iterable[bytes] | Exclude = DEFAULT_EXCLUDES, checksum: bool = False, *,
+         sub: bytes = b"", prune: Collection[bytes] = (), recursive: bool = True,
+         on_dir: OnDir | None = None) -> Manifest:
     """Walk ``root`` (or its subdirectory ``sub``) without following symlinks into a :class:`Manifest` keyed by
     path relative to what was walked.
 
     Every directory is opened beneath ``root`` with no symlink anywhere in its path (kwatch.fsutil.open_beneath;
     ``root`` itself may be a symlink: the caller named it), and entries are looked at relative to that directory's
     fd: a directory swapped for a symlink during the walk is an error for that path, never a way out of the tree.
-    ``excludes`` are glob patterns (see :class:`Excluder`); the default skips receiver temporaries. With
-    ``checksum`` every regular file is hashed (xxh3_128). Per-path problems land in ``Manifest.errors``; a root (or
-    ``sub``) that cannot be opened as a directory raises ``OSError``. ``on_dir`` is given each directory's entries
-    as soon as it is listed (a parent's before its subdirectories'), so that a caller can act on them during the walk.
+    ``excludes`` are glob patterns (see :class:`Excluder`) or an exclude test, given each name and its path
+    relative to ``root`` (not ``sub``: an anchored pattern means the same whatever part of the tree is walked); the
+    default skips receiver temporaries. A directory in ``prune`` (paths relative to ``root``) is listed but not
+    descended; without ``recursive`` no directory below the top is. With ``checksum`` every regular file is hashed
+    (xxh3_128). Per-path problems land in ``Manifest.errors``; a root (or ``sub``) that cannot be opened as a
+    directory raises ``OSError``. ``on_dir`` is given each directory's entries as soon as it is listed (a parent's
+    before its subdirectories'), so that a caller can act on them during the walk.
     """
     if not isinstance(root, bytes) or not isinstance(sub, bytes):
         raise TypeError("root and sub must be bytes")
-    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), excludes, checksum, on_dir))
+    excluded = excludes if callable(excludes) else Excluder(excludes)
+    walk = _Walk(excluded, checksum, prune, recursive, on_dir)
+    return _without_gc(lambda: _scan(root.rstrip(b"/") or b"/", sub.strip(b"/"), walk))
+
+
+def entry_at(root: bytes, rel: bytes) -> Entry:
+    """The entry :func:`scan` would list for ``root/rel`` (without a digest), from its lstat; raises ``OSError``."""
+    path = os.path.join(root, rel)
+    st = os.lstat(path)
+    m = st.st_mode
+    kind = Kind.FILE if stat.S_ISREG(m) else Kind.DIR if stat.S_ISDIR(m) else Kind.SYMLINK if stat.S_ISLNK(m) \
+        else Kind.OTHER
+    target = os.readlink(path) if kind is Kind.SYMLINK else None
+    size = st.st_size if kind is Kind.FILE or kind is Kind.SYMLINK else 0
+    return Entry(kind, m & 0o7777, size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_nlink, st.st_ino, st.st_dev,
+                 target)
+
+
+class _Walk(NamedTuple):
+    """What a walk leaves out and how deep it goes (see :func:`scan`)."""
+
+    excluded: Exclude
+    checksum: bool
+    prune: Collection[bytes]
+    recursive: bool
+    on_dir: OnDir | None
 
 
 def _without_gc(fn: Callable[[], _R]) -> _R:
@@ -209,7 +242,7 @@ def _without_gc(fn: Callable[[], _R]) -> _R:
             gc.enable()
 
 
-def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool, on_dir: OnDir | None) -> Manifest:
+def _scan(root: bytes, sub: bytes, walk: _Walk) -> Manifest:
     try:
         root_fd = os.open(root, _O_LIST_DIR)  # follows a symlinked root on purpose: the caller named it
     except NotADirectoryError:
@@ -217,7 +250,7 @@ def _scan(root: bytes, sub: bytes, excludes: Iterable[bytes], checksum: bool, on
     try:
         top = open_beneath(root_fd, sub, _O_LIST_DIR) if sub else root_fd
         try:
-            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", excludes, checksum, on_dir)
+            return _scan_fd(root_fd, top, sub + b"/" if sub else b"", walk)
         finally:
             if top != root_fd:
                 os.close(top)
@@ -229,13 +262,13 @@ _O_LIST_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_LIST_SUBDIR = _O_LIST_DIR | os.O_NOFOLLOW
 
 
-def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], checksum: bool,
-             on_dir: OnDir | None = None) -> Manifest:
+def _scan_fd(root_fd: int, top_fd: int, base: bytes, walk: _Walk) -> Manifest:
     """The walk of :func:`scan` from the open directory ``top_fd`` (``base``: its path beneath ``root_fd``)."""
+    checksum = walk.checksum
     man = Manifest(checksum=checksum)
     entries = man.entries
     errors = man.errors
-    excluded = Excluder(excludes)
+    excluded = walk.excluded
     # Interning: equal small ints from different stat calls are different objects; sharing them saves ~28 bytes a
     # field per entry on big trees, where mode/uid/gid/dev take a handful of distinct values.
     intern: dict[int, int] = {}
@@ -249,20 +282,11 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
     k_file, k_dir, k_link, k_other = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
     while stack:
         prefix = stack.pop()
-        try:
-            dfd = os.dup(top_fd) if not prefix else open_beneath(root_fd, base + prefix[:-1], _O_LIST_SUBDIR)
-        except OSError as e:
-            errors.append(ScanError(prefix[:-1], e.errno, f"cannot open directory: {e.strerror}"))
+        listing = _list_dir(root_fd, top_fd, base, prefix, errors)
+        if listing is None:
             continue
-        try:
-            it = os.scandir(dfd)  # names come back as str (surrogate-escaped); fsencode gives the bytes back
-        except OSError as e:
-            os.close(dfd)
-            if prefix:  # the top itself failing raises: an empty manifest would look like an empty tree
-                errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
-                continue
-            raise
-        listed: list[tuple[bytes, Entry]] | None = [] if on_dir is not None else None
+        dfd, it = listing
+        listed: list[tuple[bytes, Entry]] | None = [] if walk.on_dir is not None else None
         with it, _closing(dfd):
             while True:
                 try:
@@ -274,7 +298,7 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                     break
                 name = de.name.encode(fs_enc, "surrogateescape")
                 rel = prefix + name
-                if excluded(name, rel):
+                if excluded(name, base + rel if base else rel):
                     continue
                 try:
                     st = de.stat(follow_symlinks=False)
@@ -296,7 +320,8 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                 elif s_isdir(m):
                     kind = k_dir
                     size = 0
-                    stack.append(rel + b"/")
+                    if walk.recursive and not (walk.prune and base + rel in walk.prune):
+                        stack.append(rel + b"/")
                 elif s_islnk(m):
                     kind = k_link
                     size = st.st_size
@@ -323,9 +348,29 @@ def _scan_fd(root_fd: int, top_fd: int, base: bytes, excludes: Iterable[bytes], 
                 )
                 if listed is not None:
                     listed.append((rel, ent))
-        if listed and on_dir is not None:
-            on_dir(listed)
+        if listed and walk.on_dir is not None:
+            walk.on_dir(listed)
     return man
+
+
+def _list_dir(root_fd: int, top_fd: int, base: bytes, prefix: bytes,
+              errors: list[ScanError]) -> tuple[int, os._ScandirIterator[str]] | None:
+    """The fd and listing of the directory ``prefix`` (with its trailing slash; empty: the top) opened beneath the
+    root, or None when it cannot be opened or listed (in ``errors``; the top itself failing raises)."""
+    try:
+        dfd = os.dup(top_fd) if not prefix else open_beneath(root_fd, base + prefix[:-1], _O_LIST_SUBDIR)
+    except OSError as e:
+        errors.append(ScanError(prefix[:-1], e.errno, f"cannot open directory: {e.strerror}"))
+        return None
+    try:
+        it = os.scandir(dfd)  # names come back as str (surrogate-escaped); fsencode gives the bytes back
+    except OSError as e:
+        os.close(dfd)
+        if prefix:  # an empty manifest for an unlistable top would look like an empty tree
+            errors.append(ScanError(prefix[:-1], e.errno, f"cannot list directory: {e.strerror}"))
+            return None
+        raise
+    return dfd, it
 
 
 @contextlib.contextmanager
@@ -577,7 +622,16 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
     if links:
         _plan_links(plan, links, src, dst, replaced, protected, delete, checksum, owner, put, attr_change, touched)
 
-    # Deletes: extraneous mirror paths (delete=True), and everything under/at a replaced path whatever ``delete``.
+    _plan_deletes(plan, s_entries, d_entries, replaced, protected, delete, touched)
+    plan.mkdirs.sort()  # a parent is a prefix of its children, so byte order puts parents first
+    _restore_dir_times(plan, s_entries, touched)
+    return plan
+
+
+def _plan_deletes(plan: Plan, s_entries: dict[bytes, Entry], d_entries: dict[bytes, Entry], replaced: set[bytes],
+                  protected: set[bytes], delete: bool, touched: set[bytes]) -> None:
+    """Deletes: extraneous mirror paths (``delete``), and everything under/at a replaced path whatever ``delete``;
+    never under a source path that had a read error (``protected``)."""
     dels: list[bytes] = []
     for path in d_entries:
         if path in s_entries and path not in replaced:
@@ -594,16 +648,16 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
         plan.deletes.append(Delete(path, d_entries[path].kind))
         touched.add(parent(path))
 
-    plan.mkdirs.sort()  # a parent is a prefix of its children, so byte order puts parents first
 
-    # Directory times: a directory whose listing changed needs its mtime (and nothing else) restored, even when it
-    # matched before the plan ran.
+def _restore_dir_times(plan: Plan, s_entries: dict[bytes, Entry], touched: set[bytes]) -> None:
+    """A directory whose listing changed (``touched``) needs its mtime (and nothing else) restored, even when it
+    matched before the plan ran."""
     have = {sa.path: i for i, sa in enumerate(plan.dir_setattrs)}
     for t in touched:
         if not t:
             continue
         st = s_entries.get(t)
-        if st is None or st.kind != k_dir:
+        if st is None or st.kind != Kind.DIR:
             continue
         i = have.get(t)
         if i is None:
@@ -611,7 +665,44 @@ def _diff(src: Manifest, dst: Manifest, delete: bool, checksum: bool, owner: boo
         elif plan.dir_setattrs[i].mtime_ns is None:  # a mode-only change: the mtime needs restoring too
             plan.dir_setattrs[i] = plan.dir_setattrs[i]._replace(mtime_ns=st.mtime_ns)
     plan.dir_setattrs.sort(key=lambda sa: sa.path, reverse=True)  # deepest first (cosmetic: utime is per inode)
-    return plan
+
+
+def _mirror_inode_owners(groups: dict[tuple[int, int], list[bytes]], src: Manifest, dst: Manifest,
+                         replaced: set[bytes], protected: set[bytes], delete: bool,
+                         ) -> tuple[dict[tuple[int, int], tuple[int, int]], set[tuple[int, int]]]:
+    """For each mirror inode with several names (by (dev, ino)), the source group that keeps it: the one with the
+    most names on it; and which of those inodes can be kept. Nothing without identities."""
+    s_entries, d_entries = src.entries, dst.entries
+    owner_of: dict[tuple[int, int], tuple[int, int]] = {}  # mirror inode (nlink > 1) -> the source group keeping it
+    keepable: set[tuple[int, int]] = set()
+    if not dst.identities:
+        return owner_of, keepable
+    group_of = {p: key for key, names in groups.items() for p in names}
+    m_names: dict[tuple[int, int], list[bytes]] = {}
+    for p, d in d_entries.items():
+        if d.kind == Kind.FILE and d.nlink > 1:
+            m_names.setdefault((d.dev, d.ino), []).append(p)
+    for ino, names in m_names.items():
+        counts: dict[tuple[int, int], int] = {}
+        for p in names:
+            g = group_of.get(p)
+            if g is not None and p not in replaced:
+                counts[g] = counts.get(g, 0) + 1
+        if not counts:
+            continue
+        g = min(counts, key=lambda k: (-counts[k], min(groups[k])))
+        owner_of[ino] = g
+        # Keepable: every name of the inode is the owner's, or is rewritten (a name of another group or a
+        # lone source file: sent or linked elsewhere; a type change: deleted), or is deleted as extraneous; and
+        # it has no more names outside the manifest than the source's inode has outside the scan (a subtree
+        # rescan sees only part of a group; a name elsewhere that the source lacks must not share new attrs).
+        hidden = d_entries[names[0]].nlink - len(names)
+        s0 = s_entries[groups[g][0]]
+        if hidden > s0.nlink - len(groups[g]):
+            continue
+        if all(p in s_entries or (delete and not (protected and _under_any(p, protected))) for p in names):
+            keepable.add(ino)
+    return owner_of, keepable
 
 
 def _plan_links(
@@ -649,35 +740,7 @@ def _plan_links(
         return d if d is not None and d.kind == k_file else None
 
     MKey = tuple[int, int] | bytes  # a mirror inode: (dev, ino) when it has several names, else its one path
-    owner_of: dict[tuple[int, int], tuple[int, int]] = {}  # mirror inode (nlink > 1) -> the source group keeping it
-    keepable: set[tuple[int, int]] = set()
-    if dst.identities:
-        group_of = {p: key for key, names in groups.items() for p in names}
-        m_names: dict[tuple[int, int], list[bytes]] = {}
-        for p, d in d_entries.items():
-            if d.kind == k_file and d.nlink > 1:
-                m_names.setdefault((d.dev, d.ino), []).append(p)
-        for ino, names in m_names.items():
-            counts: dict[tuple[int, int], int] = {}
-            for p in names:
-                g = group_of.get(p)
-                if g is not None and p not in replaced:
-                    counts[g] = counts.get(g, 0) + 1
-            if not counts:
-                continue
-            g = min(counts, key=lambda k: (-counts[k], min(groups[k])))
-            owner_of[ino] = g
-            # Keepable: every name of the inode is the owner's, or is rewritten (a name of another group or a
-            # lone source file: sent or linked elsewhere; a type change: deleted), or is deleted as extraneous; and
-            # it has no more names outside the manifest than the source's inode has outside the scan (a subtree
-            # rescan sees only part of a group; a name elsewhere that the source lacks must not share new attrs).
-            hidden = d_entries[names[0]].nlink - len(names)
-            s0 = s_entries[groups[g][0]]
-            if hidden > s0.nlink - len(groups[g]):
-                continue
-            if all(p in s_entries or (delete and not (protected and _under_any(p, protected))) for p in names):
-                keepable.add(ino)
-
+    owner_of, keepable = _mirror_inode_owners(groups, src, dst, replaced, protected, delete)
     for key, group in groups.items():
         group.sort()
         on: dict[MKey, list[bytes]] = {}  # candidate mirror inodes with the group's content -> the names on them
@@ -691,26 +754,23 @@ def _plan_links(
             if isinstance(m, bytes) or (owner_of.get(m) == key and m in keepable):
                 keep = names
                 break
-        if keep:
-            leader = keep[0]
+        if keep and not dst.identities:
+            keep = keep[:1]  # two names with the same content may still be two inodes
+        # sent, if it is, under a name the mirror has a file at if any (a delta needs a basis)
+        ops = plan_group(group, keep, [p for p in group if mirror_file(p) is not None])
+        leader = ops.leader
+        if ops.put:
+            put(leader, s_entries[leader], None if leader in replaced else d_entries.get(leader))
+            expect = (s_entries[leader].size, s_entries[leader].mtime_ns)
+        else:
             dl = mirror_file(leader)
             assert dl is not None
             sa = attr_change(leader, s_entries[leader], dl)
             if sa is not None:
                 plan.setattrs.append(sa)
-            if not dst.identities:
-                keep = [leader]  # two names with the same content may still be two inodes
             # the links run before the leader's setattr: they expect the mirror's file as it is now
             expect = (dl.size, dl.mtime_ns)
-        else:
-            # sent once; under a name the mirror has a file at if any (a delta needs a basis)
-            leader = next((p for p in group if mirror_file(p) is not None), group[0])
-            put(leader, s_entries[leader], None if leader in replaced else d_entries.get(leader))
-            keep = [leader]
-            expect = (s_entries[leader].size, s_entries[leader].mtime_ns)
-        for p in group:
-            if p in keep:
-                continue
+        for p in ops.links:
             # the expected size and mtime let the mirror refuse a link to a name that is not what this plan
             # believes (the put of the leader failed, or the mirror changed since its manifest was made)
             plan.hardlinks.append(Hardlink(p, leader, *expect))

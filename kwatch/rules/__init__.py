@@ -7,8 +7,8 @@
 - ``match``         match_config / match_ruleset(event) -> Match(rule, action, placeholder values). Pure.
 - ``errors``        ConfigError (file, line, reason) and ConfigErrors.
 - ``load``          reading files: load_config, check_config, load_default_config (embedded ``default.conf``);
-                    the checks of files, accounts and password files a config needs before it is trusted.
-- ``filesafety``    whether a config, include or password file can be changed (or read) by others.
+                    the checks of files (kwatch.filesafety), accounts and password files a config needs
+                    before it is trusted.
 - ``procfs``        process ancestry from /proc for process filters (the daemon passes it to match).
 - ``shell``         the action command language: parsing, placeholder compilation, quoting, exec specs. Pure.
 - ``runas``         an action's ``user``/``group`` resolved against pwd/grp; whether we can switch to it.

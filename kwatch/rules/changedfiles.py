@@ -69,6 +69,27 @@ def _regex_problem(keyword: str, arg: str) -> str | None:
     return None
 
 
+def _replicate(arg: str, rule_pattern: str, where: Where) -> tuple[ReplicateTarget | None, list[str]]:
+    """The target of a REPLICATE line under the RULE ``rule_pattern`` (its source is the rule's directory), or None
+    and why not."""
+    source = rule_directory(rule_pattern)
+    target, ropts, problems = parse_replicate_line(arg)
+    if source is None:
+        problems.append(
+            f"REPLICATE needs a RULE that names a whole directory, like ^/srv/data(/|$); {rule_pattern!r} does not"
+        )
+    else:
+        ropts.setdefault("source", os.fsdecode(source))
+    if target and not problems:
+        problems += [p for p in (check_target(target),) if p] + check_options(ropts)
+    return (None if problems else ReplicateTarget(target, ropts, where)), problems
+
+
+def _unknown_keyword(word: str) -> str:
+    hint = f" (keywords are upper case: {word.upper()})" if word.upper() in (*KEYWORDS, "RULE", "IGNORE") else ""
+    return f"unknown keyword {word!r}{hint}; expected RULE, IGNORE, REPLICATE or one of {', '.join(KEYWORDS)}"
+
+
 def parse_changedfiles(
     text: str, filename: str, options: ActionOptions | None = None, concurrency: int = 4
 ) -> tuple[RuleSet | None, list[ConfigError]]:
@@ -113,22 +134,12 @@ def parse_changedfiles(
             continue
         if word == "REPLICATE":
             assert cur is not None
-            source = rule_directory(cur[1])
-            target, ropts, rproblems = parse_replicate_line(arg)
-            if source is None:
-                rproblems.append(
-                    f"REPLICATE needs a RULE that names a whole directory, like ^/srv/data(/|$); {cur[1]!r} does not"
-                )
-            else:
-                ropts.setdefault("source", os.fsdecode(source))
-            if target and not rproblems:
-                rproblems += [p for p in (check_target(target),) if p] + check_options(ropts)
-            for problem in rproblems:
-                errs.append(ConfigError(filename, lineno, problem))
-            if rproblems:
+            replicate, rproblems = _replicate(arg, cur[1], where)
+            errs.extend(ConfigError(filename, lineno, problem) for problem in rproblems)
+            if replicate is None:
                 cur[4][0] = False
             else:
-                targets.append(ReplicateTarget(target, ropts, where))
+                targets.append(replicate)
                 replicating.add(cur[0].line)  # a rule whose only action is REPLICATE is not empty
             continue
         if word == "IGNORE" or word in KEYWORDS:
@@ -149,18 +160,7 @@ def parse_changedfiles(
             else:
                 cur[3].append(action)
             continue
-        hint = (
-            f" (keywords are upper case: {word.upper()})"
-            if word.upper() in (*KEYWORDS, "RULE", "IGNORE")
-            else ""
-        )
-        errs.append(
-            ConfigError(
-                filename,
-                lineno,
-                f"unknown keyword {word!r}{hint}; expected RULE, IGNORE, REPLICATE or one of {', '.join(KEYWORDS)}",
-            )
-        )
+        errs.append(ConfigError(filename, lineno, _unknown_keyword(word)))
     close()
     if any(e.severity == "error" for e in errs):
         return None, errs

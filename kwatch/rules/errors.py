@@ -41,7 +41,7 @@ class ConfigErrors(ValueError):
 
 class UnsafeFileError(PermissionError):
     """A file kwatch must trust (a config, an include, a password file) can be changed by others; ``strerror``
-    names the file, who can change it, and the fix (see :mod:`kwatch.rules.filesafety`)."""
+    names the file, who can change it, and the fix (see :mod:`kwatch.filesafety`)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(1, reason)  # EPERM

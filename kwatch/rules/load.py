@@ -6,7 +6,7 @@
 
 A config decides what kwatch runs with its privileges, so files are checked before they are trusted: the config
 and every file it includes must be changeable by no one but root or kwatch's own user
-(:mod:`kwatch.rules.filesafety`), a replication target's ``password_file`` must not be readable by every user, and
+(:mod:`kwatch.filesafety`), a replication target's ``password_file`` must not be readable by every user, and
 every ``user``/``group`` of an action must exist and be one kwatch can switch to (only root can switch at all).
 
 The format is TOML when the name ends in ``.toml``; otherwise changedfiles, unless the first statement is
@@ -19,10 +19,10 @@ import os
 import re
 from importlib import resources
 
+from kwatch.filesafety import unsafe_file
 from kwatch.rules.build import KEYWORDS
 from kwatch.rules.changedfiles import parse_changedfiles
 from kwatch.rules.errors import ConfigError, ConfigErrors, UnsafeFileError, in_order
-from kwatch.rules.filesafety import unsafe_file
 from kwatch.rules.model import Config
 from kwatch.rules.runas import resolve_run_as, switch_problem
 from kwatch.rules.tomlconf import parse_toml

@@ -174,77 +174,155 @@ class _Shared:
     attributes_at: int | None = None  # where declare/typeset/local gives a variable the integer or nameref attribute
 
 
-class _Scanner:
-    """One pass over a command text (or the inside of a substitution), producing the rewritten text.
+def _refuse_in(text: str, base: int, start: int, end: int, what: str, why: str = _ARITH_WHY) -> None:
+    """Refuse a placeholder anywhere in text[start:end] (nested substitutions included); ``base``: the offset of
+    text[0] in the whole command."""
+    m = _PLACEHOLDER_RE.search(text, start, end)
+    if m is not None:
+        raise ShellSyntaxError(base + m.start(), f"{m.group(0)} inside {what} is refused: {why}")
 
-    In command context it also follows the shell's grammar far enough to know where a command starts, which word
-    is its name, and where ``case`` patterns, ``[[ ]]`` tests and ``(( ))`` arithmetic are: bash evaluates a value
-    as code in arithmetic and in variable names, so a placeholder is refused there (see the module docstring).
-    """
 
-    def __init__(self, text: str, base: int, found: set[str], shared: _Shared | None = None) -> None:
+def _bracket_end(text: str, start: int) -> int | None:
+    """Offset of the ']' closing a '[' just before ``start`` (None: not closed on this line)."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "\n":
+            return None
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            if depth == 0:
+                return i
+            depth -= 1
+    return None
+
+
+def _arith_command_end(text: str, start: int) -> int | None:
+    """Offset of the '))' closing an arithmetic expression that starts at ``start``, None if there is none."""
+    depth = 0
+    i = start
+    while i < len(text):
+        if text.startswith("))", i) and depth == 0:
+            return i
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth < 0:
+                return None  # '((a) ...)': two subshells, not arithmetic
+        i += 1
+    return None
+
+
+def _backtick_command(text: str, start: int, ctx: str, base: int) -> tuple[str, int]:
+    """The command of the backtick substitution at ``start`` as the shell parses it, and the offset of the closing
+    backtick. Inside backticks a backslash escapes only $ ` \\ (and " when the backticks are inside "..."): those
+    lose the backslash before the inner command is parsed; others keep it."""
+    i = start + 1
+    raw: list[str] = []
+    while True:
+        if i >= len(text):
+            raise ShellSyntaxError(base + start, "unterminated backtick substitution")
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt in "$`\\" or (nxt == '"' and ctx not in (_TOP, _PARAM)):
+                raw.append(nxt)
+            else:
+                raw.append(c + nxt)
+            i += 2
+            continue
+        if c == "`":
+            return "".join(raw), i
+        raw.append(c)
+        i += 1
+
+
+def _single_quoted(text: str, start: int, base: int, found: set[str], hits: list[int]) -> tuple[str, int]:
+    """The single-quoted string at ``start`` rewritten (each placeholder closes the quote for its variable, in
+    double quotes), and the offset after it; the placeholders go into ``found`` and ``hits``."""
+    end = text.find("'", start + 1)
+    if end < 0:
+        raise ShellSyntaxError(base + start, "unterminated single quote")
+    body = text[start + 1 : end]
+    parts = ["'"]
+    i = 0
+    while i < len(body):
+        m = _PLACEHOLDER_RE.search(body, i)
+        if m is None:
+            parts.append(body[i:])
+            break
+        parts.append(body[i : m.start()])
+        name = m.group(0)
+        if name == FILES:
+            raise ShellSyntaxError(
+                base + start + 1 + m.start(), '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'
+            )
+        found.add(name)
+        hits.append(base + start + 1 + m.start())
+        parts.append(f"'\"${{{PLACEHOLDER_VARS[name]}}}\"'")
+        i = m.end()
+    parts.append("'")
+    return "".join(parts), end + 1
+
+
+def _heredoc_operator(text: str, pos: int, base: int) -> tuple[str, bool, bool, int]:
+    """The here-document operator (``<<`` or ``<<-``) at ``pos`` and its delimiter word: (delimiter, quoted,
+    strip tabs, offset after the word)."""
+    p = pos + 2
+    strip = text.startswith("-", p)
+    if strip:
+        p += 1
+    while p < len(text) and text[p] in " \t":
+        p += 1
+    word_start = p
+    while p < len(text) and text[p] not in _WORD_BREAK:
+        if text[p] == "\\":
+            p += 2
+            continue
+        if text[p] in "'\"":
+            close = text.find(text[p], p + 1)
+            if close < 0:
+                raise ShellSyntaxError(base + p, "unterminated quote in here-document delimiter")
+            p = close + 1
+            continue
+        p += 1
+    word = text[word_start:p]
+    if not word:
+        raise ShellSyntaxError(base + pos, "'<<' without a here-document delimiter")
+    quoted = any(q in word for q in "'\"\\")
+    return word.replace("\\", "").replace("'", "").replace('"', ""), quoted, strip, p
+
+
+class _Command:
+    """The shell grammar of the simple command being scanned (context _TOP): its words, which one is the command
+    name, and whether the scan is in a ``case`` pattern or a ``[[ ]]`` test, far enough to refuse a placeholder
+    where bash would evaluate it as code (see the module docstring)."""
+
+    def __init__(self, text: str, base: int, shared: _Shared) -> None:
         self.text = text
-        self.base = base  # offset of text[0] in the whole command, for error messages
-        self.found = found
-        self.shared = shared if shared is not None else _Shared()
-        self.pos = 0
-        self.out: list[str] = []
-        self.heredocs: list[tuple[str, bool, bool]] = []  # (delimiter, quoted, strip tabs) awaiting a newline
-        # command structure (context _TOP only)
-        self.depth = 0  # unquoted parentheses opened inside a $(...) body
+        self.base = base
+        self.shared = shared
         self.word: _Word | None = None  # the word being read
         self.words: list[_Word] = []  # the words of the current simple command
         self.redirect_next = False
         self.cond_end = -1  # inside [[ ... ]] up to this offset: ( ) < > & | are operands, not syntax
         self.case: list[str] = []  # per open case: "subject", "in", "pattern" or "body"
 
-    def error(self, at: int, reason: str) -> ShellSyntaxError:
-        return ShellSyntaxError(self.base + at, reason)
+    def after_for(self) -> bool:
+        return len(self.words) == 1 and self.words[0].pure and self.words[0].literal == "for"
 
-    def refuse_in(self, start: int, end: int, what: str, why: str = _ARITH_WHY) -> None:
-        """Refuse a placeholder anywhere in text[start:end] (nested substitutions included)."""
-        m = _PLACEHOLDER_RE.search(self.text, start, end)
-        if m is not None:
-            raise self.error(m.start(), f"{m.group(0)} inside {what} is refused: {why}")
-
-    # -- placeholders -------------------------------------------------------------------------------------------
-
-    def placeholder(self, ctx: str) -> bool:
-        """If a placeholder starts at pos, emit its replacement for ``ctx`` and return True."""
-        m = _PLACEHOLDER_RE.match(self.text, self.pos)
-        if m is None:
-            return False
-        name = m.group(0)
-        start, end = m.start(), m.end()
-        self.found.add(name)
-        self.shared.hits.append(self.base + start)
-        if name == FILES:
-            nxt = self.text[end] if end < len(self.text) else ""
-            whole_word = self.word is not None and self.word.start == start and (nxt == "" or nxt in _WORD_BREAK)
-            if ctx != _TOP or not whole_word:
-                raise self.error(start, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")')
-            self.out.append('"$@"')
-        else:
-            var = PLACEHOLDER_VARS[name]
-            if ctx in (_TOP, _PARAM):
-                self.out.append(f'"${{{var}}}"')
-            else:
-                self.out.append(f"${{{var}}}")
-        self.pos = end
-        return True
-
-    # -- words and commands (context _TOP) ------------------------------------------------------------------------
-
-    def begin_word(self) -> _Word:
+    def begin_word(self, pos: int) -> _Word:
         if self.word is None:
             if self.cond_end < 0 and not self.in_pattern() and all(_ASSIGNMENT.match(w.literal) for w in self.words):
-                self.check_subscript_assignment()
-            self.word = _Word(self.pos, len(self.shared.hits), redirect=self.redirect_next)
+                self.check_subscript_assignment(pos)
+            self.word = _Word(pos, len(self.shared.hits), redirect=self.redirect_next)
             self.redirect_next = False
         return self.word
 
-    def impure(self) -> None:
-        self.begin_word().pure = False
+    def impure(self, pos: int) -> None:
+        self.begin_word(pos).pure = False
 
     def in_pattern(self) -> bool:
         return bool(self.case) and self.case[-1] in ("subject", "in", "pattern")
@@ -252,7 +330,7 @@ class _Scanner:
     def command_position(self) -> bool:
         return not self.words and not self.in_pattern()
 
-    def end_word(self) -> None:
+    def end_word(self, pos: int) -> None:
         w = self.word
         if w is None:
             return
@@ -281,11 +359,13 @@ class _Scanner:
             if word in _LEADING_RESERVED:
                 return
             if word == "[[":
-                m = _COND_END_RE.search(self.text, self.pos)
+                m = _COND_END_RE.search(self.text, pos)
                 end = m.end() if m is not None else len(self.text)
-                if _COND_OP_RE.search(self.text, self.pos, end) is not None:
-                    self.refuse_in(
-                        self.pos,
+                if _COND_OP_RE.search(self.text, pos, end) is not None:
+                    _refuse_in(
+                        self.text,
+                        self.base,
+                        pos,
                         end,
                         "a [[ ]] test with -eq/-ne/-lt/-le/-gt/-ge/-v/-R",
                         "bash evaluates those operands as arithmetic or variable names, so a name like "
@@ -294,11 +374,11 @@ class _Scanner:
                 self.cond_end = end
         self.words.append(w)
 
-    def end_command(self) -> None:
-        self.end_word()
+    def end_command(self, pos: int) -> None:
+        self.end_word(pos)
         words, self.words = self.words, []
         self.redirect_next = False
-        if self.pos >= self.cond_end:
+        if pos >= self.cond_end:
             self.cond_end = -1
         args = [w for w in words if not w.redirect]
         i = 0
@@ -344,30 +424,66 @@ class _Scanner:
                             "subscript), so a name like a[$(cmd)] would run cmd"
                         )
 
-    def check_subscript_assignment(self) -> None:
+    def check_subscript_assignment(self, pos: int) -> None:
         """``name[subscript]=value`` (and ``[subscript]=value`` in ``name=(...)``): bash evaluates the subscript."""
-        m = _SUBSCRIPT_START.match(self.text, self.pos)
+        m = _SUBSCRIPT_START.match(self.text, pos)
         if m is None:
             return
-        end = self.bracket_end(m.end())
+        end = _bracket_end(self.text, m.end())
         if end is not None and self.text.startswith(("]=", "]+="), end):
-            self.refuse_in(m.end(), end, "an array subscript")
+            _refuse_in(self.text, self.base, m.end(), end, "an array subscript")
 
-    def bracket_end(self, start: int) -> int | None:
-        """Offset of the ']' closing a '[' just before ``start`` (None: not closed on this line)."""
-        depth = 0
-        text = self.text
-        for i in range(start, len(text)):
-            c = text[i]
-            if c == "\n":
-                return None
-            if c == "[":
-                depth += 1
-            elif c == "]":
-                if depth == 0:
-                    return i
-                depth -= 1
-        return None
+
+class _Scanner:
+    """One pass over a command text (or the inside of a substitution), producing the rewritten text.
+
+    In command context it also follows the shell's grammar far enough to know where a command starts, which word
+    is its name, and where ``case`` patterns, ``[[ ]]`` tests and ``(( ))`` arithmetic are: bash evaluates a value
+    as code in arithmetic and in variable names, so a placeholder is refused there (see the module docstring).
+    """
+
+    def __init__(self, text: str, base: int, found: set[str], shared: _Shared | None = None) -> None:
+        self.text = text
+        self.base = base  # offset of text[0] in the whole command, for error messages
+        self.found = found
+        self.shared = shared if shared is not None else _Shared()
+        self.pos = 0
+        self.out: list[str] = []
+        self.heredocs: list[tuple[str, bool, bool]] = []  # (delimiter, quoted, strip tabs) awaiting a newline
+        self.depth = 0  # unquoted parentheses opened inside a $(...) body
+        self.cmd = _Command(text, base, self.shared)  # context _TOP only
+
+    def error(self, at: int, reason: str) -> ShellSyntaxError:
+        return ShellSyntaxError(self.base + at, reason)
+
+    def refuse_in(self, start: int, end: int, what: str, why: str = _ARITH_WHY) -> None:
+        _refuse_in(self.text, self.base, start, end, what, why)
+
+    # -- placeholders -------------------------------------------------------------------------------------------
+
+    def placeholder(self, ctx: str) -> bool:
+        """If a placeholder starts at pos, emit its replacement for ``ctx`` and return True."""
+        m = _PLACEHOLDER_RE.match(self.text, self.pos)
+        if m is None:
+            return False
+        name = m.group(0)
+        start, end = m.start(), m.end()
+        self.found.add(name)
+        self.shared.hits.append(self.base + start)
+        if name == FILES:
+            nxt = self.text[end] if end < len(self.text) else ""
+            whole_word = self.cmd.word is not None and self.cmd.word.start == start and (nxt == "" or nxt in _WORD_BREAK)
+            if ctx != _TOP or not whole_word:
+                raise self.error(start, '_FILES_ must stand as a separate, unquoted word (it becomes "$@")')
+            self.out.append('"$@"')
+        else:
+            var = PLACEHOLDER_VARS[name]
+            if ctx in (_TOP, _PARAM):
+                self.out.append(f'"${{{var}}}"')
+            else:
+                self.out.append(f"${{{var}}}")
+        self.pos = end
+        return True
 
     # -- contexts -----------------------------------------------------------------------------------------------
 
@@ -378,127 +494,16 @@ class _Scanner:
         text = self.text
         while self.pos < len(text):
             c = text[self.pos]
-            in_cond = self.pos < self.cond_end
-            if self.case and self.case[-1] == "pattern" and not in_cond:
-                if c == ")":
-                    self.end_word()  # may be "esac", which closes the case: then ')' is the shell's again
-                if c == ")" and self.case and self.case[-1] == "pattern":
-                    self.case[-1] = "body"
-                    self.out.append(c)
-                    self.pos += 1
-                    continue
-                if c in "(|" and self.word is None:
-                    self.out.append(c)  # the optional '(' before a pattern, and '|' between patterns
-                    self.pos += 1
-                    continue
+            in_cond = self.pos < self.cmd.cond_end
+            if self.cmd.case and self.cmd.case[-1] == "pattern" and not in_cond and self.case_pattern_char(c):
+                continue
             if closer == ")" and c == ")" and self.depth == 0 and not in_cond:
-                self.end_command()
+                self.cmd.end_command(self.pos)
                 self.pos += 1
                 return "".join(self.out)
-            if c == "_" and _PLACEHOLDER_RE.match(text, self.pos):
-                self.impure()
-                self.placeholder(_TOP)
+            if self.top_quote(c) or self.top_blank(c, in_cond) or (not in_cond and self.top_operator(c, closer)):
                 continue
-            if c == "\\":
-                if text.startswith("\\\n", self.pos):  # a line continuation: no character at all
-                    self.out.append("\\\n")
-                    self.pos += 2
-                    continue
-                self.impure()
-                self.out.append(text[self.pos : self.pos + 2])
-                self.pos += 2
-                continue
-            if c == "$":
-                self.impure()
-                self.dollar(_TOP)
-                continue
-            if c == "`":
-                self.impure()
-                self.backtick(_TOP)
-                continue
-            if c == "'":
-                self.impure()
-                self.single_quote()
-                continue
-            if c == '"':
-                self.impure()
-                self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
-                continue
-            if c == "#" and self.word is None:
-                end = text.find("\n", self.pos)
-                end = len(text) if end < 0 else end
-                self.out.append(text[self.pos : end])
-                self.pos = end
-                continue
-            if c in " \t":
-                self.end_word()
-                self.out.append(c)
-                self.pos += 1
-                continue
-            if c == "\n":
-                self.end_word()
-                self.out.append("\n")
-                self.pos += 1
-                if self.heredocs:
-                    self.heredoc_bodies()
-                if not in_cond and not self.in_pattern():
-                    self.end_command()
-                continue
-            if c == "<" and text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos) and not in_cond:
-                self.end_word()
-                self.heredoc_operator()
-                continue
-            if c in "<>" and not in_cond:
-                self.end_word()
-                self.redirect_next = True
-                # the operator: < > >> <> >& <& >| (the '&' or '|' of a redirection ends no command)
-                n = 2 if text[self.pos + 1 : self.pos + 2] in ("<", ">", "&", "|") else 1
-                self.out.append(text[self.pos : self.pos + n])
-                self.pos += n
-                continue
-            if c == "&" and text.startswith("&>", self.pos) and not in_cond:  # bash: &> and &>> redirect both
-                self.end_word()
-                self.redirect_next = True
-                n = 3 if text.startswith("&>>", self.pos) else 2
-                self.out.append(text[self.pos : self.pos + n])
-                self.pos += n
-                continue
-            if c in ";&|" and not in_cond:
-                self.end_word()
-                if self.case and self.case[-1] == "body" and text.startswith(";;", self.pos):
-                    self.end_command()
-                    n = 3 if text.startswith(";;&", self.pos) else 2
-                    self.out.append(text[self.pos : self.pos + n])
-                    self.pos += n
-                    self.case[-1] = "pattern"
-                    continue
-                if self.case and self.case[-1] == "body" and text.startswith(";&", self.pos):
-                    self.end_command()
-                    self.out.append(";&")
-                    self.pos += 2
-                    self.case[-1] = "pattern"
-                    continue
-                self.end_command()
-                self.out.append(c)
-                self.pos += 1
-                continue
-            if c in "()" and not in_cond:
-                self.end_word()
-                if c == "(" and (self.command_position() or self.after_for()) and text.startswith("((", self.pos):
-                    close = self.arith_command_end(self.pos + 2)
-                    if close is not None:
-                        self.refuse_in(self.pos + 2, close, "(( )) arithmetic")
-                        self.out.append(text[self.pos : close + 2])
-                        self.pos = close + 2
-                        self.end_command()
-                        continue
-                if closer == ")":
-                    self.depth += 1 if c == "(" else -1
-                self.end_command()
-                self.out.append(c)
-                self.pos += 1
-                continue
-            w = self.begin_word()
+            w = self.cmd.begin_word(self.pos)
             if w.pure:
                 w.literal += c
             self.out.append(c)
@@ -507,11 +512,143 @@ class _Scanner:
             raise self.error(self.pos, f"unterminated substitution: missing '{closer}'")
         if self.heredocs:
             raise self.error(self.pos, f"here-document delimited by {self.heredocs[0][0]!r} has no body")
-        self.end_command()
+        self.cmd.end_command(self.pos)
         return "".join(self.out)
 
-    def after_for(self) -> bool:
-        return len(self.words) == 1 and self.words[0].pure and self.words[0].literal == "for"
+    def case_pattern_char(self, c: str) -> bool:
+        """In a case pattern: the ``)`` ending it, the optional ``(`` before it and ``|`` between patterns. True
+        when ``c`` was one of them and has been consumed."""
+        if c == ")":
+            self.cmd.end_word(self.pos)  # may be "esac", which closes the case: then ')' is the shell's again
+        if c == ")" and self.cmd.case and self.cmd.case[-1] == "pattern":
+            self.cmd.case[-1] = "body"
+            self.out.append(c)
+            self.pos += 1
+            return True
+        if c in "(|" and self.cmd.word is None:
+            self.out.append(c)  # the optional '(' before a pattern, and '|' between patterns
+            self.pos += 1
+            return True
+        return False
+
+    def top_quote(self, c: str) -> bool:
+        """At the top level: a placeholder, a backslash, ``$``, a backtick or a quote (each makes the word impure).
+        True when ``c`` was one of them and has been consumed."""
+        text = self.text
+        if c == "_" and _PLACEHOLDER_RE.match(text, self.pos):
+            self.cmd.impure(self.pos)
+            self.placeholder(_TOP)
+        elif c == "\\":
+            if text.startswith("\\\n", self.pos):  # a line continuation: no character at all
+                self.out.append("\\\n")
+                self.pos += 2
+                return True
+            self.cmd.impure(self.pos)
+            self.out.append(text[self.pos : self.pos + 2])
+            self.pos += 2
+        elif c == "$":
+            self.cmd.impure(self.pos)
+            self.dollar(_TOP)
+        elif c == "`":
+            self.cmd.impure(self.pos)
+            self.backtick(_TOP)
+        elif c == "'":
+            self.cmd.impure(self.pos)
+            self.single_quote()
+        elif c == '"':
+            self.cmd.impure(self.pos)
+            self.out.append('"' + self.sub(self.pos + 1, _DQ, None) + '"')
+        else:
+            return False
+        return True
+
+    def top_blank(self, c: str, in_cond: bool) -> bool:
+        """At the top level: a comment, a blank or a newline (which ends a command, and starts pending
+        here-document bodies). True when ``c`` was one of them and has been consumed."""
+        text = self.text
+        if c == "#" and self.cmd.word is None:
+            end = text.find("\n", self.pos)
+            end = len(text) if end < 0 else end
+            self.out.append(text[self.pos : end])
+            self.pos = end
+        elif c in " \t":
+            self.cmd.end_word(self.pos)
+            self.out.append(c)
+            self.pos += 1
+        elif c == "\n":
+            self.cmd.end_word(self.pos)
+            self.out.append("\n")
+            self.pos += 1
+            if self.heredocs:
+                self.heredoc_bodies()
+            if not in_cond and not self.cmd.in_pattern():
+                self.cmd.end_command(self.pos)
+        else:
+            return False
+        return True
+
+    def top_operator(self, c: str, closer: str | None) -> bool:
+        """At the top level outside ``[[ ]]``: a here-document, a redirection, a command separator or a
+        parenthesis. True when ``c`` was one of them and has been consumed."""
+        text = self.text
+        if c == "<" and text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos):
+            self.cmd.end_word(self.pos)
+            self.heredoc_operator()
+        elif c in "<>":
+            self.cmd.end_word(self.pos)
+            self.cmd.redirect_next = True
+            # the operator: < > >> <> >& <& >| (the '&' or '|' of a redirection ends no command)
+            n = 2 if text[self.pos + 1 : self.pos + 2] in ("<", ">", "&", "|") else 1
+            self.out.append(text[self.pos : self.pos + n])
+            self.pos += n
+        elif c == "&" and text.startswith("&>", self.pos):  # bash: &> and &>> redirect both
+            self.cmd.end_word(self.pos)
+            self.cmd.redirect_next = True
+            n = 3 if text.startswith("&>>", self.pos) else 2
+            self.out.append(text[self.pos : self.pos + n])
+            self.pos += n
+        elif c in ";&|":
+            self.separator(c)
+        elif c in "()":
+            self.paren(c, closer)
+        else:
+            return False
+        return True
+
+    def separator(self, c: str) -> None:
+        """``;``, ``&`` or ``|`` (and ``;;``, ``;;&``, ``;&`` ending a case item): the command ends."""
+        text = self.text
+        self.cmd.end_word(self.pos)
+        if self.cmd.case and self.cmd.case[-1] == "body":
+            n = 3 if text.startswith(";;&", self.pos) else 2 if text.startswith((";;", ";&"), self.pos) else 0
+            if n:
+                self.cmd.end_command(self.pos)
+                self.out.append(text[self.pos : self.pos + n])
+                self.pos += n
+                self.cmd.case[-1] = "pattern"
+                return
+        self.cmd.end_command(self.pos)
+        self.out.append(c)
+        self.pos += 1
+
+    def paren(self, c: str, closer: str | None) -> None:
+        """``(`` or ``)`` at the top level: a subshell's (counted inside ``$( )``) or an ``(( ))`` arithmetic
+        command, which is refused when it holds a placeholder."""
+        text = self.text
+        self.cmd.end_word(self.pos)
+        if c == "(" and (self.cmd.command_position() or self.cmd.after_for()) and text.startswith("((", self.pos):
+            close = _arith_command_end(self.text, self.pos + 2)
+            if close is not None:
+                self.refuse_in(self.pos + 2, close, "(( )) arithmetic")
+                self.out.append(text[self.pos : close + 2])
+                self.pos = close + 2
+                self.cmd.end_command(self.pos)
+                return
+        if closer == ")":
+            self.depth += 1 if c == "(" else -1
+        self.cmd.end_command(self.pos)
+        self.out.append(c)
+        self.pos += 1
 
     def expansion(self, c: str, ctx: str) -> bool:
         """What a double-quoted string, a ``${...}`` word and an unquoted here-document line treat alike: a
@@ -558,32 +695,8 @@ class _Scanner:
         raise self.error(self.pos, "unterminated substitution: missing '}'")
 
     def single_quote(self) -> None:
-        text = self.text
-        start = self.pos
-        end = text.find("'", start + 1)
-        if end < 0:
-            raise self.error(start, "unterminated single quote")
-        body = text[start + 1 : end]
-        parts = ["'"]
-        i = 0
-        while i < len(body):
-            m = _PLACEHOLDER_RE.search(body, i)
-            if m is None:
-                parts.append(body[i:])
-                break
-            parts.append(body[i : m.start()])
-            name = m.group(0)
-            if name == FILES:
-                raise self.error(
-                    start + 1 + m.start(), '_FILES_ must stand as a separate, unquoted word (it becomes "$@")'
-                )
-            self.found.add(name)
-            self.shared.hits.append(self.base + start + 1 + m.start())
-            parts.append(f"'\"${{{PLACEHOLDER_VARS[name]}}}\"'")
-            i = m.end()
-        parts.append("'")
-        self.out.append("".join(parts))
-        self.pos = end + 1
+        quoted, self.pos = _single_quoted(self.text, self.pos, self.base, self.found, self.shared.hits)
+        self.out.append(quoted)
 
     def sub(self, start: int, ctx: str, closer: str | None, found: set[str] | None = None) -> str:
         """Compile text[start:] in ``ctx`` up to ``closer``; advance pos past it; return the rewritten inside."""
@@ -603,7 +716,7 @@ class _Scanner:
             self.pos = end + 2
             return
         if text.startswith("$[", p):  # bash's old arithmetic; dash prints it as it is
-            bracket = self.bracket_end(p + 2)
+            bracket = _bracket_end(self.text, p + 2)
             if bracket is not None:
                 self.refuse_in(p + 2, bracket, "$[...] arithmetic")
                 self.out.append(text[p : bracket + 1])
@@ -640,7 +753,7 @@ class _Scanner:
         m = _PARAM_NAME.match(text, q)
         q = m.end() if m is not None else q
         if text.startswith("[", q):
-            end = self.bracket_end(q + 1)
+            end = _bracket_end(self.text, q + 1)
             if end is not None:
                 self.refuse_in(q + 1, end, "an array subscript")
                 q = end + 1
@@ -656,52 +769,14 @@ class _Scanner:
         self.out.append("${" + body + "}")
 
     def arith_end(self, start: int) -> int:
-        end = self.arith_command_end(start)
+        end = _arith_command_end(self.text, start)
         if end is None:
             raise self.error(start - 3, "unterminated $((...))")
         return end
 
-    def arith_command_end(self, start: int) -> int | None:
-        """Offset of the '))' closing an arithmetic expression that starts at ``start``, None if there is none."""
-        depth = 0
-        text = self.text
-        i = start
-        while i < len(text):
-            if text.startswith("))", i) and depth == 0:
-                return i
-            if text[i] == "(":
-                depth += 1
-            elif text[i] == ")":
-                depth -= 1
-                if depth < 0:
-                    return None  # '((a) ...)': two subshells, not arithmetic
-            i += 1
-        return None
-
     def backtick(self, ctx: str) -> None:
-        text = self.text
         start = self.pos
-        i = start + 1
-        raw: list[str] = []
-        while True:
-            if i >= len(text):
-                raise self.error(start, "unterminated backtick substitution")
-            c = text[i]
-            if c == "\\" and i + 1 < len(text):
-                nxt = text[i + 1]
-                # Inside backticks a backslash escapes only $ ` \ (and " when the backticks are inside "..."):
-                # those lose the backslash before the inner command is parsed; others keep it.
-                if nxt in "$`\\" or (nxt == '"' and ctx not in (_TOP, _PARAM)):
-                    raw.append(nxt)
-                else:
-                    raw.append(c + nxt)
-                i += 2
-                continue
-            if c == "`":
-                break
-            raw.append(c)
-            i += 1
-        inner_text = "".join(raw)
+        inner_text, i = _backtick_command(self.text, start, ctx, self.base)
         try:
             inner = compile_command(inner_text)
         except ShellSyntaxError as e:
@@ -718,34 +793,10 @@ class _Scanner:
     # -- here-documents ------------------------------------------------------------------------------------------
 
     def heredoc_operator(self) -> None:
-        text = self.text
-        p = self.pos + 2
-        strip = text.startswith("-", p)
-        if strip:
-            p += 1
-        op_end = p
-        while p < len(text) and text[p] in " \t":
-            p += 1
-        word_start = p
-        while p < len(text) and text[p] not in _WORD_BREAK:
-            if text[p] == "\\":
-                p += 2
-                continue
-            if text[p] in "'\"":
-                close = text.find(text[p], p + 1)
-                if close < 0:
-                    raise self.error(p, "unterminated quote in here-document delimiter")
-                p = close + 1
-                continue
-            p += 1
-        word = text[word_start:p]
-        if not word:
-            raise self.error(self.pos, "'<<' without a here-document delimiter")
-        quoted = any(q in word for q in "'\"\\")
-        delim = word.replace("\\", "").replace("'", "").replace('"', "")
+        delim, quoted, strip, end = _heredoc_operator(self.text, self.pos, self.base)
         self.heredocs.append((delim, quoted, strip))
-        self.out.append(text[self.pos : op_end] + text[op_end:p])
-        self.pos = p
+        self.out.append(self.text[self.pos : end])
+        self.pos = end
 
     def heredoc_bodies(self) -> None:
         text = self.text

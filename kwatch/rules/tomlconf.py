@@ -178,14 +178,13 @@ class Locator:
 # -- the loader -----------------------------------------------------------------------------------------------------
 
 
-class _Loader:
-    def __init__(self, text: str, filename: str, read: Callable[[str], str] | None) -> None:
+class _Fields:
+    """The values of one TOML file: typed getters that report a wrong value (with its line) and return the default."""
+
+    def __init__(self, text: str, filename: str) -> None:
         self.filename = filename
         self.loc = Locator(text)
-        self.read = read
         self.errors: list[ConfigError] = []
-        self.files: list[str] = [filename]
-        self.included_targets: list[ReplicateTarget] = []  # REPLICATE lines of included changedfiles
 
     def err(self, path: Path, reason: str, severity: str = "error") -> None:
         self.errors.append(ConfigError(self.filename, self.loc.line(path), reason, severity))
@@ -295,121 +294,6 @@ class _Loader:
             return False
         return True
 
-    # sections
-
-    def action(self, table: dict[str, Any], path: Path, opts: ActionOptions) -> Action | None:
-        triggers = tuple(
-            t.upper() if not t.startswith("op:") else t for t in self.string_list(table, "on", path)
-        )
-        if "on" not in table:
-            self.err(path, "an action needs 'on' (the operations that start it)")
-            return None
-        if "run" not in table:
-            self.err(path, "an action needs 'run' (the command)")
-            return None
-        run = table["run"]
-        if not isinstance(run, str):
-            self.err((*path, "run"), f"run must be a string, not {run!r}")
-            return None
-        action, problems = make_action(triggers, run, opts, self.where((*path, "run")))
-        self.errors.extend(problems)
-        return action
-
-    def alert(self, table: dict[str, Any], path: Path) -> Alert | None:
-        triggers = tuple(
-            t.upper() if not t.startswith("op:") else t for t in self.string_list(table, "on", path)
-        )
-        if "on" not in table or not triggers:
-            self.err((*path, "alert"), "an alert needs 'on' (the operations that raise it)")
-            return None
-        msg, level = table["alert"], table.get("level", "warning")
-        if not isinstance(msg, str) or not msg:
-            self.err((*path, "alert"), f"alert must be a message (a non-empty string), not {msg!r}")
-            return None
-        if level not in ALERT_LEVELS:
-            self.err((*path, "level"), f"level must be one of {', '.join(ALERT_LEVELS)}, not {level!r}")
-            return None
-        ops: set[Op] = set()
-        for t in triggers:
-            got = parse_trigger(t)
-            if got is None:
-                self.err((*path, "on"), f"unknown operation {t!r}")
-                return None
-            ops |= got
-        return Alert(triggers, frozenset(ops), msg, level, self.where((*path, "alert")))
-
-    def rule(
-        self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, index: int
-    ) -> Rule | None:
-        self.check_keys(
-            table,
-            path,
-            ("name", "match", "ignore", "on", "run", "alert", "level", "action", *_RULE_LEVEL, *_OPTION_KEYS),
-            "a rule",
-        )
-        ok = True
-        pattern = table.get("match")
-        if pattern is None:
-            self.err(path, "a rule needs 'match' (a regex for the path)")
-            ok = False
-        elif not isinstance(pattern, str):
-            self.err((*path, "match"), f"match must be a string, not {pattern!r}")
-            ok = False
-        else:
-            ok = self.regex(pattern, (*path, "match")) and ok
-        ignores = self.string_list(table, "ignore", path)
-        for i, ig in enumerate(ignores):
-            ok = self.regex(ig, (*path, "ignore", i)) and ok
-        opts = self.options(table, path, base)
-        conc = self.integer(table, "concurrency", path, concurrency)
-        actions: list[Action] = []
-        alerts: list[Alert] = []
-        sub = table.get("action")
-        has_inline = "on" in table or "run" in table or "alert" in table
-        if sub is not None and has_inline:
-            self.err(path, "a rule has either on/run/alert or [[...action]] tables, not both")
-            ok = False
-        elif has_inline:
-            if "run" in table or "alert" not in table:
-                a = self.action({k: table[k] for k in ("on", "run") if k in table}, path, opts)
-                ok = ok and a is not None
-                if a is not None:
-                    actions.append(a)
-            if "alert" in table:
-                al = self.alert(table, path)
-                ok = ok and al is not None
-                if al is not None:
-                    alerts.append(al)
-        elif isinstance(sub, list) and all(isinstance(x, dict) for x in sub):
-            for i, at in enumerate(sub):
-                apath = (*path, "action", i)
-                self.check_keys(at, apath, ("on", "run", "alert", "level", *_OPTION_KEYS), "an action")
-                if "run" in at or "alert" not in at:
-                    a = self.action(at, apath, self.options(at, apath, opts))
-                    ok = ok and a is not None
-                    if a is not None:
-                        actions.append(a)
-                if "alert" in at:
-                    al = self.alert(at, apath)
-                    ok = ok and al is not None
-                    if al is not None:
-                        alerts.append(al)
-        elif sub is not None:
-            self.err((*path, "action"), "action must be an array of tables ([[...action]])")
-            ok = False
-        else:
-            self.err(path, "a rule needs on/run or [[...action]] tables")
-            ok = False
-        name = table.get("name")
-        if name is not None and not isinstance(name, str):
-            self.err((*path, "name"), f"name must be a string, not {name!r}")
-        if not ok or not isinstance(pattern, str):
-            return None
-        rule_name = (
-            name if isinstance(name, str) else f"{os.path.basename(self.filename)}:{self.loc.line(path)}"
-        )
-        return Rule.make(rule_name, pattern, tuple(ignores), tuple(actions), self.where(path), conc, tuple(alerts))
-
     def process(self, table: Any, path: Path) -> ProcessFilter:
         if not isinstance(table, dict):
             self.err(path, "process must be a table")
@@ -477,12 +361,142 @@ class _Loader:
             ),
         )
 
+
+class _Loader:
+    """The sections of a config file (rulesets, rules, actions, alerts, targets, includes) into a :class:`Config`."""
+
+    def __init__(self, text: str, filename: str, read: Callable[[str], str] | None) -> None:
+        self.fields = _Fields(text, filename)
+        self.filename = filename
+        self.errors = self.fields.errors
+        self.err = self.fields.err
+        self.where = self.fields.where
+        self.read = read
+        self.files: list[str] = [filename]
+        self.included_targets: list[ReplicateTarget] = []  # REPLICATE lines of included changedfiles
+
+    # sections
+
+    def action(self, table: dict[str, Any], path: Path, opts: ActionOptions) -> Action | None:
+        triggers = tuple(
+            t.upper() if not t.startswith("op:") else t for t in self.fields.string_list(table, "on", path)
+        )
+        if "on" not in table:
+            self.err(path, "an action needs 'on' (the operations that start it)")
+            return None
+        if "run" not in table:
+            self.err(path, "an action needs 'run' (the command)")
+            return None
+        run = table["run"]
+        if not isinstance(run, str):
+            self.err((*path, "run"), f"run must be a string, not {run!r}")
+            return None
+        action, problems = make_action(triggers, run, opts, self.where((*path, "run")))
+        self.errors.extend(problems)
+        return action
+
+    def action_and_alert(self, table: dict[str, Any], action_table: dict[str, Any], path: Path, opts: ActionOptions,
+                         actions: list[Action], alerts: list[Alert]) -> bool:
+        """The action (``action_table``: its on/run) and the alert a rule's ``table`` declares, appended to
+        ``actions`` and ``alerts``; False when one of them is wrong."""
+        ok = True
+        if "run" in table or "alert" not in table:
+            a = self.action(action_table, path, opts)
+            ok = a is not None
+            if a is not None:
+                actions.append(a)
+        if "alert" in table:
+            al = self.alert(table, path)
+            ok = ok and al is not None
+            if al is not None:
+                alerts.append(al)
+        return ok
+
+    def alert(self, table: dict[str, Any], path: Path) -> Alert | None:
+        triggers = tuple(
+            t.upper() if not t.startswith("op:") else t for t in self.fields.string_list(table, "on", path)
+        )
+        if "on" not in table or not triggers:
+            self.err((*path, "alert"), "an alert needs 'on' (the operations that raise it)")
+            return None
+        msg, level = table["alert"], table.get("level", "warning")
+        if not isinstance(msg, str) or not msg:
+            self.err((*path, "alert"), f"alert must be a message (a non-empty string), not {msg!r}")
+            return None
+        if level not in ALERT_LEVELS:
+            self.err((*path, "level"), f"level must be one of {', '.join(ALERT_LEVELS)}, not {level!r}")
+            return None
+        ops: set[Op] = set()
+        for t in triggers:
+            got = parse_trigger(t)
+            if got is None:
+                self.err((*path, "on"), f"unknown operation {t!r}")
+                return None
+            ops |= got
+        return Alert(triggers, frozenset(ops), msg, level, self.where((*path, "alert")))
+
+    def rule(
+        self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, index: int
+    ) -> Rule | None:
+        self.fields.check_keys(
+            table,
+            path,
+            ("name", "match", "ignore", "on", "run", "alert", "level", "action", *_RULE_LEVEL, *_OPTION_KEYS),
+            "a rule",
+        )
+        ok = True
+        pattern = table.get("match")
+        if pattern is None:
+            self.err(path, "a rule needs 'match' (a regex for the path)")
+            ok = False
+        elif not isinstance(pattern, str):
+            self.err((*path, "match"), f"match must be a string, not {pattern!r}")
+            ok = False
+        else:
+            ok = self.fields.regex(pattern, (*path, "match")) and ok
+        ignores = self.fields.string_list(table, "ignore", path)
+        for i, ig in enumerate(ignores):
+            ok = self.fields.regex(ig, (*path, "ignore", i)) and ok
+        opts = self.fields.options(table, path, base)
+        conc = self.fields.integer(table, "concurrency", path, concurrency)
+        actions: list[Action] = []
+        alerts: list[Alert] = []
+        sub = table.get("action")
+        has_inline = "on" in table or "run" in table or "alert" in table
+        if sub is not None and has_inline:
+            self.err(path, "a rule has either on/run/alert or [[...action]] tables, not both")
+            ok = False
+        elif has_inline:
+            inline: dict[str, Any] = {k: table[k] for k in ("on", "run") if k in table}
+            ok = self.action_and_alert(table, inline, path, opts, actions, alerts) and ok
+        elif isinstance(sub, list) and all(isinstance(x, dict) for x in sub):
+            for i, at in enumerate(sub):
+                apath = (*path, "action", i)
+                self.fields.check_keys(at, apath, ("on", "run", "alert", "level", *_OPTION_KEYS), "an action")
+                aopts = self.fields.options(at, apath, opts) if "run" in at or "alert" not in at else opts
+                ok = self.action_and_alert(at, at, apath, aopts, actions, alerts) and ok
+        elif sub is not None:
+            self.err((*path, "action"), "action must be an array of tables ([[...action]])")
+            ok = False
+        else:
+            self.err(path, "a rule needs on/run or [[...action]] tables")
+            ok = False
+        name = table.get("name")
+        if name is not None and not isinstance(name, str):
+            self.err((*path, "name"), f"name must be a string, not {name!r}")
+        if not ok or not isinstance(pattern, str):
+            return None
+        rule_name = (
+            name if isinstance(name, str) else f"{os.path.basename(self.filename)}:{self.fields.loc.line(path)}"
+        )
+        return Rule.make(rule_name, pattern, tuple(ignores), tuple(actions), self.where(path), conc, tuple(alerts))
+
     def ruleset(
         self, table: dict[str, Any], path: Path, base: ActionOptions, concurrency: int, name: str
     ) -> RuleSet | None:
-        self.check_keys(table, path, ("name", "changedfiles", "process", "rule", "user", "group"), "a ruleset")
+        self.fields.check_keys(table, path, ("name", "changedfiles", "process", "rule", "user", "group"), "a ruleset")
         # user/group of a rule set: its rules' and its changedfiles file's default (that format cannot say it)
-        base = self.options({k: table[k] for k in ("user", "group") if k in table}, path, base)
+        base = self.fields.options({k: table[k] for k in ("user", "group") if k in table}, path, base)
         rules: list[Rule] = []
         ok = True
         include = table.get("changedfiles")
@@ -497,7 +511,7 @@ class _Loader:
             ok = ok and r is not None
             if r is not None:
                 rules.append(r)
-        pf = self.process(table["process"], (*path, "process")) if "process" in table else ProcessFilter()
+        pf = self.fields.process(table["process"], (*path, "process")) if "process" in table else ProcessFilter()
         rs_name = table.get("name", name)
         if not isinstance(rs_name, str):
             self.err((*path, "name"), f"name must be a string, not {rs_name!r}")
@@ -536,14 +550,14 @@ class _Loader:
         return True
 
     def load(self, doc: dict[str, Any]) -> Config | None:
-        self.check_keys(doc, (), _TOP_KEYS, "the top level")
+        self.fields.check_keys(doc, (), _TOP_KEYS, "the top level")
         runner = doc.get("runner", {})
         max_conc, shell = 8, "/bin/sh"
         if not isinstance(runner, dict):
             self.err(("runner",), "runner must be a table")
         else:
-            self.check_keys(runner, ("runner",), ("max_concurrency", "shell"), "[runner]")
-            max_conc = self.integer(runner, "max_concurrency", ("runner",), 8)
+            self.fields.check_keys(runner, ("runner",), ("max_concurrency", "shell"), "[runner]")
+            max_conc = self.fields.integer(runner, "max_concurrency", ("runner",), 8)
             sh = runner.get("shell", shell)
             if isinstance(sh, str) and os.path.isabs(sh):
                 shell = sh
@@ -554,9 +568,9 @@ class _Loader:
         if not isinstance(defaults, dict):
             self.err(("defaults",), "defaults must be a table")
         else:
-            self.check_keys(defaults, ("defaults",), (*_OPTION_KEYS, *_RULE_LEVEL), "[defaults]")
-            base = self.options(defaults, ("defaults",), base)
-            concurrency = self.integer(defaults, "concurrency", ("defaults",), 4)
+            self.fields.check_keys(defaults, ("defaults",), (*_OPTION_KEYS, *_RULE_LEVEL), "[defaults]")
+            base = self.fields.options(defaults, ("defaults",), base)
+            concurrency = self.fields.integer(defaults, "concurrency", ("defaults",), 4)
         rulesets: list[RuleSet] = []
         ok = True
         if "rule" in doc:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faultlab import remote_agent_pids
 from livereplicate import KWATCH, LiveReplicate, wait_identical
 from sshd import Sshd
 
@@ -182,30 +183,13 @@ class Burst:
         return bad
 
 
-def _remote_agent_pids(mirror: Path) -> list[int]:
-    """The agents serving ``mirror`` (found by their exact, test-unique --root argument)."""
-    want = ["agent", "--root", str(mirror)]
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue
-        if any(argv[i : i + 3] == want for i in range(len(argv))) and "ssh" not in argv[0]:
-            out.append(int(pid))
-    return out
-
-
 def _kill_agent(live: LiveReplicate, mirror: Path, timeout: float = 60.0) -> str:
     """Kill the agent of ``mirror``; fails if none runs within ``timeout`` (a kill that found no agent proves nothing).
 
     After a daemon restart the agent may not be up yet: it is waited for, by the process list, not by the log.
     """
     deadline = time.monotonic() + timeout
-    while not (pids := _remote_agent_pids(mirror)):
+    while not (pids := remote_agent_pids(mirror)):
         assert time.monotonic() < deadline, f"no agent for {mirror} within {timeout}s:\n{live.log_text()[-3000:]}"
         time.sleep(0.05)
     for pid in pids:
@@ -283,4 +267,4 @@ def test_kill9_during_a_burst_converges_without_partial_files(kind: str, tmp_pat
     assert polls >= 10 and burst.checked >= 3 * burst.files, "the mirror was hardly checked during the burst"
     assert len(events) >= 8, events
     if d is not None:
-        assert not _remote_agent_pids(mirror), "an agent outlived its session"
+        assert not remote_agent_pids(mirror), "an agent outlived its session"

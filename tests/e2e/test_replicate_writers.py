@@ -288,8 +288,8 @@ class _Sink:
 
 def test_the_replication_sink_hands_the_barrier_to_its_replicators(tmp_path: Path) -> None:
     """The daemon sets ReplicationSink.barrier before start (see the kwatch run test above for the loop's side)."""
+    from kwatch.daemon.replication import ReplicationSink
     from kwatch.metrics.stats import DaemonStats
-    from kwatch.replicate.sink import ReplicationSink
     from kwatch.rules.model import ReplicateTarget, Where
 
     src, mirror = tmp_path / "src", tmp_path / "mirror"

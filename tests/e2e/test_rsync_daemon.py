@@ -423,14 +423,14 @@ def test_weak_checksum_is_the_one_real_rsync_sends(tmp_path: Path, daemon: Rsync
     src.mkdir()
     (src / "f").write_bytes(basis + b"changed")
     seen: list[client.SumHead] = []
-    real = client.PushSession._read_sums
+    real = client._read_sums
 
-    def spy(self: client.PushSession, r: client.Reader) -> client.SumHead:
-        sums = real(self, r)
+    def spy(r: client.Reader, checksum: str) -> client.SumHead:
+        sums = real(r, checksum)
         seen.append(sums)
         return sums
 
-    monkeypatch.setattr(client.PushSession, "_read_sums", spy)
+    monkeypatch.setattr(client, "_read_sums", spy)
     push(os.fsencode(src), daemon.url("push"))
     assert (module / "f").read_bytes() == basis + b"changed"
     assert [(s.count, s.remainder) for s in seen] == [(1, 256)]

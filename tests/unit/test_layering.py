@@ -1,4 +1,5 @@
-"""Dependencies point one way: no import cycle among kwatch's modules, and each side of the wire in its package.
+"""Dependencies point one way: no import cycle among kwatch's modules nor among its packages, and each side of the
+wire in its package.
 
 Every import counts, those inside functions too (a cycle hidden in a function still ties the two modules together).
 """
@@ -91,6 +92,45 @@ def test_the_checker_finds_a_cycle() -> None:
 
 def test_no_module_import_cycle() -> None:
     assert cycles(import_graph()) == []
+
+
+def package_of(mod: str, mods: dict[str, Path]) -> str:
+    """The package a module belongs to: its directory's (``kwatch.protocols.rsync`` for ``...rsync.client``); a
+    module directly in ``kwatch/`` (``kwatch.fsutil``) and a package's ``__init__`` stand for themselves."""
+    parent = mod.rpartition(".")[0]
+    return mod if mods[mod].name == "__init__.py" or parent == "kwatch" else parent
+
+
+def package_graph(graph: dict[str, set[str]], mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Package -> the other packages its modules import."""
+    out: dict[str, set[str]] = {}
+    for mod, targets in graph.items():
+        pkg = package_of(mod, mods)
+        out.setdefault(pkg, set()).update(p for p in (package_of(t, mods) for t in targets) if p != pkg)
+    return out
+
+
+def test_the_package_graph_merges_modules() -> None:
+    mods = {m: Path(f"/{m.replace('.', '/')}.py") for m in ("kwatch.a.x", "kwatch.a.y", "kwatch.b.z", "kwatch.top")}
+    mods["kwatch.a"] = Path("/kwatch/a/__init__.py")
+    graph = {"kwatch.a.x": {"kwatch.b.z"}, "kwatch.a.y": set(), "kwatch.b.z": {"kwatch.top"},
+             "kwatch.top": set(), "kwatch.a": {"kwatch.a.y"}}
+    assert package_graph(graph, mods) == {"kwatch.a": {"kwatch.b"}, "kwatch.b": {"kwatch.top"}, "kwatch.top": set()}
+    graph["kwatch.top"] = {"kwatch.a.y"}  # no module cycle, but a -> b -> top -> a
+    assert cycles(graph) == []
+    assert cycles(package_graph(graph, mods)) == [["kwatch.a", "kwatch.b", "kwatch.top"]]
+
+
+def test_no_package_import_cycle() -> None:
+    """A cycle between packages (``metrics`` importing from ``replicate`` while ``replicate`` imports ``metrics``)
+    ties them together as a module cycle does, even when no two modules import each other."""
+    graph = import_graph()
+    mods = _modules()
+    found = cycles(package_graph(graph, mods))
+    edges = sorted(f"{m} -> {t}" for comp in found for m, ts in graph.items() for t in ts
+                   if package_of(m, mods) in comp and package_of(t, mods) in comp
+                   and package_of(m, mods) != package_of(t, mods))
+    assert found == [], edges
 
 
 def _imports_between(graph: dict[str, set[str]], frm: str, to: str) -> list[str]:

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
-from kwatch.protocols.rsync import codec
+from kwatch.protocols.rsync import client, codec
 from kwatch.protocols.rsync.checksum import checksum1, file_checksum, rolling_checksums
-from kwatch.protocols.rsync.client import MAX_BLOCK_COUNT, PushOptions, PushSession, build_server_args
+from kwatch.protocols.rsync.client import MAX_BLOCK_COUNT, PushOptions, build_server_args
 from kwatch.protocols.rsync.codec import NeedMore, Reader
 from kwatch.protocols.rsync.flist import (
     EndOfList,
@@ -360,14 +360,13 @@ def _sum_head(count: int, blength: int = 1024, s2length: int = 16) -> bytes:
 @pytest.mark.parametrize(("count", "refused"), [(MAX_BLOCK_COUNT, False), (MAX_BLOCK_COUNT + 1, True),
                                                  ((1 << 29), True)])
 def test_block_checksum_count_is_bounded_before_buffering(count: int, refused: bool) -> None:
-    session = PushSession([], PushOptions(), module=b"m")
     r = Reader(_sum_head(count))
     if refused:
         with pytest.raises(RemoteProtocolError, match="block count"):
-            session._read_sums(r)
+            client._read_sums(r, "md5")
     else:
         with pytest.raises(NeedMore):  # waits for the sums themselves: count * 20 bytes at most
-            session._read_sums(r)
+            client._read_sums(r, "md5")
 
 
 class _Counted(bytes):

@@ -147,6 +147,56 @@ def test_scan_excludes(tmp_path: Path, case: ExcludeCase) -> None:
     assert full - set(scan(r, excludes=case.patterns)) == case.gone
 
 
+@pytest.mark.parametrize("case", EXCLUDE_CASES, ids=lambda c: c.name)
+def test_scan_sub_excludes_as_the_whole_scan(tmp_path: Path, case: ExcludeCase) -> None:
+    """A scan of ``sub`` leaves out what the whole tree's scan leaves out there: patterns see paths relative to the
+    root, not to ``sub`` (an anchored ``/d/e`` is ``d/e`` also when only ``d`` is walked)."""
+    r = build(tmp_path)
+    whole = {p for p in scan(r, excludes=case.patterns) if p.startswith(b"d/")}
+    assert {b"d/" + p for p in scan(r, excludes=case.patterns, sub=b"d")} == whole
+
+
+@dataclass
+class PruneCase:
+    name: str
+    kw: dict[str, Any]
+    sub: bytes
+    listed: set[bytes]
+
+
+PRUNE_CASES = [
+    PruneCase("pruned directory listed, not descended", {"prune": {b"d/e"}}, b"",
+              {b"a", b"d", b"d/e", b"x", b"x/y"}),
+    PruneCase("prune is relative to the root under sub", {"prune": {b"d/e"}}, b"d", {b"e"}),
+    PruneCase("not recursive: direct children only", {"recursive": False}, b"", {b"a", b"d", b"x"}),
+    PruneCase("not recursive under sub", {"recursive": False}, b"d", {b"e"}),
+]
+
+
+@pytest.mark.parametrize("case", PRUNE_CASES, ids=lambda c: c.name)
+def test_scan_prune_and_depth(tmp_path: Path, case: PruneCase) -> None:
+    for d in ("d/e/f", "x/y"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "d/e/f/g").write_bytes(b"g")
+    assert set(scan(os.fsencode(tmp_path), sub=case.sub, **case.kw)) == case.listed
+
+
+def test_scan_exclude_test_callable(tmp_path: Path) -> None:
+    """An exclude test instead of patterns gets each name and its path relative to the root."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/keep").write_bytes(b"k")
+    (tmp_path / "d/drop").write_bytes(b"d")
+    seen: list[tuple[bytes, bytes]] = []
+
+    def test(name: bytes, rel: bytes) -> bool:
+        seen.append((name, rel))
+        return name == b"drop"
+
+    assert set(scan(os.fsencode(tmp_path), excludes=test, sub=b"d")) == {b"keep"}
+    assert sorted(seen) == [(b"drop", b"d/drop"), (b"keep", b"d/keep")]
+
+
 def test_scan_default_excludes_receiver_temps(tmp_path: Path) -> None:
     (tmp_path / ".a.kwatch-tmp-0123456789abcdef").write_bytes(b"partial")
     (tmp_path / "a").write_bytes(b"a")

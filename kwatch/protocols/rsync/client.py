@@ -253,6 +253,83 @@ class _DataFrame:
         struct.pack_into("<I", self.buf, self.start, (codec.MPLEX_BASE + Msg.DATA) << 24 | n)
 
 
+def _greeting(line: bytes, ours: int) -> tuple[int, list[str]]:
+    """The daemon's ``@RSYNCD:`` greeting: (the protocol both speak, the daemon's auth digest names)."""
+    m = _GREETING.match(line)
+    if not m:
+        raise RemoteProtocolError(f"not an rsync daemon greeting: {line[:200]!r}")
+    remote = int(m.group(1))
+    sub = int(m.group(2)) if m.group(2) is not None else -1
+    if sub < 0 and remote >= 30:
+        raise RemoteProtocolError(f"the daemon omitted the subprotocol value: {line!r}")
+    if m.group(3) is not None:
+        auth = parse_name_list(m.group(3), "auth digest")
+    elif remote > 31:
+        raise RemoteProtocolError(f"the daemon omitted the digest name list: {line!r}")
+    else:
+        auth = ["md5"]
+    # clientserver.c exchange_protocols: a pre-release (sub != 0) of a newer protocol counts as one less.
+    negotiated = min(ours, remote)
+    if negotiated == remote and sub > 0:
+        negotiated -= 1
+    if negotiated not in SUPPORTED_PROTOCOLS:
+        raise RemoteProtocolError(
+            f"protocol mismatch: the daemon speaks {remote}.{max(sub, 0)}, this client supports "
+            f"{SUPPORTED_PROTOCOLS[0]}..{SUPPORTED_PROTOCOLS[-1]}"
+        )
+    return negotiated, auth
+
+
+def _module_refused(line: bytes, module: bytes) -> RemoteProtocolError:
+    """The error for the daemon's ``@ERROR`` line in answer to the module name."""
+    text = line.decode(errors="replace")
+    low = text.lower()
+    name = module.decode(errors="replace")
+    if "unknown module" in low:
+        return RemoteProtocolError(f"unknown module {name!r}: {text}")
+    if "auth failed" in low:
+        return RemoteProtocolError(f"authentication failed for module {name!r}: {text}")
+    return RemoteProtocolError(f"the daemon refused the module: {text}")
+
+
+def _in_list_order(entries: Sequence[FileEntry]) -> list[FileEntry]:
+    """``entries`` sorted as rsync's file list (flist.sort_key); a name listed twice is our bug."""
+    if len({e.name for e in entries}) != len(entries):
+        names = sorted(e.name for e in entries)
+        dup = next(a for a, b in itertools.pairwise(names) if a == b)
+        raise LocalProtocolError(f"duplicate file-list entry {dup!r}")
+    return [e for _, e in sorted((sort_key(e), e) for e in entries)]
+
+
+def _read_sums(r: Reader, checksum: str) -> SumHead:
+    """sender.c receive_sums / io.c read_sum_head, validated."""
+    count, blength, s2length, remainder = r.unpack(_SUM_HEAD)
+    for what, v, hi in (("block count", count, MAX_BLOCK_COUNT), ("block length", blength, MAX_BLOCK_SIZE),
+                        ("checksum length", s2length, DIGEST_LEN.get(checksum, 16)),
+                        ("remainder length", remainder, blength)):
+        if not 0 <= v <= hi:
+            raise RemoteProtocolError(f"{what} out of range from the peer: {v} not in [0, {hi}]")
+    if count and not blength:
+        raise RemoteProtocolError("block checksums with a zero block length")
+    if not count:
+        return SumHead(0, blength, s2length, remainder, (), ())
+    step = 4 + s2length
+    raw = r.take(count * step)
+    sum1 = tuple(int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), step))
+    sum2 = tuple(raw[i + 4 : i + step] for i in range(0, len(raw), step))
+    return SumHead(count, blength, s2length, remainder, sum1, sum2)
+
+
+def _literal(out: bytearray, frame: _DataFrame, mv: memoryview, start: int, end: int) -> None:
+    """``mv[start:end]`` as literal tokens (a length, then the bytes) of at most CHUNK_SIZE bytes each."""
+    pack_int = _INT.pack
+    for s in range(start, end, codec.CHUNK_SIZE):
+        e = min(end, s + codec.CHUNK_SIZE)
+        out += pack_int(e - s)
+        out += mv[s:e]
+        frame.roll()
+
+
 class PushSession:
     """One push session: a whole batch of files over one connection."""
 
@@ -265,12 +342,7 @@ class PushSession:
         self.opts = opts
         self.mode = mode
         self.module = module
-        keyed = sorted((sort_key(e), e) for e in entries) if len({e.name for e in entries}) == len(entries) else None
-        if keyed is None:
-            names = sorted(e.name for e in entries)
-            dup = next(a for a, b in itertools.pairwise(names) if a == b)
-            raise LocalProtocolError(f"duplicate file-list entry {dup!r}")
-        self.entries = [e for _, e in keyed]
+        self.entries = _in_list_order(entries)
         self.protocol = opts.protocol
         self.counters = Counters()
         self.compat_flags = 0
@@ -354,46 +426,22 @@ class PushSession:
 
     def send_file(self, ndx: int, data: bytes | memoryview) -> None:
         """Send the requested file's content as a delta against the receiver's block checksums."""
-        if self.state is not State.FILE or self._pending is None or self._pending[0] != ndx:
-            raise LocalProtocolError(f"send_file({ndx}) without a matching FileRequested")
-        _ndx, iflags, basis, xname, sums = self._pending
-        self._pending = None
-        entry = self.entries[ndx]
-        if len(data) != entry.size:
-            # The file changed after the list was sent; rsync sends what it reads (the checksum covers it).
-            pass
-        # The tokens go straight into the output, in MSG_DATA frames of about FRAME_DATA bytes whose headers are
-        # filled in as each one closes: the file's bytes are copied once here, never re-framed.
+        # The file may have changed after the list was sent; rsync sends what it reads (the checksum covers it).
+        frame, sums = self._file_start(ndx, "send_file")
         out = self._out
-        frame = _DataFrame(out)
-        out += self._ndx_and_attrs(ndx, iflags, basis, xname)
-        out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
         mv = memoryview(data)
-        pack_int = _INT.pack
         if sums.count == 0:
             # nothing to match against (a new file): the whole file as literal runs, no block matcher set up
-            n = len(mv)
-            for s in range(0, n, codec.CHUNK_SIZE):
-                e = min(n, s + codec.CHUNK_SIZE)
-                out += pack_int(e - s)
-                out += mv[s:e]
-                frame.roll()
-            self.counters.literal_bytes += n
-            out += pack_int(0)
-            out += file_checksum(self.checksum, mv)
-            frame.close()
-            self.counters.files_sent += 1
-            self.state = State.TRANSFER
+            _literal(out, frame, mv, 0, len(mv))
+            self.counters.literal_bytes += len(mv)
+            self._file_end(frame, file_checksum(self.checksum, mv))
             return
         strong = block_hasher(self.checksum, self.seed)
         fsum = FileHasher(self.checksum)
+        pack_int = _INT.pack
         for tok in match_blocks(mv, sums, strong):
             if isinstance(tok, Literal):
-                for s in range(tok.start, tok.end, codec.CHUNK_SIZE):
-                    e = min(tok.end, s + codec.CHUNK_SIZE)
-                    out += pack_int(e - s)
-                    out += mv[s:e]
-                    frame.roll()
+                _literal(out, frame, mv, tok.start, tok.end)
                 self.counters.literal_bytes += tok.end - tok.start
             else:
                 assert isinstance(tok, Match)
@@ -401,40 +449,43 @@ class PushSession:
                 self.counters.matched_bytes += tok.length
                 frame.roll()
         fsum.update(mv)
-        out += pack_int(0)
-        out += fsum.digest()
-        frame.close()
-        self.counters.files_sent += 1
-        self.state = State.TRANSFER
+        self._file_end(frame, fsum.digest())
 
     def send_literal(self, ndx: int, chunks: Iterable[bytes]) -> None:
         """Send the requested file whole from ``chunks`` (its content in order), for a request without block sums
         (:attr:`FileRequested.sums` count 0: the receiver has no basis): no copy of the whole file is needed first."""
+        if self._pending is not None and self._pending[0] == ndx and self._pending[4].count:
+            raise LocalProtocolError(f"send_literal({ndx}) for a request with {self._pending[4].count} block sums")
+        frame, _sums = self._file_start(ndx, "send_literal")
+        out = self._out
+        fsum = FileHasher(self.checksum)
+        n = 0
+        for chunk in chunks:
+            mv = memoryview(chunk)
+            fsum.update(mv)
+            _literal(out, frame, mv, 0, len(mv))
+            n += len(mv)
+        self.counters.literal_bytes += n
+        self._file_end(frame, fsum.digest())
+
+    def _file_start(self, ndx: int, what: str) -> tuple[_DataFrame, SumHead]:
+        """Take the pending request for ``ndx`` and write the file's index, attributes and sum head, in a MSG_DATA
+        frame whose header is filled in as it closes: the tokens go straight into the output after them (the
+        file's bytes are copied once, never re-framed)."""
         if self.state is not State.FILE or self._pending is None or self._pending[0] != ndx:
-            raise LocalProtocolError(f"send_literal({ndx}) without a matching FileRequested")
+            raise LocalProtocolError(f"{what}({ndx}) without a matching FileRequested")
         _ndx, iflags, basis, xname, sums = self._pending
-        if sums.count:
-            raise LocalProtocolError(f"send_literal({ndx}) for a request with {sums.count} block sums")
         self._pending = None
         out = self._out
         frame = _DataFrame(out)
         out += self._ndx_and_attrs(ndx, iflags, basis, xname)
         out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
-        fsum = FileHasher(self.checksum)
-        pack_int = _INT.pack
-        n = 0
-        for chunk in chunks:
-            mv = memoryview(chunk)
-            fsum.update(mv)
-            for s in range(0, len(mv), codec.CHUNK_SIZE):
-                e = min(len(mv), s + codec.CHUNK_SIZE)
-                out += pack_int(e - s)
-                out += mv[s:e]
-                frame.roll()
-            n += len(mv)
-        self.counters.literal_bytes += n
-        out += pack_int(0)
-        out += fsum.digest()
+        return frame, sums
+
+    def _file_end(self, frame: _DataFrame, digest: bytes) -> None:
+        """The end of a file's tokens and its whole-file checksum."""
+        self._out += _INT.pack(0)
+        self._out += digest
         frame.close()
         self.counters.files_sent += 1
         self.state = State.TRANSFER
@@ -535,28 +586,7 @@ class PushSession:
             self._on_goodbye(r)
 
     def _on_greeting(self, line: bytes) -> None:
-        m = _GREETING.match(line)
-        if not m:
-            raise RemoteProtocolError(f"not an rsync daemon greeting: {line[:200]!r}")
-        remote = int(m.group(1))
-        sub = int(m.group(2)) if m.group(2) is not None else -1
-        if sub < 0 and remote >= 30:
-            raise RemoteProtocolError(f"the daemon omitted the subprotocol value: {line!r}")
-        if m.group(3) is not None:
-            self._server_auth = parse_name_list(m.group(3), "auth digest")
-        elif remote > 31:
-            raise RemoteProtocolError(f"the daemon omitted the digest name list: {line!r}")
-        else:
-            self._server_auth = ["md5"]
-        # clientserver.c exchange_protocols: a pre-release (sub != 0) of a newer protocol counts as one less.
-        negotiated = min(self.protocol, remote)
-        if negotiated == remote and sub > 0:
-            negotiated -= 1
-        if negotiated not in SUPPORTED_PROTOCOLS:
-            raise RemoteProtocolError(
-                f"protocol mismatch: the daemon speaks {remote}.{max(sub, 0)}, this client supports "
-                f"{SUPPORTED_PROTOCOLS[0]}..{SUPPORTED_PROTOCOLS[-1]}"
-            )
+        negotiated, self._server_auth = _greeting(line, self.protocol)
         if self._early and negotiated != self.protocol:
             raise RemoteProtocolError(f"the daemon's protocol changed ({self.protocol} -> {negotiated}) since the "
                                       "session whose negotiation this one assumed")
@@ -585,14 +615,7 @@ class PushSession:
         elif line == b"@RSYNCD: EXIT":
             raise RemoteProtocolError("the daemon ended the session before the transfer (@RSYNCD: EXIT)")
         elif line.startswith(b"@ERROR"):
-            text = line.decode(errors="replace")
-            low = text.lower()
-            if "unknown module" in low:
-                raise RemoteProtocolError(f"unknown module {self.module.decode(errors='replace')!r}: {text}")
-            if "auth failed" in low:
-                raise RemoteProtocolError(f"authentication failed for module "
-                                          f"{self.module.decode(errors='replace')!r}: {text}")
-            raise RemoteProtocolError(f"the daemon refused the module: {text}")
+            raise _module_refused(line, self.module)
         else:
             self._events.append(Motd(line))
 
@@ -729,28 +752,10 @@ class PushSession:
             raise RemoteProtocolError(f"transfer request for {entry.name!r} in the final phase")
         if not stat.S_ISREG(entry.mode):
             raise RemoteProtocolError(f"transfer request for non-file {entry.name!r}")
-        sums = self._read_sums(r)
+        sums = _read_sums(r, self.checksum)
         self._pending = (ndx, iflags, basis, xname, sums)
         self.state = State.FILE
         self._events.append(FileRequested(ndx, entry, sums))
-
-    def _read_sums(self, r: Reader) -> SumHead:
-        """sender.c receive_sums / io.c read_sum_head, validated."""
-        count, blength, s2length, remainder = r.unpack(_SUM_HEAD)
-        for what, v, hi in (("block count", count, MAX_BLOCK_COUNT), ("block length", blength, MAX_BLOCK_SIZE),
-                            ("checksum length", s2length, DIGEST_LEN.get(self.checksum, 16)),
-                            ("remainder length", remainder, blength)):
-            if not 0 <= v <= hi:
-                raise RemoteProtocolError(f"{what} out of range from the peer: {v} not in [0, {hi}]")
-        if count and not blength:
-            raise RemoteProtocolError("block checksums with a zero block length")
-        if not count:
-            return SumHead(0, blength, s2length, remainder, (), ())
-        step = 4 + s2length
-        raw = r.take(count * step)
-        sum1 = tuple(int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), step))
-        sum2 = tuple(raw[i + 4 : i + step] for i in range(0, len(raw), step))
-        return SumHead(count, blength, s2length, remainder, sum1, sum2)
 
     def _on_goodbye(self, r: Reader) -> None:
         assert self._ndx_out is not None

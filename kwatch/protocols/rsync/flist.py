@@ -93,6 +93,27 @@ class FileEntry:
         return stat.S_ISLNK(self.mode)
 
 
+def _dir_xflags(e: FileEntry, protocol: int) -> int:
+    """The flags a directory entry carries for being the top or not a content directory (none for others)."""
+    if not e.is_dir:
+        return 0
+    if protocol < 30:
+        return XMIT_TOP_DIR if e.top_dir else 0
+    if e.top_dir and not e.content_dir:  # an implied parent directory (FLAG_IMPLIED_DIR)
+        return XMIT_TOP_DIR | XMIT_NO_CONTENT_DIR
+    if not e.content_dir:
+        return XMIT_NO_CONTENT_DIR
+    return XMIT_TOP_DIR if e.top_dir else 0
+
+
+def _shared_prefix(last: bytes, name: bytes) -> int:
+    """How many leading bytes ``name`` shares with the previous entry's (at most 255: one byte says it)."""
+    n = 0
+    while n < len(last) and n < len(name) and n < 255 and name[n] == last[n]:
+        n += 1
+    return n
+
+
 def sort_key(e: FileEntry) -> bytes:
     """The order of flist.c ``f_name_cmp`` (protocol >= 29): within a directory, non-directories sort before
     directories, directory names compare with a trailing slash, a directory sorts just before its content, and
@@ -164,16 +185,7 @@ class FlistEncoder:
             e = dataclasses.replace(first, name=e.name, top_dir=e.top_dir)
         elif hlink is not None:
             self._firsts[ndx] = e
-        xflags = 0
-        if e.is_dir and self.protocol >= 30:
-            if e.top_dir and not e.content_dir:  # an implied parent directory (FLAG_IMPLIED_DIR)
-                xflags = XMIT_TOP_DIR | XMIT_NO_CONTENT_DIR
-            elif not e.content_dir:
-                xflags = XMIT_NO_CONTENT_DIR
-            elif e.top_dir:
-                xflags = XMIT_TOP_DIR
-        elif e.is_dir and e.top_dir:
-            xflags = XMIT_TOP_DIR
+        xflags = _dir_xflags(e, self.protocol)
         if e.mode == self._mode:
             xflags |= XMIT_SAME_MODE
         else:
@@ -190,10 +202,7 @@ class FlistEncoder:
             if self.protocol < 30 or e.is_dir or e.mode == 0:
                 raise LocalProtocolError(f"hard link of {e.name!r}: only non-directories, protocol >= 30")
             xflags |= XMIT_HLINKED | (XMIT_HLINK_FIRST if hlink < 0 else 0)
-        l1 = 0
-        last = self._lastname
-        while l1 < len(last) and l1 < len(e.name) and l1 < 255 and e.name[l1] == last[l1]:
-            l1 += 1
+        l1 = _shared_prefix(self._lastname, e.name)
         suffix = e.name[l1:]
         if l1 > 0:
             xflags |= XMIT_SAME_NAME
