@@ -59,6 +59,7 @@ KERNEL_TESTS = [
     "tests/kernel/test_capture_barrier.py",
     "tests/kernel/test_trace.py",
     "tests/kernel/test_doctor.py",
+    "tests/kernel/test_fexit_variants.py",
     "tests/e2e/test_replicate_loss.py",
     "tests/e2e/test_replicate.py::test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_backend",
 ]
@@ -69,6 +70,8 @@ class Kernel:
     name: str
     package: str
     version: str
+    #: the Debian suite to fetch it from when it is not one this machine's apt already has (e.g. a backports suite)
+    suite: str | None = None
 
     @property
     def dir(self) -> Path:
@@ -90,8 +93,8 @@ def kernels() -> list[Kernel]:
     for line in KERNELS_FILE.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            name, package, version = line.split()
-            out.append(Kernel(name, package, version))
+            name, package, version, *suite = line.split()
+            out.append(Kernel(name, package, version, suite[0] if suite else None))
     return out
 
 
@@ -112,13 +115,42 @@ def fetch(k: Kernel) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     print(f"fetching {k.package}={k.version}", file=sys.stderr)
+    apt = ["apt-get", *_suite_options(k.suite)] if k.suite else ["apt-get"]
+    if k.suite:
+        subprocess.run([*apt, "update", "-q"], check=True)
     # apt-get download as root warns that _apt cannot write the directory; harmless (the file is written)
-    subprocess.run(["apt-get", "download", "-q", f"{k.package}={k.version}"], cwd=tmp, check=True)
+    subprocess.run([*apt, "download", "-q", f"{k.package}={k.version}"], cwd=tmp, check=True)
     (deb,) = tmp.glob("*.deb")
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], check=True)
     shutil.rmtree(k.dir, ignore_errors=True)
     (tmp / "root").rename(k.dir)
     shutil.rmtree(tmp)
+
+
+def _archive_source() -> tuple[str, str | None]:
+    """(URI, signed-by keyring) of the archive this machine's apt fetches its own release from (deb822 sources)."""
+    release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    codename = release.get("VERSION_CODENAME", "").strip('"')
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in f.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[:1] != "#")
+            fields = {key.strip(): value.strip() for key, value in fields.items()}
+            if codename and codename in fields.get("Suites", "").split() and fields.get("URIs"):
+                return fields["URIs"].split()[0], fields.get("Signed-By")
+    raise SystemExit(f"no apt source of this machine's release ({codename or 'unknown'}) in /etc/apt/sources.list.d")
+
+
+def _suite_options(suite: str) -> list[str]:
+    """apt-get options that see only ``suite`` of this machine's archive, with lists kept in the cache (the
+    machine's own apt configuration is left alone)."""
+    d = CACHE / "apt" / suite
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    uri, keyring = _archive_source()
+    signed = f"[signed-by={keyring}] " if keyring else ""
+    (d / "sources.list").write_text(f"deb {signed}{uri} {suite} main\n")
+    return ["-o", f"Dir::Etc::SourceList={d / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", f"Dir::State::Lists={d / 'lists'}", "-o", f"Dir::Cache={d / 'cache'}"]
 
 
 def _guest_prelude(k: Kernel) -> str:
