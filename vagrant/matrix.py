@@ -2,7 +2,8 @@
 
     python vagrant/matrix.py fetch                  fetch and unpack every kernel of vagrant/kernels.txt (cached)
     python vagrant/matrix.py run KERNEL -- CMD...   boot KERNEL, run CMD as root inside, pass on its output and status
-    python vagrant/matrix.py test [-j N] [KERNEL...]  the kernel-facing tests in each guest (N at a time); a summary;
+    python vagrant/matrix.py test [-j N] [--set full|ci] [KERNEL...]
+                                                    the kernel-facing tests in each guest (N at a time); a summary;
                                                     status 1 if any failed
 
 How a guest is made: virtme-ng (``vng``, from the venv) boots the kernel's own bzImage under QEMU with this machine's
@@ -63,6 +64,16 @@ KERNEL_TESTS = [
     "tests/e2e/test_replicate_loss.py",
     "tests/e2e/test_replicate.py::test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_backend",
 ]
+
+#: What CI runs in each guest (``--set ci``, .ci/run): the tests whose outcome depends on the kernel, the programs the
+#: host cannot run (the VFS hooks and their prototype variants) and what each kernel allows (doctor); the rest of
+#: KERNEL_TESTS runs the same userspace on the host in CI's `make check`.
+KERNEL_TESTS_CI = [
+    "tests/kernel/test_capture_vfs.py",
+    "tests/kernel/test_fexit_variants.py",
+    "tests/kernel/test_doctor.py",
+]
+SETS = {"full": KERNEL_TESTS, "ci": KERNEL_TESTS_CI}
 
 
 @dataclass(frozen=True)
@@ -235,18 +246,18 @@ def _summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
     return passed, failed, errors, skipped, bad
 
 
-def test_one(k: Kernel, pytest_args: list[str]) -> tuple[bool, list[str]]:
+def test_one(k: Kernel, pytest_args: list[str], tests: list[str]) -> tuple[bool, list[str]]:
     """The kernel-facing tests in one guest: (passed, summary lines)."""
     out = OUT / k.name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     args = " ".join(shlex.quote(a) for a in pytest_args)
-    tests = " ".join(shlex.quote(t) for t in KERNEL_TESTS)
+    names = " ".join(shlex.quote(t) for t in tests)
     script = "\n".join([
         "uname -r > $OUT/uname",
         "kwatch doctor --json > $OUT/doctor.json 2> $OUT/doctor.err; echo $? > $OUT/doctor.rc",
         f"python -m pytest -p no:cacheprovider -q --no-skips --timeout={GUEST_TEST_TIMEOUT} "
-        f"--junitxml=$OUT/junit.xml {args} {tests} > $OUT/pytest.log 2>&1",
+        f"--junitxml=$OUT/junit.xml {args} {names} > $OUT/pytest.log 2>&1",
         "echo $? > $OUT/pytest.rc",
     ]).replace("$OUT", shlex.quote(str(out)))
     t0 = time.monotonic()
@@ -270,14 +281,15 @@ def test_one(k: Kernel, pytest_args: list[str]) -> tuple[bool, list[str]]:
     return ok, rows
 
 
-def test(names: list[str], pytest_args: list[str], jobs: int = 1) -> int:
-    """Every kernel (or those named), ``jobs`` guests at a time; status 1 if any failed."""
+def test(names: list[str], pytest_args: list[str], jobs: int = 1, tests: str = "full") -> int:
+    """Every kernel (or those named), ``jobs`` guests at a time, the test set ``tests`` (:data:`SETS`); status 1 if
+    any failed."""
     ks = pick(names)
     for k in ks:
         fetch(k)  # before any guest starts: apt-get runs one at a time
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda k: test_one(k, pytest_args), ks))
-    print("\nkernel matrix (" + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + "):")
+        results = list(pool.map(lambda k: test_one(k, pytest_args, SETS[tests]), ks))
+    print(f"\nkernel matrix, {tests} set (" + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + "):")
     for _, rows in results:
         print("\n".join(rows))
     print(f"reports: {OUT}/<kernel>/ (pytest.log, junit.xml, doctor.json, console.log)")
@@ -296,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pytest-args", default="", help="extra pytest arguments, one string")
     t.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("KWATCH_GUEST_JOBS", "1")),
                    help="guests at a time (each emulates 2 CPUs: more than cores/2 only slows each down)")
+    t.add_argument("--set", dest="tests", choices=sorted(SETS), default="full",
+                   help="full: every kernel-facing test; ci: those whose outcome depends on the kernel")
     a = ap.parse_args(argv)
     # a SIGTERM (make interrupted, CI's timeout) unwinds like an exception, so the guest's process group goes too
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -311,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         command = a.command[1:] if a.command[:1] == ["--"] else a.command
         out = OUT / k.name / "run"
         return boot(k, " ".join(shlex.quote(c) for c in command), out)
-    return test(a.kernels, shlex.split(a.pytest_args), a.jobs)
+    return test(a.kernels, shlex.split(a.pytest_args), a.jobs, a.tests)
 
 
 if __name__ == "__main__":
