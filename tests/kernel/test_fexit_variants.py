@@ -55,3 +55,18 @@ def test_the_running_kernel_gets_exactly_one_program_per_function() -> None:
         fitting = [prog for prog, (f, k) in FEXIT_VARIANTS.items() if f == func and variant_fits(prog)]
         assert fitting == [prog for prog, (f, k) in FEXIT_VARIANTS.items() if f == func and k == kind]
         assert len(fitting) == 1, (func, kind, fitting)
+
+
+@pytest.mark.parametrize("obj", ["kwatch-vfs.bpf.o", "kwatch-vfs-probe-read.bpf.o"])
+def test_every_program_on_a_function_with_variants_is_listed(obj: str) -> None:
+    """A program on such a function that FEXIT_VARIANTS does not name would be loaded on every kernel, next to the
+    right one: each of them must be listed, with the function its section names."""
+    from kwatch.capture.bpf import VFS_OBJECT
+
+    o = libbpf.BpfObject(str(VFS_OBJECT.with_name(obj)))
+    try:
+        on_funcs = {p.name: p.section.split("/", 1)[1] for p in o.programs()
+                    if p.section.split("/", 1)[-1] in {f for f, _ in FEXIT_VARIANTS.values()}}
+    finally:
+        o.close()
+    assert on_funcs == {prog: func for prog, (func, _) in FEXIT_VARIANTS.items()}
