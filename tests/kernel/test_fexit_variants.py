@@ -14,6 +14,7 @@ from kwatch.capture.bpf import FEXIT_VARIANTS, variant_fits
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
+
 def test_the_running_kernel_gets_exactly_one_program_per_function() -> None:
     """On every kernel with BTF (this host's 6.18 returns the dentry, the matrix's 6.1 and 6.12 an int) each
     function with variants has exactly one program that fits, and it is the one of its return type."""
