@@ -65,13 +65,13 @@ KERNEL_TESTS = [
     "tests/e2e/test_replicate.py::test_untar_into_a_fresh_tree_then_a_directory_rename_converges_on_every_backend",
 ]
 
-#: What CI runs in each guest (``--set ci``, .ci/run): the tests whose outcome depends on the kernel, the programs the
-#: host cannot run (the VFS hooks and their prototype variants) and what each kernel allows (doctor); the rest of
-#: KERNEL_TESTS runs the same userspace on the host in CI's `make check`.
+#: What CI runs in each guest (``--set ci``, .ci/run): the programs the host cannot run, the VFS hooks with their
+#: prototype variants, whose outcome depends on the kernel. Every guest also runs `kwatch doctor` once (its status
+#: is checked); the doctor's own tests (11 min of a 23-min run of the 6.18 guest on a loaded machine) and the rest of
+#: KERNEL_TESTS run the same userspace on the host in CI's `make check`.
 KERNEL_TESTS_CI = [
     "tests/kernel/test_capture_vfs.py",
     "tests/kernel/test_fexit_variants.py",
-    "tests/kernel/test_doctor.py",
 ]
 SETS = {"full": KERNEL_TESTS, "ci": KERNEL_TESTS_CI}
 
@@ -261,8 +261,14 @@ def test_one(k: Kernel, pytest_args: list[str], tests: list[str]) -> tuple[bool,
         "echo $? > $OUT/pytest.rc",
     ]).replace("$OUT", shlex.quote(str(out)))
     t0 = time.monotonic()
-    with open(out / "console.log", "wb") as console, open(out / "stdout.log", "wb") as so:
-        rc = boot(k, script, out, stdout=so.fileno(), stderr=console.fileno())
+    for attempt in (1, 2):
+        with open(out / "console.log", "wb") as console, open(out / "stdout.log", "wb") as so:
+            rc = boot(k, script, out, stdout=so.fileno(), stderr=console.fileno())
+        if (out / "uname").exists() or attempt == 2:
+            break
+        # the guest never ran the script (seen once: status 255 after 36 s, nothing on the console, on the first
+        # boot of a newly fetched kernel): a boot failure, not a test result, so it is booted once more
+        print(f"{k.name}: the guest did not start (status {rc}); booting it again", file=sys.stderr)
     took = time.monotonic() - t0
     prc = (out / "pytest.rc").read_text().strip() if (out / "pytest.rc").exists() else "none"
     drc = (out / "doctor.rc").read_text().strip() if (out / "doctor.rc").exists() else "none"
