@@ -150,8 +150,12 @@ soak: deps venv bpf ext mounts
 # guests at a time (1: on a 2-core machine two emulated guests only slow each other down)
 KERNEL_PYTEST_ARGS ?=
 KERNEL_JOBS ?= 1
+# KERNEL_SET=ci: only the tests whose outcome depends on the kernel (vagrant/matrix.py KERNEL_TESTS_CI)
+KERNEL_SET ?= full
+# KERNELS="6.1 6.18": those of vagrant/kernels.txt only (default: all)
+KERNELS ?=
 test-kernels: deps venv bpf ext kernel-deps
-	$(VPY) vagrant/matrix.py test -j $(KERNEL_JOBS) --pytest-args "$(KERNEL_PYTEST_ARGS)"
+	$(VPY) vagrant/matrix.py test -j $(KERNEL_JOBS) --set $(KERNEL_SET) --pytest-args "$(KERNEL_PYTEST_ARGS)" $(KERNELS)
 
 lint: venv
 	$(VENV)/bin/ruff check kwatch tests bench vagrant setup.py

@@ -131,6 +131,13 @@ static __always_inline struct mount *real_mount(struct vfsmount *v)
 }
 
 
+/* The mount namespace a vfsmount belongs to (its inode number); 0 for a detached or internal mount. */
+static __always_inline __u32 mount_ns(__u64 vfsmnt)
+{
+	struct mount *m = KP(struct mount, (__u64)real_mount((struct vfsmount *)vfsmnt));
+	return KR(m, mnt_ns, ns.inum);
+}
+
 static __always_inline int is_root_ino(struct kw_config *cfg, __u64 ino)
 {
 	if (!cfg)
@@ -445,7 +452,9 @@ static __always_inline struct kw_scratch *begin(struct task_struct *task, __u32 
 	e->len[0] = e->len[1] = e->len[2] = e->len[3] = 0;
 	e->trunc = 0;
 	e->in_root = 0;
-	e->_pad = 0;
+	/* names are resolved from the process's root and cwd, which are in its mount namespace (0 once the process
+	 * has dropped its namespaces at exit: the VFS program puts the file's mount's namespace over it) */
+	e->mntns = KR(t, nsproxy, mnt_ns, ns.inum);
 	/* two plain loads where bpf_get_current_comm() is a helper call and a string copy (the decoders stop at NUL) */
 #ifdef KW_PROBE_READ
 	bpf_probe_read_kernel(e->comm, sizeof(e->comm), &t->comm);

@@ -55,7 +55,8 @@ struct kw_event {
 	__u16 len[KW_SLOTS];
 	__u16 trunc;      /* bit i set: slot i was cut (too long or too deep) */
 	__u16 in_root;    /* 1: the kernel saw the path inside a watched tree; 0: unknown (userspace decides) */
-	__u32 _pad;
+	__u32 mntns;      /* the mount namespace the paths are relative to (its inode number, as /proc/PID/ns/mnt
+			   * shows it): the process's (tracepoints) or the resolved mount's (VFS); 0: unknown */
 	char comm[KW_COMM_LEN];
 };
 

@@ -148,6 +148,7 @@ static __always_inline int emit_object(__u32 op, long ret, __u64 dentry, __u64 m
 	if (check && !(roots & ROOT_IN) && !trunc)
 		return 0;
 	struct kw_event *e = &s->ev;
+	e->mntns = mount_ns(mnt);
 	e->len[0] = n;
 	e->ftype = ftype;
 	e->flags = flags;
@@ -175,6 +176,8 @@ static __always_inline int emit_entry(struct kw_vpend *p, __u32 op, long ret, __
 	if (!s)
 		return 0;
 	struct kw_event *e = &s->ev;
+	/* both paths of a rename or link are on one mount (EXDEV otherwise), so in one namespace */
+	e->mntns = mount_ns(op == KW_LINK ? p->dir2_mnt : p->dir_mnt);
 	__u8 check = cfg->use_roots ? 1 : 0;
 	__u8 roots = 0;
 	__u16 trunc = 0;
@@ -264,7 +267,11 @@ int BPF_PROG(kw_hook_mkdir, const struct path *dir, struct dentry *dentry, umode
 	return 0;
 }
 
-/* vfs_mkdir returns an int up to Linux 6.14 (a dentry since 6.15, where this program would need a variant) */
+/*
+ * vfs_mkdir comes in two prototypes, so in two programs, and the loader keeps the one the running kernel's BTF
+ * says (kwatch/capture/bpf.py, FEXIT_VARIANTS): the verifier would take either on either kernel, reading the
+ * return value as the wrong type. Up to Linux 6.14 it returns an int.
+ */
 SEC("fexit/vfs_mkdir")
 int BPF_PROG(kw_vfs_mkdir, void *idmap, struct inode *dir, struct dentry *dentry, umode_t mode, int ret)
 {
@@ -272,6 +279,27 @@ int BPF_PROG(kw_vfs_mkdir, void *idmap, struct inode *dir, struct dentry *dentry
 	if (p && !ret)
 		emit_entry(p, KW_MKDIR, ret, S_IFDIR, NULL);
 	return 0;
+}
+
+#define MAX_ERRNO 4095
+
+/*
+ * Since Linux 6.15 ("Change inode_operations.mkdir to return struct dentry *") it returns the
+ * new directory's dentry, or an ERR_PTR. A filesystem may give another dentry than the one passed in (which
+ * vfs_mkdir then drops): the name is read from the returned one, the parent from the LSM hook's path as before.
+ */
+SEC("fexit/vfs_mkdir")
+int BPF_PROG(kw_vfs_mkdir_dentry, void *idmap, struct inode *dir, struct dentry *dentry, umode_t mode,
+	     struct dentry *ret)
+{
+	/* the returned pointer as a plain number (an ERR_PTR is not a pointer to read through) */
+	__u64 made = 0;
+	bpf_probe_read_kernel(&made, sizeof(made), &ret);
+	struct kw_vpend *p = take(KW_MKDIR, (__u64)dentry, 0);
+	if (!p || !made || made >= (__u64)-MAX_ERRNO)
+		return 0;
+	p->dentry = made;
+	return emit_entry(p, KW_MKDIR, 0, S_IFDIR, NULL);
 }
 
 SEC("fentry/security_path_symlink")

@@ -92,6 +92,10 @@ class FileEvent(NamedTuple):
     lost: int | None = None  # for Op.LOSS only
     backend: str = ""
     extra: Mapping[str, object] | None = None  # backend-specific details (e.g. why a loss happened)
+    #: the mount namespace (its inode number, as /proc/PID/ns/mnt shows it) the paths are relative to, when it is not
+    #: kwatch's own: a process in a container or after `unshare -m` named them from its own root and mounts, so they
+    #: are not host paths (docs/capture.md, "Mount namespaces"). None: kwatch's namespace, or not known.
+    mntns: int | None = None
 
     @property
     def is_dir(self) -> bool:

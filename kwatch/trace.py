@@ -71,6 +71,10 @@ def _clock(ev: FileEvent) -> str:
 
 def format_text(ev: FileEvent, info: ProcInfo | None = None) -> str:
     if ev.op is Op.LOSS:
+        ns = ev.extra.get("mount_namespace") if ev.extra else None
+        if ns is not None:  # BpfSource._other_namespaces
+            return (f"{_clock(ev)} LOSS        {ev.extra['events']} changes in mount namespace {ns} "  # type: ignore[index]
+                    f"(paths there are not host paths; backend {ev.backend}); affected trees need a rescan")
         n = "unknown number of" if ev.lost is None else str(ev.lost)
         return f"{_clock(ev)} LOSS        {n} events lost (backend {ev.backend}); affected trees need a rescan"
     path = ("…" if ev.truncated else "") + display_path(ev.path)
@@ -102,6 +106,8 @@ def format_text(ev: FileEvent, info: ProcInfo | None = None) -> str:
         who.append(f"mode={ev.mode:o}")
     if ev.op is Op.CHOWN and ev.owner is not None:
         who.append(f"owner={ev.owner[0]}:{ev.owner[1]}")
+    if ev.mntns is not None:  # the path is inside that mount namespace, not the host's
+        who.append(f"mntns={ev.mntns}")
     return f"{_clock(ev)} {ev.op.name:<11} {path}  " + " ".join(who)
 
 
@@ -126,6 +132,8 @@ def to_json(ev: FileEvent) -> dict[str, object]:
         d["ftype"] = FT_NAMES[ev.ftype]
     if ev.truncated:
         d["truncated"] = True
+    if ev.mntns is not None:
+        d["mntns"] = ev.mntns
     return d
 
 

@@ -20,7 +20,7 @@
 /* FileEvent fields, in order (kwatch/events.py) */
 enum {
 	F_OP, F_PATH, F_NEW_PATH, F_TARGET, F_PID, F_TID, F_PPID, F_UID, F_GID, F_COMM, F_CGROUP, F_TS, F_RET,
-	F_FLAGS, F_MODE, F_OWNER, F_FTYPE, F_TRUNCATED, F_LOST, F_BACKEND, F_EXTRA, F_COUNT
+	F_FLAGS, F_MODE, F_OWNER, F_FTYPE, F_TRUNCATED, F_LOST, F_BACKEND, F_EXTRA, F_MNTNS, F_COUNT
 };
 
 #define RB_BUSY (1u << 31)
@@ -31,6 +31,7 @@ static PyTypeObject *event_type;   /* kwatch.events.FileEvent */
 static PyObject *ops[KW_OP_MAX];   /* Op members by number, NULL where none */
 static PyObject *slow_decode;      /* record._decode_one(buf, off) -> FileEvent */
 static PyObject *backend_name;     /* "bpf" */
+static __u32 own_mntns;            /* kwatch's mount namespace: a record of another one takes the slow path */
 
 /* One-entry caches: consecutive records mostly come from one process, so its numbers are shared, not rebuilt. */
 struct cache {
@@ -122,7 +123,8 @@ static PyObject *fast_event(struct state *st, const char *buf, Py_ssize_t size, 
 		PyErr_Format(PyExc_ValueError, "record at %zd runs past the buffer (%zd bytes)", off, size);
 		return NULL;
 	}
-	if (e.op >= KW_OP_MAX || !ops[e.op] || e.len[2] || e.len[3] || e.op == KW_SYMLINK)
+	if (e.op >= KW_OP_MAX || !ops[e.op] || e.len[2] || e.len[3] || e.op == KW_SYMLINK ||
+	    (e.mntns && e.mntns != own_mntns))
 		return Py_None;
 	PyObject *path;
 	if (!l1) {
@@ -144,7 +146,8 @@ static PyObject *fast_event(struct state *st, const char *buf, Py_ssize_t size, 
 	v[F_OP] = ops[e.op];
 	Py_INCREF(v[F_OP]);
 	v[F_PATH] = path;
-	v[F_NEW_PATH] = v[F_TARGET] = v[F_LOST] = v[F_EXTRA] = Py_None;
+	v[F_NEW_PATH] = v[F_TARGET] = v[F_LOST] = v[F_EXTRA] = v[F_MNTNS] = Py_None;
+	Py_INCREF(Py_None);
 	Py_INCREF(Py_None);
 	Py_INCREF(Py_None);
 	Py_INCREF(Py_None);
@@ -297,11 +300,13 @@ fail:
 	return NULL;
 }
 
-/* configure(FileEvent, ops_by_number, slow_decode) */
+/* configure(FileEvent, ops_by_number, slow_decode, own_mntns) */
 static PyObject *py_configure(PyObject *self, PyObject *args)
 {
 	PyObject *type, *oplist, *slow;
-	if (!PyArg_ParseTuple(args, "O!O!O:configure", &PyType_Type, &type, &PyList_Type, &oplist, &slow))
+	unsigned int mntns;
+	if (!PyArg_ParseTuple(args, "O!O!OI:configure", &PyType_Type, &type, &PyList_Type, &oplist, &slow,
+			      &mntns))
 		return NULL;
 	if (!PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)) {
 		PyErr_SetString(PyExc_TypeError, "FileEvent must be a tuple type");
@@ -316,13 +321,14 @@ static PyObject *py_configure(PyObject *self, PyObject *args)
 	Py_XSETREF(event_type, (PyTypeObject *)type);
 	Py_INCREF(slow);
 	Py_XSETREF(slow_decode, slow);
+	own_mntns = mntns;
 	if (!backend_name && !(backend_name = PyUnicode_InternFromString("bpf")))
 		return NULL;
 	Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-	{ "configure", py_configure, METH_VARARGS, "configure(FileEvent, ops_by_number, slow_decode)" },
+	{ "configure", py_configure, METH_VARARGS, "configure(FileEvent, ops_by_number, slow_decode, own_mntns)" },
 	{ "decode", py_decode, METH_VARARGS, "decode(buf, offsets) -> list of FileEvent" },
 	{ "scan", py_scan, METH_VARARGS, "scan(data, pos, prod, mask, limit) -> (offsets, pos)" },
 	{ NULL, NULL, 0, NULL },

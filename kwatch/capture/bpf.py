@@ -20,6 +20,7 @@ increase into one ``Op.LOSS`` marker event, so no loss is silent.
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 import os
 import time
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kwatch import libc
-from kwatch.capture import libbpf
+from kwatch.capture import libbpf, record
 from kwatch.capture.base import CaptureError, CaptureFilter, SourceStats
 from kwatch.capture.record import (
     MAX_ROOT_PATHS,
@@ -177,6 +178,30 @@ def fentry_refused() -> str | None:
 
 HOOKS = ("vfs", "tracepoints")
 
+#: fexit programs written for one prototype of their kernel function (bpf/kwatch_vfs.bpf.c): program name ->
+#: (function, the return kind it expects, as libbpf.func_return_kind names it). The verifier takes either program
+#: on either kernel, reading the return value as the wrong type, so the loader keeps the one the BTF of the running
+#: kernel matches (vfs_mkdir returns an int up to Linux 6.14, the new dentry since 6.15).
+FEXIT_VARIANTS = {
+    "kw_vfs_mkdir": ("vfs_mkdir", "int"),
+    "kw_vfs_mkdir_dentry": ("vfs_mkdir", "ptr"),
+}
+
+
+def variant_fits(prog: str, btf_path: str | None = None) -> bool:
+    """Whether the program ``prog`` fits the kernel whose BTF is ``btf_path`` (default: the running kernel's);
+    programs without variants always do."""
+    if prog not in FEXIT_VARIANTS:
+        return True
+    func, kind = FEXIT_VARIANTS[prog]
+    return _return_kind(func, btf_path) == kind
+
+
+@functools.lru_cache(maxsize=64)
+def _return_kind(func: str, btf_path: str | None) -> str | None:
+    """libbpf.func_return_kind, once per process and BTF (parsing the kernel's BTF takes tens of milliseconds)."""
+    return libbpf.func_return_kind(func, btf_path)
+
 
 def _candidates(hooks: str | None) -> list[Path]:
     """The builds to try, best first: the VFS ones where fentry attaches, then the tracepoint ones; ``hooks`` keeps
@@ -236,6 +261,7 @@ class BpfSource:
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
         self._uring_seen = 0
+        self._foreign_seen = record.foreign_decoded
         # The kernel decides which build it takes: each is loaded and attached in turn (a probe by trying, never a
         # version test); the refusals of the ones before are kept for the error and for `kwatch doctor`.
         self.refused: list[tuple[str, str]] = []
@@ -275,7 +301,7 @@ class BpfSource:
             self._cfg_gen = 0  # bumped by each configuration write (the kernel's path cache checks it)
             self.set_filter(self.filter)
             for prog in progs:
-                if _attached_by_name(prog.section) and _tracepoint_of(prog.section) not in self.skipped:
+                if _attached_by_name(prog.section):
                     self._obj.attach(prog)
             self._rb = RingBuffer(self._obj.map("kw_events").fd, ringbuf_bytes)
         except BaseException:
@@ -288,13 +314,17 @@ class BpfSource:
         try:
             obj.map("kw_events").set_max_entries(ringbuf_bytes)
             self.skipped: list[str] = []
-            progs = list(obj.programs())
-            for prog in progs:
+            progs = []
+            for prog in obj.programs():
                 tp = _tracepoint_of(prog.section)
                 if tp and not (TRACEFS / "events" / tp).is_dir():
                     # e.g. setxattrat on kernels before 6.13: that syscall cannot happen there
                     prog.set_autoload(False)
                     self.skipped.append(tp)
+                elif not variant_fits(prog.name):
+                    prog.set_autoload(False)  # the other prototype's program is the one loaded
+                else:
+                    progs.append(prog)
             obj.load()
         except BaseException:
             obj.close()
@@ -432,6 +462,10 @@ class BpfSource:
                 timeout = within
             self._rb.wait(timeout)
         raw = self._rb.drain(decode_batch)
+        markers: list[FileEvent] = []
+        if record.foreign_decoded != self._foreign_seen:  # a counter: the common batch costs no pass over it
+            self._foreign_seen = record.foreign_decoded
+            raw, markers = self._other_namespaces(raw)
         now = time.monotonic()
         if raw or self._rb.pending():
             self._last_data = now
@@ -461,9 +495,35 @@ class BpfSource:
             st.overflows += 1
             out.append(FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=time.monotonic_ns(), backend=self.name,
                                  extra={"io_uring": delta}))
+        if markers:
+            st.overflows += len(markers)
+            out.extend(markers)
         st.events += len(out)
         self._by_op.update(map(_OP_OF, out))
         return out
+
+    def _other_namespaces(self, raw: list[FileEvent]) -> tuple[list[FileEvent], list[FileEvent]]:
+        """Events whose paths belong to another mount namespace (a container, ``unshare -m``): (the events to
+        filter, the LOSS markers that stand for the others).
+
+        A whole-system watch keeps them, with ``mntns`` set. Watched roots are host paths, and such a path names a
+        file from another root and other mounts: comparing it with a root would place the change wrongly or miss
+        it. The kernel sent it because it may be in a watched tree (its walk passed a watched directory, as through
+        a bind mount into a container, or the name was undecided), so each namespace's events become one marker of
+        unknown place: the replicator rescans, rules see a loss, never a wrong path.
+        """
+        if not self.filter.roots or b"/" in self.filter.roots:
+            return raw, []
+        kept: list[FileEvent] = []
+        per_ns: collections.Counter[int] = collections.Counter()
+        for ev in raw:
+            if ev.mntns is None:
+                kept.append(ev)
+            else:
+                per_ns[ev.mntns] += 1
+        now = time.monotonic_ns()
+        return kept, [FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=now, backend=self.name,
+                                extra={"mount_namespace": ns, "events": n}) for ns, n in per_ns.items()]
 
     #: the ops whose paths are the names a process passed (not resolved from a descriptor in the kernel)
     _NAME_OPS = frozenset({Op.MKDIR, Op.RMDIR, Op.UNLINK, Op.RENAME, Op.SYMLINK, Op.LINK, Op.CHMOD, Op.CHOWN,
@@ -496,8 +556,8 @@ class BpfSource:
             if id(ev) in ids:
                 out.append(ev)
                 continue
-            if ev.op not in self._NAME_OPS or ev.truncated:
-                continue
+            if ev.op not in self._NAME_OPS or ev.truncated or ev.mntns is not None:
+                continue  # a name of another mount namespace is not resolved in kwatch's
             path, new = place(ev.path) or ev.path, place(ev.new_path)
             if path == ev.path and new == ev.new_path:
                 continue

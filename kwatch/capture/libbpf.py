@@ -21,6 +21,13 @@ class BpfError(CaptureError):
     """libbpf refused: the message holds the operation, errno text and libbpf's log."""
 
 
+class _BtfType(ctypes.Structure):
+    """``struct btf_type`` (include/uapi/linux/btf.h): for a FUNC, ``type`` is its FUNC_PROTO; for a FUNC_PROTO,
+    the return type (0: void)."""
+
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("type", ctypes.c_uint32)]
+
+
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 _lib: ctypes.CDLL | None = None
@@ -74,6 +81,12 @@ def lib() -> ctypes.CDLL:
         "bpf_map_create": (i, [i, s, u32, u32, u32, p]),
         "libbpf_num_possible_cpus": (i, []),
         "libbpf_set_print": (p, [_PRINT_FN]),
+        "btf__parse": (p, [s, p]),
+        "btf__load_vmlinux_btf": (p, []),
+        "btf__free": (None, [p]),
+        "btf__find_by_name_kind": (i, [p, s, u32]),
+        "btf__type_by_id": (ctypes.POINTER(_BtfType), [p, u32]),
+        "btf__resolve_type": (i, [p, u32]),
     }
     for fname, (res, args) in protos.items():
         fn = getattr(lb, fname)
@@ -211,3 +224,31 @@ def possible_cpus() -> int:
     n = lib().libbpf_num_possible_cpus()
     return int(_check(n, "count possible CPUs"))
 
+
+
+# BTF kinds (include/uapi/linux/btf.h), as :func:`func_return_kind` names them
+_BTF_KINDS = {0: "void", 1: "int", 2: "ptr", 6: "enum", 19: "enum"}
+_BTF_KIND_FUNC = 12
+
+
+def func_return_kind(name: str, btf_path: str | None = None) -> str | None:
+    """What the kernel function ``name`` returns according to BTF: "int", "ptr", "void", "enum" or another kind's
+    number as text; None when the BTF has no such function. ``btf_path``: a BTF or ELF file (default: the running
+    kernel's, /sys/kernel/btf/vmlinux). Typedefs and qualifiers are looked through."""
+    lb = lib()
+    btf = lb.btf__parse(btf_path.encode(), None) if btf_path else lb.btf__load_vmlinux_btf()
+    if not btf:
+        raise _fail(f"read BTF of {btf_path or 'the running kernel'}", ctypes.get_errno())
+    try:
+        fid = lb.btf__find_by_name_kind(btf, name.encode(), _BTF_KIND_FUNC)
+        if fid < 0:
+            return None
+        proto = lb.btf__type_by_id(btf, lb.btf__type_by_id(btf, fid).contents.type)
+        ret = proto.contents.type
+        if ret == 0:
+            return "void"
+        rid = lb.btf__resolve_type(btf, ret)
+        kind = (lb.btf__type_by_id(btf, rid).contents.info >> 24) & 0x1F if rid > 0 else 0
+        return _BTF_KINDS.get(kind, str(kind))
+    finally:
+        lb.btf__free(btf)

@@ -38,7 +38,7 @@ class KwEvent(ctypes.Structure):
         ("len", ctypes.c_uint16 * SLOTS),
         ("trunc", ctypes.c_uint16),
         ("in_root", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint32),
+        ("mntns", ctypes.c_uint32),
         ("comm", ctypes.c_char * COMM_LEN),
     ]
 
@@ -106,6 +106,22 @@ _unpack = HEADER.unpack_from
 _new = tuple.__new__
 
 
+def _own_mntns() -> int:
+    """kwatch's mount namespace (the inode number of /proc/self/ns/mnt; 0 when /proc does not say). kwatch never
+    changes its namespace, so this is read once."""
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return 0
+
+
+#: records whose paths are relative to this mount namespace (or to an unknown one: 0) are decoded as host paths;
+#: the others carry their namespace in FileEvent.mntns
+OWN_MNTNS = _own_mntns()
+#: how many records of another mount namespace were decoded so far (a consumer compares it before looking for them)
+foreign_decoded = 0
+
+
 def decode_batch(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
     """Decode the records at ``offsets`` in ``buf`` (each: header, then its slot strings) into FileEvents.
 
@@ -143,7 +159,9 @@ _comms: dict[bytes, bytes] = {}
 
 
 def _decode(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
+    global foreign_decoded
     out: list[FileEvent] = []
+    own = OWN_MNTNS
     append = out.append
     ops = _OPS_BY_NUMBER
     unpack = _unpack
@@ -152,7 +170,11 @@ def _decode(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
     mode_ops = _MODE_OPS
     for off in offsets:
         (ts, cg, pid, tid, ppid, uid, gid, ret, op, flags, mode, ftype, ouid, ogid, l0, l1, l2, l3, trunc, _in_root,
-         _pad, raw_comm) = unpack(buf, off)
+         mntns, raw_comm) = unpack(buf, off)
+        if mntns == own or not mntns:
+            mntns = None
+        else:
+            foreign_decoded += 1
         p = off + size
         kind = ops[op]
         comm = comms.get(raw_comm)
@@ -165,13 +187,13 @@ def _decode(buf: memoryview | bytes, offsets: list[int]) -> list[FileEvent]:
             append(_new(FileEvent, (
                 kind, path, new_path, target, pid, tid, ppid, uid, gid, comm, cg, ts, ret, flags,
                 mode if op in mode_ops else None, (ouid, ogid) if op == _CHOWN else None, ftype, trunc != 0, None,
-                "bpf", None,
+                "bpf", None, mntns,
             )))
         else:
             append(_new(FileEvent, (
                 kind, buf[p : p + l0].tobytes() if type(buf) is memoryview else buf[p : p + l0], None, None, pid,
                 tid, ppid, uid, gid, comm, cg, ts, ret, flags, mode if op in mode_ops else None,
-                (ouid, ogid) if op == _CHOWN else None, ftype, trunc != 0, None, "bpf", None,
+                (ouid, ogid) if op == _CHOWN else None, ftype, trunc != 0, None, "bpf", None, mntns,
             )))
     return out
 
@@ -213,7 +235,7 @@ def _load_c() -> Any:
         from kwatch.capture import _recordc  # type: ignore[attr-defined]
     except ImportError:
         return None
-    _recordc.configure(FileEvent, list(_OPS_BY_NUMBER), decode_one)
+    _recordc.configure(FileEvent, list(_OPS_BY_NUMBER), decode_one, OWN_MNTNS)
     return _recordc
 
 

@@ -11,6 +11,12 @@ BACKENDS = ("bpf", "fanotify", "inotify")
 #: What each backend cannot see, in plain words (docs/capture.md "Blind spots" explains each). `--backend auto` logs
 #: the chosen backend's list and `kwatch doctor` prints it. The BPF backend's list depends on the program the kernel
 #: took: "bpf" for the syscall tracepoints, "bpf-vfs" for the VFS hooks (:func:`blind_spots_key`).
+_OTHER_MNTNS = (
+    "the host path of a change made in another mount namespace (a container, unshare -m): under watched roots it "
+    "becomes a LOSS marker naming the namespace (replication rescans); watching everything, the event comes with "
+    "its path inside that namespace and mntns set"
+)
+
 BLIND_SPOTS: dict[str, list[str]] = {
     # the VFS hooks close four of the tracepoints' blind spots: io_uring's operations are events, names are the
     # dentries the kernel resolved (symlinked directories, ".." after a symlink), nothing is read from user memory
@@ -21,8 +27,7 @@ BLIND_SPOTS: dict[str, list[str]] = {
         "opens on filesystems that open the file while looking it up (atomic_open: an NFS or CIFS client, some "
         "FUSE filesystems): no CREATE/OPEN_WRITE there; CLOSE_WRITE and the other ops are seen",
         "whether an open had O_TRUNC (the kernel clears the flag before the hook sees the file)",
-        "which mount namespace a path belongs to: a change in another namespace (a container) is reported with its "
-        "path inside that namespace, unflagged",
+        _OTHER_MNTNS,
     ],
     "bpf": [
         "which files io_uring operations touch: the syscall tracepoints never see them; each batch of io_uring "
@@ -35,6 +40,7 @@ BLIND_SPOTS: dict[str, list[str]] = {
         "a change made through a /proc/PID/fd/N link (glibc's fchmodat with AT_SYMLINK_NOFOLLOW, which tar uses for "
         "directory modes: chmod(\"/proc/self/fd/3\")): lost",
         "the last close of a file: CLOSE_WRITE comes once per descriptor closed (a shell redirection gives two)",
+        _OTHER_MNTNS,
     ],
     "fanotify": [
         "which process did it beyond the pid (no ppid, uid, comm)",

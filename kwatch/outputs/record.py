@@ -106,6 +106,8 @@ def event_line(ev: FileEvent, time_text: str, host: str, info: ProcInfo | None =
         parts += (',"ftype":"', FT_NAMES[ev.ftype], '"')
     if ev.truncated:
         parts.append(',"truncated":true')
+    if ev.mntns is not None:
+        parts += (',"mntns":', str(ev.mntns))
     if info is not None:
         parts.append(info.fragment)  # encoded once per process
     parts.append("}\n")

@@ -730,3 +730,67 @@ def test_io_uring_file_operations_become_a_rescan_marker(source: object) -> None
     assert sum(int(e.extra["io_uring"]) for e in markers) >= 3  # type: ignore[index, call-overload]
     assert all(e.path == b"/" and e.lost is None for e in markers)
 
+
+
+# Runs as `unshare -m python -c NS_CHILD DIR` and prints its pid and mount namespace: in a mount
+# namespace of its own, DIR/real is bound over DIR/view, so DIR/view/... names files that the host sees at DIR/real.
+NS_CHILD = """
+import os, subprocess, sys
+d = sys.argv[1]
+subprocess.run(["mount", "--bind", d + "/real", d + "/view"], check=True)
+print(os.getpid(), os.stat("/proc/self/ns/mnt").st_ino, flush=True)
+v = d + "/view"
+os.close(os.open(v + "/f", os.O_WRONLY | os.O_CREAT, 0o644))
+os.mkdir(v + "/m")
+os.rename(v + "/f", v + "/g")
+"""
+
+
+def _in_own_mount_namespace(d: bytes) -> tuple[int, int]:
+    """Run NS_CHILD on d in a new mount namespace: (its pid, its namespace's inode number)."""
+    os.makedirs(d + b"/real")
+    os.makedirs(d + b"/view")
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", NS_CHILD, d],
+                       capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(d + b"/view") == [] and sorted(os.listdir(d + b"/real")) == [b"g", b"m"]
+    pid, ns = map(int, p.stdout.split())
+    assert ns != os.stat("/proc/self/ns/mnt").st_ino
+    return pid, ns
+
+
+def test_paths_of_another_mount_namespace_are_flagged(source: object, tmp_path: Path) -> None:
+    """Watching the whole system, a process in a mount namespace of its own (unshare -m, a bind mount there) is
+    reported with the paths it used, which are not host paths (the host has the files under real/, not view/):
+    each event says so by its namespace."""
+    from kwatch.capture.bpf import BpfSource
+
+    d = os.fsencode(tmp_path)
+    with BpfSource(CaptureFilter(), obj_path=source.object_path) as whole:  # type: ignore[attr-defined]
+        drain(whole, 0.1)
+        pid, ns = _in_own_mount_namespace(d)
+        mine = [e for e in drain(whole) if e.pid == pid and e.op is not Op.LOSS and e.path.startswith(d + b"/")]
+    v = d + b"/view"
+    assert [(e.op.name, e.path, e.new_path) for e in mine] == [
+        ("CREATE", v + b"/f", None), ("CLOSE_WRITE", v + b"/f", None), ("MKDIR", v + b"/m", None),
+        ("RENAME", v + b"/f", v + b"/g"),
+    ]
+    assert [e.mntns for e in mine] == [ns] * 4
+
+
+def test_changes_in_another_mount_namespace_become_a_rescan_marker(source: object) -> None:
+    """Under watched roots (host paths), the same changes are not delivered with paths that would be taken for the
+    host's (view/ has nothing on the host): they become one LOSS marker of unknown place naming the namespace (the
+    replicator rescans). A change by a process of kwatch's namespace is an event as always."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    d = os.path.join(base, b"mntns")
+    os.mkdir(d)
+    drain(source, 0.1)
+    _, ns = _in_own_mount_namespace(d)
+    subprocess.run([sys.executable, "-c", CHILD_PRELUDE + "touch(d + b'/real/h')", d], check=True, timeout=60)
+    events = drain(source)
+    markers = [e for e in events if e.op is Op.LOSS and e.extra and e.extra.get("mount_namespace") == ns]
+    assert [(e.path, e.lost, e.mntns, e.extra) for e in markers] == [
+        (b"/", None, None, {"mount_namespace": ns, "events": 4})]
+    assert [(e.op.name, e.path, e.mntns) for e in events if e.op is not Op.LOSS] == [
+        ("CREATE", d + b"/real/h", None), ("CLOSE_WRITE", d + b"/real/h", None)]

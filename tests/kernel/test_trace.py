@@ -53,6 +53,15 @@ def test_json_names_the_file_type_and_return_value_when_known() -> None:
     assert "ftype" not in d and "ret" not in d, "unknown fields are left out, not invented"
 
 
+def test_a_path_of_another_mount_namespace_says_so() -> None:
+    """Text and JSON name the mount namespace of a path that is not a host path; host paths carry none."""
+    ev = FileEvent(Op.CREATE, b"/data/f", pid=9, backend="bpf", mntns=4026532999)
+    assert to_json(ev)["mntns"] == 4026532999 and "mntns=4026532999" in format_text(ev)
+    assert "mntns" not in to_json(ev._replace(mntns=None)) and "mntns" not in format_text(ev._replace(mntns=None))
+    marker = FileEvent(Op.LOSS, b"/", backend="bpf", extra={"mount_namespace": 4026532999, "events": 4})
+    assert "4 changes in mount namespace 4026532999" in format_text(marker)
+
+
 def test_text_is_one_line_per_event() -> None:
     line = format_text(EV)
     assert "\n" not in line

@@ -18,7 +18,7 @@ CASES = {
     "plain": FileEvent(Op.CLOSE_WRITE, b"/a/b", pid=1, backend="bpf"),
     "every field": FileEvent(Op.RENAME, b"/a/x", b"/a/y", b"t", pid=1, tid=2, ppid=3, uid=4, gid=5, comm=b"mv",
                              cgroup_id=6, ts_ns=7, ret=0, flags=2, mode=0o644, owner=(1000, -1), ftype=FT_REG,
-                             truncated=True, backend="bpf"),
+                             truncated=True, backend="bpf", mntns=4026532999),
     "non-UTF-8, newline, quote, backslash": FileEvent(Op.CREATE, b'/a/\xff\n"\\', comm=b"c\xfe", backend="bpf"),
     "unicode": FileEvent(Op.MKDIR, "/a/é€😀".encode(), ftype=FT_DIR, backend="fanotify"),
     "symlink": FileEvent(Op.SYMLINK, b"/l", target=b"../x", ftype=FT_LNK, backend="inotify"),

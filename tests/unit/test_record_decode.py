@@ -7,6 +7,7 @@ behind the (slower) fallback.
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
 import pytest
@@ -21,8 +22,10 @@ recordc = record.recordc
 
 
 def rec(op: int, slots: list[bytes], *, pid: int = 4242, trunc: int = 0, comm: bytes = b"tar", mode: int = 0o644,
-        owner: tuple[int, int] = (-1, -1), ret: int = 0, flags: int = 0o101, ftype: int = 0o100000) -> bytes:
+        owner: tuple[int, int] = (-1, -1), ret: int = 0, flags: int = 0o101, ftype: int = 0o100000,
+        mntns: int = 0) -> bytes:
     ev = KwEvent()
+    ev.mntns = mntns
     ev.ts_ns = 1_234_567_890_123
     ev.cgroup_id = 77
     ev.pid = pid
@@ -75,7 +78,26 @@ CASES = [
     ("empty_comm", rec(int(Op.UTIMES), [D + b"/f"], comm=b"")),
     ("big_pid_negative_ret", rec(int(Op.TRUNCATE), [D + b"/f"], pid=4_000_000_000, ret=-1)),
     ("unknown_op", rec(0, [D + b"/f"])),
+    ("own_mount_namespace", rec(int(Op.CREATE), [D, b"f"], mntns=record.OWN_MNTNS)),
+    ("other_mount_namespace", rec(int(Op.CREATE), [D, b"f"], mntns=record.OWN_MNTNS + 1)),
+    ("other_mount_namespace_path", rec(int(Op.CLOSE_WRITE), [D + b"/f"], mntns=record.OWN_MNTNS + 1)),
 ]
+
+
+@pytest.mark.parametrize("decode", [record.decode_batch, decode_batch_py], ids=["default", "python"])
+def test_a_path_of_another_mount_namespace_carries_it(decode: object) -> None:
+    """kwatch's own namespace and an unknown one (0) give host paths (mntns None); another one is named, and
+    counted, so a consumer knows the path is not a host path."""
+    assert os.stat("/proc/self/ns/mnt").st_ino == record.OWN_MNTNS
+    other = record.OWN_MNTNS + 1
+    bodies = [rec(int(Op.CREATE), [D, b"f"], mntns=n) for n in (record.OWN_MNTNS, 0, other)]
+    bodies.append(rec(int(Op.RENAME), [D, b"a", D, b"b"], mntns=other))
+    buf, offsets = ring(bodies)
+    before = record.foreign_decoded
+    got = decode(memoryview(buf), offsets)  # type: ignore[operator]
+    assert [(e.path, e.mntns) for e in got] == [(D + b"/f", None), (D + b"/f", None), (D + b"/f", other),
+                                               (D + b"/a", other)]
+    assert record.foreign_decoded - before == 2
 
 
 def test_c_decoder_is_built() -> None:
