@@ -224,6 +224,26 @@ def _tracepoint_of(section: str) -> str | None:
     return f"{parts[1]}/{parts[2]}" if len(parts) == 3 and parts[0] == "tp" else None
 
 
+def _same_here(pid: int | None, path: bytes, seen: dict[tuple[int, bytes], bool]) -> bool:
+    """Whether ``path``, as the process ``pid`` of another mount namespace named it, names the same directory entry
+    in kwatch's namespace: its directory seen through the process's root is the directory of that name here (same
+    device and inode). Answers are kept in ``seen`` per (pid, directory) for one read."""
+    if not pid or not path.startswith(b"/"):
+        return False
+    d = path.rpartition(b"/")[0] or b"/"
+    key = (pid, d)
+    hit = seen.get(key)
+    if hit is None:
+        try:
+            theirs = os.stat(b"/proc/%d/root%s" % (pid, d))
+            ours = os.stat(d)
+            hit = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+        except OSError:  # the process has exited, or the directory is not there on one side
+            hit = False
+        seen[key] = hit
+    return hit
+
+
 class BpfSource:
     """Capture through the kernel program; see the module docstring for what is filtered where.
 
@@ -504,20 +524,25 @@ class BpfSource:
 
     def _other_namespaces(self, raw: list[FileEvent]) -> tuple[list[FileEvent], list[FileEvent]]:
         """Events whose paths belong to another mount namespace (a container, ``unshare -m``): (the events to
-        filter, the LOSS markers that stand for the others).
+        filter, the LOSS markers that stand for those whose paths kwatch's namespace cannot reach).
 
-        A whole-system watch keeps them, with ``mntns`` set. Watched roots are host paths, and such a path names a
-        file from another root and other mounts: comparing it with a root would place the change wrongly or miss
-        it. The kernel sent it because it may be in a watched tree (its walk passed a watched directory, as through
-        a bind mount into a container, or the name was undecided), so each namespace's events become one marker of
-        unknown place: the replicator rescans, rules see a loss, never a wrong path.
+        A whole-system watch keeps them all, with ``mntns`` set. Watched roots are host paths: a path of another
+        namespace is kept (still with ``mntns``) when it names the same place from here, that is when its directory,
+        looked up through the process's root (``/proc/PID/root``, which resolves in that process's mounts), is the
+        directory of the same name here: a namespace that copied the host's mounts, a volume bind-mounted at the
+        same path. Otherwise it names a file from another root or other mounts, and comparing it with a root would
+        place the change wrongly or miss it; the kernel sent it because it may be in a watched tree (its walk passed
+        a watched directory, as through a bind mount into a container, or the name was undecided), so each
+        namespace's such events become one marker of unknown place: the replicator rescans, rules see a loss, never
+        a wrong path. A process that has exited by the time of the read cannot be looked up: its events are markers.
         """
         if not self.filter.roots or b"/" in self.filter.roots:
             return raw, []
         kept: list[FileEvent] = []
         per_ns: collections.Counter[int] = collections.Counter()
+        same: dict[tuple[int, bytes], bool] = {}
         for ev in raw:
-            if ev.mntns is None:
+            if ev.mntns is None or all(_same_here(ev.pid, p, same) for p in (ev.path, ev.new_path) if p):
                 kept.append(ev)
             else:
                 per_ns[ev.mntns] += 1

@@ -794,3 +794,47 @@ def test_changes_in_another_mount_namespace_become_a_rescan_marker(source: objec
         (b"/", None, None, {"mount_namespace": ns, "events": 4})]
     assert [(e.op.name, e.path, e.mntns) for e in events if e.op is not Op.LOSS] == [
         ("CREATE", d + b"/real/h", None), ("CLOSE_WRITE", d + b"/real/h", None)]
+
+
+# Runs as `unshare -m python -c LIVE_NS_CHILD DIR BIND`: in a mount namespace of its own (with DIR/real bound over
+# DIR/view when BIND is 1), creates DIR/view/f, prints its pid and namespace, and stays alive until its stdin closes.
+LIVE_NS_CHILD = """
+import os, subprocess, sys
+d, bind = sys.argv[1], sys.argv[2] == "1"
+if bind:
+    subprocess.run(["mount", "--bind", d + "/real", d + "/view"], check=True)
+os.close(os.open(d + "/view/f", os.O_WRONLY | os.O_CREAT, 0o644))
+print(os.getpid(), os.stat("/proc/self/ns/mnt").st_ino, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["same-mounts", "bind-mount"])
+def test_a_live_process_of_another_mount_namespace_is_kept_when_its_paths_name_the_same_files_here(
+        source: object, bind: bool) -> None:
+    """Under watched roots, a change by a process in another mount namespace is an event, with its namespace, when
+    its path names the same directory from kwatch's namespace (``unshare -m`` copied the host's mounts: a container
+    writing to a volume mounted at the same path); when a bind mount there makes the path name other files (view/
+    is real/ in its namespace, an empty directory here), its changes are a marker of unknown place, as for a
+    process that has exited (test_changes_in_another_mount_namespace_become_a_rescan_marker)."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    d = os.path.join(base, b"live-ns-bind" if bind else b"live-ns")
+    os.makedirs(d + b"/real")
+    os.makedirs(d + b"/view")
+    drain(source, 0.1)
+    child = subprocess.Popen(["unshare", "-m", "--propagation", "private", sys.executable, "-c", LIVE_NS_CHILD, d,
+                              "1" if bind else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        pid, ns = map(int, child.stdout.readline().split())
+        assert ns != os.stat("/proc/self/ns/mnt").st_ino
+        events = drain(source)  # read while the process is alive: its root can be looked through
+    finally:
+        child.communicate(b"", timeout=60)
+    mine = [(e.op.name, e.path, e.mntns) for e in events if e.op is not Op.LOSS and e.pid == pid]
+    markers = [e.extra for e in events if e.op is Op.LOSS and e.extra and e.extra.get("mount_namespace") == ns]
+    if bind:
+        assert mine == [] and markers == [{"mount_namespace": ns, "events": 2}], events
+    else:
+        assert mine == [("CREATE", d + b"/view/f", ns), ("CLOSE_WRITE", d + b"/view/f", ns)], events
+        assert markers == [], events
