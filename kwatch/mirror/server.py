@@ -27,6 +27,7 @@ from kwatch.fsutil import grow_pipe
 from kwatch.mirror.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.protocols import agent as ap
 from kwatch.protocols.errors import ProtocolError, RemoteProtocolError
+from kwatch.replicate.preload import preload_delta
 from kwatch.replicate.scan import Entry as ScanEntry
 from kwatch.replicate.scan import Kind, Manifest, scan
 
@@ -422,6 +423,7 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO, *, fsync: str = "none", pre
     rfd, wfd = inp.fileno(), out.fileno()
     for fd in (rfd, wfd):  # a local pipe, or sshd's pipes to us: fewer wake-ups with more room (see grow_pipe)
         grow_pipe(fd)
+    preload_delta()
     try:
         _write_all(wfd, server.start())
         while not server.closed:

@@ -42,6 +42,7 @@ from kwatch.replicate.link import AgentLink, LinkError
 from kwatch.replicate.linkindex import Key, LinkIndex, is_inode
 from kwatch.replicate.linkplan import plan_group
 from kwatch.replicate.options import TargetOptions
+from kwatch.replicate.preload import preload_delta
 from kwatch.replicate.scan import (
     DEFAULT_EXCLUDES,
     Delete,
@@ -821,6 +822,7 @@ class AgentTransport:
         self._prescan = _Prescan(self.src, self._excludes(), self.opts.checksum, self.coalescer.changes) \
             if self.coalescer.root_rescan_pending() else None
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
+        preload_delta()
         self.link.on_wait = self.host.fold_queued
         if self.host.on_agent is not None:
             self.host.on_agent(self.link.pid)

@@ -1,0 +1,18 @@
+"""The delta engine imported in the background once an end of the agent link has started.
+
+Both ends need ``kwatch.replicate.delta`` (numpy is most of its import time, 0.1-0.2 s) only once a signature or a
+delta is made. Imported at start-up it delays every start, a first sync into an empty mirror included, which never
+uses it; imported where it is first used, a live batch pays that import in the middle of replication. Imported in a
+daemon thread right after start, neither waits: a batch that needs it before the import has ended waits only for
+the rest of it (the import lock).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+
+def preload_delta() -> None:
+    threading.Thread(target=importlib.import_module, args=("kwatch.replicate.delta",), name="preload delta",
+                     daemon=True).start()
