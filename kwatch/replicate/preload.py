@@ -10,9 +10,12 @@ the rest of it (the import lock).
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 
 
 def preload_delta() -> None:
+    if "kwatch.replicate.delta" in sys.modules:  # a reconnect: imported already, no thread needed
+        return
     threading.Thread(target=importlib.import_module, args=("kwatch.replicate.delta",), name="preload delta",
                      daemon=True).start()
