@@ -194,9 +194,10 @@ class KwatchAudit(_Procs):
     plus the output's; ``events`` the records the output took (records still spooled at the stop are in the
     run's ``unsent_at_stop``)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, options: str = "") -> None:
         super().__init__()
         self.kind = kind
+        self.options = options  # appended to the --output string: ",key=value..."
         self.name = f"kwatch-bpf-audit-{kind}"
         self.label = {"file": "kwatch trace -q --output file (bpf)", "journal": "kwatch trace -q --output journal (bpf)",
                       "nats": "kwatch trace -q --output nats (bpf)"}[kind]
@@ -232,13 +233,14 @@ class KwatchAudit(_Procs):
                                    stdout=subprocess.DEVNULL, stderr=err)
         self.children.append(srv)
         _wait_ready(srv, lambda: _connects(port), "nats-server")
-        return f"nats:nats://127.0.0.1:{port},spool={ctx.tmp / f'spool-{ctx.run_id}'}"
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        return f"nats:{self.nats_url},spool={ctx.tmp / f'spool-{ctx.run_id}'}"
 
     def start(self, ctx: RunCtx) -> None:
         self.ctx = ctx
         self.children = []
         try:
-            output = self._server(ctx)
+            output = self._server(ctx) + self.options
             self.err = ctx.tmp / f"{self.name}-{ctx.run_id}.err"
             with self.err.open("wb") as err:
                 c = ctx.runner.start(

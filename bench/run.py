@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import OUT, BenchError
 
-SUITES = ("capture", "replicate", "rsync", "startup", "firstsync")
+SUITES = ("capture", "replicate", "rsync", "startup", "firstsync", "audit")
 
 
 def _log(msg: str) -> None:
@@ -97,8 +97,14 @@ def run_firstsync(args: argparse.Namespace, out: Path) -> int:
     return firstsync.main(args, out)
 
 
+def run_audit(args: argparse.Namespace, out: Path) -> int:
+    from bench import audit
+
+    return audit.main(args, out)
+
+
 RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync, "startup": run_startup,
-           "firstsync": run_firstsync}
+           "firstsync": run_firstsync, "audit": run_audit}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fs", choices=["tmpfs", "disk"], default="tmpfs", help="where the workloads write")
     ap.add_argument("--time-limit", type=float, help="seconds; stop scheduling runs after it (results partial)")
     ap.add_argument("--observers", action="append", default=[], help="capture: observer names to run (repeat or "
-                    "comma-separate); 'none' always runs")
+                    "comma-separate); 'none' always runs; audit: the outputs to run (file, nats)")
     ap.add_argument("--untar-repeat", type=int, help="capture: untars per timed run")
     ap.add_argument("--churn-iterations", type=int, help="capture: churn iterations per timed run")
     ap.add_argument("--no-throughput", action="store_true", help="capture: skip the decode and end-to-end figures")
@@ -118,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="firstsync: also a tree of N small files (alone: 1,000,000; minutes per run, one run each "
                     "unless --runs)")
     ap.add_argument("--no-untar", action="store_true", help="firstsync: leave out the untar tree")
+    ap.add_argument("--audit-rate", type=float, default=120_000.0,
+                    help="audit: the churn's paced rate in events/s (default 120000)")
+    ap.add_argument("--audit-records", type=int, help="audit: events per run (default 1000000, --quick 60000)")
+    ap.add_argument("--audit-only", choices=["output", "pipeline"],
+                    help="audit: only the output alone, or only the whole pipeline (default both)")
     ap.add_argument("--write-readme", action="store_true", help="update the suite's section of README.md")
     ap.add_argument("--out", type=Path, default=OUT, help="output directory (default bench/out)")
     return ap

@@ -46,11 +46,12 @@ class TraceMatcher:
     def __call__(self, ev: FileEvent) -> bool:
         if ev.op is Op.LOSS:
             return True
-        paths = ev.paths()
-        if self.rules and not any(r.search(p) for r in self.rules for p in paths):
-            return False
-        if self.ignores and any(r.search(p) for r in self.ignores for p in paths):
-            return False
+        if self.rules or self.ignores:
+            paths = ev.paths()
+            if self.rules and not any(r.search(p) for r in self.rules for p in paths):
+                return False
+            if self.ignores and any(r.search(p) for r in self.ignores for p in paths):
+                return False
         if self.pids and ev.pid not in self.pids:
             return False
         if self.uids and ev.uid not in self.uids:

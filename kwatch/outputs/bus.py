@@ -8,8 +8,9 @@ for the GIL with the capture), while one ``write`` of a 256 KiB batch to the pag
 When the spool is full, records are dropped and counted in ``lost`` until the server has taken half of the spool;
 then a marker record saying how many were lost is spooled, and records again after it. The publisher thread:
 
-1. while connected, sends the spool's oldest batch and waits for JetStream's acknowledgement before it removes it
-   and sends the next (one batch in flight keeps a host's records in order through a leader change);
+1. while connected, sends the spool's oldest batches, merged into one message of up to 1 MiB, and waits for
+   JetStream's acknowledgement before it removes them and sends the next (one message in flight keeps a host's
+   records in order through a leader change);
 2. after any failure or reconnect, first asks the stream for the host's last stored message, and drops spooled
    batches it already holds (the acknowledgement was lost, or a restarted daemon's spool was already sent);
    JetStream's duplicate window (message id ``host:boot:seq``) catches the rest.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -41,6 +43,9 @@ log = logging.getLogger("kwatch.outputs.nats")
 PUBLISH_TIMEOUT = 2.0
 RETRY_MIN = 0.1
 RETRY_MAX = 2.0
+SEND_BYTES = 1 << 20  # a message's body at most (NATS's default max_payload is 1 MiB: less its headers' room)
+HEADER_ROOM = 4 << 10
+SEND_BATCHES_MAX = 4096
 DUPLICATE_WINDOW = 120.0  # seconds; JetStream's default, set explicitly when kwatch creates the stream
 
 
@@ -83,7 +88,7 @@ class NatsOutput:
         self._nc: Any = None
         self._js: Any = None
         self._resync = True
-        self._upto: tuple[str, int] | None = None
+        self._retry_frames = 0  # spooled batches of the message that failed (0: none failed)
         stats.connected = False
         stats.backlog = lambda: self.spool.records
         stats.backlog_bytes = lambda: self.spool.bytes
@@ -239,29 +244,41 @@ class NatsOutput:
             self.seq.take(len(lines))
         return ok
 
+    def _send_bytes(self) -> int:
+        """The largest message body: :data:`SEND_BYTES`, less where the server allows less (its ``max_payload``)."""
+        server_max = getattr(self._nc, "max_payload", 0) or SEND_BYTES
+        return max(1, min(SEND_BYTES, server_max - HEADER_ROOM))
+
     async def _send_some(self) -> None:
-        """Send spooled batches in order, one in flight, until the spool is empty (or, closing, after each batch)."""
+        """Send spooled batches in order, one message in flight, until the spool is empty (or, closing, after each
+        message). A message is the oldest spooled batches merged, up to :meth:`_send_bytes`: a batch is what one
+        ``write`` brought, often a few records, and one small message per acknowledgement held the publisher to
+        a few thousand records/s. A message that failed is sent again with the same batches, so its id (its first
+        record's) always names the same records."""
         js = self._js
         while self.spool.records:
             if self._resync:
-                self._upto = await self._stored_upto()
+                upto = await self._stored_upto()
                 self._resync = False
-            with self._lock:
-                batch = self.spool.head()
-            if batch is None:
-                return
-            if fleet.already_stored(batch, self._upto):
-                # the server stored it and its acknowledgement was lost (a leader change, a daemon killed before
-                # the ack): stored is stored, and the records total must reach what was written
                 with self._lock:
-                    self.spool.pop()
-                self.stats.records += batch.count
-                self.stats.already_stored += batch.count
-                self.stats.bytes += len(batch.body)
-                continue
-            await js.publish(self.subject, batch.body, timeout=PUBLISH_TIMEOUT, headers=batch.headers(self.host))
+                    records, body = self.spool.drop_stored(functools.partial(fleet.already_stored, upto=upto))
+                if records:
+                    # the server stored them and the acknowledgement was lost (a leader change, a daemon killed
+                    # before the ack): stored is stored, and the records total must reach what was written
+                    self.stats.records += records
+                    self.stats.already_stored += records
+                    self.stats.bytes += body
+                    self._retry_frames = 0
             with self._lock:
-                self.spool.pop()
+                got = self.spool.head_run(self._send_bytes(), self._retry_frames or SEND_BATCHES_MAX)
+            if got is None:
+                return
+            batch, n = got
+            self._retry_frames = n
+            await js.publish(self.subject, batch.body, timeout=PUBLISH_TIMEOUT, headers=batch.headers(self.host))
+            self._retry_frames = 0
+            with self._lock:
+                self.spool.pop(n)
             self.stats.records += batch.count
             self.stats.bytes += len(batch.body)
             if self._stopping:

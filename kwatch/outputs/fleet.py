@@ -1,7 +1,8 @@
 """The fleet bus's wire format on NATS JetStream. Pure.
 
 Each host publishes to the subject ``<prefix>.<host>``. One message carries a batch of consecutive records of one
-host (their JSON lines, in order; a batch is at most :data:`BATCH_BYTES`), with headers:
+host (their JSON lines, in order; the spool keeps batches of at most :data:`BATCH_BYTES`, and the publisher merges
+consecutive ones into one message of up to 1 MiB), with headers:
 
 - ``Nats-Msg-Id``: ``<host>:<boot id>:<first sequence number>``. JetStream drops a message whose id it has already
   stored within the stream's duplicate window (one window for the whole stream: hence the host in the id, as hosts
@@ -78,9 +79,10 @@ def stored_upto(headers: Mapping[str, str] | None) -> tuple[str, int] | None:
         return None
 
 
-def already_stored(batch: Batch, upto: tuple[str, int] | None) -> bool:
-    """True when the stream's last message of this host shows ``batch`` was stored (same boot, not newer)."""
-    return upto is not None and upto[0] == batch.boot and batch.last_seq <= upto[1]
+def already_stored(boot: str, last_seq: int, upto: tuple[str, int] | None) -> bool:
+    """True when the stream's last message of this host shows that the batch of ``boot`` ending at ``last_seq`` was
+    stored (same boot, not newer)."""
+    return upto is not None and upto[0] == boot and last_seq <= upto[1]
 
 
 def unpack(headers: Mapping[str, str] | None, body: bytes) -> tuple[str, str, int, list[bytes]] | None:

@@ -19,10 +19,12 @@ Not thread-safe: the publisher thread alone uses it (the backlog counters are pl
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kwatch.outputs.fleet import Batch
@@ -39,6 +41,11 @@ class _Frame:
     length: int  # header + body
     first_seq: int
     count: int
+    boot: str
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + self.count - 1
 
 
 @dataclass
@@ -97,7 +104,7 @@ class Spool:
                 continue
             seg = _Segment(path, good)
             for off, b in frames:
-                seg.frames.append(_Frame(off, _HEAD.size + len(b.body), b.first_seq, b.count))
+                seg.frames.append(_Frame(off, _HEAD.size + len(b.body), b.first_seq, b.count, b.boot))
                 self.records += b.count
                 self.last_seq, self.last_boot = b.last_seq, b.boot
             self.bytes += good
@@ -121,7 +128,7 @@ class Spool:
         if done != len(frame):  # disk full: undo, so the segment holds whole frames only
             os.ftruncate(self._fd, seg.size)
             raise OSError(28, f"short write to the spool ({done} of {len(frame)} bytes)")
-        seg.frames.append(_Frame(seg.size, len(frame), batch.first_seq, batch.count))
+        seg.frames.append(_Frame(seg.size, len(frame), batch.first_seq, batch.count, batch.boot))
         seg.size += len(frame)
         self.bytes += len(frame)
         self.records += batch.count
@@ -130,30 +137,64 @@ class Spool:
 
     def head(self) -> Batch | None:
         """The oldest batch not yet acknowledged (read back from the file: the page cache has it)."""
+        got = self.head_run(0, 1)
+        return got[0] if got is not None else None
+
+    def head_run(self, max_bytes: int, max_frames: int) -> tuple[Batch, int] | None:
+        """The oldest batches merged into one: (batch, how many were merged). Consecutive frames of the first
+        segment, of one boot and numbered without a gap, at most ``max_frames`` of them, whose bodies add up to at
+        most ``max_bytes`` (the first one always). One read of the file (the page cache has it)."""
         if not self.segments or not self.segments[0].frames:
             return None
         seg = self.segments[0]
-        fr = seg.frames[0]
+        first = seg.frames[0]
+        body_bytes = first.length - _HEAD.size
+        last = first
+        n = 1
+        for fr in itertools.islice(seg.frames, 1, max_frames):
+            size = fr.length - _HEAD.size
+            if fr.boot != first.boot or fr.first_seq != last.last_seq + 1 or body_bytes + size > max_bytes:
+                break
+            body_bytes += size
+            last = fr
+            n += 1
         with open(seg.path, "rb") as f:
-            f.seek(fr.offset)
-            data = f.read(fr.length)
+            f.seek(first.offset)
+            data = f.read(last.offset + last.length - first.offset)
         frames, _ = decode_frames(data)
-        if not frames:
-            raise OSError(5, f"spool frame at {fr.offset} of {seg.path} cannot be read back")
-        return frames[0][1]
+        if len(frames) != n:
+            raise OSError(5, f"spool frames at {first.offset} of {seg.path} cannot be read back")
+        if n == 1:
+            return frames[0][1], 1
+        return Batch(first.boot, first.first_seq, last.last_seq - first.first_seq + 1,
+                     b"".join(b.body for _, b in frames)), n
 
-    def pop(self) -> None:
-        """The head batch was acknowledged: forget it; delete its segment when it was the segment's last."""
-        seg = self.segments[0]
-        fr = seg.frames.popleft()
-        self.records -= fr.count
-        self.bytes -= fr.length
-        if not seg.frames:
-            if len(self.segments) == 1 and self._fd >= 0:  # the segment being appended to
-                os.close(self._fd)
-                self._fd = -1
-            self.segments.popleft()
-            os.unlink(seg.path)
+    def drop_stored(self, stored: Callable[[str, int], bool]) -> tuple[int, int]:
+        """Pop the oldest batches while ``stored(boot, last seq)`` says the server holds them; (records, body
+        bytes) popped."""
+        records = body = 0
+        while self.segments and self.segments[0].frames:
+            fr = self.segments[0].frames[0]
+            if not stored(fr.boot, fr.last_seq):
+                break
+            records += fr.count
+            body += fr.length - _HEAD.size
+            self.pop()
+        return records, body
+
+    def pop(self, n: int = 1) -> None:
+        """The ``n`` oldest batches were acknowledged: forget them; delete each segment whose last one they were."""
+        for _ in range(n):
+            seg = self.segments[0]
+            fr = seg.frames.popleft()
+            self.records -= fr.count
+            self.bytes -= fr.length
+            if not seg.frames:
+                if len(self.segments) == 1 and self._fd >= 0:  # the segment being appended to
+                    os.close(self._fd)
+                    self._fd = -1
+                self.segments.popleft()
+                os.unlink(seg.path)
 
     def close(self) -> None:
         if self._fd >= 0:

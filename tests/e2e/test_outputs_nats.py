@@ -84,7 +84,8 @@ ALREADY_CASES = {
 @pytest.mark.parametrize("name", list(ALREADY_CASES))
 def test_already_stored(name: str) -> None:
     upto, want = ALREADY_CASES[name]
-    assert fleet.already_stored(fleet.Batch("b" * 32, 8, 3, b""), upto) is want
+    b = fleet.Batch("b" * 32, 8, 3, b"")
+    assert fleet.already_stored(b.boot, b.last_seq, upto) is want
 
 
 def test_reorder_holds_a_message_ahead_of_a_missing_one() -> None:
@@ -114,6 +115,34 @@ def test_spool_keeps_batches_across_reopen_and_bounds_its_size(tmp_path: Path) -
         s.pop()
     assert got == batches[:6] and s.bytes == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("seg-")], "acknowledged segments are deleted"
+
+
+def test_spool_merges_consecutive_batches_and_drops_what_is_stored(tmp_path: Path) -> None:
+    boot, other = "ab" * 16, "cd" * 16
+    a = fleet.Batch(boot, 1, 2, b'{"x":1}\n{"x":2}\n')
+    b = fleet.Batch(boot, 3, 1, b'{"x":3}\n')
+    gap = fleet.Batch(boot, 5, 1, b'{"x":5}\n')
+    new_boot = fleet.Batch(other, 1, 1, b'{"y":1}\n')
+    s = Spool(str(tmp_path), 1 << 20)
+    for x in (a, b, gap, new_boot):
+        assert s.append(x)
+    cases = {
+        "consecutive batches of one boot merge": ((1 << 20, 100), fleet.Batch(boot, 1, 3, a.body + b.body), 2),
+        "at most max_bytes of bodies": ((len(a.body) + len(b.body) - 1, 100), a, 1),
+        "at most max_frames": ((1 << 20, 1), a, 1),
+        "the first batch even when larger than max_bytes": ((1, 100), a, 1),
+    }
+    for name, (args, want, n) in cases.items():
+        assert s.head_run(*args) == (want, n), name
+    s.pop(2)
+    assert s.head_run(1 << 20, 100) == (gap, 1), "a gap in the numbers ends the merge"
+    s.pop()
+    assert s.head_run(1 << 20, 100) == (new_boot, 1)
+    s2 = Spool(str(tmp_path / "two"), 1 << 20)
+    for x in (a, b, gap):
+        s2.append(x)
+    assert s2.drop_stored(lambda bt, last: fleet.already_stored(bt, last, (boot, 3))) == (3, len(a.body + b.body))
+    assert s2.head() == gap and s2.records == 1
 
 
 # -- one real server ------------------------------------------------------------------------------------------------
@@ -158,6 +187,37 @@ def test_a_writer_faster_than_the_publisher_loses_nothing(tmp_path: Path) -> Non
             assert st.lost == 0 and out.spool.records == 0
         finally:
             out.close()
+
+
+@pytest.mark.slow
+def test_small_writes_go_out_merged_in_few_messages(tmp_path: Path) -> None:
+    """Each ``write`` spools a batch, often of a few records; one acknowledged message per batch held the publisher
+    to a few thousand records/s. Spooled while the server is away, 3,000 one-record writes go out as a handful of
+    messages, every record once and in order."""
+    import nats
+
+    with NatsServer(tmp_path / "nats") as srv:
+        srv.kill()
+        out, st = open_output(tmp_path, [srv.url], "h1")
+        try:
+            for r in recs("h1", 0, 3000, pad=200):
+                out.write([r])
+            assert out.spool.records == 3000
+            srv.start()
+            wait_for(lambda: st.records == 3000, what="the spool sent")
+        finally:
+            out.close()
+
+        async def messages() -> int:
+            nc = await nats.connect([srv.url])
+            try:
+                return int((await nc.jetstream().stream_info(STREAM)).state.messages)
+            finally:
+                await nc.close()
+
+        assert run(messages()) <= 3, "about 250 bytes x 3,000 records: one or two messages of up to 1 MiB"
+        got = stored_records([srv.url])
+    assert [r["pid"] for r in got["h1"]] == list(range(3000))
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ uid and gid with ``setresuid`` (as ``sudo -u`` does) before it writes a file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,17 @@ def test_context_filters_need_the_context_and_match_it() -> None:
     assert ContextFilter(auids=frozenset({1000})).accepts(None) is False, "a process looked up too late: unknown"
     assert ContextFilter(exclude_exes=(compile_path_regex("x"),)).accepts(None) is True, "excludes drop what they see"
     assert "exe" not in json.loads(format_json(ev)) and json.loads(format_json(ev, info))["exe"] == "/usr/bin/dash"
+
+
+def test_a_context_filter_is_empty_only_without_any_field() -> None:
+    # ``empty`` is a fast test (asked per event): each field, set alone, must make it non-empty
+    values = {"exes": (compile_path_regex("x"),), "exclude_exes": (compile_path_regex("x"),),
+              "auids": frozenset({0}), "users": frozenset({"root"}), "containers": ("docker",),
+              "cgroups": (re.compile("x"),)}
+    assert {f.name for f in dataclasses.fields(ContextFilter)} == set(values), "a new field needs a case here"
+    assert ContextFilter().empty
+    for name, value in values.items():
+        assert not ContextFilter(**{name: value}).empty, name
 
 
 RULES = """
