@@ -718,13 +718,14 @@ def test_status_reads_the_running_daemon(tmp_path: Path, start: Callable[..., Da
     assert (out["kind"], out["connected"], out["lost"], out["backlog"]) == ("file", True, 0, 0)
     (t,) = st["targets"]
     assert t["name"] == str(dst) and t["connected"] is True and t["errors"] == 0 and t["batches"] >= 1
+    assert t["lag_seconds"] >= 0 and "pending_paths" in t, "each target's lag and what it has still to send"
     text = kwatch_status(d.status_socket)
     assert text.returncode == 0, text.stderr
     first = text.stdout.splitlines()[0]
     assert first.startswith(f"kwatch run (pid {d.proc.pid}), up ") and f"config {conf}" in first
     assert "capture: bpf; cannot see: " in text.stdout and "io_uring" in text.stdout
     assert "alerts: secrets 1" in text.stdout
-    assert f"target {dst}: connected" in text.stdout and "output " in text.stdout
+    assert f"target {dst}: connected, lag " in text.stdout and "output " in text.stdout
     assert d.stop() == 0
     assert not d.status_socket.exists(), "the socket goes with the daemon"
     gone = kwatch_status(d.status_socket)
