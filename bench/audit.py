@@ -26,6 +26,7 @@ import contextlib
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,38 @@ class NatsProbe:
         self.thread.join(10.0)
 
 
+def _drain(stored_now: Callable[[], int], produced: int, t0: float, series: list[tuple[float, int]]
+           ) -> tuple[int, float | None]:
+    """Wait (up to DRAIN_TIMEOUT) until the far side holds as many records as were produced: (what it held when
+    the producer ended, when it held them all, seconds from ``t0``; None: never)."""
+    at_end = stored_now()
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        cur = stored_now()
+        series.append((time.monotonic() - t0, cur))
+        if cur >= produced:
+            return at_end, time.monotonic() - t0
+        time.sleep(0.02)
+    return at_end, None
+
+
+def _far_side(counts: dict[str, int], produced: int, at_end: int, t_end: float, t_drained: float | None,
+              series: list[tuple[float, int]]) -> dict[str, Any]:
+    """A run's figures from the far side's counts and the stored-records series (seconds from the start)."""
+    last_t = t_drained if t_drained is not None else series[-1][0]
+    return {
+        "produced": produced,
+        "stored_events": counts["events"],
+        "stored_records": counts["records"],
+        "lost": produced - counts["events"],
+        **{k: counts[k] for k in ("duplicates", "gaps", "out_of_order") if k in counts},
+        "behind_at_end": max(0, produced - at_end),
+        "drain_s": round(max(0.0, last_t - t_end), 2),
+        "sustained_per_s": round(counts["events"] / last_t) if last_t else None,
+        "series": series,
+    }
+
+
 def _file_lines(path: Path) -> tuple[int, int]:
     lines = events = 0
     with path.open("rb") as f:
@@ -177,21 +210,7 @@ def rate_run(runner: Runner, watch: Path, tmp: Path, kind: str, rate: float, rec
         if fin.rc != 0:
             raise BenchError(f"churn failed (rc {fin.rc})")
         loop_s = int((tmp / f"churn-{run_id}.out").read_text().split()[1]) / 1e9
-        at_end = stored_now()
-        # drained: the server holds (the file has) as many records as were produced
-        t_drained = None
-        last = -1
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        while time.monotonic() < deadline:
-            cur = stored_now()
-            now = time.monotonic()
-            if cur != last:
-                last = cur
-                series.append((now - t0, cur))
-            if cur >= produced:
-                t_drained = now - t0
-                break
-            time.sleep(0.05)
+        at_end, t_drained = _drain(stored_now, produced, t0, series)
         if probe is not None:
             counts = probe.read_all()
             probe.close()  # before its server stops
@@ -208,26 +227,17 @@ def rate_run(runner: Runner, watch: Path, tmp: Path, kind: str, rate: float, rec
     finally:
         if probe is not None:
             probe.close()
-    last_t = t_drained if t_drained is not None else series[-1][0]
     return {
         "output": kind,
         "target_events_per_s": rate,
-        "produced": produced,
         "produced_per_s": round(produced / loop_s),
-        "stored_events": counts["events"],
-        "stored_records": counts["records"],
-        "lost": produced - counts["events"],
-        **{k: counts[k] for k in ("duplicates", "gaps", "out_of_order") if k in counts},
-        "behind_at_churn_end": max(0, produced - at_end),
-        "drain_s": round(max(0.0, last_t - t_end), 2),
-        "sustained_per_s": round(counts["events"] / last_t) if last_t else None,
+        **_far_side(counts, produced, at_end, t_end, t_drained, series),
         "churn_s": round(loop_s, 3),
         "kwatch_and_server_cpu_s": round(res.cpu_s, 2),
         "kwatch_cpu_s": round(cpus[0], 2),
         "server_cpu_s": round(sum(cpus[1:]), 2),
         "churn_cpu_s": round(fin.cpu, 2),
         "kwatch_lost": res.lost,
-        "series": series,
     }
 
 
@@ -294,16 +304,7 @@ def output_run(runner: Runner, tmp: Path, kind: str, rate: float, records: int, 
                 series.append((now - t0, stored_now()))
                 next_poll = now + POLL_S
         t_end = time.monotonic() - t0
-        at_end = stored_now()
-        t_drained = None
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        while time.monotonic() < deadline:
-            cur = stored_now()
-            series.append((time.monotonic() - t0, cur))
-            if cur >= records:
-                t_drained = time.monotonic() - t0
-                break
-            time.sleep(0.02)
+        at_end, t_drained = _drain(stored_now, records, t0, series)
         cpu = time.process_time() - cpu0
         output.close()
         if probe is not None:
@@ -319,23 +320,15 @@ def output_run(runner: Runner, tmp: Path, kind: str, rate: float, records: int, 
             probe.close()
         for c in obs.children:
             c.stop()
-    last_t = t_drained if t_drained is not None else series[-1][0]
     return {
         "output": kind,
         "target_records_per_s": rate,
-        "produced": records,
         "offered_per_s": round(records / t_end),
-        "stored_events": counts["events"],
-        **{k: counts[k] for k in ("duplicates", "gaps", "out_of_order") if k in counts},
-        "lost": records - counts["events"],
+        **_far_side(counts, records, at_end, t_end, t_drained, series),
         "output_lost": stats.lost,
-        "behind_at_end": max(0, records - at_end),
-        "drain_s": round(max(0.0, last_t - t_end), 2),
-        "sustained_per_s": round(counts["events"] / last_t) if last_t else None,
         "bench_process_cpu_s": round(cpu, 2),
         "server_cpu_s": round(server_cpu, 2),
         "line_bytes": round(sum(len(r.line) for r in pool) / len(pool)),
-        "series": series,
     }
 
 
@@ -359,8 +352,17 @@ def main(args: argparse.Namespace, out: Path) -> int:
         watch.mkdir()
         tmp = base / "observer-files"
         tmp.mkdir()
-        kinds = [k for k in ("file", "nats")
-                 if not args.observers or k in {x for part in args.observers for x in part.split(",")}]
+        kinds = []
+        for k in ("file", "nats"):
+            if args.observers and k not in {x for part in args.observers for x in part.split(",")}:
+                continue
+            why = KwatchAudit(k).unavailable()
+            if why:
+                print(f"bench: audit: {k}: not measured: {why}", file=sys.stderr)
+            else:
+                kinds.append(k)
+        if not kinds:
+            raise BenchError("no output can be measured here")
         for i in range(runs):
             for kind in kinds if i % 2 == 0 else kinds[::-1]:
                 if "output" in modes:
@@ -378,7 +380,7 @@ def main(args: argparse.Namespace, out: Path) -> int:
                     pipes.append(r)
                     print(f"bench: audit: pipeline {kind:4} run {i}: produced {r['produced']:,} at "
                           f"{r['produced_per_s']:,}/s, stored {r['stored_events']:,}, lost {r['lost']:,}, behind "
-                          f"at end {r['behind_at_churn_end']:,}, drained +{r['drain_s']} s, sustained "
+                          f"at end {r['behind_at_end']:,}, drained +{r['drain_s']} s, sustained "
                           f"{r['sustained_per_s']:,}/s, cpu kwatch {r['kwatch_cpu_s']} s, server "
                           f"{r['server_cpu_s']} s, churn {r['churn_cpu_s']} s", file=sys.stderr)
     lines = [f"Audit outputs at a paced {rate:,.0f} records/s, {records:,} per run, counted on the output's far "
@@ -408,7 +410,7 @@ def main(args: argparse.Namespace, out: Path) -> int:
         ]
         lines += [f"| {r['output']} | {r['run']} | {r['target_events_per_s']:,.0f} | {r['produced_per_s']:,} | "
                   f"{r['produced']:,} | {r['stored_events']:,} | {r['lost']:,} | {_dgr(r)} | "
-                  f"{r['behind_at_churn_end']:,} | {r['drain_s']} | {r['sustained_per_s']:,} | {r['kwatch_cpu_s']} | "
+                  f"{r['behind_at_end']:,} | {r['drain_s']} | {r['sustained_per_s']:,} | {r['kwatch_cpu_s']} | "
                   f"{r['server_cpu_s']} | {r['churn_cpu_s']} |" for r in pipes]
     md = "\n".join(lines) + "\n"
     publish("audit", md, {"machine": mach, "rate": rate, "records": records, "output": outs, "pipeline": pipes},
