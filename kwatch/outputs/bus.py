@@ -89,6 +89,7 @@ class NatsOutput:
         self._js: Any = None
         self._resync = True
         self._retry_frames = 0  # spooled batches of the message that failed (0: none failed)
+        self._send_max = SEND_BYTES  # halved each time the stream refuses a merged message
         stats.connected = False
         stats.backlog = lambda: self.spool.records
         stats.backlog_bytes = lambda: self.spool.bytes
@@ -245,9 +246,10 @@ class NatsOutput:
         return ok
 
     def _send_bytes(self) -> int:
-        """The largest message body: :data:`SEND_BYTES`, less where the server allows less (its ``max_payload``)."""
+        """The largest message body: :data:`SEND_BYTES`, less where the server allows less (its ``max_payload``) or
+        the stream refused more."""
         server_max = getattr(self._nc, "max_payload", 0) or SEND_BYTES
-        return max(1, min(SEND_BYTES, server_max - HEADER_ROOM))
+        return max(1, min(SEND_BYTES, server_max - HEADER_ROOM, self._send_max))
 
     async def _send_some(self) -> None:
         """Send spooled batches in order, one message in flight, until the spool is empty (or, closing, after each
@@ -255,6 +257,8 @@ class NatsOutput:
         ``write`` brought, often a few records, and one small message per acknowledgement held the publisher to
         a few thousand records/s. A message that failed is sent again with the same batches, so its id (its first
         record's) always names the same records."""
+        import nats.js.errors
+
         js = self._js
         while self.spool.records:
             if self._resync:
@@ -275,7 +279,15 @@ class NatsOutput:
                 return
             batch, n = got
             self._retry_frames = n
-            await js.publish(self.subject, batch.body, timeout=PUBLISH_TIMEOUT, headers=batch.headers(self.host))
+            try:
+                await js.publish(self.subject, batch.body, timeout=PUBLISH_TIMEOUT, headers=batch.headers(self.host))
+            except nats.js.errors.APIError:
+                # the server answered with an error, so nothing was stored: a stream made with a smaller
+                # max_msg_size refuses a merged message, and sending it again would fail forever. Merge less.
+                if n > 1:
+                    self._send_max = max(1, len(batch.body) // 2)
+                    self._retry_frames = 0
+                raise
             self._retry_frames = 0
             with self._lock:
                 self.spool.pop(n)

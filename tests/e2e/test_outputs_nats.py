@@ -221,6 +221,36 @@ def test_small_writes_go_out_merged_in_few_messages(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_stream_that_refuses_big_messages_gets_smaller_ones(tmp_path: Path) -> None:
+    """A stream made beforehand with a small ``max_msg_size`` refuses a message of merged batches (the server
+    answers with an error: nothing stored): the publisher merges fewer, instead of sending the refused one forever."""
+    import nats
+
+    with NatsServer(tmp_path / "nats") as srv:
+
+        async def make_stream() -> None:
+            nc = await nats.connect([srv.url])
+            try:
+                await nc.jetstream().add_stream(name=STREAM, subjects=["kwatch.>"], max_msg_size=64 << 10)
+            finally:
+                await nc.close()
+
+        run(make_stream())
+        srv.kill()
+        out, st = open_output(tmp_path, [srv.url], "h1", create_stream=False)
+        try:
+            for r in recs("h1", 0, 3000, pad=200):
+                out.write([r])
+            srv.start()
+            wait_for(lambda: st.records == 3000, what="every record stored in messages the stream takes")
+            assert st.lost == 0
+        finally:
+            out.close()
+        got = stored_records([srv.url])
+    assert [r["pid"] for r in got["h1"]] == list(range(3000))
+
+
+@pytest.mark.slow
 def test_a_batch_the_stream_holds_is_not_stored_again(tmp_path: Path) -> None:
     """A daemon that died after the server stored a batch but before it heard the acknowledgement."""
     import nats
