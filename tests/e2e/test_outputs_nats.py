@@ -289,6 +289,31 @@ def test_a_batch_the_stream_holds_is_not_stored_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_collect_archives_and_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    """``kwatch collect --archive``: a second run of the same durable consumer appends only what came since."""
+    archive = tmp_path / "archive.jsonl"
+    with NatsServer(tmp_path / "nats") as srv:
+
+        def publish(start: int, n: int) -> None:
+            out, st = open_output(tmp_path, [srv.url], "h1")
+            try:
+                out.write(recs("h1", start, n))
+                wait_for(lambda: st.records == n, what="the records stored")
+            finally:
+                out.close()
+
+        for start, n in ((0, 500), (500, 300)):
+            publish(start, n)
+            r = subprocess.run([*KWATCH, "collect", "--server", srv.url, "--durable", "archiver", "--archive",
+                                str(archive), "--count", str(n), "--duration", "120"],
+                               capture_output=True, text=True, timeout=180)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == "", "an archiving collector prints no records"
+    got = [json.loads(ln) for ln in archive.read_bytes().splitlines()]
+    assert [g["pid"] for g in got] == list(range(800)), "each record once, in order, across the two runs"
+
+
+@pytest.mark.slow
 def test_full_spool_counts_and_announces_the_loss(tmp_path: Path) -> None:
     srv = NatsServer(tmp_path / "nats")  # not started: unreachable
     out, st = open_output(tmp_path, [srv.url], "h1", spool_max_bytes=20000)
