@@ -38,8 +38,14 @@ class Op(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        # asked for every record: a list indexed by the value, as Enum's ``name`` (a Python-level descriptor) and
+        # ``lower`` were a tenth of building an output record
+        return _LABELS[self]
 
+
+_LABELS: list[str] = [""] * (max(Op) + 1)
+for _op in Op:
+    _LABELS[_op] = _op.name.lower()
 
 OP_BY_LABEL: dict[str, Op] = {op.label: op for op in Op}
 
