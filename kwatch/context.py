@@ -208,16 +208,21 @@ class Resolver:
         self._cgroups_scanned = float("-inf")
         self._own_mntns = _ns_inode(f"{proc}/self/ns/mnt")
         self.lookups = 0  # /proc lookups made (cache misses), for tests and metrics
+        self._last: tuple[tuple[int, bytes | None] | None, ProcInfo | None] = (None, None)
 
     def __call__(self, ev: FileEvent) -> ProcInfo | None:
         if ev.op is Op.LOSS or ev.pid is None:
             return None
         key = (ev.pid, ev.comm)
+        if key == self._last[0]:  # events come in runs of one process: no LRU bookkeeping for those
+            return self._last[1]
         info = self._procs.get(key)
         if info is not None:
             self._procs.move_to_end(key)
+            self._last = (key, info)
             return info
         info = self._lookup(ev)
+        self._last = (key, info)
         self._procs[key] = info
         if len(self._procs) > self.size:
             self._procs.popitem(last=False)
