@@ -582,6 +582,34 @@ def test_quiet_consumer_is_woken_by_the_first_record(source: object) -> None:
     os.rmdir(base + b"/woken")
 
 
+def test_records_waiting_right_after_a_batch_come_with_the_next_read_within_the_wake_interval(source: object) -> None:
+    """A read that finds a few records just after a batch waits for more (at most the wake interval, not its own
+    timeout) and then returns them; a read with timeout 0 returns them at once."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+
+    def made(*names: str) -> None:
+        # by a child: the source leaves out its own process
+        subprocess.run(["mkdir", *(base + b"/" + n.encode() for n in names)], check=True)
+        deadline = time.monotonic() + scaled(10)
+        while source._rb.pending() == 0:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the records never reached the ring buffer"
+            time.sleep(0.001)
+
+    made("first")
+    assert [e.path for e in source.read(0)] == [base + b"/first"]  # type: ignore[attr-defined]
+    made("second", "third")
+    t0 = time.monotonic()
+    got = source.read(scaled(60))  # type: ignore[attr-defined]
+    waited = time.monotonic() - t0
+    assert [e.path for e in got] == [base + b"/second", base + b"/third"]
+    assert waited < scaled(60) / 2, f"the read waited {waited:.1f} s with records there"
+    made("fourth")
+    assert [e.path for e in source.read(0)] == [base + b"/fourth"]  # type: ignore[attr-defined]
+    for n in ("first", "second", "third", "fourth"):
+        os.rmdir(base + b"/" + n.encode())
+
+
 BURST_CHILD = """
 import os, sys
 d = sys.argv[1].encode()
