@@ -866,3 +866,44 @@ def test_a_live_process_of_another_mount_namespace_is_kept_when_its_paths_name_t
     else:
         assert mine == [("CREATE", d + b"/view/f", ns), ("CLOSE_WRITE", d + b"/view/f", ns)], events
         assert markers == [], events
+
+
+# Runs as `unshare -m python -c PRIVATE_NS_CHILD DIR`: mounts a tmpfs of its namespace's own on DIR and changes it by
+# absolute names through short-lived commands (gone by the read), prints its pid and namespace, and stays alive
+# until its stdin closes: a container's own files.
+PRIVATE_NS_CHILD = """
+import os, subprocess, sys
+p = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "kwatch-test", p], check=True)
+for argv in (["mkdir", p + "/a"], ["mv", p + "/a", p + "/b"], ["rmdir", p + "/b"]):
+    subprocess.run(argv, check=True)
+print(os.getpid(), os.stat("/proc/self/ns/mnt").st_ino, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_changes_to_another_mount_namespace_s_own_file_system_are_no_loss_for_a_watched_tree(source: object) -> None:
+    """Under watched roots, the absolute names a process of another mount namespace changes on a file system no
+    watched root is on (a container's own root or tmpfs) are not in any watched tree: the kernel leaves them to
+    userspace (any absolute name may pass a symlinked directory), which looks them up through a live process of
+    that namespace, here after the commands that made them have exited, and drops them instead of raising a
+    loss marker (a rescan of every replicated tree) for each container's mkdir."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    outside = tempfile.mkdtemp(prefix="kwatch-private-ns-", dir="/tmp").encode()
+    drain(source, 0.1)
+    filtered = source.stats().filtered  # type: ignore[attr-defined]
+    child = subprocess.Popen(["unshare", "-m", "--propagation", "private", sys.executable, "-c", PRIVATE_NS_CHILD,
+                              outside], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        _, ns = map(int, child.stdout.readline().split())
+        events = drain(source)
+        filtered = source.stats().filtered - filtered  # type: ignore[attr-defined]
+    finally:
+        child.communicate(b"", timeout=60)
+        os.rmdir(outside)
+    assert [e for e in events if e.op is Op.LOSS and e.extra and e.extra.get("mount_namespace") == ns] == [], events
+    assert [e for e in events if e.path.startswith(outside)] == []
+    assert not [e for e in events if e.op is not Op.LOSS and not e.path.startswith(base)], events
+    # the kernel did send them (mkdir, the rename and rmdir by absolute name): dropped here, not lost on the way
+    assert filtered >= 3
