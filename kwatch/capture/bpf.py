@@ -56,6 +56,10 @@ DEFAULT_RINGBUF = 64 << 20
 #: Ring buffer wake-ups: at most one per WAKE_S while events flow (the consumer polls every WAKE_S meanwhile),
 #: immediate after a quiet spell; and always once a quarter of the buffer is waiting.
 WAKE_S = 0.01
+#: A read that finds less than this waiting within WAKE_S of its last batch waits out the WAKE_S (or the kernel's
+#: wake-up at a quarter of the buffer) before it drains: a consumer that kept up drained a few records per read
+#: (14 on average under a flat-out churn, 3,700 reads a second), and the cost per read dominated its CPU.
+HOLD_BYTES = 256 << 10
 #: While records flow, the kernel's loss counters are read at most this often (and on every read that finds none).
 LOSS_CHECK_S = 0.02
 #: while no record flows, how often a caller should read anyway: io_uring operations write no record to wake the
@@ -224,23 +228,77 @@ def _tracepoint_of(section: str) -> str | None:
     return f"{parts[1]}/{parts[2]}" if len(parts) == 3 and parts[0] == "tp" else None
 
 
-def _same_here(pid: int | None, path: bytes, seen: dict[tuple[int, bytes], bool]) -> bool:
-    """Whether ``path``, as the process ``pid`` of another mount namespace named it, names the same directory entry
-    in kwatch's namespace: its directory seen through the process's root is the directory of that name here (same
-    device and inode). Answers are kept in ``seen`` per (pid, directory) for one read."""
-    if not pid or not path.startswith(b"/"):
-        return False
+#: where a path of another mount namespace leads, as _place tells it
+SAME, ELSEWHERE, UNKNOWN = "same", "elsewhere", "unknown"
+
+
+def _ns_of(pid: int) -> int | None:
+    try:
+        return os.stat(b"/proc/%d/ns/mnt" % pid).st_ino
+    except OSError:
+        return None
+
+
+def _member(mntns: int, pid: int | None, known: dict[int, int]) -> int | None:
+    """A live process of the mount namespace ``mntns``: ``pid`` if it still runs, else the one ``known`` for it
+    if it still runs there, else the first found in /proc (once per namespace and read: None when none is left)."""
+    for cand in (pid, known.get(mntns)):
+        if cand and _ns_of(cand) == mntns:
+            known[mntns] = cand
+            return cand
+    known.pop(mntns, None)
+    try:
+        entries = os.listdir(b"/proc")
+    except OSError:
+        return None
+    for e in entries:
+        if e.isdigit() and _ns_of(int(e)) == mntns:
+            known[mntns] = int(e)
+            return int(e)
+    return None
+
+
+def _place(member: int, path: bytes, root_devs: frozenset[int], seen: dict[tuple[int, bytes], str]) -> str:
+    """Where ``path``, as a process of another mount namespace named it, leads (``member``: a live process of that
+    namespace, whose /proc/PID/root resolves names in its mounts):
+
+    - SAME: its directory is the directory of that name in kwatch's namespace (same device and inode): a
+      namespace that copied the host's mounts, a volume bind-mounted at the same path;
+    - ELSEWHERE: its directory is on a file system no watched root is on (a container's overlay root, its tmpfs):
+      it cannot be inside a watched tree, bind mounts included (they keep their file system's device);
+    - UNKNOWN: anything else (a bind mount of a watched file system at another path, a directory gone on both
+      sides): the caller's loss marker.
+
+    A directory that is gone is judged by its nearest existing ancestor's device. Answers are kept in ``seen``
+    for one read."""
+    if not path.startswith(b"/"):
+        return UNKNOWN
     d = path.rpartition(b"/")[0] or b"/"
-    key = (pid, d)
+    key = (member, d)
     hit = seen.get(key)
-    if hit is None:
+    if hit is not None:
+        return hit
+    hit = UNKNOWN
+    theirs = None
+    probe = d
+    while theirs is None:
         try:
-            theirs = os.stat(b"/proc/%d/root%s" % (pid, d))
-            ours = os.stat(d)
-            hit = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
-        except OSError:  # the process has exited, or the directory is not there on one side
-            hit = False
-        seen[key] = hit
+            theirs = os.stat(b"/proc/%d/root%s" % (member, probe))
+        except OSError:
+            if probe == b"/":
+                break
+            probe = probe.rpartition(b"/")[0] or b"/"
+    if theirs is not None:
+        if probe == d:
+            try:
+                ours = os.stat(d)
+                if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+                    hit = SAME
+            except OSError:
+                pass
+        if hit is UNKNOWN and theirs.st_dev not in root_devs:
+            hit = ELSEWHERE
+    seen[key] = hit
     return hit
 
 
@@ -276,12 +334,14 @@ class BpfSource:
         self.wake_s = wake_s
         self._rb_bytes = ringbuf_bytes
         self._last_data = 0.0  # time.monotonic() of the last read that found records
+        self._last_drain = 0.0  # time.monotonic() of the last read that returned records
         self._next_loss_check = 0.0
         self._stats = SourceStats()
         self._by_op: collections.Counter[Op] = collections.Counter()
         self._lost_seen = 0
         self._uring_seen = 0
         self._foreign_seen = record.foreign_decoded
+        self._ns_members: dict[int, int] = {}  # a live process of each other mount namespace seen
         # The kernel decides which build it takes: each is loaded and attached in turn (a probe by trying, never a
         # version test); the refusals of the ones before are kept for the error and for `kwatch doctor`.
         self.refused: list[tuple[str, str]] = []
@@ -476,17 +536,28 @@ class BpfSource:
         return IDLE_CHECK_S
 
     def read(self, timeout: float | None = None) -> list[FileEvent]:
-        if not self._rb.pending():
+        """The events captured since the last read: waits up to ``timeout`` (None: the poll interval) for some.
+
+        Records that are already waiting are returned within WAKE_S; a read with ``timeout`` 0 never waits."""
+        pending = self._rb.pending()
+        if not pending:
             within = self.poll_within()
             if within is not None and (timeout is None or timeout > within):
                 timeout = within
             self._rb.wait(timeout)
+        elif pending < HOLD_BYTES and timeout != 0:
+            # let a batch build up while events flow (the kernel does not wake a consumer it knows to be polling)
+            left = self._last_drain + self.wake_s - time.monotonic()
+            if left > 0:
+                self._rb.wait_signal(left if timeout is None else min(left, timeout))
         raw = self._rb.drain(decode_batch)
         markers: list[FileEvent] = []
         if record.foreign_decoded != self._foreign_seen:  # a counter: the common batch costs no pass over it
             self._foreign_seen = record.foreign_decoded
             raw, markers = self._other_namespaces(raw)
         now = time.monotonic()
+        if raw:
+            self._last_drain = now
         if raw or self._rb.pending():
             self._last_data = now
         out = self.filter.select(raw)
@@ -526,26 +597,43 @@ class BpfSource:
         """Events whose paths belong to another mount namespace (a container, ``unshare -m``): (the events to
         filter, the LOSS markers that stand for those whose paths kwatch's namespace cannot reach).
 
-        A whole-system watch keeps them all, with ``mntns`` set. Watched roots are host paths: a path of another
-        namespace is kept (still with ``mntns``) when it names the same place from here, that is when its directory,
-        looked up through the process's root (``/proc/PID/root``, which resolves in that process's mounts), is the
-        directory of the same name here: a namespace that copied the host's mounts, a volume bind-mounted at the
-        same path. Otherwise it names a file from another root or other mounts, and comparing it with a root would
-        place the change wrongly or miss it; the kernel sent it because it may be in a watched tree (its walk passed
-        a watched directory, as through a bind mount into a container, or the name was undecided), so each
-        namespace's such events become one marker of unknown place: the replicator rescans, rules see a loss, never
-        a wrong path. A process that has exited by the time of the read cannot be looked up: its events are markers.
+        A whole-system watch keeps them all, with ``mntns`` set. Watched roots are host paths, so each path is
+        looked up through a live process of its namespace (:func:`_place`; the event's own process, or another of
+        the namespace once it has exited): one that names the same place here is kept (still with ``mntns``); one on
+        a file system no watched root is on is dropped, as the kernel drops the host's events outside the roots (the
+        tracepoint program passes every absolute name outside the roots to userspace, as it may go through a
+        symlinked directory: without this, every container's mkdir or unlink became a loss marker); any other names
+        a place kwatch cannot map (a bind mount of a watched file system elsewhere, a namespace with no process
+        left), and comparing it with a root would place the change wrongly or miss it, so each namespace's such
+        events become one marker of unknown place: the replicator rescans, rules see a loss, never a wrong path.
         """
         if not self.filter.roots or b"/" in self.filter.roots:
             return raw, []
+        root_devs = set()
+        for r in self.filter.roots:
+            try:
+                root_devs.add(os.stat(r).st_dev)
+            except OSError:  # a root that is gone: its device is unknown, so nothing is ELSEWHERE for it
+                return raw, [FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=time.monotonic_ns(),
+                                       backend=self.name, extra={"mount_namespace": "?"})]
+        devs = frozenset(root_devs)
         kept: list[FileEvent] = []
         per_ns: collections.Counter[int] = collections.Counter()
-        same: dict[tuple[int, bytes], bool] = {}
+        seen: dict[tuple[int, bytes], str] = {}
         for ev in raw:
-            if ev.mntns is None or all(_same_here(ev.pid, p, same) for p in (ev.path, ev.new_path) if p):
+            if ev.mntns is None:
                 kept.append(ev)
-            else:
+                continue
+            member = _member(ev.mntns, ev.pid, self._ns_members)
+            places = {_place(member, p, devs, seen) if member else UNKNOWN for p in (ev.path, ev.new_path) if p}
+            if places == {SAME}:
+                kept.append(ev)
+            elif places == {ELSEWHERE}:
+                self._stats.filtered += 1
+            elif UNKNOWN in places:
                 per_ns[ev.mntns] += 1
+            else:  # a rename between a namespace's own files and the same files as here: the latter side counts
+                kept.append(ev)
         now = time.monotonic_ns()
         return kept, [FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=now, backend=self.name,
                                 extra={"mount_namespace": ns, "events": n}) for ns, n in per_ns.items()]

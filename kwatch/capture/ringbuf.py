@@ -82,12 +82,18 @@ class RingBuffer:
         self._prod_pos = u64_cell(self._view)
         self._pos = int(self._cons_pos[0])
         self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
+        # edge-triggered: a wait returns on the kernel's next wake-up, not at once because records it did not
+        # announce are waiting (see :meth:`wait_signal`)
+        self._epoll.register(map_fd, select.EPOLLIN | select.EPOLLET)
 
     def wait(self, timeout: float | None) -> bool:
-        """Block until the kernel signals data (or timeout); True if signalled."""
+        """Block until the kernel signals data (or timeout); True if signalled or data is already there."""
         if self.pending():
             return True
+        return self.wait_signal(timeout)
+
+    def wait_signal(self, timeout: float | None) -> bool:
+        """Block until the kernel's next wake-up (or timeout), whatever is pending now; True if woken."""
         return bool(self._epoll.poll(-1 if timeout is None else timeout))
 
     def pending(self) -> int:

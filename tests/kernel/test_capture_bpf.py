@@ -582,6 +582,34 @@ def test_quiet_consumer_is_woken_by_the_first_record(source: object) -> None:
     os.rmdir(base + b"/woken")
 
 
+def test_records_waiting_right_after_a_batch_come_with_the_next_read_within_the_wake_interval(source: object) -> None:
+    """A read that finds a few records just after a batch waits for more (at most the wake interval, not its own
+    timeout) and then returns them; a read with timeout 0 returns them at once."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    drain(source, 0.1)
+
+    def made(*names: str) -> None:
+        # by a child: the source leaves out its own process
+        subprocess.run(["mkdir", *(base + b"/" + n.encode() for n in names)], check=True)
+        deadline = time.monotonic() + scaled(10)
+        while source._rb.pending() == 0:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the records never reached the ring buffer"
+            time.sleep(0.001)
+
+    made("first")
+    assert [e.path for e in source.read(0)] == [base + b"/first"]  # type: ignore[attr-defined]
+    made("second", "third")
+    t0 = time.monotonic()
+    got = source.read(scaled(60))  # type: ignore[attr-defined]
+    waited = time.monotonic() - t0
+    assert [e.path for e in got] == [base + b"/second", base + b"/third"]
+    assert waited < scaled(60) / 2, f"the read waited {waited:.1f} s with records there"
+    made("fourth")
+    assert [e.path for e in source.read(0)] == [base + b"/fourth"]  # type: ignore[attr-defined]
+    for n in ("first", "second", "third", "fourth"):
+        os.rmdir(base + b"/" + n.encode())
+
+
 BURST_CHILD = """
 import os, sys
 d = sys.argv[1].encode()
@@ -838,3 +866,44 @@ def test_a_live_process_of_another_mount_namespace_is_kept_when_its_paths_name_t
     else:
         assert mine == [("CREATE", d + b"/view/f", ns), ("CLOSE_WRITE", d + b"/view/f", ns)], events
         assert markers == [], events
+
+
+# Runs as `unshare -m python -c PRIVATE_NS_CHILD DIR`: mounts a tmpfs of its namespace's own on DIR and changes it by
+# absolute names through short-lived commands (gone by the read), prints its pid and namespace, and stays alive
+# until its stdin closes: a container's own files.
+PRIVATE_NS_CHILD = """
+import os, subprocess, sys
+p = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "kwatch-test", p], check=True)
+for argv in (["mkdir", p + "/a"], ["mv", p + "/a", p + "/b"], ["rmdir", p + "/b"]):
+    subprocess.run(argv, check=True)
+print(os.getpid(), os.stat("/proc/self/ns/mnt").st_ino, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_changes_to_another_mount_namespace_s_own_file_system_are_no_loss_for_a_watched_tree(source: object) -> None:
+    """Under watched roots, the absolute names a process of another mount namespace changes on a file system no
+    watched root is on (a container's own root or tmpfs) are not in any watched tree: the kernel leaves them to
+    userspace (any absolute name may pass a symlinked directory), which looks them up through a live process of
+    that namespace, here after the commands that made them have exited, and drops them instead of raising a
+    loss marker (a rescan of every replicated tree) for each container's mkdir."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    outside = tempfile.mkdtemp(prefix="kwatch-private-ns-", dir="/tmp").encode()
+    drain(source, 0.1)
+    filtered = source.stats().filtered  # type: ignore[attr-defined]
+    child = subprocess.Popen(["unshare", "-m", "--propagation", "private", sys.executable, "-c", PRIVATE_NS_CHILD,
+                              outside], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        _, ns = map(int, child.stdout.readline().split())
+        events = drain(source)
+        filtered = source.stats().filtered - filtered  # type: ignore[attr-defined]
+    finally:
+        child.communicate(b"", timeout=60)
+        os.rmdir(outside)
+    assert [e for e in events if e.op is Op.LOSS and e.extra and e.extra.get("mount_namespace") == ns] == [], events
+    assert [e for e in events if e.path.startswith(outside)] == []
+    assert not [e for e in events if e.op is not Op.LOSS and not e.path.startswith(base)], events
+    # the kernel did send them (mkdir, the rename and rmdir by absolute name): dropped here, not lost on the way
+    assert filtered >= 3

@@ -9,16 +9,23 @@ import pytest
 from bench.guards import GUARDS, check_all
 
 
-def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4e6, py_rate: float = 4.5e5,
+def _churn_runs(none: list[float], bpf: list[float]) -> list[dict[str, Any]]:
+    return ([{"workload": "churn", "observer": "none", "error": None, "workload_cpu_s": c} for c in none]
+            + [{"workload": "churn", "observer": "kwatch-bpf-count", "error": None, "workload_cpu_s": c} for c in bpf]
+            + [{"workload": "churn", "observer": "kwatch-bpf-count", "error": "failed", "workload_cpu_s": None}])
+
+
+def _results(*, bpf_cpus: tuple[float, ...] = (1.1,), consumer: float = 0.3, repeats: tuple[int, ...] = (), c_rate: float = 4e6, py_rate: float = 4.5e5,
              pipe: float = 1.0, ssh: float = 0.6, oneshot: float = 0.6, push: float = 0.6, rsync: float = 0.9,
              lost: int = 0, once: float = 1.1, rsync_a: float = 1.0) -> dict[str, dict[str, Any]]:
     return {
         "capture": {
-            "summary": [{"workload": "churn", "observer": "kwatch-bpf-count", "cpu_ratio": cpu_ratio}],
+            "runs": _churn_runs([1.0, 1.3, 1.6], list(bpf_cpus)),
             "throughput": {
                 "decode": {"churn": {"records_per_cpu_s": c_rate, "best_records_per_cpu_s": c_rate},
                            "python": {"churn": {"records_per_cpu_s": py_rate, "best_records_per_cpu_s": py_rate}}},
-                "e2e": {"churn_flat_out_1": {"consumer_cpu_s": consumer, "workload_cpu_s": 1.5, "lost": lost}},
+                "e2e": {"churn_flat_out_1": {"consumer_cpu_s": consumer, "workload_cpu_s": 1.5, "lost": lost,
+                                             "repeats": [{"consumer_share": 0.3, "lost": x} for x in repeats]}},
             },
         },
         "replicate": {"summary": [{"workload": "untar", "tool": "kwatch-pipe", "identical_s": pipe},
@@ -34,7 +41,12 @@ def _results(*, cpu_ratio: float = 1.1, consumer: float = 0.3, c_rate: float = 4
 # (name, results, the guard that must fail, or None: all pass)
 CASES: list[tuple[str, dict[str, dict[str, Any]], str | None]] = [
     ("typical_values_pass", _results(), None),
-    ("capture_overhead_doubled", _results(cpu_ratio=2.2), "capture overhead"),
+    ("capture_overhead_doubled", _results(bpf_cpus=(2.2,)), "capture overhead"),
+    # the least of each observer's runs: one noisy run of the consumer does not fail the guard, nor a noisy baseline
+    ("capture_overhead_one_noisy_run", _results(bpf_cpus=(1.7, 1.1, 2.5)), None),
+    ("capture_overhead_doubled_in_every_run", _results(bpf_cpus=(2.1, 2.2, 2.4)), "capture overhead"),
+    ("capture_overhead_no_run", _results(bpf_cpus=()), "capture overhead"),
+    ("consumer_lost_events_in_a_repeat", _results(repeats=(0, 5, 0)), "capture consumer CPU"),
     ("consumer_twice_as_slow", _results(consumer=0.6), "capture consumer CPU"),
     ("consumer_lost_events", _results(lost=3), "capture consumer CPU"),
     ("c_decoder_twice_as_slow", _results(c_rate=2e6), "decoder speed-up"),
