@@ -139,12 +139,13 @@ class DirFds:
     relative to that fd, ``O_NOFOLLOW``, as :func:`kwatch.replicate.scan.scan` stats the names of a directory it has
     open. A directory swapped for a symlink after it was opened is not followed: the fd is the directory that was
     beneath the root. One ``openat2`` (a path walk from the root through ctypes) per file was the largest cost of
-    reading a tree of small files for a first sync; one per directory is not. Use as a context manager, or call
-    :meth:`close`.
+    reading a tree of small files for a first sync; one per directory is not. ``root`` is a path or a directory fd
+    (duplicated: the caller keeps its own). Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, root: bytes, keep: int = 16) -> None:
-        self._root = os.open(root, _O_PATH_DIR)  # the root itself may be a symlink: the operator named it
+    def __init__(self, root: bytes | int, keep: int = 16) -> None:
+        # the root itself may be a symlink: the operator named it
+        self._root = os.dup(root) if isinstance(root, int) else os.open(root, _O_PATH_DIR)
         self._keep = keep
         self._dirs: collections.OrderedDict[bytes, int] = collections.OrderedDict()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from typing import Any, Final
 
 __all__ = [
@@ -47,11 +48,6 @@ class StatFs(ctypes.Structure):
         ("f_flags", ctypes.c_long),
         ("f_spare", ctypes.c_long * 4),
     )
-
-
-class _OpenHow(ctypes.Structure):
-    # include/uapi/linux/openat2.h
-    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
 
 
 # name -> (restype, argtypes); None argtypes: variadic (syscall), the caller passes ctypes values
@@ -98,11 +94,25 @@ def _check(rc: int, what: str, path: bytes | None = None) -> int:
 _SYS_OPENAT2: Final = 437
 
 
+# struct open_how (include/uapi/linux/openat2.h): flags, mode, resolve, each a u64.
+_OPEN_HOW: Final = struct.Struct("=QQQ")
+_openat2_fn: Any = None
+
+
 def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
     """The openat2(2) system call (glibc has no wrapper); the new descriptor."""
-    how = _OpenHow(flags, mode, resolve)
-    fd = _fn("syscall")(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(path),
-                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    global _openat2_fn
+    fn = _openat2_fn
+    if fn is None:
+        # syscall(2) is variadic; called through a prototype of fixed integer and pointer arguments (what the
+        # x86-64 and arm64 Linux ABIs pass a variadic call's integer arguments in), ctypes converts plain ints and
+        # bytes itself. The per-call ctypes objects (c_long, c_int, c_char_p, a Structure, byref) of a variadic
+        # call were most of the cost of one open of the rsync sender, once per file.
+        proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                 ctypes.c_size_t, use_errno=True)
+        fn = _openat2_fn = proto(("syscall", _libc))
+    # the kernel only reads open_how: an immutable bytes object is a valid buffer for it
+    fd = fn(_SYS_OPENAT2, dir_fd, path, _OPEN_HOW.pack(flags, mode, resolve), _OPEN_HOW.size)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)

@@ -44,7 +44,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from kwatch.fsutil import open_beneath, open_regular
+from kwatch.fsutil import DirFds, open_beneath
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync.client import (
     NEED_DATA,
@@ -385,6 +385,7 @@ class _Tally:
 def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, timeout: float,
          pacer: _Pacer | None = None, tally: _Tally | None = None) -> None:
     sel = selectors.DefaultSelector()
+    files = DirFds(root)
     out = bytearray()
     eof = False
     done = False
@@ -392,13 +393,15 @@ def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, time
     quiet_since = time.monotonic()  # the last read or write: the peer is "silent" after ``timeout`` without one
     try:
         while True:
-            # Drain events first (not while much waits to be written: a paced or slow peer bounds the memory).
-            while not done and len(out) < OUT_HIGH_WATER:
+            # Drain events first (not while much waits to be written: a paced or slow peer bounds the memory). What
+            # the session writes is taken once the events are drained, not after each one (a first sync of small
+            # files has one event per file).
+            while not done and len(out) + session.pending_output() < OUT_HIGH_WATER:
                 ev = session.next_event()
                 if ev is NEED_DATA:
                     break
                 if isinstance(ev, FileRequested):
-                    _send_one(session, ev, root, result)
+                    _send_one(session, ev, files, result)
                     if tally is not None:
                         tally.sent(ev.ndx)
                 elif isinstance(ev, RemoteMessage):
@@ -414,7 +417,6 @@ def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, time
                     done = True
                 elif isinstance(ev, Motd):
                     pass
-                out = _append(out, session.data_to_send())
             out = _append(out, session.data_to_send())
             if done and not out:
                 return
@@ -469,14 +471,15 @@ def _run(session: PushSession, ch: _Channel, root: int, result: PushResult, time
                         session.receive_data(data)
     finally:
         sel.close()
+        files.close()
 
 
-def _send_one(session: PushSession, ev: FileRequested, root: int, result: PushResult) -> None:
+def _send_one(session: PushSession, ev: FileRequested, files: DirFds, result: PushResult) -> None:
     try:
         # beneath the root (an fd held for the session) with no symlink in the path (a directory swapped for one
-        # since the file list was built is refused, not followed), a regular file only, never blocking on a FIFO
-        # (see kwatch.fsutil)
-        fd, st = open_regular(root, ev.entry.name)
+        # since the file list was built is refused, not followed), a regular file only, never blocking on a FIFO;
+        # each directory opened once for the files the list has in a row in it (see kwatch.fsutil.DirFds)
+        fd, st = files.open_regular(ev.entry.name)
     except OSError as exc:
         result.errors.append(f"{ev.entry.name!r}: {exc.strerror}")
         session.skip_file(ev.ndx)

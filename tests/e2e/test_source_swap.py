@@ -212,13 +212,14 @@ def test_rsync_file_list_does_not_descend_into_a_directory_swapped_during_the_wa
 
 SHRINK_CHILD = r"""
 import os, sys
+from kwatch.fsutil import DirFds
 from kwatch.replicate import rsync_transport
 src, url, when = os.fsencode(sys.argv[1]), sys.argv[2], sys.argv[3]
-real_open, real_send = rsync_transport.open_regular, rsync_transport.PushSession.send_file
+real_open, real_send = DirFds.open_regular, rsync_transport.PushSession.send_file
 real_literal = rsync_transport.PushSession.send_literal
 
-def opening(root, rel):
-    fd, st = real_open(root, rel)
+def opening(self, rel):
+    fd, st = real_open(self, rel)
     if when == "opened":
         os.truncate(os.path.join(src, rel), 0)  # the file's owner, right after kwatch took its size (root: an fd)
     return fd, st
@@ -233,7 +234,7 @@ def sending_literal(self, ndx, chunks):  # a new file: read in pieces as it is s
         os.truncate(os.path.join(src, b"big"), 0)
     return real_literal(self, ndx, chunks)
 
-rsync_transport.open_regular = opening
+DirFds.open_regular = opening
 rsync_transport.PushSession.send_file = sending
 rsync_transport.PushSession.send_literal = sending_literal
 res = rsync_transport.push(src, url, [b"big"], timeout=60)

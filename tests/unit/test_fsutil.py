@@ -107,3 +107,19 @@ def test_descriptors_stay_bounded(tmp_path: Path) -> None:
             assert read(files, b"d%d/f" % i) == b"%d" % i
         assert len(os.listdir("/proc/self/fd")) - before <= 8 + 1  # the kept directories and the root
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_root_given_as_a_descriptor_is_duplicated_and_left_open(tmp_path: Path) -> None:
+    """The rsync:// sender hands the session's root fd: DirFds reads beneath it and closes only its own copy."""
+    src, outside = world(tmp_path)
+    root = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with DirFds(root) as files:
+            assert read(files, b"d/f") == b"d/f\n"
+            _link_dir(src, outside)  # d was opened beneath the root before the swap: its fd is kept
+            assert read(files, b"d/f") == b"d/f\n"
+            with pytest.raises(OSError):  # d/e was not: its path now goes through the symlink
+                read(files, b"d/e/g")
+        assert os.fstat(root).st_ino == os.stat(src).st_ino
+    finally:
+        os.close(root)

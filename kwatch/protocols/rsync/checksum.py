@@ -213,8 +213,9 @@ class FileHasher:
 def file_checksum(name: str, data: bytes | memoryview) -> bytes:
     """The whole-file sum of ``data`` in one call (FileHasher's digest, without a hasher object for xxh*)."""
     if name == "xxh128":
-        v = xxhash.xxh3_128_intdigest(data)
-        return (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + (v >> 64).to_bytes(8, "little")
+        # rsync writes the low 64 bits, then the high 64, each little endian: the canonical (big-endian) digest
+        # reversed, without the int round trip
+        return xxhash.xxh3_128_digest(data)[::-1]
     if name == "xxh3":
         return xxhash.xxh3_64_intdigest(data).to_bytes(8, "little")
     if name == "xxh64":

@@ -223,6 +223,13 @@ def protect_rule(path: bytes) -> bytes:
 
 _INT = struct.Struct("<i")
 _SUM_HEAD = struct.Struct("<4i")
+_FRAME_HEAD = struct.Struct("<I")
+_END_TOKEN = _INT.pack(0)
+# what the generator writes for a file it has no basis for (generator.c: write_sum_head with no sums)
+_NO_SUMS = SumHead(0, 0, 0, 0, (), ())
+_NO_SUMS_WIRE = _SUM_HEAD.pack(0, 0, 0, 0)
+# iflags bits a plain transfer request has none of, so that its sum head follows them at once
+_REQUEST_EXTRAS = ITEM_BASIS_TYPE_FOLLOWS | ITEM_XNAME_FOLLOWS
 FRAME_DATA = 1 << 20  # MSG_DATA payload per frame a file's tokens are written in (at most codec.MAX_FRAME)
 
 
@@ -396,6 +403,10 @@ class PushSession:
         self._out = bytearray()
         return out
 
+    def pending_output(self) -> int:
+        """How many bytes :meth:`data_to_send` would return now."""
+        return len(self._out)
+
     def receive_data(self, data: bytes) -> None:
         if self.state is State.ERROR:
             raise LocalProtocolError("session already failed")
@@ -427,9 +438,14 @@ class PushSession:
     def send_file(self, ndx: int, data: bytes | memoryview) -> None:
         """Send the requested file's content as a delta against the receiver's block checksums."""
         # The file may have changed after the list was sent; rsync sends what it reads (the checksum covers it).
+        mv = memoryview(data)
+        pending = self._pending
+        if (pending is not None and pending[0] == ndx and not pending[4].count and len(mv) <= codec.CHUNK_SIZE
+                and self.state is State.FILE):
+            self._send_small_new(pending, mv)
+            return
         frame, sums = self._file_start(ndx, "send_file")
         out = self._out
-        mv = memoryview(data)
         if sums.count == 0:
             # nothing to match against (a new file): the whole file as literal runs, no block matcher set up
             _literal(out, frame, mv, 0, len(mv))
@@ -450,6 +466,29 @@ class PushSession:
                 frame.roll()
         fsum.update(mv)
         self._file_end(frame, fsum.digest())
+
+    def _send_small_new(self, pending: tuple[int, int, int, bytes | None, SumHead], mv: memoryview) -> None:
+        """:meth:`send_file` of a file the receiver has no blocks of, in one literal token (at most CHUNK_SIZE):
+        what :meth:`_file_start`, :func:`_literal` and :meth:`_file_end` write, in one MSG_DATA frame whose length
+        is known before it is written. A first sync of small files sends nothing else, one call per file."""
+        ndx, iflags, basis, xname, sums = pending
+        self._pending = None
+        head = self._ndx_and_attrs(ndx, iflags, basis, xname)
+        digest = file_checksum(self.checksum, mv)
+        n = len(mv)
+        size = len(head) + _SUM_HEAD.size + (4 + n if n else 0) + 4 + len(digest)
+        out = self._out
+        out += _FRAME_HEAD.pack((codec.MPLEX_BASE + Msg.DATA) << 24 | size)
+        out += head
+        out += _SUM_HEAD.pack(sums.count, sums.blength, sums.s2length, sums.remainder)
+        if n:
+            out += _INT.pack(n)
+            out += mv
+        out += _END_TOKEN
+        out += digest
+        self.counters.literal_bytes += n
+        self.counters.files_sent += 1
+        self.state = State.TRANSFER
 
     def send_literal(self, ndx: int, chunks: Iterable[bytes]) -> None:
         """Send the requested file whole from ``chunks`` (its content in order), for a request without block sums
@@ -545,6 +584,8 @@ class PushSession:
 
     def _step(self) -> bool:
         """Parse one unit from the buffered input; True if something was consumed."""
+        if self.state is State.TRANSFER and self._new_file_request():
+            return True
         if self.state in (State.GREETING, State.MODULE, State.COMPAT, State.VERSION, State.NEGOTIATE, State.SEED):
             buf = self._raw
         elif self.state in (State.TRANSFER, State.GOODBYE):
@@ -712,13 +753,12 @@ class PushSession:
 
     def _ndx_and_attrs(self, ndx: int, iflags: int, basis: int, xname: bytes | None) -> bytes:
         assert self._ndx_out is not None
-        out = bytearray(self._ndx_out.encode(ndx))
-        out += codec.enc_shortint(iflags)
+        out = self._ndx_out.encode(ndx) + codec.enc_shortint(iflags)
         if iflags & ITEM_BASIS_TYPE_FOLLOWS:
-            out.append(basis)
+            out += bytes((basis,))
         if iflags & ITEM_XNAME_FOLLOWS:
             out += codec.enc_vstring(xname or b"")
-        return bytes(out)
+        return out
 
     def _read_ndx(self, r: Reader) -> int:
         """rsync.c read_ndx_and_attrs' index part; NDX_DEL_STATS is consumed here."""
@@ -756,6 +796,31 @@ class PushSession:
         self._pending = (ndx, iflags, basis, xname, sums)
         self.state = State.FILE
         self._events.append(FileRequested(ndx, entry, sums))
+
+    def _new_file_request(self) -> bool:
+        """The generator's usual request, taken without the general parser: the next file or one a few on in the
+        list (a one-byte index delta), plain transfer flags, and the all-zero sum head of a file the receiver has
+        no copy of; True if one was taken. Anything else (or a request this one would refuse) is left to
+        :meth:`_on_transfer`, which validates it and says what is wrong."""
+        buf = self._data
+        ndx_in = self._ndx_in
+        if len(buf) < 19 or ndx_in is None or self.protocol < 30 or self._phase >= 2 or not 0 < buf[0] < 0xFE:
+            return False
+        iflags = buf[1] | buf[2] << 8
+        if iflags & (ITEM_TRANSFER | _REQUEST_EXTRAS) != ITEM_TRANSFER or buf[3:19] != _NO_SUMS_WIRE:
+            return False
+        ndx = ndx_in.prev_positive + buf[0]
+        if ndx >= len(self.entries):
+            return False
+        entry = self.entries[ndx]
+        if not stat.S_ISREG(entry.mode):
+            return False
+        ndx_in.prev_positive = ndx
+        del buf[:19]
+        self._pending = (ndx, iflags, 0, None, _NO_SUMS)
+        self.state = State.FILE
+        self._events.append(FileRequested(ndx, entry, _NO_SUMS))
+        return True
 
     def _on_goodbye(self, r: Reader) -> None:
         assert self._ndx_out is not None

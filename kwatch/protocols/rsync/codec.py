@@ -114,6 +114,7 @@ def enc_int(x: int) -> bytes:
 
 
 _I32 = struct.Struct("<i")
+_BYTES = tuple(bytes((i,)) for i in range(256))
 _U16 = struct.Struct("<H")
 
 
@@ -292,6 +293,10 @@ class NdxCodec:
     def encode(self, ndx: int) -> bytes:
         if self.protocol < 30:
             return enc_int(ndx)
+        diff = ndx - self.prev_positive
+        if 0 < diff < 0xFE and ndx >= 0:  # the usual case, one byte: the next file of the list, or one a few on
+            self.prev_positive = ndx
+            return _BYTES[diff]
         if ndx == NDX_DONE:
             return b"\x00"
         out = bytearray()
