@@ -54,11 +54,14 @@ def _stats(obj: Any) -> list[int]:
     return [int.from_bytes(m.lookup(k.to_bytes(4, "little"), 8) or bytes(8), "little") for k in range(9)]
 
 
-def _execloop(runner: Runner, exe: Path, n: int, rounds: int) -> float:
+def _execloop(runner: Runner, exe: Path, n: int, rounds: int) -> tuple[float, float]:
+    """(wall ns per exec of the fastest round, CPU ns per exec over all rounds). The CPU time is the loop's and its
+    waited-for children's (wait4): it holds every program's run (exec and exit run in the child, fork in the parent)
+    and, unlike the wall time, not the time spent waiting for a CPU on a loaded machine."""
     res = runner.run([str(exe), str(n), str(rounds)], timeout=600)
     if res.rc != 0:
         raise BenchError(f"execloop failed (rc {res.rc}): {res.stderr.strip()}")
-    return float(res.stdout)
+    return float(res.stdout), res.cpu / (n * rounds) * 1e9
 
 
 def _per_call_us(fn: Any, n: int) -> float:
@@ -127,6 +130,8 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
     target = scratch / "hookloop.file"
     configs = [("exec", k) for k in EXEC_SETS] + [("record", k) for k in RECORD_SETS] + [("user", "resolver")]
     exec_ns: dict[str, list[float]] = {k: [] for k in EXEC_SETS}
+    exec_cpu: dict[str, list[float]] = {k: [] for k in EXEC_SETS}
+    rec_cpu: dict[str, list[float]] = {k: [] for k in RECORD_SETS}
     prog_ns: list[float] = []
     rec_ns: dict[str, list[float]] = {k: [] for k in RECORD_SETS}
     rec_self: dict[str, list[float]] = {k: [] for k in RECORD_SETS if k != "none"}
@@ -138,14 +143,18 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
         obj = attached(obj_path, *progs) if progs else None
         try:
             if kind == "exec":
-                exec_ns[name].append(_execloop(runner, execloop, execs, 3))
+                wall, cpu = _execloop(runner, execloop, execs, 3)
+                exec_ns[name].append(wall)
+                exec_cpu[name].append(cpu)
                 if obj is not None:
                     st = _stats(obj)
                     if st[ST_EXECS] < execs * 3 or st[ST_TRUNC]:
                         raise BenchError(f"exec program: {st[ST_EXECS]} runs, {st[ST_TRUNC]} cut paths")
                     prog_ns.append(st[ST_EXEC_NS] / st[ST_EXECS])
             elif kind == "record":
-                rec_ns[name].append(hookloop(runner, hook, target, records)[0])
+                chmod_ns, _, cpu_s = hookloop(runner, hook, target, records)
+                rec_ns[name].append(chmod_ns)
+                rec_cpu[name].append(cpu_s / (records * 3) * 1e9)  # per fchmod (the pwrite loops cancel out)
                 if obj is not None:
                     st = _stats(obj)
                     ns, cnt = (ST_EXE_NS, ST_EXE_N) if name == "record+exe" else (ST_PLAIN_NS, ST_PLAIN_N)
@@ -172,7 +181,9 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
     exe_len = len(str(hook.resolve()).encode())  # what the walk gives for hookloop (no symlink on the way)
     ring = lambda size: (size + 8 + 7) // 8 * 8  # noqa: E731 - ring records have an 8-byte header, 8-aligned
     ex = {k: med(v) for k, v in exec_ns.items()}
+    exc = {k: med(v) for k, v in exec_cpu.items()}
     rc = {k: med(v) for k, v in rec_ns.items()}
+    rcc = {k: med(v) for k, v in rec_cpu.items()}
     return {
         "machine": machine(),
         "runs": runs,
@@ -184,6 +195,11 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
             "exe_path_components": len(execloop.resolve().parts) - 1,
             "ns_per_exec": ex,
             "added_ns_per_exec": {k: round(ex[k] - ex["none"], 1) for k in EXEC_SETS if k != "none"},
+            "cpu_ns_per_exec": exc,
+            "added_cpu_ns_per_exec": {k: round(exc[k] - exc["none"], 1) for k in EXEC_SETS if k != "none"},
+            "samples_wall_ns": exec_ns,
+            "samples_cpu_ns": exec_cpu,
+            "samples_program_self_ns": prog_ns,
             "exec_program_self_ns": med(prog_ns),
         },
         "record": {
@@ -191,7 +207,13 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
             "ns_per_fchmod": rc,
             "record_ns": round(rc["record"] - rc["none"], 1),
             "exe_added_ns": round(rc["record+exe"] - rc["record"], 1),
+            "cpu_ns_per_fchmod": rcc,
+            "record_cpu_ns": round(rcc["record"] - rcc["none"], 1),
+            "exe_added_cpu_ns": round(rcc["record+exe"] - rcc["record"], 1),
             "program_self_ns": {k: med(v) for k, v in rec_self.items()},
+            "samples_wall_ns": rec_ns,
+            "samples_cpu_ns": rec_cpu,
+            "samples_program_self_ns": rec_self,
             "exe_added_self_ns": round(statistics.median(rec_self["record+exe"])
                                        - statistics.median(rec_self["record"]), 1),
             "exe_bytes": exe_len,
@@ -207,13 +229,16 @@ def markdown(res: dict[str, Any]) -> str:
         "| what | figure |",
         "|---|---:|",
         f"| fork+exec+exit+wait, no program | {e['ns_per_exec']['none'] / 1000:.1f} us |",
-        f"| added per exec: exec+exit programs (wall) | {e['added_ns_per_exec']['exec+exit'] / 1000:.2f} us |",
-        f"| added per exec: exec+exit+fork programs (wall) | {e['added_ns_per_exec']['exec+exit+fork'] / 1000:.2f} us |",
+        f"| fork+exec+exit+wait, no program: CPU | {e['cpu_ns_per_exec']['none'] / 1000:.1f} us |",
+        f"| added per exec: exec+exit programs, wall / CPU | {e['added_ns_per_exec']['exec+exit'] / 1000:.1f} / "
+        f"{e['added_cpu_ns_per_exec']['exec+exit'] / 1000:.1f} us |",
+        f"| added per exec: exec+exit+fork programs, wall / CPU | {e['added_ns_per_exec']['exec+exit+fork'] / 1000:.1f} / "
+        f"{e['added_cpu_ns_per_exec']['exec+exit+fork'] / 1000:.1f} us |",
         f"| exec program's own time (walk + map update, self-timed) | {e['exec_program_self_ns'] / 1000:.2f} us |",
         f"| fchmod, no program | {r['ns_per_fchmod']['none']:.0f} ns |",
-        f"| per record: the 24-byte record | {r['record_ns']:.0f} ns |",
-        f"| per record: the exe looked up and copied ({r['exe_bytes']} bytes, {r['ring_bytes_added']} in the ring) "
-        f"| {r['exe_added_ns']:.0f} ns |",
+        f"| per record: the 24-byte record, wall / CPU | {r['record_ns']:.0f} / {r['record_cpu_ns']:.0f} ns |",
+        f"| per record: the exe looked up and copied ({r['exe_bytes']} bytes, {r['ring_bytes_added']} in the ring), "
+        f"wall / CPU | {r['exe_added_ns']:.0f} / {r['exe_added_cpu_ns']:.0f} ns |",
         f"| record program's own time, without / with the exe (self-timed) | {r['program_self_ns']['record']:.0f} / "
         f"{r['program_self_ns']['record+exe']:.0f} ns |",
         f"| userspace: Resolver lookup of a new process (all fields) | {u['new_process_us']:.1f} us |",

@@ -44,13 +44,14 @@ def bpf_object(name: str = "hookcost") -> Path:
                               f"-I{REPO / 'bpf'}", "-c", str(src), "-o", str(out)])
 
 
-def hookloop(runner: Runner, exe: Path, target: Path, n: int) -> tuple[float, float]:
-    """Run ``bench/hookloop``: (ns per fchmod, ns per pwrite), the fastest of its three rounds."""
+def hookloop(runner: Runner, exe: Path, target: Path, n: int) -> tuple[float, float, float]:
+    """Run ``bench/hookloop``: (ns per fchmod, ns per pwrite), the fastest of its three rounds, and its CPU seconds
+    (user + system, all rounds of both loops)."""
     res = runner.run([str(exe), str(target), str(n)], timeout=120)
     if res.rc != 0:
         raise BenchError(f"hookloop failed (rc {res.rc}): {res.stderr.strip()}")
     chmod_ns, write_ns = res.stdout.split()
-    return float(chmod_ns), float(write_ns)
+    return float(chmod_ns), float(write_ns), res.cpu
 
 
 def attached(obj_path: Path, *prog_names: str) -> Any:
@@ -76,7 +77,7 @@ def hook_cost(runner: Runner, scratch: Path, n: int = 200_000, runs: int = 5) ->
     exe = c_program(BENCH_DIR / "hookloop.c", "hookloop")
     obj_path = bpf_object()
     target = scratch / "hookloop.file"
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ("none", *HOOKS)}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ("none", *HOOKS)}
     for _, name in alternate(list(samples), runs):
         if name == "none":
             samples[name].append(hookloop(runner, exe, target, n))
@@ -90,7 +91,7 @@ def hook_cost(runner: Runner, scratch: Path, n: int = 200_000, runs: int = 5) ->
         finally:
             obj.close()
     target.unlink(missing_ok=True)
-    med = {name: (statistics.median(c for c, _ in s), statistics.median(w for _, w in s))
+    med = {name: (statistics.median(x[0] for x in s), statistics.median(x[1] for x in s))
            for name, s in samples.items()}
     base_chmod, base_write = med["none"]
     return {
