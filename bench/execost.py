@@ -14,7 +14,8 @@ process in userspace (what kwatch does: ``kwatch/context.py``'s Resolver reads `
   reads), the exe's own share (one ``readlink`` of ``/proc/PID/exe``), a record answered from its cache, and what a
   consumer would pay per record to take a kernel-supplied exe out of a record and find its JSON fragment.
 
-Prints the medians as JSON (``--json FILE`` also writes them) and a short table.
+Prints the medians as JSON (``--json FILE`` also writes them) and a short table. ``python -m bench.run execost``
+runs the same (7 runs; ``--quick``: one of tiny loops) into ``bench/out/execost.{json,md}``.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ RECORD_SETS = {
     "record+exe": ("exe_exec", "exe_exit", "exe_fork", "rec_exe"),
 }
 # exe_stats keys (bench/execost.bpf.c ST_*)
-ST_EXECS, ST_EXEC_NS, ST_MISSES, ST_LOST, ST_TRUNC, ST_PLAIN_NS, ST_PLAIN_N, ST_EXE_NS, ST_EXE_N = range(9)
+ST_EXECS, ST_EXEC_NS, ST_MISSES, ST_LOST, ST_TRUNC, ST_PLAIN_NS, ST_PLAIN_N, ST_EXE_NS, ST_EXE_N, ST_FORK_NS, ST_FORK_N, ST_EXIT_NS, ST_EXIT_N = (
+    range(13))
 RECORD_HEADER = 24  # struct exe_record up to its exe
 
 
 def _stats(obj: Any) -> list[int]:
     m = obj.map("exe_stats")
-    return [int.from_bytes(m.lookup(k.to_bytes(4, "little"), 8) or bytes(8), "little") for k in range(9)]
+    return [int.from_bytes(m.lookup(k.to_bytes(4, "little"), 8) or bytes(8), "little") for k in range(13)]
 
 
 def _execloop(runner: Runner, exe: Path, n: int, rounds: int) -> tuple[float, float]:
@@ -133,6 +135,8 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
     exec_cpu: dict[str, list[float]] = {k: [] for k in EXEC_SETS}
     rec_cpu: dict[str, list[float]] = {k: [] for k in RECORD_SETS}
     prog_ns: list[float] = []
+    fork_ns: list[float] = []
+    exit_ns: list[float] = []
     rec_ns: dict[str, list[float]] = {k: [] for k in RECORD_SETS}
     rec_self: dict[str, list[float]] = {k: [] for k in RECORD_SETS if k != "none"}
     user: dict[str, list[float]] = {}
@@ -151,6 +155,9 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
                     if st[ST_EXECS] < execs * 3 or st[ST_TRUNC]:
                         raise BenchError(f"exec program: {st[ST_EXECS]} runs, {st[ST_TRUNC]} cut paths")
                     prog_ns.append(st[ST_EXEC_NS] / st[ST_EXECS])
+                    exit_ns.append(st[ST_EXIT_NS] / max(st[ST_EXIT_N], 1))
+                    if st[ST_FORK_N]:
+                        fork_ns.append(st[ST_FORK_NS] / st[ST_FORK_N])
             elif kind == "record":
                 chmod_ns, _, cpu_s = hookloop(runner, hook, target, records)
                 rec_ns[name].append(chmod_ns)
@@ -201,6 +208,8 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
             "samples_cpu_ns": exec_cpu,
             "samples_program_self_ns": prog_ns,
             "exec_program_self_ns": med(prog_ns),
+            "fork_program_self_ns": med(fork_ns),
+            "exit_program_self_ns": med(exit_ns),
         },
         "record": {
             "records_per_run": records * 3,
@@ -235,6 +244,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"| added per exec: exec+exit+fork programs, wall / CPU | {e['added_ns_per_exec']['exec+exit+fork'] / 1000:.1f} / "
         f"{e['added_cpu_ns_per_exec']['exec+exit+fork'] / 1000:.1f} us |",
         f"| exec program's own time (walk + map update, self-timed) | {e['exec_program_self_ns'] / 1000:.2f} us |",
+        f"| fork / exit program's own time (self-timed) | {e['fork_program_self_ns']:.0f} / "
+        f"{e['exit_program_self_ns']:.0f} ns |",
         f"| fchmod, no program | {r['ns_per_fchmod']['none']:.0f} ns |",
         f"| per record: the 24-byte record, wall / CPU | {r['record_ns']:.0f} / {r['record_cpu_ns']:.0f} ns |",
         f"| per record: the exe looked up and copied ({r['exe_bytes']} bytes, {r['ring_bytes_added']} in the ring), "
@@ -255,6 +266,25 @@ def markdown(res: dict[str, Any]) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+def _measure(runs: int, execs: int, records: int) -> dict[str, Any]:
+    runner = Runner()
+    with Cleanup() as stack, scratch_dir() as tmp:
+        stack.callback(runner.close)
+        return exe_cost(runner, tmp, runs=runs, execs=execs, records=records,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def suite(args: argparse.Namespace, out: Path) -> int:
+    """``python -m bench.run execost``: bench/out/execost.{json,md} (``--quick``: one run of tiny loops)."""
+    quick = bool(args.quick)
+    res = _measure(args.runs or (1 if quick else 7), 20 if quick else 300, 5_000 if quick else 100_000)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "execost.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "execost.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.execost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -265,12 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("execost: needs root (BPF)", file=sys.stderr)
         return 2
-    runner = Runner()
     try:
-        with Cleanup() as stack, scratch_dir() as tmp:
-            stack.callback(runner.close)
-            res = exe_cost(runner, tmp, runs=args.runs, execs=args.execs, records=args.records,
-                           log=lambda s: print(s, file=sys.stderr, flush=True))
+        res = _measure(args.runs, args.execs, args.records)
     except BenchError as e:
         print(f"execost: {e}", file=sys.stderr)
         return 1
