@@ -121,6 +121,23 @@ def userspace_costs(pid: int, n_new: int = 2000, n_hit: int = 200_000) -> dict[s
             "hit_lru_us": lru_us, "kernel_exe_decode_us": decode_us}
 
 
+def check_walk(runner: Runner, obj_path: Path, exe: Path) -> bytes:
+    """The path the exec program stores for a process running ``exe`` (exec program only: the entry outlives the
+    process); a BenchError unless it is the path the kernel shows in /proc, so the costs are those of a right walk."""
+    obj = attached(obj_path, "exe_exec")
+    try:
+        child = runner.start([str(exe)])  # execloop without arguments exits at once
+        child.reap(60)
+        value = obj.map("exe_by_tgid").lookup(child.pid.to_bytes(4, "little"), 8 + 256)
+    finally:
+        obj.close()
+    want = str(exe.resolve()).encode()
+    got = value[8:8 + int.from_bytes(value[:2], "little")] if value else None
+    if got != want:
+        raise BenchError(f"the exec program stored {got!r} for {want!r}")
+    return got
+
+
 def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, records: int = 100_000,
              log: Any = print) -> dict[str, Any]:
     """Medians of every measurement above over ``runs`` alternated rounds."""
@@ -130,6 +147,7 @@ def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, rec
     hook = c_program(BENCH_DIR / "hookloop.c", "hookloop")
     obj_path = bpf_object("execost")
     target = scratch / "hookloop.file"
+    check_walk(runner, obj_path, execloop)
     configs = [("exec", k) for k in EXEC_SETS] + [("record", k) for k in RECORD_SETS] + [("user", "resolver")]
     exec_ns: dict[str, list[float]] = {k: [] for k in EXEC_SETS}
     exec_cpu: dict[str, list[float]] = {k: [] for k in EXEC_SETS}
