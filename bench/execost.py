@@ -121,6 +121,13 @@ def userspace_costs(pid: int, n_new: int = 2000, n_hit: int = 200_000) -> dict[s
             "hit_lru_us": lru_us, "kernel_exe_decode_us": decode_us}
 
 
+def execloop_binary() -> Path:
+    """``bench/cache/execloop``, built static from ``bench/execloop.c``."""
+    cc = shutil.which("cc") or shutil.which("gcc") or "clang"
+    src = BENCH_DIR / "execloop.c"
+    return built(src, "execloop", lambda out: [cc, "-O2", "-Wall", "-static", "-o", str(out), str(src)])
+
+
 def check_walk(runner: Runner, obj_path: Path, exe: Path) -> bytes:
     """The path the exec program stores for a process running ``exe`` (exec program only: the entry outlives the
     process); a BenchError unless it is the path the kernel shows in /proc, so the costs are those of a right walk."""
@@ -131,7 +138,7 @@ def check_walk(runner: Runner, obj_path: Path, exe: Path) -> bytes:
         value = obj.map("exe_by_tgid").lookup(child.pid.to_bytes(4, "little"), 8 + 256)
     finally:
         obj.close()
-    want = str(exe.resolve()).encode()
+    want = bytes(exe.resolve())
     got = value[8:8 + int.from_bytes(value[:2], "little")] if value else None
     if got != want:
         raise BenchError(f"the exec program stored {got!r} for {want!r}")
@@ -141,9 +148,7 @@ def check_walk(runner: Runner, obj_path: Path, exe: Path) -> bytes:
 def exe_cost(runner: Runner, scratch: Path, runs: int = 5, execs: int = 300, records: int = 100_000,
              log: Any = print) -> dict[str, Any]:
     """Medians of every measurement above over ``runs`` alternated rounds."""
-    cc = shutil.which("cc") or shutil.which("gcc") or "clang"
-    execloop = built(BENCH_DIR / "execloop.c", "execloop",
-                     lambda out: [cc, "-O2", "-Wall", "-static", "-o", str(out), str(BENCH_DIR / "execloop.c")])
+    execloop = execloop_binary()
     hook = c_program(BENCH_DIR / "hookloop.c", "hookloop")
     obj_path = bpf_object("execost")
     target = scratch / "hookloop.file"
