@@ -14,6 +14,7 @@ below what any tracepoint-based capture that writes one record per operation cos
 
 from __future__ import annotations
 
+import platform
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,33 +30,41 @@ HOOKS = {
 }
 
 
-def _bpf_object() -> Path:
-    src = BENCH_DIR / "hookcost.bpf.c"
+_ARCH = {"x86_64": "x86", "aarch64": "arm64"}  # uname -m -> libbpf's __TARGET_ARCH_ names (bpf_tracing.h)
+
+
+def bpf_object(name: str = "hookcost") -> Path:
+    """``bench/cache/NAME.bpf.o`` built from ``bench/NAME.bpf.c`` (which may include kwatch's ``bpf/`` headers)."""
+    src = BENCH_DIR / f"{name}.bpf.c"
     include = REPO / "build"
     if not (include / "vmlinux.h").exists():
         raise BenchError("build/vmlinux.h is missing: run `make bpf` first")
-    return built(src, "hookcost.bpf.o",
-                 lambda out: ["clang", "-O2", "-g", "-target", "bpf", f"-I{include}", "-c", str(src), "-o", str(out)])
+    return built(src, f"{name}.bpf.o",
+                 lambda out: ["clang", "-O2", "-g", "-Wall", "-target", "bpf", f"-D__TARGET_ARCH_{_ARCH.get(platform.machine(), platform.machine())}", f"-I{include}",
+                              f"-I{REPO / 'bpf'}", "-c", str(src), "-o", str(out)])
 
 
-def _loop(runner: Runner, exe: Path, target: Path, n: int) -> tuple[float, float]:
+def hookloop(runner: Runner, exe: Path, target: Path, n: int) -> tuple[float, float, float]:
+    """Run ``bench/hookloop``: (ns per fchmod, ns per pwrite), the fastest of its three rounds, and its CPU seconds
+    (user + system, all rounds of both loops)."""
     res = runner.run([str(exe), str(target), str(n)], timeout=120)
     if res.rc != 0:
         raise BenchError(f"hookloop failed (rc {res.rc}): {res.stderr.strip()}")
     chmod_ns, write_ns = res.stdout.split()
-    return float(chmod_ns), float(write_ns)
+    return float(chmod_ns), float(write_ns), res.cpu
 
 
-def _attached(obj_path: Path, prog_name: str) -> Any:
+def attached(obj_path: Path, *prog_names: str) -> Any:
+    """The object at ``obj_path`` loaded with only ``prog_names`` (attached); the caller closes it."""
     from kwatch.capture.libbpf import BpfObject
 
     obj = BpfObject(str(obj_path))
     try:
         for prog in obj.programs():
-            prog.set_autoload(prog.name == prog_name)
+            prog.set_autoload(prog.name in prog_names)
         obj.load()
         for prog in obj.programs():
-            if prog.name == prog_name:
+            if prog.name in prog_names:
                 obj.attach(prog)
     except BaseException:
         obj.close()
@@ -66,23 +75,23 @@ def _attached(obj_path: Path, prog_name: str) -> Any:
 def hook_cost(runner: Runner, scratch: Path, n: int = 200_000, runs: int = 5) -> dict[str, Any]:
     """Median ns per fchmod and per pwrite with each hook and with none, and each hook's cost over none."""
     exe = c_program(BENCH_DIR / "hookloop.c", "hookloop")
-    obj_path = _bpf_object()
+    obj_path = bpf_object()
     target = scratch / "hookloop.file"
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ("none", *HOOKS)}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ("none", *HOOKS)}
     for _, name in alternate(list(samples), runs):
         if name == "none":
-            samples[name].append(_loop(runner, exe, target, n))
+            samples[name].append(hookloop(runner, exe, target, n))
             continue
-        obj = _attached(obj_path, HOOKS[name])
+        obj = attached(obj_path, HOOKS[name])
         try:
-            samples[name].append(_loop(runner, exe, target, n))
+            samples[name].append(hookloop(runner, exe, target, n))
             lost = obj.map("hook_lost").lookup(bytes(4), 8)
             if lost and int.from_bytes(lost, "little"):
                 raise BenchError(f"hook cost: {int.from_bytes(lost, 'little')} records did not fit the ring")
         finally:
             obj.close()
     target.unlink(missing_ok=True)
-    med = {name: (statistics.median(c for c, _ in s), statistics.median(w for _, w in s))
+    med = {name: (statistics.median(x[0] for x in s), statistics.median(x[1] for x in s))
            for name, s in samples.items()}
     base_chmod, base_write = med["none"]
     return {

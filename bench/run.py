@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import OUT, BenchError
 
-SUITES = ("capture", "replicate", "rsync", "startup", "firstsync", "audit")
+SUITES = ("capture", "replicate", "rsync", "startup", "firstsync", "audit", "execost")
 
 
 def _log(msg: str) -> None:
@@ -103,8 +103,14 @@ def run_audit(args: argparse.Namespace, out: Path) -> int:
     return audit.main(args, out)
 
 
+def run_execost(args: argparse.Namespace, out: Path) -> int:
+    from bench import execost
+
+    return execost.suite(args, out)
+
+
 RUNNERS = {"capture": run_capture, "replicate": run_replicate, "rsync": run_rsync, "startup": run_startup,
-           "firstsync": run_firstsync, "audit": run_audit}
+           "firstsync": run_firstsync, "audit": run_audit, "execost": run_execost}
 
 
 def build_parser() -> argparse.ArgumentParser:
