@@ -69,7 +69,12 @@ def test_a_loss_makes_the_mirror_converge_by_a_deferred_full_rescan(tmp_path: Pa
             time.sleep(0.05)
         assert sum(e.lost or 0 for e in losses) > 0
         wait_identical(src, mirror, 120, what="after a loss")
-        assert rep.stats.rescans_full == 2, "the loss's full rescan (deferred to the interval's end) made it"
+        # a marker of unknown count is not the ring's: another mount namespace's changes (another session's
+        # `unshare -m` on this machine, gone before the read) or io_uring activity (docs/capture.md), each a loss of
+        # its own with its own rescan
+        foreign = [e for e in losses if e.lost is None]
+        assert 2 <= rep.stats.rescans_full <= 2 + len(foreign), (
+            "the loss's full rescan (deferred to the interval's end) made it", losses)
     finally:
         rep.stop()
         gate.stop()
