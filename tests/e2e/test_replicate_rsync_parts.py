@@ -13,7 +13,7 @@ import pytest
 from rsyncd import RsyncDaemon
 from treecmp import tree_differences
 
-from kwatch.replicate.coalesce import EXIST, Batch
+from kwatch.replicate.coalesce import EXIST, Batch, Coalescer
 from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_target import RsyncTransport
 from kwatch.replicate.rsync_transport import push
@@ -86,3 +86,53 @@ def test_a_batch_that_deletes_goes_as_one_session(tmp_path: Path) -> None:
         assert rep.messages == []
         assert tree_differences(src, d.module_path("push")) == [], d.log()
         assert _sessions(d) - before == 1
+
+
+class _LiveHost(_Host):
+    """The host with a coalescer: what a batch that goes ahead holds back is marked there again."""
+
+    def __init__(self, src: Path) -> None:
+        super().__init__(src)
+        self.coalescer = Coalescer(self.src)
+
+
+def _dirty(root: Path, paths: list[Path]) -> Batch:
+    b = Batch()
+    b.dirty = {os.fsencode(p.relative_to(root)): EXIST for p in paths}
+    return b
+
+
+def test_batches_go_ahead_of_those_in_flight_and_the_mirror_ends_identical(tmp_path: Path) -> None:
+    """Two create/change batches in flight at once (RsyncTransport.start_ahead): the second's rewrite of a file the
+    first is sending is held back and marked, nothing is deleted meanwhile, and the batch of the directories listed
+    again once none is in flight deletes the stale names the mirror had (which --delete in the first two would
+    have deleted) and leaves the mirror identical."""
+    rnd = random.Random(13)
+    src = tmp_path / "src"
+    _tree(src, rnd)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        mirror = d.module_path("push")
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        (mirror / "top/s3/stale").write_bytes(b"stale")  # as if the source lost it in a way no batch names
+        host = _LiveHost(src)
+        t = RsyncTransport(host, d.url("push"), TargetOptions())  # type: ignore[arg-type]
+        first = [src / "top/s1"] + [src / f"top/s1/f{j}" for j in range(12)]
+        for p in first[1:]:
+            p.write_bytes(rnd.randbytes(30_000))
+        assert t.start_ahead(_dirty(src, first))
+        for p in first[1:4]:  # rewritten while the first batch may still be sending them
+            p.write_bytes(rnd.randbytes(31_000))
+        (src / "top/s3/new").write_bytes(b"new")
+        second = [src / "top/s3", *first[1:4]]
+        assert t.start_ahead(_dirty(src, second))
+        assert t.in_flight() == 2
+        again = {os.fsencode(p.relative_to(src)) for p in first[1:4]}
+        assert again <= set(host.coalescer.take(0.0).dirty), "the rewritten files were not marked again"
+        reports = t.finish_ahead(wait=True)
+        assert len(reports) == 2 and all(not rep.messages for _, rep in reports)
+        assert (mirror / "top/s3/stale").exists(), "a batch that went ahead deleted"
+        assert set(reports[-1][1].resend) >= {b"top/s1", b"top/s3"}
+        b = _dirty(src, [src / os.fsdecode(p) for p in {*reports[-1][1].resend, *again}])
+        assert not t.start_ahead(b), "the directories listed again went ahead (without --delete)"
+        assert t.sync(b).messages == []
+        assert tree_differences(src, mirror) == [], d.log()
