@@ -49,7 +49,7 @@ from typing import Any
 from kwatch.paths import is_under
 from kwatch.protocols.errors import ProtocolError
 from kwatch.protocols.rsync.flist import FileEntry
-from kwatch.replicate.coalesce import CONTENT, EXIST, Batch
+from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch
 from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.linkindex import LinkIndex, is_inode
@@ -209,7 +209,8 @@ class RsyncTransport:
         paths = self._batch_paths(b)
         if not paths:
             return False
-        entries, missing = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded)
+        entries, missing = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded,
+                                      _attributes_only(b))
         names = {e.name for e in entries}
         if missing or not all(p in names for p in paths) or any(e.mode == 0 or e.inode is not None for e in entries):
             return False
@@ -287,7 +288,8 @@ class RsyncTransport:
         tally = _PartsTally(self.host) if b.rescans else None
         if paths is None:
             return self._push(None, b, on_progress=tally and tally.part(0))
-        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
+        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded,
+                                moved | _attributes_only(b))
         return self._send_scanned(paths, b, entries, tally)
 
     def _send_scanned(self, paths: list[bytes], b: Batch, entries: list[FileEntry],
@@ -451,6 +453,15 @@ class _PartsTally:
                 f, ft, nb, bt = (sum(x) for x in zip(*self.figures.values(), strict=True))
                 self.host.report_progress(f, ft, nb, bt)
         return update
+
+
+def _attributes_only(b: Batch) -> set[bytes]:
+    """The batch's paths whose own attributes changed, nothing else (META: a chmod or utimes, an entry made or
+    removed inside): a directory among them is listed alone (``shallow``), not with its subtree. What changed inside
+    it is in the batch under its own name (a deletion too: its parent is then listed whole for ``--delete-after``,
+    or the name goes as a mode-0 entry); a loss makes a rescan, and renamed trees are listed whole."""
+    renamed = {p for pair in b.renames for p in pair}
+    return {p for p, flags in b.dirty.items() if flags == META and p not in renamed and p not in b.rescans}
 
 
 def _merged(results: list[PushResult]) -> PushResult:

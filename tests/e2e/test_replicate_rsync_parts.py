@@ -13,7 +13,7 @@ import pytest
 from rsyncd import RsyncDaemon
 from treecmp import tree_differences
 
-from kwatch.replicate.coalesce import EXIST, Batch, Coalescer
+from kwatch.replicate.coalesce import EXIST, META, Batch, Coalescer
 from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_target import RsyncTransport
 from kwatch.replicate.rsync_transport import push
@@ -136,3 +136,23 @@ def test_batches_go_ahead_of_those_in_flight_and_the_mirror_ends_identical(tmp_p
         assert not t.start_ahead(b), "the directories listed again went ahead (without --delete)"
         assert t.sync(b).messages == []
         assert tree_differences(src, mirror) == [], d.log()
+
+
+def test_a_directory_whose_attributes_alone_changed_goes_without_its_subtree(tmp_path: Path) -> None:
+    """A directory dirty for its attributes only (META: a utimes, as tar's last step sets every directory's mtime)
+    goes alone: the session's bytes are those of a short list, not of a list of the tree below it; the mirror ends
+    identical (its mtime right)."""
+    rnd = random.Random(14)
+    src = tmp_path / "src"
+    _tree(src, rnd, dirs=20, files=40)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        mirror = d.module_path("push")
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+        for sub in (src / "top", src / "top/s3"):
+            os.utime(sub, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        b = Batch()
+        b.dirty = {b"top": META, b"top/s3": META}
+        assert t.sync(b).messages == []
+        assert tree_differences(src, mirror) == [], d.log()
+        assert t.wire_bytes() < 4000, "the directories went with their subtrees"
