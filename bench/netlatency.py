@@ -35,8 +35,9 @@ from rsyncd import RsyncDaemon  # noqa: E402
 from sshd import Sshd  # noqa: E402
 from treecmp import tree_differences  # noqa: E402
 
-#: kwatch-rsyncd-serial: kwatch-rsyncd with --no-ahead (each batch waits for the one before it to end)
-TOOLS = ("kwatch-ssh", "kwatch-rsyncd", "kwatch-rsyncd-serial", "lsyncd-d0", "oneshot-rsync")
+#: kwatch-rsyncd-ahead (not run by default): kwatch-rsyncd with --ahead (batches that create and change go while
+#: earlier ones are in flight; experimental)
+TOOLS = ("kwatch-ssh", "kwatch-rsyncd", "lsyncd-d0", "oneshot-rsync")
 OUT = REPO / "bench" / "out"
 
 
@@ -68,8 +69,8 @@ def one(tool: str, rtt_ms: int, tarball: Path, base: Path, timeout: float = 600.
                 live = LiveReplicate(src, [sshd.target(mirror)], base / "replicate.log",
                                      ["-e", sshd.ssh_command, "--agent-command", KWATCH], prefix=lab.argv("src"))
                 live.start()
-            elif tool in ("kwatch-rsyncd", "kwatch-rsyncd-serial"):
-                extra = ["--no-ahead"] if tool == "kwatch-rsyncd-serial" else []
+            elif tool in ("kwatch-rsyncd", "kwatch-rsyncd-ahead"):
+                extra = ["--ahead"] if tool == "kwatch-rsyncd-ahead" else []
                 live = LiveReplicate(src, [rsyncd.url("push")], base / "replicate.log", extra, prefix=lab.argv("src"))
                 live.start()
             elif tool == "lsyncd-d0":

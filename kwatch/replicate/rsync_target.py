@@ -122,7 +122,8 @@ class RsyncTransport:
         #: sessions in flight at once listed with different attributes (the one to touch them up last wins, maybe
         #: the older), and those whose content went ahead without deletion
         self._relist: set[bytes] = set()
-        self._sync_next = False  # the batch with them goes alone
+        #: those marked again and not yet sent: until a batch of its own lists them, no batch goes ahead
+        self._relisting: set[bytes] = set()
 
     def connect(self) -> None:
         pass  # one session per batch, on a connection opened ahead; the first batch (a full rescan) proves the peer
@@ -165,9 +166,14 @@ class RsyncTransport:
         return sorted(todo)
 
     def sync(self, b: Batch) -> BatchReport:
-        self._sync_next = False
         rep = BatchReport()
         paths = self._batch_paths(b)
+        if paths is None:
+            self._relisting.clear()
+        elif self._relisting:
+            # listed, or under a name listed (the old name of a rename is among them too)
+            listed = set(paths)
+            self._relisting = {r for r in self._relisting if r not in listed and not _below_any(r, listed)}
         if paths is not None and not paths:
             return rep
         moved: set[bytes] = set()
@@ -203,7 +209,7 @@ class RsyncTransport:
         a daemon's connections), without ``--delete``, and only the part of its list that cannot get in the way of
         the sessions in flight (kwatch.replicate.rsync_ahead); the rest is marked again for a later batch. Once none
         is in flight, the directories it listed go again in a batch of their own, with ``--delete``."""
-        if (not self.opts.ahead or self._sync_next or self._pool is None or b.renames or b.rescans or b.link_from
+        if (not self.opts.ahead or self._relisting or self._pool is None or b.renames or b.rescans or b.link_from
                 or self.ahead_full()):
             return False
         paths = self._batch_paths(b)
@@ -251,9 +257,10 @@ class RsyncTransport:
             rep = BatchReport()
             self._report(a.paths, res, rep)
             if not self._ahead and self._relist:
-                rep.resend.extend(tops(self._relist))
+                again = tops(self._relist)
+                rep.resend.extend(again)
+                self._relisting.update(again)
                 self._relist.clear()
-                self._sync_next = True
             out.append((a.batch, rep))
         return out
 
@@ -265,6 +272,7 @@ class RsyncTransport:
                 a.future.result()
         self._ahead.clear()
         self._relist.clear()  # the replicator reconciles the whole tree after a failure
+        self._relisting.clear()
 
     def _report(self, paths: list[bytes] | None, res: PushResult, rep: BatchReport) -> None:
         """Add the result of a batch's own session(s) to its report, and log the batch's line."""

@@ -115,7 +115,7 @@ def test_batches_go_ahead_of_those_in_flight_and_the_mirror_ends_identical(tmp_p
         push(os.fsencode(src), d.url("push"), None, delete=True)
         (mirror / "top/s3/stale").write_bytes(b"stale")  # as if the source lost it in a way no batch names
         host = _LiveHost(src)
-        t = RsyncTransport(host, d.url("push"), TargetOptions())  # type: ignore[arg-type]
+        t = RsyncTransport(host, d.url("push"), TargetOptions(ahead=True))  # type: ignore[arg-type]
         first = [src / "top/s1"] + [src / f"top/s1/f{j}" for j in range(12)]
         for p in first[1:]:
             p.write_bytes(rnd.randbytes(30_000))
@@ -132,6 +132,9 @@ def test_batches_go_ahead_of_those_in_flight_and_the_mirror_ends_identical(tmp_p
         assert len(reports) == 2 and all(not rep.messages for _, rep in reports)
         assert (mirror / "top/s3/stale").exists(), "a batch that went ahead deleted"
         assert set(reports[-1][1].resend) >= {b"top/s1", b"top/s3"}
+        # a batch taken before the sessions in flight ended goes first, alone (the replicator drains, then syncs it)
+        (src / "top/s5/other").write_bytes(b"other")
+        assert t.sync(_dirty(src, [src / "top/s5/other"])).messages == []
         b = _dirty(src, [src / os.fsdecode(p) for p in {*reports[-1][1].resend, *again}])
         assert not t.start_ahead(b), "the directories listed again went ahead (without --delete)"
         assert t.sync(b).messages == []
