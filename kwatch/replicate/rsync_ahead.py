@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from kwatch.paths import below_any
 from kwatch.protocols.rsync.flist import FileEntry
 
 
@@ -50,7 +51,7 @@ def plan(entries: Sequence[FileEntry], inflight: InFlight) -> tuple[list[FileEnt
     again: list[bytes] = []
     for e in entries:
         name = e.name
-        if _below(name, held):
+        if below_any(name, held):
             held.add(name)  # marked with its held ancestor, which a later batch lists whole
             continue
         other = inflight.by_name.get(name)
@@ -63,18 +64,6 @@ def plan(entries: Sequence[FileEntry], inflight: InFlight) -> tuple[list[FileEnt
     return kept, again
 
 
-def _below(name: bytes, names: set[bytes]) -> bool:
-    """Whether an ancestor of ``name`` is in ``names``."""
-    if not names:
-        return False
-    i = name.rfind(b"/")
-    while i > 0:
-        if name[:i] in names:
-            return True
-        i = name.rfind(b"/", 0, i)
-    return False
-
-
 def stale_dirs(older: Sequence[FileEntry], newer: Sequence[FileEntry]) -> list[bytes]:
     """The directories of both lists with different attributes: the mirror may end with ``older``'s if its session
     touches them up last."""
@@ -85,4 +74,4 @@ def stale_dirs(older: Sequence[FileEntry], newer: Sequence[FileEntry]) -> list[b
 def tops(dirs: Iterable[bytes]) -> list[bytes]:
     """``dirs`` without those below another of them."""
     every = set(dirs)
-    return sorted(d for d in every if not _below(d, every))
+    return sorted(d for d in every if not below_any(d, every))

@@ -46,7 +46,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
-from kwatch.paths import is_under
+from kwatch.paths import below_any, is_under
 from kwatch.protocols.errors import ProtocolError
 from kwatch.protocols.rsync.flist import FileEntry
 from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch
@@ -173,7 +173,7 @@ class RsyncTransport:
         elif self._relisting:
             # listed, or under a name listed (the old name of a rename is among them too)
             listed = set(paths)
-            self._relisting = {r for r in self._relisting if r not in listed and not _below_any(r, listed)}
+            self._relisting = {r for r in self._relisting if r not in listed and not below_any(r, listed)}
         if paths is not None and not paths:
             return rep
         moved: set[bytes] = set()
@@ -420,7 +420,7 @@ class RsyncTransport:
                 keys.add((st.st_dev, st.st_ino))
         for key in keys:
             out.update(p for p in self.links.names(key)
-                       if p not in paths and not _below_any(p, paths) and is_inode(self.src, p, key))
+                       if p not in paths and not below_any(p, paths) and is_inode(self.src, p, key))
         return out
 
 
@@ -487,16 +487,6 @@ def _merged(results: list[PushResult]) -> PushResult:
         for key, names in r.inodes.items():
             out.inodes.setdefault(key, []).extend(names)
     return out
-
-
-def _below_any(rel: bytes, tops: set[bytes]) -> bool:
-    """Whether a directory above ``rel`` is in ``tops`` (the session sends ``rel`` with it)."""
-    i = rel.rfind(b"/")
-    while i > 0:
-        if rel[:i] in tops:
-            return True
-        i = rel.rfind(b"/", 0, i)
-    return False
 
 
 def excluded_path(excluded: Excluder, rel: bytes, seen: dict[bytes, bool] | None = None) -> bool:
