@@ -216,7 +216,7 @@ class RsyncTransport:
         if not paths:
             return False
         entries, missing = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded,
-                                      _attributes_only(b))
+                                      _attributes_only(b, paths))
         names = {e.name for e in entries}
         if missing or not all(p in names for p in paths) or any(e.mode == 0 or e.inode is not None for e in entries):
             return False
@@ -297,7 +297,7 @@ class RsyncTransport:
         if paths is None:
             return self._push(None, b, on_progress=tally and tally.part(0))
         entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded,
-                                moved | _attributes_only(b))
+                                moved | _attributes_only(b, paths))
         return self._send_scanned(paths, b, entries, tally)
 
     def _send_scanned(self, paths: list[bytes], b: Batch, entries: list[FileEntry],
@@ -463,13 +463,17 @@ class _PartsTally:
         return update
 
 
-def _attributes_only(b: Batch) -> set[bytes]:
+def _attributes_only(b: Batch, paths: list[bytes]) -> set[bytes]:
     """The batch's paths whose own attributes changed, nothing else (META: a chmod or utimes, an entry made or
     removed inside): a directory among them is listed alone (``shallow``), not with its subtree. What changed inside
     it is in the batch under its own name (a deletion too: its parent is then listed whole for ``--delete-after``,
-    or the name goes as a mode-0 entry); a loss makes a rescan, and renamed trees are listed whole."""
+    or the name goes as a mode-0 entry); a loss makes a rescan, and renamed trees are listed whole. Not one below a
+    path listed whole: scan_paths would leave its subtree out of that listing, and the names dirty inside it with it
+    (they count as listed by the path above)."""
     renamed = {p for pair in b.renames for p in pair}
-    return {p for p, flags in b.dirty.items() if flags == META and p not in renamed and p not in b.rescans}
+    meta = {p for p, flags in b.dirty.items() if flags == META and p not in renamed and p not in b.rescans}
+    whole = set(paths) - meta
+    return {p for p in meta if not below_any(p, whole)}
 
 
 def _merged(results: list[PushResult]) -> PushResult:

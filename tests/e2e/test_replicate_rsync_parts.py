@@ -13,7 +13,7 @@ import pytest
 from rsyncd import RsyncDaemon
 from treecmp import tree_differences
 
-from kwatch.replicate.coalesce import EXIST, META, Batch, Coalescer
+from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch, Coalescer
 from kwatch.replicate.options import TargetOptions
 from kwatch.replicate.rsync_target import RsyncTransport
 from kwatch.replicate.rsync_transport import push
@@ -159,3 +159,21 @@ def test_a_directory_whose_attributes_alone_changed_goes_without_its_subtree(tmp
         assert t.sync(b).messages == []
         assert tree_differences(src, mirror) == [], d.log()
         assert t.wire_bytes() < 4000, "the directories went with their subtrees"
+
+
+def test_a_directory_whose_attributes_alone_changed_below_one_listed_whole_keeps_its_new_names(tmp_path: Path) -> None:
+    """A directory dirty for its attributes only below a directory listed whole (dirty for its content: a retry, a
+    directory listed again after batches ahead) goes with that listing, subtree included: a new file in it, dirty
+    too, reaches the mirror (listed alone, the whole listing above left its subtree out, and the new file with it)."""
+    rnd = random.Random(15)
+    src = tmp_path / "src"
+    _tree(src, rnd, dirs=4, files=5)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        mirror = d.module_path("push")
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+        (src / "top/s2/new").write_bytes(b"new")
+        b = Batch()
+        b.dirty = {b"top": CONTENT, b"top/s2": META, b"top/s2/new": EXIST}
+        assert t.sync(b).messages == []
+        assert tree_differences(src, mirror) == [], d.log()
