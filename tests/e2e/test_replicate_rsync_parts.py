@@ -4,9 +4,11 @@ right whichever session ends last), and the daemon saw more than one connection 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,23 +143,27 @@ def test_batches_go_ahead_of_those_in_flight_and_the_mirror_ends_identical(tmp_p
         assert tree_differences(src, mirror) == [], d.log()
 
 
+@contextlib.contextmanager
+def _pushed(tmp_path: Path, seed: int, dirs: int, files: int) -> Iterator[tuple[Path, Path, RsyncTransport]]:
+    """A tree pushed whole to a daemon: (source, mirror, a transport to it)."""
+    src = tmp_path / "src"
+    _tree(src, random.Random(seed), dirs=dirs, files=files)
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        push(os.fsencode(src), d.url("push"), None, delete=True)
+        yield src, d.module_path("push"), RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+
+
 def test_a_directory_whose_attributes_alone_changed_goes_without_its_subtree(tmp_path: Path) -> None:
     """A directory dirty for its attributes only (META: a utimes, as tar's last step sets every directory's mtime)
     goes alone: the session's bytes are those of a short list, not of a list of the tree below it; the mirror ends
     identical (its mtime right)."""
-    rnd = random.Random(14)
-    src = tmp_path / "src"
-    _tree(src, rnd, dirs=20, files=40)
-    with RsyncDaemon(tmp_path / "rsyncd") as d:
-        mirror = d.module_path("push")
-        push(os.fsencode(src), d.url("push"), None, delete=True)
-        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+    with _pushed(tmp_path, 14, 20, 40) as (src, mirror, t):
         for sub in (src / "top", src / "top/s3"):
             os.utime(sub, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
         b = Batch()
         b.dirty = {b"top": META, b"top/s3": META}
         assert t.sync(b).messages == []
-        assert tree_differences(src, mirror) == [], d.log()
+        assert tree_differences(src, mirror) == []
         assert t.wire_bytes() < 4000, "the directories went with their subtrees"
 
 
@@ -165,15 +171,9 @@ def test_a_directory_whose_attributes_alone_changed_below_one_listed_whole_keeps
     """A directory dirty for its attributes only below a directory listed whole (dirty for its content: a retry, a
     directory listed again after batches ahead) goes with that listing, subtree included: a new file in it, dirty
     too, reaches the mirror (listed alone, the whole listing above left its subtree out, and the new file with it)."""
-    rnd = random.Random(15)
-    src = tmp_path / "src"
-    _tree(src, rnd, dirs=4, files=5)
-    with RsyncDaemon(tmp_path / "rsyncd") as d:
-        mirror = d.module_path("push")
-        push(os.fsencode(src), d.url("push"), None, delete=True)
-        t = RsyncTransport(_Host(src), d.url("push"), TargetOptions())  # type: ignore[arg-type]
+    with _pushed(tmp_path, 15, 4, 5) as (src, mirror, t):
         (src / "top/s2/new").write_bytes(b"new")
         b = Batch()
         b.dirty = {b"top": CONTENT, b"top/s2": META, b"top/s2/new": EXIST}
         assert t.sync(b).messages == []
-        assert tree_differences(src, mirror) == [], d.log()
+        assert tree_differences(src, mirror) == []
