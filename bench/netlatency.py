@@ -5,10 +5,12 @@ daemon, and one ``rsync -a --delete`` to it run once the untar has ended.
 Every tool runs in the source host's namespace and reaches the mirror host only through the lab's wire, whose
 forwarder counts the bytes of every frame each way (so all tools are measured alike, headers included).
 ``to identical s`` is from the end of the untar to the first poll (tests/support/treecmp.py, every 0.05 s) that finds the
-mirror equal to the source; for the one-shot rsync it includes the rsync run. One run per (tool, RTT): a rough
-figure, not a median.
+mirror equal to the source; for the one-shot rsync it includes the rsync run. ``--repeat N`` runs every tool N times,
+the tools taking turns (so a change in the machine's load falls on all of them alike); the table gives each run's
+figure and the median, and the ratios are of medians.
 
-``.venv/bin/python -m bench.netlatency [--files N] [--rtt 50,200] [--tools ...]``; writes bench/out/netlatency.md.
+``.venv/bin/python -m bench.netlatency [--files N] [--rtt 50,200] [--tools ...] [--repeat N]``; writes
+bench/out/netlatency.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,8 @@ from rsyncd import RsyncDaemon  # noqa: E402
 from sshd import Sshd  # noqa: E402
 from treecmp import tree_differences  # noqa: E402
 
+#: kwatch-rsyncd-ahead (not run by default): kwatch-rsyncd with --ahead (batches that create and change go while
+#: earlier ones are in flight; experimental)
 TOOLS = ("kwatch-ssh", "kwatch-rsyncd", "lsyncd-d0", "oneshot-rsync")
 OUT = REPO / "bench" / "out"
 
@@ -64,8 +69,9 @@ def one(tool: str, rtt_ms: int, tarball: Path, base: Path, timeout: float = 600.
                 live = LiveReplicate(src, [sshd.target(mirror)], base / "replicate.log",
                                      ["-e", sshd.ssh_command, "--agent-command", KWATCH], prefix=lab.argv("src"))
                 live.start()
-            elif tool == "kwatch-rsyncd":
-                live = LiveReplicate(src, [rsyncd.url("push")], base / "replicate.log", prefix=lab.argv("src"))
+            elif tool in ("kwatch-rsyncd", "kwatch-rsyncd-ahead"):
+                extra = ["--ahead"] if tool == "kwatch-rsyncd-ahead" else []
+                live = LiveReplicate(src, [rsyncd.url("push")], base / "replicate.log", extra, prefix=lab.argv("src"))
                 live.start()
             elif tool == "lsyncd-d0":
                 log = base / "lsyncd.log"
@@ -116,8 +122,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--rtt", default="50,200", help="RTTs in ms, comma-separated")
     ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, taking turns")
     args = ap.parse_args(argv)
     rows = []
+    tools = args.tools.split(",")
     with tempfile.TemporaryDirectory(prefix="kwatch-netlat-") as tmp:
         staging = Path(tmp) / "staging"
         build_untar_tree(staging, args.files, 9)
@@ -125,27 +133,45 @@ def main(argv: list[str]) -> int:
         subprocess.run(["tar", "cf", str(tarball), "-C", str(staging), "."], check=True, timeout=120)
         size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
         for rtt in (int(x) for x in args.rtt.split(",")):
-            for tool in args.tools.split(","):
-                with tempfile.TemporaryDirectory(prefix=f"kwatch-netlat-{tool}-", dir=tmp) as run:
-                    r = one(tool, rtt, tarball, Path(run))
-                rows.append(r)
-                print(f"{rtt} ms RTT {tool}: identical {r['to_identical_s']:.2f}s after the untar "
-                      f"({r['untar_s']:.2f}s); {r['bytes_to_mirror']} bytes to the mirror, {r['bytes_back']} back",
-                      flush=True)
-    lines = [f"# Untar replication through the test network ({args.files} files, {size} bytes of file data)", "",
-             "| RTT | tool | to identical s | vs one-shot rsync | bytes to mirror | bytes back |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        base = next((x for x in rows if x["rtt_ms"] == r["rtt_ms"] and x["tool"] == "oneshot-rsync"), None)
-        ratio = (f"{float(r['to_identical_s']) / float(base['to_identical_s']):.2f}x"  # type: ignore[arg-type]
-                 if base else "-")
-        lines.append(f"| {r['rtt_ms']} ms | {r['tool']} | {float(r['to_identical_s']):.2f} | "  # type: ignore[arg-type]
-                     f"{ratio} | {r['bytes_to_mirror']} | {r['bytes_back']} |")
-    text = "\n".join(lines) + "\n"
+            for rep in range(args.repeat):
+                for tool in tools:
+                    with tempfile.TemporaryDirectory(prefix=f"kwatch-netlat-{tool}-", dir=tmp) as run:
+                        r = one(tool, rtt, tarball, Path(run))
+                    rows.append(r)
+                    print(f"{rtt} ms RTT {tool} run {rep + 1}: identical {r['to_identical_s']:.2f}s after the untar "
+                          f"({r['untar_s']:.2f}s); {r['bytes_to_mirror']} bytes to the mirror, {r['bytes_back']} back",
+                          flush=True)
+    text = _table(rows, args.files, size)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "netlatency.md").write_text(text)
     print(text)
     return 0
+
+
+def _table(rows: list[dict[str, object]], files: int, size: int) -> str:
+    """One line per (RTT, tool): every run's time to identical, the median, and the medians' ratios to the one-shot
+    rsync and to lsyncd (a ratio above 1 against lsyncd: faster than lsyncd by that factor)."""
+    lines = [f"# Untar replication through the test network ({files} files, {size} bytes of file data)", "",
+             "| RTT | tool | to identical s (each run) | median s | vs one-shot rsync | lsyncd / tool | "
+             "bytes to mirror (median) | bytes back (median) |",
+             "|---|---|---|---|---|---|---|---|"]
+    med: dict[tuple[object, str], float] = {}
+    for r in rows:
+        key = (r["rtt_ms"], str(r["tool"]))
+        if key not in med:
+            med[key] = statistics.median(float(x["to_identical_s"]) for x in rows  # type: ignore[arg-type]
+                                         if (x["rtt_ms"], x["tool"]) == key)
+    for (rtt, tool), m in med.items():
+        runs = [x for x in rows if (x["rtt_ms"], x["tool"]) == (rtt, tool)]
+        each = ", ".join(f"{float(x['to_identical_s']):.2f}" for x in runs)  # type: ignore[arg-type]
+        base = med.get((rtt, "oneshot-rsync"))
+        lsyncd = med.get((rtt, "lsyncd-d0"))
+        vs_base = f"{m / base:.2f}x" if base else "-"
+        vs_lsyncd = f"{lsyncd / m:.2f}x" if lsyncd and m else "-"
+        sent = statistics.median(int(x["bytes_to_mirror"]) for x in runs)  # type: ignore[call-overload]
+        back = statistics.median(int(x["bytes_back"]) for x in runs)  # type: ignore[call-overload]
+        lines.append(f"| {rtt} ms | {tool} | {each} | {m:.2f} | {vs_base} | {vs_lsyncd} | {sent:.0f} | {back:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

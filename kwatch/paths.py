@@ -86,6 +86,16 @@ def is_under(path: bytes, top: bytes) -> bool:
     return path == top or (path.startswith(top) and path[len(top) : len(top) + 1] == b"/")
 
 
+def below_any(rel: bytes, tops: set[bytes]) -> bool:
+    """Whether a directory above the relative ``rel`` (not ``rel`` itself) is in ``tops``."""
+    i = rel.rfind(b"/")
+    while i > 0:
+        if rel[:i] in tops:
+            return True
+        i = rel.rfind(b"/", 0, i)
+    return False
+
+
 def rebase(path: bytes, old: bytes, new: bytes) -> bytes:
     """``path`` (under ``old``: see :func:`is_under`) moved to the same place under ``new``."""
     return new + path[len(old) :]

@@ -79,6 +79,8 @@ def make_transport(host: Replicator, target: Target, opts: TargetOptions) -> Tra
     return AgentTransport(host, target, opts)
 
 
+#: seconds between looks at whether a batch that went ahead has ended
+AHEAD_POLL = 0.02
 #: seconds between progress log lines of a reconcile (see Replicator.report_progress), and between live lines
 PROGRESS_INTERVAL = 5.0
 LIVE_INTERVAL = 0.2
@@ -231,21 +233,29 @@ class Replicator:
                 now = time.monotonic()
                 self._mark_due_retries(now)
                 due = self._due_in(now)
+                self._finish_ahead(wait=due is None or stopping)
                 if due is None:
+                    if self.coalescer.pending() or self._due_in(time.monotonic()) is not None:
+                        continue  # what the batches that went ahead left to do
                     self._mark_synced()
                     if stopping:
                         return
                     continue
-                if due > 0 and not stopping:
+                if (due > 0 and not stopping) or self._ahead_full():
                     continue
                 batch = self._take(now)
                 self._first = None
                 self.synced.clear()
                 if batch.empty() and not stopping:
                     continue  # an early take that held back only files still open for writing
+                if not stopping and self._start_ahead(batch):
+                    continue
+                self._finish_ahead(wait=True)
                 self._sync(batch)
                 if stopping and not self.coalescer.pending():
-                    return
+                    self._finish_ahead(wait=True)
+                    if not self.coalescer.pending():
+                        return
             except (LinkError, OSError) as e:
                 self.last_error = str(e)
                 self.stats.errors += 1
@@ -290,6 +300,8 @@ class Replicator:
             # in sync now, not after the wait below (``--once`` waited out its second after the last batch)
             self._mark_synced()
         timeout = 1.0 if due is None else due
+        if self._in_flight():  # see the ends of the batches that went ahead soon, without spinning while none may go
+            timeout = AHEAD_POLL if self._ahead_full() else min(timeout, AHEAD_POLL)
         timeout = max(0.0, min(timeout, self.retries.next - now))
         try:
             item = self._queue.get(timeout=timeout) if not stopping else self._queue.get_nowait()
@@ -443,6 +455,29 @@ class Replicator:
         else:
             log.info("%s", log_line(self.target.spec, p, done=final))
 
+    # ---- batches ahead (a transport that may carry several at once: kwatch.replicate.rsync_target) -------------
+
+    def _in_flight(self) -> int:
+        count = getattr(self.transport, "in_flight", None)
+        return int(count()) if count is not None else 0
+
+    def _ahead_full(self) -> bool:
+        full = getattr(self.transport, "ahead_full", None)
+        return bool(full()) if full is not None else False
+
+    def _start_ahead(self, b: Batch) -> bool:
+        """Hand ``b`` to the transport without waiting for its end when it can go alongside the batches in flight."""
+        start = getattr(self.transport, "start_ahead", None)
+        return bool(start(b)) if start is not None else False
+
+    def _finish_ahead(self, wait: bool) -> None:
+        """Act on the reports of the batches that went ahead and have ended (with ``wait``: of all of them)."""
+        finish = getattr(self.transport, "finish_ahead", None)
+        if finish is None:
+            return
+        for b, rep in finish(wait):
+            self._after(b, rep)
+
     def _sync(self, b: Batch) -> BatchReport:
         self._batch_started = time.monotonic()
         self._progress = None
@@ -455,6 +490,11 @@ class Replicator:
             if self._reported is not None:
                 self._show_progress(time.monotonic(), final=True)
                 self._progress = self._reported = None
+        self._after(b, rep)
+        return rep
+
+    def _after(self, b: Batch, rep: BatchReport) -> None:
+        """What the replicator does with a batch's report, whatever the transport (see kwatch.replicate.ack)."""
         for new in rep.rescan:  # the mirror never had the old name (created and moved within one batch)
             self.coalescer.rescan(self.coalescer.current_name(new))
         self._repair_missing(rep.missing)
@@ -463,7 +503,6 @@ class Replicator:
             # under its current name: events of the time the batch was sent may be folded in already (fold_queued)
             self.coalescer.retry(self.coalescer.current_name(rel), time.monotonic())
         self._record(rep, b)
-        return rep
 
     def _record(self, rep: BatchReport, b: Batch) -> None:
         """The counters of one batch, whatever the transport."""

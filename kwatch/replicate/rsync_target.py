@@ -32,6 +32,7 @@ on the mirror, and a ``link(2)`` (both names are dirty) becomes a hard link ther
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -39,17 +40,22 @@ import re
 import socket
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
 from typing import Any
 
-from kwatch.paths import is_under
+from kwatch.paths import below_any, is_under
 from kwatch.protocols.errors import ProtocolError
 from kwatch.protocols.rsync.flist import FileEntry
-from kwatch.replicate.coalesce import Batch
+from kwatch.replicate.coalesce import CONTENT, EXIST, META, Batch
 from kwatch.replicate.failure import classify
 from kwatch.replicate.link import LinkError
 from kwatch.replicate.linkindex import LinkIndex, is_inode
 from kwatch.replicate.options import TargetOptions
+from kwatch.replicate.rsync_ahead import InFlight, stale_dirs, tops
+from kwatch.replicate.rsync_ahead import plan as plan_ahead
 from kwatch.replicate.rsync_conns import Pool
 from kwatch.replicate.rsync_moves import plan as plan_moves
 from kwatch.replicate.rsync_split import split
@@ -58,6 +64,9 @@ from kwatch.replicate.scan import Excluder
 from kwatch.replicate.transport import BatchReport, Host
 
 log = logging.getLogger("kwatch.replicate")
+
+#: batches whose sessions may be in flight at once (see RsyncTransport.start_ahead)
+MAX_AHEAD = 3
 
 
 def rsync_down_reason(e: BaseException) -> tuple[str, bool]:
@@ -106,11 +115,21 @@ class RsyncTransport:
         self._want = 1
         #: (protocol, compat flags) the last session negotiated: the next sessions send their list at once
         self._expect: tuple[int, int] | None = None
+        #: batches started ahead (start_ahead), in the order they started; their sessions run on _ahead_exec
+        self._ahead: list[_Ahead] = []
+        self._ahead_exec: ThreadPoolExecutor | None = None
+        #: directories to list again once no batch is in flight, in a batch of its own (with --delete): those that
+        #: sessions in flight at once listed with different attributes (the one to touch them up last wins, maybe
+        #: the older), and those whose content went ahead without deletion
+        self._relist: set[bytes] = set()
+        #: those marked again and not yet sent: until a batch of its own lists them, no batch goes ahead
+        self._relisting: set[bytes] = set()
 
     def connect(self) -> None:
         pass  # one session per batch, on a connection opened ahead; the first batch (a full rescan) proves the peer
 
     def disconnect(self) -> None:
+        self._abandon_ahead()
         if self._pool is not None:
             self._pool.close()
 
@@ -131,24 +150,32 @@ class RsyncTransport:
     def wire_bytes(self) -> int:
         return self._wire
 
+    def _batch_paths(self, b: Batch) -> list[bytes] | None:
+        """The paths a batch's session lists (None: the whole tree)."""
+        if b"" in b.rescans:
+            return None
+        todo = set(b.dirty) | b.rescans
+        for old, new in b.renames:
+            todo.add(old)
+            todo.add(new)
+            self.links.rename(old, new)
+        todo.discard(b"")
+        seen: dict[bytes, bool] = {}  # directories already tested: a batch names many paths in each
+        todo = {p for p in todo if not excluded_path(self.host.excluded, p, seen)}
+        todo |= self._other_names(todo)
+        return sorted(todo)
+
     def sync(self, b: Batch) -> BatchReport:
         rep = BatchReport()
-        excluded = self.host.excluded
-        if b"" in b.rescans:
-            paths = None
-        else:
-            todo = set(b.dirty) | b.rescans
-            for old, new in b.renames:
-                todo.add(old)
-                todo.add(new)
-                self.links.rename(old, new)
-            todo.discard(b"")
-            seen: dict[bytes, bool] = {}  # directories already tested: a batch names many paths in each
-            todo = {p for p in todo if not excluded_path(excluded, p, seen)}
-            todo |= self._other_names(todo)
-            paths = sorted(todo)
-            if not paths:
-                return rep
+        paths = self._batch_paths(b)
+        if paths is None:
+            self._relisting.clear()
+        elif self._relisting:
+            # listed, or under a name listed (the old name of a rename is among them too)
+            listed = set(paths)
+            self._relisting = {r for r in self._relisting if r not in listed and not below_any(r, listed)}
+        if paths is not None and not paths:
+            return rep
         moved: set[bytes] = set()
         if paths is not None and b.renames:
             moved = self._move(b, rep)
@@ -161,6 +188,94 @@ class RsyncTransport:
         except (ProtocolError, OSError) as e:
             down, permanent = rsync_down_reason(e)
             raise LinkError(f"rsync push failed: {e}", down, permanent) from e
+        self._report(paths, res, rep)
+        return rep
+
+    # ---- batches ahead of the ones in flight --------------------------------------------------------------------
+
+    def ahead_full(self) -> bool:
+        """Whether as many batches are in flight as may be: the replicator waits for one to end before the next."""
+        return len(self._ahead) >= MAX_AHEAD
+
+    def in_flight(self) -> int:
+        return len(self._ahead)
+
+    def start_ahead(self, b: Batch) -> bool:
+        """Start batch ``b``'s session(s) without waiting for them to end, alongside those in flight: True when it
+        went (its report comes from :meth:`finish_ahead`); False when it must go as a batch of its own
+        (:meth:`sync`) once those in flight have ended.
+
+        Only a batch that creates and changes goes ahead (no rename, deletion, rescan or file with several names, on
+        a daemon's connections), without ``--delete``, and only the part of its list that cannot get in the way of
+        the sessions in flight (kwatch.replicate.rsync_ahead); the rest is marked again for a later batch. Once none
+        is in flight, the directories it listed go again in a batch of their own, with ``--delete``."""
+        if (not self.opts.ahead or self._relisting or self._pool is None or b.renames or b.rescans or b.link_from
+                or self.ahead_full()):
+            return False
+        paths = self._batch_paths(b)
+        if not paths:
+            return False
+        entries, missing = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded,
+                                      _attributes_only(b, paths))
+        names = {e.name for e in entries}
+        if missing or not all(p in names for p in paths) or any(e.mode == 0 or e.inode is not None for e in entries):
+            return False
+        kept, again = plan_ahead(entries, InFlight(a.entries for a in self._ahead))
+        if not kept:
+            return False
+        now = time.monotonic()
+        for rel in again:
+            self.host.coalescer.retry(self.host.coalescer.current_name(rel), now, CONTENT | EXIST)
+        for other in self._ahead:
+            self._relist.update(stale_dirs(other.entries, kept))
+        if self.opts.delete:
+            self._relist.update(e.name for e in kept if e.is_dir and e.content_dir)
+        kept_names = {e.name for e in kept}
+        a = _Ahead(b, [p for p in paths if p in kept_names], kept)
+        if self._ahead_exec is None:
+            self._ahead_exec = ThreadPoolExecutor(MAX_AHEAD, thread_name_prefix="rsync ahead")
+        a.future = self._ahead_exec.submit(self._send_scanned, a.paths, b, kept, delete=False)
+        self._ahead.append(a)
+        log.debug("target %s: a batch went ahead: %d paths, %d held back; %d batches in flight", self.name,
+                  len(a.paths), len(again), len(self._ahead))
+        return True
+
+    def finish_ahead(self, wait: bool) -> list[tuple[Batch, BatchReport]]:
+        """The batches started ahead whose sessions have ended, with their reports, in the order they started (up to
+        the first still in flight; with ``wait``, all of them). A failed one raises LinkError once every other has
+        ended (what they applied is unknown: the replicator reconciles after its reconnect)."""
+        out: list[tuple[Batch, BatchReport]] = []
+        while self._ahead and (wait or self._ahead[0].future.done()):
+            a = self._ahead[0]
+            try:
+                res = a.future.result()
+            except (ProtocolError, OSError) as e:
+                self._abandon_ahead()
+                down, permanent = rsync_down_reason(e)
+                raise LinkError(f"rsync push failed: {e}", down, permanent) from e
+            self._ahead.pop(0)
+            rep = BatchReport()
+            self._report(a.paths, res, rep)
+            if not self._ahead and self._relist:
+                again = tops(self._relist)
+                rep.resend.extend(again)
+                self._relisting.update(again)
+                self._relist.clear()
+            out.append((a.batch, rep))
+        return out
+
+    def _abandon_ahead(self) -> None:
+        """Wait for the sessions in flight to end (each ends at its timeout at the latest) and forget them."""
+        wait_futures([a.future for a in self._ahead])
+        for a in self._ahead:
+            with contextlib.suppress(Exception):
+                a.future.result()
+        self._ahead.clear()
+        self._relist.clear()  # the replicator reconciles the whole tree after a failure
+        self._relisting.clear()
+
+    def _report(self, paths: list[bytes] | None, res: PushResult, rep: BatchReport) -> None:
+        """Add the result of a batch's own session(s) to its report, and log the batch's line."""
         rep.resend.extend(res.held)  # open for writing: sent after its close, as a live change
         if paths is None:
             self.links.discard_under(b"")
@@ -173,7 +288,6 @@ class RsyncTransport:
                  "literal + %d matched bytes; %d moves", self.name, self._seq,
                  "all" if paths is None else len(paths), rep.puts, rep.deletes, len(rep.resend), rep.literal,
                  rep.matched, rep.renames)
-        return rep
 
     def _send(self, paths: list[bytes] | None, b: Batch, moved: set[bytes]) -> PushResult:
         """The batch's own session, or its parts at the same time (kwatch.replicate.rsync_split), each on a
@@ -182,14 +296,20 @@ class RsyncTransport:
         tally = _PartsTally(self.host) if b.rescans else None
         if paths is None:
             return self._push(None, b, on_progress=tally and tally.part(0))
-        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded, moved)
+        entries, _ = scan_paths(self.src, paths, self.opts.delete, self.opts.fuzzy, self.host.excluded,
+                                moved | _attributes_only(b, paths))
+        return self._send_scanned(paths, b, entries, tally)
+
+    def _send_scanned(self, paths: list[bytes], b: Batch, entries: list[FileEntry],
+                      tally: _PartsTally | None = None, *, delete: bool | None = None) -> PushResult:
         parts = split(entries) if self._may_split(paths, b, entries) else [entries]
-        self._want = len(parts)
+        self._want = max(len(parts), len(self._ahead) + 1)
+        delete = self.opts.delete if delete is None else delete
         if len(parts) == 1:
-            return self._push(paths, b, scanned=parts[0], on_progress=tally and tally.part(0))
+            return self._push(paths, b, scanned=parts[0], on_progress=tally and tally.part(0), delete=delete)
         with ThreadPoolExecutor(len(parts), thread_name_prefix="rsync part") as pool:
-            futures = [pool.submit(self._push, paths, b, scanned=part, on_progress=tally and tally.part(k))
-                       for k, part in enumerate(parts)]
+            futures = [pool.submit(self._push, paths, b, scanned=part, on_progress=tally and tally.part(k),
+                                   delete=delete) for k, part in enumerate(parts)]
             results = [f.result() for f in futures]
         log.debug("target %s: the batch went as %d sessions at once", self.name, len(parts))
         return _merged(results)
@@ -215,7 +335,8 @@ class RsyncTransport:
         return res
 
     def _push_once(self, paths: list[bytes] | None, b: Batch, **kw: Any) -> PushResult:
-        return push(self.src, self.url, paths, delete=self.opts.delete, password_file=self.opts.password_file,
+        kw.setdefault("delete", self.opts.delete)
+        return push(self.src, self.url, paths, password_file=self.opts.password_file,
                     fuzzy=self.opts.fuzzy, timeout=self.opts.timeout, bwlimit=self.opts.bwlimit, hard_links=True,
                     hold=b.writing, exclude=self.host.excluded, rsh=self.rsh, rsh_quote=self.rsh is not None,
                     remote_path=self.remote_path, connect=self._connection if self._pool is not None else None,
@@ -299,7 +420,7 @@ class RsyncTransport:
                 keys.add((st.st_dev, st.st_ino))
         for key in keys:
             out.update(p for p in self.links.names(key)
-                       if p not in paths and not _below_any(p, paths) and is_inode(self.src, p, key))
+                       if p not in paths and not below_any(p, paths) and is_inode(self.src, p, key))
         return out
 
 
@@ -313,6 +434,16 @@ class RsyncTransport:
             here = set(names)
             out.extend(p for p in self.links.names(key) if p not in here and is_inode(self.src, p, key))
         return out
+
+
+@dataclass(eq=False)
+class _Ahead:
+    """A batch whose sessions went ahead (RsyncTransport.start_ahead)."""
+
+    batch: Batch
+    paths: list[bytes]  # the batch's paths that went
+    entries: list[FileEntry]  # its list
+    future: Future[PushResult] = field(default_factory=Future)
 
 
 class _PartsTally:
@@ -332,6 +463,19 @@ class _PartsTally:
         return update
 
 
+def _attributes_only(b: Batch, paths: list[bytes]) -> set[bytes]:
+    """The batch's paths whose own attributes changed, nothing else (META: a chmod or utimes, an entry made or
+    removed inside): a directory among them is listed alone (``shallow``), not with its subtree. What changed inside
+    it is in the batch under its own name (a deletion too: its parent is then listed whole for ``--delete-after``,
+    or the name goes as a mode-0 entry); a loss makes a rescan, and renamed trees are listed whole. Not one below a
+    path listed whole: scan_paths would leave its subtree out of that listing, and the names dirty inside it with it
+    (they count as listed by the path above)."""
+    renamed = {p for pair in b.renames for p in pair}
+    meta = {p for p, flags in b.dirty.items() if flags == META and p not in renamed and p not in b.rescans}
+    whole = set(paths) - meta
+    return {p for p in meta if not below_any(p, whole)}
+
+
 def _merged(results: list[PushResult]) -> PushResult:
     """The results of a batch's parts as one session's."""
     out = PushResult(protocol=results[0].protocol, checksum=results[0].checksum)
@@ -347,16 +491,6 @@ def _merged(results: list[PushResult]) -> PushResult:
         for key, names in r.inodes.items():
             out.inodes.setdefault(key, []).extend(names)
     return out
-
-
-def _below_any(rel: bytes, tops: set[bytes]) -> bool:
-    """Whether a directory above ``rel`` is in ``tops`` (the session sends ``rel`` with it)."""
-    i = rel.rfind(b"/")
-    while i > 0:
-        if rel[:i] in tops:
-            return True
-        i = rel.rfind(b"/", 0, i)
-    return False
 
 
 def excluded_path(excluded: Excluder, rel: bytes, seen: dict[bytes, bool] | None = None) -> bool:
