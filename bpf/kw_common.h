@@ -123,6 +123,9 @@ struct walk_ctx {
 	struct kw_config *cfg;
 	__u8 in_root;
 	__u8 base_is_ancestor;
+	/* the first mount crossed whose root is a directory inside its file system (a bind mount of a subdirectory,
+	 * a root pivoted into one): its dentry, 0 if none */
+	__u64 sub_root;
 };
 
 static __always_inline struct mount *real_mount(struct vfsmount *v)
@@ -180,6 +183,8 @@ static long walk_step(__u32 i, void *c)
 	}
 	__u64 parent = (__u64)KR(d, d_parent);
 	if (w->dentry == w->mnt_root || w->dentry == parent) {
+		if (w->dentry != parent && !w->sub_root)
+			w->sub_root = w->dentry;
 		struct mount *m = KP(struct mount, w->mnt);
 		__u64 mp = (__u64)KR(m, mnt_parent);
 		if (!mp || w->mnt == mp) {
@@ -206,6 +211,41 @@ static long walk_step(__u32 i, void *c)
 	w->pos -= 1;
 	s->walk[w->pos & WALK_MASK] = '/';
 	w->dentry = parent;
+	return 0;
+}
+
+/*
+ * Whether a watched directory is above dentry in its file system (d_parent up to the file system's root, no names
+ * kept). A path walk follows mounts, so it does not pass the directories above a mount's root: a file written through
+ * a bind mount of a watched tree's subdirectory, or by a process whose root was pivoted into one (a container's
+ * root file system or volume), would look outside every watched tree and be dropped here in silence.
+ */
+struct fs_up_ctx {
+	__u64 dentry;
+	struct kw_config *cfg;
+	__u8 found;
+};
+
+static long fs_up_step(__u32 i, void *c)
+{
+	struct fs_up_ctx *u = c;
+	if (!u->dentry)
+		return 1;
+	struct dentry *d = KP(struct dentry, u->dentry);
+	struct kw_inode_key key = {};
+	key.ino = KR(d, d_inode, i_ino);
+	if (is_root_ino(u->cfg, key.ino)) {
+		key.dev = KR(d, d_sb, s_dev);
+		__u8 *v = bpf_map_lookup_elem(&kw_roots, &key);
+		if (v && *v == KW_ROOT_WATCHED) {
+			u->found = 1;
+			return 1;
+		}
+	}
+	__u64 parent = (__u64)KR(d, d_parent);
+	if (parent == u->dentry)
+		return 1;
+	u->dentry = parent;
 	return 0;
 }
 
@@ -367,6 +407,14 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	w.check_roots = check_roots ? 1 : 0;
 	w.cfg = cfg;
 	bpf_loop(WALK_MAX_STEPS, walk_step, &w, 0);
+	if (w.check_roots && !w.in_root && w.sub_root && cfg) {
+		/* delivered with the path as the walk named it (another namespace's, or a mount's elsewhere here):
+		 * userspace keeps it only where that path names the same file from kwatch's namespace, else a marker */
+		struct dentry *top = KP(struct dentry, w.sub_root);
+		struct fs_up_ctx u = { .dentry = (__u64)KR(top, d_parent), .cfg = cfg };
+		bpf_loop(WALK_MAX_STEPS, fs_up_step, &u, 0);
+		w.in_root = u.found;
+	}
 	__u32 res = 0;
 	if (!w.done || w.trunc)
 		res |= WALK_TRUNC;
