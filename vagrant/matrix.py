@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,14 @@ KERNEL_TESTS = [
 KERNEL_TESTS_CI = [
     "tests/kernel/test_capture_vfs.py",
     "tests/kernel/test_fexit_variants.py",
+    # the tracepoint program's two builds load on this kernel too (on 6.1 a change that passed on the host and in
+    # the VFS tests broke them: the verifier's stack limit), shown by the pivot_root case; and each field of a
+    # record matches /proc on the VFS hooks (the backend bpf picks there)
+    "tests/kernel/test_capture_bpf.py::test_a_pivot_rooted_process_is_never_reported_under_a_wrong_host_path"
+    "[auto-root-in-tree]",
+    "tests/kernel/test_capture_bpf.py::test_a_pivot_rooted_process_is_never_reported_under_a_wrong_host_path"
+    "[probe-read-root-in-tree]",
+    "tests/kernel/test_context.py::test_each_field_of_a_real_record_matches_proc[bpf]",
 ]
 SETS = {"full": KERNEL_TESTS, "ci": KERNEL_TESTS_CI}
 
@@ -205,6 +214,8 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     # QEMU's stdout and stderr stay apart: the guest's console goes to stderr, the command's output to stdout. vng
     # and the QEMU it starts get a process group of their own, so a guest past its time is stopped whole.
+    if _STOPPING.is_set():
+        return GUEST_TIMED_OUT
     proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
     _GUESTS.add(proc.pid)
     try:
@@ -223,9 +234,12 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
 
 #: process groups of the guests running now (the SIGTERM handler kills them: guests run in worker threads)
 _GUESTS: set[int] = set()
+#: set on SIGTERM: no guest is started (or booted again) after it
+_STOPPING = threading.Event()
 
 
 def _on_sigterm(*_: object) -> None:
+    _STOPPING.set()
     for pgid in list(_GUESTS):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
@@ -259,8 +273,10 @@ def _summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
 def boot_again(ran: bool, rc: int) -> bool:
     """Whether a guest is booted once more: when it never ran its script (seen once: status 255 after 36 s, nothing
     on the console, on the first boot of a newly fetched kernel), a boot failure and not a test result; not after a
-    timeout, which has used the guest's whole time already (a second one would double what CI waits)."""
-    return not ran and rc != GUEST_TIMED_OUT
+    timeout, which has used the guest's whole time already (a second one would double what CI waits), nor after a
+    guest was killed (a negative status) or the run was told to stop (SIGTERM: the worker thread would otherwise
+    start a guest that outlives the run)."""
+    return not ran and rc != GUEST_TIMED_OUT and rc >= 0 and not _STOPPING.is_set()
 
 
 def test_one(k: Kernel, pytest_args: list[str], tests: list[str]) -> tuple[bool, list[str]]:

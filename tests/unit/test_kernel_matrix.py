@@ -35,7 +35,17 @@ def test_a_version_the_archive_does_not_have_stops_with_what_to_change(tmp_path:
 
 def test_a_guest_is_booted_again_only_when_it_failed_to_start_in_time() -> None:
     """A guest that never ran its script is booted once more; one stopped at its deadline is not (a second boot
-    would double the time CI waits), nor one that ran."""
+    would double the time CI waits), nor one that ran, nor one killed."""
     assert matrix.boot_again(ran=False, rc=255)
     assert not matrix.boot_again(ran=False, rc=matrix.GUEST_TIMED_OUT)
     assert not matrix.boot_again(ran=True, rc=1)
+    assert not matrix.boot_again(ran=False, rc=-9)  # killed: SIGTERM's handler stopped it
+
+
+def test_no_guest_starts_once_the_run_is_told_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After SIGTERM (make interrupted, CI's deadline) no guest is booted again or started: a worker thread that saw
+    its guest killed started another one that outlived the run."""
+    monkeypatch.setattr(matrix, "_STOPPING", matrix.threading.Event())
+    assert matrix.boot_again(ran=False, rc=255)
+    matrix._STOPPING.set()
+    assert not matrix.boot_again(ran=False, rc=255)
