@@ -70,10 +70,10 @@ $(VENV)/.kernels-stamp: pyproject.toml | venv
 	$(VPY) -m pip install -q -e '.[test,kernels]'
 	@touch $@
 
-# the Debian packages and virtme-ng, then the pinned kernels of vagrant/kernels.txt (downloaded once, unpacked into
-# /var/lib/kwatch-kernels, never installed)
+# the Debian packages and virtme-ng, then the pinned kernels of vagrant/kernels.txt, or those of KERNELS (downloaded
+# once, unpacked into /var/lib/kwatch-kernels, never installed)
 kernel-deps: $(BUILD)/.kernel-deps-stamp $(VENV)/.kernels-stamp
-	$(VPY) vagrant/matrix.py fetch
+	$(VPY) vagrant/matrix.py fetch $(KERNELS)
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -40,6 +40,10 @@ struct kw_scratch {
 	struct kw_event ev;
 	char data[DATA_SIZE];
 	char walk[WALK_BUF + NAME_LEN_MAX + 1];
+	/* kw_walk's: the first mount crossed whose root is a directory inside its file system (a bind mount of a
+	 * subdirectory, a root pivoted into one), 0 if none. Here, not in walk_ctx: 6.1's verifier counts the stack of
+	 * bpf_loop's callbacks with the caller's, and kw_exit is within 32 bytes of the 512 allowed. */
+	__u64 sub_root;
 };
 
 struct {
@@ -180,6 +184,8 @@ static long walk_step(__u32 i, void *c)
 	}
 	__u64 parent = (__u64)KR(d, d_parent);
 	if (w->dentry == w->mnt_root || w->dentry == parent) {
+		if (w->dentry != parent && !s->sub_root)
+			s->sub_root = w->dentry;
 		struct mount *m = KP(struct mount, w->mnt);
 		__u64 mp = (__u64)KR(m, mnt_parent);
 		if (!mp || w->mnt == mp) {
@@ -205,6 +211,35 @@ static long walk_step(__u32 i, void *c)
 	bpf_probe_read_kernel(&s->walk[w->pos & WALK_MASK], len & NAME_LEN_MAX, name);
 	w->pos -= 1;
 	s->walk[w->pos & WALK_MASK] = '/';
+	w->dentry = parent;
+	return 0;
+}
+
+/*
+ * Whether a watched directory is above dentry in its file system (d_parent up to the file system's root, no names
+ * kept). A path walk follows mounts, so it does not pass the directories above a mount's root: a file written through
+ * a bind mount of a watched tree's subdirectory, or by a process whose root was pivoted into one (a container's
+ * root file system or volume), would look outside every watched tree and be dropped here in silence.
+ */
+static long fs_up_step(__u32 i, void *c)
+{
+	struct walk_ctx *w = c; /* the walk's own context, its walk done: w->dentry is the cursor, w->in_root the answer */
+	if (!w->dentry)
+		return 1;
+	struct dentry *d = KP(struct dentry, w->dentry);
+	struct kw_inode_key key = {};
+	key.ino = KR(d, d_inode, i_ino);
+	if (is_root_ino(w->cfg, key.ino)) {
+		key.dev = KR(d, d_sb, s_dev);
+		__u8 *v = bpf_map_lookup_elem(&kw_roots, &key);
+		if (v && *v == KW_ROOT_WATCHED) {
+			w->in_root = 1;
+			return 1;
+		}
+	}
+	__u64 parent = (__u64)KR(d, d_parent);
+	if (parent == w->dentry)
+		return 1;
 	w->dentry = parent;
 	return 0;
 }
@@ -366,7 +401,15 @@ __noinline __u32 kw_walk(struct kw_scratch *s, __u64 dentry, __u64 vfsmnt, __u32
 	w.pos = WALK_BUF;
 	w.check_roots = check_roots ? 1 : 0;
 	w.cfg = cfg;
+	s->sub_root = 0;
 	bpf_loop(WALK_MAX_STEPS, walk_step, &w, 0);
+	if (w.check_roots && !w.in_root && s->sub_root && cfg) {
+		/* delivered with the path as the walk named it (another namespace's, or a mount's elsewhere here):
+		 * userspace keeps it only where that path names the same file from kwatch's namespace, else a marker */
+		struct dentry *top = KP(struct dentry, s->sub_root);
+		w.dentry = (__u64)KR(top, d_parent);
+		bpf_loop(WALK_MAX_STEPS, fs_up_step, &w, 0);
+	}
 	__u32 res = 0;
 	if (!w.done || w.trunc)
 		res |= WALK_TRUNC;

@@ -1,6 +1,6 @@
 """The kernel matrix: boot Debian's kernels under QEMU with this machine's root filesystem and run kwatch's tests there.
 
-    python vagrant/matrix.py fetch                  fetch and unpack every kernel of vagrant/kernels.txt (cached)
+    python vagrant/matrix.py fetch [KERNEL...]      fetch and unpack the kernels of vagrant/kernels.txt (cached)
     python vagrant/matrix.py run KERNEL -- CMD...   boot KERNEL, run CMD as root inside, pass on its output and status
     python vagrant/matrix.py test [-j N] [--set full|ci] [KERNEL...]
                                                     the kernel-facing tests in each guest (N at a time); a summary;
@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,8 @@ TIME_SCALE = os.environ.get("KWATCH_TEST_TIME_SCALE", "10")
 GUEST_TEST_TIMEOUT = 1500
 #: the whole guest run; a hung guest must not eat CI's budget
 GUEST_TIMEOUT = int(os.environ.get("KWATCH_GUEST_TIMEOUT", "2400"))
+#: boot()'s status for a guest stopped at GUEST_TIMEOUT (timeout(1)'s)
+GUEST_TIMED_OUT = 124
 
 #: The kernel-facing tests: capture on every backend and both BPF programs (exact sequences, filters, exclusion,
 #: losses; the VFS hooks' io_uring, symlinked-directory and thread-race cases), the barrier,
@@ -72,6 +75,14 @@ KERNEL_TESTS = [
 KERNEL_TESTS_CI = [
     "tests/kernel/test_capture_vfs.py",
     "tests/kernel/test_fexit_variants.py",
+    # the tracepoint program's two builds load on this kernel too (on 6.1 a change that passed on the host and in
+    # the VFS tests broke them: the verifier's stack limit), shown by the pivot_root case; and each field of a
+    # record matches /proc on the VFS hooks (the backend bpf picks there)
+    "tests/kernel/test_capture_bpf.py::test_a_pivot_rooted_process_is_never_reported_under_a_wrong_host_path"
+    "[auto-root-in-tree]",
+    "tests/kernel/test_capture_bpf.py::test_a_pivot_rooted_process_is_never_reported_under_a_wrong_host_path"
+    "[probe-read-root-in-tree]",
+    "tests/kernel/test_context.py::test_each_field_of_a_real_record_matches_proc[bpf]",
 ]
 SETS = {"full": KERNEL_TESTS, "ci": KERNEL_TESTS_CI}
 
@@ -127,10 +138,17 @@ def fetch(k: Kernel) -> None:
     tmp.mkdir()
     print(f"fetching {k.package}={k.version}", file=sys.stderr)
     apt = ["apt-get", *_suite_options(k.suite)] if k.suite else ["apt-get"]
-    if k.suite:
-        subprocess.run([*apt, "update", "-q"], check=True)
-    # apt-get download as root warns that _apt cannot write the directory; harmless (the file is written)
-    subprocess.run([*apt, "download", "-q", f"{k.package}={k.version}"], cwd=tmp, check=True)
+    try:
+        if k.suite:
+            subprocess.run([*apt, "update", "-q"], check=True)
+        # apt-get download as root warns that _apt cannot write the directory; harmless (the file is written)
+        subprocess.run([*apt, "download", "-q", f"{k.package}={k.version}"], cwd=tmp, check=True)
+    except subprocess.CalledProcessError as e:
+        where = f"suite {k.suite} of this machine's Debian archive" if k.suite else "this machine's apt sources"
+        raise SystemExit(
+            f"kernel {k.name}: cannot fetch {k.package}={k.version} from {where} ({' '.join(e.cmd[:1] + e.cmd[-3:])}: "
+            f"status {e.returncode}). If Debian dropped that version (security updates replace a kernel's package "
+            f"name with the next ABI's), pin the current one in {KERNELS_FILE}.") from None
     (deb,) = tmp.glob("*.deb")
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], check=True)
     shutil.rmtree(k.dir, ignore_errors=True)
@@ -196,15 +214,18 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     # QEMU's stdout and stderr stay apart: the guest's console goes to stderr, the command's output to stdout. vng
     # and the QEMU it starts get a process group of their own, so a guest past its time is stopped whole.
+    if _STOPPING.is_set():
+        return GUEST_TIMED_OUT
     proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
     _GUESTS.add(proc.pid)
     try:
         return proc.wait(timeout=GUEST_TIMEOUT)
     except subprocess.TimeoutExpired:
-        print(f"{k.name}: the guest did not finish in {GUEST_TIMEOUT} s", file=sys.stderr)
+        print(f"{k.name}: the guest did not finish in {GUEST_TIMEOUT} s (KWATCH_GUEST_TIMEOUT): stopped",
+              file=sys.stderr)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return 124
+        return GUEST_TIMED_OUT
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -213,9 +234,12 @@ def boot(k: Kernel, script: str, out: Path, *, stdout: int | None = None, stderr
 
 #: process groups of the guests running now (the SIGTERM handler kills them: guests run in worker threads)
 _GUESTS: set[int] = set()
+#: set on SIGTERM: no guest is started (or booted again) after it
+_STOPPING = threading.Event()
 
 
 def _on_sigterm(*_: object) -> None:
+    _STOPPING.set()
     for pgid in list(_GUESTS):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
@@ -246,6 +270,15 @@ def _summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
     return passed, failed, errors, skipped, bad
 
 
+def boot_again(ran: bool, rc: int) -> bool:
+    """Whether a guest is booted once more: when it never ran its script (seen once: status 255 after 36 s, nothing
+    on the console, on the first boot of a newly fetched kernel), a boot failure and not a test result; not after a
+    timeout, which has used the guest's whole time already (a second one would double what CI waits), nor after a
+    guest was killed (a negative status) or the run was told to stop (SIGTERM: the worker thread would otherwise
+    start a guest that outlives the run)."""
+    return not ran and rc != GUEST_TIMED_OUT and rc >= 0 and not _STOPPING.is_set()
+
+
 def test_one(k: Kernel, pytest_args: list[str], tests: list[str]) -> tuple[bool, list[str]]:
     """The kernel-facing tests in one guest: (passed, summary lines)."""
     out = OUT / k.name
@@ -264,10 +297,8 @@ def test_one(k: Kernel, pytest_args: list[str], tests: list[str]) -> tuple[bool,
     for attempt in (1, 2):
         with open(out / "console.log", "wb") as console, open(out / "stdout.log", "wb") as so:
             rc = boot(k, script, out, stdout=so.fileno(), stderr=console.fileno())
-        if (out / "uname").exists() or attempt == 2:
+        if attempt == 2 or not boot_again((out / "uname").exists(), rc):
             break
-        # the guest never ran the script (seen once: status 255 after 36 s, nothing on the console, on the first
-        # boot of a newly fetched kernel): a boot failure, not a test result, so it is booted once more
         print(f"{k.name}: the guest did not start (status {rc}); booting it again", file=sys.stderr)
     took = time.monotonic() - t0
     prc = (out / "pytest.rc").read_text().strip() if (out / "pytest.rc").exists() else "none"
@@ -275,9 +306,10 @@ def test_one(k: Kernel, pytest_args: list[str], tests: list[str]) -> tuple[bool,
     passed, failed, errors, skipped, bad = _summary(out / "junit.xml")
     ok = rc == 0 and prc == "0" and drc == "0" and not failed and not errors
     uname = (out / "uname").read_text().strip() if (out / "uname").exists() else "?"
+    guest = f"stopped at {GUEST_TIMEOUT} s" if rc == GUEST_TIMED_OUT else f"guest status {rc}"
     rows = [f"{k.name:6} {uname:28} {'ok' if ok else 'FAILED':7} passed {passed}, failed {failed}, "
             f"errors {errors}, skipped {skipped}; {took:.0f} s (pytest status {prc}, doctor status {drc}, "
-            f"guest status {rc})"]
+            f"{guest})"]
     rows += [f"    {b}" for b in bad]
     print(rows[0], file=sys.stderr)
     if not ok:
@@ -305,7 +337,8 @@ def test(names: list[str], pytest_args: list[str], jobs: int = 1, tests: str = "
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch")
+    f = sub.add_parser("fetch")
+    f.add_argument("kernels", nargs="*")
     r = sub.add_parser("run")
     r.add_argument("kernel")
     r.add_argument("command", nargs=argparse.REMAINDER)
@@ -323,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the kernel matrix needs root (BPF and fanotify in the guest run as root too)", file=sys.stderr)
         return 1
     if a.cmd == "fetch":
-        for k in kernels():
+        for k in pick(a.kernels):
             fetch(k)
         return 0
     if a.cmd == "run":

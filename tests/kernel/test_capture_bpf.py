@@ -907,3 +907,77 @@ def test_changes_to_another_mount_namespace_s_own_file_system_are_no_loss_for_a_
     assert not [e for e in events if e.op is not Op.LOSS and not e.path.startswith(base)], events
     # the kernel did send them (mkdir, the rename and rmdir by absolute name): dropped here, not lost on the way
     assert filtered >= 3
+
+
+# Runs as `unshare -m python -c PIVOT_CHILD NEWROOT VOLUME`: in a mount namespace of its own, binds NEWROOT over
+# itself (pivot_root wants a mount point), binds VOLUME (when not empty) at NEWROOT/vol, pivot_roots into NEWROOT and
+# detaches the old root, then writes by absolute names and by names relative to a directory of the new root; prints
+# its pid and stays alive until its stdin closes. Nothing is imported after the pivot (the old root,
+# and with it Python's library, is gone).
+PIVOT_CHILD = """
+import ctypes, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+nr, vol = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "--bind", nr, nr], check=True)
+if vol:
+    subprocess.run(["mount", "--bind", vol, nr + "/vol"], check=True)
+os.chdir(nr)
+if libc.syscall(155, b".", b"old") != 0:  # SYS_pivot_root on x86_64
+    raise OSError(ctypes.get_errno(), "pivot_root")
+os.chdir("/")
+if libc.umount2(b"/old", 2) != 0:  # MNT_DETACH
+    raise OSError(ctypes.get_errno(), "umount2")
+top = "/vol" if vol else "/data"
+os.close(os.open(top + "/f", os.O_WRONLY | os.O_CREAT, 0o644))
+os.mkdir(top + "/m")
+os.rename(top + "/f", top + "/g")
+os.chdir(top + "/m")
+os.close(os.open("h", os.O_WRONLY | os.O_CREAT, 0o644))
+print(os.getpid(), flush=True)  # no /proc in the new root: the test reads the namespace from its own
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("where", ["root-in-tree", "volume-from-tree"])
+def test_a_pivot_rooted_process_is_never_reported_under_a_wrong_host_path(source: object, where: str) -> None:
+    """A process that pivot_roots (``unshare -m``, a bind-mounted new root) and writes: its names are from its new
+    root, not from kwatch's. root-in-tree: the new root is a directory of the watched tree (a container's root file
+    system kept there); volume-from-tree: the new root is elsewhere and the watched tree is bound into it at /vol (a
+    container's volume). Each record of its changes either names the changed file as kwatch's namespace names it,
+    or is a LOSS marker of its namespace (the replicator rescans); never a path that names another file here. The
+    changes are inside the watched tree, so none is silent: the walks of their paths pass no watched directory (they
+    follow the new root's mounts), the file system's directories above the mount's root do (kw_common.h)."""
+    base: bytes = source.base  # type: ignore[attr-defined]
+    d = os.path.join(base, b"pivot-" + where.encode())
+    if where == "root-in-tree":
+        nr, vol, top = d + b"/nr", b"", d + b"/nr/data"
+        os.makedirs(top)
+    else:
+        outside = tempfile.mkdtemp(prefix="kwatch-pivot-", dir="/tmp").encode()
+        nr, vol, top = outside + b"/nr", d, d
+        os.makedirs(nr + b"/vol")
+        os.makedirs(d)
+    os.makedirs(nr + b"/old")
+    drain(source, 0.1)
+    child = subprocess.Popen(["unshare", "-m", "--propagation", "private", sys.executable, "-c", PIVOT_CHILD, nr,
+                              vol], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line, child.stderr.read() if child.stderr else b""
+        pid = int(line)
+        ns = os.stat(b"/proc/%d/ns/mnt" % pid).st_ino
+        assert ns != os.stat("/proc/self/ns/mnt").st_ino
+        events = drain(source)  # while the process is alive: its root can be looked through
+    finally:
+        child.communicate(b"", timeout=60)
+        if where != "root-in-tree":
+            shutil.rmtree(os.path.dirname(nr), ignore_errors=True)
+    assert sorted(os.listdir(top)) == [b"g", b"m"] and os.listdir(top + b"/m") == [b"h"]
+    changed = {top + b"/f", top + b"/g", top + b"/m", top + b"/m/h"}
+    mine = [e for e in events if e.op is not Op.LOSS and e.pid == pid]
+    wrong = [e for e in mine if not {e.path, e.new_path} - {None} <= changed]
+    assert wrong == [], f"paths that name other files here: {wrong}"
+    markers = [e for e in events if e.op is Op.LOSS and e.extra and e.extra.get("mount_namespace") == ns]
+    # CREATE f, CLOSE_WRITE f, MKDIR m, RENAME f g, CREATE h, CLOSE_WRITE h: each one an event or counted in a marker
+    assert len(mine) + sum(int(e.extra["events"]) for e in markers) == 6, events  # type: ignore[index, call-overload]

@@ -26,6 +26,8 @@ from test_capture_bpf import (  # the shared table and the tests that take any s
     CHILD_PRELUDE,
     URING,
     drain,
+    test_a_live_process_of_another_mount_namespace_is_kept_when_its_paths_name_the_same_files_here,
+    test_a_pivot_rooted_process_is_never_reported_under_a_wrong_host_path,
     test_changes_in_another_mount_namespace_become_a_rescan_marker,
     test_events_outside_roots_are_not_delivered,
     test_exclude_pid_covers_descendants,
