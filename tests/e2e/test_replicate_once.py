@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from importprobe import once_importing
 from treecmp import tree_differences
 
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
@@ -200,44 +201,6 @@ def test_a_first_sync_into_a_mirror_with_files_plans_against_them(tmp_path: Path
         rep.stop(timeout=5)
 
 
-# A sitecustomize for the processes of a run (the replicator and the agent it starts inherit PYTHONPATH): each notes
-# that it started, and any import of numpy, in the file the environment names.
-_IMPORT_PROBE = """\
-import os
-import sys
-
-def _note(what):
-    with open(os.environ["KWATCH_IMPORT_LOG"], "a") as f:
-        f.write(f"{os.getpid()} {what}\\n")
-
-class _Watch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "numpy":
-            _note("numpy")
-        return None
-
-_note("start")
-sys.meta_path.insert(0, _Watch())
-"""
-
-
-def _processes_importing_numpy(tmp_path: Path, src: Path, mirror: Path) -> tuple[int, set[str]]:
-    """Run ``kwatch replicate --once src mirror``; return how many processes started and which imported numpy."""
-    probe = tmp_path / "probe"
-    probe.mkdir(exist_ok=True)
-    (probe / "sitecustomize.py").write_text(_IMPORT_PROBE)
-    log = tmp_path / "imports.log"
-    log.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])),
-           "KWATCH_IMPORT_LOG": str(log)}
-    res = subprocess.run([sys.executable, "-m", "kwatch", "replicate", "--once", str(src), str(mirror)],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr
-    assert tree_differences(src, mirror) == []
-    notes = [line.split(" ", 1) for line in log.read_text().splitlines()]
-    return len({pid for pid, what in notes if what == "start"}), {pid for pid, what in notes if what == "numpy"}
-
-
 @pytest.mark.root
 def test_a_first_sync_into_an_empty_mirror_imports_no_numpy_on_either_end(tmp_path: Path) -> None:
     """numpy is the delta engine's (most of its import time): a first sync into an empty mirror makes no delta, so
@@ -247,7 +210,8 @@ def test_a_first_sync_into_an_empty_mirror_imports_no_numpy_on_either_end(tmp_pa
     big = os.urandom(DELTA_MIN * 4)
     (src / "d" / "big").write_bytes(big)
     (src / "small").write_bytes(b"x")
-    started, numpy = _processes_importing_numpy(tmp_path, src, tmp_path / "empty")
+    started, numpy = once_importing(tmp_path, src, str(tmp_path / "empty"), "numpy")
+    assert tree_differences(src, tmp_path / "empty") == []
     assert started >= 2, "the probe did not see both the replicator and its agent start"
     assert numpy == set(), "a first sync into an empty mirror imported numpy"
 
@@ -255,5 +219,6 @@ def test_a_first_sync_into_an_empty_mirror_imports_no_numpy_on_either_end(tmp_pa
     (mirror / "d").mkdir(parents=True)
     (mirror / "d" / "big").write_bytes(big[:-100] + bytes(100))  # same size, older: a delta
     os.utime(mirror / "d" / "big", ns=(1, 1))
-    started, numpy = _processes_importing_numpy(tmp_path, src, mirror)
+    started, numpy = once_importing(tmp_path, src, str(mirror), "numpy")
+    assert tree_differences(src, mirror) == []
     assert started >= 2 and len(numpy) == 2, "a delta did not import numpy on both ends: the probe is broken"
