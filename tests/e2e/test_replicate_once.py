@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from importprobe import once_importing
+from importprobe import once_importing, run_probed
 from treecmp import tree_differences
 
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
@@ -222,3 +222,32 @@ def test_a_first_sync_into_an_empty_mirror_imports_no_numpy_on_either_end(tmp_pa
     started, numpy = once_importing(tmp_path, src, str(mirror), "numpy")
     assert tree_differences(src, mirror) == []
     assert started >= 2 and len(numpy) == 2, "a delta did not import numpy on both ends: the probe is broken"
+
+
+# A live replicator without capture: its first sync, then it waits for both ends' imports (the probe's log) to end.
+_LIVE = """\
+import os, sys, threading, time
+from kwatch.replicate.engine import Replicator, Target, TargetOptions
+rep = Replicator(os.fsencode(sys.argv[1]), Target.parse(sys.argv[2]), TargetOptions())
+rep.start()
+try:
+    assert rep.synced.wait(120), "no first sync"
+    deadline = time.monotonic() + 120
+    log = os.environ["KWATCH_IMPORT_LOG"]
+    while open(log).read().count(" imported") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+finally:
+    rep.stop(timeout=10)
+"""
+
+
+@pytest.mark.root
+def test_a_live_link_imports_the_delta_engine_on_both_ends_before_a_delta_needs_it(tmp_path: Path) -> None:
+    """The counterpart: a replicator that stays (not --once) has both ends import the delta engine in the background
+    after connecting, so the first live delta does not pay for numpy's import (kwatch/replicate/preload.py)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(b"x")
+    started, numpy = run_probed(tmp_path, [sys.executable, "-c", _LIVE, str(src), str(tmp_path / "mirror")], "numpy")
+    assert tree_differences(src, tmp_path / "mirror") == []
+    assert started >= 2 and len(numpy) == 2, "a live link did not preload the delta engine on both ends"

@@ -30,9 +30,9 @@ sys.meta_path.insert(0, _Watch())
 """
 
 
-def once_importing(tmp_path: Path, src: Path, target: str, module: str) -> tuple[int, set[str]]:
-    """Run ``kwatch replicate --once src target`` (it must succeed); return how many processes started and the pids
-    of those that imported ``module``."""
+def run_probed(tmp_path: Path, argv: list[str], module: str) -> tuple[int, set[str]]:
+    """Run ``argv`` (it must succeed) with the probe; return how many Python processes started and the pids of those
+    that imported ``module``. The probe's log is ``tmp_path / "imports.log"`` while it runs."""
     probe = tmp_path / "importprobe"
     probe.mkdir(exist_ok=True)
     (probe / "sitecustomize.py").write_text(_PROBE)
@@ -40,8 +40,12 @@ def once_importing(tmp_path: Path, src: Path, target: str, module: str) -> tuple
     log.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])),
            "KWATCH_IMPORT_LOG": str(log), "KWATCH_IMPORT_WATCH": module}
-    res = subprocess.run([sys.executable, "-m", "kwatch", "replicate", "--once", str(src), target],
-                         capture_output=True, text=True, timeout=120, env=env)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     notes = [line.split(" ", 1) for line in log.read_text().splitlines()]
     return len({pid for pid, what in notes if what == "started"}), {pid for pid, what in notes if what == "imported"}
+
+
+def once_importing(tmp_path: Path, src: Path, target: str, module: str) -> tuple[int, set[str]]:
+    """Run ``kwatch replicate --once src target``; return how many processes started and which imported ``module``."""
+    return run_probed(tmp_path, [sys.executable, "-m", "kwatch", "replicate", "--once", str(src), target], module)
