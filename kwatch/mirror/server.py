@@ -133,6 +133,10 @@ class AgentServer:
     def _handle(self, m: ap.Message) -> None:
         r = self.receiver
         if isinstance(m, ap.Hello):
+            # the sender's Hello says whether it closes after one reconcile: only a link that stays gets the delta
+            # engine imported ahead of its first delta
+            if "oneshot" not in self.conn.capabilities:
+                preload_delta()
             return
         if isinstance(m, ap.ManifestRequest):
             self._manifest(m)
@@ -423,7 +427,6 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO, *, fsync: str = "none", pre
     rfd, wfd = inp.fileno(), out.fileno()
     for fd in (rfd, wfd):  # a local pipe, or sshd's pipes to us: fewer wake-ups with more room (see grow_pipe)
         grow_pipe(fd)
-    preload_delta()
     try:
         _write_all(wfd, server.start())
         while not server.closed:

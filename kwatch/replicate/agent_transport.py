@@ -816,13 +816,14 @@ class AgentTransport:
     def connect(self) -> None:
         # a local pipe has no wire to save: compressing would only spend CPU on both ends
         compress = self.opts.compress and self.target.kind != "local"
-        caps = ap.CAPABILITIES if compress else ap.CAPABILITIES - {"zstd"}
+        caps = ap.CAPABILITIES - {cap for cap, off in (("zstd", not compress), ("oneshot", not self.host.once)) if off}
         # The batch after a connect reconciles the whole tree (a start, a reconnect): the source is scanned while
         # the agent starts (a Python start, and an ssh handshake: a third of a small first sync), not after.
         self._prescan = _Prescan(self.src, self._excludes(), self.opts.checksum, self.coalescer.changes) \
             if self.coalescer.root_rescan_pending() else None
         self.link = AgentLink(self.target.agent_argv(self.opts), timeout=self.opts.timeout, capabilities=caps)
-        preload_delta()
+        if not self.host.once:  # a one-shot run imports the delta engine where a file first needs it, if ever
+            preload_delta()
         self.link.on_wait = self.host.fold_queued
         if self.host.on_agent is not None:
             self.host.on_agent(self.link.pid)

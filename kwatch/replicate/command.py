@@ -91,7 +91,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     reps = [make_replicator(src, t, opts, on_agent=exclude) for t in targets]
     for r in reps:
         r.barrier = barrier.wait if barrier is not None else None
-        r.give_up = args.once
+        r.once = args.once
     for r in reps:
         if sys.stderr.isatty():
             r.on_progress = _live_progress

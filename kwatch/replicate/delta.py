@@ -13,7 +13,7 @@ block, i.e. ~640 KiB for a 1 GiB file), never by the file size. Nothing loops in
 from vectorised block sums and prefix sums, Python loops run per block or per weak-sum candidate only.
 
 The weak checksum is rsync's (``checksum.c: get_checksum1``, over signed chars), the one implementation in
-:mod:`kwatch.protocols.rsync.checksum` that the rsync client also uses, so that its known behaviour (and
+:mod:`kwatch.protocols.rsync.weak` that the rsync client also uses, so that its known behaviour (and
 weaknesses on low-entropy data) are the well-studied ones.
 
 Why xxh3_128 is a strong enough block hash: the strong hash only has to separate blocks that already share a 32-bit
@@ -41,8 +41,8 @@ import numpy.typing as npt
 import xxhash
 
 from kwatch.protocols.agent.messages import Copy, DeltaOp, Literal
-from kwatch.protocols.rsync.checksum import as_schar, block_checksums
 from kwatch.protocols.rsync.match import BlockIndex, MatchCounters, scan
+from kwatch.protocols.rsync.weak import as_schar, block_checksums
 
 __all__ = [
     "BLOCK_MAX",
@@ -84,7 +84,7 @@ COPY_RUN_MAX: Final = CHUNK_SIZE
 #: Length of one strong hash (xxh3_128 digest).
 STRONG_LEN: Final = 16
 
-# Block sizes are multiples of _ALIGN: the weak checksum's fast path (rsync/checksum.py block_checksums) works on
+# Block sizes are multiples of _ALIGN: the weak checksum's fast path (rsync/weak.py block_checksums) works on
 # 256-byte sub-blocks.
 _ALIGN: Final = 256
 # Blocks of 8 KiB and more are rounded to a multiple of the 4 KiB page: writers (databases, VM images, editors

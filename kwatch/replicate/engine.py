@@ -144,8 +144,9 @@ class Replicator:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()  # stop now: cut what is in flight
         self._stopping = threading.Event()  # stop once the pending changes are sent (at once while down)
-        #: --once: give up on an error that retrying cannot fix (LinkError.permanent) instead of retrying
-        self.give_up = False
+        #: --once: one reconcile, then the run ends. An error that retrying cannot fix (LinkError.permanent) ends it
+        #: instead of being retried, and nothing is prepared for later batches (see kwatch/replicate/preload.py)
+        self.once = False
         #: set when the thread ends (stopped, or gave up: then ``gave_up`` says why)
         self.done = threading.Event()
         self.gave_up: str | None = None
@@ -263,7 +264,7 @@ class Replicator:
                 self._disconnect()
                 if self._stop.is_set():
                     return
-                if isinstance(e, LinkError) and e.permanent and self.give_up:
+                if isinstance(e, LinkError) and e.permanent and self.once:
                     log.error("target %s: %s; giving up (retrying cannot fix this)", self.target.spec, e)
                     self.gave_up = str(e)
                     return

@@ -5,6 +5,10 @@ delta is made. Imported at start-up it delays every start, a first sync into an 
 uses it; imported where it is first used, a live batch pays that import in the middle of replication. Imported in a
 daemon thread right after start, neither waits: a batch that needs it before the import has ended waits only for
 the rest of it (the import lock).
+
+A one-shot run (``kwatch replicate --once``, whose sender offers the ``oneshot`` hint in its Hello) has no later
+batch to prepare for: neither end preloads, and the engine is imported where a file first needs a delta, if one
+does. The thread would otherwise take the GIL and a core from the first sync's own start.
 """
 
 from __future__ import annotations

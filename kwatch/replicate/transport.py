@@ -47,6 +47,7 @@ class Host(Protocol):
     coalescer: Coalescer
     excluded: Excluder
     on_agent: Callable[[int], None] | None
+    once: bool  # --once: the link ends after one reconcile
 
     def report_progress(self, files_done: int, files_total: int, bytes_done: int, bytes_total: int) -> None:
         """While a batch with rescans is sent: files and bytes of file data sent so far, of the totals planned."""

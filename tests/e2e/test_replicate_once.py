@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from importprobe import once_importing, run_probed
 from treecmp import tree_differences
 
 from kwatch.replicate.engine import Replicator, Target, TargetOptions
+from kwatch.replicate.options import DELTA_MIN
 
 
 class _WatchedQueue(queue.Queue):  # type: ignore[type-arg]
@@ -197,3 +199,55 @@ def test_a_first_sync_into_a_mirror_with_files_plans_against_them(tmp_path: Path
         assert tree_differences(src, mirror) == []
     finally:
         rep.stop(timeout=5)
+
+
+@pytest.mark.root
+def test_a_first_sync_into_an_empty_mirror_imports_no_numpy_on_either_end(tmp_path: Path) -> None:
+    """numpy is the delta engine's (most of its import time): a first sync into an empty mirror makes no delta, so
+    neither the replicator nor its agent imports it. With a file that needs a delta both do (the probe works)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    big = os.urandom(DELTA_MIN * 4)
+    (src / "d" / "big").write_bytes(big)
+    (src / "small").write_bytes(b"x")
+    started, numpy = once_importing(tmp_path, src, str(tmp_path / "empty"), "numpy")
+    assert tree_differences(src, tmp_path / "empty") == []
+    assert started >= 2, "the probe did not see both the replicator and its agent start"
+    assert numpy == set(), "a first sync into an empty mirror imported numpy"
+
+    mirror = tmp_path / "stale"
+    (mirror / "d").mkdir(parents=True)
+    (mirror / "d" / "big").write_bytes(big[:-100] + bytes(100))  # same size, older: a delta
+    os.utime(mirror / "d" / "big", ns=(1, 1))
+    started, numpy = once_importing(tmp_path, src, str(mirror), "numpy")
+    assert tree_differences(src, mirror) == []
+    assert started >= 2 and len(numpy) == 2, "a delta did not import numpy on both ends: the probe is broken"
+
+
+# A live replicator without capture: its first sync, then it waits for both ends' imports (the probe's log) to end.
+_LIVE = """\
+import os, sys, threading, time
+from kwatch.replicate.engine import Replicator, Target, TargetOptions
+rep = Replicator(os.fsencode(sys.argv[1]), Target.parse(sys.argv[2]), TargetOptions())
+rep.start()
+try:
+    assert rep.synced.wait(120), "no first sync"
+    deadline = time.monotonic() + 120
+    log = os.environ["KWATCH_IMPORT_LOG"]
+    while open(log).read().count(" imported") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+finally:
+    rep.stop(timeout=10)
+"""
+
+
+@pytest.mark.root
+def test_a_live_link_imports_the_delta_engine_on_both_ends_before_a_delta_needs_it(tmp_path: Path) -> None:
+    """The counterpart: a replicator that stays (not --once) has both ends import the delta engine in the background
+    after connecting, so the first live delta does not pay for numpy's import (kwatch/replicate/preload.py)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(b"x")
+    started, numpy = run_probed(tmp_path, [sys.executable, "-c", _LIVE, str(src), str(tmp_path / "mirror")], "numpy")
+    assert tree_differences(src, tmp_path / "mirror") == []
+    assert started >= 2 and len(numpy) == 2, "a live link did not preload the delta engine on both ends"

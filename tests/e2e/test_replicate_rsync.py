@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from importprobe import once_importing
 from rsyncd import RsyncDaemon
 from treecmp import tree_differences
 
@@ -105,3 +106,23 @@ def test_a_first_sync_to_a_daemon_logs_its_progress(tmp_path: Path) -> None:
         assert int(f["files"]) <= int(f["files_total"]) and int(f["bytes"]) <= int(f["bytes_total"]), f
         assert (int(f["files"]), int(f["bytes"])) >= before, (before, f)
         before = (int(f["files"]), int(f["bytes"]))
+
+
+def test_a_first_sync_to_an_empty_module_imports_no_numpy(tmp_path: Path) -> None:
+    """numpy is the block matcher's: new files are sent whole, so a first sync into an empty module does not import
+    it. A file the daemon has an older copy of is matched against it, which does (the probe works)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    big = os.urandom(1 << 20)
+    (src / "d" / "big").write_bytes(big)
+    (src / "small").write_bytes(b"x")
+    with RsyncDaemon(tmp_path / "rsyncd") as d:
+        started, numpy = once_importing(tmp_path, src, d.url("push"), "numpy")
+        assert tree_differences(src, d.module_path("push")) == []
+        assert started == 1 and numpy == set(), "a first sync into an empty module imported numpy"
+        stale = d.module_path("push") / "d" / "big"
+        stale.write_bytes(big[:-100] + bytes(100))
+        os.utime(stale, ns=(1, 1))
+        started, numpy = once_importing(tmp_path, src, d.url("push"), "numpy")
+        assert tree_differences(src, d.module_path("push")) == []
+        assert len(numpy) == 1, "matching against a basis did not import numpy: the probe is broken"

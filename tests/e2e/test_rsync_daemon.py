@@ -413,7 +413,7 @@ def test_weak_checksum_is_the_one_real_rsync_sends(tmp_path: Path, daemon: Rsync
     engine (the signature a kwatch agent sends), must give the same value: the delta engine summed unsigned bytes
     (0xaa807f80 for bytes(range(256)) where rsync gives 0x6a80ff80)."""
     from kwatch.protocols.rsync import client
-    from kwatch.protocols.rsync.checksum import checksum1
+    from kwatch.protocols.rsync.weak import checksum1
     from kwatch.replicate.delta import signature
 
     basis = bytes(range(256))

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kwatch.protocols.rsync.checksum import as_schar
-from kwatch.protocols.rsync.checksum import block_checksums as _block_weak
-from kwatch.protocols.rsync.checksum import window_checksums as _window_weak
+from kwatch.protocols.rsync.weak import as_schar
+from kwatch.protocols.rsync.weak import block_checksums as _block_weak
+from kwatch.protocols.rsync.weak import window_checksums as _window_weak
 from kwatch.replicate.delta import (
     BLOCK_MAX,
     BLOCK_MIN,

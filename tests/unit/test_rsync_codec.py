@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kwatch.protocols.errors import LocalProtocolError, RemoteProtocolError
 from kwatch.protocols.rsync import client, codec
-from kwatch.protocols.rsync.checksum import checksum1, file_checksum, rolling_checksums
+from kwatch.protocols.rsync.checksum import file_checksum
 from kwatch.protocols.rsync.client import MAX_BLOCK_COUNT, PushOptions, build_server_args
 from kwatch.protocols.rsync.codec import NeedMore, Reader
 from kwatch.protocols.rsync.flist import (
@@ -23,7 +23,9 @@ from kwatch.protocols.rsync.flist import (
     hlink_indexes,
     sort_key,
 )
-from kwatch.protocols.rsync.match import Literal, SumHead, match_blocks
+from kwatch.protocols.rsync.match import match_blocks
+from kwatch.protocols.rsync.tokens import Literal, SumHead
+from kwatch.protocols.rsync.weak import checksum1, rolling_checksums
 
 DATA = Path(__file__).parents[1] / "support" / "data" / "rsync"
 

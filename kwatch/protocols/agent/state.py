@@ -51,7 +51,10 @@ MIN_VERSION: Final = 1
 #: Capabilities this implementation understands; the negotiated set is the intersection of both Hellos.
 #: ``inodes``: manifest entries say which paths are one inode (``nlink`` and a link id), so a reconcile can keep and
 #: break hard links; ``linkcheck``: a Hardlink may carry the size and mtime its existing name must have.
-CAPABILITIES: Final = frozenset({"zstd", "delta", "hardlink", "xxh3", "putfiles", "inodes", "linkcheck"})
+#: ``oneshot`` is a hint, not a feature: a sender offers it when it closes the link after one reconcile (``kwatch
+#: replicate --once``), and a receiver then prepares nothing for later batches (kwatch/replicate/preload.py). A peer
+#: without it just does not see the hint.
+CAPABILITIES: Final = frozenset({"zstd", "delta", "hardlink", "xxh3", "putfiles", "inodes", "linkcheck", "oneshot"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ from kwatch.protocols.rsync.checksum import (
 )
 from kwatch.protocols.rsync.codec import Msg, NeedMore, Reader
 from kwatch.protocols.rsync.flist import FileEntry, FlistEncoder, encode_list, hlink_indexes, sort_key
-from kwatch.protocols.rsync.match import Literal, Match, SumHead, match_blocks
+from kwatch.protocols.rsync.tokens import Literal, Match, SumHead
 
 SUPPORTED_PROTOCOLS = (30, 31)
 MAX_BASIS_DIRS = 20  # rsync.h MAX_BASIS_DIRS: --link-dest/--copy-dest/--compare-dest dirs a receiver takes
@@ -452,6 +452,9 @@ class PushSession:
             self.counters.literal_bytes += len(mv)
             self._file_end(frame, file_checksum(self.checksum, mv))
             return
+        # numpy: imported by the first file that has a basis to match, never by a transfer of new files only
+        from kwatch.protocols.rsync.match import match_blocks
+
         strong = block_hasher(self.checksum, self.seed)
         fsum = FileHasher(self.checksum)
         pack_int = _INT.pack

@@ -27,7 +27,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from kwatch.protocols.rsync.checksum import U32, as_schar, checksum1, window_checksums
+from kwatch.protocols.rsync.tokens import Literal, Match, SumHead, Token
+from kwatch.protocols.rsync.weak import U32, as_schar, checksum1, window_checksums
 
 #: Largest region whose window sums are computed at once: the prefix sums stay in cache (bench/delta_bench.py)
 #: while the per-call overhead stays negligible.
@@ -191,34 +192,6 @@ def scan(index: BlockIndex, buf: bytes | memoryview, eof: bool, prev: int, emit:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The rsync client's use of it
-
-
-@dataclass(frozen=True, slots=True)
-class SumHead:
-    """The receiver's block checksums for one file (sender.c receive_sums)."""
-
-    count: int
-    blength: int
-    s2length: int
-    remainder: int
-    sum1: tuple[int, ...]
-    sum2: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Literal:
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    block: int
-    offset: int
-    length: int
-
-
-Token = Literal | Match
 
 
 class _Tokens:
