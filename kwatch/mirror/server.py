@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import xxhash
 
+from kwatch.events import display_path
 from kwatch.fsutil import grow_pipe
 from kwatch.mirror.receiver import PutHandle, Receiver, ReceiverError
 from kwatch.protocols import agent as ap
@@ -187,7 +188,7 @@ class AgentServer:
         """
         if m.target in self._failed:
             self._error(ap.PathError(m.relpath, errno_mod.errorcode[errno_mod.ESTALE],
-                                     f"not linked: {os.fsdecode(m.target)} failed in this batch"))
+                                     f"not linked: {display_path(m.target)} failed in this batch"))
             return
         expect = None if m.size is None or m.mtime_ns is None else (m.size, m.mtime_ns)
         self._forced(m.relpath, lambda: self.receiver.hardlink(m.relpath, m.target, expect=expect))

@@ -281,6 +281,24 @@ def test_signatures_and_manifests_do_not_read_through_symlinks(tmp_path: Path) -
     assert not any(b"secret" in p for p in listed)
 
 
+def test_a_link_to_a_non_utf8_name_that_failed_is_refused_in_a_readable_ack(tmp_path: Path) -> None:
+    """A put of a non-UTF-8 name that fails (its parent is missing), then a link to that name in the same batch:
+    the link is refused (ESTALE) with the name shown as \\xNN. The agent built that message with os.fsdecode, whose
+    surrogate could not be encoded, so the whole Ack failed and the agent died (found by the property test below)."""
+    w = World.make(tmp_path)
+    name = b"no-such-dir/x\xff"
+    frames = put_frames(name) + encode_frame(Hardlink(b"dir/h", name)) + encode_frame(Commit(1))
+    code, events, stderr = run_agent(w.root, HELLO + frames)
+    assert code == 0, (events, stderr)
+    acks = [e for e in events if isinstance(e, Ack)]
+    assert len(acks) == 1, (events, stderr)
+    errors = {e.relpath: e for e in acks[0].errors}
+    assert errors[name].code == "ENOENT"
+    assert errors[b"dir/h"].code == "ESTALE"
+    assert "x\\xff" in errors[b"dir/h"].message, errors
+    assert not (w.root / "dir" / "h").exists()
+
+
 def test_delta_cannot_copy_blocks_from_outside(tmp_path: Path) -> None:
     """A delta against ``esc-file`` (a link to the secret) has no basis: its copy ops are refused, nothing leaks."""
     w = World.make(tmp_path)

@@ -36,7 +36,7 @@ BAD = [
     ("not_key_value", "RULE ^/s/\nREPLICATE /m fast\n", "c.conf:2: REPLICATE option 'fast' is not key=value"),
     ("unknown_option", "RULE ^/s/\nREPLICATE /m speed=9\n", "c.conf:2: unknown replicate option 'speed'; known: "
      "delete, compress, checksum, owner, settle, max_delay, eager, bwlimit, source, ssh, agent_command, password_file, "
-     "fsync, exclude"),
+     "ahead, fsync, exclude"),
     ("bad_target", "RULE ^/s/\nREPLICATE relative/path\n", "c.conf:2: target 'relative/path': expected /local/path, "
      "[user@]host:/path, ssh://[user@]host[:port]/path or rsync://host/module/path"),
     ("bad_fsync", "RULE ^/s/\nREPLICATE /m fsync=always\n", "c.conf:2: fsync must be none, file or batch"),
