@@ -258,7 +258,7 @@ def _member(mntns: int, pid: int | None, known: dict[int, int]) -> int | None:
     return None
 
 
-def _place(member: int, path: bytes, root_devs: frozenset[int], seen: dict[tuple[int, bytes], str]) -> str:
+def _place(member: int, path: bytes, root_devs: frozenset[int] | None, seen: dict[tuple[int, bytes], str]) -> str:
     """Where ``path``, as a process of another mount namespace named it, leads (``member``: a live process of that
     namespace, whose /proc/PID/root resolves names in its mounts):
 
@@ -296,7 +296,7 @@ def _place(member: int, path: bytes, root_devs: frozenset[int], seen: dict[tuple
                     hit = SAME
             except OSError:
                 pass
-        if hit is UNKNOWN and theirs.st_dev not in root_devs:
+        if hit is UNKNOWN and root_devs is not None and theirs.st_dev not in root_devs:
             hit = ELSEWHERE
     seen[key] = hit
     return hit
@@ -609,14 +609,14 @@ class BpfSource:
         """
         if not self.filter.roots or b"/" in self.filter.roots:
             return raw, []
-        root_devs = set()
+        root_devs: set[int] | None = set()
         for r in self.filter.roots:
             try:
-                root_devs.add(os.stat(r).st_dev)
-            except OSError:  # a root that is gone: its device is unknown, so nothing is ELSEWHERE for it
-                return raw, [FileEvent(op=Op.LOSS, path=b"/", lost=None, ts_ns=time.monotonic_ns(),
-                                       backend=self.name, extra={"mount_namespace": "?"})]
-        devs = frozenset(root_devs)
+                root_devs.add(os.stat(r).st_dev)  # type: ignore[union-attr]
+            except OSError:  # a root that is gone: its device is unknown, so no path can be ELSEWHERE
+                root_devs = None
+                break
+        devs = frozenset(root_devs) if root_devs is not None else None
         kept: list[FileEvent] = []
         per_ns: collections.Counter[int] = collections.Counter()
         seen: dict[tuple[int, bytes], str] = {}
